@@ -1,0 +1,1 @@
+"""Kiln kernels package."""

@@ -1,0 +1,73 @@
+"""Attention dispatch: one function per situation, the backend chosen at run time.
+
+Backends:
+- "torch": `F.scaled_dot_product_attention` (with GQA handled by `enable_gqa`); the
+  CPU path and the reference for the kernels.
+- "triton": Kiln's kernels (`kernels.attention.flash_attention` for prefill/training,
+  `kernels.decode.decode_attention` for one query per sequence over the cache).
+- "auto": "triton" for CUDA tensors when Triton is importable, else "torch".
+
+The backend is a field of the model instance (`Transformer.attn_backend`), never an
+import-time global.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import CacheBatch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        has_triton = importlib.util.find_spec("triton") is not None
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    return backend
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """Self-attention within the given tokens. q (B, H, T, D), k/v (B, Hkv, T, D) -> (B, H, T, D)."""
+    if backend == "triton":
+        from kernels.attention import flash_attention
+
+        return flash_attention(q, k, v, causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, batch: CacheBatch, backend: str) -> torch.Tensor:
+    """Write this step's keys/values into the cache, then attend over each row's slot.
+
+    q (B, H, T, D); k_new/v_new (B, T, Hkv, D); k_cache/v_cache (num_slots, Hkv, S, D).
+    Returns (B, H, T, D).
+    """
+    B, H, T, D = q.shape
+    # (B, T, Hkv, D) lands at cache[slot_b, :, position_bt]
+    k_cache[batch.slots[:, None], :, batch.positions] = k_new
+    v_cache[batch.slots[:, None], :, batch.positions] = v_new
+    if backend == "triton" and T == 1:
+        from kernels.decode import decode_attention
+
+        return decode_attention(q[:, :, 0], k_cache, v_cache, batch.slots, batch.lengths)[:, :, None]
+    L = batch.kv_len
+    if batch.slot_range is not None:
+        first, last = batch.slot_range
+        keys, values = k_cache[first:last, :, :L], v_cache[first:last, :, :L]  # views, no copy
+    else:
+        keys, values = k_cache[batch.slots, :, :L], v_cache[batch.slots, :, :L]  # (B, Hkv, L, D)
+    if backend == "triton" and B == 1:
+        from kernels.attention import flash_attention
+
+        # one row: its queries are the last T of its L keys, exactly the kernel's causal offset
+        return flash_attention(q, keys, values, causal=True)
+    gqa = H != keys.shape[1]
+    if batch.mask is None:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask, enable_gqa=gqa)

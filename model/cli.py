@@ -1,0 +1,170 @@
+"""The `kiln` command: one entry point dispatching to the packages.
+
+    kiln generate --model DIR --prompt TEXT [...]   stream a completion to stdout
+    kiln ppl --model DIR [--json] FILE|-            perplexity of a text
+    kiln serve ...                                  the HTTP server (server package)
+    kiln tokenizer train / prepare / train / export / corpus build   (training package)
+
+Subcommands of other packages are imported only when invoked, so `kiln generate` never
+imports the server or training code. Bad input exits with code 2 and one line naming
+the problem, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
+
+
+def default_model_dir() -> Path:
+    return DEFAULT_MODEL_DIR
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    print(f"kiln: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load_engine(model_dir: str | None, device: str = "auto", dtype: str | None = None, max_batch_size: int = 1,
+                max_seq_len: int | None = None, attn_backend: str = "auto"):
+    """Model + tokenizer + engine for a directory (the shipped default model when None)."""
+    import torch
+
+    from .checkpoint import load_model
+    from .engine import Engine
+    from .tokenizer import load_tokenizer
+
+    path = Path(model_dir) if model_dir else default_model_dir()
+    if model_dir is None and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no --model given and the default model is missing at {path}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    model = load_model(path, device=device, dtype=dtype, attn_backend=attn_backend)
+    tokenizer = load_tokenizer(path)
+    return Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model directory (Kiln or Hugging Face gpt2/llama); "
+                                                  "default: the shipped default model")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default=None, choices=("auto", "fp32", "fp16", "bf16"),
+                   help="weights dtype (default: fp32 on CPU, bf16 on CUDA)")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .engine import SamplingParams
+
+    if args.temperature < 0:
+        fail(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        fail(f"--top-p must be in (0, 1], got {args.top_p}")
+    engine = load_engine(args.model, args.device, args.dtype)
+    ids = engine.tokenizer.encode(args.prompt)
+    if engine.tokenizer.add_bos and engine.tokenizer.bos_id is not None:
+        ids = [engine.tokenizer.bos_id] + ids
+    max_tokens = min(args.max_tokens, engine.max_seq_len + 1 - len(ids))
+    params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+    for out in engine.generate(ids, params):
+        if out.text:
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_ppl(args: argparse.Namespace) -> None:
+    if args.file == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(args.file)
+        if not path.is_file():
+            fail(f"no such file: {args.file}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            fail(f"{args.file} is not UTF-8 text ({e.reason} at byte {e.start})")
+    engine = load_engine(args.model, args.device, args.dtype)
+    ids = engine.encode_for_scoring(text)
+    if len(ids) < 2:
+        fail("the text has fewer than 2 tokens: nothing to score")
+    result = engine.score([ids], stride=args.stride)[0]
+    if args.json:
+        print(json.dumps({"perplexity": result.perplexity, "mean_nll": result.mean_nll,
+                          "num_tokens": result.num_scored}))
+    else:
+        print(f"perplexity {result.perplexity:.4f}  (mean NLL {result.mean_nll:.4f} nats over "
+              f"{result.num_scored} tokens)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Kiln: train, export and serve decoder LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
+    add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=_positive_int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("ppl", help="perplexity of a text file (or - for stdin)")
+    add_model_args(p)
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help='print {"perplexity", "mean_nll", "num_tokens"}')
+    p.add_argument("--stride", type=_positive_int, default=None,
+                   help="sliding-window stride for texts longer than the context (default: half the context)")
+    p.set_defaults(func=cmd_ppl)
+
+    for name, module, help_text in EXTERNAL:
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=None, module=module)
+    return parser
+
+
+# Subcommands owned by other packages: (name, module with main(argv), help). Listed only when they work.
+EXTERNAL: list[tuple[str, str, str]] = []
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.func is None:
+        import importlib
+
+        importlib.import_module(args.module).main(args.rest)
+        return
+    from .checkpoint import CheckpointError
+
+    try:
+        args.func(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+    except BrokenPipeError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""ModelConfig: the shape of a Kiln decoder, saved as `config.json` beside its weights.
+
+One frozen dataclass describes both families Kiln runs:
+- Llama style: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention.
+- GPT-2 style: LayerNorm, learned positions, GELU MLP (tanh approximation), biases,
+  tied input/output embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned")
+MLPS = ("swiglu", "gelu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    d_model: int
+    d_ff: int
+    max_seq_len: int
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    positions: str = "rope"
+    rope_theta: float = 10000.0
+    mlp: str = "swiglu"
+    tie_embeddings: bool = False
+    bias: bool = False  # biases on every linear layer (GPT-2)
+    attention_bias: bool | None = None  # q/k/v/o biases; None -> same as `bias` (Qwen2-like: True)
+    head_dim: int | None = None  # None -> d_model // n_head
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"invalid model config: {msg}")
+
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
+        need(self.positions in POSITIONS, f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        need(self.mlp in MLPS, f"mlp must be one of {MLPS}, got {self.mlp!r}")
+        need(self.n_head % self.n_kv_head == 0,
+             f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.head_dim is None:
+            need(self.d_model % self.n_head == 0,
+                 f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}) when head_dim is unset")
+        if self.positions == "rope":
+            need(self.dim_per_head % 2 == 0, f"rotary positions need an even head dim, got {self.dim_per_head}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_head
+
+    @property
+    def has_attention_bias(self) -> bool:
+        return self.bias if self.attention_bias is None else self.attention_bias
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        d, hd = self.d_model, self.dim_per_head
+        attn = d * hd * (self.n_head + 2 * self.n_kv_head) + self.n_head * hd * d
+        mlp = d * self.d_ff * (3 if self.mlp == "swiglu" else 2)
+        norms = 2 * d * (2 if self.norm == "layernorm" else 1)
+        total = self.n_layer * (attn + mlp + norms) + d * (2 if self.norm == "layernorm" else 1)
+        if include_embeddings:
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+            if self.positions == "learned":
+                total += self.max_seq_len * d
+        return total
+
+    def to_dict(self) -> dict:
+        return {"model_type": "kiln", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields - {"model_type"})
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}; allowed: {sorted(fields)}")
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

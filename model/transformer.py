@@ -1,0 +1,207 @@
+"""The Kiln decoder: embeddings, pre-norm blocks, final norm, LM head; one forward.
+
+The same `forward` serves training (tokens + targets -> loss), scoring (tokens ->
+logits for every position) and serving (tokens + a `CacheBatch` -> logits for one
+position per row, with this step's keys/values written into the KV cache).
+
+Projections are stored fused (one QKV matmul, one gate+up matmul for SwiGLU): on a
+CPU at small widths the time goes to per-op dispatch, so fewer, larger matmuls win.
+Checkpoint loading maps Hugging Face's separate q/k/v and gate/up tensors into them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import cached_attention, causal_attention, resolve_backend
+from .config import ModelConfig
+from .kv_cache import CacheBatch, KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics: bf16 loses precision in the mean of squares
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
+def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_seq_len, head_dim) in the rotate-half layout (as HF Llama)."""
+    D = config.dim_per_head
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64, device=device) / D))
+    t = torch.arange(config.max_seq_len, dtype=torch.float64, device=device)
+    freqs = torch.outer(t, inv_freq)  # (S, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (S, D)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D); cos/sin (B, T, 1, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.dim_per_head
+        qkv_out = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.has_attention_bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
+        self.proj.residual_scale = True
+
+    def forward(self, x, rope, layer_cache, batch: CacheBatch | None, backend: str):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.qkv(x)
+        q = qkv[..., : H * D].view(B, T, H, D)
+        k = qkv[..., H * D: (H + Hkv) * D].view(B, T, Hkv, D)
+        v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        if batch is None:
+            y = causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), backend)
+        else:
+            y = cached_attention(q, k, v, layer_cache[0], layer_cache[1], batch, backend)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind = config.mlp
+        self.d_ff = config.d_ff
+        width = 2 * config.d_ff if config.mlp == "swiglu" else config.d_ff
+        self.up = nn.Linear(config.d_model, width, bias=config.bias)  # swiglu: [gate; up] fused
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.down.residual_scale = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.kind == "swiglu":
+            gate, up = h.split(self.d_ff, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, layer_cache, batch, backend):
+        x = x + self.attn(self.norm1(x), rope, layer_cache, batch, backend)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, attn_backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.attn_backend = attn_backend
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        if config.positions == "learned":
+            self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if config.positions == "rope":
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: normal(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layer)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if getattr(module, "residual_scale", False) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def init_rope(self) -> None:
+        """Recompute the (non-persistent) rotary tables, e.g. after materializing from the meta device."""
+        if self.config.positions == "rope":
+            cos, sin = rope_tables(self.config, device=self.embed.weight.device)
+            self.rope_cos, self.rope_sin = cos, sin
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                kv_cache: KVCache | None = None, batch: CacheBatch | None = None,
+                output_index: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """tokens (B, T) int64.
+
+        - targets (B, T), -100 = ignore: returns the mean cross-entropy loss (scalar).
+        - kv_cache + batch: row b's tokens sit at batch.positions[b] and are written into
+          slot batch.slots[b]; they attend to everything cached there before them.
+        - output_index (B,): return logits (B, V) only at that position of each row;
+          otherwise logits (B, T, V).
+        - return_hidden: return the final-norm hidden states instead of logits, so a
+          caller can apply the LM head in chunks.
+        """
+        B, T = tokens.shape
+        backend = resolve_backend(self.attn_backend, tokens.device)
+        if batch is not None:
+            positions = batch.positions  # (B, T)
+        else:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+            positions = torch.arange(T, device=tokens.device)[None, :]  # (1, T)
+        x = self.embed(tokens)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.pos_embed(positions)
+        else:
+            rope = (self.rope_cos[positions][:, :, None, :], self.rope_sin[positions][:, :, None, :])
+        for i, block in enumerate(self.blocks):
+            layer_cache = (kv_cache.k[i], kv_cache.v[i]) if batch is not None else None
+            x = block(x, rope, layer_cache, batch, backend)
+        if output_index is not None:
+            x = x[torch.arange(B, device=x.device), output_index]  # (B, d)
+        x = self.norm(x)
+        if targets is not None:
+            return self.loss(x, targets, backend)
+        if return_hidden:
+            return x
+        return self.lm_head(x)
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, backend: str) -> torch.Tensor:
+        logits = self.lm_head(hidden).flatten(0, -2)
+        if backend == "triton":
+            from kernels.cross_entropy import cross_entropy
+
+            return cross_entropy(logits, targets.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.float(), targets.flatten(), ignore_index=-100)

@@ -1,0 +1,132 @@
+"""Kiln's model against Hugging Face transformers on tiny random GPT-2 and Llama (GQA) dirs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model.checkpoint import CheckpointError, load_model
+from model.kv_cache import KVCache
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> None:
+    diff = (a.float() - b.float()).abs()
+    assert diff.max().item() <= atol, f"max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}"
+
+
+def random_tokens(n_vocab: int, shape, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_vocab, shape, generator=g)
+
+
+@torch.no_grad()
+def test_full_forward_matches_hf(hf_dir):
+    ref = hf_model(hf_dir)
+    model = load_model(hf_dir)
+    tokens = random_tokens(ref.config.vocab_size, (3, 37))
+    close(model(tokens), ref(tokens).logits)
+
+
+@torch.no_grad()
+def test_incremental_decode_matches_full_forward(hf_dir):
+    model = load_model(hf_dir)
+    tokens = random_tokens(model.config.vocab_size, (1, 20), seed=1)
+    full = model(tokens)[0]  # (T, V)
+    cache = KVCache(model.config, num_slots=2, max_seq_len=32)
+    slot = cache.allocate()
+    # prefill 7 tokens, then one at a time
+    batch = cache.batch([slot], [7])
+    out = model(tokens[:, :7], kv_cache=cache, batch=batch)
+    cache.advance([slot], [7])
+    close(out[0], full[:7])
+    for t in range(7, 20):
+        batch = cache.batch([slot], [1])
+        out = model(tokens[:, t: t + 1], kv_cache=cache, batch=batch)
+        cache.advance([slot], [1])
+        close(out[0, 0], full[t])
+
+
+@torch.no_grad()
+def test_mixed_batch_joined_midway_equals_alone(hf_dir):
+    """Sequences of different lengths in one batch, one prefilled while others decode."""
+    model = load_model(hf_dir)
+    V = model.config.vocab_size
+    seqs = [random_tokens(V, (1, n), seed=10 + n)[0] for n in (12, 5, 17)]
+    alone = [model(s[None])[0] for s in seqs]
+    cache = KVCache(model.config, num_slots=4, max_seq_len=32)
+    # slot order deliberately not consecutive
+    slots = [cache.allocate() for _ in range(4)]
+    order = [slots[2], slots[0], slots[3]]
+    prefill = [4, 3, 6]
+    # first two sequences start together (padded prefill)
+    b = cache.batch(order[:2], prefill[:2])
+    toks = torch.zeros(2, 4, dtype=torch.long)
+    toks[0, :4], toks[1, :3] = seqs[0][:4], seqs[1][:3]
+    out = model(toks, kv_cache=cache, batch=b)
+    cache.advance(order[:2], prefill[:2])
+    close(out[0, :4], alone[0][:4])
+    close(out[1, :3], alone[1][:3])
+    pos = [4, 3, 0]
+    active = [0, 1]
+    step = 0
+    while any(pos[i] < len(seqs[i]) for i in range(3)):
+        if step == 3:  # the third sequence joins mid-way
+            b = cache.batch([order[2]], [prefill[2]])
+            out = model(seqs[2][None, :6], kv_cache=cache, batch=b)
+            cache.advance([order[2]], [prefill[2]])
+            close(out[0], alone[2][:6])
+            pos[2] = 6
+            active.append(2)
+        live = [i for i in active if pos[i] < len(seqs[i])]
+        b = cache.batch([order[i] for i in live], [1] * len(live))
+        toks = torch.stack([seqs[i][pos[i]: pos[i] + 1] for i in live])
+        out = model(toks, kv_cache=cache, batch=b)
+        cache.advance([order[i] for i in live], [1] * len(live))
+        for row, i in enumerate(live):
+            close(out[row, 0], alone[i][pos[i]])
+            pos[i] += 1
+        step += 1
+
+
+@torch.no_grad()
+def test_loss_matches_hf(hf_dir):
+    ref = hf_model(hf_dir)
+    model = load_model(hf_dir)
+    tokens = random_tokens(ref.config.vocab_size, (2, 30), seed=3)
+    ref_loss = ref(tokens, labels=tokens).loss
+    targets = tokens[:, 1:]
+    loss = model(tokens[:, :-1], targets)
+    assert math.isclose(loss.item(), ref_loss.item(), rel_tol=1e-5), (loss.item(), ref_loss.item())
+
+
+def test_sharded_and_missing_dirs(tmp_path, llama_dir):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(CheckpointError, match="unknown model_type 'bert'"):
+        load_model(bad)
+
+
+@torch.no_grad()
+def test_kiln_save_load_roundtrip_sharded(tmp_path, llama_dir):
+    from model.checkpoint import save_model
+
+    model = load_model(llama_dir)
+    save_model(model, tmp_path / "kiln", max_shard_bytes=40_000)
+    assert (tmp_path / "kiln" / "model.safetensors.index.json").is_file()
+    again = load_model(tmp_path / "kiln")
+    tokens = random_tokens(model.config.vocab_size, (1, 9))
+    assert torch.equal(model(tokens), again(tokens))
