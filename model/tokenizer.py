@@ -9,10 +9,11 @@ Owns reading and writing tokenizer files (nothing is ever downloaded):
   `merges.txt`, converted to tiktoken ranks through GPT-2's byte <-> unicode table.
 
 tiktoken merges the adjacent pair whose concatenated bytes has the lowest rank; Hugging Face
-merges the pair listed first in `merges`. The two agree when the ids of merge results grow
-with merge order and every token is built from lower-ranked pieces, which is what BPE
-trainers produce; the converter checks that and refuses vocabularies where it does not hold
-rather than return different ids.
+merges the pair listed first in `merges`. With rank = HF id the two agree when (1) the ids of
+merge results grow with merge order, (2) every token is built from lower-ranked pieces and
+(3) HF's merges rebuild every merged token from its own bytes. BPE trainers produce such
+vocabularies (GPT-2's, Llama-3's, ours); the converter checks all three and refuses the rest
+rather than return ids that differ from transformers'.
 """
 
 from __future__ import annotations
@@ -382,10 +383,6 @@ def _ranks_from_merges(vocab: Mapping[str, int], merges: Sequence[tuple[str, str
     """tiktoken ranks (= HF ids) for the 256 bytes and every merge result; returns (ranks, used vocab keys)."""
     byte_encoder = bytes_to_unicode()
     byte_decoder = {char: b for b, char in byte_encoder.items()}
-    missing = [b for b, char in byte_encoder.items() if char not in vocab]
-    if missing:
-        raise ValueError(f"{source}: vocabulary lacks {len(missing)} of the 256 byte-level symbols "
-                         f"(e.g. bytes {missing[:8]}); it was not trained with ByteLevel.alphabet()")
     ranks = {bytes([b]): vocab[char] for b, char in byte_encoder.items()}
     used = set(byte_encoder.values())
     previous_id, previous_merge = -1, None
@@ -445,6 +442,30 @@ def _check_merges_rebuild_tokens(merges: Sequence[tuple[str, str]], source: Path
                              f"a merge makes it; tiktoken would keep it whole, so Kiln refuses this vocabulary")
 
 
+def _added_token_ids(texts: Sequence[str], vocab: Mapping[str, int], path: Path) -> dict[str, int]:
+    """Ids as `tokenizers` assigns them (the ids written in tokenizer.json are only checked there).
+
+    An added token whose raw text is in the model vocab takes that id; any other takes the next
+    id after the model vocab (counted by entries) and the added tokens before it.
+    """
+    model_size, model_ids = len(vocab), set(vocab.values())
+    ids: dict[str, int] = {}
+    for text in texts:
+        if text in ids:
+            continue
+        if text in vocab:
+            ids[text] = vocab[text]
+            continue
+        biggest = max(ids.values(), default=None)
+        new_id = model_size if biggest is None or (biggest < model_size and model_size) else biggest + 1
+        if new_id in model_ids:
+            raise ValueError(f"{path}: added token {text!r} gets id {new_id} from Hugging Face, which a vocab "
+                             f"token already has (the vocab has {model_size} entries but ids up to "
+                             f"{max(model_ids)}); put {text!r} in the model vocab with its id")
+        ids[text] = new_id
+    return ids
+
+
 def _load_hf(path: Path) -> Tokenizer:
     hf_config = _read_json(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
     special_map = _read_json(path / HF_SPECIAL_TOKENS_FILE) if (path / HF_SPECIAL_TOKENS_FILE).is_file() else {}
@@ -479,13 +500,15 @@ def _load_hf(path: Path) -> Tokenizer:
     if bad:
         raise ValueError(f"{source}: merges must be pairs of tokens, got {bad[0]!r}")
 
+    missing = [b for b, char in bytes_to_unicode().items() if char not in vocab]
+    if missing:
+        raise ValueError(f"{source}: vocabulary lacks {len(missing)} of the 256 byte-level symbols "
+                         f"(e.g. bytes {missing[:8]}); it was not trained with ByteLevel.alphabet()")
     # Added tokens are matched in the text before BPE, like tiktoken's special tokens.
-    special_tokens: dict[str, int] = {}
     for entry in added:
         if entry.get("lstrip") or entry.get("rstrip") or entry.get("single_word"):
             raise ValueError(f"{path}: added token {entry['content']!r} uses lstrip/rstrip/single_word, "
                              "which tiktoken cannot reproduce")
-        special_tokens[entry["content"]] = int(entry["id"])
 
     def named(key: str) -> str | None:
         return _token_text(hf_config.get(key)) or _token_text(special_map.get(key))
@@ -495,14 +518,9 @@ def _load_hf(path: Path) -> Tokenizer:
         for key in ("bos_token", "eos_token", "unk_token"):
             names[key] = names[key] or "<|endoftext|>"
     extra = [*(hf_config.get("additional_special_tokens") or []), *(special_map.get("additional_special_tokens") or [])]
-    next_id = max([*vocab.values(), *special_tokens.values()]) + 1
-    for text in [*names.values(), *(_token_text(e) for e in extra)]:
-        if text is None or text in special_tokens:
-            continue
-        if text in vocab:  # transformers looks the raw text up in the vocab ...
-            special_tokens[text] = vocab[text]
-        else:  # ... and appends a special token that is missing from it
-            special_tokens[text], next_id = next_id, next_id + 1
+    texts = [e["content"] for e in sorted(added, key=lambda e: int(e["id"]))]
+    texts += [t for t in (*names.values(), *(_token_text(e) for e in extra)) if t is not None]
+    special_tokens = _added_token_ids(texts, vocab, path)
     ranks, used = _ranks_from_merges(vocab, merges, ignore_merges, set(special_tokens), source)
 
     eos = names["eos_token"]
