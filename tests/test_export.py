@@ -1,0 +1,129 @@
+"""`kiln export` (training/export.py): checkpoint -> Kiln and Hugging Face model directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import load_model
+from model.config import ModelConfig
+from model.tokenizer import load_tokenizer
+from test_training_data import prepared_data
+from training.config import ModelShape, TrainConfig
+from training.export import ExportError, export, hf_family, load_trained_model, main
+from training.train import train
+
+SHAPES = {
+    "llama": ModelShape(family="llama", n_layer=2, n_head=6, n_kv_head=2, d_model=48, d_ff=100),  # GQA, untied
+    "gpt2": ModelShape(family="gpt2", n_layer=2, n_head=3, d_model=48),  # tied, biases, learned positions
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """One 2-step training run per family (trained weights, not the init)."""
+    root = tmp_path_factory.mktemp("export")
+    data = prepared_data(root, tokenizer_dir, n_docs=40)
+    out = {}
+    for family, shape in SHAPES.items():
+        config = TrainConfig(model=shape, data_dir=str(data), out_dir=str(root / family), seq_len=32,
+                             micro_batch_size=4, max_steps=2, lr=1e-2, warmup_steps=1, eval_interval=0,
+                             eval_batches=1, checkpoint_interval=0)
+        train(config, progress=False)
+        out[family] = root / family
+    return out
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> None:
+    diff = (a.float() - b.float()).abs()
+    assert diff.max().item() <= atol, f"max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}"
+
+
+def tokens_for(model) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (2, 29), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_kiln_export_loads_with_identical_logits(runs, tmp_path, family):
+    trained, state, _ = load_trained_model(runs[family])
+    export(runs[family], tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
+    x = tokens_for(trained)
+    assert torch.equal(loaded(x), trained(x))
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "kiln"
+    tokenizer = load_tokenizer(tmp_path / "model")
+    assert tokenizer.encode("the quick brown fox") == load_tokenizer(runs[family] / "tokenizer").encode(
+        "the quick brown fox")
+    assert tokenizer.n_vocab <= loaded.config.vocab_size and loaded.config.eos_token_id == tokenizer.eos_id
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_hf_export_loads_in_transformers_with_identical_logits(runs, tmp_path, family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trained, _, _ = load_trained_model(runs[family])
+    out = tmp_path / "hf"
+    shards = ["--max-shard-mb", "0.05"] if family == "llama" else []  # 50 kB shards + an index
+    main([str(runs[family]), "--out", str(out), "--format", "hf", *shards])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
+    x = tokens_for(trained)
+    close(hf(x).logits, trained(x))
+    close(load_model(out)(x), trained(x))  # Kiln's own HF loader reads it back too
+    if family == "llama":
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 2 and not (out / "model.safetensors").exists()
+    else:
+        assert (out / "model.safetensors").is_file()
+    text = "the lazy dog 123"
+    assert AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == load_tokenizer(out).encode(text)
+
+
+def test_bf16_export_and_run_dir_vs_checkpoint_file(runs, tmp_path):
+    checkpoint = export(runs["llama"], tmp_path / "a", dtype="bf16")
+    assert checkpoint.name == "checkpoint-0000002.pt"
+    model = load_model(tmp_path / "a", dtype="bf16")
+    trained, _, _ = load_trained_model(checkpoint)
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, trained.state_dict()[name].to(torch.bfloat16)), name
+    size = (tmp_path / "a" / "model.safetensors").stat().st_size
+    export(checkpoint, tmp_path / "b")  # fp32 from the file itself: twice the bytes
+    assert abs((tmp_path / "b" / "model.safetensors").stat().st_size - 2 * size) < 4096
+
+
+def test_shapes_outside_the_hf_families_are_refused():
+    base = dict(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, d_model=16, d_ff=32, max_seq_len=16)
+    assert hf_family(ModelConfig(**base)) == "llama"
+    assert hf_family(ModelConfig(**base, norm="layernorm", positions="learned", mlp="gelu", bias=True)) == "gpt2"
+    with pytest.raises(ExportError, match=r"llama: has_attention_bias=True \(llama needs False\)"):
+        hf_family(ModelConfig(**base, attention_bias=True))
+    with pytest.raises(ExportError, match=r"gpt2: norm='rmsnorm' \(gpt2 needs 'layernorm'\)"):
+        hf_family(ModelConfig(**base, positions="learned", mlp="gelu", bias=True))
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nowhere" in err and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "empty"), "--out", str(tmp_path / "m")])
+    assert exc.value.code == 2 and "no checkpoint-*.pt files" in capsys.readouterr().err
