@@ -1,0 +1,82 @@
+"""`python -m server` (== `kiln serve`): flags -> settings -> app -> uvicorn.
+
+The model loads on the scheduler's worker thread after the socket is bound, so /health
+answers 503 until it is ready (a load failure is printed and the process exits 1).
+SIGTERM / Ctrl-C: uvicorn stops accepting, gives in-flight requests up to
+--shutdown-timeout seconds, then the lifespan aborts whatever is left and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .settings import ServerSettings, build_parser
+
+
+def _fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+    print(f"kiln serve: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = ServerSettings.from_args(args)
+    except ValueError as e:
+        _fail(str(e))
+    from model.cli import default_model_dir, load_engine
+
+    if settings.model_dir is not None and not Path(settings.model_dir).is_dir():
+        _fail(f"--model {settings.model_dir!r} is not a directory")
+    if settings.model_dir is None and not (default_model_dir() / "config.json").is_file():
+        _fail(f"no --model given and the default model is missing at {default_model_dir()}")
+
+    import torch
+    import uvicorn
+
+    from .app import create_app
+
+    torch.set_num_threads(settings.num_threads)
+    try:
+        torch.set_num_interop_threads(1)  # one worker thread runs the model; no inter-op pool needed
+    except RuntimeError:  # already set (parallel work started), harmless
+        pass
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+
+    def load():
+        engine = load_engine(settings.model_dir, settings.device, settings.dtype,
+                             max_batch_size=settings.max_batch_size, max_seq_len=settings.max_model_len)
+        logging.getLogger("kiln.server").info(
+            "model %r ready: context %d tokens, %d KV-cache slots, device %s", settings.served_model_name,
+            engine.max_seq_len, engine.cache.num_slots, engine.device)
+        return engine
+
+    app = create_app(load, settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    server = uvicorn.Server(config)
+    scheduler = app.state.kiln.scheduler
+
+    def on_load_failure() -> None:
+        server.should_exit = True  # read by uvicorn's main loop; it then shuts down cleanly
+
+    scheduler.on_fatal = on_load_failure
+    # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then re-raises the signal with the
+    # handlers it found installed: these make that last step a clean exit instead of a kill or a traceback
+    received: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    server.run()
+    if scheduler.load_error is not None:
+        _fail(f"could not load the model: {scheduler.load_error}", code=1)
+    if not server.started:
+        raise SystemExit(1)  # uvicorn could not bind; it has printed why
+    if signal.SIGINT in received:
+        raise SystemExit(130)  # Ctrl-C: the shell convention
+
+
+if __name__ == "__main__":
+    main()

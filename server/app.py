@@ -1,0 +1,65 @@
+"""`create_app(engine, settings)`: the FastAPI app of one served model.
+
+The app owns its scheduler (started and stopped by the lifespan), its Prometheus
+registry and its settings, all in `app.state.kiln`; nothing is process-global, so tests
+can run several apps side by side. `engine` is a loaded `Engine` or a zero-argument
+loader: with a loader the model loads on the worker thread while the server already
+answers (503 "still loading" until it is ready), which is what `kiln serve` does.
+
+The package: settings.py (flags) -> app.py (this) -> middleware.py (metrics, 413, 401)
+-> routes.py (endpoints) -> completions.py (OpenAI completions) / streaming.py (SSE)
+-> scheduler.py (the worker thread that owns the engine); protocol.py holds the
+pydantic bodies, errors.py the OpenAI error shape, metrics.py the Prometheus registry,
+testing.py a live-server helper for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from model.engine import Engine
+
+from .errors import JSONBody, install_error_handlers
+from .metrics import ServerMetrics
+from .middleware import APIKey, BodyLimit, RequestMetrics
+from .routes import ENDPOINTS, KilnState, router
+from .scheduler import Scheduler
+from .settings import ServerSettings
+
+log = logging.getLogger("kiln.server")
+
+DESCRIPTION = """OpenAI-compatible completions (`/v1/completions`), perplexity (`/v1/perplexity`),
+vLLM-style tokenizer endpoints, health and Prometheus metrics, served by Kiln.
+Errors are `{"error": {"message", "type", "param", "code"}}`."""
+
+
+def create_app(engine: Engine | Callable[[], Engine], settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    metrics = ServerMetrics(settings.served_model_name)
+    scheduler = Scheduler(engine, metrics, max_queue=settings.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            # uvicorn has already let in-flight requests finish (--shutdown-timeout); what is left is aborted
+            await run_in_threadpool(scheduler.stop, 30.0)
+
+    app = FastAPI(title="Kiln", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  default_response_class=JSONBody)
+    app.state.kiln = KilnState(settings=settings, scheduler=scheduler, metrics=metrics)
+    install_error_handlers(app)
+    app.include_router(router)
+    # added innermost first: RequestMetrics ends up outermost and sees every response
+    app.add_middleware(APIKey, api_key=settings.api_key)
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics, endpoints=ENDPOINTS)
+    return app

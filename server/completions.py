@@ -1,0 +1,279 @@
+"""`POST /v1/completions`: OpenAI's legacy completions API on top of the scheduler.
+
+A request becomes one engine sequence per (prompt, choice): `n` choices of prompt `i` are
+choices `i * n .. i * n + n - 1`, seeded `seed + j` so that they differ. `ChoiceBuilder`
+turns a sequence's step outputs into OpenAI's text and `logprobs` arrays
+(`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`); with `echo` the prompt
+comes first, its first token without a logprob (`null`), which is what lm-eval's
+`local-completions` reads for loglikelihoods. Logprobs of generated stop tokens (EOS)
+stay in the arrays even though their text does not.
+
+Streaming sends one chunk per sequence per step (skipping steps that show nothing),
+a final chunk with `finish_reason`, a usage chunk when asked, then `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import math
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from model.engine import SamplingParams, TokenLogprob
+from model.tokenizer import Tokenizer
+
+from .errors import APIError
+from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
+from .scheduler import Failed, Generation, NotReady, QueueFull, Rejected, Scheduler, SequenceOutput
+from .streaming import sse_response
+
+MIN_LOGPROB = -9999.0  # what -inf becomes (as vLLM reports it): JSON has no infinity
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Prompt text -> ids exactly as `engine.encode_for_scoring` (and `kiln ppl`) does it."""
+    ids = tokenizer.encode(text)
+    if tokenizer.add_bos and tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id] + ids
+    return ids
+
+
+def prompt_list(prompt: str | list, field: str = "prompt") -> list[str | list[int]]:
+    """OpenAI's four prompt forms -> a list of texts or id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, f"{field} must not be an empty list", field)
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def sampling_params(body: CompletionRequest) -> list[SamplingParams]:
+    """The engine parameters of each of the request's `n` choices."""
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, f"best_of={body.best_of} is not supported: only best_of == n ({body.n})", "best_of")
+    if body.suffix is not None:
+        raise APIError(400, "suffix is not supported (no fill-in-the-middle); leave it null", "suffix")
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported; leave it empty", "logit_bias")
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    if max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens must be >= 1 (0 is allowed only with echo, to get prompt logprobs)",
+                       "max_tokens")
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) must be <= max_tokens ({max_tokens})", "min_tokens")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    params = []
+    for j in range(body.n):
+        params.append(SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_k=0 if body.top_k in (None, -1) else body.top_k,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=None if body.seed is None else body.seed + j,
+            stop=stop,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            logprobs=body.logprobs,
+            prompt_logprobs=body.echo and body.logprobs is not None,
+        ))
+    return params
+
+
+def _logprob(value: float | None) -> float | None:
+    if value is None or math.isnan(value):
+        return None
+    return max(value, MIN_LOGPROB)
+
+
+class ChoiceBuilder:
+    """Accumulates one choice: its text, and OpenAI's logprobs arrays when asked for."""
+
+    def __init__(self, index: int, tokenizer: Tokenizer, prompt_ids: list[int], echo: bool,
+                 logprobs: int | None):
+        self.index = index
+        self.tokenizer = tokenizer
+        self.prompt_ids = prompt_ids
+        self.echo = echo
+        self.want_logprobs = logprobs is not None
+        self.parts: list[str] = []
+        self.chars = 0  # characters of the choice's text so far (text_offset of the next token)
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+        self.text_offset: list[int] = []
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self._started = False
+
+    def add(self, out: SequenceOutput) -> tuple[str, CompletionLogprobs | None]:
+        """Take one step's output; returns (new text, new logprobs entries or None)."""
+        first = len(self.tokens)
+        text = ""
+        if not self._started:
+            self._started = True
+            if self.echo:
+                text += self._add_prompt(out.prompt_logprobs)
+        for lp in out.logprobs:
+            self._add_token(lp, self.chars + len(text))
+        text += out.text
+        self.completion_tokens += len(out.token_ids)
+        self.parts.append(text)
+        self.chars += len(text)
+        if out.finish_reason is not None:
+            self.finish_reason = out.finish_reason
+        delta = None
+        if self.want_logprobs:
+            delta = CompletionLogprobs(tokens=self.tokens[first:], token_logprobs=self.token_logprobs[first:],
+                                       top_logprobs=self.top_logprobs[first:], text_offset=self.text_offset[first:])
+        return text, delta
+
+    def _add_prompt(self, prompt_logprobs: list[TokenLogprob] | None) -> str:
+        """The prompt's text (decoded token by token, for offsets) and its logprob entries."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = ""
+        for i, token_id in enumerate(self.prompt_ids):
+            if self.want_logprobs:
+                entry = prompt_logprobs[i] if prompt_logprobs else TokenLogprob(token_id, None, None)
+                self._add_token(entry, self.chars + len(text))
+            text += utf8.decode(self.tokenizer.token_bytes(token_id))
+        return text + utf8.decode(b"", final=True)
+
+    def _add_token(self, lp: TokenLogprob, offset: int) -> None:
+        token_text = self.tokenizer.id_to_token_text
+        self.tokens.append(token_text(lp.token_id))
+        self.token_logprobs.append(_logprob(lp.logprob))
+        self.text_offset.append(offset)
+        if lp.top is None:  # the first prompt token: nothing to condition on
+            self.top_logprobs.append(None)
+            return
+        top: dict[str, float] = {}
+        for token_id, value in lp.top:
+            top.setdefault(token_text(token_id), _logprob(value))
+        # OpenAI: the chosen token is always included (up to logprobs + 1 entries)
+        top.setdefault(token_text(lp.token_id), _logprob(lp.logprob))
+        self.top_logprobs.append(top)
+
+    def choice(self) -> CompletionChoice:
+        logprobs = None
+        if self.want_logprobs:
+            logprobs = CompletionLogprobs(tokens=self.tokens, token_logprobs=self.token_logprobs,
+                                          top_logprobs=self.top_logprobs, text_offset=self.text_offset)
+        return CompletionChoice(index=self.index, text="".join(self.parts), logprobs=logprobs,
+                                finish_reason=_public_reason(self.finish_reason))
+
+
+def _public_reason(reason: str | None) -> str | None:
+    return reason if reason in (None, "stop", "length") else "stop"
+
+
+async def _watch_disconnect(request: Request, scheduler: Scheduler, generation: Generation) -> None:
+    """Non-streaming: abort the sequences as soon as the client goes away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            scheduler.abort(generation)
+            generation.queue.put_nowait(Failed("the client disconnected", 499))
+            return
+
+
+async def create_completion(body: CompletionRequest, request: Request, scheduler: Scheduler, model_name: str):
+    tokenizer = scheduler.engine.tokenizer
+    params = sampling_params(body)
+    prompts = prompt_list(body.prompt)
+    prompt_ids = await run_in_threadpool(
+        lambda: [encode_text(tokenizer, p) if isinstance(p, str) else p for p in prompts])
+    n = body.n
+    try:
+        generation = scheduler.submit([ids for ids in prompt_ids for _ in range(n)], params * len(prompt_ids), n)
+    except QueueFull as e:
+        raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+    except NotReady as e:
+        raise APIError(503, str(e), code="not_ready", headers={"Retry-After": "1"}) from None
+    except ValueError as e:
+        raise APIError(400, str(e), "n") from None
+
+    builders = [ChoiceBuilder(i, tokenizer, prompt_ids[i // n], body.echo, body.logprobs)
+                for i in range(len(generation))]
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    num_prompt_tokens = sum(len(ids) for ids in prompt_ids)
+
+    def usage() -> Usage:
+        completion_tokens = sum(b.completion_tokens for b in builders)
+        return Usage(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=num_prompt_tokens + completion_tokens)
+
+    if body.stream:
+        try:
+            first = await generation.queue.get()
+        except BaseException:
+            scheduler.abort(generation)
+            raise
+        if isinstance(first, (Rejected, Failed)):
+            raise APIError(first.status, first.message)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _stream_chunks(generation, scheduler, builders, completion_id, created, model_name,
+                                usage if include_usage else None)
+        return sse_response(chunks)
+
+    watcher = asyncio.create_task(_watch_disconnect(request, scheduler, generation))
+    live = len(builders)
+    try:
+        first = await generation.queue.get()
+        if isinstance(first, (Rejected, Failed)):
+            live = 0
+            raise APIError(first.status, first.message)
+        while live:
+            item = await generation.queue.get()
+            if isinstance(item, Failed):
+                live = 0
+                raise APIError(item.status, item.message)
+            builders[item.index].add(item)
+            live -= item.finish_reason is not None
+    finally:
+        watcher.cancel()
+        if live:
+            scheduler.abort(generation)
+    return CompletionResponse(id=completion_id, created=created, model=model_name,
+                              choices=[b.choice() for b in builders], usage=usage())
+
+
+async def _stream_chunks(generation: Generation, scheduler: Scheduler, builders: list[ChoiceBuilder],
+                         completion_id: str, created: int, model_name: str, usage) -> AsyncIterator[dict]:
+    live = len(builders)
+    try:
+        while live:
+            item = await generation.queue.get()
+            if isinstance(item, Failed):
+                live = 0
+                yield {"error": {"message": item.message, "type": "server_error" if item.status >= 500
+                                 else "invalid_request_error", "param": None, "code": None}}
+                return
+            builder = builders[item.index]
+            text, logprobs = builder.add(item)
+            live -= item.finish_reason is not None
+            if not (text or item.finish_reason or (logprobs is not None and logprobs.tokens)):
+                continue  # nothing showable this step (held-back partial character or stop prefix)
+            chunk = {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
+                     "choices": [{"index": item.index, "text": text,
+                                  "logprobs": None if logprobs is None else logprobs.model_dump(),
+                                  "finish_reason": _public_reason(item.finish_reason)}]}
+            if usage is not None:
+                chunk["usage"] = None
+            yield chunk
+        if usage is not None:
+            yield {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
+                   "choices": [], "usage": usage().model_dump()}
+    finally:
+        if live:  # the client went away (sse-starlette cancelled us) or the stream failed
+            scheduler.abort(generation)

@@ -1,0 +1,66 @@
+"""Prometheus instruments of one app, in their own `CollectorRegistry` (never the global one).
+
+Names follow vLLM's (`vllm:time_to_first_token_seconds` -> `kiln_time_to_first_token_seconds`)
+so existing dashboards map over. The scheduler's worker thread observes the latency
+histograms and token counters as steps complete; the HTTP middleware counts requests by
+endpoint and status; gauges are set after every scheduler iteration.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Latency buckets reach down to a millisecond: tiny models on a CPU step in ~1-5 ms.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+               5.0, 10.0, 20.0)
+REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0,
+                   240.0, 480.0, 960.0, 1920.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "kiln_time_to_first_token_seconds", "Arrival to first generated token, per sequence.",
+            buckets=TTFT_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "kiln_inter_token_latency_seconds", "Time between consecutive generated tokens of a sequence.",
+            buckets=ITL_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram(
+            "kiln_e2e_request_latency_seconds", "Arrival to last token, per finished sequence.",
+            buckets=REQUEST_BUCKETS, registry=r)
+        self.request_queue_time = Histogram(
+            "kiln_request_queue_time_seconds", "Arrival to the start of the prefill step, per sequence.",
+            buckets=REQUEST_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("kiln_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.generation_tokens = Counter("kiln_generation_tokens", "Tokens generated.", registry=r)
+        self.requests = Counter("kiln_requests", "HTTP requests by endpoint and status code.",
+                                ["endpoint", "status"], registry=r)
+        self.request_finish = Counter("kiln_request_finish", "Finished sequences by finish reason "
+                                      "(stop, length, abort, error).", ["finish_reason"], registry=r)
+        self.num_requests_running = Gauge("kiln_num_requests_running", "Sequences holding a KV-cache slot.",
+                                          registry=r)
+        self.num_requests_waiting = Gauge("kiln_num_requests_waiting", "Sequences waiting for a slot.",
+                                          registry=r)
+        self.kv_cache_usage_ratio = Gauge("kiln_kv_cache_usage_ratio",
+                                          "Fraction of KV-cache positions holding live tokens (0-1).", registry=r)
+        self.kv_cache_slots_used_ratio = Gauge("kiln_kv_cache_slots_used_ratio",
+                                               "Fraction of KV-cache slots in use (0-1).", registry=r)
+        self.perplexity_requests = Counter("kiln_perplexity_requests", "Perplexity jobs scored (by outcome).",
+                                           ["status"], registry=r)
+        self.perplexity_latency = Histogram("kiln_perplexity_latency_seconds",
+                                            "Arrival to result of a perplexity job.", buckets=REQUEST_BUCKETS,
+                                            registry=r)
+        self.perplexity_tokens = Counter("kiln_perplexity_tokens", "Tokens scored by perplexity jobs.",
+                                         registry=r)
+        info = Gauge("kiln_model_info", "The served model (value 1).", ["model_name"], registry=r)
+        info.labels(model_name=model_name).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,195 @@
+"""The wire format: pydantic models of every request and response body (OpenAI shapes).
+
+Requests validate what JSON can check (types, ranges); anything that fails becomes a 400
+with an OpenAI error body (see errors.py). Limits that depend on the model (context
+length, vocabulary) are checked by the engine. Unknown request fields are ignored, as
+OpenAI-compatible servers do, so SDK `extra_body` fields never break a call.
+Responses mirror OpenAI's legacy completions API and vLLM's tokenizer endpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+# torch.Generator.manual_seed accepts exactly this range
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+INT32_MAX = 2**31 - 1
+
+TokenIds = list[StrictInt]
+# a string, a list of strings, a list of token ids, or a list of token-id lists
+PromptInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- errors ----------------------------------------------------------------------------
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorDetail
+
+
+# ---- completions -----------------------------------------------------------------------
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class CompletionRequest(_Request):
+    model: str | None = Field(None, description="the served model name (optional: there is one model)")
+    prompt: PromptInput = Field(..., description="a string, a list of strings, a list of token ids, "
+                                                 "or a list of token-id lists")
+    max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = Field(
+        16, description="tokens to generate per choice (0 only with echo: prompt logprobs only)")
+    temperature: Annotated[float, Field(ge=0)] | None = Field(1.0, description="0 = greedy")
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = Field(None, description="0 or -1 = off (vLLM)")
+    n: Annotated[int, Field(ge=1, le=128)] = 1
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = Field(None, description="must equal n if given")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
+        None, description="return the chosen token's logprob and the top-N alternatives")
+    echo: bool = False
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
+    stop_token_ids: Annotated[list[StrictInt], Field(max_length=64)] | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    suffix: str | None = Field(None, description="not supported: must be null")
+    user: str | None = Field(None, description="ignored")
+    ignore_eos: bool = Field(False, description="keep generating past EOS (vLLM extension)")
+    min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] = Field(
+        0, description="no EOS or stop token before this many tokens (vLLM extension)")
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# ---- perplexity (Kiln's own) ----------------------------------------------------------
+class PerplexityRequest(_Request):
+    model: str | None = None
+    input: PromptInput = Field(..., description="text(s) or token id list(s) to score")
+    return_tokens: bool = Field(False, description="also return every token with its logprob")
+    stride: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = Field(
+        None, description="sliding-window stride for inputs longer than the context (default: half of it)")
+
+
+class PerplexityToken(_Response):
+    token: str
+    id: int
+    logprob: float | None  # null for the first token (no context)
+
+
+class PerplexityItem(_Response):
+    index: int
+    perplexity: float
+    mean_nll: float
+    num_tokens: int  # tokens scored (all but the first)
+    tokens: list[PerplexityToken] | None = None
+
+
+class PerplexityUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class PerplexityResponse(_Response):
+    object: Literal["perplexity"] = "perplexity"
+    model: str
+    data: list[PerplexityItem]
+    usage: PerplexityUsage
+
+
+# ---- tokenizer endpoints (vLLM's shapes) ------------------------------------------------
+class TokenizeRequest(_Request):
+    model: str | None = None
+    prompt: StrictStr
+    add_special_tokens: bool = Field(True, description="prepend BOS when the model uses one; special-token "
+                                                       "text always maps to its single id")
+
+
+class TokenizeResponse(_Response):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: TokenIds
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
+
+class TokenizerInfo(_Response):
+    tokenizer_class: str
+    eos_token: str
+    eos_token_id: int | None
+    bos_token: str | None
+    bos_token_id: int | None
+    pad_token: str | None
+    pad_token_id: int | None
+    add_bos_token: bool
+    vocab_size: int
+    model_max_length: int
+
+
+# ---- models, health --------------------------------------------------------------------
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kiln"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(_Response):
+    status: Literal["ok"] = "ok"

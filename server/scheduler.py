@@ -1,0 +1,434 @@
+"""The continuous-batching loop: one worker thread owns the engine, the asyncio loop only queues.
+
+HTTP handlers call `submit()` / `submit_score()` / `abort()` (cheap, thread-safe, never
+touching the engine) and then await their own asyncio queue or future. The worker thread
+sleeps on a condition variable while there is nothing to do; otherwise each iteration:
+
+1. applies aborts (a disconnected client's sequences leave the batch and free their
+   KV-cache slot before the next step),
+2. adds submitted sequences to the engine (`engine.add_request`, which also validates:
+   a rejection goes back to the handler as `Rejected`, so it can answer 400),
+3. runs pending perplexity jobs (`engine.score`, batched across jobs),
+4. runs one `engine.step()`: waiting sequences are prefilled into free slots and join the
+   running decode batch; finished ones leave at once,
+5. hands every sequence's `SequenceOutput` to its handler's queue with one
+   `loop.call_soon_threadsafe` per iteration, and updates the metrics.
+
+Admission control: at most `max_queue` sequences wait for a slot (submitted but not yet
+prefilled); `submit()` raises `QueueFull` beyond that (HTTP 429) instead of queueing
+without bound, and `NotReady` (HTTP 503) while the model loads or the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from model.engine import Engine, Request, SamplingParams, ScoreResult, TokenLogprob
+
+from .metrics import ServerMetrics
+
+log = logging.getLogger("kiln.server")
+
+# scheduler states
+CREATED, STARTING, READY, STOPPING, STOPPED, FAILED = "created", "starting", "ready", "stopping", "stopped", "failed"
+
+
+class QueueFull(Exception):
+    """The waiting queue is full (HTTP 429)."""
+
+
+class NotReady(Exception):
+    """The model is loading, failed to load, or the server is stopping (HTTP 503)."""
+
+
+# ---- what the worker sends to a handler's queue -------------------------------------------
+@dataclass(frozen=True)
+class Accepted:
+    """All sequences of the submission are in the engine."""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """The engine refused the submission (bad parameters, prompt too long...)."""
+
+    message: str
+    status: int = 400
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The submission ended without finishing (engine error, shutdown)."""
+
+    message: str
+    status: int = 500
+
+
+@dataclass(frozen=True)
+class SequenceOutput:
+    """One step's output of one sequence of a submission."""
+
+    index: int  # which sequence of the submission
+    token_ids: tuple[int, ...]  # generated this step (0 or 1)
+    text: str  # newly showable text (whole characters, stop strings removed)
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: str | None
+    prompt_logprobs: list[TokenLogprob] | None  # on the first output, when asked for
+
+
+QueueItem = Accepted | Rejected | Failed | SequenceOutput
+
+
+class Generation:
+    """One completion request: its sequences (prompt x n), and the queue its outputs arrive on."""
+
+    def __init__(self, prompts: list[list[int]], params: list[SamplingParams], n: int = 1):
+        if len(prompts) != len(params):
+            raise ValueError("one SamplingParams per sequence is needed")
+        self.prompts = prompts  # one per sequence: prompt i's n choices are consecutive
+        self.n = n
+        self.params = params
+        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue()
+        self.arrival = time.monotonic()
+        self.cancelled = False  # set under the scheduler lock
+        self._requests: list[Request] = []  # worker-only
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class ScoreJob:
+    """One perplexity request: texts (encoded on the worker) or id lists, and where the result goes."""
+
+    inputs: list[str | list[int]]
+    stride: int | None
+    future: asyncio.Future
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Sequence:  # worker-only bookkeeping of one engine request
+    generation: Generation
+    index: int
+    request: Request
+    prefilled: bool = False
+    last_token_at: float | None = None
+
+
+class Scheduler:
+    def __init__(self, engine: Engine | Callable[[], Engine], metrics: ServerMetrics, max_queue: int = 256):
+        # an engine, or a zero-argument loader run on the worker thread (the app answers 503 meanwhile)
+        self._loader: Callable[[], Engine] | None = None if hasattr(engine, "step") else engine
+        self.engine: Engine | None = engine if self._loader is None else None
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.load_error: BaseException | None = None
+        self.on_fatal: Callable[[], None] | None = None  # called (from the worker) when loading fails
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._state = CREATED
+        self._incoming: list[Generation] = []
+        self._aborts: list[Generation] = []
+        self._score_jobs: list[ScoreJob] = []
+        self._num_waiting = 0  # sequences submitted and not yet prefilled (incl. pending score inputs)
+        self._sequences: dict[int, _Sequence] = {}  # request_id -> sequence; worker-only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- state -----------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        return self._state == READY
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    def not_ready_message(self) -> str:
+        if self._state in (CREATED, STARTING):
+            return "the model is still loading; retry in a moment"
+        if self._state == FAILED:
+            return f"the model failed to load: {self.load_error}"
+        return "the server is shutting down"
+
+    # ---- lifecycle (called from the event loop / lifespan) ----------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            if self._state != CREATED:
+                raise RuntimeError(f"the scheduler was already started (state {self._state})")
+            self._loop = loop
+            self._state = STARTING
+        self._thread = threading.Thread(target=self._run, name="kiln-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop accepting, abort what is in flight (handlers get a 503), join the worker. Blocking."""
+        with self._wakeup:
+            if self._state == CREATED:
+                self._state = STOPPED
+                return
+            if self._state in (STARTING, READY):
+                self._state = STOPPING
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- submissions (event-loop thread) ----------------------------------------------------
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], n: int = 1) -> Generation:
+        """One sequence per (prompt, params) pair; `n` consecutive sequences share a prompt."""
+        generation = Generation(prompts, params, n)
+        self._enqueue(len(generation), lambda: self._incoming.append(generation))
+        return generation
+
+    def submit_score(self, inputs: list[str | list[int]], stride: int | None) -> asyncio.Future:
+        job = ScoreJob(inputs, stride, asyncio.get_running_loop().create_future())
+        self._enqueue(len(inputs), lambda: self._score_jobs.append(job))
+        return job.future
+
+    def _enqueue(self, units: int, add: Callable[[], None]) -> None:
+        if units > self.max_queue:
+            raise ValueError(f"this request needs {units} sequences (prompts x n) but at most {self.max_queue} "
+                             "may wait at once (the server's --max-queue); split it into smaller requests")
+        with self._wakeup:
+            if self._state != READY:
+                raise NotReady(self.not_ready_message())
+            if self._num_waiting + units > self.max_queue:
+                raise QueueFull(f"the server is busy: {self._num_waiting} sequences are already waiting "
+                                f"(limit {self.max_queue}); retry later")
+            self._num_waiting += units
+            add()
+            self._wakeup.notify()
+
+    def abort(self, generation: Generation) -> None:
+        """Drop a submission (client gone): its sequences free their slots before the next step."""
+        with self._wakeup:
+            if generation.cancelled:
+                return
+            generation.cancelled = True
+            self._aborts.append(generation)
+            self._wakeup.notify()
+
+    # ---- the worker thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        if self._loader is not None:
+            try:
+                self.engine = self._loader()
+            except BaseException as e:  # noqa: BLE001 - reported to the operator, the server exits
+                log.error("loading the model failed: %s", e)
+                self.load_error = e
+                with self._lock:
+                    self._state = FAILED
+                if self.on_fatal is not None:
+                    self.on_fatal()
+                return
+        engine = self.engine
+        with self._lock:
+            if self._state == STARTING:
+                self._state = READY
+        self._update_gauges()
+        while True:
+            with self._wakeup:
+                while not (self._incoming or self._aborts or self._score_jobs or self._state != READY
+                           or engine.has_work):
+                    self._wakeup.wait()
+                incoming, self._incoming = self._incoming, []
+                aborts, self._aborts = self._aborts, []
+                jobs, self._score_jobs = self._score_jobs, []
+                stopping = self._state != READY
+            outbox: list[tuple[asyncio.Queue, QueueItem]] = []
+            if stopping:
+                self._shutdown(incoming, jobs, outbox)
+                self._post(outbox)
+                break
+            try:
+                for generation in aborts:
+                    self._abort(generation)
+                for generation in incoming:
+                    self._admit(generation, outbox)
+                if jobs:
+                    self._score(jobs)
+                if engine.has_work:
+                    self._step(outbox)
+            except Exception as e:  # noqa: BLE001 - a bug or OOM must not kill the server
+                log.exception("engine step failed; aborting the requests in flight")
+                self._fail_all(f"internal error while generating: {type(e).__name__}: {e}", 500, outbox)
+            self._post(outbox)
+            with self._lock:
+                self._num_waiting = (sum(len(g) for g in self._incoming) + len(engine.waiting)
+                                     + sum(len(j.inputs) for j in self._score_jobs))
+            self._update_gauges()
+        with self._lock:
+            self._state = STOPPED
+        self._update_gauges()
+
+    def _admit(self, generation: Generation, outbox: list) -> None:
+        if generation.cancelled:
+            return
+        engine = self.engine
+        requests: list[Request] = []
+        try:
+            for prompt_ids, params in zip(generation.prompts, generation.params):
+                requests.append(engine.add_request(prompt_ids, params))
+        except Exception as e:  # noqa: BLE001
+            for request in requests:
+                engine.abort(request)
+            if isinstance(e, ValueError):
+                many = len(generation) > generation.n
+                where = f"prompt {len(requests) // generation.n}: " if many else ""
+                outbox.append((generation.queue, Rejected(where + str(e), 400)))
+            else:
+                log.exception("add_request failed")
+                outbox.append((generation.queue, Rejected(f"internal error: {type(e).__name__}: {e}", 500)))
+            return
+        generation._requests = requests
+        for index, request in enumerate(requests):
+            self._sequences[request.request_id] = _Sequence(generation, index, request)
+        outbox.append((generation.queue, Accepted()))
+
+    def _abort(self, generation: Generation) -> None:
+        for request in generation._requests:
+            if self._sequences.pop(request.request_id, None) is not None:
+                self.engine.abort(request)
+                self.metrics.request_finish.labels(finish_reason="abort").inc()
+        generation._requests = []
+
+    def _step(self, outbox: list) -> None:
+        started = time.monotonic()
+        outputs = self.engine.step()
+        now = time.monotonic()
+        m = self.metrics
+        for out in outputs:
+            seq = self._sequences.get(out.request.request_id)
+            if seq is None:
+                continue
+            generation = seq.generation
+            if not seq.prefilled:  # the first output of a sequence comes from its prefill step
+                seq.prefilled = True
+                m.request_queue_time.observe(started - generation.arrival)
+                m.prompt_tokens.inc(len(seq.request.prompt_ids))
+            if out.token_ids:
+                m.generation_tokens.inc(len(out.token_ids))
+                if seq.last_token_at is None:
+                    m.time_to_first_token.observe(now - generation.arrival)
+                else:
+                    m.inter_token_latency.observe(now - seq.last_token_at)
+                seq.last_token_at = now
+            outbox.append((generation.queue, SequenceOutput(
+                seq.index, tuple(out.token_ids), out.text, tuple(out.logprobs), out.finish_reason,
+                out.prompt_logprobs)))
+            if out.finish_reason is not None:
+                del self._sequences[out.request.request_id]
+                m.e2e_request_latency.observe(now - generation.arrival)
+                m.request_finish.labels(finish_reason=out.finish_reason).inc()
+
+    def _score(self, jobs: list[ScoreJob]) -> None:
+        by_stride: dict[int | None, list[ScoreJob]] = {}
+        for job in jobs:
+            by_stride.setdefault(job.stride, []).append(job)
+        for stride, group in by_stride.items():
+            encoded: list[tuple[ScoreJob, list[list[int]]]] = []
+            for job in group:
+                try:
+                    encoded.append((job, [self._encode_for_scoring(i, x) for i, x in enumerate(job.inputs)]))
+                except ValueError as e:
+                    self._finish_score(job, error=e)
+            if len(encoded) > 1:  # one engine.score over all jobs: windows of similar length batch together
+                try:
+                    results = self.engine.score([ids for _, seqs in encoded for ids in seqs], stride=stride)
+                except ValueError:
+                    pass  # score job by job below, so the error reaches the right client
+                else:
+                    for job, seqs in encoded:
+                        self._finish_score(job, results=results[: len(seqs)])
+                        results = results[len(seqs):]
+                    continue
+            for job, seqs in encoded:
+                try:
+                    self._finish_score(job, results=self.engine.score(seqs, stride=stride))
+                except ValueError as e:
+                    self._finish_score(job, error=e)
+                except Exception as e:  # noqa: BLE001 - the client gets a 500, the server lives on
+                    log.exception("scoring failed")
+                    self._finish_score(job, error=RuntimeError(f"internal error while scoring: "
+                                                               f"{type(e).__name__}: {e}"))
+
+    def _encode_for_scoring(self, index: int, item: str | list[int]) -> list[int]:
+        ids = self.engine.encode_for_scoring(item) if isinstance(item, str) else list(item)
+        if len(ids) < 2:
+            raise ValueError(f"input {index} has {len(ids)} token(s); perplexity needs at least 2")
+        return ids
+
+    def _finish_score(self, job: ScoreJob, results: list[ScoreResult] | None = None,
+                      error: BaseException | None = None) -> None:
+        m = self.metrics
+        m.perplexity_requests.labels(status="ok" if error is None else "error").inc()
+        if error is None:
+            m.perplexity_latency.observe(time.monotonic() - job.arrival)
+            m.perplexity_tokens.inc(sum(len(r.token_ids) for r in results))
+        self._resolve(job.future, results, error)
+
+    def _fail_all(self, message: str, status: int, outbox: list) -> None:
+        failed: dict[int, Generation] = {}
+        for seq in list(self._sequences.values()):
+            try:
+                self.engine.abort(seq.request)
+            except Exception:  # noqa: BLE001 - best effort: the engine is already in trouble
+                log.exception("abort failed")
+            failed[id(seq.generation)] = seq.generation
+            self.metrics.request_finish.labels(finish_reason="error").inc()
+        self._sequences.clear()
+        for generation in failed.values():
+            outbox.append((generation.queue, Failed(message, status)))
+
+    def _shutdown(self, incoming: list[Generation], jobs: list[ScoreJob], outbox: list) -> None:
+        message = "the server is shutting down"
+        self._fail_all(message, 503, outbox)
+        for generation in incoming:
+            outbox.append((generation.queue, Rejected(message, 503)))
+        for job in jobs:
+            self._resolve(job.future, None, NotReady(message))
+
+    # ---- handing results to the event loop ------------------------------------------------------
+    def _post(self, outbox: list[tuple[asyncio.Queue, QueueItem]]) -> None:
+        if outbox:
+            self._call_soon(_deliver, outbox)
+
+    def _resolve(self, future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+        self._call_soon(_settle, future, result, error)
+
+    def _call_soon(self, fn: Callable, *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _update_gauges(self) -> None:
+        m, engine = self.metrics, self.engine
+        m.num_requests_waiting.set(self._num_waiting)
+        if engine is not None:
+            m.num_requests_running.set(len(engine.running))
+            m.kv_cache_usage_ratio.set(engine.cache.usage())
+            m.kv_cache_slots_used_ratio.set(engine.cache.num_used / engine.cache.num_slots)
+
+
+def _deliver(outbox: list[tuple[asyncio.Queue, QueueItem]]) -> None:
+    for queue, item in outbox:
+        queue.put_nowait(item)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

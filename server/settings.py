@@ -1,0 +1,113 @@
+"""Server settings: the `kiln serve` flags, parsed once into a frozen `ServerSettings`.
+
+`build_parser()` defines the flags (shared by `kiln serve` and `python -m server`);
+`ServerSettings.from_args()` turns parsed flags into settings and checks them. The app
+reads only the HTTP-side fields; `__main__` uses the model-loading ones
+(`model_dir`, `device`, `dtype`, `max_batch_size`, `max_model_len`, `threads`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "kiln-default"  # served name of the shipped default model
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_name: str = DEFAULT_MODEL_NAME
+    model_dir: str | None = None  # None: the shipped default model
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
+    device: str = "auto"
+    dtype: str | None = None
+    max_batch_size: int = 8  # sequences decoded together (= KV-cache slots)
+    max_queue: int = 256  # sequences that may wait for a slot; more -> 429
+    max_model_len: int | None = None  # context length cap (default: the model's)
+    max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies -> 413
+    threads: int | None = None  # torch intra-op threads (default: available cores)
+    shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        need(bool(self.served_model_name), "--served-model-name must not be empty")
+        need(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
+        need(self.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {self.max_batch_size}")
+        need(self.max_queue >= 1, f"--max-queue must be >= 1, got {self.max_queue}")
+        need(self.max_model_len is None or self.max_model_len >= 2,
+             f"--max-model-len must be >= 2, got {self.max_model_len}")
+        need(self.max_body_bytes >= 1024, f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
+        need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        need(self.shutdown_timeout_s >= 0, f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout_s}")
+        need(self.api_key is None or bool(self.api_key), "--api-key must not be empty")
+
+    @property
+    def num_threads(self) -> int:
+        if self.threads:
+            return self.threads
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerSettings:
+        name = args.served_model_name
+        if name is None:
+            name = DEFAULT_MODEL_NAME if args.model is None else Path(args.model).resolve().name
+        return cls(served_model_name=name, model_dir=args.model, host=args.host, port=args.port,
+                   api_key=args.api_key or os.environ.get("KILN_API_KEY") or None, device=args.device,
+                   dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                   max_model_len=args.max_model_len, max_body_bytes=args.max_body_bytes, threads=args.threads,
+                   shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level)
+
+
+def _int_at_least(low: int):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
+        return n
+
+    return parse
+
+
+def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Serve a model over an OpenAI-compatible HTTP API.")
+    p.add_argument("--model", default=None, help="model directory (Kiln or Hugging Face gpt2/llama); "
+                                                  "default: the shipped default model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=_int_at_least(0), default=8000)
+    p.add_argument("--served-model-name", default=None,
+                   help=f"the `model` name clients use (default: the directory name; {DEFAULT_MODEL_NAME!r} "
+                        "for the default model)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/* (also read from $KILN_API_KEY)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default=None, choices=("auto", "fp32", "fp16", "bf16"),
+                   help="weights dtype (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--max-batch-size", type=_int_at_least(1), default=8,
+                   help="sequences decoded together, one KV-cache slot each (default: 8)")
+    p.add_argument("--max-queue", type=_int_at_least(1), default=256,
+                   help="sequences that may wait for a slot before requests get 429 (default: 256)")
+    p.add_argument("--max-model-len", type=_int_at_least(2), default=None,
+                   help="cap on prompt + generated tokens (default: the model's context length)")
+    p.add_argument("--max-body-bytes", type=_int_at_least(1024), default=8 * 1024 * 1024,
+                   help="largest accepted request body; larger gets 413 (default: 8 MiB)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="torch CPU threads (default: the available cores)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish (default: 30)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    return p

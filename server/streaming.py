@@ -1,0 +1,37 @@
+"""Server-Sent Events framing for streamed responses (OpenAI's wire format).
+
+Each chunk is one `data: {json}` event; the stream ends with `data: [DONE]`. Chunks are
+JSON-encoded here (UTF-8, never NaN), framed with "\\n" separators, which the openai SDK,
+curl and browsers' EventSource all read. sse-starlette sends keep-alive comments
+(`: ping`) on long waits and cancels the chunk generator when the client disconnects,
+so the generator's `finally` can abort the request's sequences at once.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from .errors import dumps
+
+DONE = "[DONE]"
+PING_SECONDS = 15
+
+
+def sse_event(data: dict | str) -> ServerSentEvent:
+    return ServerSentEvent(data=data if isinstance(data, str) else dumps(data), sep="\n")
+
+
+async def _framed(chunks: AsyncIterator[dict]) -> AsyncIterator[ServerSentEvent]:
+    try:
+        async for chunk in chunks:
+            yield sse_event(chunk)
+        yield sse_event(DONE)
+    finally:
+        await chunks.aclose()  # run the producer's cleanup (abort) even when we are cancelled
+
+
+def sse_response(chunks: AsyncIterator[dict]) -> EventSourceResponse:
+    return EventSourceResponse(_framed(chunks), sep="\n", ping=PING_SECONDS,
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,278 @@
+"""The server on a real socket (uvicorn in a thread, or `python -m server` in a subprocess).
+
+The official openai SDK against it; 16 concurrent streams give the same greedy text as
+each request alone; a client that disconnects mid-stream is aborted and frees its slot;
+a full queue answers 429; SIGTERM shuts the process down cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.cli import load_engine
+from model.engine import SamplingParams
+from server.__main__ import main
+from server.app import create_app
+from server.settings import DEFAULT_MODEL_NAME, ServerSettings, build_parser
+from server.testing import LiveServer, train_parrot
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.",
+         "The quick brown fox jumps over the lazy dog."]
+
+
+class SlowEngine:
+    """A real engine whose steps take at least `delay` seconds, so requests can be caught mid-flight."""
+
+    def __init__(self, engine, delay: float):
+        self._engine = engine
+        self.delay = delay
+
+    def step(self):
+        time.sleep(self.delay)
+        return self._engine.step()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def gauges(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{label}}}" if label else s.name] = s.value
+    return out
+
+
+def first_data_line(lines) -> str:
+    for line in lines:
+        if line.startswith("data: "):
+            return line
+    raise AssertionError("the stream ended without data")
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def parrot_dir(llama_dir, tmp_path_factory):
+    return train_parrot(llama_dir, TEXTS, tmp_path_factory.mktemp("parrot"))
+
+
+@pytest.fixture(scope="module")
+def parrot_server(parrot_dir):
+    engine = load_engine(str(parrot_dir), "cpu", None, max_batch_size=4)
+    with LiveServer(create_app(engine, ServerSettings(served_model_name="parrot"))) as server:
+        yield server
+
+
+# ---- the openai SDK ---------------------------------------------------------------------
+def test_openai_sdk(parrot_server, parrot_dir):
+    ref = load_engine(str(parrot_dir), "cpu", None, max_batch_size=1)
+    client = openai.OpenAI(base_url=parrot_server.url + "/v1", api_key="unused", max_retries=0)
+    prompt = "To be, or"
+    ids = ref.tokenizer.encode(prompt)
+    expected = "".join(o.text for o in ref.generate(ids, SamplingParams(max_tokens=60, temperature=0)))
+    assert prompt + expected == TEXTS[0]
+
+    completion = client.completions.create(model="parrot", prompt=prompt, max_tokens=60, temperature=0)
+    assert completion.choices[0].text == expected and completion.choices[0].finish_reason == "stop"
+    assert completion.usage.prompt_tokens == len(ids)
+
+    chunks = list(client.completions.create(model="parrot", prompt=prompt, max_tokens=60, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+    assert [m.id for m in client.models.list()] == ["parrot"]
+
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt=prompt)
+    assert "gpt-4" in e.value.message and e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="parrot", prompt=prompt, temperature=-1)
+    assert e.value.param == "temperature"
+    # vLLM-style extensions go through extra_body
+    out = client.completions.create(model="parrot", prompt=prompt, max_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True, "top_k": 1, "min_tokens": 5})
+    assert out.usage.completion_tokens == 5
+
+
+# ---- continuous batching ----------------------------------------------------------------
+def test_concurrent_streams_equal_requests_alone(llama_dir):
+    engine = load_engine(str(llama_dir), "cpu", None, max_batch_size=4)
+    words = "The quick brown fox jumps over the lazy dog and then some more words appear".split()
+    requests = [{"prompt": " ".join(words[: 1 + i % 9]), "max_tokens": 4 + 3 * i, "temperature": 0,
+                 "ignore_eos": True, "stream": True} for i in range(16)]
+    with LiveServer(create_app(engine, ServerSettings(served_model_name="tiny"))) as server:
+
+        async def run(client, body):
+            texts = []
+            async with client.stream("POST", server.url + "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        texts.append(json.loads(line[6:])["choices"][0]["text"])
+            return "".join(texts)
+
+        async def alone_then_together():
+            async with httpx.AsyncClient(timeout=60) as client:
+                alone = [await run(client, body) for body in requests]
+                together = await asyncio.gather(*(run(client, body) for body in requests))
+            return alone, together
+
+        alone, together = asyncio.run(alone_then_together())
+        metrics = gauges(server.url)
+    mismatched = [i for i, (a, b) in enumerate(zip(alone, together)) if a != b]
+    assert not mismatched, [(alone[i], together[i]) for i in mismatched]
+    assert len(set(alone)) > 8  # the requests really differ
+    assert metrics["kiln_request_finish_total{finish_reason=length}"] == 32
+    assert metrics["kiln_num_requests_running"] == 0 and metrics["kiln_kv_cache_usage_ratio"] == 0
+
+
+# ---- disconnects and admission control ---------------------------------------------------
+@pytest.fixture(scope="module")
+def slow_server(llama_dir):
+    """One KV-cache slot, one waiting place, 30 ms steps."""
+    engine = SlowEngine(load_engine(str(llama_dir), "cpu", None, max_batch_size=1), delay=0.03)
+    app = create_app(engine, ServerSettings(served_model_name="slow", max_queue=1))
+    with LiveServer(app) as server:
+        server.engine = engine
+        yield server
+
+
+def test_disconnect_mid_stream_frees_the_slot(slow_server):
+    url = slow_server.url
+    before = gauges(url)
+    body = {"prompt": [5, 6, 7], "max_tokens": 60, "ignore_eos": True, "stream": True}  # ~1.8 s if not aborted
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            first_data_line(lines)
+            time.sleep(0.1)
+            assert gauges(url)["kiln_num_requests_running"] == 1
+        # leaving the block closes the connection mid-stream
+    started = time.monotonic()
+    after = wait_for(lambda: (g := gauges(url))["kiln_num_requests_running"] == 0 and g, 5.0, "the slot to free")
+    assert time.monotonic() - started < 1.0
+    assert after["kiln_request_finish_total{finish_reason=abort}"] \
+        - before.get("kiln_request_finish_total{finish_reason=abort}", 0) == 1
+    assert after["kiln_generation_tokens_total"] - before.get("kiln_generation_tokens_total", 0) < 40
+    assert slow_server.engine.cache.num_free == 1  # read-only peek: the slot is back
+
+
+def test_disconnect_while_waiting_for_a_non_streaming_answer(slow_server):
+    url = slow_server.url
+    before = gauges(url)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(url + "/v1/completions", json={"prompt": [5], "max_tokens": 60, "ignore_eos": True}, timeout=0.3)
+    after = wait_for(lambda: (g := gauges(url))["kiln_num_requests_running"] == 0 and g, 5.0, "the slot to free")
+    assert after["kiln_request_finish_total{finish_reason=abort}"] \
+        - before.get("kiln_request_finish_total{finish_reason=abort}", 0) == 1
+    assert after["kiln_generation_tokens_total"] - before.get("kiln_generation_tokens_total", 0) < 40
+
+
+def test_full_queue_answers_429(slow_server):
+    url = slow_server.url
+    results = {}
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", url + "/v1/completions",
+                           json={"prompt": [5], "max_tokens": 50, "ignore_eos": True, "stream": True}) as running:
+            lines = running.iter_lines()  # kept referenced: closing this iterator would close the connection
+            first_data_line(lines)  # the request now holds the one slot
+
+            def waiting_request():
+                results["waiting"] = httpx.post(url + "/v1/completions", json={"prompt": [9], "max_tokens": 2},
+                                                timeout=30)
+
+            waiter = threading.Thread(target=waiting_request)
+            waiter.start()
+            wait_for(lambda: gauges(url)["kiln_num_requests_waiting"] == 1, 5.0, "the second request to queue")
+            r = client.post(url + "/v1/completions", json={"prompt": [9], "max_tokens": 2})
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["type"] == "rate_limit_error" and r.json()["error"]["code"] == "queue_full"
+            assert r.headers["retry-after"] == "1"
+            assert client.post(url + "/v1/perplexity", json={"input": [[1, 2, 3]]}).status_code == 429
+            sdk = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.RateLimitError):
+                sdk.completions.create(model="slow", prompt=[9], max_tokens=2)
+        waiter.join(30)
+    assert results["waiting"].status_code == 200, results["waiting"].text  # the queued one got its turn
+    assert gauges(url)["kiln_requests_total{endpoint=/v1/completions,status=429}"] == 2
+
+
+# ---- the command line --------------------------------------------------------------------
+def test_settings_from_flags(tmp_path):
+    args = build_parser().parse_args([])
+    settings = ServerSettings.from_args(args)
+    assert settings.served_model_name == DEFAULT_MODEL_NAME and settings.host == "127.0.0.1"
+    assert settings.port == 8000 and settings.api_key is None and settings.num_threads >= 1
+    args = build_parser().parse_args(["--model", str(tmp_path), "--port", "0", "--max-queue", "3",
+                                      "--threads", "2", "--api-key", "k"])
+    settings = ServerSettings.from_args(args)
+    assert (settings.served_model_name, settings.max_queue, settings.num_threads, settings.api_key) == \
+        (tmp_path.name, 3, 2, "k")
+    for bad in (["--port", "-1"], ["--max-batch-size", "0"], ["--device", "tpu"], ["--max-queue", "x"]):
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "missing")])
+    assert e.value.code == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_python_m_server_serves_and_stops_on_sigterm(parrot_dir):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(parrot_dir), "--port", str(port),
+                             "--served-model-name", "parrot", "--max-batch-size", "2", "--threads", "1",
+                             "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        def healthy():
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                return False
+
+        wait_for(healthy, 60.0, "the server to come up")
+        r = httpx.post(url + "/v1/completions", json={"prompt": "The quick", "max_tokens": 20, "temperature": 0})
+        assert r.json()["choices"][0]["text"] == TEXTS[1][len("The quick"):]
+        r = httpx.post(url + "/v1/perplexity", content=json.dumps({"input": TEXTS[1]}))  # as `curl -d` does
+        assert r.status_code == 200 and r.json()["data"][0]["perplexity"] < 1.5
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

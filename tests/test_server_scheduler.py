@@ -1,0 +1,156 @@
+"""The worker thread on its own: aborts within a step, no busy wait, shutdown, engine failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from model.cli import load_engine
+from model.engine import SamplingParams
+from server.app import create_app
+from server.metrics import ServerMetrics
+from server.scheduler import Accepted, Failed, NotReady, QueueFull, Rejected, Scheduler, SequenceOutput
+from server.settings import ServerSettings
+
+
+class CountingEngine:
+    """A real engine that counts its steps and `has_work` checks, and can be made to fail or slow down."""
+
+    def __init__(self, engine, delay: float = 0.0):
+        self._engine = engine
+        self.delay = delay
+        self.steps = 0
+        self.checks = 0
+        self.fail_next_step = False
+
+    @property
+    def has_work(self):
+        self.checks += 1
+        return self._engine.has_work
+
+    def step(self):
+        self.steps += 1
+        time.sleep(self.delay)
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("simulated device failure")
+        return self._engine.step()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+@pytest.fixture
+def engine(llama_dir):
+    return CountingEngine(load_engine(str(llama_dir), "cpu", None, max_batch_size=2), delay=0.01)
+
+
+def long_params(n: int = 50) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+async def next_item(generation, timeout: float = 10.0):
+    return await asyncio.wait_for(generation.queue.get(), timeout)
+
+
+def test_abort_frees_the_slot_within_one_step(engine):
+    async def scenario():
+        scheduler = Scheduler(engine, ServerMetrics("t"), max_queue=4)
+        scheduler.start(asyncio.get_running_loop())
+        generation = scheduler.submit([[5, 6, 7]], [long_params()])
+        assert isinstance(await next_item(generation), Accepted)
+        assert isinstance(await next_item(generation), SequenceOutput)
+        assert engine.cache.num_free == 1
+        steps_at_abort = engine.steps
+        scheduler.abort(generation)
+        deadline = time.monotonic() + 5
+        while engine.cache.num_free != 2:  # read-only peek at the worker's engine
+            assert time.monotonic() < deadline, "the slot was never freed"
+            await asyncio.sleep(0.001)
+        assert engine.steps - steps_at_abort <= 1, engine.steps - steps_at_abort
+        assert not engine.running and not engine.waiting
+        await asyncio.to_thread(scheduler.stop)
+
+    asyncio.run(scenario())
+
+
+def test_idle_worker_sleeps(engine):
+    async def scenario():
+        scheduler = Scheduler(engine, ServerMetrics("t"), max_queue=4)
+        scheduler.start(asyncio.get_running_loop())
+        generation = scheduler.submit([[5]], [long_params(3)])
+        while not (isinstance(item := await next_item(generation), SequenceOutput) and item.finish_reason):
+            pass
+        await asyncio.sleep(0.05)
+        checks, steps = engine.checks, engine.steps
+        await asyncio.sleep(0.3)
+        assert engine.steps == steps and engine.checks - checks <= 1, (engine.checks - checks, "busy loop")
+        await asyncio.to_thread(scheduler.stop)
+
+    asyncio.run(scenario())
+
+
+def test_queue_limit_and_states(engine):
+    async def scenario():
+        scheduler = Scheduler(engine, ServerMetrics("t"), max_queue=2)
+        with pytest.raises(NotReady, match="loading"):
+            scheduler.submit([[5]], [long_params()])
+        scheduler.start(asyncio.get_running_loop())
+        while not scheduler.ready:
+            await asyncio.sleep(0.001)
+        with pytest.raises(ValueError, match="at most 2"):
+            scheduler.submit([[5]] * 3, [long_params()] * 3)
+        running = scheduler.submit([[5], [6]], [long_params(), long_params()])  # fills both slots
+        while len(engine.running) < 2:
+            await asyncio.sleep(0.001)
+        waiting = scheduler.submit([[7], [8]], [long_params(), long_params()])  # fills the queue
+        with pytest.raises(QueueFull, match="2 sequences are already waiting"):
+            scheduler.submit([[9]], [long_params()])
+        with pytest.raises(QueueFull):
+            scheduler.submit_score([[1, 2, 3]], None)
+        # shutdown: everything in flight ends with a 503
+        await asyncio.to_thread(scheduler.stop)
+        for generation in (running, waiting):
+            items = [generation.queue.get_nowait() for _ in range(generation.queue.qsize())]
+            assert isinstance(items[-1], (Failed, Rejected)) and items[-1].status == 503, items[-1]
+        assert engine.cache.num_free == 2 and not engine.has_work
+        with pytest.raises(NotReady, match="shutting down"):
+            scheduler.submit([[5]], [long_params()])
+
+    asyncio.run(scenario())
+
+
+def test_rejections_name_the_prompt(engine):
+    async def scenario():
+        scheduler = Scheduler(engine, ServerMetrics("t"), max_queue=8)
+        scheduler.start(asyncio.get_running_loop())
+        ok = SamplingParams(max_tokens=2)
+        generation = scheduler.submit([[5], [5], [6] * 70, [6] * 70], [ok] * 4, n=2)
+        item = await next_item(generation)
+        assert isinstance(item, Rejected) and item.status == 400
+        assert item.message.startswith("prompt 1: ") and "70 prompt tokens" in item.message
+        assert engine.cache.num_free == 2 and not engine.waiting  # nothing of it stays behind
+        await asyncio.to_thread(scheduler.stop)
+
+    asyncio.run(scenario())
+
+
+def test_engine_failure_fails_requests_and_the_server_lives_on(engine):
+    app = create_app(engine, ServerSettings(served_model_name="t"))
+    with TestClient(app) as client:
+        engine.fail_next_step = True
+        r = client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 4})
+        assert r.status_code == 500, r.text
+        error = r.json()["error"]
+        assert error["type"] == "server_error" and "simulated device failure" in error["message"]
+        assert engine.cache.num_free == 2
+        r = client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        engine.fail_next_step = True
+        with client.stream("POST", "/v1/completions", json={"prompt": [5], "max_tokens": 4, "stream": True}) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert "simulated device failure" in events[0] and events[-1] == "data: [DONE]"
+        assert client.get("/health").status_code == 200
