@@ -1,1 +1,15 @@
-"""Kiln kernels package."""
+"""Kiln kernels package.
+
+Kiln's own Triton kernels for the GPU hot paths, one concept per module, each with a
+plain-torch ``*_reference`` beside it that is also the CPU path:
+
+* ``kernels.attention``      flash attention forward + backward, dense and varlen (prefill, training)
+* ``kernels.decode``         split-KV (flash-decoding) attention over the slot KV cache
+* ``kernels.softmax``        row softmax with temperature for sampling, any row length
+* ``kernels.cross_entropy``  fused cross-entropy / token logprobs with backward, chunked linear+CE
+
+Every module has ``available(device)``: True for CUDA tensors when Triton >= 3.6 is
+installed, or for CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
+imported (the CI path). Importing this package, or any module in it, never imports
+triton: kernels are jitted on first use (``kernels._utils``). Benchmarks live in bench/.
+"""

@@ -29,11 +29,18 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def resolve_backend(backend: str, device: torch.device, head_dim: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_installed() else "torch"
+        usable = device.type == "cuda" and _triton_installed() and head_dim in TRITON_HEAD_DIMS
+        return "triton" if usable else "torch"
+    if backend == "triton" and head_dim not in TRITON_HEAD_DIMS:
+        raise ValueError(f"the triton attention backend needs a head dim in {TRITON_HEAD_DIMS}, got {head_dim}; "
+                         "use the torch backend")
     return backend
 
 

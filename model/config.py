@@ -68,8 +68,11 @@ class ModelConfig:
 
     def num_params(self, include_embeddings: bool = True) -> int:
         d, hd = self.d_model, self.dim_per_head
-        attn = d * hd * (self.n_head + 2 * self.n_kv_head) + self.n_head * hd * d
-        mlp = d * self.d_ff * (3 if self.mlp == "swiglu" else 2)
+        qkv_out = hd * (self.n_head + 2 * self.n_kv_head)
+        attn = d * qkv_out + self.n_head * hd * d
+        attn += qkv_out * self.has_attention_bias + d * self.bias
+        mlp_up = self.d_ff * (2 if self.mlp == "swiglu" else 1)
+        mlp = d * mlp_up + self.d_ff * d + (mlp_up + d) * self.bias
         norms = 2 * d * (2 if self.norm == "layernorm" else 1)
         total = self.n_layer * (attn + mlp + norms) + d * (2 if self.norm == "layernorm" else 1)
         if include_embeddings:

@@ -22,10 +22,15 @@ def chunked_logprobs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Te
     top_ids = torch.empty(N, num_top, dtype=torch.long, device=hidden.device) if num_top else None
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
-        logits = lm_head(hidden[start:end]).float()  # (n, V)
+        logits = lm_head(hidden[start:end])  # (n, V)
         if vocab_limit is not None and vocab_limit < logits.shape[-1]:
             logits = logits[:, :vocab_limit]
-        table = logits.log_softmax(dim=-1)
+        if logits.is_cuda and not num_top:
+            from kernels.cross_entropy import token_logprobs
+
+            logprobs[start:end] = token_logprobs(logits, targets[start:end])  # fused, no fp32 table
+            continue
+        table = logits.float().log_softmax(dim=-1)
         logprobs[start:end] = table.gather(-1, targets[start:end, None])[:, 0]
         if num_top:
             top_lp[start:end], top_ids[start:end] = table.topk(num_top, dim=-1)

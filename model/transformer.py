@@ -173,7 +173,7 @@ class Transformer(nn.Module):
           caller can apply the LM head in chunks.
         """
         B, T = tokens.shape
-        backend = resolve_backend(self.attn_backend, tokens.device)
+        backend = resolve_backend(self.attn_backend, tokens.device, self.config.dim_per_head)
         if batch is not None:
             positions = batch.positions  # (B, T)
         else:
@@ -199,9 +199,11 @@ class Transformer(nn.Module):
         return self.lm_head(x)
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, backend: str) -> torch.Tensor:
-        logits = self.lm_head(hidden).flatten(0, -2)
         if backend == "triton":
-            from kernels.cross_entropy import cross_entropy
+            from kernels.cross_entropy import linear_cross_entropy
 
-            return cross_entropy(logits, targets.flatten(), ignore_index=-100)
+            # LM head + cross-entropy in chunks of rows: the (B*T, V) logits never exist at once
+            return linear_cross_entropy(hidden.flatten(0, -2), self.lm_head.weight, targets.flatten(),
+                                        ignore_index=-100).float()
+        logits = self.lm_head(hidden).flatten(0, -2)
         return F.cross_entropy(logits.float(), targets.flatten(), ignore_index=-100)

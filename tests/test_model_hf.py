@@ -130,3 +130,8 @@ def test_kiln_save_load_roundtrip_sharded(tmp_path, llama_dir):
     again = load_model(tmp_path / "kiln")
     tokens = random_tokens(model.config.vocab_size, (1, 9))
     assert torch.equal(model(tokens), again(tokens))
+
+
+def test_num_params_counts_every_parameter(hf_dir):
+    model = load_model(hf_dir)
+    assert model.config.num_params() == sum(p.numel() for p in model.parameters())

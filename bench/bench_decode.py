@@ -1,0 +1,113 @@
+"""Benchmark kernels.decode.decode_attention (flash-decoding over the slot cache) on CUDA.
+
+    python bench/bench_decode.py [--dtype bf16] [--rep 200]
+
+One new query per sequence against a cache of L keys, bf16, GQA H=32 / Hkv=8, D=128.
+Every row has the same length so the PyTorch baselines need no mask (their best case).
+Baselines in the same run, each reading the same cache tensors:
+SDPA (default dispatch, ``enable_gqa=True``), SDPA pinned to the flash backend,
+SDPA on K/V repeated to H heads (the repeat is timed: a model must do it every step),
+and grouped matmul + softmax (gpt-fast style). Prints time, K/V bandwidth and the
+ratio to the fastest baseline. Targets on H100: >= 2x at B1 L8192, >= 1x at B32 L2048.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# (batch, n_heads, n_kv_heads, cached length, head dim)
+SHAPES = [(1, 32, 8, 8192, 128), (32, 32, 8, 2048, 128), (1, 32, 8, 32768, 128), (8, 32, 8, 4096, 128),
+          (64, 32, 8, 1024, 128), (1, 32, 32, 4096, 128), (16, 16, 4, 2048, 64)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--rep", type=int, default=200, help="do_bench repetition time in ms")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+
+    import triton
+    import triton.testing
+
+    from kernels import decode as dec
+
+    dtype = DTYPES[args.dtype]
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | {args.dtype}")
+    print(f"{'B':>3} {'H':>3} {'Hkv':>3} {'L':>6} {'D':>4} {'splits':>6} {'kiln us':>8} {'GB/s':>6} "
+          f"{'best torch':>22} {'us':>8} {'GB/s':>6} {'ratio':>6}")
+    for batch, n_heads, n_kv_heads, length, head_dim in SHAPES:
+        q = torch.randn(batch, n_heads, head_dim, device="cuda", dtype=dtype)
+        k_cache = torch.randn(batch, n_kv_heads, length, head_dim, device="cuda", dtype=dtype)
+        v_cache = torch.randn_like(k_cache)
+        slots = torch.arange(batch, device="cuda", dtype=torch.int32)
+        lengths = torch.full((batch,), length, device="cuda", dtype=torch.int32)
+        n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+        splits = dec.choose_num_splits(batch, n_kv_heads, length, n_sms)
+
+        def kiln():
+            return dec.decode_attention(q, k_cache, v_cache, slots, lengths)
+
+        baselines = _baselines(q, k_cache, v_cache)
+        expected = dec.decode_attention_reference(q, k_cache, v_cache, slots, lengths).float()
+        err = (kiln().float() - expected).abs().max().item()
+        if err > 2e-2:
+            raise SystemExit(f"kiln decode disagrees with the reference at B{batch} L{length}: max err {err:.2e}")
+        t_kiln = triton.testing.do_bench(kiln, rep=args.rep, return_mode="median")
+        times = {}
+        for name, fn in baselines.items():
+            try:
+                times[name] = triton.testing.do_bench(fn, rep=args.rep, return_mode="median")
+            except RuntimeError:  # backend unavailable for this shape/dtype/build
+                continue
+        best = min(times, key=times.get)
+        kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
+        print(
+            f"{batch:>3} {n_heads:>3} {n_kv_heads:>3} {length:>6} {head_dim:>4} {splits:>6} {t_kiln * 1e3:8.1f} "
+            f"{kv_bytes / t_kiln / 1e6:6.0f} {best:>22} {times[best] * 1e3:8.1f} {kv_bytes / times[best] / 1e6:6.0f} "
+            f"{times[best] / t_kiln:6.2f}x"
+        )
+
+
+def _baselines(q, k_cache, v_cache) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch, n_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[1]
+    group = n_heads // n_kv_heads
+    q4 = q[:, :, None, :]  # (B, H, 1, D)
+    gqa = group > 1
+
+    def sdpa_default():
+        return F.scaled_dot_product_attention(q4, k_cache, v_cache, enable_gqa=gqa)
+
+    def sdpa_flash():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q4, k_cache, v_cache, enable_gqa=gqa)
+
+    def sdpa_repeated_kv():
+        k = k_cache.repeat_interleave(group, dim=1) if gqa else k_cache
+        v = v_cache.repeat_interleave(group, dim=1) if gqa else v_cache
+        return F.scaled_dot_product_attention(q4, k, v)
+
+    def grouped_matmul():
+        qg = q.view(batch, n_kv_heads, group, head_dim)  # (B, Hkv, G, D)
+        scores = torch.matmul(qg, k_cache.transpose(-1, -2)) * (1.0 / math.sqrt(head_dim))  # (B, Hkv, G, L)
+        return torch.matmul(torch.softmax(scores.float(), -1).to(q.dtype), v_cache)
+
+    return {"sdpa(enable_gqa)": sdpa_default, "sdpa flash": sdpa_flash, "sdpa repeat_kv": sdpa_repeated_kv,
+            "grouped matmul": grouped_matmul}
+
+
+if __name__ == "__main__":
+    main()

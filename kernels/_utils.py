@@ -1,0 +1,183 @@
+"""Shared plumbing for Kiln's Triton kernels: lazy Triton import, device checks, launch configs.
+
+Owns three things every kernel file needs:
+
+* Triton is optional and imported lazily: importing ``kernels.*`` never imports
+  ``triton``, so the torch references work on any machine, and a test can still set
+  ``TRITON_INTERPRET=1`` after importing the model (Triton reads that flag when
+  *it* is imported: its own ``tl.max``/``tl.sum`` helpers are jitted then);
+* ``triton_available(device)``: can a Triton kernel run on this device -- a CUDA
+  device with Triton (>= 3.6) installed, or a CPU tensor while the Triton
+  interpreter is on (``TRITON_INTERPRET=1`` set before triton was imported, since
+  triton fixes its mode at import);
+* ``jit_kernel``: jit a kernel function when it is first needed, autotuned over a
+  list of configs on a GPU, or pinned to one config under the interpreter (which
+  cannot autotune over several). It binds ``tl`` (``triton.language``) into the
+  kernel module's globals, where the kernel bodies look it up; kernel modules use
+  ``from __future__ import annotations`` so ``tl.constexpr`` annotations stay strings
+  until then. Kernel modules cache the jitted objects with ``functools.cache``, so
+  each kernel compiles once per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+
+
+MIN_TRITON_VERSION = (3, 6)
+
+
+def triton_importable() -> bool:
+    """True when a ``triton`` >= 3.6 is installed (checked without importing it)."""
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return False
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] is None
+        return False
+    try:
+        release = importlib.metadata.version("triton").split("+")[0].split(".")
+        return tuple(int(part) for part in release[:2]) >= MIN_TRITON_VERSION
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return True  # a source build without metadata: let the import decide
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` asks for the CPU interpreter (same spelling rules as Triton)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+
+
+def mode_matches_import() -> bool:
+    """Triton fixes interpreted-vs-compiled when it is imported; ``TRITON_INTERPRET`` must still agree."""
+    language = sys.modules.get("triton.language")
+    if language is None:
+        return True  # not imported yet: it will be, in the mode the flag asks for now
+    return (type(language.max).__name__ == "InterpretedFunction") == interpreting()
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Can a Triton kernel run on tensors of ``device``?
+
+    True for CUDA devices when Triton (>= 3.6) is installed, and for CPU tensors while
+    the Triton interpreter is on. False otherwise (and when ``TRITON_INTERPRET``
+    changed after triton was imported): use the ``*_reference`` function.
+    """
+    if not triton_importable() or not mode_matches_import():
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreting()
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device``; a small stand-in off-GPU (interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonKernel:
+    """A jitted (maybe autotuned) kernel plus meta-parameters fixed at launch.
+
+    ``fixed_meta`` is empty when the kernel is autotuned; under the interpreter it
+    holds the single config's block sizes, which the autotuner would otherwise supply.
+    """
+
+    fn: Any
+    fixed_meta: tuple[tuple[str, Any], ...] = ()
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        launch = self.fn[grid]
+        meta = dict(self.fixed_meta)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return launch(*args, **meta, **kwargs)
+
+        return run
+
+
+def config(num_warps: int = 4, num_stages: int = 2, **block_sizes: int) -> Any:
+    """A ``triton.Config`` from block sizes, warps and pipeline stages."""
+    import triton
+
+    return triton.Config(dict(block_sizes), num_warps=num_warps, num_stages=num_stages)
+
+
+def jit_kernel(
+    fn: Callable[..., None],
+    gpu_configs: Sequence[Any],
+    interpreter_config: Any,
+    key: Sequence[str],
+    prune: Callable[..., list[Any]] | None = None,
+) -> TritonKernel:
+    """``triton.jit`` ``fn`` now; autotune over ``gpu_configs`` unless interpreting.
+
+    ``prune(configs, named_args, **kwargs)`` drops configs that cannot fit (shared
+    memory, head dim) before the autotuner benchmarks them.
+    """
+    import triton
+    import triton.language
+
+    # Kernel bodies resolve `tl` in their module's globals at compile/interpret time.
+    fn.__globals__.setdefault("tl", triton.language)
+    kernel = triton.jit(fn)
+    if interpreting():
+        cfg = interpreter_config
+        meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        return TritonKernel(kernel, tuple(meta.items()))
+    prune_by = {"early_config_prune": prune} if prune is not None else None
+    tuned = triton.autotune(configs=list(gpu_configs), key=list(key), prune_configs_by=prune_by)(kernel)
+    return TritonKernel(tuned)
+
+
+def check_tensor(name: str, x: Any, ndim: int, dtypes: Sequence[torch.dtype] | None = None) -> None:
+    """Raise ValueError unless ``x`` is a tensor with ``ndim`` dims and an allowed dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} has dtype {x.dtype}; allowed: {allowed}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    """Raise ValueError unless all tensors live on one device; return it."""
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        where = ", ".join(f"{n}={d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {where}")
+    return first
+
+
+def check_triton_device(func: str, device: torch.device) -> None:
+    """Raise ValueError when the Triton path cannot run on ``device``."""
+    if not triton_available(device):
+        if not triton_importable():
+            reason = "triton >= 3.6 is not installed"
+        elif not mode_matches_import():
+            reason = "TRITON_INTERPRET changed after triton had been imported"
+        else:
+            reason = f"device {device} is not CUDA"
+        raise ValueError(
+            f"{func} needs a CUDA tensor with triton installed (or TRITON_INTERPRET=1), "
+            f"but {reason}; call {func}_reference for the plain-torch path"
+        )

@@ -1,0 +1,710 @@
+"""Flash attention forward + backward for prefill and training (dense and varlen).
+
+API::
+
+    flash_attention(q, k, v, causal=True, scale=None) -> out
+        q (B, H, T, D), k/v (B, Hkv, S, D) -> out (B, H, T, D); differentiable.
+    flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           causal=True, scale=None) -> out
+        packed q (total_q, H, D), k/v (total_k, Hkv, D), cu_seqlens_* (B + 1,) int32
+        cumulative offsets -> out (total_q, H, D); differentiable. Several prompts of
+        different lengths in one launch.
+    flash_attention_reference(...), flash_attention_varlen_reference(...)
+        plain torch, fp32 math (fp64 for fp64 inputs); the CPU path.
+    available(device) -> bool
+
+Semantics shared by both paths: ``softmax(q k^T * scale) v`` with ``scale`` defaulting
+to ``1/sqrt(D)``; grouped-query attention when H is a multiple of Hkv (query head h
+reads kv head ``h // (H // Hkv)``, no K/V repeat in memory). ``causal`` masks
+bottom-right aligned: with T queries and S keys, query i sits at position S - T + i
+and sees keys 0..S-T+i (the prefill-after-cache convention; equals ``is_causal`` of
+SDPA only when T == S). A query that sees no key (T > S) outputs zeros.
+
+The Triton kernels follow FlashAttention-2 and the Triton fused-attention tutorial:
+fp16/bf16/fp32 in, fp32 accumulate, online softmax in base 2 (``exp2`` with
+``scale * log2(e)`` folded into one multiplier), causal masking only on the diagonal
+key blocks, bounds masks only on the last partial block, causal query blocks
+scheduled heaviest-first. Head dims: powers of two 16..256. The forward stores the
+row log-sum-exp; the backward runs a dK/dV kernel (one program per key block and kv
+head, looping over the query heads of its group, so GQA reduces dK/dV in registers)
+and a dQ kernel. Dense and varlen share the kernels (``VARLEN`` constexpr switch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from types import SimpleNamespace
+
+import torch
+
+from kernels._utils import (
+    FLOAT_DTYPES,
+    LOG2E,
+    check_same_device,
+    check_tensor,
+    check_triton_device,
+    config,
+    interpreting,
+    jit_kernel,
+    next_power_of_2,
+    triton_available,
+)
+
+_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def available(device: torch.device | str) -> bool:
+    """True when the Triton attention kernels can run on ``device``."""
+    return triton_available(device)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def flash_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """Plain-torch attention with the same semantics as ``flash_attention``."""
+    _check_dense(q, k, v, reference=True)
+    scale = _resolve_scale(scale, q.shape[-1])
+    batch, n_heads, seqlen_q, head_dim = q.shape
+    n_kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf = q.to(compute).reshape(batch, n_kv_heads, n_heads // n_kv_heads, seqlen_q, head_dim)  # (B, Hkv, G, T, D)
+    kf = k.to(compute)[:, :, None]  # (B, Hkv, 1, S, D)
+    vf = v.to(compute)[:, :, None]  # (B, Hkv, 1, S, D)
+    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hkv, G, T, S)
+    if causal:
+        q_pos = torch.arange(seqlen_q, device=q.device)[:, None] + (seqlen_k - seqlen_q)
+        visible = torch.arange(seqlen_k, device=q.device)[None, :] <= q_pos  # (T, S)
+        # finfo.min, not -inf: a query with no visible key must give 0, not NaN.
+        scores = scores.masked_fill(~visible, torch.finfo(compute).min)
+        probs = torch.softmax(scores, dim=-1) * visible.any(-1, keepdim=True)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = probs @ vf  # (B, Hkv, G, T, D)
+    return out.reshape(batch, n_heads, seqlen_q, head_dim).to(q.dtype)
+
+
+def flash_attention_varlen_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Plain-torch varlen attention: the dense reference on each packed sequence."""
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, reference=True)
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for i in range(len(bounds_q) - 1):
+        qi = q[bounds_q[i] : bounds_q[i + 1]].transpose(0, 1)[None]  # (1, H, T_i, D)
+        ki = k[bounds_k[i] : bounds_k[i + 1]].transpose(0, 1)[None]  # (1, Hkv, S_i, D)
+        vi = v[bounds_k[i] : bounds_k[i + 1]].transpose(0, 1)[None]
+        if qi.shape[2] == 0:
+            continue
+        if ki.shape[2] == 0:  # no keys at all: zeros, like a fully masked row
+            outs.append(torch.zeros_like(qi[0].transpose(0, 1)))
+            continue
+        outs.append(flash_attention_reference(qi, ki, vi, causal, scale)[0].transpose(0, 1))
+    # Packed rows past cu_seqlens_q[-1] belong to no sequence: zeros, as in the kernel.
+    outs.append(q.new_zeros((q.shape[0] - bounds_q[-1], *q.shape[1:])))
+    return torch.cat(outs, dim=0)
+
+
+# ----------------------------------------------------------------------------- Triton path
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """Fused attention (Triton) over (B, H, T, D) queries and (B, Hkv, S, D) keys/values."""
+    _check_dense(q, k, v, reference=False)
+    check_triton_device("flash_attention", q.device)
+    scale = _resolve_scale(scale, q.shape[-1])
+    return _FlashAttention.apply(q, k, v, None, None, q.shape[2], k.shape[2], bool(causal), scale)
+
+
+def flash_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Fused attention over packed sequences: q (total_q, H, D), k/v (total_k, Hkv, D)."""
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, reference=False)
+    check_triton_device("flash_attention_varlen", q.device)
+    scale = _resolve_scale(scale, q.shape[-1])
+    cu_q = cu_seqlens_q.to(torch.int32).contiguous()
+    cu_k = cu_seqlens_k.to(torch.int32).contiguous()
+    return _FlashAttention.apply(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), scale)
+
+
+def _resolve_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0.0:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    return scale
+
+
+def _check_common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reference: bool, layout: str) -> None:
+    dtypes = FLOAT_DTYPES + ((torch.float64,) if reference else ())
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in dtypes:
+        raise ValueError(f"dtype {q.dtype} is not supported; use one of {[str(d) for d in dtypes]}")
+    n_heads, n_kv_heads = q.shape[-2 if layout == "varlen" else 1], k.shape[-2 if layout == "varlen" else 1]
+    if n_kv_heads < 1 or n_heads % n_kv_heads != 0:
+        raise ValueError(f"n_head ({n_heads}) must be a positive multiple of n_kv_head ({n_kv_heads})")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"q head dim {head_dim} != k/v head dim {k.shape[-1]}")
+    if not reference and head_dim not in _HEAD_DIMS:
+        raise ValueError(
+            f"head dim {head_dim} is not supported by the Triton kernel; allowed: {_HEAD_DIMS} "
+            "(use flash_attention_reference otherwise)"
+        )
+    check_same_device(q=q, k=k, v=v)
+
+
+def _check_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reference: bool) -> None:
+    check_tensor("q", q, 4)
+    check_tensor("k", k, 4)
+    check_tensor("v", v, 4)
+    _check_common(q, k, v, reference, "dense")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"q batch {q.shape[0]} != k/v batch {k.shape[0]} (q (B, H, T, D), k/v (B, Hkv, S, D))")
+    if q.shape[2] < 1 or k.shape[2] < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got T={q.shape[2]} S={k.shape[2]}")
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, reference: bool) -> None:
+    check_tensor("q", q, 3)
+    check_tensor("k", k, 3)
+    check_tensor("v", v, 3)
+    _check_common(q, k, v, reference, "varlen")
+    check_tensor("cu_seqlens_q", cu_seqlens_q, 1, (torch.int32, torch.int64))
+    check_tensor("cu_seqlens_k", cu_seqlens_k, 1, (torch.int32, torch.int64))
+    if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.shape[0] < 2:
+        raise ValueError(
+            "cu_seqlens_q and cu_seqlens_k must both have shape (B + 1,) with B >= 1, got "
+            f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}"
+        )
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if int(value) < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    check_same_device(q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    # Offsets are only checked where that costs no GPU->CPU sync.
+    for name, cu, total, longest in (
+        ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+        ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
+    ):
+        if cu.device.type != "cpu":
+            continue
+        lengths = cu[1:] - cu[:-1]
+        if int(cu[0]) != 0 or bool((lengths < 0).any()) or int(cu[-1]) > total:
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end <= {total}, got {cu.tolist()}")
+        if int(lengths.max()) > int(longest):
+            name_max = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
+            raise ValueError(f"{name_max}={longest} is smaller than the longest sequence ({int(lengths.max())})")
+
+
+def _strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
+    """(batch, head, token, dim) strides in kernel order; batch stride 0 when packed."""
+    if varlen:  # (total, heads, D)
+        return 0, x.stride(1), x.stride(0), x.stride(2)
+    return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+
+
+def _bucket(n: int) -> int:
+    # Autotune key: lengths bucketed to powers of two so each prompt length does not re-tune.
+    return max(16, next_power_of_2(n))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shapes:
+    """Problem sizes in kernel terms; seqlen_* are the longest lengths when packed."""
+
+    batch: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    seqlen_q: int
+    seqlen_k: int
+    lse_shape: tuple[int, ...]  # (B, H, T) dense, (H, total_q) packed
+    lse_strides: tuple[int, int]  # (batch, head) strides of LSE / delta; batch is 0 when packed
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @staticmethod
+    def of(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor | None, max_q: int, max_k: int) -> _Shapes:
+        if cu_q is None:
+            batch, n_heads, seqlen_q, head_dim = q.shape
+            lse_shape, lse_strides = (batch, n_heads, seqlen_q), (n_heads * seqlen_q, seqlen_q)
+        else:
+            total_q, n_heads, head_dim = q.shape
+            batch, seqlen_q = cu_q.shape[0] - 1, max_q
+            lse_shape, lse_strides = (n_heads, total_q), (0, total_q)
+        return _Shapes(batch, n_heads, k.shape[-3 if cu_q is None else -2], head_dim, seqlen_q, max_k,
+                       lse_shape, lse_strides)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        varlen = cu_q is not None
+        shapes = _Shapes.of(q, k, cu_q, max_q, max_k)
+        # Packed tokens past cu_seqlens_q[-1] belong to no sequence: zeros, not garbage.
+        out = torch.zeros_like(q) if varlen else torch.empty_like(q)
+        lse = torch.empty(shapes.lse_shape, device=q.device, dtype=torch.float32)  # log2 units
+        if shapes.batch > 0 and shapes.seqlen_q > 0:
+            kernels = _kernels(interpreting())
+            grid = lambda meta: (_cdiv(shapes.seqlen_q, meta["BLOCK_M"]), shapes.batch * shapes.n_heads)  # noqa: E731
+            kernels.forward[grid](
+                q, k, v, out, lse, cu_q if varlen else lse, cu_k if varlen else lse,
+                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+                *shapes.lse_strides, shapes.seqlen_q, shapes.seqlen_k, shapes.n_heads, shapes.group,
+                scale * LOG2E, _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k),
+                CAUSAL=causal, VARLEN=varlen, HEAD_DIM=shapes.head_dim, DOT_PRECISION=_dot_precision(q.dtype),
+            )
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.shapes, ctx.causal, ctx.scale = shapes, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        shapes, causal, scale = ctx.shapes, ctx.causal, ctx.scale
+        varlen = cu_q is not None
+        new_grad = torch.zeros_like if varlen else torch.empty_like  # packed padding gets zero gradient
+        dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
+        if shapes.batch == 0 or shapes.seqlen_q == 0 or shapes.seqlen_k == 0:
+            return dq, dk, dv, None, None, None, None, None, None
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        kernels = _kernels(interpreting())
+        cu_q_arg, cu_k_arg = (cu_q, cu_k) if varlen else (lse, lse)
+        delta = torch.empty_like(lse)  # rowsum(dO * O), fp32, laid out like lse
+        rows_grid = lambda meta: (_cdiv(shapes.seqlen_q, meta["BLOCK_M"]), shapes.batch * shapes.n_heads)  # noqa: E731
+        kernels.preprocess[rows_grid](
+            out, grad_out, delta, cu_q_arg, *_strides(out, varlen), *_strides(grad_out, varlen),
+            *shapes.lse_strides, shapes.seqlen_q, shapes.n_heads, VARLEN=varlen, HEAD_DIM=shapes.head_dim,
+        )
+        common = dict(CAUSAL=causal, VARLEN=varlen, HEAD_DIM=shapes.head_dim, DOT_PRECISION=_dot_precision(q.dtype))
+        kv_grid = lambda meta: (_cdiv(shapes.seqlen_k, meta["BLOCK_N"]), shapes.batch * shapes.n_kv_heads)  # noqa: E731
+        kernels.dkdv[kv_grid](
+            q, k, v, grad_out, dk, dv, lse, delta, cu_q_arg, cu_k_arg,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(grad_out, varlen),
+            *_strides(dk, varlen), *_strides(dv, varlen), *shapes.lse_strides,
+            shapes.seqlen_q, shapes.seqlen_k, shapes.n_kv_heads, shapes.group, scale, scale * LOG2E,
+            _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k), **common,
+        )
+        kernels.dq[rows_grid](
+            q, k, v, grad_out, dq, lse, delta, cu_q_arg, cu_k_arg,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(grad_out, varlen),
+            *_strides(dq, varlen), *shapes.lse_strides,
+            shapes.seqlen_q, shapes.seqlen_k, shapes.n_heads, shapes.group, scale, scale * LOG2E,
+            _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k), **common,
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (TF32 would lose ~3 digits); 16-bit inputs ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------- kernels
+# `tl` (triton.language) is bound into this module by `jit_kernel` when the kernels
+# are first built; importing this module never imports triton.
+# Index conventions: programs own (block, batch * heads). Dense tensors are addressed as
+# (batch, head, token, dim) through four strides; packed (varlen) tensors use batch
+# stride 0 and start at token cu_seqlens[b]. LSE / delta are (B, H, T) dense or
+# (H, total_q) packed, addressed as b * stride_lb + h * stride_lh + token.
+
+
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_heads, group_size, qk_scale,
+    SEQ_BUCKET_Q, SEQ_BUCKET_K,  # autotune keys only
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    off_hk = off_h // group_size  # GQA: the kv head this query head reads
+    if VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b).to(tl.int64)
+        seqlen_q = (tl.load(CuSeqlensQ + off_b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CuSeqlensK + off_b).to(tl.int64)
+        seqlen_k = (tl.load(CuSeqlensK + off_b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = 0
+        k_start = 0
+    if CAUSAL:  # the last query blocks see the most keys: schedule them first
+        start_m = tl.num_programs(0) - 1 - start_m
+    if start_m * BLOCK_M >= seqlen_q:
+        return
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qt
+    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kt
+    v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vt
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=offs_m[:, None] < seqlen_q, other=0.0)  # (BLOCK_M, D)
+
+    # Running max starts finite so a fully masked block gives exp2(-inf) = 0, not NaN.
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # row max of scores * qk_scale
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # row sum of exp2
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    shift = seqlen_k - seqlen_q  # query i sits at key position i + shift (bottom-right causal)
+    if CAUSAL:
+        # Keys below mask_lo are visible to every row of this block; [mask_lo, hi) is the diagonal.
+        mask_lo = tl.maximum(start_m * BLOCK_M + shift, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(seqlen_k, start_m * BLOCK_M + BLOCK_M + shift)
+    else:
+        mask_lo = seqlen_k // BLOCK_N * BLOCK_N  # only the last partial block needs a mask
+        hi = seqlen_k
+
+    for stage in tl.static_range(2):  # 0: unmasked key blocks, 1: masked key blocks
+        if stage == 0:
+            lo_s = 0
+            hi_s = mask_lo
+        else:
+            lo_s = mask_lo
+            hi_s = hi
+        for start_n in range(lo_s, hi_s, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            cols = start_n + offs_n
+            k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd
+            v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd
+            if stage == 0:
+                k = tl.load(k_ptrs)  # (BLOCK_N, D)
+                v = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
+                v = tl.load(v_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            if stage == 1:
+                keep = cols[None, :] < seqlen_k
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= offs_m[:, None] + shift)
+                qk = tl.where(keep, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    no_keys = l_i == 0.0
+    acc = acc / tl.where(no_keys, 1.0, l_i)[:, None]
+    # LSE in log2 units; +inf for rows that saw no key, so the backward's exp2(s - lse) is 0.
+    lse = tl.where(no_keys, float("inf"), m_i + tl.log2(tl.where(no_keys, 1.0, l_i)))
+    row_ok = offs_m < seqlen_q
+    tl.store(Lse + off_b * stride_lb + off_h * stride_lh + q_start + offs_m, lse, mask=row_ok)
+    o_base = Out + off_b * stride_ob + off_h * stride_oh + q_start * stride_ot
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+             acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _attn_bwd_preprocess_kernel(
+    Out, DOut, Delta, CuSeqlensQ,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_db, stride_dh, stride_dt, stride_dd,
+    stride_lb, stride_lh,
+    seqlen_q, n_heads,
+    VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # delta[row] = sum_d O * dO: the softmax-backward correction term.
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    if VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b).to(tl.int64)
+        seqlen_q = (tl.load(CuSeqlensQ + off_b + 1) - q_start).to(tl.int32)
+    else:
+        q_start = 0
+    if start_m * BLOCK_M >= seqlen_q:
+        return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen_q
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + (q_start + offs_m[:, None]) * stride_ot
+                + offs_d[None, :] * stride_od, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DOut + off_b * stride_db + off_h * stride_dh + (q_start + offs_m[:, None]) * stride_dt
+                 + offs_d[None, :] * stride_dd, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(Delta + off_b * stride_lb + off_h * stride_lh + q_start + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
+
+
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, DK, DV, Lse, Delta, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_db, stride_dh, stride_dt, stride_dd,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_kv_heads, group_size, sm_scale, qk_scale,
+    SEQ_BUCKET_Q, SEQ_BUCKET_K,  # autotune keys only
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per (key block, batch, kv head): dK and dV stay in registers while it
+    # walks every query block of every query head in its GQA group.
+    start_n = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // n_kv_heads).to(tl.int64)
+    off_hk = (off_bh % n_kv_heads).to(tl.int64)
+    if VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b).to(tl.int64)
+        seqlen_q = (tl.load(CuSeqlensQ + off_b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CuSeqlensK + off_b).to(tl.int64)
+        seqlen_k = (tl.load(CuSeqlensK + off_b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = 0
+        k_start = 0
+    if start_n * BLOCK_N >= seqlen_k:
+        return
+
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n[:, None] < seqlen_k
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + (k_start + offs_n[:, None]) * stride_kt
+                + offs_d[None, :] * stride_kd, mask=key_ok, other=0.0)  # (BLOCK_N, D)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + (k_start + offs_n[:, None]) * stride_vt
+                + offs_d[None, :] * stride_vd, mask=key_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    shift = seqlen_k - seqlen_q
+    if CAUSAL:
+        # Query rows >= q_full see the whole key block; [q_lo, q_full) is the diagonal.
+        q_lo = tl.maximum(start_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
+        q_full = tl.maximum(start_n * BLOCK_N + BLOCK_N - 1 - shift, 0)
+        q_full = tl.minimum((q_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seqlen_q)
+    else:
+        q_lo = 0
+        q_full = 0
+
+    offs_m_base = tl.arange(0, BLOCK_M)
+    for g in range(group_size):
+        off_h = off_hk * group_size + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qt
+        do_base = DOut + off_b * stride_db + off_h * stride_dh + q_start * stride_dt
+        row_base = off_b * stride_lb + off_h * stride_lh + q_start
+        for stage in tl.static_range(2):  # 0: causal diagonal (masked), 1: fully visible
+            if stage == 0:
+                lo_s = q_lo
+                hi_s = q_full
+            else:
+                lo_s = q_full
+                hi_s = seqlen_q
+            for start_m in range(lo_s, hi_s, BLOCK_M):
+                offs_m = start_m + offs_m_base
+                row_ok = offs_m < seqlen_q
+                q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                            mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+                do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dd,
+                             mask=row_ok[:, None], other=0.0)
+                # Rows past the end load lse = +inf, so their probabilities are exactly 0.
+                lse = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
+                delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
+                qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+                p_t = tl.exp2(qk_t * qk_scale - lse[None, :])
+                if stage == 0:
+                    p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, p_t, 0.0)
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + offs_n[:, None]) * stride_dkt
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=key_ok)
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + (k_start + offs_n[:, None]) * stride_dvt
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=key_ok)
+
+
+def _attn_bwd_dq_kernel(
+    Q, K, V, DOut, DQ, Lse, Delta, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_db, stride_dh, stride_dt, stride_dd,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_heads, group_size, sm_scale, qk_scale,
+    SEQ_BUCKET_Q, SEQ_BUCKET_K,  # autotune keys only
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per (query block, batch, head); the key loop mirrors the forward.
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    off_hk = off_h // group_size
+    if VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b).to(tl.int64)
+        seqlen_q = (tl.load(CuSeqlensQ + off_b + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CuSeqlensK + off_b).to(tl.int64)
+        seqlen_k = (tl.load(CuSeqlensK + off_b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = 0
+        k_start = 0
+    if CAUSAL:
+        start_m = tl.num_programs(0) - 1 - start_m
+    if start_m * BLOCK_M >= seqlen_q:
+        return
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen_q
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + (q_start + offs_m[:, None]) * stride_qt
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+    do = tl.load(DOut + off_b * stride_db + off_h * stride_dh + (q_start + offs_m[:, None]) * stride_dt
+                 + offs_d[None, :] * stride_dd, mask=row_ok[:, None], other=0.0)
+    row_base = off_b * stride_lb + off_h * stride_lh + q_start
+    lse = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kt
+    v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vt
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    shift = seqlen_k - seqlen_q
+    if CAUSAL:
+        mask_lo = tl.maximum(start_m * BLOCK_M + shift, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(seqlen_k, start_m * BLOCK_M + BLOCK_M + shift)
+    else:
+        mask_lo = seqlen_k // BLOCK_N * BLOCK_N
+        hi = seqlen_k
+    for stage in tl.static_range(2):  # 0: unmasked key blocks, 1: masked key blocks
+        if stage == 0:
+            lo_s = 0
+            hi_s = mask_lo
+        else:
+            lo_s = mask_lo
+            hi_s = hi
+        for start_n in range(lo_s, hi_s, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            cols = start_n + offs_n
+            k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd
+            v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd
+            if stage == 0:
+                k = tl.load(k_ptrs)  # (BLOCK_N, D)
+                v = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
+                v = tl.load(v_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            p = tl.exp2(qk * qk_scale - lse[:, None])
+            if stage == 1:
+                keep = cols[None, :] < seqlen_k
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= offs_m[:, None] + shift)
+                p = tl.where(keep, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqt
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- configs
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim) for H100. The head-dim
+# limits come from compiling each config for sm_90 and keeping those that do not
+# spill registers (dK/dV accumulators make the dkdv kernel the tightest).
+_FWD_CONFIGS = (
+    (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 64), (128, 32, 8, 3, 128),
+    (64, 64, 4, 3, 128), (64, 64, 4, 4, 128), (64, 32, 4, 4, 128), (64, 128, 4, 3, 64),
+    (64, 32, 8, 2, 256), (32, 32, 4, 3, 256), (64, 16, 4, 2, 256),
+)
+_DKDV_CONFIGS = (
+    (32, 128, 8, 3, 64), (64, 128, 8, 3, 64), (32, 64, 4, 4, 64), (16, 64, 4, 2, 64),
+    (32, 64, 8, 3, 128), (16, 64, 8, 2, 256), (16, 128, 8, 2, 128), (16, 32, 4, 2, 256),
+)
+_DQ_CONFIGS = (
+    (128, 32, 8, 3, 128), (128, 64, 8, 3, 128), (64, 32, 4, 3, 128), (64, 32, 4, 4, 128),
+    (64, 64, 4, 3, 128), (128, 32, 8, 2, 256), (64, 32, 8, 2, 256), (64, 16, 4, 2, 256),
+    (32, 32, 4, 3, 256),
+)
+
+
+def _configs(table) -> list:
+    return [config(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s, _ in table]
+
+
+def _pruner(table):
+    """Config filter for one kernel: head-dim limit from ``table``, tiles no longer than the sequences."""
+    max_head_dim = {(m, n, w, s): d for m, n, w, s, d in table}
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        head_dim, bucket_q, bucket_k = args["HEAD_DIM"], args["SEQ_BUCKET_Q"], args["SEQ_BUCKET_K"]
+        fits = [
+            c for c in configs
+            if head_dim <= max_head_dim[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)]
+        ]
+        short = [c for c in fits if c.kwargs["BLOCK_M"] <= bucket_q and c.kwargs["BLOCK_N"] <= bucket_k]
+        return short or [min(fits, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
+
+
+@functools.cache
+def _kernels(interpret: bool) -> SimpleNamespace:
+    """Jit the attention kernels once per process and mode (compiled vs interpreted)."""
+    del interpret  # cache key only: jit_kernel reads the mode itself
+    key = ["SEQ_BUCKET_Q", "SEQ_BUCKET_K", "HEAD_DIM", "CAUSAL", "VARLEN", "group_size"]
+    # Interpreter tiles differ between M and N so tiny tests cross unaligned block edges.
+    return SimpleNamespace(
+        forward=jit_kernel(
+            _attn_fwd_kernel, _configs(_FWD_CONFIGS), config(BLOCK_M=32, BLOCK_N=16), key, _pruner(_FWD_CONFIGS)
+        ),
+        preprocess=jit_kernel(
+            _attn_bwd_preprocess_kernel, [config(BLOCK_M=32, num_warps=8)], config(BLOCK_M=32), key=["HEAD_DIM"]
+        ),
+        dkdv=jit_kernel(
+            _attn_bwd_dkdv_kernel, _configs(_DKDV_CONFIGS), config(BLOCK_M=16, BLOCK_N=32), key,
+            _pruner(_DKDV_CONFIGS),
+        ),
+        dq=jit_kernel(
+            _attn_bwd_dq_kernel, _configs(_DQ_CONFIGS), config(BLOCK_M=32, BLOCK_N=16), key, _pruner(_DQ_CONFIGS)
+        ),
+    )

@@ -1,0 +1,343 @@
+"""Fused cross-entropy / log-softmax gather over vocabulary rows, with backward.
+
+API::
+
+    cross_entropy(logits, targets, ignore_index=-100, reduction="mean") -> loss
+    cross_entropy_reference(...)                     # F.cross_entropy; the CPU path
+    token_logprobs(logits, targets) -> (N,) fp32     # log_softmax(logits)[n, targets[n]]
+    token_logprobs_reference(logits, targets)
+    linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean",
+                         chunk_rows=None) -> loss    # logits = hidden @ weight.T, chunked
+    linear_cross_entropy_reference(...)
+    available(device) -> bool
+
+``logits`` is (N, V) fp32/fp16/bf16, ``targets`` (N,) integer class ids or
+``ignore_index``. ``cross_entropy`` matches ``F.cross_entropy`` (mean over the
+non-ignored rows, NaN when all are ignored; output in the logits dtype) and is
+differentiable. ``token_logprobs`` is differentiable too and gives 0 at rows whose
+target is -100.
+
+The forward kernel streams each row once in chunks, keeping a running max and sum
+of exp2 (online log-sum-exp), and stores only the per-row loss and LSE (N fp32
+each): no (N, V) fp32 log-softmax is ever materialized. The backward recomputes
+``softmax = exp(x - lse)`` chunk by chunk and writes ``(softmax - one_hot) * grad``
+straight into the gradient, spread over a 2-D grid of (chunk, row) programs.
+
+A target outside [0, V) that is not ``ignore_index`` gives a NaN loss on the Triton
+path (checking it would need a GPU->CPU sync); the reference raises.
+
+``linear_cross_entropy`` never holds the (N, V) logits at once: it walks ``chunk_rows``
+rows at a time, computes the chunk's logits, loss and logits-gradient (written in
+place over the chunk's logits), and folds that into grad_hidden / grad_weight during
+the forward, so backward is one scale. Only "mean" and "sum" reductions.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from kernels._utils import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    check_triton_device,
+    config,
+    interpreting,
+    jit_kernel,
+    next_power_of_2,
+    triton_available,
+)
+
+_REDUCTIONS = ("mean", "sum", "none")
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def available(device: torch.device | str) -> bool:
+    """True when the Triton cross-entropy path can run on ``device``."""
+    return triton_available(device)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def cross_entropy_reference(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
+) -> torch.Tensor:
+    """``F.cross_entropy`` with the same checks as ``cross_entropy``."""
+    _check_inputs(logits, targets, reduction)
+    return F.cross_entropy(logits, targets.long(), ignore_index=ignore_index, reduction=reduction)
+
+
+def token_logprobs_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) fp32 ``log_softmax(logits)`` gathered at ``targets``; 0 where target is -100."""
+    _check_inputs(logits, targets, "none")
+    return -F.cross_entropy(logits.float(), targets.long(), ignore_index=-100, reduction="none")
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T, targets)``; holds the full logits."""
+    del chunk_rows  # same signature as linear_cross_entropy
+    _check_linear_inputs(hidden, weight, targets, reduction)
+    logits = hidden @ weight.t()  # (N, V)
+    return F.cross_entropy(logits, targets.long(), ignore_index=ignore_index, reduction=reduction)
+
+
+# ----------------------------------------------------------------------------- Triton path
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
+) -> torch.Tensor:
+    """Fused cross-entropy matching ``F.cross_entropy``; differentiable w.r.t. logits."""
+    _check_inputs(logits, targets, reduction)
+    check_triton_device("cross_entropy", logits.device)
+    row_loss = _CrossEntropy.apply(logits, targets, int(ignore_index))  # (N,) fp32
+    return _reduce(row_loss, targets, ignore_index, reduction).to(logits.dtype)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) fp32 log-probability of each row's target; 0 where target is -100."""
+    _check_inputs(logits, targets, "none")
+    check_triton_device("token_logprobs", logits.device)
+    return -_CrossEntropy.apply(logits, targets, -100)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` without holding all (N, V) logits.
+
+    hidden (N, C), weight (V, C) (an LM head), targets (N,). Differentiable w.r.t.
+    hidden and weight. ``chunk_rows`` (default: about V-sized chunks, >= 256 rows)
+    bounds the transient logits to (chunk_rows, V).
+    """
+    _check_linear_inputs(hidden, weight, targets, reduction)
+    if reduction == "none":
+        raise ValueError('linear_cross_entropy supports reduction "mean" or "sum", not "none"')
+    check_triton_device("linear_cross_entropy", hidden.device)
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return _LinearCrossEntropy.apply(hidden, weight, targets, int(ignore_index), reduction, chunk_rows)
+
+
+def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> None:
+    check_tensor("logits", logits, 2, FLOAT_DTYPES + (torch.float64,))
+    check_tensor("targets", targets, 1, _INT_DTYPES)
+    if targets.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"targets has {targets.shape[0]} rows but logits has {logits.shape[0]} (shape {tuple(logits.shape)})"
+        )
+    if logits.shape[1] == 0:
+        raise ValueError("logits must have at least one class (V >= 1)")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_same_device(logits=logits, targets=targets)
+
+
+def _check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str) -> None:
+    check_tensor("hidden", hidden, 2, FLOAT_DTYPES + (torch.float64,))
+    check_tensor("weight", weight, 2, FLOAT_DTYPES + (torch.float64,))
+    check_tensor("targets", targets, 1, _INT_DTYPES)
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden (N, C) {tuple(hidden.shape)} and weight (V, C) {tuple(weight.shape)} differ in C")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden dtype {hidden.dtype} != weight dtype {weight.dtype}")
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"targets has {targets.shape[0]} rows but hidden has {hidden.shape[0]}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_same_device(hidden=hidden, weight=weight, targets=targets)
+
+
+def _reduce(row_loss: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return row_loss
+    if reduction == "sum":
+        return row_loss.sum()
+    n_valid = (targets != ignore_index).sum()  # a tensor: no GPU->CPU sync
+    return row_loss.sum() / n_valid
+
+
+def _forward_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) fp32 loss (0 at ignored rows) and (N,) fp32 log-sum-exp of each row."""
+    n_rows, n_cols = logits.shape
+    loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    if n_rows:
+        kernels = _kernels(interpreting())
+        kernels.forward[(n_rows,)](logits, targets, loss, lse, logits.stride(0), n_cols, ignore_index)
+    return loss, lse
+
+
+def _backward_rows(
+    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor, out: torch.Tensor
+) -> None:
+    """out[n] = (softmax(logits[n]) - one_hot(targets[n])) * grad_rows[n]; out may alias logits."""
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    kernels = _kernels(interpreting())
+    grid = lambda meta: (n_rows, _cdiv(n_cols, meta["BLOCK"]))  # noqa: E731  (rows on axis 0: no 65535 cap)
+    kernels.backward[grid](logits, targets, lse, grad_rows, out, logits.stride(0), out.stride(0), n_cols)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Per-row loss (N,) fp32 with the fused backward."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()
+        targets = targets.contiguous()
+        loss, lse = _forward_rows(logits, targets, ignore_index)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.ignore_index = ignore_index
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, targets, lse = ctx.saved_tensors
+        valid = targets != ctx.ignore_index
+        grad_rows = torch.where(valid, grad_loss.float(), 0.0).contiguous()  # (N,) fp32
+        grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        _backward_rows(logits, targets, lse, grad_rows, grad_logits)
+        return grad_logits, None, None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Chunked LM-head + cross-entropy; gradients are computed during the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
+        # Matmuls run in the inputs' (shared) dtype: under autocast they would change it
+        # between the logits and the gradient buffers.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return _LinearCrossEntropy._forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
+        n_rows, n_cols = hidden.shape[0], weight.shape[0]
+        if chunk_rows is None:
+            # Chunks whose logits (chunk_rows, V) are about the size of hidden (N, C).
+            chunk_rows = next_power_of_2(-(-n_rows // max(1, -(-n_cols // hidden.shape[1]))))
+        targets = targets.contiguous()
+        valid = targets != ignore_index
+        if reduction == "mean":
+            row_scale = valid.float() / valid.sum().clamp(min=1)  # d loss / d row_loss
+        else:
+            row_scale = valid.float()
+        need_grad = hidden.requires_grad or weight.requires_grad
+        grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype) if need_grad else None
+        # Accumulated in the weight's dtype (cuBLAS adds in fp32 before rounding), as
+        # an fp32 (V, C) buffer would cost more memory than the logits we avoid.
+        grad_weight = torch.zeros_like(weight) if need_grad else None
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for start in range(0, n_rows, chunk_rows):
+            stop = min(start + chunk_rows, n_rows)
+            h = hidden[start:stop]  # (n, C)
+            logits = h @ weight.t()  # (n, V) in hidden's dtype; the only big transient
+            loss, lse = _forward_rows(logits, targets[start:stop], ignore_index)
+            total += loss.sum()
+            if need_grad:
+                # Gradient of the chunk's logits, written over the logits themselves.
+                _backward_rows(logits, targets[start:stop], lse, row_scale[start:stop].contiguous(), logits)
+                torch.matmul(logits, weight, out=grad_hidden[start:stop])  # (n, C)
+                grad_weight.addmm_(logits.t(), h)  # (V, C)
+        if reduction == "mean":
+            n_valid = valid.sum()
+            total = total / n_valid  # NaN when every row is ignored, like F.cross_entropy
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total.to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        g = grad_out.float()
+        dh = (grad_hidden.float() * g).to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
+        dw = (grad_weight.float() * g).to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- kernels
+# `tl` (triton.language) is bound into this module by `jit_kernel` when the kernels
+# are first built; importing this module never imports triton.
+
+
+def _cross_entropy_fwd_kernel(Logits, Targets, Loss, Lse, stride_row, n_cols, ignore_index, BLOCK: tl.constexpr):
+    # One program per row: stream the row in BLOCK chunks with an online log-sum-exp.
+    # exp(x) is computed as exp2(x * log2(e)); Triton kernels cannot read a Python
+    # global, hence the literal 1.4426950408889634.
+    row = tl.program_id(0).to(tl.int64)
+    base = Logits + row * stride_row
+    offs = tl.arange(0, BLOCK)
+    # Finite start: an all -inf first chunk must not give exp2(-inf - -inf) = NaN.
+    run_max = -1.0e30
+    run_sum = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        x = tl.load(base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)  # (BLOCK,)
+        new_max = tl.maximum(run_max, tl.max(x, axis=0))
+        run_sum = run_sum * tl.exp2((run_max - new_max) * 1.4426950408889634) + tl.sum(
+            tl.exp2((x - new_max) * 1.4426950408889634), axis=0
+        )
+        run_max = new_max
+    lse = run_max + tl.log(run_sum)
+    target = tl.load(Targets + row).to(tl.int64)
+    ignored = target == ignore_index
+    in_range = (target >= 0) & (target < n_cols)
+    target_logit = tl.load(base + tl.where(in_range, target, 0)).to(tl.float32)
+    loss = tl.where(in_range, lse - target_logit, float("nan"))
+    loss = tl.where(ignored, 0.0, loss)
+    tl.store(Loss + row, loss)
+    tl.store(Lse + row, lse)
+
+
+def _cross_entropy_bwd_kernel(
+    Logits, Targets, Lse, GradRows, GradLogits, stride_row, stride_grad, n_cols, BLOCK: tl.constexpr
+):
+    # grad[n, c] = (exp(x - lse) - [c == target]) * grad_rows[n]; one chunk per program.
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(Logits + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+    lse = tl.load(Lse + row)
+    g = tl.load(GradRows + row)
+    target = tl.load(Targets + row).to(tl.int64)
+    p = tl.exp2((x - lse) * 1.4426950408889634)
+    grad = (p - tl.where(cols == target, 1.0, 0.0)) * g
+    tl.store(GradLogits + row * stride_grad + cols, grad.to(GradLogits.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _kernels(interpret: bool) -> SimpleNamespace:
+    """Jit the cross-entropy kernels once per process and mode (compiled vs interpreted)."""
+    del interpret  # cache key only: jit_kernel reads the mode itself
+    fwd_configs = [config(BLOCK=b, num_warps=w, num_stages=s) for b in (4096, 8192) for w in (8, 16) for s in (2, 3)]
+    bwd_configs = [config(BLOCK=b, num_warps=w, num_stages=1) for b in (2048, 4096, 8192) for w in (4, 8, 16)]
+    return SimpleNamespace(
+        # The interpreter chunk (128) is smaller than a test vocab of 1000: the loop runs.
+        forward=jit_kernel(_cross_entropy_fwd_kernel, fwd_configs, config(BLOCK=128), key=["n_cols"]),
+        backward=jit_kernel(_cross_entropy_bwd_kernel, bwd_configs, config(BLOCK=128), key=["n_cols"]),
+    )
+

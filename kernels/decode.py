@@ -1,0 +1,315 @@
+"""Split-KV decode attention (flash-decoding) that reads Kiln's slot KV cache in place.
+
+API::
+
+    decode_attention(q, k_cache, v_cache, slots, lengths, scale=None, num_splits=None) -> out
+    decode_attention_reference(q, k_cache, v_cache, slots, lengths, scale=None, num_splits=None)
+    available(device) -> bool
+
+    q        (B, H, D)    one new query per running sequence; its own K/V is already
+                          written to the cache at position lengths[b] - 1
+    k_cache  (num_slots, Hkv, max_seq_len, D)   one layer's cache; v_cache the same shape
+    slots    (B,) int32/int64   cache slot of each batch row
+    lengths  (B,) int32/int64   valid cached positions of each row, 1 <= lengths[b] <= max_seq_len
+    scale    softmax scale, default 1/sqrt(D)
+    out      (B, H, D) in q's dtype
+
+H must be a multiple of Hkv (GQA): query head h reads kv head h // (H // Hkv), and the
+kernel loads each kv head's K/V once for all the query heads of its group. The
+reference is the plain-torch CPU path (fp32 math); both accept rows of different
+lengths in one batch.
+
+Kernel design (flash-decoding): the key range of every row is cut into
+``num_splits`` equal parts, rounded to the key block. Program (split, b, kv head)
+runs an online softmax over its part for the whole query group (a (G, D) x (D, N)
+dot per key block) and writes a partial output plus its log-sum-exp; a second small
+kernel merges the partials of each (b, h). Batch 1 with a long cache thus fills
+the GPU. ``num_splits=None`` picks the count from occupancy (programs per SM) and
+the cache capacity ``max_seq_len`` -- not from ``lengths``, which would cost a
+GPU->CPU sync every step; each row then splits its own length evenly, so splits
+past a short row's end exit at once. With one split the first kernel writes the
+output directly and the merge is skipped.
+
+Paging later: every key tile is addressed as ``slot * stride_slot + position *
+stride_pos`` in one place per tile. A paged cache adds ``block_table`` (B,
+max_blocks) int32 and ``block_size``: with BLOCK_N dividing block_size, a tile's
+base becomes ``block_table[b, start // block_size] * stride_block + (start %
+block_size) * stride_pos``; splits, the online softmax and the merge are unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import SimpleNamespace
+
+import torch
+
+from kernels._utils import (
+    FLOAT_DTYPES,
+    LOG2E,
+    check_same_device,
+    check_tensor,
+    check_triton_device,
+    config,
+    interpreting,
+    jit_kernel,
+    next_power_of_2,
+    num_sms,
+    triton_available,
+)
+
+_HEAD_DIMS = (16, 32, 64, 128, 256)
+_MAX_SPLITS = 128
+_MIN_KEYS_PER_SPLIT = 128
+_PROGRAMS_PER_SM = 4
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def available(device: torch.device | str) -> bool:
+    """True when the Triton decode kernels can run on ``device``."""
+    return triton_available(device)
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Plain-torch decode attention over the slot cache (fp32 math); ``num_splits`` is ignored."""
+    _check_inputs(q, k_cache, v_cache, slots, lengths, num_splits, reference=True)
+    scale = _resolve_scale(scale, q.shape[-1])
+    batch, n_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[1]
+    longest = int(lengths.max())  # a sync, fine on the CPU path
+    rows = slots.long()
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k = k_cache[rows, :, :longest].to(compute)  # (B, Hkv, L, D)
+    v = v_cache[rows, :, :longest].to(compute)
+    qg = q.to(compute).reshape(batch, n_kv_heads, n_heads // n_kv_heads, head_dim)  # (B, Hkv, G, D)
+    scores = (qg @ k.transpose(-1, -2)) * scale  # (B, Hkv, G, L)
+    valid = torch.arange(longest, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, L)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v  # (B, Hkv, G, D)
+    return out.reshape(batch, n_heads, head_dim).to(q.dtype)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Flash-decoding over the slot cache (Triton); see the module docstring for shapes."""
+    _check_inputs(q, k_cache, v_cache, slots, lengths, num_splits, reference=False)
+    check_triton_device("decode_attention", q.device)
+    scale = _resolve_scale(scale, q.shape[-1])
+    batch, n_heads, head_dim = q.shape
+    n_kv_heads, max_seq_len = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv_heads
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, n_kv_heads, max_seq_len, num_sms(q.device))
+    slots = slots.contiguous()
+    lengths = lengths.contiguous()
+    out = torch.empty((batch, n_heads, head_dim), device=q.device, dtype=q.dtype)
+    if batch == 0:
+        return out
+    split = num_splits > 1
+    if split:
+        out_partial = torch.empty((batch, n_heads, num_splits, head_dim), device=q.device, dtype=torch.float32)
+        lse_partial = torch.empty((batch, n_heads, num_splits), device=q.device, dtype=torch.float32)
+    else:  # the first kernel writes `out` directly; the partial pointers are unused
+        out_partial = lse_partial = out
+    kernels = _kernels(interpreting())
+    kernels.split[(num_splits, batch * n_kv_heads)](
+        q, k_cache, v_cache, slots, lengths, out_partial, lse_partial, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        *k_cache.stride(), *v_cache.stride(),
+        out.stride(0), out.stride(1), out.stride(2),
+        n_kv_heads, group, num_splits, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_G=max(16, next_power_of_2(group)), SPLIT=split,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    if split:
+        kernels.merge[(batch * n_heads,)](
+            out_partial, lse_partial, out, out.stride(0), out.stride(1), out.stride(2), n_heads, num_splits,
+            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits),
+        )
+    return out
+
+
+def choose_num_splits(batch: int, n_kv_heads: int, max_seq_len: int, n_sms: int) -> int:
+    """Splits per row so (splits x batch x kv heads) programs give each SM a few, >= 128 keys each."""
+    programs = batch * n_kv_heads
+    splits = round(_PROGRAMS_PER_SM * n_sms / programs)
+    splits = min(splits, max_seq_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS)
+    return max(1, splits)
+
+
+def _resolve_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0.0:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    return scale
+
+
+def _check_inputs(q, k_cache, v_cache, slots, lengths, num_splits, reference: bool) -> None:
+    dtypes = FLOAT_DTYPES + ((torch.float64,) if reference else ())
+    check_tensor("q", q, 3, dtypes)
+    check_tensor("k_cache", k_cache, 4, dtypes)
+    check_tensor("v_cache", v_cache, 4, dtypes)
+    check_tensor("slots", slots, 1, _INDEX_DTYPES)
+    check_tensor("lengths", lengths, 1, _INDEX_DTYPES)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have one shape")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    batch, n_heads, head_dim = q.shape
+    num_slots, n_kv_heads, max_seq_len, cache_dim = k_cache.shape
+    if cache_dim != head_dim:
+        raise ValueError(f"q head dim {head_dim} != cache head dim {cache_dim}")
+    if n_kv_heads < 1 or n_heads % n_kv_heads != 0:
+        raise ValueError(f"n_head ({n_heads}) must be a positive multiple of the cache's n_kv_head ({n_kv_heads})")
+    if not reference and head_dim not in _HEAD_DIMS:
+        raise ValueError(f"head dim {head_dim} is not supported by the Triton kernel; allowed: {_HEAD_DIMS}")
+    if slots.shape[0] != batch or lengths.shape[0] != batch:
+        raise ValueError(
+            f"slots {tuple(slots.shape)} and lengths {tuple(lengths.shape)} must both be ({batch},) to match q"
+        )
+    if num_splits is not None and not (1 <= int(num_splits) <= _MAX_SPLITS):
+        raise ValueError(f"num_splits must be None or in [1, {_MAX_SPLITS}], got {num_splits}")
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, slots=slots, lengths=lengths)
+    if lengths.device.type == "cpu" and batch:  # value checks only where they cost no GPU sync
+        if bool((lengths < 1).any()) or bool((lengths > max_seq_len).any()):
+            raise ValueError(f"lengths must be in [1, max_seq_len={max_seq_len}], got {lengths.tolist()}")
+        if bool((slots < 0).any()) or bool((slots >= num_slots).any()):
+            raise ValueError(f"slots must be in [0, num_slots={num_slots}), got {slots.tolist()}")
+
+
+# ----------------------------------------------------------------------------- kernels
+# `tl` (triton.language) is bound into this module by `jit_kernel` when the kernels
+# are first built; importing this module never imports triton.
+
+
+def _decode_split_kernel(
+    Q, K, V, Slots, Lengths, OutPartial, LsePartial, Out,
+    stride_qb, stride_qh, stride_qd,
+    stride_ks, stride_kh, stride_kt, stride_kd,
+    stride_vs, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_od,
+    n_kv_heads, group_size, num_splits, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Program (split, b * Hkv + kv head): online softmax over one part of row b's keys
+    # for all query heads of the kv head's group at once (rows of a (BLOCK_G, D) tile).
+    split = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // n_kv_heads).to(tl.int64)
+    off_hk = (off_bh % n_kv_heads).to(tl.int64)
+    slot = tl.load(Slots + off_b).to(tl.int64)
+    length = tl.load(Lengths + off_b).to(tl.int32)
+    # Equal parts of this row's length, rounded up to whole key blocks.
+    split_len = (length + num_splits - 1) // num_splits
+    split_len = (split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, length)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_ok = offs_g < group_size
+    heads = off_hk * group_size + offs_g  # (BLOCK_G,) query heads of this group
+    q = tl.load(Q + off_b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_ok[:, None], other=0.0)  # (BLOCK_G, D)
+    k_base = K + slot * stride_ks + off_hk * stride_kh
+    v_base = V + slot * stride_vs + off_hk * stride_vh
+
+    m_i = tl.zeros([BLOCK_G], dtype=tl.float32) - 1.0e30  # finite: empty splits stay NaN-free
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        pos = start_n + offs_n  # cache positions of this key tile
+        pos_ok = pos < hi
+        k = tl.load(k_base + pos[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                    mask=pos_ok[:, None], other=0.0)  # (BLOCK_N, D)
+        v = tl.load(v_base + pos[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                    mask=pos_ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N), log2 units
+        qk = tl.where(pos_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if SPLIT:
+        # Partials are (B, H, num_splits, D) and (B, H, num_splits), contiguous.
+        row = (off_b * n_kv_heads * group_size + heads) * num_splits + split  # (BLOCK_G,)
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(LsePartial + row, lse, mask=g_ok)
+        tl.store(OutPartial + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
+    else:
+        tl.store(Out + off_b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 acc.to(Out.dtype.element_ty), mask=g_ok[:, None])
+
+
+def _decode_merge_kernel(
+    OutPartial, LsePartial, Out, stride_ob, stride_oh, stride_od, n_heads, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # Program b * H + h: weight each split's normalized output by exp2(lse_s - max lse).
+    row = tl.program_id(0).to(tl.int64)
+    off_b = row // n_heads
+    off_h = row % n_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < num_splits
+    lse = tl.load(LsePartial + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))  # (BLOCK_S,)
+    weights = tl.exp2(lse - tl.max(lse, 0))  # empty splits (-inf) weigh 0
+    part = tl.load(OutPartial + (row * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+                   mask=s_ok[:, None], other=0.0)  # (BLOCK_S, D)
+    out = tl.sum(part * weights[:, None], 0) / tl.sum(weights, 0)
+    tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty))
+
+
+def _split_configs() -> list:
+    shapes = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 2)]
+    return [config(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in shapes]
+
+
+def _prune_split_configs(configs, named_args, **kwargs):
+    """Drop configs whose pipelined K/V tiles would not fit in ~200 KB of shared memory."""
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    itemsize = named_args["K"].element_size()
+    fits = [c for c in configs if c.num_stages * 2 * c.kwargs["BLOCK_N"] * head_dim * itemsize <= 200 * 1024]
+    return fits or [min(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_N"])]
+
+
+@functools.cache
+def _kernels(interpret: bool) -> SimpleNamespace:
+    """Jit the decode kernels once per process and mode (compiled vs interpreted)."""
+    del interpret  # cache key only: jit_kernel reads the mode itself
+    # Tuned once per head dim / group tile / split mode: batch size and lengths change
+    # every serving step and must not trigger re-tuning.
+    return SimpleNamespace(
+        split=jit_kernel(
+            _decode_split_kernel, _split_configs(), config(BLOCK_N=16), key=["HEAD_DIM", "BLOCK_G", "SPLIT"],
+            prune=_prune_split_configs,
+        ),
+        merge=jit_kernel(_decode_merge_kernel, [config(num_warps=4, num_stages=1)], config(num_warps=4),
+                         key=["HEAD_DIM", "BLOCK_S"]),
+    )

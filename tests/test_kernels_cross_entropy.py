@@ -1,0 +1,254 @@
+"""kernels.cross_entropy: fused loss / logprob gather and its backward vs F.cross_entropy.
+
+CPU tests run the kernels in the Triton interpreter (its chunk is 128 columns, so an
+odd vocabulary of 1000 exercises the chunked online log-sum-exp). Without CUDA this
+module turns the interpreter on (TRITON_INTERPRET=1) before anything imports triton.
+GPU tests run the compiled kernels at real vocabulary sizes and skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kernels import _utils  # noqa: E402
+from kernels import cross_entropy as ce  # noqa: E402
+
+on_cpu_interpreter = pytest.mark.skipif(
+    not ce.available("cpu"), reason="needs triton and TRITON_INTERPRET=1 set before triton is imported"
+)
+requires_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _utils.triton_importable() and not _utils.interpreting()),
+    reason="needs a CUDA GPU, triton, and TRITON_INTERPRET unset",
+)
+
+
+def assert_close(actual, expected, atol, rtol, what):
+    actual, expected = actual.double(), expected.double()
+    ok = torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+    if not bool(ok.all()):
+        diff = (actual - expected).abs().nan_to_num(float("inf"))
+        raise AssertionError(
+            f"{what}: max err {diff.max().item():.3e}, mean err {diff.mean().item():.3e}, "
+            f"{int((~ok).sum())}/{ok.numel()} elements off (atol={atol}, rtol={rtol})"
+        )
+
+
+def make_problem(n_rows, n_cols, dtype, seed, ignore_every=3, device="cpu"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = (torch.randn(n_rows, n_cols, generator=gen, device=device) * 3).to(dtype)
+    targets = torch.randint(0, n_cols, (n_rows,), generator=gen, device=device)
+    if ignore_every:
+        targets[::ignore_every] = -100
+    return logits, targets
+
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3)}
+
+
+# ----------------------------------------------------------------------------- CPU (interpreter)
+
+
+@on_cpu_interpreter
+@pytest.mark.parametrize("n_rows,n_cols", [(1, 1), (5, 17), (4, 33), (7, 1000), (3, 129)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_forward_backward(n_rows, n_cols, dtype, reduction):
+    logits, targets = make_problem(n_rows, n_cols, dtype, seed=n_rows + n_cols, ignore_every=3 if n_rows > 1 else 0)
+    x_kernel = logits.clone().requires_grad_()
+    x_ref = logits.clone().requires_grad_()
+    loss = ce.cross_entropy(x_kernel, targets, reduction=reduction)
+    expected = F.cross_entropy(x_ref.float(), targets, reduction=reduction)
+    atol, rtol = TOL[dtype]
+    assert loss.dtype == dtype, "loss keeps the logits dtype, like F.cross_entropy"
+    assert_close(loss, expected, atol, rtol, f"loss {n_rows}x{n_cols} {dtype} {reduction}")
+    grad_out = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+    (g_kernel,) = torch.autograd.grad(loss, x_kernel, grad_out.to(loss.dtype))
+    (g_ref,) = torch.autograd.grad(expected, x_ref, grad_out)
+    assert g_kernel.dtype == dtype
+    assert_close(g_kernel, g_ref, atol, rtol, f"grad {n_rows}x{n_cols} {dtype} {reduction}")
+
+
+@on_cpu_interpreter
+def test_custom_ignore_index_int32_targets_and_strided_logits():
+    logits, targets = make_problem(6, 300, torch.float32, seed=5, ignore_every=0)
+    targets[1] = targets[4] = 7
+    wide = torch.randn(6, 400)
+    wide[:, :300] = logits
+    x = wide[:, :300].requires_grad_()  # row stride 400 != 300
+    loss = ce.cross_entropy(x, targets.to(torch.int32), ignore_index=7)
+    expected = F.cross_entropy(logits, targets, ignore_index=7)
+    assert_close(loss, expected, 1e-5, 1e-5, "ignore_index=7 loss")
+    (grad,) = torch.autograd.grad(loss, x)
+    (grad_ref,) = torch.autograd.grad(F.cross_entropy(logits.requires_grad_(), targets, ignore_index=7), logits)
+    assert_close(grad, grad_ref, 1e-6, 1e-5, "ignore_index=7 grad")
+    assert bool((grad[1] == 0).all() and (grad[4] == 0).all()), "ignored rows must get zero gradient"
+
+
+@on_cpu_interpreter
+def test_all_rows_ignored_gives_nan_mean_like_torch():
+    logits, _ = make_problem(3, 40, torch.float32, seed=1)
+    targets = torch.full((3,), -100)
+    assert torch.isnan(ce.cross_entropy(logits, targets)) and torch.isnan(F.cross_entropy(logits, targets))
+    assert ce.cross_entropy(logits, targets, reduction="sum").item() == 0.0
+
+
+@on_cpu_interpreter
+def test_out_of_range_target_gives_nan_not_garbage():
+    logits, targets = make_problem(3, 40, torch.float32, seed=2, ignore_every=0)
+    targets[1] = 40
+    loss = ce.cross_entropy(logits, targets, reduction="none")
+    assert torch.isnan(loss[1]) and not torch.isnan(loss[0]) and not torch.isnan(loss[2])
+    with pytest.raises(IndexError):
+        ce.cross_entropy_reference(logits, targets)
+
+
+@on_cpu_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_logprobs(dtype):
+    logits, targets = make_problem(9, 1000, dtype, seed=9, ignore_every=4)
+    x = logits.clone().requires_grad_()
+    logprobs = ce.token_logprobs(x, targets)
+    expected = ce.token_logprobs_reference(logits, targets)
+    assert logprobs.dtype == torch.float32 and logprobs.shape == (9,)
+    assert_close(logprobs, expected, 1e-5, 1e-5, f"token_logprobs {dtype}")
+    valid = targets != -100
+    manual = torch.log_softmax(logits.float(), -1)[valid].gather(1, targets[valid, None])[:, 0]
+    assert_close(logprobs[valid], manual, 1e-5, 1e-5, "vs log_softmax gather")
+    (grad,) = torch.autograd.grad(logprobs.sum(), x)
+    ref = logits.float().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(ce.token_logprobs_reference(ref, targets).sum(), ref)
+    assert_close(grad, grad_ref, *TOL[dtype], what="token_logprobs grad")
+
+
+@on_cpu_interpreter
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_rows", [None, 8, 37])
+def test_linear_cross_entropy_matches_unfused(reduction, chunk_rows):
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(37, 16, generator=gen)
+    weight = torch.randn(300, 16, generator=gen) * 0.3
+    targets = torch.randint(0, 300, (37,), generator=gen)
+    targets[::5] = -100
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = ce.linear_cross_entropy(h1, w1, targets, reduction=reduction, chunk_rows=chunk_rows)
+    expected = ce.linear_cross_entropy_reference(h2, w2, targets, reduction=reduction)
+    assert_close(loss, expected, 1e-5, 1e-5, f"linear CE loss {reduction} chunk={chunk_rows}")
+    grads = torch.autograd.grad(loss * 1.7, (h1, w1))
+    grads_ref = torch.autograd.grad(expected * 1.7, (h2, w2))
+    for name, g, g_ref in zip(("hidden", "weight"), grads, grads_ref):
+        assert_close(g, g_ref, 1e-5, 1e-4, f"linear CE d{name} {reduction} chunk={chunk_rows}")
+
+
+@on_cpu_interpreter
+def test_available_and_errors_off_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not ce.available("cpu")
+    with pytest.raises(ValueError, match="cross_entropy_reference"):
+        ce.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def test_interpreter_is_usable_on_cpu_only_machines():
+    if torch.cuda.is_available() or not _utils.triton_importable():
+        pytest.skip("only meaningful on a CPU-only machine with triton installed")
+    assert _utils.interpreting() and ce.available("cpu"), (
+        "triton was imported before TRITON_INTERPRET=1 was set; the CPU kernel tests cannot run"
+    )
+
+
+def test_reference_without_triton(monkeypatch):
+    monkeypatch.setattr(_utils, "triton_importable", lambda: False)
+    logits, targets = make_problem(4, 10, torch.float32, seed=3)
+    assert_close(ce.cross_entropy_reference(logits, targets), F.cross_entropy(logits, targets), 0, 0, "reference")
+    with pytest.raises(ValueError, match="triton >= 3.6 is not installed"):
+        ce.cross_entropy(logits, targets)
+
+
+@pytest.mark.parametrize(
+    "logits,targets,reduction,match",
+    [
+        (torch.randn(3), torch.zeros(3, dtype=torch.long), "mean", "2-D"),
+        (torch.randn(3, 4), torch.zeros(2, dtype=torch.long), "mean", "rows"),
+        (torch.randn(3, 4), torch.zeros(3), "mean", "dtype"),
+        (torch.randn(3, 4), torch.zeros(3, dtype=torch.long), "avg", "reduction"),
+        (torch.randn(3, 0), torch.zeros(3, dtype=torch.long), "mean", "at least one class"),
+    ],
+)
+def test_bad_inputs_raise_value_error(logits, targets, reduction, match):
+    with pytest.raises(ValueError, match=match):
+        ce.cross_entropy_reference(logits, targets, reduction=reduction)
+
+
+def test_linear_cross_entropy_rejects_bad_inputs():
+    hidden, weight, targets = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="differ in C"):
+        ce.linear_cross_entropy_reference(hidden, torch.randn(10, 7), targets)
+    with pytest.raises(ValueError, match="dtype"):
+        ce.linear_cross_entropy_reference(hidden, weight.half(), targets)
+    with pytest.raises(ValueError, match='"mean" or "sum"'):
+        ce.linear_cross_entropy(hidden, weight, targets, reduction="none")
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@requires_cuda
+@pytest.mark.parametrize("n_rows,n_cols", [(4096, 32000), (1024, 128256), (3, 50257)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_cross_entropy_real_shapes(n_rows, n_cols, dtype):
+    logits, targets = make_problem(n_rows, n_cols, dtype, seed=0, device="cuda")
+    x = logits.clone().requires_grad_()
+    loss = ce.cross_entropy(x, targets)
+    ref_x = logits.double().requires_grad_()
+    expected = F.cross_entropy(ref_x, targets)  # fp64 reference
+    assert_close(loss, expected, 1e-2 if dtype != torch.float32 else 1e-5, 1e-3, f"gpu loss {dtype}")
+    (grad,) = torch.autograd.grad(loss, x)
+    (grad_ref,) = torch.autograd.grad(expected, ref_x)
+    # Gradients are stored in the logits dtype: compare with the fp64 gradient at that precision.
+    atol = 1e-6 if dtype == torch.float32 else 2e-2 / n_rows
+    assert_close(grad, grad_ref, atol, 1e-2, f"gpu grad {dtype}")
+    assert_close(ce.token_logprobs(logits, targets), -F.cross_entropy(logits.double(), targets, reduction="none"),
+                 1e-2 if dtype != torch.float32 else 1e-5, 1e-3, f"gpu logprobs {dtype}")
+
+
+@requires_cuda
+def test_gpu_cross_entropy_uses_less_memory_than_torch():
+    logits, targets = make_problem(2048, 128256, torch.bfloat16, seed=1, device="cuda")
+    logits.requires_grad_()
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(logits, targets).backward()
+        torch.cuda.synchronize()
+        logits.grad = None
+        return torch.cuda.max_memory_allocated() - base
+
+    ours, theirs = peak(ce.cross_entropy), peak(F.cross_entropy)
+    assert ours < theirs, f"fused CE peak {ours / 2**20:.0f} MiB, F.cross_entropy {theirs / 2**20:.0f} MiB"
+
+
+@requires_cuda
+def test_gpu_linear_cross_entropy():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(4096, 1024, device="cuda", generator=gen, dtype=torch.bfloat16)
+    weight = (torch.randn(32000, 1024, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    targets = torch.randint(0, 32000, (4096,), device="cuda", generator=gen)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    loss = ce.linear_cross_entropy(h1, w1, targets)
+    expected = ce.linear_cross_entropy_reference(h2, w2, targets)
+    assert_close(loss, expected, 2e-2, 1e-2, "gpu linear CE loss")
+    g1 = torch.autograd.grad(loss, (h1, w1))
+    g2 = torch.autograd.grad(expected, (h2, w2))
+    for name, a, b in zip(("hidden", "weight"), g1, g2):
+        assert_close(a, b, 2e-2 * b.abs().max().item(), 5e-2, f"gpu linear CE d{name}")
