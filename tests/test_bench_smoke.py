@@ -1,0 +1,83 @@
+"""Smoke test of bench/cpu_serving.py: the whole benchmark end to end at a tiny shape, plus its table.
+
+The subprocess run builds a tiny random Llama, runs HF and a live `kiln serve` on it (--quick:
+16 new tokens, 8 x 64 scoring, one repetition, one thread) and must exit 0, which it does only
+when Kiln's greedy tokens equal HF's, the perplexity NLLs agree and the server stops cleanly on
+SIGTERM. The numbers are not checked for speed (a shared 2-core machine), only for sanity.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "cpu_serving.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("cpu_serving", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cpu_serving"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_end_to_end(tokenizer_dir, tmp_path):
+    out_json = tmp_path / "results.json"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--tiny", "--threads", "1", "--tokenizer", str(tokenizer_dir),
+           "--markdown", "--json", str(out_json)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    out = proc.stdout
+    assert out.startswith("## CPU serving: Kiln vs Hugging Face transformers, "), out
+    assert "`python bench/cpu_serving.py --quick --tiny --threads 1 --tokenizer " in out, out
+    for row in ("| generate batch 1 (16 + 16 new) |", "| 8 concurrent (16 + 16 new each) |", "| scoring 8 x 64 |",
+                "| /health 200 after process start | - |"):
+        assert row in out, f"missing row {row!r} in:\n{out}"
+    assert "greedy tokens, Kiln == HF at batch 1: yes (16/16 tokens agree)" in out, out
+
+    report = json.loads(out_json.read_text())
+    assert report["machine"]["threads"] == 1
+    [result] = report["results"]
+    assert result["model"].startswith("random-llama: h64 L2 heads 4/2 ff128 vocab "), result["model"]
+    assert result["workload"] == {"prompt_len": 16, "new_tokens": 16, "batch": 8, "score_batch": 8, "score_len": 64,
+                                  "warmups": 1, "reps": 1}
+    assert result["greedy_match"] and result["greedy_same_prefix"] == result["greedy_len"] == 16
+    assert result["nll_max_abs_diff"] < 1e-4, f"max |NLL diff| {result['nll_max_abs_diff']}"
+    assert result["kiln_exit_code"] == 0
+    assert 0 < result["health_s"] < 120
+    for side in ("hf", "kiln"):
+        for key, value in result[side].items():
+            assert math.isfinite(value) and value > 0, f"{side} {key} = {value}"
+
+
+def test_table_ratios_and_targets():
+    bench = load_bench()
+    work = bench.Workload()
+    result = {"model": "m", "workload": {**bench.asdict(work)}, "health_s": 6.5, "kiln_exit_code": 0,
+              "hf": {"batch1_tok_s": 500.0, "concurrent_tok_s": 2000.0, "scoring_tok_s": 16000.0},
+              "kiln": {"batch1_tok_s": 1800.0, "concurrent_tok_s": 3000.0, "scoring_tok_s": 24000.0},
+              "greedy_match": False, "greedy_same_prefix": 7, "greedy_len": 128, "nll_max_abs_diff": 2.5e-6}
+    rows = bench.table_rows(result)
+    assert rows == [
+        ["generate batch 1 (16 + 128 new)", "500", "1,800", "3.60x", ">= 3.5x", "yes"],
+        ["8 concurrent (16 + 128 new each)", "2,000", "3,000", "1.50x", ">= 1.5x", "yes"],
+        ["scoring 8 x 512", "16,000", "24,000", "1.50x", ">= 1.3x", "yes"],
+        ["/health 200 after process start", "-", "6.50 s", "-", "<= 5 s", "no"],
+    ]
+    result["kiln"]["batch1_tok_s"] = 1700.0
+    assert bench.table_rows(result)[0][3:] == ["3.40x", ">= 3.5x", "no"]
+    line = bench.checks_line(result)
+    assert "NO (first difference at token 7)" in line and "7/128 tokens agree" in line and "2.50e-06" in line
+    info = {"cpu": "CPU X", "flags": ["avx2"], "threads": 2, "torch": "t", "transformers": "tf", "date": "2026-01-02"}
+    md = bench.render([result], info, "python bench/cpu_serving.py --markdown", markdown=True, hf_attn="sdpa")
+    assert md.splitlines()[0] == "## CPU serving: Kiln vs Hugging Face transformers, 2026-01-02"
+    assert "`python bench/cpu_serving.py --markdown`" in md
+    assert "| generate batch 1 (16 + 128 new) | 500 | 1,700 | 3.40x | >= 3.5x | no |" in md
+    plain = bench.render([result], info, "cmd", markdown=False, hf_attn="sdpa")
+    assert plain.startswith("machine: CPU X (avx2), 2 threads; torch t, transformers tf")
