@@ -42,20 +42,24 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (max_seq_len, head_dim) in the rotate-half layout (as HF Llama)."""
+    """cos and signed-sin tables (max_seq_len, head_dim) in the rotate-half layout (as HF Llama).
+
+    rotate_half(x) = [-x2, x1] = roll(x, D/2) * [-1.., +1..], so the sign is folded into
+    the sin table and `apply_rope` needs one roll and one fused multiply-add.
+    """
     D = config.dim_per_head
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64, device=device) / D))
     t = torch.arange(config.max_seq_len, dtype=torch.float64, device=device)
     freqs = torch.outer(t, inv_freq)  # (S, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (S, D)
-    return emb.cos().float(), emb.sin().float()
+    sign = torch.cat([-torch.ones(D // 2, dtype=torch.float64, device=device),
+                      torch.ones(D // 2, dtype=torch.float64, device=device)])
+    return emb.cos().float(), (emb.sin() * sign).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, D); cos/sin (B, T, 1, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D); cos/signed_sin (B, T, 1, D): x * cos + rotate_half(x) * sin."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin).type_as(x)
 
 
 class Attention(nn.Module):
@@ -71,12 +75,11 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x)
-        q = qkv[..., : H * D].view(B, T, H, D)
-        k = qkv[..., H * D: (H + Hkv) * D].view(B, T, Hkv, D)
-        v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+        qk = qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D)
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, *rope)  # queries and keys rotated in one go
+        q, k = qk[:, :, :H], qk[:, :, H:]  # (B, T, H, D), (B, T, Hkv, D)
+        v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
         q = q.transpose(1, 2)  # (B, H, T, D)
         if batch is None:
             y = causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), backend)

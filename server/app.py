@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from model.engine import Engine
@@ -28,7 +29,7 @@ from model.engine import Engine
 from .errors import JSONBody, install_error_handlers
 from .metrics import ServerMetrics
 from .middleware import APIKey, BodyLimit, RequestMetrics
-from .routes import ENDPOINTS, KilnState, router
+from .routes import ENDPOINTS, STATIC_DIR, KilnState, router
 from .scheduler import Scheduler
 from .settings import ServerSettings
 
@@ -58,6 +59,7 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServerSettings |
     app.state.kiln = KilnState(settings=settings, scheduler=scheduler, metrics=metrics)
     install_error_handlers(app)
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")  # the playground's JS and CSS
     # added innermost first: RequestMetrics ends up outermost and sees every response
     app.add_middleware(APIKey, api_key=settings.api_key)
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .completions import create_completion, encode_text, prompt_list
@@ -55,6 +56,11 @@ def _errors(*statuses: int) -> dict:
 
 
 router = APIRouter()
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"  # the playground page (package data)
+# the page loads only its own files and talks only to this server: no CDN, no inline script
+PLAYGROUND_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                  "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 ENDPOINTS = {"/v1/completions", "/v1/perplexity", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
              "/health", "/metrics"}
@@ -188,3 +194,10 @@ async def health(state: KilnState = Depends(kiln_state)) -> Health:
             responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}})
 async def metrics(state: KilnState = Depends(kiln_state)) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/", include_in_schema=False)
+async def playground() -> FileResponse:
+    """The playground page (server/static/): try completions and per-token perplexity in a browser."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
+                        headers={"Content-Security-Policy": PLAYGROUND_CSP})
