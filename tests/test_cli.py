@@ -1,0 +1,79 @@
+"""`kiln generate` and `kiln ppl` as a user runs them, including the error paths."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from model.cli import load_engine
+
+
+def kiln(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=120)
+
+
+def test_generate_streams_the_greedy_completion(gpt2_dir):
+    proc = kiln("generate", "--model", str(gpt2_dir), "--prompt", "The quick", "--max-tokens", "12",
+                "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    engine = load_engine(str(gpt2_dir), "cpu")
+    from model.engine import SamplingParams
+
+    expected = "".join(o.text for o in engine.generate(engine.tokenizer.encode("The quick"),
+                                                       SamplingParams(max_tokens=12, temperature=0.0)))
+    assert proc.stdout == expected + "\n"
+
+
+def test_ppl_json_matches_the_engine(gpt2_dir, tmp_path):
+    text = "To be, or not to be, that is the question. " * 3
+    path = tmp_path / "text.txt"
+    path.write_text(text)
+    proc = kiln("ppl", "--model", str(gpt2_dir), "--json", str(path))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    engine = load_engine(str(gpt2_dir), "cpu")
+    result = engine.score([engine.encode_for_scoring(text)])[0]
+    assert got["num_tokens"] == result.num_scored
+    assert math.isclose(got["perplexity"], result.perplexity, rel_tol=1e-6)
+    assert math.isclose(got["mean_nll"], math.log(got["perplexity"]), rel_tol=1e-6)
+    proc = kiln("ppl", "--model", str(gpt2_dir), "-", stdin=text)
+    assert proc.returncode == 0 and proc.stdout.startswith("perplexity ")
+
+
+def test_bad_input_is_one_line_and_exit_2(gpt2_dir, tmp_path):
+    cases = [
+        (("generate", "--model", str(tmp_path / "missing"), "--prompt", "x"), "does not exist"),
+        (("generate", "--model", str(gpt2_dir), "--prompt", "x", "--temperature", "-1"), "--temperature must be >= 0"),
+        (("ppl", "--model", str(gpt2_dir), str(tmp_path / "nofile.txt")), "no such file"),
+    ]
+    bad_type = tmp_path / "bert"
+    bad_type.mkdir()
+    (bad_type / "config.json").write_text('{"model_type": "bert"}')
+    cases.append((("generate", "--model", str(bad_type), "--prompt", "x"), "unknown model_type 'bert'"))
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    cases.append((("ppl", "--model", str(gpt2_dir), str(binary)), "is not UTF-8"))
+    for args, message in cases:
+        proc = kiln(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_kiln_saved_model_dir_generates(gpt2_dir, tmp_path):
+    """A Kiln-format directory (config + safetensors + tokenizer files) loads like the HF one."""
+    from model.checkpoint import load_model, save_model
+    from model.tokenizer import load_tokenizer
+
+    model = load_model(gpt2_dir)
+    save_model(model, tmp_path / "kiln")
+    load_tokenizer(gpt2_dir).save(tmp_path / "kiln")
+    proc = kiln("generate", "--model", str(tmp_path / "kiln"), "--prompt", "The quick", "--max-tokens", "12",
+                "--temperature", "0")
+    ref = kiln("generate", "--model", str(gpt2_dir), "--prompt", "The quick", "--max-tokens", "12",
+               "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ref.stdout
