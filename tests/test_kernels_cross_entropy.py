@@ -20,25 +20,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels import _utils  # noqa: E402
 from kernels import cross_entropy as ce  # noqa: E402
+from kernel_checks import assert_close as check_close, requires_cuda, skip_unless_interpreted  # noqa: E402
 
-on_cpu_interpreter = pytest.mark.skipif(
-    not ce.available("cpu"), reason="needs triton and TRITON_INTERPRET=1 set before triton is imported"
-)
-requires_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and _utils.triton_importable() and not _utils.interpreting()),
-    reason="needs a CUDA GPU, triton, and TRITON_INTERPRET unset",
-)
+on_cpu_interpreter = skip_unless_interpreted(ce)
 
 
 def assert_close(actual, expected, atol, rtol, what):
-    actual, expected = actual.double(), expected.double()
-    ok = torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
-    if not bool(ok.all()):
-        diff = (actual - expected).abs().nan_to_num(float("inf"))
-        raise AssertionError(
-            f"{what}: max err {diff.max().item():.3e}, mean err {diff.mean().item():.3e}, "
-            f"{int((~ok).sum())}/{ok.numel()} elements off (atol={atol}, rtol={rtol})"
-        )
+    check_close(actual, expected, atol, rtol, what, equal_nan=True)
 
 
 def make_problem(n_rows, n_cols, dtype, seed, ignore_every=3, device="cpu"):

@@ -21,27 +21,12 @@ import pytest  # noqa: E402
 from kernels import _utils  # noqa: E402
 from kernels import attention as attn  # noqa: E402
 from kernels import decode as dec  # noqa: E402
+from kernel_checks import assert_close, requires_cuda, skip_unless_interpreted  # noqa: E402
 
-on_cpu_interpreter = pytest.mark.skipif(
-    not dec.available("cpu"), reason="needs triton and TRITON_INTERPRET=1 set before triton is imported"
-)
-requires_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and _utils.triton_importable() and not _utils.interpreting()),
-    reason="needs a CUDA GPU, triton, and TRITON_INTERPRET unset",
-)
+on_cpu_interpreter = skip_unless_interpreted(dec)
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
-
-def assert_close(actual, expected, atol, rtol, what):
-    actual, expected = actual.double(), expected.double()
-    ok = torch.isclose(actual, expected, atol=atol, rtol=rtol)
-    if not bool(ok.all()):
-        diff = (actual - expected).abs().nan_to_num(float("inf"))
-        raise AssertionError(
-            f"{what}: max err {diff.max().item():.3e}, mean err {diff.mean().item():.3e}, "
-            f"{int((~ok).sum())}/{ok.numel()} elements off (atol={atol}, rtol={rtol})"
-        )
 
 
 def make_cache(lengths, n_heads, n_kv_heads, head_dim, num_slots, max_seq_len, dtype, seed, device="cpu"):
