@@ -19,6 +19,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .attention import resolve_backend
+from .fast_decode import DecodePlan
 from .kv_cache import KVCache
 from .sampling import SamplingBatch, sample
 from .scoring import chunked_logprobs
@@ -115,7 +117,7 @@ class ScoreResult:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 8,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, fast_decode: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -129,6 +131,10 @@ class Engine:
         self.running: list[Request] = []
         self._ids = itertools.count()
         self._counts: torch.Tensor | None = None  # (num_slots, V) generated-id counts, for penalties
+        # the lean decode step (folded norms, no module calls) where it applies; else the plain forward
+        backend = resolve_backend(model.attn_backend, self.device, self.config.dim_per_head)
+        use_plan = fast_decode and backend == "torch" and DecodePlan.supports(model)
+        self._decode_plan = DecodePlan(model) if use_plan else None
 
     # ---- requests -------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -220,7 +226,10 @@ class Engine:
         slots = [r.slot for r in requests]
         tokens = torch.tensor([[r.output_ids[-1]] for r in requests], dtype=torch.long, device=self.device)
         batch = self.cache.batch(slots, [1] * len(requests))
-        logits = self.model(tokens, kv_cache=self.cache, batch=batch)[:, -1]  # (B, V)
+        if self._decode_plan is not None:
+            logits = self._decode_plan(tokens, self.cache, batch)  # (B, V)
+        else:
+            logits = self.model(tokens, kv_cache=self.cache, batch=batch)[:, -1]  # (B, V)
         self.cache.advance(slots, [1] * len(requests))
         return self._sample_and_advance(requests, logits, new_requests=False)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.cli import load_engine
-from model.engine import SamplingParams
+from model.engine import Engine, SamplingParams
 
 PROMPTS = ["The quick brown", "def add(a, b):", "To be, or not", "床前明月光"]
 
@@ -115,6 +115,7 @@ def test_max_tokens_min_tokens_and_eos(llama_dir):
     head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]))
     with torch.no_grad():
         head.bias[engine.eos_id] = 1e4
+    engine = Engine(engine.model, engine.tokenizer)  # the decode plan folds weights when it is built
     outs = list(engine.generate(ids, SamplingParams(max_tokens=7, temperature=0.0)))
     assert outs[-1].finish_reason == "stop" and sum(len(o.token_ids) for o in outs) == 1
     outs = list(engine.generate(ids, SamplingParams(max_tokens=7, temperature=0.0, min_tokens=3)))

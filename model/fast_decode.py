@@ -1,0 +1,123 @@
+"""The lean decode step: one new token per sequence, as few tensor ops as the math allows.
+
+At the default model's size a decode step is a few MFLOP; on a CPU its time goes to per-op
+dispatch and Python, not arithmetic. `DecodePlan` is built once from a loaded
+`Transformer` and runs the same math as `Transformer.forward` with a `CacheBatch`, minus
+the overhead:
+
+- every norm's gain (and LayerNorm's bias) is folded into the linear layer that reads
+  it, at build time: `W @ (g * n) + b == (W * g) @ n + b`; RMSNorm becomes
+  `x * rsqrt(mean(x^2) + eps)` and LayerNorm an affine-free `layer_norm`;
+- the final norm's gain is folded into a private copy of the LM head (tied embeddings
+  stay untouched);
+- one flat loop over pre-extracted weights: no module calls, hooks or attribute lookups.
+
+The plain path stays the reference: tests assert both give the same greedy tokens and
+log-probabilities within 1e-4. Used for the torch backend only (on CUDA the Triton decode
+kernel path runs through the model as usual).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import CacheBatch, KVCache
+from .transformer import RMSNorm, Transformer
+
+
+@dataclass
+class _Layer:
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor | None
+    up_w: torch.Tensor
+    up_b: torch.Tensor | None
+    down_w: torch.Tensor
+    down_b: torch.Tensor | None
+
+
+def _fold(norm: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The linear layer that reads norm(x), rewritten to read the gain-free normalized x."""
+    gain = norm.weight
+    folded_w = weight * gain[None, :]
+    folded_b = bias
+    if isinstance(norm, torch.nn.LayerNorm) and norm.bias is not None:
+        shift = weight @ norm.bias
+        folded_b = shift if bias is None else bias + shift
+    return folded_w.contiguous(), None if folded_b is None else folded_b.contiguous()
+
+
+class DecodePlan:
+    def __init__(self, model: Transformer):
+        config = model.config
+        self.model = model
+        self.H, self.Hkv, self.D = config.n_head, config.n_kv_head, config.dim_per_head
+        self.rms = config.norm == "rmsnorm"
+        self.eps = config.norm_eps
+        self.d_model = config.d_model
+        self.swiglu = config.mlp == "swiglu"
+        self.d_ff = config.d_ff
+        self.scale = self.D ** -0.5
+        with torch.no_grad():
+            self.layers = []
+            for block in model.blocks:
+                qkv_w, qkv_b = _fold(block.norm1, block.attn.qkv.weight, block.attn.qkv.bias)
+                up_w, up_b = _fold(block.norm2, block.mlp.up.weight, block.mlp.up.bias)
+                self.layers.append(_Layer(qkv_w, qkv_b, block.attn.proj.weight, block.attn.proj.bias,
+                                          up_w, up_b, block.mlp.down.weight, block.mlp.down.bias))
+            self.head_w, self.head_b = _fold(model.norm, model.lm_head.weight, model.lm_head.bias)
+
+    @staticmethod
+    def supports(model: Transformer) -> bool:
+        norms_ok = all(isinstance(m, (RMSNorm, torch.nn.LayerNorm)) for m in model.modules()
+                       if "norm" in type(m).__name__.lower())
+        return model.embed.weight.device.type == "cpu" and norms_ok
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:
+            return x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(self.eps))
+        return F.layer_norm(x, (self.d_model,), eps=self.eps)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, kv_cache: KVCache, batch: CacheBatch) -> torch.Tensor:
+        """tokens (B, 1) -> logits (B, V); writes each row's keys/values into its slot."""
+        model = self.model
+        B = tokens.shape[0]
+        H, Hkv, D = self.H, self.Hkv, self.D
+        positions = batch.positions  # (B, 1)
+        x = F.embedding(tokens, model.embed.weight)  # (B, 1, d)
+        if self.rms:
+            cos = model.rope_cos[positions][:, :, None, :]  # (B, 1, 1, D)
+            sin = model.rope_sin[positions][:, :, None, :]
+        else:
+            x = x + F.embedding(positions, model.pos_embed.weight)
+        L = batch.kv_len
+        gqa = H != Hkv
+        slot_index = batch.slots[:, None]
+        for i, layer in enumerate(self.layers):
+            qkv = F.linear(self._norm(x), layer.qkv_w, layer.qkv_b)  # (B, 1, (H + 2Hkv) D)
+            qk = qkv[..., : (H + Hkv) * D].view(B, 1, H + Hkv, D)
+            if self.rms:
+                qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
+            q = qk[:, :, :H].transpose(1, 2)  # (B, H, 1, D)
+            k_cache, v_cache = kv_cache.k[i], kv_cache.v[i]
+            k_cache[slot_index, :, positions] = qk[:, :, H:]
+            v_cache[slot_index, :, positions] = qkv[..., (H + Hkv) * D:].view(B, 1, Hkv, D)
+            if batch.slot_range is not None:
+                first, last = batch.slot_range
+                keys, values = k_cache[first:last, :, :L], v_cache[first:last, :, :L]
+            else:
+                keys, values = k_cache[batch.slots, :, :L], v_cache[batch.slots, :, :L]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask, enable_gqa=gqa)
+            x = x + F.linear(y.transpose(1, 2).reshape(B, 1, H * D), layer.proj_w, layer.proj_b)
+            h = F.linear(self._norm(x), layer.up_w, layer.up_b)
+            if self.swiglu:
+                h = F.silu(h[..., : self.d_ff]) * h[..., self.d_ff:]
+            else:
+                h = F.gelu(h, approximate="tanh")
+            x = x + F.linear(h, layer.down_w, layer.down_b)
+        return F.linear(self._norm(x[:, 0]), self.head_w, self.head_b)  # (B, V)
