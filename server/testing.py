@@ -8,6 +8,7 @@ leaving the `with` block shuts uvicorn down (lifespan included) and joins the th
     with LiveServer(create_app(engine, settings)) as server:
         httpx.get(server.url + "/health")
 
+`SlowEngine` wraps an engine so every step takes a little longer, to catch requests mid-flight.
 `train_parrot()` overfits a tiny model on a few texts (a second of CPU), so greedy
 decoding from a text's first tokens reproduces it and stops with EOS: end-to-end tests
 then see real words, multi-byte characters split across tokens, and stop strings.
@@ -21,6 +22,21 @@ import time
 from pathlib import Path
 
 import uvicorn
+
+
+class SlowEngine:
+    """A real engine whose steps take at least `delay` seconds more, so requests can be caught mid-flight."""
+
+    def __init__(self, engine, delay: float):
+        self._engine = engine
+        self.delay = delay
+
+    def step(self):
+        time.sleep(self.delay)
+        return self._engine.step()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
 
 
 class LiveServer:

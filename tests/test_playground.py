@@ -21,7 +21,6 @@ import fnmatch
 import math
 import re
 import shutil
-import time
 import tomllib
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from model.engine import SamplingParams
 from server.app import create_app
 from server.routes import PLAYGROUND_CSP, STATIC_DIR
 from server.settings import ServerSettings
-from server.testing import LiveServer, train_parrot
+from server.testing import LiveServer, SlowEngine, train_parrot
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.",
@@ -105,19 +104,6 @@ def test_package_data_ships_the_static_files():
 
 
 # ---- headless Chromium ------------------------------------------------------------------
-class SlowEngine:
-    """A real engine whose decode steps take `delay` seconds more, so streamed pieces arrive apart."""
-
-    def __init__(self, engine, delay: float):
-        self._engine = engine
-        self.delay = delay
-
-    def step(self):
-        time.sleep(self.delay)
-        return self._engine.step()
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
 
 
 @pytest.fixture(scope="module")

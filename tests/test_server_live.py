@@ -28,26 +28,13 @@ from model.engine import SamplingParams
 from server.__main__ import main
 from server.app import create_app
 from server.settings import DEFAULT_MODEL_NAME, ServerSettings, build_parser
-from server.testing import LiveServer, train_parrot
+from server.testing import LiveServer, SlowEngine, train_parrot
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.",
          "The quick brown fox jumps over the lazy dog."]
 
 
-class SlowEngine:
-    """A real engine whose steps take at least `delay` seconds, so requests can be caught mid-flight."""
-
-    def __init__(self, engine, delay: float):
-        self._engine = engine
-        self.delay = delay
-
-    def step(self):
-        time.sleep(self.delay)
-        return self._engine.step()
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
 
 
 def gauges(url: str) -> dict[str, float]:
