@@ -79,6 +79,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ids = engine.tokenizer.encode(args.prompt)
     if engine.tokenizer.add_bos and engine.tokenizer.bos_id is not None:
         ids = [engine.tokenizer.bos_id] + ids
+    if len(ids) >= engine.max_seq_len:
+        fail(f"the prompt has {len(ids)} tokens; this model's context is {engine.max_seq_len} tokens, "
+             "so the prompt must be shorter than that")
     max_tokens = min(args.max_tokens, engine.max_seq_len + 1 - len(ids))
     params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))

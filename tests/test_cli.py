@@ -56,6 +56,7 @@ def test_bad_input_is_one_line_and_exit_2(gpt2_dir, tmp_path):
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
     cases.append((("ppl", "--model", str(gpt2_dir), str(binary)), "is not UTF-8"))
+    cases.append((("generate", "--model", str(gpt2_dir), "--prompt", "word " * 80), "this model's context is 64"))
     for args, message in cases:
         proc = kiln(*args)
         assert proc.returncode == 2, (args, proc.stderr)
