@@ -10,9 +10,9 @@ STAMP := $(VENV)/.kiln-installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The pinned CPU wheel goes in first: an unpinned torch would pull gigabytes of CUDA.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	# The pinned CPU wheel first: an unpinned torch would pull gigabytes of CUDA.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
