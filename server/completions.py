@@ -194,7 +194,8 @@ async def create_completion(body: CompletionRequest, request: Request, scheduler
         lambda: [encode_text(tokenizer, p) if isinstance(p, str) else p for p in prompts])
     n = body.n
     try:
-        generation = scheduler.submit([ids for ids in prompt_ids for _ in range(n)], params * len(prompt_ids), n)
+        generation = scheduler.submit([ids for ids in prompt_ids for _ in range(n)], params * len(prompt_ids), n,
+                                      stream=body.stream)
     except QueueFull as e:
         raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
     except NotReady as e:

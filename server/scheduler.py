@@ -86,11 +86,14 @@ QueueItem = Accepted | Rejected | Failed | SequenceOutput
 class Generation:
     """One completion request: its sequences (prompt x n), and the queue its outputs arrive on."""
 
-    def __init__(self, prompts: list[list[int]], params: list[SamplingParams], n: int = 1):
+    def __init__(self, prompts: list[list[int]], params: list[SamplingParams], n: int = 1, stream: bool = True):
         if len(prompts) != len(params):
             raise ValueError("one SamplingParams per sequence is needed")
         self.prompts = prompts  # one per sequence: prompt i's n choices are consecutive
         self.n = n
+        # False: the handler only needs the whole result, so a sequence's outputs are held on the
+        # worker and delivered together when it finishes (no event-loop wake-up per token)
+        self.stream = stream
         self.params = params
         self.queue: asyncio.Queue[QueueItem] = asyncio.Queue()
         self.arrival = time.monotonic()
@@ -118,6 +121,7 @@ class _Sequence:  # worker-only bookkeeping of one engine request
     request: Request
     prefilled: bool = False
     last_token_at: float | None = None
+    held: list = field(default_factory=list)  # outputs not yet delivered (non-streaming generations)
 
 
 class Scheduler:
@@ -183,9 +187,12 @@ class Scheduler:
             self._thread.join(timeout)
 
     # ---- submissions (event-loop thread) ----------------------------------------------------
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams], n: int = 1) -> Generation:
-        """One sequence per (prompt, params) pair; `n` consecutive sequences share a prompt."""
-        generation = Generation(prompts, params, n)
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], n: int = 1,
+               stream: bool = True) -> Generation:
+        """One sequence per (prompt, params) pair; `n` consecutive sequences share a prompt.
+
+        With stream=False each sequence's outputs arrive together when it finishes."""
+        generation = Generation(prompts, params, n, stream)
         self._enqueue(len(generation), lambda: self._incoming.append(generation))
         return generation
 
@@ -322,9 +329,15 @@ class Scheduler:
                 else:
                     m.inter_token_latency.observe(now - seq.last_token_at)
                 seq.last_token_at = now
-            outbox.append((generation.queue, SequenceOutput(
-                seq.index, tuple(out.token_ids), out.text, tuple(out.logprobs), out.finish_reason,
-                out.prompt_logprobs)))
+            output = SequenceOutput(seq.index, tuple(out.token_ids), out.text, tuple(out.logprobs),
+                                    out.finish_reason, out.prompt_logprobs)
+            if generation.stream:
+                outbox.append((generation.queue, output))
+            elif out.finish_reason is None:
+                seq.held.append(output)
+            else:
+                outbox.extend((generation.queue, held) for held in seq.held)
+                outbox.append((generation.queue, output))
             if out.finish_reason is not None:
                 del self._sequences[out.request.request_id]
                 m.e2e_request_latency.observe(now - generation.arrival)

@@ -154,3 +154,25 @@ def test_engine_failure_fails_requests_and_the_server_lives_on(engine):
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert "simulated device failure" in events[0] and events[-1] == "data: [DONE]"
         assert client.get("/health").status_code == 200
+
+
+def test_non_streaming_outputs_arrive_together_at_the_end(engine):
+    """stream=False: nothing reaches the event loop until the sequence finishes; then every step's output."""
+    async def scenario():
+        scheduler = Scheduler(engine, ServerMetrics("t"), max_queue=4)
+        scheduler.start(asyncio.get_running_loop())
+        held = scheduler.submit([[5, 6, 7]], [long_params(12)], stream=False)
+        streamed = scheduler.submit([[5, 6, 7]], [long_params(12)])
+        assert isinstance(await next_item(held), Accepted)
+        assert isinstance(await next_item(streamed), Accepted)
+        first = await next_item(streamed)
+        assert isinstance(first, SequenceOutput) and first.finish_reason is None
+        assert held.queue.empty()  # the streamed twin has output already; the held one not yet
+        outputs = [await next_item(held) for _ in range(12)]
+        assert [len(o.token_ids) for o in outputs] == [1] * 12
+        assert [o.finish_reason for o in outputs] == [None] * 11 + ["length"]
+        streamed_outputs = [first] + [await next_item(streamed) for _ in range(11)]
+        assert [o.token_ids for o in outputs] == [o.token_ids for o in streamed_outputs]
+        await asyncio.to_thread(scheduler.stop)
+
+    asyncio.run(scenario())
