@@ -23,7 +23,7 @@ from .attention import resolve_backend
 from .fast_decode import DecodePlan
 from .kv_cache import KVCache
 from .sampling import SamplingBatch, sample
-from .scoring import chunked_logprobs
+from .scoring import ScoreResult, ScoreTask, chunked_logprobs
 from .text_stream import TextStream
 from .tokenizer import Tokenizer
 from .transformer import Transformer
@@ -94,25 +94,6 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-@dataclass
-class ScoreResult:
-    token_ids: list[int]  # the scored sequence (with BOS when the tokenizer adds one)
-    logprobs: list[float | None]  # one per id; None for ids with no context (the first)
-
-    @property
-    def num_scored(self) -> int:
-        return sum(lp is not None for lp in self.logprobs)
-
-    @property
-    def mean_nll(self) -> float:
-        scored = [-lp for lp in self.logprobs if lp is not None]
-        return sum(scored) / len(scored) if scored else float("nan")
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.mean_nll) if self.num_scored else float("nan")
 
 
 class Engine:
@@ -324,67 +305,19 @@ class Engine:
             ids = [self.tokenizer.bos_id] + ids
         return ids
 
-    @torch.inference_mode()
+    def score_task(self, sequences: list[list[int]], stride: int | None = None,
+                   batch_tokens: int = 4096) -> ScoreTask:
+        """A scoring job to advance one batched forward at a time (a server interleaves decode steps).
+
+        Bad input (empty sequences, ids out of range, a bad stride) raises ValueError here."""
+        return ScoreTask(self.model, sequences, self.max_seq_len, self.vocab_limit, stride, batch_tokens)
+
     def score(self, sequences: list[list[int]], stride: int | None = None, batch_tokens: int = 4096,
               progress: Callable[[int, int], None] | None = None) -> list[ScoreResult]:
-        """Per-token logprobs of each sequence; longer than the context -> sliding windows.
-
-        Every id but the first is scored exactly once: windows of up to `max_seq_len` ids
-        end `stride` ids apart (default half the context), and each scores only the ids
-        past the previous window's end, with the rest of the window as their context.
-        """
-        C = self.max_seq_len
-        stride = stride or max(1, C // 2)
-        if not 1 <= stride <= C:
-            raise ValueError(f"stride must be in [1, {C}] (the context length), got {stride}")
-        # windows: (sequence index, begin, end, first scored position within the window)
-        step = min(stride, C - 1) if C > 1 else 1  # windows must overlap by >= 1 id to give each its context
-        windows = []  # (sequence index, begin, end, first scored offset within the window)
-        for s, ids in enumerate(sequences):
-            if len(ids) < 1:
-                raise ValueError("cannot score an empty sequence")
-            bad = [i for i in ids if not 0 <= i < self.vocab_limit]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is out of range [0, {self.vocab_limit})")
-            prev_end, end = 1, min(C, len(ids))
-            while True:
-                begin = max(0, end - C)
-                windows.append((s, begin, end, prev_end - begin))
-                if end >= len(ids):
-                    break
-                prev_end, end = end, min(end + step, len(ids))
-        results = [ScoreResult(list(ids), [None] * len(ids)) for ids in sequences]
-        # batch windows of similar length together
-        order = sorted(range(len(windows)), key=lambda w: windows[w][2] - windows[w][1])
-        i = 0
-        while i < len(order):
-            T = windows[order[i]][2] - windows[order[i]][1]
-            group = [order[i]]
-            i += 1
-            while i < len(order):
-                T_next = windows[order[i]][2] - windows[order[i]][1]
-                if max(T, T_next) * (len(group) + 1) > batch_tokens:
-                    break
-                T = max(T, T_next)
-                group.append(order[i])
-                i += 1
-            self._score_windows([windows[w] for w in group], sequences, results, T)
+        """Per-token logprobs of each sequence; longer than the context -> sliding windows (see ScoreTask)."""
+        task = self.score_task(sequences, stride, batch_tokens)
+        while not task.done:
+            task.advance()
             if progress is not None:
-                progress(i, len(order))  # windows done, windows in all
-        return results
-
-    def _score_windows(self, windows, sequences, results, T) -> None:
-        tokens = torch.zeros(len(windows), T, dtype=torch.long)
-        for row, (s, begin, end, _) in enumerate(windows):
-            tokens[row, : end - begin] = torch.tensor(sequences[s][begin:end])
-        tokens = tokens.to(self.device)
-        hidden = self.model(tokens, return_hidden=True)  # (B, T, d)
-        for row, (s, begin, end, first) in enumerate(windows):
-            n = end - begin
-            if n < 2 or first >= n:
-                continue
-            # position p predicts id p+1: score ids first..n-1 of the window
-            h = hidden[row, first - 1: n - 1]
-            targets = tokens[row, first:n]
-            lp, _, _ = chunked_logprobs(h, self.model.lm_head, targets, 0, self.vocab_limit)
-            results[s].logprobs[begin + first: end] = lp.tolist()
+                progress(*task.progress)
+        return task.results

@@ -1,4 +1,4 @@
-"""Log-probabilities of given ids from hidden states, in chunks of positions.
+"""Scoring: log-probabilities of given ids, in chunks of positions, over sliding windows.
 
 Scoring long texts needs log p(id_t | ids_<t) at every position. Computing the full
 (N, V) fp32 log-softmax at once costs N * V * 4 bytes; here the LM head and the
@@ -7,6 +7,9 @@ a time (on CUDA the fused Triton kernel gathers without the fp32 table).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -35,3 +38,103 @@ def chunked_logprobs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Te
         if num_top:
             top_lp[start:end], top_ids[start:end] = table.topk(num_top, dim=-1)
     return logprobs, top_lp, top_ids
+
+
+@dataclass
+class ScoreResult:
+    token_ids: list[int]  # the scored sequence (with BOS when the tokenizer adds one)
+    logprobs: list[float | None]  # one per id; None for ids with no context (the first)
+
+    @property
+    def num_scored(self) -> int:
+        return sum(lp is not None for lp in self.logprobs)
+
+    @property
+    def mean_nll(self) -> float:
+        scored = [-lp for lp in self.logprobs if lp is not None]
+        return sum(scored) / len(scored) if scored else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll) if self.num_scored else float("nan")
+
+
+class ScoreTask:
+    """Per-token logprobs of several sequences, advanced one batched forward at a time.
+
+    Sequences longer than the context are scored with sliding windows. Every id but the
+    first is scored exactly once: windows of up to `max_seq_len` ids end `stride` ids apart
+    (default half the context), and each scores only the ids past the previous window's
+    end, with the rest of the window as their context. Windows of similar length share a
+    forward of at most `batch_tokens` (padded) tokens.
+    """
+
+    def __init__(self, model: nn.Module, sequences: list[list[int]], max_seq_len: int, vocab_limit: int,
+                 stride: int | None = None, batch_tokens: int = 4096):
+        C = max_seq_len
+        stride = stride or max(1, C // 2)
+        if not 1 <= stride <= C:
+            raise ValueError(f"stride must be in [1, {C}] (the context length), got {stride}")
+        self.model, self.sequences, self.vocab_limit = model, sequences, vocab_limit
+        step = min(stride, C - 1) if C > 1 else 1  # windows must overlap by >= 1 id to give each its context
+        windows = []  # (sequence index, begin, end, first scored offset within the window)
+        for s, ids in enumerate(sequences):
+            if len(ids) < 1:
+                raise ValueError("cannot score an empty sequence")
+            bad = [i for i in ids if not 0 <= i < vocab_limit]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is out of range [0, {vocab_limit})")
+            prev_end, end = 1, min(C, len(ids))
+            while True:
+                begin = max(0, end - C)
+                windows.append((s, begin, end, prev_end - begin))
+                if end >= len(ids):
+                    break
+                prev_end, end = end, min(end + step, len(ids))
+        self.results = [ScoreResult(list(ids), [None] * len(ids)) for ids in sequences]
+        self.groups: list[tuple[list[tuple[int, int, int, int]], int]] = []  # (windows, padded length)
+        windows.sort(key=lambda w: w[2] - w[1])
+        group, T = [], 0
+        for w in windows:
+            n = w[2] - w[1]
+            if group and max(T, n) * (len(group) + 1) > batch_tokens:
+                self.groups.append((group, T))
+                group, T = [], 0
+            group.append(w)
+            T = max(T, n)
+        if group:
+            self.groups.append((group, T))
+        self._next = 0
+        self._windows_done = 0
+        self._windows_total = len(windows)
+
+    @property
+    def done(self) -> bool:
+        return self._next >= len(self.groups)
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(windows scored, windows in all)."""
+        return self._windows_done, self._windows_total
+
+    @torch.inference_mode()
+    def advance(self) -> None:
+        """Run the next batched forward."""
+        windows, T = self.groups[self._next]
+        self._next += 1
+        device = next(self.model.parameters()).device
+        tokens = torch.zeros(len(windows), T, dtype=torch.long)
+        for row, (s, begin, end, _) in enumerate(windows):
+            tokens[row, : end - begin] = torch.tensor(self.sequences[s][begin:end])
+        tokens = tokens.to(device)
+        hidden = self.model(tokens, return_hidden=True)  # (B, T, d)
+        for row, (s, begin, end, first) in enumerate(windows):
+            n = end - begin
+            if n < 2 or first >= n:
+                continue
+            # position p predicts id p+1: score ids first..n-1 of the window
+            h = hidden[row, first - 1: n - 1]
+            targets = tokens[row, first:n]
+            lp, _, _ = chunked_logprobs(h, self.model.lm_head, targets, 0, self.vocab_limit)
+            self.results[s].logprobs[begin + first: end] = lp.tolist()
+        self._windows_done += len(windows)

@@ -8,7 +8,8 @@ sleeps on a condition variable while there is nothing to do; otherwise each iter
    KV-cache slot before the next step),
 2. adds submitted sequences to the engine (`engine.add_request`, which also validates:
    a rejection goes back to the handler as `Rejected`, so it can answer 400),
-3. runs pending perplexity jobs (`engine.score`, batched across jobs),
+3. advances the perplexity jobs by one batched forward (`engine.score_task`, batched across
+   jobs), so a long text never stalls the running streams for more than one forward,
 4. runs one `engine.step()`: waiting sequences are prefilled into free slots and join the
    running decode batch; finished ones leave at once,
 5. hands every sequence's `SequenceOutput` to its handler's queue with one
@@ -22,6 +23,7 @@ without bound, and `NotReady` (HTTP 503) while the model loads or the server sto
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from model.engine import Engine, Request, SamplingParams, ScoreResult, TokenLogprob
+from model.scoring import ScoreTask
 
 from .metrics import ServerMetrics
 
@@ -115,6 +118,12 @@ class ScoreJob:
 
 
 @dataclass
+class _ScoreRun:  # worker-only: one resumable engine scoring task serving one or more jobs
+    task: ScoreTask
+    jobs: list[tuple[ScoreJob, int]]  # each job and how many of the task's sequences are its own
+
+
+@dataclass
 class _Sequence:  # worker-only bookkeeping of one engine request
     generation: Generation
     index: int
@@ -139,6 +148,7 @@ class Scheduler:
         self._incoming: list[Generation] = []
         self._aborts: list[Generation] = []
         self._score_jobs: list[ScoreJob] = []
+        self._score_runs: collections.deque[_ScoreRun] = collections.deque()  # worker-only, started jobs
         self._num_waiting = 0  # sequences submitted and not yet prefilled (incl. pending score inputs)
         self._sequences: dict[int, _Sequence] = {}  # request_id -> sequence; worker-only
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -244,7 +254,8 @@ class Scheduler:
         self._update_gauges()
         while True:
             with self._wakeup:
-                while not (self._incoming or self._aborts or self._score_jobs or self._state != READY
+                while not (self._incoming or self._aborts or self._score_jobs or self._score_runs
+                           or self._state != READY
                            or engine.has_work):
                     self._wakeup.wait()
                 incoming, self._incoming = self._incoming, []
@@ -262,7 +273,9 @@ class Scheduler:
                 for generation in incoming:
                     self._admit(generation, outbox)
                 if jobs:
-                    self._score(jobs)
+                    self._start_scoring(jobs)
+                if self._score_runs:
+                    self._advance_scoring()
                 if engine.has_work:
                     self._step(outbox)
             except Exception as e:  # noqa: BLE001 - a bug or OOM must not kill the server
@@ -343,7 +356,8 @@ class Scheduler:
                 m.e2e_request_latency.observe(now - generation.arrival)
                 m.request_finish.labels(finish_reason=out.finish_reason).inc()
 
-    def _score(self, jobs: list[ScoreJob]) -> None:
+    def _start_scoring(self, jobs: list[ScoreJob]) -> None:
+        """Encode and validate new perplexity jobs; each becomes (part of) a resumable engine task."""
         by_stride: dict[int | None, list[ScoreJob]] = {}
         for job in jobs:
             by_stride.setdefault(job.stride, []).append(job)
@@ -354,25 +368,39 @@ class Scheduler:
                     encoded.append((job, [self._encode_for_scoring(i, x) for i, x in enumerate(job.inputs)]))
                 except ValueError as e:
                     self._finish_score(job, error=e)
-            if len(encoded) > 1:  # one engine.score over all jobs: windows of similar length batch together
+            if len(encoded) > 1:  # one task over all jobs: windows of similar length batch together
                 try:
-                    results = self.engine.score([ids for _, seqs in encoded for ids in seqs], stride=stride)
+                    task = self.engine.score_task([ids for _, seqs in encoded for ids in seqs], stride=stride)
                 except ValueError:
-                    pass  # score job by job below, so the error reaches the right client
+                    pass  # one task per job below, so the error reaches the right client
                 else:
-                    for job, seqs in encoded:
-                        self._finish_score(job, results=results[: len(seqs)])
-                        results = results[len(seqs):]
+                    self._score_runs.append(_ScoreRun(task, [(job, len(seqs)) for job, seqs in encoded]))
                     continue
             for job, seqs in encoded:
                 try:
-                    self._finish_score(job, results=self.engine.score(seqs, stride=stride))
+                    task = self.engine.score_task(seqs, stride=stride)
+                    self._score_runs.append(_ScoreRun(task, [(job, len(seqs))]))
                 except ValueError as e:
                     self._finish_score(job, error=e)
-                except Exception as e:  # noqa: BLE001 - the client gets a 500, the server lives on
-                    log.exception("scoring failed")
-                    self._finish_score(job, error=RuntimeError(f"internal error while scoring: "
-                                                               f"{type(e).__name__}: {e}"))
+
+    def _advance_scoring(self) -> None:
+        """One batched scoring forward, so running streams get a decode step in between."""
+        run = self._score_runs[0]
+        try:
+            run.task.advance()
+        except Exception as e:  # noqa: BLE001 - the clients get a 500, the server lives on
+            log.exception("scoring failed")
+            self._score_runs.popleft()
+            error = RuntimeError(f"internal error while scoring: {type(e).__name__}: {e}")
+            for job, _ in run.jobs:
+                self._finish_score(job, error=error)
+            return
+        if run.task.done:
+            self._score_runs.popleft()
+            results = run.task.results
+            for job, count in run.jobs:
+                self._finish_score(job, results=results[:count])
+                results = results[count:]
 
     def _encode_for_scoring(self, index: int, item: str | list[int]) -> list[int]:
         ids = self.engine.encode_for_scoring(item) if isinstance(item, str) else list(item)
@@ -407,8 +435,9 @@ class Scheduler:
         self._fail_all(message, 503, outbox)
         for generation in incoming:
             outbox.append((generation.queue, Rejected(message, 503)))
-        for job in jobs:
+        for job in jobs + [job for run in self._score_runs for job, _ in run.jobs]:
             self._resolve(job.future, None, NotReady(message))
+        self._score_runs.clear()
 
     # ---- handing results to the event loop ------------------------------------------------------
     def _post(self, outbox: list[tuple[asyncio.Queue, QueueItem]]) -> None:

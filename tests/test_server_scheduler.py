@@ -176,3 +176,38 @@ def test_non_streaming_outputs_arrive_together_at_the_end(engine):
         await asyncio.to_thread(scheduler.stop)
 
     asyncio.run(scenario())
+
+
+def test_long_perplexity_job_interleaves_with_decoding(engine):
+    """A text of many windows is scored one batched forward per loop turn, with decode steps between."""
+    steps_at_forward = []
+    make_task = engine.score_task
+
+    def score_task(*args, **kwargs):
+        task = make_task(*args, **kwargs)
+        advance = task.advance
+
+        def recorded():
+            steps_at_forward.append(engine.steps)
+            advance()
+
+        task.advance = recorded
+        return task
+
+    engine.score_task = score_task
+
+    async def scenario():
+        scheduler = Scheduler(engine, ServerMetrics("t"), max_queue=4)
+        scheduler.start(asyncio.get_running_loop())
+        generation = scheduler.submit([[5, 6, 7]], [long_params(60)])
+        assert isinstance(await next_item(generation), Accepted)
+        assert isinstance(await next_item(generation), SequenceOutput)
+        ids = [(7 * i) % 200 + 1 for i in range(64 * 70)]  # ~140 windows of 64: three forwards
+        results = await asyncio.wait_for(scheduler.submit_score([ids], None), 60)
+        assert results[0].num_scored == len(ids) - 1
+        assert len(steps_at_forward) >= 3
+        assert all(b > a for a, b in zip(steps_at_forward, steps_at_forward[1:])), steps_at_forward
+        scheduler.abort(generation)
+        await asyncio.to_thread(scheduler.stop)
+
+    asyncio.run(scenario())
