@@ -5,11 +5,12 @@ dispatch and Python, not arithmetic. `DecodePlan` is built once from a loaded
 `Transformer` and runs the same math as `Transformer.forward` with a `CacheBatch`, minus
 the overhead:
 
-- every norm's gain (and LayerNorm's bias) is folded into the linear layer that reads
-  it, at build time: `W @ (g * n) + b == (W * g) @ n + b`; RMSNorm becomes
-  `x * rsqrt(mean(x^2) + eps)` and LayerNorm an affine-free `layer_norm`;
-- the final norm's gain is folded into a private copy of the LM head (tied embeddings
-  stay untouched);
+- for models up to FOLD_LIMIT_BYTES of weights, every norm's gain (and LayerNorm's bias)
+  is folded into a copy of the linear layer that reads it, at build time:
+  `W @ (g * n) + b == (W * g) @ n + b`; RMSNorm becomes `x * rsqrt(mean(x^2) + eps)` and
+  LayerNorm an affine-free `layer_norm` (the final norm folds into a private copy of the
+  LM head, so tied embeddings stay untouched); larger models keep their weights as they
+  are and apply the norms as modules;
 - one flat loop over pre-extracted weights: no module calls, hooks or attribute lookups.
 
 The plain path stays the reference: tests assert both give the same greedy tokens and
@@ -28,6 +29,12 @@ from .kv_cache import CacheBatch, KVCache
 from .transformer import RMSNorm, Transformer
 
 
+# Folding copies the matrices that read a norm (qkv, MLP up, LM head). Worth it for small
+# models, where every op counts; for large ones the copies would double the memory, so the
+# plan keeps the original weights and applies the gains as one more op.
+FOLD_LIMIT_BYTES = 256 * 2**20
+
+
 @dataclass
 class _Layer:
     qkv_w: torch.Tensor
@@ -38,6 +45,8 @@ class _Layer:
     up_b: torch.Tensor | None
     down_w: torch.Tensor
     down_b: torch.Tensor | None
+    norm1: torch.nn.Module | None  # None when folded into qkv_w
+    norm2: torch.nn.Module | None  # None when folded into up_w
 
 
 def _fold(norm: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -61,15 +70,22 @@ class DecodePlan:
         self.d_model = config.d_model
         self.swiglu = config.mlp == "swiglu"
         self.d_ff = config.d_ff
-        self.scale = self.D ** -0.5
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.folded = weight_bytes <= FOLD_LIMIT_BYTES
+
+        def reading(norm, linear):  # (weight, bias, norm to apply first or None)
+            if self.folded:
+                return (*_fold(norm, linear.weight, linear.bias), None)
+            return linear.weight, linear.bias, norm
+
         with torch.no_grad():
             self.layers = []
             for block in model.blocks:
-                qkv_w, qkv_b = _fold(block.norm1, block.attn.qkv.weight, block.attn.qkv.bias)
-                up_w, up_b = _fold(block.norm2, block.mlp.up.weight, block.mlp.up.bias)
+                qkv_w, qkv_b, norm1 = reading(block.norm1, block.attn.qkv)
+                up_w, up_b, norm2 = reading(block.norm2, block.mlp.up)
                 self.layers.append(_Layer(qkv_w, qkv_b, block.attn.proj.weight, block.attn.proj.bias,
-                                          up_w, up_b, block.mlp.down.weight, block.mlp.down.bias))
-            self.head_w, self.head_b = _fold(model.norm, model.lm_head.weight, model.lm_head.bias)
+                                          up_w, up_b, block.mlp.down.weight, block.mlp.down.bias, norm1, norm2))
+            self.head_w, self.head_b, self.final_norm = reading(model.norm, model.lm_head)
 
     @staticmethod
     def supports(model: Transformer) -> bool:
@@ -77,7 +93,9 @@ class DecodePlan:
                        if "norm" in type(m).__name__.lower())
         return model.embed.weight.device.type == "cpu" and norms_ok
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, norm: torch.nn.Module | None) -> torch.Tensor:
+        if norm is not None:  # not folded: the module itself, gain included
+            return norm(x)
         if self.rms:
             return x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(self.eps))
         return F.layer_norm(x, (self.d_model,), eps=self.eps)
@@ -99,7 +117,7 @@ class DecodePlan:
         gqa = H != Hkv
         slot_index = batch.slots[:, None]
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(self._norm(x), layer.qkv_w, layer.qkv_b)  # (B, 1, (H + 2Hkv) D)
+            qkv = F.linear(self._norm(x, layer.norm1), layer.qkv_w, layer.qkv_b)  # (B, 1, (H + 2Hkv) D)
             qk = qkv[..., : (H + Hkv) * D].view(B, 1, H + Hkv, D)
             if self.rms:
                 qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
@@ -114,10 +132,10 @@ class DecodePlan:
                 keys, values = k_cache[batch.slots, :, :L], v_cache[batch.slots, :, :L]
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask, enable_gqa=gqa)
             x = x + F.linear(y.transpose(1, 2).reshape(B, 1, H * D), layer.proj_w, layer.proj_b)
-            h = F.linear(self._norm(x), layer.up_w, layer.up_b)
+            h = F.linear(self._norm(x, layer.norm2), layer.up_w, layer.up_b)
             if self.swiglu:
                 h = F.silu(h[..., : self.d_ff]) * h[..., self.d_ff:]
             else:
                 h = F.gelu(h, approximate="tanh")
             x = x + F.linear(h, layer.down_w, layer.down_b)
-        return F.linear(self._norm(x[:, 0]), self.head_w, self.head_b)  # (B, V)
+        return F.linear(self._norm(x[:, 0], self.final_norm), self.head_w, self.head_b)  # (B, V)

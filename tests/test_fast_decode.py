@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from model import fast_decode
 from model.cli import load_engine
 from model.engine import Engine, SamplingParams
 
@@ -25,9 +27,12 @@ def run(engine: Engine, prompts: list[list[int]], lengths: list[int]):
     return [r.output_ids for r in requests], [logprobs[r.request_id] for r in requests]
 
 
-def test_fast_path_equals_plain_path(hf_dir):
+@pytest.mark.parametrize("fold", [True, False])
+def test_fast_path_equals_plain_path(hf_dir, fold, monkeypatch):
+    if not fold:  # the large-model variant: norms applied as modules, no weight copies
+        monkeypatch.setattr(fast_decode, "FOLD_LIMIT_BYTES", 0)
     fast = load_engine(str(hf_dir), "cpu", max_batch_size=3)
-    assert fast._decode_plan is not None
+    assert fast._decode_plan is not None and fast._decode_plan.folded == fold
     plain = Engine(fast.model, fast.tokenizer, max_batch_size=3, fast_decode=False)
     prompts = [fast.tokenizer.encode(p) for p in PROMPTS]
     for lengths in ([20], [14, 6, 11, 9]):
