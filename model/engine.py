@@ -116,6 +116,8 @@ class Engine:
         backend = resolve_backend(model.attn_backend, self.device, self.config.dim_per_head)
         use_plan = fast_decode and backend == "torch" and DecodePlan.supports(model)
         self._decode_plan = DecodePlan(model) if use_plan else None
+        if self._decode_plan is not None:
+            self._decode_plan.pack_head([1, max_batch_size])
 
     # ---- requests -------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:

@@ -86,6 +86,39 @@ class DecodePlan:
                 self.layers.append(_Layer(qkv_w, qkv_b, block.attn.proj.weight, block.attn.proj.bias,
                                           up_w, up_b, block.mlp.down.weight, block.mlp.down.bias, norm1, norm2))
             self.head_w, self.head_b, self.final_norm = reading(model.norm, model.lm_head)
+        self._head_packs: dict[int, torch.Tensor] = {}  # batch size -> oneDNN-packed head (pack_head)
+
+    def pack_head(self, batch_sizes: list[int]) -> None:
+        """Prepack the LM head for oneDNN at the given batch sizes (CPU builds with mkldnn).
+
+        The head is the biggest matrix of a decode step and plain GEMV runs it on one core;
+        oneDNN's prepacked path is about 2x faster at batch 1 and 3x at batch 8 here. Each
+        pack is a copy of the head, so only small (folded) models get them. A pack that does
+        not reproduce F.linear to fp32 rounding is dropped.
+        """
+        if not (self.folded and torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+            return
+        probe = torch.randn(max(batch_sizes), self.head_w.shape[1], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want = F.linear(probe, self.head_w, self.head_b)
+            for size in sorted(set(batch_sizes)):
+                try:
+                    packed = torch.ops.mkldnn._reorder_linear_weight(self.head_w, size)
+                    got = torch.ops.mkldnn._linear_pointwise(probe, packed, self.head_b, "none", [], "")
+                except (RuntimeError, AttributeError):
+                    return
+                if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+                    return
+                self._head_packs[size] = packed
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, d) -> logits (B, V), through the pack made for the nearest batch size at or above B."""
+        fits = [size for size in self._head_packs if size >= h.shape[0]]
+        if not fits:
+            return F.linear(h, self.head_w, self.head_b)
+        packed = self._head_packs[min(fits)]
+        return torch.ops.mkldnn._linear_pointwise(h, packed, self.head_b, "none", [], "")
 
     @staticmethod
     def supports(model: Transformer) -> bool:
@@ -138,4 +171,4 @@ class DecodePlan:
             else:
                 h = F.gelu(h, approximate="tanh")
             x = x + F.linear(h, layer.down_w, layer.down_b)
-        return F.linear(self._norm(x[:, 0], self.final_norm), self.head_w, self.head_b)  # (B, V)
+        return self._head(self._norm(x[:, 0], self.final_norm))  # (B, V)
