@@ -96,6 +96,23 @@ class Request:
         return self.finish_reason is not None
 
 
+def prefill_groups(lengths: list[int], max_padding: float = 0.5, max_tokens: int = 8192) -> list[list[int]]:
+    """Indices of prompts to prefill together: similar lengths, so right-padding wastes at most
+    `max_padding` of each forward, and at most `max_tokens` padded tokens per forward."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            group = groups[-1]
+            padded = lengths[i] * (len(group) + 1)  # sorted: the newcomer is the longest
+            real = sum(lengths[j] for j in group) + lengths[i]
+            if padded <= max_tokens and padded - real <= max_padding * padded:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 8,
                  max_seq_len: int | None = None, fast_decode: bool = True):
@@ -166,8 +183,8 @@ class Engine:
             request = self.waiting.pop(0)
             request.slot = self.cache.allocate()
             admitted.append(request)
-        if admitted:
-            outputs += self._prefill(admitted)
+        for group in prefill_groups([len(r.prompt_ids) for r in admitted]):
+            outputs += self._prefill([admitted[i] for i in group])
         if decoding:
             outputs += self._decode(decoding)
         return outputs

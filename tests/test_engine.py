@@ -153,3 +153,15 @@ def test_bad_requests_are_rejected_with_clear_messages(llama_dir):
     with pytest.raises(ValueError, match="out of range"):
         engine.add_request([10**6], SamplingParams())
     assert not engine.has_work
+
+
+def test_prefill_groups_keep_padding_bounded():
+    from model.engine import prefill_groups
+
+    assert prefill_groups([]) == []
+    assert prefill_groups([5]) == [[0]]
+    # a 3-token and a 40-token prompt are not padded together; similar ones are
+    assert prefill_groups([3, 40, 4, 38]) == [[0, 2], [3, 1]]
+    assert prefill_groups([10] * 6) == [list(range(6))]
+    # the padded-token budget splits a large batch of equal prompts
+    assert prefill_groups([100] * 5, max_tokens=250) == [[0, 1], [2, 3], [4]]
