@@ -39,6 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
+from kernels import attention_backward as backward_kernels
 from kernels._utils import (
     FLOAT_DTYPES,
     LOG2E,
@@ -438,214 +439,6 @@ def _attn_fwd_kernel(
              acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _attn_bwd_preprocess_kernel(
-    Out, DOut, Delta, CuSeqlensQ,
-    stride_ob, stride_oh, stride_ot, stride_od,
-    stride_db, stride_dh, stride_dt, stride_dd,
-    stride_lb, stride_lh,
-    seqlen_q, n_heads,
-    VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    # delta[row] = sum_d O * dO: the softmax-backward correction term.
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
-    if VARLEN:
-        q_start = tl.load(CuSeqlensQ + off_b).to(tl.int64)
-        seqlen_q = (tl.load(CuSeqlensQ + off_b + 1) - q_start).to(tl.int32)
-    else:
-        q_start = 0
-    if start_m * BLOCK_M >= seqlen_q:
-        return
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < seqlen_q
-    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + (q_start + offs_m[:, None]) * stride_ot
-                + offs_d[None, :] * stride_od, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DOut + off_b * stride_db + off_h * stride_dh + (q_start + offs_m[:, None]) * stride_dt
-                 + offs_d[None, :] * stride_dd, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(Delta + off_b * stride_lb + off_h * stride_lh + q_start + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
-
-
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, DK, DV, Lse, Delta, CuSeqlensQ, CuSeqlensK,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_db, stride_dh, stride_dt, stride_dd,
-    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-    stride_lb, stride_lh,
-    seqlen_q, seqlen_k, n_kv_heads, group_size, sm_scale, qk_scale,
-    SEQ_BUCKET_Q, SEQ_BUCKET_K,  # autotune keys only
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # One program per (key block, batch, kv head): dK and dV stay in registers while it
-    # walks every query block of every query head in its GQA group.
-    start_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // n_kv_heads).to(tl.int64)
-    off_hk = (off_bh % n_kv_heads).to(tl.int64)
-    if VARLEN:
-        q_start = tl.load(CuSeqlensQ + off_b).to(tl.int64)
-        seqlen_q = (tl.load(CuSeqlensQ + off_b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CuSeqlensK + off_b).to(tl.int64)
-        seqlen_k = (tl.load(CuSeqlensK + off_b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
-    if start_n * BLOCK_N >= seqlen_k:
-        return
-
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    key_ok = offs_n[:, None] < seqlen_k
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + (k_start + offs_n[:, None]) * stride_kt
-                + offs_d[None, :] * stride_kd, mask=key_ok, other=0.0)  # (BLOCK_N, D)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + (k_start + offs_n[:, None]) * stride_vt
-                + offs_d[None, :] * stride_vd, mask=key_ok, other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-
-    shift = seqlen_k - seqlen_q
-    if CAUSAL:
-        # Query rows >= q_full see the whole key block; [q_lo, q_full) is the diagonal.
-        q_lo = tl.maximum(start_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
-        q_full = tl.maximum(start_n * BLOCK_N + BLOCK_N - 1 - shift, 0)
-        q_full = tl.minimum((q_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seqlen_q)
-    else:
-        q_lo = 0
-        q_full = 0
-
-    offs_m_base = tl.arange(0, BLOCK_M)
-    for g in range(group_size):
-        off_h = off_hk * group_size + g
-        q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qt
-        do_base = DOut + off_b * stride_db + off_h * stride_dh + q_start * stride_dt
-        row_base = off_b * stride_lb + off_h * stride_lh + q_start
-        for stage in tl.static_range(2):  # 0: causal diagonal (masked), 1: fully visible
-            if stage == 0:
-                lo_s = q_lo
-                hi_s = q_full
-            else:
-                lo_s = q_full
-                hi_s = seqlen_q
-            for start_m in range(lo_s, hi_s, BLOCK_M):
-                offs_m = start_m + offs_m_base
-                row_ok = offs_m < seqlen_q
-                q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                            mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-                do = tl.load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dd,
-                             mask=row_ok[:, None], other=0.0)
-                # Rows past the end load lse = +inf, so their probabilities are exactly 0.
-                lse = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
-                delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
-                qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-                p_t = tl.exp2(qk_t * qk_scale - lse[None, :])
-                if stage == 0:
-                    p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, p_t, 0.0)
-                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-
-    dk = dk * sm_scale
-    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + offs_n[:, None]) * stride_dkt
-             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=key_ok)
-    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + (k_start + offs_n[:, None]) * stride_dvt
-             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=key_ok)
-
-
-def _attn_bwd_dq_kernel(
-    Q, K, V, DOut, DQ, Lse, Delta, CuSeqlensQ, CuSeqlensK,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_db, stride_dh, stride_dt, stride_dd,
-    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-    stride_lb, stride_lh,
-    seqlen_q, seqlen_k, n_heads, group_size, sm_scale, qk_scale,
-    SEQ_BUCKET_Q, SEQ_BUCKET_K,  # autotune keys only
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # One program per (query block, batch, head); the key loop mirrors the forward.
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
-    off_hk = off_h // group_size
-    if VARLEN:
-        q_start = tl.load(CuSeqlensQ + off_b).to(tl.int64)
-        seqlen_q = (tl.load(CuSeqlensQ + off_b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CuSeqlensK + off_b).to(tl.int64)
-        seqlen_k = (tl.load(CuSeqlensK + off_b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
-    if CAUSAL:
-        start_m = tl.num_programs(0) - 1 - start_m
-    if start_m * BLOCK_M >= seqlen_q:
-        return
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < seqlen_q
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + (q_start + offs_m[:, None]) * stride_qt
-                + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-    do = tl.load(DOut + off_b * stride_db + off_h * stride_dh + (q_start + offs_m[:, None]) * stride_dt
-                 + offs_d[None, :] * stride_dd, mask=row_ok[:, None], other=0.0)
-    row_base = off_b * stride_lb + off_h * stride_lh + q_start
-    lse = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kt
-    v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vt
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-
-    shift = seqlen_k - seqlen_q
-    if CAUSAL:
-        mask_lo = tl.maximum(start_m * BLOCK_M + shift, 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(seqlen_k, start_m * BLOCK_M + BLOCK_M + shift)
-    else:
-        mask_lo = seqlen_k // BLOCK_N * BLOCK_N
-        hi = seqlen_k
-    for stage in tl.static_range(2):  # 0: unmasked key blocks, 1: masked key blocks
-        if stage == 0:
-            lo_s = 0
-            hi_s = mask_lo
-        else:
-            lo_s = mask_lo
-            hi_s = hi
-        for start_n in range(lo_s, hi_s, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            cols = start_n + offs_n
-            k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd
-            v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd
-            if stage == 0:
-                k = tl.load(k_ptrs)  # (BLOCK_N, D)
-                v = tl.load(v_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
-                v = tl.load(v_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            p = tl.exp2(qk * qk_scale - lse[:, None])
-            if stage == 1:
-                keep = cols[None, :] < seqlen_k
-                if CAUSAL:
-                    keep = keep & (cols[None, :] <= offs_m[:, None] + shift)
-                p = tl.where(keep, p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-
-    dq = dq * sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqt
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
-
-
 # ----------------------------------------------------------------------------- configs
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim) for H100. The head-dim
 # limits come from compiling each config for sm_90 and keeping those that do not
@@ -698,13 +491,15 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             _attn_fwd_kernel, _configs(_FWD_CONFIGS), config(BLOCK_M=32, BLOCK_N=16), key, _pruner(_FWD_CONFIGS)
         ),
         preprocess=jit_kernel(
-            _attn_bwd_preprocess_kernel, [config(BLOCK_M=32, num_warps=8)], config(BLOCK_M=32), key=["HEAD_DIM"]
+            backward_kernels.attn_bwd_preprocess_kernel, [config(BLOCK_M=32, num_warps=8)], config(BLOCK_M=32),
+            key=["HEAD_DIM"],
         ),
         dkdv=jit_kernel(
-            _attn_bwd_dkdv_kernel, _configs(_DKDV_CONFIGS), config(BLOCK_M=16, BLOCK_N=32), key,
+            backward_kernels.attn_bwd_dkdv_kernel, _configs(_DKDV_CONFIGS), config(BLOCK_M=16, BLOCK_N=32), key,
             _pruner(_DKDV_CONFIGS),
         ),
         dq=jit_kernel(
-            _attn_bwd_dq_kernel, _configs(_DQ_CONFIGS), config(BLOCK_M=32, BLOCK_N=16), key, _pruner(_DQ_CONFIGS)
+            backward_kernels.attn_bwd_dq_kernel, _configs(_DQ_CONFIGS), config(BLOCK_M=32, BLOCK_N=16), key,
+            _pruner(_DQ_CONFIGS),
         ),
     )
