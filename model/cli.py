@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
 
@@ -24,7 +25,7 @@ def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
     print(f"kiln: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 

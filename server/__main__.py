@@ -12,11 +12,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .settings import ServerSettings, build_parser
 
 
-def _fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+def _fail(message: str, code: int = 2) -> NoReturn:
     print(f"kiln serve: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
