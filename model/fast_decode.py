@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import CacheBatch, KVCache
-from .transformer import RMSNorm, Transformer
+from .attention import cached_attention
+from .transformer import Transformer, apply_rope
 
 
 # Folding copies the matrices that read a norm (qkv, MLP up, LM head). Worth it for small
@@ -122,9 +123,7 @@ class DecodePlan:
 
     @staticmethod
     def supports(model: Transformer) -> bool:
-        norms_ok = all(isinstance(m, (RMSNorm, torch.nn.LayerNorm)) for m in model.modules()
-                       if "norm" in type(m).__name__.lower())
-        return model.embed.weight.device.type == "cpu" and norms_ok
+        return model.embed.weight.device.type == "cpu"
 
     def _norm(self, x: torch.Tensor, norm: torch.nn.Module | None) -> torch.Tensor:
         if norm is not None:  # not folded: the module itself, gain included
@@ -146,24 +145,14 @@ class DecodePlan:
             sin = model.rope_sin[positions][:, :, None, :]
         else:
             x = x + F.embedding(positions, model.pos_embed.weight)
-        L = batch.kv_len
-        gqa = H != Hkv
-        slot_index = batch.slots[:, None]
         for i, layer in enumerate(self.layers):
             qkv = F.linear(self._norm(x, layer.norm1), layer.qkv_w, layer.qkv_b)  # (B, 1, (H + 2Hkv) D)
             qk = qkv[..., : (H + Hkv) * D].view(B, 1, H + Hkv, D)
             if self.rms:
-                qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
-            q = qk[:, :, :H].transpose(1, 2)  # (B, H, 1, D)
-            k_cache, v_cache = kv_cache.k[i], kv_cache.v[i]
-            k_cache[slot_index, :, positions] = qk[:, :, H:]
-            v_cache[slot_index, :, positions] = qkv[..., (H + Hkv) * D:].view(B, 1, Hkv, D)
-            if batch.slot_range is not None:
-                first, last = batch.slot_range
-                keys, values = k_cache[first:last, :, :L], v_cache[first:last, :, :L]
-            else:
-                keys, values = k_cache[batch.slots, :, :L], v_cache[batch.slots, :, :L]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask, enable_gqa=gqa)
+                qk = apply_rope(qk, cos, sin)
+            v = qkv[..., (H + Hkv) * D:].view(B, 1, Hkv, D)
+            y = cached_attention(qk[:, :, :H].transpose(1, 2), qk[:, :, H:], v, kv_cache.k[i], kv_cache.v[i],
+                                 batch, "torch")  # (B, H, 1, D)
             x = x + F.linear(y.transpose(1, 2).reshape(B, 1, H * D), layer.proj_w, layer.proj_b)
             h = F.linear(self._norm(x, layer.norm2), layer.up_w, layer.up_b)
             if self.swiglu:
