@@ -77,9 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not 0 < args.top_p <= 1:
         fail(f"--top-p must be in (0, 1], got {args.top_p}")
     engine = load_engine(args.model, args.device, args.dtype)
-    ids = engine.tokenizer.encode(args.prompt)
-    if engine.tokenizer.add_bos and engine.tokenizer.bos_id is not None:
-        ids = [engine.tokenizer.bos_id] + ids
+    ids = engine.tokenizer.encode_prompt(args.prompt)
     if len(ids) >= engine.max_seq_len:
         fail(f"the prompt has {len(ids)} tokens; this model's context is {engine.max_seq_len} tokens, "
              "so the prompt must be shorter than that")

@@ -319,10 +319,7 @@ class Engine:
 
     # ---- scoring --------------------------------------------------------------------
     def encode_for_scoring(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text)
-        if self.tokenizer.add_bos and self.tokenizer.bos_id is not None:
-            ids = [self.tokenizer.bos_id] + ids
-        return ids
+        return self.tokenizer.encode_prompt(text)
 
     def score_task(self, sequences: list[list[int]], stride: int | None = None,
                    batch_tokens: int = 4096) -> ScoreTask:

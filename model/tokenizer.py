@@ -148,6 +148,16 @@ class Tokenizer:
         return self.config.add_bos
 
     @property
+    def prepends_bos(self) -> bool:
+        """True when `encode_prompt` puts the BOS id first."""
+        return self.config.add_bos and self.bos_id is not None
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A text as the model reads it: BOS first when this tokenizer adds one."""
+        ids = self.encode(text)
+        return [self.bos_id] + ids if self.prepends_bos else ids
+
+    @property
     def special_tokens(self) -> dict[str, int]:
         return dict(self.config.special_tokens)
 

@@ -35,14 +35,6 @@ from .streaming import sse_response
 MIN_LOGPROB = -9999.0  # what -inf becomes (as vLLM reports it): JSON has no infinity
 
 
-def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Prompt text -> ids exactly as `engine.encode_for_scoring` (and `kiln ppl`) does it."""
-    ids = tokenizer.encode(text)
-    if tokenizer.add_bos and tokenizer.bos_id is not None:
-        ids = [tokenizer.bos_id] + ids
-    return ids
-
-
 def prompt_list(prompt: str | list, field: str = "prompt") -> list[str | list[int]]:
     """OpenAI's four prompt forms -> a list of texts or id lists."""
     if isinstance(prompt, str):
@@ -191,7 +183,7 @@ async def create_completion(body: CompletionRequest, request: Request, scheduler
     params = sampling_params(body)
     prompts = prompt_list(body.prompt)
     prompt_ids = await run_in_threadpool(
-        lambda: [encode_text(tokenizer, p) if isinstance(p, str) else p for p in prompts])
+        lambda: [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts])
     n = body.n
     try:
         generation = scheduler.submit([ids for ids in prompt_ids for _ in range(n)], params * len(prompt_ids), n,

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from .completions import create_completion, encode_text, prompt_list
+from .completions import create_completion, prompt_list
 from .errors import APIError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
@@ -134,7 +134,7 @@ async def tokenize(body: TokenizeRequest, state: KilnState = Depends(kiln_state)
     tokenizer = engine.tokenizer
 
     def encode() -> list[int]:
-        return encode_text(tokenizer, body.prompt) if body.add_special_tokens else tokenizer.encode(body.prompt)
+        return tokenizer.encode_prompt(body.prompt) if body.add_special_tokens else tokenizer.encode(body.prompt)
 
     ids = await run_in_threadpool(encode)
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_seq_len)

@@ -109,8 +109,7 @@ def _train(model_dir, texts, out: Path, steps: int, lr: float, seed: int) -> Pat
     torch.manual_seed(seed)
     model = load_model(model_dir, device="cpu", dtype=torch.float32)
     tokenizer = load_tokenizer(model_dir)
-    bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
-    sequences = [bos + tokenizer.encode(text) + [tokenizer.eos_id] for text in texts]
+    sequences = [tokenizer.encode_prompt(text) + [tokenizer.eos_id] for text in texts]
     T = max(len(s) for s in sequences)
     if T > model.config.max_seq_len + 1:
         raise ValueError(f"texts of {T} tokens do not fit the context of {model.config.max_seq_len}")

@@ -142,7 +142,8 @@ def test_vocab_merges_ids_match_gpt2_tokenizer(gpt2_dirs):
     assert tok.config.pattern == GPT2_PATTERN
     assert_same_ids(tok, reference, {**TEXTS, **random_texts(1, 200)})
     assert (tok.eos_token, tok.eos_id, tok.n_vocab) == (EOS, reference.eos_token_id, len(reference))
-    assert tok.add_bos is False
+    assert tok.add_bos is False and not tok.prepends_bos
+    assert tok.encode_prompt(TEXTS["english"]) == tok.encode(TEXTS["english"])
 
 
 def test_tokenizer_json_ids_match_transformers(gpt2_dirs):
@@ -174,8 +175,8 @@ def test_llama_style_split_regex_and_bos(llama_dir):
     assert (tok.bos_id, tok.eos_id) == (auto.bos_token_id, auto.eos_token_id)
     texts = {k: v.replace(EOS, "<|end_of_text|>") for k, v in {**TEXTS, **random_texts(3, 200)}.items()}
     assert_same_ids(tok, auto, texts)
-    for text in texts.values():  # transformers adds BOS by default; Kiln's caller does
-        assert auto.encode(text) == [tok.bos_id] + tok.encode(text)
+    for text in texts.values():  # transformers adds BOS by default; Kiln's encode_prompt does
+        assert auto.encode(text) == [tok.bos_id] + tok.encode(text) == tok.encode_prompt(text)
 
 
 def test_add_bos_token_from_tokenizer_config(gpt2_dirs, tmp_path):

@@ -25,8 +25,8 @@ class EvalTotals:
     nll: float = 0.0  # nats, summed over scored tokens
     bytes: int = 0
 
-    def add(self, nll_sum: float, tokens: int, nbytes: int) -> None:
-        self.documents += 1
+    def add(self, nll_sum: float, tokens: int, nbytes: int, documents: int = 1) -> None:
+        self.documents += documents
         self.tokens += tokens
         self.nll += nll_sum
         self.bytes += nbytes
@@ -44,7 +44,7 @@ def evaluate_texts(engine, texts: list[str], stride: int | None = None) -> EvalT
     eos = engine.tokenizer.eos_id
     for text in texts:
         ids = engine.encode_for_scoring(text)
-        if not (engine.tokenizer.add_bos and engine.tokenizer.bos_id is not None) and eos is not None:
+        if not engine.tokenizer.prepends_bos and eos is not None:
             ids = [eos] + ids  # documents follow an EOS in the training stream: score every text token
         result = engine.score([ids], stride=stride)[0]
         totals.add(result.mean_nll * result.num_scored, result.num_scored, len(text.encode("utf-8")))
@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, texts in sources.items():
         totals = evaluate_texts(engine, texts, args.stride)
         report[name] = totals.as_dict()
-        overall.documents += totals.documents
-        overall.tokens += totals.tokens
-        overall.nll += totals.nll
-        overall.bytes += totals.bytes
+        overall.add(totals.nll, totals.tokens, totals.bytes, totals.documents)
     report["all"] = overall.as_dict()
     if args.json:
         print(json.dumps(report, indent=2))
