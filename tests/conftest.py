@@ -48,6 +48,16 @@ def build_hf_tokenizer(out_dir: Path, vocab_size: int = 384, bos: bool = False) 
     return out_dir
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one thread is faster, and immune to other processes on a shared 2-core box.
+    Use per module with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     return build_hf_tokenizer(tmp_path_factory.mktemp("tokenizer"))

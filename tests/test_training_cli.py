@@ -21,12 +21,7 @@ SHRINK = ["--set", "seq_len=32", "--set", "micro_batch_size=4", "--set", "batch_
           "--set", "model.d_ff=96", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_prepare_train_resume_export_load(tmp_path, tokenizer_dir, capsys):

@@ -24,13 +24,7 @@ DETERMINISTIC_KEYS = ("step", "tokens", "loss", "lr", "grad_norm", "val_loss", "
 TINY_MODEL = ModelShape(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster, and immune to other processes on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
