@@ -177,7 +177,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
-        decoding = [r for r in self.running]
+        decoding = list(self.running)
         admitted = []
         while self.waiting and self.cache.num_free > 0:
             request = self.waiting.pop(0)
@@ -235,7 +235,6 @@ class Engine:
 
     def _sample_and_advance(self, requests: list[Request], logits: torch.Tensor, new_requests: bool) -> list[StepOutput]:
         params = [r.params for r in requests]
-        slots = torch.tensor([r.slot for r in requests], device=self.device)
         # min_tokens: EOS and stop ids are not allowed before the minimum length
         for i, r in enumerate(requests):
             if len(r.output_ids) < r.params.min_tokens:
@@ -244,6 +243,8 @@ class Engine:
         use_penalties = any(p.presence_penalty or p.frequency_penalty for p in params)
         if use_penalties and self._counts is None:
             self._counts = torch.zeros(self.cache.num_slots, self.config.vocab_size, device=self.device)
+        # per-slot counts of generated ids, kept only once some request has used a penalty
+        slots = torch.tensor([r.slot for r in requests], device=self.device) if self._counts is not None else None
         if self._counts is not None and new_requests:
             self._counts[slots] = 0
         num_top = max((p.logprobs or 0) for p in params)

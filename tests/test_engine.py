@@ -165,3 +165,22 @@ def test_prefill_groups_keep_padding_bounded():
     assert prefill_groups([10] * 6) == [list(range(6))]
     # the padded-token budget splits a large batch of equal prompts
     assert prefill_groups([100] * 5, max_tokens=250) == [[0, 1], [2, 3], [4]]
+
+
+@torch.no_grad()
+def test_penalties_follow_the_generated_counts(llama_dir):
+    """Greedy with penalties equals a by-hand replay: logits - freq * count - pres * (count > 0)."""
+    engine = load_engine(str(llama_dir), "cpu", max_batch_size=1)
+    prompt = engine.tokenizer.encode("The quick brown")
+    params = greedy(16, presence_penalty=0.7, frequency_penalty=1.3)
+    for _ in range(2):  # the second run reuses the slot: its counts must start from zero
+        out = run_alone(engine, prompt, params)
+        counts = torch.zeros(engine.config.vocab_size)
+        seq = list(prompt)
+        for tok in out:
+            logits = engine.model(torch.tensor([seq]))[0, -1]
+            logits = logits - 1.3 * counts - 0.7 * (counts > 0).float()
+            assert tok == logits[: engine.vocab_limit].argmax().item()
+            counts[tok] += 1
+            seq.append(tok)
+    assert out != run_alone(engine, prompt, greedy(16))  # the penalties changed something
