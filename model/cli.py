@@ -51,7 +51,7 @@ def load_engine(model_dir: str | None, device: str = "auto", dtype: str | None =
     return Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
 
 
-def _positive_int(value: str) -> int:
+def _non_negative_int(value: str) -> int:
     try:
         n = int(value)
     except ValueError:
@@ -136,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
     add_model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=_positive_int, default=64)
+    p.add_argument("--max-tokens", type=_non_negative_int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=_positive_int, default=0)
+    p.add_argument("--top-k", type=_non_negative_int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help='print {"perplexity", "mean_nll", "num_tokens"}')
-    p.add_argument("--stride", type=_positive_int, default=None,
+    p.add_argument("--stride", type=_non_negative_int, default=None,
                    help="sliding-window stride for texts longer than the context (default: half the context)")
     p.set_defaults(func=cmd_ppl)
 
