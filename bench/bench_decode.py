@@ -1,14 +1,21 @@
-"""Benchmark kernels.decode.decode_attention (flash-decoding over the slot cache) on CUDA.
+"""Benchmark kernels.decode.decode_attention (flash-decoding over the paged KV cache) on CUDA.
 
-    python bench/bench_decode.py [--dtype bf16] [--rep 200]
+    python bench/bench_decode.py [--dtype bf16] [--rep 200] [--block-size 16]
 
 One new query per sequence against a cache of L keys, bf16, GQA H=32 / Hkv=8, D=128.
-Every row has the same length so the PyTorch baselines need no mask (their best case).
-Baselines in the same run, each reading the same cache tensors:
-SDPA (default dispatch, ``enable_gqa=True``), SDPA pinned to the flash backend,
-SDPA on K/V repeated to H heads (the repeat is timed: a model must do it every step),
-and grouped matmul + softmax (gpt-fast style). Prints time, K/V bandwidth and the
-ratio to the fastest baseline. Targets on H100: >= 2x at B1 L8192, >= 1x at B32 L2048.
+Kiln reads a paged pool (num_blocks, block_size, Hkv, D) through a block table whose
+blocks are handed out in shuffled order (block_size 16 by default), as a serving
+engine's allocator would after some churn. Every row has the same length so the
+PyTorch baselines need no mask (their best case), and the baselines get each row's
+K/V already gathered into dense (B, Hkv, L, D) tensors, the gather NOT timed: they
+are timed at their best, not with the copy a model would have to make. Baselines in
+the same run: SDPA (default dispatch, ``enable_gqa=True``), SDPA pinned to the flash
+backend, SDPA on K/V repeated to H heads (the repeat is timed: a model must do it
+every step), and grouped matmul + softmax (gpt-fast style). The ``gather+sdpa``
+column is what a model without the kernel pays per step: gather the blocks through
+the table, then SDPA (informational; not part of the ratio). Prints time, K/V
+bandwidth (the rows' K/V bytes) and the ratio to the fastest baseline. Targets on
+H100: >= 2x at B1 L8192, >= 1x at B32 L2048.
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--rep", type=int, default=200, help="do_bench repetition time in ms")
+    parser.add_argument("--block-size", type=int, default=16, help="positions per cache block (any int >= 1)")
     args = parser.parse_args()
+    if args.block_size < 1:
+        parser.error("--block-size must be >= 1")
     if not torch.cuda.is_available():
         sys.exit("bench_decode.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
 
@@ -43,26 +53,40 @@ def main() -> None:
     from kernels import decode as dec
 
     dtype = DTYPES[args.dtype]
-    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | {args.dtype}")
+    block_size = args.block_size
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"{args.dtype} | block_size {block_size}")
     print(f"{'B':>3} {'H':>3} {'Hkv':>3} {'L':>6} {'D':>4} {'splits':>6} {'kiln us':>8} {'GB/s':>6} "
-          f"{'best torch':>22} {'us':>8} {'GB/s':>6} {'ratio':>6}")
+          f"{'best torch':>22} {'us':>8} {'GB/s':>6} {'ratio':>6} {'gather+sdpa us':>14}")
+    gen = torch.Generator(device="cuda").manual_seed(0)
     for batch, n_heads, n_kv_heads, length, head_dim in SHAPES:
         q = torch.randn(batch, n_heads, head_dim, device="cuda", dtype=dtype)
-        k_cache = torch.randn(batch, n_kv_heads, length, head_dim, device="cuda", dtype=dtype)
+        max_blocks = -(-length // block_size)
+        num_blocks = batch * max_blocks
+        k_cache = torch.randn(num_blocks, block_size, n_kv_heads, head_dim, device="cuda", dtype=dtype)
         v_cache = torch.randn_like(k_cache)
-        slots = torch.arange(batch, device="cuda", dtype=torch.int32)
+        block_table = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32).view(batch, max_blocks)
         lengths = torch.full((batch,), length, device="cuda", dtype=torch.int32)
         n_sms = torch.cuda.get_device_properties(0).multi_processor_count
-        splits = dec.choose_num_splits(batch, n_kv_heads, length, n_sms)
+        splits = dec.choose_num_splits(batch, n_kv_heads, max_blocks * block_size, n_sms)
 
         def kiln():
-            return dec.decode_attention(q, k_cache, v_cache, slots, lengths)
+            return dec.decode_attention(q, k_cache, v_cache, block_table, lengths)
 
-        baselines = _baselines(q, k_cache, v_cache)
-        expected = dec.decode_attention_reference(q, k_cache, v_cache, slots, lengths).float()
+        def gather():  # each row's first L positions, (B, Hkv, L, D), as model/attention.py gathers them
+            k = k_cache[block_table].flatten(1, 2)[:, :length].transpose(1, 2)
+            v = v_cache[block_table].flatten(1, 2)[:, :length].transpose(1, 2)
+            return k, v
+
+        k_dense, v_dense = (t.contiguous() for t in gather())
+        baselines = _baselines(q, k_dense, v_dense)
+        expected = dec.decode_attention_reference(q, k_cache, v_cache, block_table, lengths).float()
         err = (kiln().float() - expected).abs().max().item()
         if err > 2e-2:
             raise SystemExit(f"kiln decode disagrees with the reference at B{batch} L{length}: max err {err:.2e}")
+        err = (baselines["sdpa(enable_gqa)"]()[:, :, 0].float() - expected).abs().max().item()
+        if err > 2e-2:
+            raise SystemExit(f"the dense baseline K/V do not match the pool at B{batch} L{length}: max err {err:.2e}")
         t_kiln = triton.testing.do_bench(kiln, rep=args.rep, return_mode="median")
         times = {}
         for name, fn in baselines.items():
@@ -71,15 +95,23 @@ def main() -> None:
             except RuntimeError:  # backend unavailable for this shape/dtype/build
                 continue
         best = min(times, key=times.get)
-        kv_bytes = 2 * k_cache.numel() * k_cache.element_size()
+        gqa = n_heads != n_kv_heads
+
+        def gather_sdpa():
+            k, v = gather()
+            return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=gqa)
+
+        t_gather = triton.testing.do_bench(gather_sdpa, rep=args.rep, return_mode="median")
+        kv_bytes = 2 * k_dense.numel() * k_dense.element_size()  # the rows' keys and values, read once
         print(
             f"{batch:>3} {n_heads:>3} {n_kv_heads:>3} {length:>6} {head_dim:>4} {splits:>6} {t_kiln * 1e3:8.1f} "
             f"{kv_bytes / t_kiln / 1e6:6.0f} {best:>22} {times[best] * 1e3:8.1f} {kv_bytes / times[best] / 1e6:6.0f} "
-            f"{times[best] / t_kiln:6.2f}x"
+            f"{times[best] / t_kiln:6.2f}x {t_gather * 1e3:14.1f}"
         )
 
 
 def _baselines(q, k_cache, v_cache) -> dict:
+    """Torch baselines on dense (B, Hkv, L, D) K/V (each row's keys already gathered from the pool)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     batch, n_heads, head_dim = q.shape

@@ -4,7 +4,7 @@ Kiln's own Triton kernels for the GPU hot paths, one concept per module, each wi
 plain-torch ``*_reference`` beside it that is also the CPU path:
 
 * ``kernels.attention``      flash attention forward + backward, dense and varlen (prefill, training)
-* ``kernels.decode``         split-KV (flash-decoding) attention over the slot KV cache
+* ``kernels.decode``         split-KV (flash-decoding) attention over the paged KV cache
 * ``kernels.softmax``        row softmax with temperature for sampling, any row length
 * ``kernels.cross_entropy``  fused cross-entropy / token logprobs with backward, chunked linear+CE
 

@@ -1,40 +1,56 @@
-"""Split-KV decode attention (flash-decoding) that reads Kiln's slot KV cache in place.
+"""Split-KV decode attention (flash-decoding) that reads Kiln's paged KV cache in place.
 
 API::
 
-    decode_attention(q, k_cache, v_cache, slots, lengths, scale=None, num_splits=None) -> out
-    decode_attention_reference(q, k_cache, v_cache, slots, lengths, scale=None, num_splits=None)
+    decode_attention(q, k_cache, v_cache, block_table, lengths, scale=None, num_splits=None) -> out
+    decode_attention_reference(q, k_cache, v_cache, block_table, lengths, scale=None, num_splits=None)
     available(device) -> bool
 
-    q        (B, H, D)    one new query per running sequence; its own K/V is already
-                          written to the cache at position lengths[b] - 1
-    k_cache  (num_slots, Hkv, max_seq_len, D)   one layer's cache; v_cache the same shape
-    slots    (B,) int32/int64   cache slot of each batch row
-    lengths  (B,) int32/int64   valid cached positions of each row, 1 <= lengths[b] <= max_seq_len
-    scale    softmax scale, default 1/sqrt(D)
-    out      (B, H, D) in q's dtype
+    q            (B, H, D)   one new query per running sequence; its own K/V is already
+                             written to the cache at position lengths[b] - 1
+    k_cache      (num_blocks, block_size, Hkv, D)   one layer of the paged pool (block,
+                             position in block, kv head, dim: the vLLM / flash-attn paged
+                             layout); v_cache the same shape. Any strides.
+    block_table  (B, max_blocks) int32/int64   the block ids of row b in order: position p
+                             of row b lives at k_cache[block_table[b, p // block_size],
+                             p % block_size]. Entries past a row's last used block
+                             (index >= ceil(lengths[b] / block_size)) are ignored (never
+                             used to address the cache) and may hold any value.
+    lengths      (B,) int32/int64   valid cached positions of each row,
+                             1 <= lengths[b] <= max_blocks * block_size
+    scale        softmax scale, default 1/sqrt(D)
+    out          (B, H, D) in q's dtype
+
+``block_size`` is any positive int (not necessarily a power of two). A per-sequence slot
+cache is the special case of one big block per row: block_size = max_seq_len and
+block_table = slots[:, None].
 
 H must be a multiple of Hkv (GQA): query head h reads kv head h // (H // Hkv), and the
 kernel loads each kv head's K/V once for all the query heads of its group. The
-reference is the plain-torch CPU path (fp32 math); both accept rows of different
-lengths in one batch.
+reference is the plain-torch CPU path (fp32 math; fp64 inputs stay fp64); both accept
+rows of different lengths in one batch.
 
 Kernel design (flash-decoding): the key range of every row is cut into
-``num_splits`` equal parts, rounded to the key block. Program (split, b, kv head)
+``num_splits`` equal parts, rounded to the key tile. Program (split, b, kv head)
 runs an online softmax over its part for the whole query group (a (G, D) x (D, N)
-dot per key block) and writes a partial output plus its log-sum-exp; a second small
+dot per key tile) and writes a partial output plus its log-sum-exp; a second small
 kernel merges the partials of each (b, h). Batch 1 with a long cache thus fills
 the GPU. ``num_splits=None`` picks the count from occupancy (programs per SM) and
-the cache capacity ``max_seq_len`` -- not from ``lengths``, which would cost a
-GPU->CPU sync every step; each row then splits its own length evenly, so splits
-past a short row's end exit at once. With one split the first kernel writes the
-output directly and the merge is skipped.
+the table's capacity ``max_blocks * block_size`` -- not from ``lengths``, which would
+cost a GPU->CPU sync every step; each row then splits its own length evenly, so
+splits past a short row's end exit at once. With one split the first kernel writes
+the output directly and the merge is skipped.
 
-Paging later: every key tile is addressed as ``slot * stride_slot + position *
-stride_pos`` in one place per tile. A paged cache adds ``block_table`` (B,
-max_blocks) int32 and ``block_size``: with BLOCK_N dividing block_size, a tile's
-base becomes ``block_table[b, start // block_size] * stride_block + (start %
-block_size) * stride_pos``; splits, the online softmax and the merge are unchanged.
+Paged addressing: a key tile covers BLOCK_N consecutive positions of one row, which
+may straddle cache blocks (block_size need not be a multiple of BLOCK_N). Each
+position looks up its own block id, ``blk = block_table[b, pos // block_size]``
+(masked to in-range positions), and its key row sits at ``blk * stride_block +
+(pos % block_size) * stride_pos + kv_head * stride_head`` (int64 offsets, so large
+pools do not overflow). ``block_size`` is a runtime argument, not a constexpr, so
+pools of different block sizes share the compiled kernels (up to Triton's usual int
+specialization: 1, multiples of 16, and other values compile separately).
+Validation checks shapes and dtypes always; value checks (lengths in range, used
+block ids in [0, num_blocks)) run only on CPU tensors, where they cost no GPU sync.
 """
 
 from __future__ import annotations
@@ -75,24 +91,29 @@ def decode_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    slots: torch.Tensor,
+    block_table: torch.Tensor,
     lengths: torch.Tensor,
     scale: float | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Plain-torch decode attention over the slot cache (fp32 math); ``num_splits`` is ignored."""
-    _check_inputs(q, k_cache, v_cache, slots, lengths, num_splits, reference=True)
+    """Plain-torch decode attention over the paged cache (fp32 math); ``num_splits`` is ignored."""
+    _check_inputs(q, k_cache, v_cache, block_table, lengths, num_splits, reference=True)
     scale = _resolve_scale(scale, q.shape[-1])
     batch, n_heads, head_dim = q.shape
-    n_kv_heads = k_cache.shape[1]
-    longest = int(lengths.max())  # a sync, fine on the CPU path
-    rows = slots.long()
+    block_size, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    k = k_cache[rows, :, :longest].to(compute)  # (B, Hkv, L, D)
-    v = v_cache[rows, :, :longest].to(compute)
+    if batch == 0:
+        return torch.empty_like(q)
+    lengths = lengths.to(q.device).long()
+    longest = int(lengths.max())  # a sync, fine on the CPU path
+    pos = torch.arange(longest, device=q.device)  # (L,)
+    valid = pos[None, :] < lengths[:, None]  # (B, L)
+    blocks = block_table.to(q.device).long()[:, pos // block_size]  # (B, L) block id of every position
+    blocks = blocks.masked_fill(~valid, 0)  # entries past a row's end may hold anything
+    k = k_cache[blocks, pos % block_size].to(compute).transpose(1, 2)  # (B, Hkv, L, D)
+    v = v_cache[blocks, pos % block_size].to(compute).transpose(1, 2)
     qg = q.to(compute).reshape(batch, n_kv_heads, n_heads // n_kv_heads, head_dim)  # (B, Hkv, G, D)
     scores = (qg @ k.transpose(-1, -2)) * scale  # (B, Hkv, G, L)
-    valid = torch.arange(longest, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, L)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     out = torch.softmax(scores, dim=-1) @ v  # (B, Hkv, G, D)
     return out.reshape(batch, n_heads, head_dim).to(q.dtype)
@@ -102,21 +123,21 @@ def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    slots: torch.Tensor,
+    block_table: torch.Tensor,
     lengths: torch.Tensor,
     scale: float | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Flash-decoding over the slot cache (Triton); see the module docstring for shapes."""
-    _check_inputs(q, k_cache, v_cache, slots, lengths, num_splits, reference=False)
+    """Flash-decoding over the paged cache (Triton); see the module docstring for shapes."""
+    _check_inputs(q, k_cache, v_cache, block_table, lengths, num_splits, reference=False)
     check_triton_device("decode_attention", q.device)
     scale = _resolve_scale(scale, q.shape[-1])
     batch, n_heads, head_dim = q.shape
-    n_kv_heads, max_seq_len = k_cache.shape[1], k_cache.shape[2]
+    block_size, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads
     if num_splits is None:
-        num_splits = choose_num_splits(batch, n_kv_heads, max_seq_len, num_sms(q.device))
-    slots = slots.contiguous()
+        capacity = block_table.shape[1] * block_size
+        num_splits = choose_num_splits(batch, n_kv_heads, capacity, num_sms(q.device))
     lengths = lengths.contiguous()
     out = torch.empty((batch, n_heads, head_dim), device=q.device, dtype=q.dtype)
     if batch == 0:
@@ -129,11 +150,12 @@ def decode_attention(
         out_partial = lse_partial = out
     kernels = _kernels(interpreting())
     kernels.split[(num_splits, batch * n_kv_heads)](
-        q, k_cache, v_cache, slots, lengths, out_partial, lse_partial, out,
+        q, k_cache, v_cache, block_table, lengths, out_partial, lse_partial, out,
         q.stride(0), q.stride(1), q.stride(2),
         *k_cache.stride(), *v_cache.stride(),
+        block_table.stride(0), block_table.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        n_kv_heads, group, num_splits, scale * LOG2E,
+        block_size, n_kv_heads, group, num_splits, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_G=max(16, next_power_of_2(group)), SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
@@ -145,11 +167,15 @@ def decode_attention(
     return out
 
 
-def choose_num_splits(batch: int, n_kv_heads: int, max_seq_len: int, n_sms: int) -> int:
-    """Splits per row so (splits x batch x kv heads) programs give each SM a few, >= 128 keys each."""
-    programs = batch * n_kv_heads
+def choose_num_splits(batch: int, n_kv_heads: int, capacity: int, n_sms: int) -> int:
+    """Splits per row so (splits x batch x kv heads) programs give each SM a few, >= 128 keys each.
+
+    ``capacity`` is the most keys a row can hold, ``max_blocks * block_size`` (not the
+    actual lengths, which live on the GPU).
+    """
+    programs = max(1, batch * n_kv_heads)
     splits = round(_PROGRAMS_PER_SM * n_sms / programs)
-    splits = min(splits, max_seq_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS)
+    splits = min(splits, capacity // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS)
     return max(1, splits)
 
 
@@ -162,37 +188,60 @@ def _resolve_scale(scale: float | None, head_dim: int) -> float:
     return scale
 
 
-def _check_inputs(q, k_cache, v_cache, slots, lengths, num_splits, reference: bool) -> None:
+def _check_inputs(q, k_cache, v_cache, block_table, lengths, num_splits, reference: bool) -> None:
     dtypes = FLOAT_DTYPES + ((torch.float64,) if reference else ())
     check_tensor("q", q, 3, dtypes)
     check_tensor("k_cache", k_cache, 4, dtypes)
     check_tensor("v_cache", v_cache, 4, dtypes)
-    check_tensor("slots", slots, 1, _INDEX_DTYPES)
+    check_tensor("block_table", block_table, 2, _INDEX_DTYPES)
     check_tensor("lengths", lengths, 1, _INDEX_DTYPES)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have one shape")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     batch, n_heads, head_dim = q.shape
-    num_slots, n_kv_heads, max_seq_len, cache_dim = k_cache.shape
+    num_blocks, block_size, n_kv_heads, cache_dim = k_cache.shape
+    max_blocks = block_table.shape[1]
     if cache_dim != head_dim:
-        raise ValueError(f"q head dim {head_dim} != cache head dim {cache_dim}")
+        raise ValueError(
+            f"q head dim {head_dim} != cache head dim {cache_dim} "
+            "(caches are (num_blocks, block_size, n_kv_head, head_dim))"
+        )
     if n_kv_heads < 1 or n_heads % n_kv_heads != 0:
-        raise ValueError(f"n_head ({n_heads}) must be a positive multiple of the cache's n_kv_head ({n_kv_heads})")
+        raise ValueError(
+            f"n_head ({n_heads}) must be a positive multiple of the cache's n_kv_head ({n_kv_heads}); "
+            "caches are (num_blocks, block_size, n_kv_head, head_dim)"
+        )
     if not reference and head_dim not in _HEAD_DIMS:
         raise ValueError(f"head dim {head_dim} is not supported by the Triton kernel; allowed: {_HEAD_DIMS}")
-    if slots.shape[0] != batch or lengths.shape[0] != batch:
+    if block_table.shape[0] != batch or lengths.shape[0] != batch:
         raise ValueError(
-            f"slots {tuple(slots.shape)} and lengths {tuple(lengths.shape)} must both be ({batch},) to match q"
+            f"block_table {tuple(block_table.shape)} and lengths {tuple(lengths.shape)} must be "
+            f"({batch}, max_blocks) and ({batch},) to match q"
+        )
+    if batch and (num_blocks < 1 or block_size < 1 or max_blocks < 1):
+        raise ValueError(
+            f"empty cache or block table: k_cache {tuple(k_cache.shape)}, block_table {tuple(block_table.shape)}"
         )
     if num_splits is not None and not (1 <= int(num_splits) <= _MAX_SPLITS):
         raise ValueError(f"num_splits must be None or in [1, {_MAX_SPLITS}], got {num_splits}")
-    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, slots=slots, lengths=lengths)
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, lengths=lengths)
     if lengths.device.type == "cpu" and batch:  # value checks only where they cost no GPU sync
-        if bool((lengths < 1).any()) or bool((lengths > max_seq_len).any()):
-            raise ValueError(f"lengths must be in [1, max_seq_len={max_seq_len}], got {lengths.tolist()}")
-        if bool((slots < 0).any()) or bool((slots >= num_slots).any()):
-            raise ValueError(f"slots must be in [0, num_slots={num_slots}), got {slots.tolist()}")
+        capacity = max_blocks * block_size
+        if bool((lengths < 1).any()) or bool((lengths > capacity).any()):
+            raise ValueError(
+                f"lengths must be in [1, max_blocks * block_size = {max_blocks} * {block_size} = {capacity}], "
+                f"got {lengths.tolist()}"
+            )
+        used_blocks = (lengths.long() + block_size - 1) // block_size  # (B,)
+        used = torch.arange(max_blocks)[None, :] < used_blocks[:, None]  # (B, max_blocks)
+        bad = used & ((block_table < 0) | (block_table >= num_blocks))
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"block_table[{row}, {col}] = {int(block_table[row, col])} is a used block id outside "
+                f"[0, num_blocks={num_blocks})"
+            )
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -201,12 +250,13 @@ def _check_inputs(q, k_cache, v_cache, slots, lengths, num_splits, reference: bo
 
 
 def _decode_split_kernel(
-    Q, K, V, Slots, Lengths, OutPartial, LsePartial, Out,
+    Q, K, V, BlockTable, Lengths, OutPartial, LsePartial, Out,
     stride_qb, stride_qh, stride_qd,
-    stride_ks, stride_kh, stride_kt, stride_kd,
-    stride_vs, stride_vh, stride_vt, stride_vd,
+    stride_kb, stride_kp, stride_kh, stride_kd,
+    stride_vb, stride_vp, stride_vh, stride_vd,
+    stride_tb, stride_tn,
     stride_ob, stride_oh, stride_od,
-    n_kv_heads, group_size, num_splits, qk_scale,
+    block_size, n_kv_heads, group_size, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -216,9 +266,8 @@ def _decode_split_kernel(
     off_bh = tl.program_id(1)
     off_b = (off_bh // n_kv_heads).to(tl.int64)
     off_hk = (off_bh % n_kv_heads).to(tl.int64)
-    slot = tl.load(Slots + off_b).to(tl.int64)
     length = tl.load(Lengths + off_b).to(tl.int32)
-    # Equal parts of this row's length, rounded up to whole key blocks.
+    # Equal parts of this row's length, rounded up to whole key tiles.
     split_len = (length + num_splits - 1) // num_splits
     split_len = (split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     lo = split * split_len
@@ -231,18 +280,23 @@ def _decode_split_kernel(
     heads = off_hk * group_size + offs_g  # (BLOCK_G,) query heads of this group
     q = tl.load(Q + off_b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=g_ok[:, None], other=0.0)  # (BLOCK_G, D)
-    k_base = K + slot * stride_ks + off_hk * stride_kh
-    v_base = V + slot * stride_vs + off_hk * stride_vh
+    table_row = BlockTable + off_b * stride_tb
+    k_head = K + off_hk * stride_kh
+    v_head = V + off_hk * stride_vh
 
     m_i = tl.zeros([BLOCK_G], dtype=tl.float32) - 1.0e30  # finite: empty splits stay NaN-free
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
-        pos = start_n + offs_n  # cache positions of this key tile
+        pos = start_n + offs_n  # cache positions of this key tile (may straddle blocks)
         pos_ok = pos < hi
-        k = tl.load(k_base + pos[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+        blk = tl.load(table_row + (pos // block_size) * stride_tn, mask=pos_ok, other=0).to(tl.int64)
+        in_blk = (pos % block_size).to(tl.int64)
+        k_rows = blk * stride_kb + in_blk * stride_kp  # (BLOCK_N,) int64 offsets into the pool
+        v_rows = blk * stride_vb + in_blk * stride_vp
+        k = tl.load(k_head + k_rows[:, None] + offs_d[None, :] * stride_kd,
                     mask=pos_ok[:, None], other=0.0)  # (BLOCK_N, D)
-        v = tl.load(v_base + pos[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+        v = tl.load(v_head + v_rows[:, None] + offs_d[None, :] * stride_vd,
                     mask=pos_ok[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N), log2 units
         qk = tl.where(pos_ok[None, :], qk, float("-inf"))

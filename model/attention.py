@@ -53,27 +53,35 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def gather_cached(cache: torch.Tensor, batch: CacheBatch) -> torch.Tensor:
+    """Each row's first kv_len cached keys (or values) through its block table: (B, Hkv, L, D).
+
+    cache is one layer of the pool, (num_blocks, block_size, Hkv, D). A single row whose
+    blocks are consecutive is a view of the pool; otherwise the blocks are gathered."""
+    L = batch.kv_len
+    if batch.contiguous_from is not None:
+        start = batch.contiguous_from * batch.block_size
+        flat = cache.view(-1, *cache.shape[2:])  # (num_blocks * block_size, Hkv, D)
+        return flat[start: start + L].unsqueeze(0).transpose(1, 2)
+    rows = cache[batch.block_table]  # (B, nb, block_size, Hkv, D)
+    return rows.flatten(1, 2)[:, :L].transpose(1, 2)
+
+
 def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, batch: CacheBatch, backend: str) -> torch.Tensor:
-    """Write this step's keys/values into the cache, then attend over each row's slot.
+    """Write this step's keys/values into the paged cache, then attend over each row's blocks.
 
-    q (B, H, T, D); k_new/v_new (B, T, Hkv, D); k_cache/v_cache (num_slots, Hkv, S, D).
+    q (B, H, T, D); k_new/v_new (B, T, Hkv, D); k_cache/v_cache (num_blocks, block_size, Hkv, D).
     Returns (B, H, T, D).
     """
     B, H, T, D = q.shape
-    # (B, T, Hkv, D) lands at cache[slot_b, :, position_bt]
-    k_cache[batch.slots[:, None], :, batch.positions] = k_new
-    v_cache[batch.slots[:, None], :, batch.positions] = v_new
+    k_cache[batch.write_blocks, batch.write_offsets] = k_new  # (B, T, Hkv, D) scattered into blocks
+    v_cache[batch.write_blocks, batch.write_offsets] = v_new
     if backend == "triton" and T == 1:
         from kernels.decode import decode_attention
 
-        return decode_attention(q[:, :, 0], k_cache, v_cache, batch.slots, batch.lengths)[:, :, None]
-    L = batch.kv_len
-    if batch.slot_range is not None:
-        first, last = batch.slot_range
-        keys, values = k_cache[first:last, :, :L], v_cache[first:last, :, :L]  # views, no copy
-    else:
-        keys, values = k_cache[batch.slots, :, :L], v_cache[batch.slots, :, :L]  # (B, Hkv, L, D)
+        return decode_attention(q[:, :, 0], k_cache, v_cache, batch.block_table, batch.lengths)[:, :, None]
+    keys, values = gather_cached(k_cache, batch), gather_cached(v_cache, batch)
     if backend == "triton" and B == 1:
         from kernels.attention import flash_attention
 

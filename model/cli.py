@@ -31,8 +31,10 @@ def fail(message: str) -> NoReturn:
 
 
 def load_engine(model_dir: str | None, device: str = "auto", dtype: str | None = None, max_batch_size: int = 1,
-                max_seq_len: int | None = None, attn_backend: str = "auto"):
-    """Model + tokenizer + engine for a directory (the shipped default model when None)."""
+                max_seq_len: int | None = None, attn_backend: str = "auto", **engine_options):
+    """Model + tokenizer + engine for a directory (the shipped default model when None).
+
+    `engine_options` go to `Engine` (block_size, num_blocks, enable_prefix_caching, ...)."""
     import torch
 
     from .checkpoint import load_model
@@ -48,7 +50,7 @@ def load_engine(model_dir: str | None, device: str = "auto", dtype: str | None =
         raise ValueError("--device cuda was asked for but no CUDA device is available")
     model = load_model(path, device=device, dtype=dtype, attn_backend=attn_backend)
     tokenizer = load_tokenizer(path)
-    return Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    return Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, **engine_options)
 
 
 def _non_negative_int(value: str) -> int:

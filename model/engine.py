@@ -1,10 +1,23 @@
-"""The engine: continuous-batching generation and scoring over one model and KV cache.
+"""The engine: continuous batching over a paged KV cache, and scoring.
 
 It owns no threads: a caller (the CLI, or the server's worker thread) adds requests and
-calls `step()`. Each step admits waiting requests into free cache slots and prefills them
-in one batched forward (each emits its first token), then runs one batched decode
-forward over the requests that were already running. Finished requests free their slot
-at once, so a waiting one can take it on the next step.
+calls `step()`. A request holds a slot (one of max_batch_size running rows) and the KV
+blocks its tokens need (`model.kv_cache`). Each step:
+
+1. grows every decoding sequence by one position; when the block pool is out, the most
+   recently admitted request is preempted: its blocks are freed and it goes back to the
+   front of the queue, to be recomputed (prompt + tokens so far) when it is readmitted;
+2. admits waiting requests while slots and blocks allow, first looking their prompt's
+   full blocks up in the prefix cache: a hit shares the cached blocks and skips their
+   prefill (echo requests, which need every prompt position's logprobs, skip the lookup);
+3. prefills up to max_prefill_tokens prompt tokens, whole prompts or chunks of long ones,
+   in forwards of similar lengths; a request whose prompt is complete samples its first
+   token;
+4. runs one batched decode forward over the sequences that were already generating (on
+   CUDA replayed from a captured graph, `model.cuda_graphs`).
+
+Finished or aborted requests give their blocks back at once; full blocks stay findable
+in the prefix cache until the pool needs them.
 
 `score()` computes per-token log-probabilities of whole texts (sliding windows past the
 context) without the cache; it is what perplexity, `kiln ppl` and the server use.
@@ -12,16 +25,19 @@ context) without the cache; it is what perplexity, `kiln ppl` and the server use
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
 from .attention import resolve_backend
+from .cuda_graphs import GraphedDecode
 from .fast_decode import DecodePlan
-from .kv_cache import KVCache
+from .kv_cache import KVCache, block_hashes
 from .sampling import SamplingBatch, sample
 from .scoring import ScoreResult, ScoreTask, chunked_logprobs
 from .text_stream import TextStream
@@ -86,14 +102,40 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     output_ids: list[int] = field(default_factory=list)
-    slot: int | None = None
+    slot: int | None = None  # row of the running set (per-sequence state such as penalty counts)
+    blocks: list[int] = field(default_factory=list)  # KV blocks holding this sequence's positions
+    num_computed: int = 0  # tokens whose keys/values are in the cache
+    num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at the last admission
+    hashes: list[int] = field(default_factory=list)  # chained hashes of this sequence's full blocks
+    num_registered: int = 0  # leading full blocks already offered to the prefix cache
+    num_preemptions: int = 0
     finish_reason: str | None = None
     stream: TextStream | None = None
     generator: torch.Generator | None = None
+    prompt_lps: list[TokenLogprob] | None = None  # echo: built up chunk by chunk during prefill
+    prompt_lps_done: bool = False
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens: the prompt and everything generated so far."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def tokens(self, lo: int, hi: int) -> list[int]:
+        """Known tokens lo..hi-1 (prompt then output) without concatenating the whole sequence."""
+        P = len(self.prompt_ids)
+        if hi <= P:
+            return self.prompt_ids[lo:hi]
+        if lo >= P:
+            return self.output_ids[lo - P: hi - P]
+        return self.prompt_ids[lo:] + self.output_ids[: hi - P]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs and not self.prompt_lps_done
 
 
 def prefill_groups(lengths: list[int], max_padding: float = 0.5, max_tokens: int = 8192) -> list[list[int]]:
@@ -113,28 +155,93 @@ def prefill_groups(lengths: list[int], max_padding: float = 0.5, max_tokens: int
     return groups
 
 
+DEFAULT_BLOCK_SIZE = 16
+
+
+def default_num_blocks(config, device: torch.device, dtype: torch.dtype, block_size: int, max_seq_len: int,
+                       max_batch_size: int, gpu_memory_fraction: float, reserve_bytes: int) -> int:
+    """Pool size: on CUDA what fits in `gpu_memory_fraction` of the device after the weights and
+    `reserve_bytes` of activations; on the CPU two full-length sequences per batch row (room
+    for the prefix cache), capped at a fifth of the machine's memory."""
+    per_block = KVCache.bytes_per_block(config, block_size, dtype)
+    per_seq = -(-max_seq_len // block_size)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - (1.0 - gpu_memory_fraction) * total - reserve_bytes
+        blocks = int(budget // per_block)
+        if blocks < per_seq + 1:
+            raise ValueError(f"KV cache: {max(budget, 0) / 2**30:.2f} GiB left for {per_seq + 1} blocks of "
+                             f"{per_block / 2**20:.1f} MiB; raise --gpu-memory-fraction or lower --max-model-len")
+        return blocks
+    blocks = 2 * max_batch_size * per_seq + 1
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        blocks = min(blocks, max(per_seq + 1, int(ram * 0.2 // per_block)))
+    except (ValueError, OSError, AttributeError):
+        pass
+    return blocks
+
+
 class Engine:
+    """Continuous batching over a paged KV cache with prefix caching, chunked prefill and preemption.
+
+    - max_batch_size: sequences running at once (decoded together).
+    - block_size / num_blocks: the KV pool (num_blocks None: sized from memory, see
+      `default_num_blocks`); enable_prefix_caching: reuse the cached blocks of shared prefixes.
+    - max_prefill_tokens: prompt tokens computed per step; longer prompts are prefilled in
+      chunks between decode steps so running streams keep a steady pace.
+    """
+
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 8,
-                 max_seq_len: int | None = None, fast_decode: bool = True):
+                 max_seq_len: int | None = None, fast_decode: bool = True, block_size: int = DEFAULT_BLOCK_SIZE,
+                 num_blocks: int | None = None, enable_prefix_caching: bool = True,
+                 max_prefill_tokens: int | None = None, gpu_memory_fraction: float = 0.9,
+                 cuda_graphs: bool = True):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if not 0.0 < gpu_memory_fraction <= 1.0:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {gpu_memory_fraction}")
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
         self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
-        self.cache = KVCache(self.config, max_batch_size, self.max_seq_len, self.device, self.dtype)
+        self.max_batch_size = max_batch_size
+        if max_prefill_tokens is None:
+            max_prefill_tokens = 2048 if self.device.type == "cuda" else 512
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        self.max_prefill_tokens = max_prefill_tokens
+        if num_blocks is None:
+            reserve = 4 * max_prefill_tokens * (4 * self.config.d_model + 2 * self.config.d_ff) * 4 \
+                + 2 * max_batch_size * self.config.vocab_size * 4 + 256 * 2**20
+            num_blocks = default_num_blocks(self.config, self.device, self.dtype, block_size, self.max_seq_len,
+                                            max_batch_size, gpu_memory_fraction, reserve)
+        self.cache = KVCache(self.config, num_blocks, block_size, self.max_seq_len, self.device, self.dtype,
+                             enable_prefix_caching)
+        self.pool = self.cache.pool
+        self.block_size = block_size
         self.vocab_limit = min(tokenizer.n_vocab, self.config.vocab_size)
         self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else self.config.eos_token_id
         self.waiting: list[Request] = []
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # admission order: the last is preempted first
+        self._free_slots = list(range(max_batch_size))  # a min-heap
         self._ids = itertools.count()
-        self._counts: torch.Tensor | None = None  # (num_slots, V) generated-id counts, for penalties
+        self._counts: torch.Tensor | None = None  # (max_batch_size, V) generated-id counts, for penalties
+        self.num_preemptions = 0
         # the lean decode step (folded norms, no module calls) where it applies; else the plain forward
         backend = resolve_backend(model.attn_backend, self.device, self.config.dim_per_head)
         use_plan = fast_decode and backend == "torch" and DecodePlan.supports(model)
         self._decode_plan = DecodePlan(model) if use_plan else None
         if self._decode_plan is not None:
             self._decode_plan.pack_head([1, max_batch_size])
+        self._decode_mask = backend != "triton"  # the Triton decode kernel reads lengths, not a mask
+        self._graphs: GraphedDecode | None = None
+        if cuda_graphs and backend == "triton" and self.device.type == "cuda":
+            self._graphs = GraphedDecode(model, self.cache, max_batch_size)
+            if not self._graphs.enabled:
+                self._graphs = None
 
     # ---- requests -------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -163,77 +270,210 @@ class Engine:
         self._release(request)
 
     def _release(self, request: Request) -> None:
+        """Give back the request's blocks and its slot (finish, abort or preemption)."""
         if request in self.running:
             self.running.remove(request)
+        if request.blocks:
+            self.pool.release(request.blocks)
+            request.blocks = []
+        request.num_computed = 0
         if request.slot is not None:
-            self.cache.free(request.slot)
+            heapq.heappush(self._free_slots, request.slot)
             request.slot = None
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self._graphs is not None
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    # ---- scheduling -----------------------------------------------------------------
+    def _preempt(self, keep: Request) -> Request | None:
+        """Free the blocks of the most recently admitted running request other than `keep`;
+        it goes back to the front of the queue and is recomputed (prompt + output) later."""
+        victims = [r for r in self.running if r is not keep]
+        if not victims:
+            return None
+        victim = victims[-1]
+        self._requeue(victim)
+        return victim
+
+    def _requeue(self, request: Request) -> None:
+        self._release(request)
+        if not request.prompt_lps_done:
+            request.prompt_lps = None  # rebuilt from the start when it is prefilled again
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.insert(0, request)
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Make the request's blocks cover `num_tokens` positions, preempting others if the pool is
+        out; False if even that cannot (the request itself is then preempted by the caller)."""
+        while len(request.blocks) < self.cache.blocks_needed(num_tokens):
+            if self.pool.num_free == 0 and self._preempt(keep=request) is None:
+                return False
+            if self.pool.num_free > 0:
+                request.blocks.append(self.pool.allocate())
+        return True
+
+    def _admit(self, request: Request) -> bool:
+        """Take a slot and blocks for the whole known sequence (cached prefix blocks shared)."""
+        n = request.num_tokens
+        hits: list[int] = []
+        if self.pool.enable_prefix_caching and not request.wants_prompt_logprobs:
+            # at least the last token is computed: its logits give the next token
+            usable = (n - 1) // self.block_size
+            if len(request.hashes) < usable:
+                parent = request.hashes[-1] if request.hashes else None
+                start = len(request.hashes)
+                request.hashes += block_hashes(request.tokens(start * self.block_size, usable * self.block_size),
+                                               self.block_size, parent)
+            hits = self.pool.lookup(request.hashes[:usable])
+        # headroom: each running sequence may need a new block before this one finishes its prefill,
+        # and admitting work that is preempted at once would only waste its prefill
+        headroom = len(self.running)
+        if self.cache.blocks_needed(n) - len(hits) + headroom > self.pool.num_free:
+            self.pool.release(hits)
+            return False
+        if self.pool.enable_prefix_caching and not request.output_ids:
+            self.pool.queried_tokens += len(request.prompt_ids)
+            self.pool.hit_tokens += len(hits) * self.block_size
+        request.blocks = hits + [self.pool.allocate() for _ in range(self.cache.blocks_needed(n) - len(hits))]
+        request.num_computed = len(hits) * self.block_size
+        request.num_registered = len(hits)
+        if not request.output_ids:
+            request.num_cached_prompt = request.num_computed
+        request.slot = heapq.heappop(self._free_slots)
+        if self._counts is not None:
+            self._fill_counts(request)
+        if request.wants_prompt_logprobs and request.prompt_lps is None:
+            request.prompt_lps = [TokenLogprob(request.prompt_ids[0], None, None)]
+        self.running.append(request)
+        return True
+
+    def _register_full_blocks(self, request: Request) -> None:
+        """Offer the request's newly completed blocks to the prefix cache."""
+        if not self.pool.enable_prefix_caching:
+            return
+        full = request.num_computed // self.block_size
+        if full <= request.num_registered:
+            return
+        if len(request.hashes) < full:
+            parent = request.hashes[-1] if request.hashes else None
+            start = len(request.hashes)
+            request.hashes += block_hashes(request.tokens(start * self.block_size, full * self.block_size),
+                                           self.block_size, parent)
+        for i in range(request.num_registered, full):
+            self.pool.register(request.blocks[i], request.hashes[i])
+        request.num_registered = full
+
     # ---- the step -------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """One scheduler iteration: grow (or preempt) the decoding sequences, admit waiting ones,
+        prefill up to max_prefill_tokens prompt tokens (whole prompts or chunks), decode."""
+        # decoding: all but the last generated token is cached (a prompt's last token is prefilled instead)
+        decoding = [r for r in self.running if r.output_ids and r.num_computed == r.num_tokens - 1]
+        for r in list(decoding):
+            if r.slot is None:  # preempted while growing an earlier one
+                continue
+            if not self._grow(r, r.num_computed + 1):
+                self._requeue(r)
+        decoding = [r for r in decoding if r.slot is not None]
+        in_decode = set(decoding)
+        while self.waiting and self._free_slots:
+            if not self._admit(self.waiting[0]):
+                break
+            self.waiting.pop(0)
+        budget = self.max_prefill_tokens
+        chunks: list[tuple[Request, int]] = []
+        for r in self.running:
+            if budget == 0:
+                break
+            remaining = r.num_tokens - r.num_computed
+            if r in in_decode or remaining <= 0:
+                continue
+            n = min(remaining, budget)
+            chunks.append((r, n))
+            budget -= n
         outputs: list[StepOutput] = []
-        decoding = list(self.running)
-        admitted = []
-        while self.waiting and self.cache.num_free > 0:
-            request = self.waiting.pop(0)
-            request.slot = self.cache.allocate()
-            admitted.append(request)
-        for group in prefill_groups([len(r.prompt_ids) for r in admitted]):
-            outputs += self._prefill([admitted[i] for i in group])
+        for group in prefill_groups([n for _, n in chunks]):
+            outputs += self._prefill([chunks[i] for i in group])
         if decoding:
             outputs += self._decode(decoding)
         return outputs
 
-    def _prefill(self, requests: list[Request]) -> list[StepOutput]:
-        lengths = [len(r.prompt_ids) for r in requests]
+    def _prefill(self, chunks: list[tuple[Request, int]]) -> list[StepOutput]:
+        requests = [r for r, _ in chunks]
+        lengths = [n for _, n in chunks]
+        starts = [r.num_computed for r in requests]
         T = max(lengths)
         tokens = torch.zeros(len(requests), T, dtype=torch.long)
         for i, r in enumerate(requests):
-            tokens[i, : lengths[i]] = torch.tensor(r.prompt_ids)
+            tokens[i, : lengths[i]] = torch.tensor(r.tokens(starts[i], starts[i] + lengths[i]))
         tokens = tokens.to(self.device)
-        slots = [r.slot for r in requests]
-        batch = self.cache.batch(slots, lengths)
+        batch = self.cache.batch([r.blocks for r in requests], starts, lengths)
         hidden = self.model(tokens, kv_cache=self.cache, batch=batch, return_hidden=True)  # (B, T, d)
-        self.cache.advance(slots, lengths)
-        last = hidden[torch.arange(len(requests), device=self.device), torch.tensor(lengths, device=self.device) - 1]
-        logits = self.model.lm_head(last)  # (B, V)
-        prompt_lps: list[list[TokenLogprob] | None] = []
+        for r, n in chunks:
+            r.num_computed += n
+            self._register_full_blocks(r)
         for i, r in enumerate(requests):
-            if r.params.prompt_logprobs:
-                prompt_lps.append(self._prompt_logprobs(hidden[i, : lengths[i]], r))
-            else:
-                prompt_lps.append(None)
-        live = [i for i, r in enumerate(requests) if r.params.max_tokens > 0]
+            if r.wants_prompt_logprobs:
+                self._prompt_logprobs(hidden[i, : lengths[i]], r, starts[i])
+        done = [i for i, r in enumerate(requests) if r.num_computed == r.num_tokens]  # whole sequence is in
         outputs = []
-        for i, r in enumerate(requests):
+        live = []
+        for i in done:
+            r = requests[i]
+            prompt_lps = None
+            if r.wants_prompt_logprobs:
+                prompt_lps, r.prompt_lps, r.prompt_lps_done = r.prompt_lps, None, True
             if r.params.max_tokens == 0:
                 r.finish_reason = "length"
                 self._release(r)
-                outputs.append(StepOutput(r, [], "", [], "length", prompt_logprobs=prompt_lps[i]))
+                outputs.append(StepOutput(r, [], "", [], "length", prompt_logprobs=prompt_lps))
+            else:
+                live.append((i, prompt_lps))
         if live:
-            step_outputs = self._sample_and_advance([requests[i] for i in live], logits[live], new_requests=True)
-            for out in step_outputs:
-                out.prompt_logprobs = prompt_lps[requests.index(out.request)]
+            rows = torch.tensor([i for i, _ in live], device=self.device)
+            last = hidden[rows, torch.tensor([lengths[i] - 1 for i, _ in live], device=self.device)]
+            logits = self.model.lm_head(last)  # (B, V)
+            step_outputs = self._sample_and_advance([requests[i] for i, _ in live], logits)
+            for out, (_, prompt_lps) in zip(step_outputs, live):
+                out.prompt_logprobs = prompt_lps
             outputs += step_outputs
         return outputs
 
     def _decode(self, requests: list[Request]) -> list[StepOutput]:
-        slots = [r.slot for r in requests]
         tokens = torch.tensor([[r.output_ids[-1]] for r in requests], dtype=torch.long, device=self.device)
-        batch = self.cache.batch(slots, [1] * len(requests))
-        if self._decode_plan is not None:
+        batch = self.cache.batch([r.blocks for r in requests], [r.num_computed for r in requests],
+                                 [1] * len(requests), with_mask=self._decode_mask)
+        if self._graphs is not None:
+            logits = self._graphs(tokens, batch)  # (B, V), one graph replay
+        elif self._decode_plan is not None:
             logits = self._decode_plan(tokens, self.cache, batch)  # (B, V)
         else:
             logits = self.model(tokens, kv_cache=self.cache, batch=batch)[:, -1]  # (B, V)
-        self.cache.advance(slots, [1] * len(requests))
-        return self._sample_and_advance(requests, logits, new_requests=False)
+        for r in requests:
+            r.num_computed += 1
+            if r.num_computed % self.block_size == 0:
+                self._register_full_blocks(r)
+        return self._sample_and_advance(requests, logits)
 
-    def _sample_and_advance(self, requests: list[Request], logits: torch.Tensor, new_requests: bool) -> list[StepOutput]:
+    def _fill_counts(self, request: Request) -> None:
+        row = self._counts[request.slot]
+        row.zero_()
+        if request.output_ids:
+            ids = torch.tensor(request.output_ids, device=self.device)
+            row.index_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
+
+    def _sample_and_advance(self, requests: list[Request], logits: torch.Tensor) -> list[StepOutput]:
         params = [r.params for r in requests]
         # min_tokens: EOS and stop ids are not allowed before the minimum length
         for i, r in enumerate(requests):
@@ -242,11 +482,11 @@ class Engine:
                 logits[i, banned] = float("-inf")
         use_penalties = any(p.presence_penalty or p.frequency_penalty for p in params)
         if use_penalties and self._counts is None:
-            self._counts = torch.zeros(self.cache.num_slots, self.config.vocab_size, device=self.device)
-        # per-slot counts of generated ids, kept only once some request has used a penalty
+            # per-slot counts of generated ids, kept only once some request has used a penalty
+            self._counts = torch.zeros(self.max_batch_size, self.config.vocab_size, device=self.device)
+            for r in self.running:
+                self._fill_counts(r)
         slots = torch.tensor([r.slot for r in requests], device=self.device) if self._counts is not None else None
-        if self._counts is not None and new_requests:
-            self._counts[slots] = 0
         num_top = max((p.logprobs or 0) for p in params)
         batch = SamplingBatch(
             temperature=[p.temperature for p in params], top_k=[p.top_k for p in params],
@@ -280,30 +520,31 @@ class Engine:
                 text = r.stream.push(tok)
                 if r.stream.stopped:
                     finish = "stop"
-                elif len(r.output_ids) >= r.params.max_tokens or self.cache.lengths[r.slot] >= self.max_seq_len:
+                elif len(r.output_ids) >= r.params.max_tokens or r.num_computed >= self.max_seq_len:
                     finish, text = "length", text + r.stream.finish()
             if finish is not None:
                 r.finish_reason = finish
                 self._release(r)
-            elif new_requests:
-                self.running.append(r)
             outputs.append(StepOutput(r, [tok], text, token_lps, finish))
         return outputs
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, request: Request) -> list[TokenLogprob]:
-        """Logprob of each prompt token given the ones before it; the first has none."""
+    def _prompt_logprobs(self, hidden: torch.Tensor, request: Request, start: int) -> None:
+        """Append the logprobs of the prompt tokens this chunk predicts: hidden[j] (position
+        start + j) predicts prompt token start + j + 1; the first token has none."""
         ids = request.prompt_ids
+        end = min(start + hidden.shape[0], len(ids) - 1)  # positions whose next token is a prompt token
+        if end <= start:
+            return
         n = request.params.logprobs or 0
-        targets = torch.tensor(ids[1:], device=self.device)
-        lp, top_lp, top_ids = chunked_logprobs(hidden[:-1], self.model.lm_head, targets, n, self.vocab_limit)
-        result = [TokenLogprob(ids[0], None, None)]
+        targets = torch.tensor(ids[start + 1: end + 1], device=self.device)
+        lp, top_lp, top_ids = chunked_logprobs(hidden[: end - start], self.model.lm_head, targets, n,
+                                               self.vocab_limit)
         lp = lp.tolist()
         top_lp = top_lp.tolist() if top_lp is not None else None
         top_ids = top_ids.tolist() if top_ids is not None else None
-        for j, tok in enumerate(ids[1:]):
+        for j, tok in enumerate(ids[start + 1: end + 1]):
             top = list(zip(top_ids[j], top_lp[j])) if n else []
-            result.append(TokenLogprob(tok, lp[j], top))
-        return result
+            request.prompt_lps.append(TokenLogprob(tok, lp[j], top))
 
     # ---- convenience: one request at a time ------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StepOutput]:

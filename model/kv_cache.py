@@ -1,115 +1,233 @@
-"""The KV cache: preallocated per-slot key/value buffers, and the per-step batch view.
+"""The paged KV cache: one preallocated pool of fixed-size blocks, block tables, prefix caching.
 
-Layout (the Triton decode kernel reads it directly):
-    k[layer], v[layer]: (num_slots, n_kv_head, max_seq_len, head_dim)
-Each running sequence owns one slot. The engine keeps each slot's length on the host
-(a Python int: the scheduler needs it anyway, and reading it never syncs the device).
-A new sequence can be prefilled into a free slot while other slots are mid-generation;
-freeing a slot makes it reusable at once (its stale contents are overwritten before
-they are read, because every position is written before it is attended to).
+Layout (the Triton decode kernel reads it in place):
+    k[layer], v[layer]: (num_blocks, block_size, n_kv_head, head_dim)
+Position p of a sequence lives in block `blocks[p // block_size]` at offset
+`p % block_size`. A sequence holds only the blocks its tokens need, so memory follows the
+tokens actually cached, not max_seq_len per sequence. Block 0 is the null block: it is
+never handed out, and right-padded rows of a batch write their padding there.
 
-`CacheBatch` describes one forward over the cache: which slot each batch row writes
-into, the absolute positions of its new tokens, and the attention mask, built once per
+`BlockPool` is the host-side bookkeeping (no tensors): free blocks, reference counts, and
+the prefix cache. A full block's identity is a hash chained over the token ids of every
+block before it and its own, so two prompts that share a prefix of whole blocks share
+those blocks (reference-counted). A block whose last user is done keeps its hash and sits
+in an LRU list: it is reused by a later hit, or evicted (oldest first) when the pool needs
+a free block.
+
+`CacheBatch` describes one forward over the cache: where each new token is written, the
+block table and lengths each row attends over, and the attention mask, built once per
 step and shared by every layer.
 """
 
 from __future__ import annotations
 
+import heapq
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from .config import ModelConfig
 
+NULL_BLOCK = 0
 
-class KVCache:
-    def __init__(self, config: ModelConfig, num_slots: int, max_seq_len: int | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        if num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-        self.num_slots = num_slots
-        self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
-        shape = (config.n_layer, num_slots, config.n_kv_head, self.max_seq_len, config.dim_per_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = [0] * num_slots  # host-side valid length of each slot
-        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out the lowest slot first
+
+def block_hashes(token_ids: list[int], block_size: int, parent: int | None = None,
+                 start_block: int = 0) -> list[int]:
+    """Chained hashes of the full blocks of `token_ids`, from block `start_block` on.
+
+    `parent` is the hash of block start_block - 1 (None at the start)."""
+    hashes = []
+    for i in range(start_block, len(token_ids) // block_size):
+        parent = hash((parent, tuple(token_ids[i * block_size: (i + 1) * block_size])))
+        hashes.append(parent)
+    return hashes
+
+
+class BlockPool:
+    """Free list, reference counts and the hash -> block map of the prefix cache."""
+
+    def __init__(self, num_blocks: int, enable_prefix_caching: bool = True):
+        if num_blocks < 2:
+            raise ValueError(f"the KV pool needs at least 2 blocks (one is reserved), got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref = [0] * num_blocks
+        self._free = list(range(1, num_blocks))  # a min-heap: low ids first keeps sequences contiguous
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 but hashed, oldest first
+        self._hash_of: dict[int, int] = {}  # block -> hash
+        self._block_of: dict[int, int] = {}  # hash -> block
+        self.queried_tokens = 0  # prefix-cache statistics
+        self.hit_tokens = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a sequence can get now: never used, or cached but unreferenced (evictable)."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_slots - len(self._free)
+        """Blocks referenced by live sequences."""
+        return self.num_blocks - 1 - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._block_of)
 
     def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError("no free KV-cache slot")
-        slot = self._free.pop()
-        self.lengths[slot] = 0
-        return slot
+        if self._free:
+            block = heapq.heappop(self._free)
+        elif self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._hash_of.pop(block)]
+        else:
+            raise RuntimeError("the KV pool is out of blocks")
+        self.ref[block] = 1
+        return block
 
-    def free(self, slot: int) -> None:
-        if slot in self._free or not 0 <= slot < self.num_slots:
-            raise ValueError(f"slot {slot} is not allocated")
-        self.lengths[slot] = 0
-        self._free.append(slot)
-        self._free.sort(reverse=True)
+    def release(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; unreferenced ones become free or evictable.
+
+        Released in reverse so a sequence's last blocks (the least shared) are evicted first."""
+        for block in reversed(blocks):
+            if self.ref[block] <= 0:
+                raise ValueError(f"block {block} is not allocated")
+            self.ref[block] -= 1
+            if self.ref[block] == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:
+                    heapq.heappush(self._free, block)
+
+    def lookup(self, hashes: list[int]) -> list[int]:
+        """The cached blocks of the longest prefix of `hashes`, each with a reference taken."""
+        found = []
+        for h in hashes:
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            if self.ref[block] == 0:
+                del self._evictable[block]
+            self.ref[block] += 1
+            found.append(block)
+        return found
+
+    def register(self, block: int, block_hash: int) -> None:
+        """Make a full, written block findable by its hash (first writer wins)."""
+        if not self.enable_prefix_caching or block_hash in self._block_of or block in self._hash_of:
+            return
+        self._block_of[block_hash] = block
+        self._hash_of[block] = block_hash
+
+    def reset_prefix_cache(self) -> None:
+        for block in list(self._evictable):
+            heapq.heappush(self._free, block)
+        self._evictable.clear()
+        self._hash_of.clear()
+        self._block_of.clear()
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, max_seq_len: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 enable_prefix_caching: bool = True):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
+        self.max_blocks_per_seq = -(-self.max_seq_len // block_size)
+        if num_blocks - 1 < self.max_blocks_per_seq:
+            raise ValueError(f"{num_blocks} KV blocks of {block_size} tokens cannot hold one sequence of "
+                             f"{self.max_seq_len} tokens: need at least {self.max_blocks_per_seq + 1} "
+                             "(one block is reserved)")
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        shape = (config.n_layer, num_blocks, block_size, config.n_kv_head, config.dim_per_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.n_layer * block_size * config.n_kv_head * config.dim_per_head * itemsize
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
 
     def usage(self) -> float:
-        """Fraction of cache positions holding live tokens."""
-        return sum(self.lengths) / (self.num_slots * self.max_seq_len)
+        """Fraction of the pool's blocks referenced by live sequences."""
+        return self.pool.num_used / (self.num_blocks - 1)
 
-    def batch(self, slots: list[int], num_new: list[int]) -> "CacheBatch":
-        """The view for one forward: row b appends num_new[b] tokens to slots[b].
+    def batch(self, tables: list[list[int]], starts: list[int], num_new: list[int],
+              with_mask: bool = True) -> "CacheBatch":
+        """The view for one forward: row b writes num_new[b] tokens at positions starts[b]...
 
-        Rows are right-padded to max(num_new); padded positions are clamped inside the
-        buffer and never attended to by real queries.
+        `tables[b]` must already hold the blocks those positions fall in. Rows are
+        right-padded to max(num_new); padded positions write into the null block and are
+        never attended to by real queries. `with_mask=False` skips the attention mask (the
+        Triton decode kernel reads each row's length instead).
         """
-        starts = [self.lengths[s] for s in slots]
-        for s, start, n in zip(slots, starts, num_new):
-            if start + n > self.max_seq_len:
-                raise ValueError(f"slot {s}: {start} + {n} tokens exceed the cache length {self.max_seq_len}")
-        return CacheBatch.build(slots, starts, num_new, self.max_seq_len, self.k.device)
-
-    def advance(self, slots: list[int], num_new: list[int]) -> None:
-        for s, n in zip(slots, num_new):
-            self.lengths[s] += n
+        for table, start, n in zip(tables, starts, num_new):
+            if start + n > self.max_seq_len or self.blocks_needed(start + n) > len(table):
+                raise ValueError(f"positions {start}..{start + n - 1} do not fit the row's "
+                                 f"{len(table)} blocks of {self.block_size} (max {self.max_seq_len} tokens)")
+        return CacheBatch.build(tables, starts, num_new, self.block_size, self.max_seq_len, self.k.device, with_mask)
 
 
 @dataclass
 class CacheBatch:
-    slots: torch.Tensor  # (B,) int64
     positions: torch.Tensor  # (B, T) int64, absolute positions of the new tokens (clamped when padded)
+    write_blocks: torch.Tensor  # (B, T) int64, block each new token is written to (null block when padded)
+    write_offsets: torch.Tensor  # (B, T) int64, offset inside that block
+    block_table: torch.Tensor  # (B, nb) int64, the blocks covering kv_len; 0-padded
     lengths: torch.Tensor  # (B,) int32, valid keys per row after this step's writes
     kv_len: int  # keys each row attends over: max over rows of start + num_new
+    block_size: int
     mask: torch.Tensor | None  # (B, 1, T, kv_len) bool, True = attend; None when a plain causal mask is exact
-    slot_range: tuple[int, int] | None  # (first, last + 1) when slots are consecutive: index with a view
+    contiguous_from: int | None  # one row whose blocks are consecutive from this id: its keys are a view
 
     @staticmethod
-    def build(slots: list[int], starts: list[int], num_new: list[int], max_seq_len: int,
-              device: torch.device) -> "CacheBatch":
-        T = max(num_new)
-        kv_len = max(s + n for s, n in zip(starts, num_new))
+    def build(tables: list[list[int]], starts: list[int], num_new: list[int], block_size: int,
+              max_seq_len: int, device: torch.device, with_mask: bool = True) -> "CacheBatch":
+        B, T = len(tables), max(num_new)
+        ends = [s + n for s, n in zip(starts, num_new)]
+        kv_len = max(ends)
+        nb = -(-kv_len // block_size)
+        table = torch.zeros(B, nb, dtype=torch.int64)
+        for b, blocks in enumerate(tables):
+            used = blocks[: -(-ends[b] // block_size)]
+            table[b, : len(used)] = torch.tensor(used, dtype=torch.int64)
         start_t = torch.tensor(starts, dtype=torch.int64)
         offsets = torch.arange(T, dtype=torch.int64)
-        positions = (start_t[:, None] + offsets[None, :]).clamp_(max=max_seq_len - 1)  # (B, T)
-        lengths = torch.tensor([s + n for s, n in zip(starts, num_new)], dtype=torch.int32)
+        raw = start_t[:, None] + offsets[None, :]  # (B, T)
+        real = offsets[None, :] < torch.tensor(num_new)[:, None]
+        positions = raw.clamp(max=max_seq_len - 1)
+        block_idx = torch.where(real, raw // block_size, 0)
+        write_blocks = torch.where(real, table.gather(1, block_idx), NULL_BLOCK)
+        write_offsets = torch.where(real, raw % block_size, 0)
         uniform = len(set(starts)) == 1 and len(set(num_new)) == 1
         mask = None
-        if not (uniform and (T == 1 or starts[0] == 0)):
+        if with_mask and not (uniform and (T == 1 or starts[0] == 0)):
             # query at absolute position p sees keys 0..p (keys past a row's length are
             # never seen: p < start + num_new for real queries)
             key_idx = torch.arange(kv_len, dtype=torch.int64)
-            mask = (key_idx[None, None, None, :] <= positions[:, None, :, None])  # (B, 1, T, kv_len)
-            mask = mask.to(device)
-        consecutive = all(b - a == 1 for a, b in zip(slots, slots[1:]))
+            mask = (key_idx[None, None, None, :] <= positions[:, None, :, None]).to(device)  # (B, 1, T, kv_len)
+        contiguous_from = None
+        if B == 1:
+            used = tables[0][:nb]
+            if all(b - a == 1 for a, b in zip(used, used[1:])):
+                contiguous_from = used[0]
         return CacheBatch(
-            slots=torch.tensor(slots, dtype=torch.int64, device=device),
             positions=positions.to(device),
-            lengths=lengths.to(device),
+            write_blocks=write_blocks.to(device),
+            write_offsets=write_offsets.to(device),
+            block_table=table.to(device),
+            lengths=torch.tensor(ends, dtype=torch.int32).to(device),
             kv_len=kv_len,
+            block_size=block_size,
             mask=mask,
-            slot_range=(slots[0], slots[-1] + 1) if consecutive else None,
+            contiguous_from=contiguous_from,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -48,11 +49,21 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
 
     def load():
+        start = time.perf_counter()
         engine = load_engine(settings.model_dir, settings.device, settings.dtype,
-                             max_batch_size=settings.max_batch_size, max_seq_len=settings.max_model_len)
+                             max_batch_size=settings.max_batch_size, max_seq_len=settings.max_model_len,
+                             block_size=settings.kv_block_size, num_blocks=settings.num_kv_blocks,
+                             gpu_memory_fraction=settings.gpu_memory_fraction,
+                             enable_prefix_caching=settings.enable_prefix_caching,
+                             max_prefill_tokens=settings.max_prefill_tokens, cuda_graphs=settings.cuda_graphs)
+        cache = engine.cache
         logging.getLogger("kiln.server").info(
-            "model %r ready: context %d tokens, %d KV-cache slots, device %s", settings.served_model_name,
-            engine.max_seq_len, engine.cache.num_slots, engine.device)
+            "model %r loaded in %.2f s: %s %s, context %d tokens, up to %d sequences, KV pool %d blocks x %d "
+            "tokens (%.1f MiB, prefix caching %s), prefill chunk %d tokens, decode %s", settings.served_model_name,
+            time.perf_counter() - start, engine.device, str(engine.dtype).removeprefix("torch."),
+            engine.max_seq_len, engine.max_batch_size, cache.num_blocks, cache.block_size,
+            cache.k.nbytes * 2 / 2**20, "on" if engine.pool.enable_prefix_caching else "off",
+            engine.max_prefill_tokens, "CUDA graphs" if engine.uses_cuda_graphs else "eager")
         return engine
 
     app = create_app(load, settings)

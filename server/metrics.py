@@ -49,9 +49,19 @@ class ServerMetrics:
         self.num_requests_waiting = Gauge("kiln_num_requests_waiting", "Sequences waiting for a slot.",
                                           registry=r)
         self.kv_cache_usage_ratio = Gauge("kiln_kv_cache_usage_ratio",
-                                          "Fraction of KV-cache positions holding live tokens (0-1).", registry=r)
+                                          "Fraction of KV-cache blocks held by running sequences (0-1).",
+                                          registry=r)
         self.kv_cache_slots_used_ratio = Gauge("kiln_kv_cache_slots_used_ratio",
-                                               "Fraction of KV-cache slots in use (0-1).", registry=r)
+                                               "Fraction of the running-sequence slots (--max-batch-size) in use "
+                                               "(0-1).", registry=r)
+        self.prefix_cache_queries = Counter("kiln_prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache.", registry=r)
+        self.prefix_cache_hits = Counter("kiln_prefix_cache_hits",
+                                         "Prompt tokens found in the prefix cache (their prefill skipped).",
+                                         registry=r)
+        self.num_preemptions = Counter("kiln_num_preemptions",
+                                       "Sequences preempted (blocks freed, recomputed later) when the KV pool "
+                                       "ran out.", registry=r)
         self.perplexity_requests = Counter("kiln_perplexity_requests", "Perplexity jobs scored (by outcome).",
                                            ["status"], registry=r)
         self.perplexity_latency = Histogram("kiln_perplexity_latency_seconds",

@@ -149,6 +149,7 @@ class Scheduler:
         self._aborts: list[Generation] = []
         self._score_jobs: list[ScoreJob] = []
         self._score_runs: collections.deque[_ScoreRun] = collections.deque()  # worker-only, started jobs
+        self._seen_totals: dict[str, int] = {}  # worker-only: engine totals already added to the counters
         self._num_waiting = 0  # sequences submitted and not yet prefilled (incl. pending score inputs)
         self._sequences: dict[int, _Sequence] = {}  # request_id -> sequence; worker-only
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -281,11 +282,11 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - a bug or OOM must not kill the server
                 log.exception("engine step failed; aborting the requests in flight")
                 self._fail_all(f"internal error while generating: {type(e).__name__}: {e}", 500, outbox)
-            self._post(outbox)
             with self._lock:
                 self._num_waiting = (sum(len(g) for g in self._incoming) + len(engine.waiting)
                                      + sum(len(j.inputs) for j in self._score_jobs))
-            self._update_gauges()
+            self._update_gauges()  # before the results go out: a client that sees them sees these too
+            self._post(outbox)
         with self._lock:
             self._state = STOPPED
         self._update_gauges()
@@ -459,7 +460,16 @@ class Scheduler:
         if engine is not None:
             m.num_requests_running.set(len(engine.running))
             m.kv_cache_usage_ratio.set(engine.cache.usage())
-            m.kv_cache_slots_used_ratio.set(engine.cache.num_used / engine.cache.num_slots)
+            m.kv_cache_slots_used_ratio.set(1.0 - engine.num_free_slots / engine.max_batch_size)
+            # the engine keeps running totals; the counters advance by what is new since the last look
+            pool = engine.pool
+            seen = self._seen_totals
+            for counter, key, total in ((m.prefix_cache_queries, "queries", pool.queried_tokens),
+                                        (m.prefix_cache_hits, "hits", pool.hit_tokens),
+                                        (m.num_preemptions, "preemptions", engine.num_preemptions)):
+                if total > seen.get(key, 0):
+                    counter.inc(total - seen.get(key, 0))
+                seen[key] = total
 
 
 def _deliver(outbox: list[tuple[asyncio.Queue, QueueItem]]) -> None:

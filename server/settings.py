@@ -28,6 +28,12 @@ class ServerSettings:
     max_batch_size: int = 8  # sequences decoded together (= KV-cache slots)
     max_queue: int = 256  # sequences that may wait for a slot; more -> 429
     max_model_len: int | None = None  # context length cap (default: the model's)
+    kv_block_size: int = 16  # tokens per KV-cache block
+    num_kv_blocks: int | None = None  # KV pool size (default: from memory, see --gpu-memory-fraction)
+    gpu_memory_fraction: float = 0.9  # CUDA: share of the device's memory the server may use
+    enable_prefix_caching: bool = True
+    max_prefill_tokens: int | None = None  # prompt tokens per step (chunked prefill); default by device
+    cuda_graphs: bool = True  # CUDA: replay decode steps from captured graphs
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies -> 413
     threads: int | None = None  # torch intra-op threads (default: available cores)
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
@@ -44,6 +50,13 @@ class ServerSettings:
         need(self.max_queue >= 1, f"--max-queue must be >= 1, got {self.max_queue}")
         need(self.max_model_len is None or self.max_model_len >= 2,
              f"--max-model-len must be >= 2, got {self.max_model_len}")
+        need(self.kv_block_size >= 1, f"--kv-block-size must be >= 1, got {self.kv_block_size}")
+        need(self.num_kv_blocks is None or self.num_kv_blocks >= 2,
+             f"--num-kv-blocks must be >= 2, got {self.num_kv_blocks}")
+        need(0.0 < self.gpu_memory_fraction <= 1.0,
+             f"--gpu-memory-fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        need(self.max_prefill_tokens is None or self.max_prefill_tokens >= 1,
+             f"--max-prefill-tokens must be >= 1, got {self.max_prefill_tokens}")
         need(self.max_body_bytes >= 1024, f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         need(self.shutdown_timeout_s >= 0, f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout_s}")
@@ -66,7 +79,11 @@ class ServerSettings:
         return cls(served_model_name=name, model_dir=args.model, host=args.host, port=args.port,
                    api_key=args.api_key or os.environ.get("KILN_API_KEY") or None, device=args.device,
                    dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                   max_model_len=args.max_model_len, max_body_bytes=args.max_body_bytes, threads=args.threads,
+                   max_model_len=args.max_model_len, kv_block_size=args.kv_block_size,
+                   num_kv_blocks=args.num_kv_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
+                   enable_prefix_caching=not args.no_prefix_caching, max_prefill_tokens=args.max_prefill_tokens,
+                   cuda_graphs=not args.no_cuda_graphs,
+                   max_body_bytes=args.max_body_bytes, threads=args.threads,
                    shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level)
 
 
@@ -81,6 +98,16 @@ def _int_at_least(low: int):
         return n
 
     return parse
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0.0 < x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {x}")
+    return x
 
 
 def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
@@ -98,11 +125,25 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("auto", "fp32", "fp16", "bf16"),
                    help="weights dtype (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--max-batch-size", type=_int_at_least(1), default=8,
-                   help="sequences decoded together, one KV-cache slot each (default: 8)")
+                   help="sequences running (decoded together) at once (default: 8)")
     p.add_argument("--max-queue", type=_int_at_least(1), default=256,
                    help="sequences that may wait for a slot before requests get 429 (default: 256)")
     p.add_argument("--max-model-len", type=_int_at_least(2), default=None,
                    help="cap on prompt + generated tokens (default: the model's context length)")
+    p.add_argument("--kv-block-size", type=_int_at_least(1), default=16,
+                   help="tokens per block of the paged KV cache (default: 16)")
+    p.add_argument("--num-kv-blocks", type=_int_at_least(2), default=None,
+                   help="size of the KV block pool (default: from free memory on CUDA, see "
+                        "--gpu-memory-fraction; two full-length sequences per batch row on the CPU)")
+    p.add_argument("--gpu-memory-fraction", type=_fraction, default=0.9,
+                   help="CUDA: fraction of the GPU's memory the server may fill, KV pool included (default: 0.9)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV blocks of prompt prefixes shared between requests")
+    p.add_argument("--max-prefill-tokens", type=_int_at_least(1), default=None,
+                   help="prompt tokens computed per scheduler step; longer prompts are prefilled in chunks "
+                        "between decode steps (default: 2048 on CUDA, 512 on the CPU)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="CUDA: run every decode step eagerly instead of replaying captured graphs")
     p.add_argument("--max-body-bytes", type=_int_at_least(1024), default=8 * 1024 * 1024,
                    help="largest accepted request body; larger gets 413 (default: 8 MiB)")
     p.add_argument("--threads", type=_int_at_least(1), default=None,

@@ -88,9 +88,9 @@ def test_batched_requests_joining_midway_equal_alone(hf_dir):
     requests += [engine.add_request(p, greedy(n)) for p, n in zip(prompts[1:], lengths[1:])]
     while engine.has_work:
         engine.step()
-        assert engine.cache.num_used <= 3
+        assert len(engine.running) <= 3
     assert [r.output_ids for r in requests] == alone
-    assert engine.cache.num_free == 3
+    assert engine.num_free_slots == 3 and engine.pool.num_used == 0
 
 
 def test_stop_string_split_across_tokens_is_not_returned(llama_dir):

@@ -8,6 +8,8 @@ import torch
 from model.checkpoint import build_model
 from model.config import ModelConfig
 from model.kv_cache import KVCache
+
+from cache_helpers import Sequences
 from model.transformer import Transformer
 
 pytest.importorskip("triton")
@@ -29,15 +31,16 @@ def test_triton_backend_forward_decode_and_loss_match_torch():
     with torch.no_grad():
         close(triton_model(tokens), torch_model(tokens))
         # prefill one sequence, then one decode step over a batch of two slots of different lengths
-        caches = [KVCache(m.config, num_slots=2, max_seq_len=16) for m in (torch_model, triton_model)]
+        caches = [Sequences(KVCache(m.config, num_blocks=9, block_size=4, max_seq_len=16))
+                  for m in (torch_model, triton_model)]
         outs = []
         for model, cache in zip((torch_model, triton_model), caches):
             a, b = cache.allocate(), cache.allocate()
             for slot, n in ((a, 5), (b, 3)):
-                model(tokens[slot, :n][None], kv_cache=cache, batch=cache.batch([slot], [n]))
+                model(tokens[slot, :n][None], kv_cache=cache.kv, batch=cache.batch([slot], [n]))
                 cache.advance([slot], [n])
             step = torch.stack([tokens[0, 5:6], tokens[1, 3:4]])
-            outs.append(model(step, kv_cache=cache, batch=cache.batch([a, b], [1, 1])))
+            outs.append(model(step, kv_cache=cache.kv, batch=cache.batch([a, b], [1, 1])))
         close(outs[1], outs[0])
     with pytest.raises(ValueError, match="head dim"):
         bad = ModelConfig(vocab_size=300, n_layer=1, n_head=4, n_kv_head=2, d_model=40, d_ff=8, max_seq_len=8)

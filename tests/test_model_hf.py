@@ -10,6 +10,8 @@ import torch
 from model.checkpoint import CheckpointError, load_model
 from model.kv_cache import KVCache
 
+from cache_helpers import Sequences
+
 
 def hf_model(path):
     from transformers import AutoModelForCausalLM
@@ -40,16 +42,16 @@ def test_incremental_decode_matches_full_forward(hf_dir):
     model = load_model(hf_dir)
     tokens = random_tokens(model.config.vocab_size, (1, 20), seed=1)
     full = model(tokens)[0]  # (T, V)
-    cache = KVCache(model.config, num_slots=2, max_seq_len=32)
+    cache = Sequences(KVCache(model.config, num_blocks=17, block_size=4, max_seq_len=32))
     slot = cache.allocate()
     # prefill 7 tokens, then one at a time
     batch = cache.batch([slot], [7])
-    out = model(tokens[:, :7], kv_cache=cache, batch=batch)
+    out = model(tokens[:, :7], kv_cache=cache.kv, batch=batch)
     cache.advance([slot], [7])
     close(out[0], full[:7])
     for t in range(7, 20):
         batch = cache.batch([slot], [1])
-        out = model(tokens[:, t: t + 1], kv_cache=cache, batch=batch)
+        out = model(tokens[:, t: t + 1], kv_cache=cache.kv, batch=batch)
         cache.advance([slot], [1])
         close(out[0, 0], full[t])
 
@@ -61,7 +63,7 @@ def test_mixed_batch_joined_midway_equals_alone(hf_dir):
     V = model.config.vocab_size
     seqs = [random_tokens(V, (1, n), seed=10 + n)[0] for n in (12, 5, 17)]
     alone = [model(s[None])[0] for s in seqs]
-    cache = KVCache(model.config, num_slots=4, max_seq_len=32)
+    cache = Sequences(KVCache(model.config, num_blocks=33, block_size=4, max_seq_len=32))
     # slot order deliberately not consecutive
     slots = [cache.allocate() for _ in range(4)]
     order = [slots[2], slots[0], slots[3]]
@@ -70,7 +72,7 @@ def test_mixed_batch_joined_midway_equals_alone(hf_dir):
     b = cache.batch(order[:2], prefill[:2])
     toks = torch.zeros(2, 4, dtype=torch.long)
     toks[0, :4], toks[1, :3] = seqs[0][:4], seqs[1][:3]
-    out = model(toks, kv_cache=cache, batch=b)
+    out = model(toks, kv_cache=cache.kv, batch=b)
     cache.advance(order[:2], prefill[:2])
     close(out[0, :4], alone[0][:4])
     close(out[1, :3], alone[1][:3])
@@ -80,7 +82,7 @@ def test_mixed_batch_joined_midway_equals_alone(hf_dir):
     while any(pos[i] < len(seqs[i]) for i in range(3)):
         if step == 3:  # the third sequence joins mid-way
             b = cache.batch([order[2]], [prefill[2]])
-            out = model(seqs[2][None, :6], kv_cache=cache, batch=b)
+            out = model(seqs[2][None, :6], kv_cache=cache.kv, batch=b)
             cache.advance([order[2]], [prefill[2]])
             close(out[0], alone[2][:6])
             pos[2] = 6
@@ -88,7 +90,7 @@ def test_mixed_batch_joined_midway_equals_alone(hf_dir):
         live = [i for i in active if pos[i] < len(seqs[i])]
         b = cache.batch([order[i] for i in live], [1] * len(live))
         toks = torch.stack([seqs[i][pos[i]: pos[i] + 1] for i in live])
-        out = model(toks, kv_cache=cache, batch=b)
+        out = model(toks, kv_cache=cache.kv, batch=b)
         cache.advance([order[i] for i in live], [1] * len(live))
         for row, i in enumerate(live):
             close(out[row, 0], alone[i][pos[i]])

@@ -435,3 +435,21 @@ def test_metrics_move(client, ref):
                                                                                ()), 0.0)
     assert after[("kiln_num_requests_running", ())] == 0 and after[("kiln_num_requests_waiting", ())] == 0
     assert after[("kiln_kv_cache_usage_ratio", ())] == 0
+
+
+def test_prefix_cache_metrics_count_a_repeated_prompt(client, ref):
+    ids = ref.tokenizer.encode(TEXTS[0] + TEXTS[1])[:40]  # 2 full blocks of 16 and a partial one
+    body = {"prompt": ids, "max_tokens": 3, "temperature": 0}
+    first = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    before = metric_values(client)
+    again = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    after = metric_values(client)
+
+    def delta(name):
+        return after.get((name, ()), 0.0) - before.get((name, ()), 0.0)
+
+    assert again == first
+    assert delta("kiln_prefix_cache_queries_total") == 40
+    assert delta("kiln_prefix_cache_hits_total") == 32  # the full blocks; the rest is recomputed
+    assert after[("kiln_num_preemptions_total", ())] == 0
+    assert 0 <= after[("kiln_kv_cache_slots_used_ratio", ())] <= 1

@@ -63,11 +63,11 @@ def test_abort_frees_the_slot_within_one_step(engine):
         generation = scheduler.submit([[5, 6, 7]], [long_params()])
         assert isinstance(await next_item(generation), Accepted)
         assert isinstance(await next_item(generation), SequenceOutput)
-        assert engine.cache.num_free == 1
+        assert engine.num_free_slots == 1
         steps_at_abort = engine.steps
         scheduler.abort(generation)
         deadline = time.monotonic() + 5
-        while engine.cache.num_free != 2:  # read-only peek at the worker's engine
+        while engine.num_free_slots != 2:  # read-only peek at the worker's engine
             assert time.monotonic() < deadline, "the slot was never freed"
             await asyncio.sleep(0.001)
         assert engine.steps - steps_at_abort <= 1, engine.steps - steps_at_abort
@@ -104,7 +104,7 @@ def test_queue_limit_and_states(engine):
         with pytest.raises(ValueError, match="at most 2"):
             scheduler.submit([[5]] * 3, [long_params()] * 3)
         running = scheduler.submit([[5], [6]], [long_params(), long_params()])  # fills both slots
-        while len(engine.running) < 2:
+        while len(engine.running) < 2 or scheduler._num_waiting:  # both prefilled (read-only peek)
             await asyncio.sleep(0.001)
         waiting = scheduler.submit([[7], [8]], [long_params(), long_params()])  # fills the queue
         with pytest.raises(QueueFull, match="2 sequences are already waiting"):
@@ -116,7 +116,7 @@ def test_queue_limit_and_states(engine):
         for generation in (running, waiting):
             items = [generation.queue.get_nowait() for _ in range(generation.queue.qsize())]
             assert isinstance(items[-1], (Failed, Rejected)) and items[-1].status == 503, items[-1]
-        assert engine.cache.num_free == 2 and not engine.has_work
+        assert engine.num_free_slots == 2 and not engine.has_work
         with pytest.raises(NotReady, match="shutting down"):
             scheduler.submit([[5]], [long_params()])
 
@@ -132,7 +132,7 @@ def test_rejections_name_the_prompt(engine):
         item = await next_item(generation)
         assert isinstance(item, Rejected) and item.status == 400
         assert item.message.startswith("prompt 1: ") and "70 prompt tokens" in item.message
-        assert engine.cache.num_free == 2 and not engine.waiting  # nothing of it stays behind
+        assert engine.num_free_slots == 2 and not engine.waiting  # nothing of it stays behind
         await asyncio.to_thread(scheduler.stop)
 
     asyncio.run(scenario())
@@ -146,7 +146,7 @@ def test_engine_failure_fails_requests_and_the_server_lives_on(engine):
         assert r.status_code == 500, r.text
         error = r.json()["error"]
         assert error["type"] == "server_error" and "simulated device failure" in error["message"]
-        assert engine.cache.num_free == 2
+        assert engine.num_free_slots == 2
         r = client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         engine.fail_next_step = True

@@ -1,0 +1,96 @@
+"""The static-buffer decode step behind the CUDA graphs: buckets, padding rows, block tables.
+
+On the CPU the step runs eagerly (capture=False) with the Triton decode kernel in the
+interpreter: everything but the capture itself. On a GPU the captured graphs must give the
+same greedy tokens as the eager engine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cache_helpers import Sequences
+from model.checkpoint import build_model
+from model.config import ModelConfig
+from model.cuda_graphs import GraphedDecode, batch_buckets
+from model.kv_cache import NULL_BLOCK, KVCache
+from model.transformer import Transformer
+
+pytest.importorskip("triton")
+
+
+def tiny_model(backend: str, device: str = "cpu") -> Transformer:
+    config = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96, max_seq_len=32)
+    torch.manual_seed(0)
+    weights = Transformer(config).state_dict()
+    return build_model(config, weights, torch.device(device), torch.float32, attn_backend=backend)
+
+
+def test_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(5) == [1, 2, 4, 5]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert batch_buckets(300)[-2:] == [256, 300]
+
+
+@torch.no_grad()
+def test_static_step_with_padding_rows_equals_the_plain_decode():
+    model = tiny_model("triton")
+    cache = Sequences(KVCache(model.config, num_blocks=40, block_size=4, max_seq_len=32))
+    g = torch.Generator().manual_seed(1)
+    lengths = [9, 3, 14, 6]
+    seqs = [cache.allocate() for _ in lengths]
+    tokens = torch.randint(0, 300, (4, 15), generator=g)
+    for turn in range(max(lengths)):  # grow the rows in turns: their blocks interleave in the pool
+        live = [s for s in seqs if cache.lengths[s] < lengths[s]]
+        batch = cache.batch(live, [1] * len(live))
+        model(torch.stack([tokens[s, cache.lengths[s]: cache.lengths[s] + 1] for s in live]), kv_cache=cache.kv,
+              batch=batch)
+        cache.advance(live, [1] * len(live))
+    assert any(b - a != 1 for t in cache.tables for a, b in zip(t, t[1:]))  # really paged
+    k0, v0 = cache.kv.k.clone(), cache.kv.v.clone()
+    graphed = GraphedDecode(model, cache.kv, max_batch_size=6, capture=False)
+    assert [graphed.bucket(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, 6]
+    real = [b for b in range(cache.kv.num_blocks) if b != NULL_BLOCK]
+    # all four rows (bucket 4, no padding), then three (bucket 4: row 3 is padding now, and its
+    # stale inputs from the first call must not write into sequence 3's blocks), then one
+    for rows in (seqs, seqs[:3], seqs[1:2]):
+        step = torch.stack([tokens[s, lengths[s]: lengths[s] + 1] for s in rows])  # (B, 1)
+        batch = cache.batch(rows, [1] * len(rows))
+        for buf, src in ((cache.kv.k, k0), (cache.kv.v, v0)):
+            buf.copy_(src)
+        want = model(step, kv_cache=cache.kv, batch=batch)[:, -1]
+        k_want, v_want = cache.kv.k.clone(), cache.kv.v.clone()
+        for buf, src in ((cache.kv.k, k0), (cache.kv.v, v0)):
+            buf.copy_(src)
+        got = graphed(step, batch)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cache.kv.k[:, real], k_want[:, real])  # padding wrote only the null block
+        torch.testing.assert_close(cache.kv.v[:, real], v_want[:, real])
+
+
+def test_needs_the_triton_backend():
+    model = tiny_model("torch")
+    with pytest.raises(ValueError, match="triton attention backend"):
+        GraphedDecode(model, KVCache(model.config, num_blocks=9, block_size=4), 2, capture=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@torch.no_grad()
+def test_graphed_engine_equals_eager_engine_on_gpu(llama_dir):
+    from model.cli import load_engine
+    from model.engine import Engine, SamplingParams
+
+    eager = load_engine(str(llama_dir), "cuda", "fp32", max_batch_size=4, cuda_graphs=False)
+    graphed = Engine(eager.model, eager.tokenizer, max_batch_size=4, cuda_graphs=True)
+    assert graphed._graphs is not None and graphed._graphs.enabled
+    prompts = [eager.tokenizer.encode(p) for p in ("The quick brown", "def add(a, b):", "To be")]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    for engine in (eager, graphed):
+        requests = [engine.add_request(ids, params) for ids in prompts]
+        while engine.has_work:
+            engine.step()
+        engine.outputs = [r.output_ids for r in requests]
+    assert graphed.outputs == eager.outputs
