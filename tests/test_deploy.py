@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -141,10 +142,16 @@ def kiln_serve_args(argv: list[str]):
 # ---- a live scrape ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def live_metrics(llama_dir):
-    """/metrics of a live server after a streamed and a plain completion, a perplexity job and a 404."""
-    engine = load_engine(str(llama_dir), "cpu", None, max_batch_size=2)
+    """/metrics of a live server after a streamed and a plain completion, a perplexity job, a 404, a
+    repeated prompt (prefix-cache hits) and two long requests that overflow a small KV pool (a preemption)."""
+    # 17 blocks of 4: one full 64-token sequence; two long ones at once cannot both fit
+    engine = load_engine(str(llama_dir), "cpu", None, max_batch_size=2, block_size=4, num_blocks=17)
     with LiveServer(create_app(engine, ServerSettings(served_model_name="tiny"))) as server:
         url = server.url
+        long = {"prompt": "The quick brown fox jumps", "max_tokens": 48, "ignore_eos": True}
+        with ThreadPoolExecutor(2) as pool:
+            assert all(r.status_code == 200 for r in pool.map(lambda _: httpx.post(url + "/v1/completions",
+                                                                                  json=long, timeout=60), range(2)))
         with httpx.stream("POST", url + "/v1/completions", json={
                 "prompt": "The quick brown", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
                 "stream": True}) as r:
