@@ -196,6 +196,8 @@ class CacheBatch:
         ends = [s + n for s, n in zip(starts, num_new)]
         kv_len = max(ends)
         nb = -(-kv_len // block_size)
+        if T == 1:
+            return CacheBatch._build_decode(tables, starts, ends, kv_len, nb, block_size, device, with_mask)
         table = torch.zeros(B, nb, dtype=torch.int64)
         for b, blocks in enumerate(tables):
             used = blocks[: -(-ends[b] // block_size)]
@@ -231,3 +233,28 @@ class CacheBatch:
             mask=mask,
             contiguous_from=contiguous_from,
         )
+
+    @staticmethod
+    def _build_decode(tables: list[list[int]], starts: list[int], ends: list[int], kv_len: int, nb: int,
+                      block_size: int, device: torch.device, with_mask: bool) -> "CacheBatch":
+        """One new token per row (a decode step): the same fields from plain lists, in a few tensor
+        calls, since at batch 1 on a CPU building the batch costs as much as a small matmul."""
+        B = len(tables)
+        index = torch.tensor([[[s] for s in starts],
+                              [[table[s // block_size]] for table, s in zip(tables, starts)],
+                              [[s % block_size] for s in starts]], dtype=torch.int64)  # (3, B, 1)
+        table = torch.tensor([t[:nb] + [NULL_BLOCK] * (nb - len(t[:nb])) for t in tables], dtype=torch.int64)
+        lengths = torch.tensor(ends, dtype=torch.int32)
+        mask = None
+        if with_mask and len(set(starts)) > 1:
+            mask = (torch.arange(kv_len)[None, :] < lengths[:, None])[:, None, None, :].to(device)  # (B, 1, 1, L)
+        contiguous_from = None
+        if B == 1:
+            used = tables[0][:nb]
+            if all(b - a == 1 for a, b in zip(used, used[1:])):
+                contiguous_from = used[0]
+        if device.type != "cpu":
+            index, table, lengths = index.to(device), table.to(device), lengths.to(device)
+        return CacheBatch(positions=index[0], write_blocks=index[1], write_offsets=index[2], block_table=table,
+                          lengths=lengths, kv_len=kv_len, block_size=block_size, mask=mask,
+                          contiguous_from=contiguous_from)

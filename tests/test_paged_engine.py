@@ -214,3 +214,18 @@ def test_pool_sizes_are_checked(llama_dir):
     cache = KVCache(engine.config, num_blocks=9, block_size=8)
     with pytest.raises(ValueError, match="do not fit"):
         cache.batch([[1]], [4], [5])  # positions 4..8 need a second block
+
+
+def test_decode_batch_fields():
+    """The decode-step builder (one token per row) addresses the right block, offset and mask."""
+    from model.kv_cache import CacheBatch
+
+    tables = [[7, 3, 9], [4], [5, 6]]
+    batch = CacheBatch.build(tables, [9, 2, 4], [1, 1, 1], block_size=4, max_seq_len=16, device=torch.device("cpu"))
+    assert batch.positions.tolist() == [[9], [2], [4]]
+    assert batch.write_blocks.tolist() == [[9], [4], [6]] and batch.write_offsets.tolist() == [[1], [2], [0]]
+    assert batch.block_table.tolist() == [[7, 3, 9], [4, 0, 0], [5, 6, 0]] and batch.lengths.tolist() == [10, 3, 5]
+    assert batch.kv_len == 10 and batch.contiguous_from is None
+    assert batch.mask.shape == (3, 1, 1, 10) and batch.mask.sum(-1).flatten().tolist() == [10, 3, 5]
+    one = CacheBatch.build([[2, 3, 4]], [8], [1], block_size=4, max_seq_len=16, device=torch.device("cpu"))
+    assert one.contiguous_from == 2 and one.mask is None and one.block_table.tolist() == [[2, 3, 4]]
