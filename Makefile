@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 setup: $(STAMP)
 
+# The native CPU decode step is compiled once per machine (cached in ~/.cache/kiln); without a C++
+# compiler this prints why and the server uses the torch path.
 serve: setup
+	$(BIN)/python -m model.native
 	$(BIN)/kiln serve $(ARGS)
 
 test: setup

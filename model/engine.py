@@ -196,7 +196,7 @@ class Engine:
                  max_seq_len: int | None = None, fast_decode: bool = True, block_size: int = DEFAULT_BLOCK_SIZE,
                  num_blocks: int | None = None, enable_prefix_caching: bool = True,
                  max_prefill_tokens: int | None = None, gpu_memory_fraction: float = 0.9,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, compile: bool = False, native: bool | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not 0.0 < gpu_memory_fraction <= 1.0:
@@ -236,6 +236,24 @@ class Engine:
         self._decode_plan = DecodePlan(model) if use_plan else None
         if self._decode_plan is not None:
             self._decode_plan.pack_head([1, max_batch_size])
+        # the native C++ decode step (model/native): None = use it if it is already built, True = build it
+        # now if needed, False = never
+        if native is not False and self._decode_plan is not None and self._decode_plan.supports_native():
+            from . import native as native_step
+
+            module = native_step.load(build=bool(native))
+            if module is not None:
+                self._decode_plan.enable_native(module)
+        self.compile_seconds: float | None = None  # set when the CPU decode step was compiled
+        self.compile_error: str | None = None
+        if compile:
+            if self._decode_plan is None:
+                self.compile_error = "compile applies to the CPU decode step (torch attention backend)"
+            else:
+                try:
+                    self.compile_seconds = self._decode_plan.compile(self.cache, max_batch_size)
+                except Exception as e:  # noqa: BLE001 -- no compiler, an inductor bug: serve eagerly
+                    self.compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         self._decode_mask = backend != "triton"  # the Triton decode kernel reads lengths, not a mask
         self._graphs: GraphedDecode | None = None
         if cuda_graphs and backend == "triton" and self.device.type == "cuda":
@@ -284,6 +302,22 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def native_decode(self) -> bool:
+        """Decode steps run through the native C++ step (model/native)."""
+        return self._decode_plan is not None and self._decode_plan.native
+
+    def build_native_in_background(self) -> bool:
+        """Build the native decode step on a daemon thread and switch to it when it is ready;
+        False when it does not apply (not the CPU torch path, not fp32, disabled) or is already on."""
+        from . import native as native_step
+
+        plan = self._decode_plan
+        if plan is None or plan.native or not plan.supports_native() or native_step.disabled():
+            return False
+        native_step.load_in_background(plan.enable_native)
+        return True
 
     @property
     def uses_cuda_graphs(self) -> bool:

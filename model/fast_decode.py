@@ -20,13 +20,15 @@ kernel path runs through the model as usual).
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import CacheBatch, KVCache
-from .attention import cached_attention
+from .cuda_graphs import batch_buckets
+from .kv_cache import NULL_BLOCK, CacheBatch, KVCache
 from .transformer import Transformer, apply_rope
 
 
@@ -34,6 +36,8 @@ from .transformer import Transformer, apply_rope
 # models, where every op counts; for large ones the copies would double the memory, so the
 # plan keeps the original weights and applies the gains as one more op.
 FOLD_LIMIT_BYTES = 256 * 2**20
+# Above this batch the torch path's GEMMs (oneDNN / MKL) beat the native step's matrix-vector loops.
+NATIVE_MAX_BATCH = 6
 
 
 @dataclass
@@ -88,6 +92,11 @@ class DecodePlan:
                                           up_w, up_b, block.mlp.down.weight, block.mlp.down.bias, norm1, norm2))
             self.head_w, self.head_b, self.final_norm = reading(model.norm, model.lm_head)
         self._head_packs: dict[int, torch.Tensor] = {}  # batch size -> oneDNN-packed head (pack_head)
+        self._compiled = None  # the step compiled per batch bucket (compile())
+        self._native = None  # the native C++ step (model/native), when enabled
+        self._native_args: tuple | None = None
+        self._buckets: list[int] = []
+        self._static: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def pack_head(self, batch_sizes: list[int]) -> None:
         """Prepack the LM head for oneDNN at the given batch sizes (CPU builds with mkldnn).
@@ -132,13 +141,59 @@ class DecodePlan:
             return x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(self.eps))
         return F.layer_norm(x, (self.d_model,), eps=self.eps)
 
+    # ---- the native C++ step ------------------------------------------------------------------
+    def supports_native(self) -> bool:
+        """The native step takes folded fp32 weights (it applies no norm gains itself)."""
+        return self.folded and self.model.embed.weight.dtype == torch.float32
+
+    def enable_native(self, module) -> None:
+        """Run decode steps through `module.decode_step` (model/native) from now on."""
+        if not self.supports_native():
+            raise ValueError("the native decode step needs a folded fp32 plan")
+        model = self.model
+
+        def opt(t: torch.Tensor | None) -> torch.Tensor:
+            return torch.empty(0) if t is None else t.detach().float().contiguous()
+
+        weights = []
+        for layer in self.layers:
+            weights += [opt(layer.qkv_w), opt(layer.qkv_b), opt(layer.proj_w), opt(layer.proj_b),
+                        opt(layer.up_w), opt(layer.up_b), opt(layer.down_w), opt(layer.down_b)]
+        weights += [opt(model.embed.weight), opt(model.pos_embed.weight if not self.rms else None),
+                    opt(model.rope_cos if self.rms else None), opt(model.rope_sin if self.rms else None),
+                    opt(self.head_w), opt(self.head_b)]
+        dims = [self.H, self.Hkv, self.D, self.d_model, self.d_ff, int(self.rms), int(self.swiglu)]
+        self._native_args = (weights, dims, float(self.eps))
+        self._native = module  # last: the worker thread may be mid-step and reads this once per call
+
+    @property
+    def native(self) -> bool:
+        return self._native is not None
+
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, kv_cache: KVCache, batch: CacheBatch) -> torch.Tensor:
-        """tokens (B, 1) -> logits (B, V); writes each row's keys/values into its slot."""
+        """tokens (B, 1) -> logits (B, V); writes each row's keys/values into its blocks."""
+        native = self._native
+        if native is not None and tokens.shape[0] <= NATIVE_MAX_BATCH:
+            weights, dims, eps = self._native_args
+            return native.decode_step(tokens.reshape(-1), batch.positions.reshape(-1), batch.block_table,
+                                      kv_cache.k, kv_cache.v, weights, dims, eps)
+        if self._compiled is not None and tokens.shape[0] <= self._buckets[-1]:
+            hidden = self._run_compiled(tokens, kv_cache, batch)
+        else:
+            meta = torch.tensor([batch.kv_len, -1 if batch.contiguous_from is None else batch.contiguous_from])
+            hidden = self._body(tokens, batch.positions, batch.write_blocks, batch.write_offsets, batch.block_table,
+                                batch.lengths, meta, kv_cache.k, kv_cache.v, paged_decode_attention)
+        return self._head(hidden)
+
+    def _body(self, tokens, positions, write_blocks, write_offsets, block_table, lengths, meta, k_cache, v_cache,
+              attention) -> torch.Tensor:
+        """The step on plain tensors, so torch.compile can trace it: tokens (B, 1) -> final hidden (B, d).
+
+        `attention` is `paged_decode_attention`, or the same function as a custom op when compiled."""
         model = self.model
         B = tokens.shape[0]
         H, Hkv, D = self.H, self.Hkv, self.D
-        positions = batch.positions  # (B, 1)
         x = F.embedding(tokens, model.embed.weight)  # (B, 1, d)
         if self.rms:
             cos = model.rope_cos[positions][:, :, None, :]  # (B, 1, 1, D)
@@ -151,8 +206,8 @@ class DecodePlan:
             if self.rms:
                 qk = apply_rope(qk, cos, sin)
             v = qkv[..., (H + Hkv) * D:].view(B, 1, Hkv, D)
-            y = cached_attention(qk[:, :, :H].transpose(1, 2), qk[:, :, H:], v, kv_cache.k[i], kv_cache.v[i],
-                                 batch, "torch")  # (B, H, 1, D)
+            y = attention(qk[:, :, :H].transpose(1, 2), qk[:, :, H:], v, k_cache[i], v_cache[i], write_blocks,
+                          write_offsets, block_table, lengths, meta)  # (B, H, 1, D)
             x = x + F.linear(y.transpose(1, 2).reshape(B, 1, H * D), layer.proj_w, layer.proj_b)
             h = F.linear(self._norm(x, layer.norm2), layer.up_w, layer.up_b)
             if self.swiglu:
@@ -160,4 +215,90 @@ class DecodePlan:
             else:
                 h = F.gelu(h, approximate="tanh")
             x = x + F.linear(h, layer.down_w, layer.down_b)
-        return self._head(self._norm(x[:, 0], self.final_norm))  # (B, V)
+        return self._norm(x[:, 0], self.final_norm)  # (B, d)
+
+    # ---- torch.compile ------------------------------------------------------------------------
+    def compile(self, cache: KVCache, max_batch_size: int) -> float:
+        """Compile the step with inductor (C++ wrapper) for the batch buckets up to max_batch_size and
+        warm each up now; returns the seconds it took. Raises if compilation fails (the caller then
+        stays eager). Shapes are static per bucket -- a smaller batch is padded with rows that write
+        into the null block -- so serving never recompiles."""
+        start = time.perf_counter()
+        buckets = batch_buckets(max_batch_size)
+        width = cache.max_blocks_per_seq
+        static = {size: (torch.full((size, width), NULL_BLOCK, dtype=torch.int64), torch.ones(size, dtype=torch.int32))
+                  for size in buckets}
+        import torch._dynamo as dynamo
+
+        # one graph per bucket, and dynamo counts every plan's graphs against one code object (`_body`)
+        name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
+        compiled = torch.compile(self._body, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+        op = _attention_op()
+        with torch.inference_mode():
+            for size in buckets:
+                zeros = torch.zeros(size, 1, dtype=torch.long)
+                table, lengths = static[size]
+                for _ in range(2):
+                    compiled(zeros, zeros, zeros, zeros, table, lengths, torch.tensor([1, -1]), cache.k, cache.v, op)
+        self._buckets, self._static, self._compiled = buckets, static, compiled
+        return time.perf_counter() - start
+
+    def _run_compiled(self, tokens: torch.Tensor, kv_cache: KVCache, batch: CacheBatch) -> torch.Tensor:
+        B = tokens.shape[0]
+        size = next(b for b in self._buckets if b >= B)
+        table, lengths = self._static[size]
+        table[:B, : batch.block_table.shape[1]] = batch.block_table  # columns past a row's length are never read
+        lengths[:B] = batch.lengths
+        positions, write_blocks, write_offsets = batch.positions, batch.write_blocks, batch.write_offsets
+        if size > B:  # padding rows: token 0 at position 0, written into the null block, attending to one key
+            pad = (0, 0, 0, size - B)
+            tokens, positions, write_blocks, write_offsets = (
+                F.pad(t, pad) for t in (tokens, positions, write_blocks, write_offsets))
+            table[B:] = NULL_BLOCK
+            lengths[B:] = 1
+        view_start = batch.contiguous_from if batch.contiguous_from is not None and size == 1 else -1
+        hidden = self._compiled(tokens, positions, write_blocks, write_offsets, table, lengths,
+                                torch.tensor([batch.kv_len, view_start]), kv_cache.k, kv_cache.v, _attention_op())
+        return hidden[:B]
+
+
+def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, write_blocks: torch.Tensor, write_offsets: torch.Tensor,
+                           block_table: torch.Tensor, lengths: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """One decode step's attention for one layer of the paged cache (the torch CPU path).
+
+    q (B, H, 1, D); k_new/v_new (B, 1, Hkv, D); k_cache/v_cache one layer of the pool (num_blocks,
+    block_size, Hkv, D); meta = [kv_len, first block of a single row whose blocks are consecutive or -1].
+    Writes the new keys/values, then attends over each row's first lengths[b] keys. Returns (B, H, 1, D)."""
+    k_layer, v_layer = k_cache, v_cache
+    k_layer[write_blocks, write_offsets] = k_new
+    v_layer[write_blocks, write_offsets] = v_new
+    kv_len, view_start = meta.tolist()
+    B, block_size = q.shape[0], k_layer.shape[1]
+    if view_start >= 0:  # one row, consecutive blocks: its keys are a view of the pool
+        first = view_start * block_size
+        keys = k_layer.view(-1, *k_layer.shape[2:])[first: first + kv_len].unsqueeze(0).transpose(1, 2)
+        values = v_layer.view(-1, *v_layer.shape[2:])[first: first + kv_len].unsqueeze(0).transpose(1, 2)
+    else:
+        table = block_table[:, : -(-kv_len // block_size)]
+        keys = k_layer[table].flatten(1, 2)[:, :kv_len].transpose(1, 2)  # (B, Hkv, L, D)
+        values = v_layer[table].flatten(1, 2)[:, :kv_len].transpose(1, 2)
+    mask = None
+    if B > 1:
+        mask = (torch.arange(kv_len, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != keys.shape[1])
+
+
+@functools.cache
+def _attention_op():
+    """`paged_decode_attention` as a torch custom op: opaque to torch.compile (its shapes depend on
+    the lengths), declared as writing into the caches."""
+    op = torch.library.custom_op("kiln::paged_decode_attention", mutates_args=("k_cache", "v_cache"))(
+        paged_decode_attention)
+
+    @op.register_fake
+    def _(q, k_new, v_new, k_cache, v_cache, write_blocks, write_offsets, block_table, lengths, meta):
+        return torch.empty_like(q)
+
+    return op

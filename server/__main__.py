@@ -55,15 +55,26 @@ def main(argv: list[str] | None = None) -> None:
                              block_size=settings.kv_block_size, num_blocks=settings.num_kv_blocks,
                              gpu_memory_fraction=settings.gpu_memory_fraction,
                              enable_prefix_caching=settings.enable_prefix_caching,
-                             max_prefill_tokens=settings.max_prefill_tokens, cuda_graphs=settings.cuda_graphs)
+                             max_prefill_tokens=settings.max_prefill_tokens, cuda_graphs=settings.cuda_graphs,
+                             compile=settings.compile)
         cache = engine.cache
-        logging.getLogger("kiln.server").info(
+        log = logging.getLogger("kiln.server")
+        log.info(
             "model %r loaded in %.2f s: %s %s, context %d tokens, up to %d sequences, KV pool %d blocks x %d "
             "tokens (%.1f MiB, prefix caching %s), prefill chunk %d tokens, decode %s", settings.served_model_name,
             time.perf_counter() - start, engine.device, str(engine.dtype).removeprefix("torch."),
             engine.max_seq_len, engine.max_batch_size, cache.num_blocks, cache.block_size,
             cache.k.nbytes * 2 / 2**20, "on" if engine.pool.enable_prefix_caching else "off",
-            engine.max_prefill_tokens, "CUDA graphs" if engine.uses_cuda_graphs else "eager")
+            engine.max_prefill_tokens, "CUDA graphs" if engine.uses_cuda_graphs
+            else "native" if engine.native_decode else "compiled" if engine.compile_seconds is not None else "eager")
+        if engine.build_native_in_background():
+            log.info("building the native CPU decode step in the background (once per machine, about half a "
+                     "minute; `make serve` does it ahead); decoding with the torch path meanwhile")
+        if engine.compile_seconds is not None:
+            log.info("decode step compiled in %.1f s (batch buckets up to %d)", engine.compile_seconds,
+                     engine.max_batch_size)
+        elif engine.compile_error is not None:
+            log.warning("--compile: could not compile the decode step, running eagerly: %s", engine.compile_error)
         return engine
 
     app = create_app(load, settings)

@@ -34,6 +34,7 @@ class ServerSettings:
     enable_prefix_caching: bool = True
     max_prefill_tokens: int | None = None  # prompt tokens per step (chunked prefill); default by device
     cuda_graphs: bool = True  # CUDA: replay decode steps from captured graphs
+    compile: bool = False  # CPU: torch.compile the decode step (inductor, C++)
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies -> 413
     threads: int | None = None  # torch intra-op threads (default: available cores)
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
@@ -82,7 +83,7 @@ class ServerSettings:
                    max_model_len=args.max_model_len, kv_block_size=args.kv_block_size,
                    num_kv_blocks=args.num_kv_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
                    enable_prefix_caching=not args.no_prefix_caching, max_prefill_tokens=args.max_prefill_tokens,
-                   cuda_graphs=not args.no_cuda_graphs,
+                   cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                    max_body_bytes=args.max_body_bytes, threads=args.threads,
                    shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level)
 
@@ -142,6 +143,10 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
     p.add_argument("--max-prefill-tokens", type=_int_at_least(1), default=None,
                    help="prompt tokens computed per scheduler step; longer prompts are prefilled in chunks "
                         "between decode steps (default: 2048 on CUDA, 512 on the CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: compile the decode step with torch.compile (inductor builds C++ with the system "
+                        "compiler) for batch buckets up to --max-batch-size, at start-up; falls back to eager if "
+                        "compilation fails")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="CUDA: run every decode step eagerly instead of replaying captured graphs")
     p.add_argument("--max-body-bytes", type=_int_at_least(1024), default=8 * 1024 * 1024,

@@ -14,6 +14,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs the torch decode path (and never starts a background build); tests/test_native_decode.py
+# turns the native step on where it compares the two.
+os.environ.setdefault("KILN_NO_NATIVE", "1")
 # Triton kernels run in its interpreter on CPU tensors; the choice is made when triton is imported
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -49,3 +49,31 @@ def test_plan_does_not_touch_the_model(llama_dir):
     list(engine.generate(engine.tokenizer.encode("hello"), SamplingParams(max_tokens=5, temperature=0.0)))
     after = engine.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_compiled_step_equals_eager(hf_dir):
+    """`kiln serve --compile`: the decode step through inductor gives the eager step's tokens and
+    logprobs, for batches that pad up to a bucket (3 rows -> 4) and shrink as rows finish."""
+    compiled = load_engine(str(hf_dir), "cpu", max_batch_size=4, compile=True)
+    if compiled.compile_seconds is None:
+        pytest.skip(f"torch.compile is unavailable here: {compiled.compile_error}")
+    assert compiled._decode_plan._buckets == [1, 2, 4]
+    eager = Engine(compiled.model, compiled.tokenizer, max_batch_size=4)
+    prompts = [compiled.tokenizer.encode(p) for p in PROMPTS]
+    for lengths in ([12], [14, 6, 11, 9]):
+        got_ids, got_lps = run(compiled, prompts[: len(lengths)], lengths)
+        want_ids, want_lps = run(eager, prompts[: len(lengths)], lengths)
+        assert got_ids == want_ids
+        diff = max(abs(a - b) for g, w in zip(got_lps, want_lps) for a, b in zip(g, w))
+        assert diff < 1e-4, f"max logprob difference {diff:.2e}"
+
+
+def test_compile_failure_falls_back_to_eager(llama_dir, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fast_decode.DecodePlan, "compile", broken)
+    engine = load_engine(str(llama_dir), "cpu", compile=True)
+    assert engine.compile_seconds is None and "no C++ compiler" in engine.compile_error
+    out = [t for o in engine.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0)) for t in o.token_ids]
+    assert len(out) == 4

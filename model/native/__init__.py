@@ -1,0 +1,109 @@
+"""Kiln's native CPU decode step (decode_step.cpp), compiled on this machine on first use.
+
+The torch path stays the reference and the fallback: the native step is used only when it
+is built, the model is small enough for its norm gains to be folded (`fast_decode`), and
+the weights are fp32. Building needs a C++ compiler and takes ~20-40 s once; the result is
+cached under ``$KILN_CACHE_DIR`` (default ``~/.cache/kiln``) in a directory named after a
+hash of the source, the flags, torch's version and this CPU, so a change of any of them
+builds afresh. `make serve` builds it before starting the server; a server started
+without it builds it in the background and switches to it when ready.
+
+    python -m model.native          # build (or find) it and print where it is
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger("kiln.native")
+
+SOURCE = Path(__file__).with_name("decode_step.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
+DISABLE_ENV = "KILN_NO_NATIVE"  # set to 1 to never use (or build) the native step
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_dir() -> Path:
+    import torch
+
+    key = "\n".join([SOURCE.read_text(), " ".join(FLAGS), torch.__version__, sys.version, _cpu_id()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("KILN_CACHE_DIR", Path.home() / ".cache" / "kiln"))
+    return root / "native" / digest
+
+
+def disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def load(build: bool = True) -> ModuleType | None:
+    """The compiled module, or None (disabled, not built and build=False, or the build failed:
+    see `error()`). Safe to call from several threads; builds at most once per process."""
+    global _module, _error
+    if disabled():
+        return None
+    with _lock:
+        if _module is not None or _error is not None:
+            return _module
+        directory = build_dir()
+        name = "kiln_native_" + directory.name
+        built = any(directory.glob(name + "*.so"))
+        if not built and not build:
+            return None
+        try:
+            from torch.utils.cpp_extension import load as load_extension
+
+            directory.mkdir(parents=True, exist_ok=True)
+            _module = load_extension(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS,
+                                     build_directory=str(directory), verbose=False)
+        except Exception as e:  # noqa: BLE001 -- no compiler or headers: the torch path serves
+            _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            log.warning("the native CPU decode step is unavailable, using the torch path: %s", _error)
+        return _module
+
+
+def error() -> str | None:
+    return _error
+
+
+def load_in_background(on_ready) -> threading.Thread:
+    """Build/load on a daemon thread and call on_ready(module) if it succeeds."""
+    def run():
+        module = load(build=True)
+        if module is not None:
+            on_ready(module)
+            log.info("the native CPU decode step is ready: decode steps use it from now on")
+
+    thread = threading.Thread(target=run, name="kiln-native-build", daemon=True)
+    thread.start()
+    return thread
+
+
+def main() -> int:
+    print(f"building Kiln's native CPU decode step in {build_dir()} (once; about half a minute)...", flush=True)
+    module = load(build=True)
+    if module is None:
+        print(f"not available: {error() or 'disabled by ' + DISABLE_ENV}; Kiln uses the torch path", flush=True)
+        return 0
+    print(f"ready: {module.__file__}")
+    return 0

@@ -1,0 +1,248 @@
+// Kiln's native CPU decode step: one new token per sequence through the whole model, fp32.
+//
+// At the default model's size (a few million parameters) a decode step is a few MFLOP, and
+// on a CPU the torch path spends most of its time dispatching ~100 small ops per token.
+// This file does the same math in one call: embedding, then per layer norm -> QKV -> RoPE
+// -> write K/V into the paged cache -> attention over the row's blocks -> output projection
+// -> residual -> norm -> MLP -> residual, then the final norm and the LM head. Norm gains
+// arrive folded into the matrices that read them (model/fast_decode.py), so a norm here is
+// only the normalization. Matrix-vector products read each weight row once for all rows
+// of the batch and split rows over torch's intra-op threads when the product is large.
+//
+// It is compiled on first use by model/native/__init__.py (torch.utils.cpp_extension) and
+// checked against the torch path by tests/test_native_decode.py.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kParallelMacs = 1 << 17;  // smaller products run on the calling thread
+
+// y[b, o] = bias[o] + sum_i W[o, i] * x[b, i]
+void linear(const float* W, const float* bias, const float* x, float* y, int64_t B, int64_t O, int64_t I) {
+  auto rows = [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const float* w = W + o * I;
+      const float add = bias ? bias[o] : 0.f;
+      int64_t b = 0;
+      for (; b + 4 <= B; b += 4) {  // four batch rows per pass: each weight load feeds four products
+        const float *x0 = x + b * I, *x1 = x0 + I, *x2 = x1 + I, *x3 = x2 + I;
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+        for (int64_t i = 0; i < I; ++i) {
+          a0 += w[i] * x0[i];
+          a1 += w[i] * x1[i];
+          a2 += w[i] * x2[i];
+          a3 += w[i] * x3[i];
+        }
+        y[b * O + o] = a0 + add;
+        y[(b + 1) * O + o] = a1 + add;
+        y[(b + 2) * O + o] = a2 + add;
+        y[(b + 3) * O + o] = a3 + add;
+      }
+      for (; b < B; ++b) {
+        const float* xb = x + b * I;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < I; ++i) acc += w[i] * xb[i];
+        y[b * O + o] = acc + add;
+      }
+    }
+  };
+  const int64_t grain = std::max<int64_t>(16, kParallelMacs / std::max<int64_t>(1, B * I));
+  if (O <= grain) {
+    rows(0, O);
+  } else {
+    at::parallel_for(0, O, grain, rows);
+  }
+}
+
+// Gain-free normalization of each row of x (B, d) into out: RMSNorm or LayerNorm.
+void normalize(const float* x, float* out, int64_t B, int64_t d, bool rms, float eps) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = x + b * d;
+    float* ob = out + b * d;
+    float mean = 0.f;
+    if (!rms) {
+#pragma omp simd reduction(+ : mean)
+      for (int64_t i = 0; i < d; ++i) mean += xb[i];
+      mean /= static_cast<float>(d);
+    }
+    float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t i = 0; i < d; ++i) sq += (xb[i] - mean) * (xb[i] - mean);
+    const float inv = 1.f / std::sqrt(sq / static_cast<float>(d) + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) ob[i] = (xb[i] - mean) * inv;
+  }
+}
+
+const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+}  // namespace
+
+// tokens, positions (B,) int64; block_table (B, W) int64; cache (n_layer, num_blocks, block_size, Hkv, D)
+// fp32 contiguous; weights: per layer [qkv_w, qkv_b, proj_w, proj_b, up_w, up_b, down_w, down_b] (empty
+// tensor = no bias), then [embed, pos_embed, rope_cos, rope_sin, head_w, head_b] (empty = absent).
+// dims = [H, Hkv, D, d_model, d_ff, rms, swiglu]. Returns logits (B, V).
+torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::Tensor block_table,
+                          torch::Tensor k_cache, torch::Tensor v_cache, std::vector<torch::Tensor> weights,
+                          std::vector<int64_t> dims, double eps) {
+  TORCH_CHECK(dims.size() == 7, "dims must be [H, Hkv, D, d_model, d_ff, rms, swiglu]");
+  const int64_t H = dims[0], Hkv = dims[1], D = dims[2], dm = dims[3], dff = dims[4];
+  const bool rms = dims[5] != 0, swiglu = dims[6] != 0;
+  const int64_t L = k_cache.size(0), bs = k_cache.size(2);
+  const int64_t B = tokens.size(0), W = block_table.size(1);
+  TORCH_CHECK(tokens.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64 &&
+                  block_table.scalar_type() == torch::kInt64,
+              "tokens, positions and block_table must be int64");
+  TORCH_CHECK(tokens.is_contiguous() && positions.is_contiguous() && block_table.is_contiguous() &&
+                  positions.size(0) == B && block_table.size(0) == B,
+              "tokens (B,), positions (B,), block_table (B, W) must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 5 && k_cache.size(3) == Hkv &&
+                  k_cache.size(4) == D,
+              "the caches must be fp32 contiguous (n_layer, num_blocks, block_size, Hkv, D)");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 8 * L + 6, "expected ", 8 * L + 6, " weight tensors");
+  for (const auto& w : weights) {
+    TORCH_CHECK(!w.numel() || (w.scalar_type() == torch::kFloat32 && w.is_contiguous()),
+                "weights must be fp32 contiguous");
+  }
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && D > 0 && D <= 1024 && D % 2 == 0,
+              "need H a multiple of Hkv and an even head dim <= 1024");
+  const int64_t G = H / Hkv, qkv_dim = (H + 2 * Hkv) * D, up_dim = swiglu ? 2 * dff : dff;
+  const auto& embed = weights[8 * L];
+  const auto& pos_embed = weights[8 * L + 1];
+  const auto& rope_cos = weights[8 * L + 2];
+  const auto& rope_sin = weights[8 * L + 3];
+  const auto& head_w = weights[8 * L + 4];
+  const int64_t V = head_w.size(0);
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  const int64_t num_blocks = k_cache.size(1);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(tok[b] >= 0 && tok[b] < embed.size(0), "token id out of range");
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < W * bs, "position past the block table");
+    for (int64_t j = 0; j <= pos[b] / bs; ++j) {
+      TORCH_CHECK(table[b * W + j] >= 0 && table[b * W + j] < num_blocks, "block id out of range");
+    }
+  }
+
+  std::vector<float> x(B * dm), n(B * dm), qkv(B * qkv_dim), att(B * H * D), tmp(B * dm), h(B * up_dim),
+      act(B * dff);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* e = embed.data_ptr<float>() + tok[b] * dm;
+    const float* pe = pos_embed.numel() ? pos_embed.data_ptr<float>() + pos[b] * dm : nullptr;
+    for (int64_t i = 0; i < dm; ++i) x[b * dm + i] = pe ? e[i] + pe[i] : e[i];
+  }
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t stride_pos = Hkv * D, stride_block = bs * stride_pos, stride_layer = num_blocks * stride_block;
+  for (int64_t l = 0; l < L; ++l) {
+    const torch::Tensor* lw = &weights[8 * l];
+    normalize(x.data(), n.data(), B, dm, rms, static_cast<float>(eps));
+    linear(lw[0].data_ptr<float>(), opt(lw[1]), n.data(), qkv.data(), B, qkv_dim, dm);
+    float* kc = k_cache.data_ptr<float>() + l * stride_layer;
+    float* vc = v_cache.data_ptr<float>() + l * stride_layer;
+    auto attend_rows = [&](int64_t b0, int64_t b1) {
+    std::vector<float> scores;
+    for (int64_t b = b0; b < b1; ++b) {
+      float* row = qkv.data() + b * qkv_dim;
+      if (rope_cos.numel()) {  // queries and keys: x * cos + roll(x, D/2) * signed_sin
+        const float* c = rope_cos.data_ptr<float>() + pos[b] * D;
+        const float* s = rope_sin.data_ptr<float>() + pos[b] * D;
+        float rotated[1024];
+        for (int64_t hh = 0; hh < H + Hkv; ++hh) {
+          float* v = row + hh * D;
+          for (int64_t d = 0; d < D; ++d) rotated[d] = v[d] * c[d] + v[(d + D / 2) % D] * s[d];
+          for (int64_t d = 0; d < D; ++d) v[d] = rotated[d];
+        }
+      }
+      const int64_t* bt = table + b * W;
+      const int64_t p = pos[b];
+      const int64_t slot = bt[p / bs] * stride_block + (p % bs) * stride_pos;
+      for (int64_t i = 0; i < Hkv * D; ++i) {
+        kc[slot + i] = row[H * D + i];
+        vc[slot + i] = row[(H + Hkv) * D + i];
+      }
+      // attention of each query head over keys 0..p of this row, one kv head's group at a time
+      const int64_t n_keys = p + 1;
+      scores.resize(G * n_keys);
+      for (int64_t g = 0; g < Hkv; ++g) {
+        const float* q = row + g * G * D;
+        for (int64_t k = 0; k < n_keys; ++k) {
+          const float* key = kc + bt[k / bs] * stride_block + (k % bs) * stride_pos + g * D;
+          for (int64_t j = 0; j < G; ++j) {
+            const float* qj = q + j * D;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < D; ++d) acc += qj[d] * key[d];
+            scores[j * n_keys + k] = acc * scale;
+          }
+        }
+        for (int64_t j = 0; j < G; ++j) {
+          float* sj = scores.data() + j * n_keys;
+          float mx = sj[0];
+          for (int64_t k = 1; k < n_keys; ++k) mx = std::max(mx, sj[k]);
+          float sum = 0.f;
+          for (int64_t k = 0; k < n_keys; ++k) {
+            sj[k] = std::exp(sj[k] - mx);
+            sum += sj[k];
+          }
+          const float inv = 1.f / sum;
+          for (int64_t k = 0; k < n_keys; ++k) sj[k] *= inv;
+        }
+        float* out = att.data() + (b * H + g * G) * D;
+        for (int64_t i = 0; i < G * D; ++i) out[i] = 0.f;
+        for (int64_t k = 0; k < n_keys; ++k) {
+          const float* val = vc + bt[k / bs] * stride_block + (k % bs) * stride_pos + g * D;
+          for (int64_t j = 0; j < G; ++j) {
+            const float w = scores[j * n_keys + k];
+            float* oj = out + j * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) oj[d] += w * val[d];
+          }
+        }
+      }
+    }
+    };
+    int64_t work = 0;  // multiply-adds of this layer's attention
+    for (int64_t b = 0; b < B; ++b) work += (pos[b] + 1) * 2 * H * D;
+    if (B > 1 && work >= kParallelMacs) {
+      at::parallel_for(0, B, 1, attend_rows);
+    } else {
+      attend_rows(0, B);
+    }
+    linear(lw[2].data_ptr<float>(), opt(lw[3]), att.data(), tmp.data(), B, dm, H * D);
+    for (int64_t i = 0; i < B * dm; ++i) x[i] += tmp[i];
+    normalize(x.data(), n.data(), B, dm, rms, static_cast<float>(eps));
+    linear(lw[4].data_ptr<float>(), opt(lw[5]), n.data(), h.data(), B, up_dim, dm);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* hb = h.data() + b * up_dim;
+      float* ab = act.data() + b * dff;
+      if (swiglu) {  // silu(gate) * up, the weight stores [gate; up]
+        for (int64_t i = 0; i < dff; ++i) ab[i] = hb[i] / (1.f + std::exp(-hb[i])) * hb[dff + i];
+      } else {  // GELU, tanh approximation (GPT-2)
+        for (int64_t i = 0; i < dff; ++i) {
+          const float v = hb[i];
+          ab[i] = 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+        }
+      }
+    }
+    linear(lw[6].data_ptr<float>(), opt(lw[7]), act.data(), tmp.data(), B, dm, dff);
+    for (int64_t i = 0; i < B * dm; ++i) x[i] += tmp[i];
+  }
+  normalize(x.data(), n.data(), B, dm, rms, static_cast<float>(eps));
+  auto logits = torch::empty({B, V}, k_cache.options());
+  linear(head_w.data_ptr<float>(), opt(weights[8 * L + 5]), n.data(), logits.data_ptr<float>(), B, V, dm);
+  return logits;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_step", &decode_step, "Kiln's fused CPU decode step (fp32)");
+}

@@ -1,0 +1,104 @@
+"""The native C++ decode step (model/native) against the torch paths: same tokens, same logprobs.
+
+The module is compiled once per machine (cached under ~/.cache/kiln); without a C++ compiler
+these tests skip, as Kiln then serves with the torch path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from model import fast_decode
+from model import native as native_step
+from model.cli import load_engine
+from model.engine import Engine, SamplingParams
+
+from test_fast_decode import PROMPTS, run
+
+
+@pytest.fixture(scope="module")
+def native_module():
+    saved = os.environ.pop(native_step.DISABLE_ENV, None)
+    try:
+        module = native_step.load(build=True)
+    finally:
+        if saved is not None:
+            os.environ[native_step.DISABLE_ENV] = saved
+    if module is None:
+        pytest.skip(f"the native decode step cannot be built here: {native_step.error()}")
+    return module
+
+
+def test_native_step_equals_the_plain_forward(hf_dir, native_module):
+    engine = load_engine(str(hf_dir), "cpu", max_batch_size=4)
+    assert not engine.native_decode  # the suite runs with KILN_NO_NATIVE=1: nothing switched it on
+    engine._decode_plan.enable_native(native_module)
+    assert engine.native_decode
+    plain = Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False)
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    for lengths in ([20], [14, 6, 11, 9]):  # batch 1, then rows joining and leaving mid-run
+        got_ids, got_lps = run(engine, prompts[: len(lengths)], lengths)
+        want_ids, want_lps = run(plain, prompts[: len(lengths)], lengths)
+        assert got_ids == want_ids
+        diff = max(abs(a - b) for g, w in zip(got_lps, want_lps) for a, b in zip(g, w))
+        assert diff < 1e-4, f"max logprob difference {diff:.2e}"
+
+
+def test_native_step_writes_the_cache_like_the_torch_step(llama_dir, native_module, monkeypatch):
+    """One decode step from the same cache state: same logits, same keys/values in the same blocks."""
+    engine = load_engine(str(llama_dir), "cpu", max_batch_size=2, block_size=4)
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS[:2]]
+    requests = [engine.add_request(ids, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+                for ids in prompts]
+    for _ in range(3):
+        engine.step()
+    tokens = torch.tensor([[r.output_ids[-1]] for r in requests])
+    batch = engine.cache.batch([r.blocks for r in requests], [r.num_computed for r in requests], [1, 1])
+    k0, v0 = engine.cache.k.clone(), engine.cache.v.clone()
+    plan = engine._decode_plan
+    want = plan(tokens, engine.cache, batch)
+    k_want, v_want = engine.cache.k.clone(), engine.cache.v.clone()
+    engine.cache.k.copy_(k0)
+    engine.cache.v.copy_(v0)
+    plan.enable_native(native_module)
+    got = plan(tokens, engine.cache, batch)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(engine.cache.k, k_want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(engine.cache.v, v_want, rtol=1e-5, atol=1e-5)
+    # past NATIVE_MAX_BATCH the torch path runs: force it and compare too
+    monkeypatch.setattr(fast_decode, "NATIVE_MAX_BATCH", 1)
+    engine.cache.k.copy_(k0)
+    engine.cache.v.copy_(v0)
+    torch.testing.assert_close(plan(tokens, engine.cache, batch), want, rtol=1e-6, atol=1e-6)
+
+
+def test_native_step_rejects_bad_input(llama_dir, native_module):
+    engine = load_engine(str(llama_dir), "cpu", max_batch_size=1, block_size=4)
+    plan = engine._decode_plan
+    plan.enable_native(native_module)
+    weights, dims, eps = plan._native_args
+    cache = engine.cache
+    table = torch.tensor([[1, 2]])
+    ok = (torch.tensor([5]), torch.tensor([3]), table, cache.k, cache.v, weights, dims, eps)
+    assert native_module.decode_step(*ok).shape == (1, engine.config.vocab_size)
+    with pytest.raises(RuntimeError, match="token id out of range"):
+        native_module.decode_step(torch.tensor([10**6]), *ok[1:])
+    with pytest.raises(RuntimeError, match="position past the block table"):
+        native_module.decode_step(ok[0], torch.tensor([8]), *ok[2:])
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        native_module.decode_step(ok[0], ok[1], torch.tensor([[cache.num_blocks, 2]]), *ok[3:])
+    with pytest.raises(RuntimeError, match="int64"):
+        native_module.decode_step(ok[0].int(), *ok[1:])
+    with pytest.raises(RuntimeError, match="fp32 contiguous"):
+        native_module.decode_step(*ok[:3], cache.k.half(), cache.v.half(), *ok[5:])
+
+
+def test_native_is_off_for_models_it_does_not_cover(llama_dir, native_module, monkeypatch):
+    monkeypatch.setattr(fast_decode, "FOLD_LIMIT_BYTES", 0)  # a "large" model: norms not folded
+    engine = load_engine(str(llama_dir), "cpu", native=True)
+    assert not engine.native_decode and not engine._decode_plan.supports_native()
+    with pytest.raises(ValueError, match="folded fp32"):
+        engine._decode_plan.enable_native(native_module)
