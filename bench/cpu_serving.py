@@ -414,7 +414,7 @@ def render(results: list[dict], info: dict, command: str, markdown: bool, hf_att
     header = ["", "HF tok/s", "Kiln tok/s", "Kiln/HF", "target", "met"]
     machine = (f"{info['cpu']} ({', '.join(info['flags']) or 'none of ' + '/'.join(CPU_FLAGS)}), "
                f"{info['threads']} threads; torch {info['torch']}, transformers {info['transformers']} "
-               f"(fp32, {hf_attn} attention, no compile)")
+               f"(fp32, {hf_attn} attention, no compile); Kiln {info.get('kiln_decode', 'decode step: ?')}")
     lines = []
     if markdown:
         lines += [f"## CPU serving: Kiln vs Hugging Face transformers, {info['date']}", "", f"`{command}`", "",
@@ -491,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     work = QUICK if args.quick else Workload()
     shape = TINY if args.tiny else Shape()
+    # the server uses the native decode step only once it is built: build it now, not mid-measurement
+    from model import native
+
+    native_note = "native decode step: " + ("on" if native.load(build=True) is not None
+                                            else f"off ({native.error() or 'disabled by ' + native.DISABLE_ENV})")
+    print(native_note, file=sys.stderr)
     command = shlex.join(["python", "bench/cpu_serving.py", *argv])
     results = []
     with tempfile.TemporaryDirectory(prefix="kiln-cpu-bench-") as tmp:
@@ -509,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         for model_dir in targets:
             results.append(run_one(model_dir, workdir, work, args))
     info = machine_info(args.threads)
+    info["kiln_decode"] = native_note
     print(render(results, info, command, args.markdown, args.hf_attn), end="")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "command": command, "results": results}, indent=2))
