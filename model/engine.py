@@ -230,36 +230,40 @@ class Engine:
         self._ids = itertools.count()
         self._counts: torch.Tensor | None = None  # (max_batch_size, V) generated-id counts, for penalties
         self.num_preemptions = 0
-        # the lean decode step (folded norms, no module calls) where it applies; else the plain forward
+        self._setup_decode(fast_decode, native, compile, cuda_graphs)
+
+    def _setup_decode(self, fast_decode: bool, native: bool | None, compile: bool, cuda_graphs: bool) -> None:
+        """Pick the decode step: on the CPU the lean plan (folded norms, no module calls), through the
+        native C++ step when it is built, or torch.compile'd on request; on CUDA the model's forward with
+        the Triton kernels, replayed from CUDA graphs; else the plain forward."""
+        model = self.model
         backend = resolve_backend(model.attn_backend, self.device, self.config.dim_per_head)
         use_plan = fast_decode and backend == "torch" and DecodePlan.supports(model)
-        self._decode_plan = DecodePlan(model) if use_plan else None
-        if self._decode_plan is not None:
-            self._decode_plan.pack_head([1, max_batch_size])
-        # the native C++ decode step (model/native): None = use it if it is already built, True = build it
-        # now if needed, False = never
-        if native is not False and self._decode_plan is not None and self._decode_plan.supports_native():
+        self._decode_plan = plan = DecodePlan(model) if use_plan else None
+        if plan is not None:
+            plan.pack_head([1, self.max_batch_size])
+        # native: None = use it if it is already built, True = build it now if needed, False = never
+        if native is not False and plan is not None and plan.supports_native():
             from . import native as native_step
 
             module = native_step.load(build=bool(native))
             if module is not None:
-                self._decode_plan.enable_native(module)
+                plan.enable_native(module)
         self.compile_seconds: float | None = None  # set when the CPU decode step was compiled
         self.compile_error: str | None = None
-        if compile:
-            if self._decode_plan is None:
-                self.compile_error = "compile applies to the CPU decode step (torch attention backend)"
-            else:
-                try:
-                    self.compile_seconds = self._decode_plan.compile(self.cache, max_batch_size)
-                except Exception as e:  # noqa: BLE001 -- no compiler, an inductor bug: serve eagerly
-                    self.compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if compile and plan is None:
+            self.compile_error = "compile applies to the CPU decode step (torch attention backend)"
+        elif compile:
+            try:
+                self.compile_seconds = plan.compile(self.cache, self.max_batch_size)
+            except Exception as e:  # noqa: BLE001 -- no compiler, an inductor bug: serve eagerly
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self.compile_error = f"{type(e).__name__}: {first_line}"
         self._decode_mask = backend != "triton"  # the Triton decode kernel reads lengths, not a mask
         self._graphs: GraphedDecode | None = None
         if cuda_graphs and backend == "triton" and self.device.type == "cuda":
-            self._graphs = GraphedDecode(model, self.cache, max_batch_size)
-            if not self._graphs.enabled:
-                self._graphs = None
+            graphs = GraphedDecode(model, self.cache, self.max_batch_size)
+            self._graphs = graphs if graphs.enabled else None
 
     # ---- requests -------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -363,19 +367,14 @@ class Engine:
         if self.pool.enable_prefix_caching and not request.wants_prompt_logprobs:
             # at least the last token is computed: its logits give the next token
             usable = (n - 1) // self.block_size
-            if len(request.hashes) < usable:
-                parent = request.hashes[-1] if request.hashes else None
-                start = len(request.hashes)
-                request.hashes += block_hashes(request.tokens(start * self.block_size, usable * self.block_size),
-                                               self.block_size, parent)
-            hits = self.pool.lookup(request.hashes[:usable])
+            hits = self.pool.lookup(self._block_hashes(request, usable))
         # headroom: each running sequence may need a new block before this one finishes its prefill,
         # and admitting work that is preempted at once would only waste its prefill
         headroom = len(self.running)
         if self.cache.blocks_needed(n) - len(hits) + headroom > self.pool.num_free:
             self.pool.release(hits)
             return False
-        if self.pool.enable_prefix_caching and not request.output_ids:
+        if self.pool.enable_prefix_caching and request.num_preemptions == 0:  # count each prompt once
             self.pool.queried_tokens += len(request.prompt_ids)
             self.pool.hit_tokens += len(hits) * self.block_size
         request.blocks = hits + [self.pool.allocate() for _ in range(self.cache.blocks_needed(n) - len(hits))]
@@ -398,14 +397,19 @@ class Engine:
         full = request.num_computed // self.block_size
         if full <= request.num_registered:
             return
-        if len(request.hashes) < full:
-            parent = request.hashes[-1] if request.hashes else None
-            start = len(request.hashes)
-            request.hashes += block_hashes(request.tokens(start * self.block_size, full * self.block_size),
-                                           self.block_size, parent)
+        hashes = self._block_hashes(request, full)
         for i in range(request.num_registered, full):
-            self.pool.register(request.blocks[i], request.hashes[i])
+            self.pool.register(request.blocks[i], hashes[i])
         request.num_registered = full
+
+    def _block_hashes(self, request: Request, num_blocks: int) -> list[int]:
+        """The chained hashes of the request's first `num_blocks` full blocks (extended as needed)."""
+        have = len(request.hashes)
+        if have < num_blocks:
+            parent = request.hashes[-1] if request.hashes else None
+            request.hashes += block_hashes(request.tokens(have * self.block_size, num_blocks * self.block_size),
+                                           self.block_size, parent)
+        return request.hashes[:num_blocks]
 
     # ---- the step -------------------------------------------------------------------
     @torch.inference_mode()
