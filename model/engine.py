@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 import torch
 
 from .attention import resolve_backend
+from .cpu_packing import pack_linears
 from .cuda_graphs import GraphedDecode
 from .fast_decode import DecodePlan
 from .kv_cache import KVCache, block_hashes
@@ -238,6 +239,8 @@ class Engine:
         the Triton kernels, replayed from CUDA graphs; else the plain forward."""
         model = self.model
         backend = resolve_backend(model.attn_backend, self.device, self.config.dim_per_head)
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            pack_linears(model)  # prefill and scoring matrices through prepacked oneDNN weights
         use_plan = fast_decode and backend == "torch" and DecodePlan.supports(model)
         self._decode_plan = plan = DecodePlan(model) if use_plan else None
         if plan is not None:
