@@ -100,10 +100,12 @@ def load_in_background(on_ready) -> threading.Thread:
 
 
 def main() -> int:
-    print(f"building Kiln's native CPU decode step in {build_dir()} (once; about half a minute)...", flush=True)
-    module = load(build=True)
+    module = load(build=False)
+    if module is None and not disabled():
+        print(f"building Kiln's native CPU decode step in {build_dir()} (once; about half a minute)...", flush=True)
+        module = load(build=True)
     if module is None:
         print(f"not available: {error() or 'disabled by ' + DISABLE_ENV}; Kiln uses the torch path", flush=True)
         return 0
-    print(f"ready: {module.__file__}")
+    print(f"native CPU decode step: {module.__file__}")
     return 0
