@@ -88,6 +88,9 @@ def test_native_step_rejects_bad_input(llama_dir, native_module):
         native_module.decode_step(torch.tensor([10**6]), *ok[1:])
     with pytest.raises(RuntimeError, match="position past the block table"):
         native_module.decode_step(ok[0], torch.tensor([8]), *ok[2:])
+    long_table = torch.arange(1, engine.config.max_seq_len // 4 + 3)[None]  # reaches past the context
+    with pytest.raises(RuntimeError, match="position past the model's context"):
+        native_module.decode_step(ok[0], torch.tensor([engine.config.max_seq_len]), long_table, *ok[3:])
     with pytest.raises(RuntimeError, match="block id out of range"):
         native_module.decode_step(ok[0], ok[1], torch.tensor([[cache.num_blocks, 2]]), *ok[3:])
     with pytest.raises(RuntimeError, match="int64"):

@@ -126,8 +126,12 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* table = block_table.data_ptr<int64_t>();
   const int64_t num_blocks = k_cache.size(1);
+  const int64_t max_pos = rope_cos.numel() ? rope_cos.size(0) : pos_embed.size(0);  // rows of the position tables
+  TORCH_CHECK(!rope_cos.numel() || (rope_cos.sizes() == rope_sin.sizes() && rope_cos.size(1) == D),
+              "rope tables must be (max_seq_len, D)");
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(tok[b] >= 0 && tok[b] < embed.size(0), "token id out of range");
+    TORCH_CHECK(pos[b] < max_pos, "position past the model's context");
     TORCH_CHECK(pos[b] >= 0 && pos[b] < W * bs, "position past the block table");
     for (int64_t j = 0; j <= pos[b] / bs; ++j) {
       TORCH_CHECK(table[b * W + j] >= 0 && table[b * W + j] < num_blocks, "block id out of range");
