@@ -281,7 +281,7 @@ class Engine:
             raise ValueError(f"this model's maximum context length is {self.max_seq_len} tokens, but "
                              f"{len(prompt_ids)} prompt tokens + {params.max_tokens} max_tokens were requested")
         request = Request(next(self._ids), list(prompt_ids), params,
-                          stream=TextStream(self.tokenizer, params.stop))
+                          stream=TextStream(self.tokenizer, params.stop, context_ids=prompt_ids[-4:]))
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.waiting.append(request)

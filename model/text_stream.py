@@ -11,8 +11,11 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] = (), context_ids: list[int] = ()):
+        """`context_ids`: the prompt's last ids, so a character split between prompt and output decodes whole."""
         self.detok = IncrementalDetokenizer(tokenizer)
+        if context_ids:
+            self.detok.prime(list(context_ids))
         self.stop = [s for s in stop if s]
         self.max_stop = max((len(s) for s in self.stop), default=0)
         self.text = ""  # all decoded text so far (whole characters)

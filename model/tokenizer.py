@@ -290,6 +290,14 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
+    def prime(self, context_ids: list[int]) -> None:
+        """Start after `context_ids` (the prompt's last few ids): when they end inside a UTF-8
+        character, its first bytes are kept, so the first pushed ids complete it instead of
+        decoding as U+FFFD. The context's own text is not returned."""
+        self._utf8.reset()
+        for token_id in context_ids:
+            self._utf8.decode(self.tokenizer.token_bytes(token_id))
+
     def push(self, token_id: int) -> str:
         return self._utf8.decode(self.tokenizer.token_bytes(token_id))
 

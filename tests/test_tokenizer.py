@@ -265,6 +265,26 @@ def test_incremental_detokenizer_matches_decode_on_random_ids(gpt2_dirs):
         assert detok.flush() == "" and detok.push(tok.encode("a")[0]) == "a"  # reusable after flush
 
 
+def test_stream_primed_with_a_prompt_that_ends_inside_a_character(gpt2_dirs):
+    """A token-id prompt may stop in the middle of a UTF-8 character; the output that completes it
+    must decode to the character, not to U+FFFD."""
+    from model.text_stream import TextStream
+
+    tok = load_tokenizer(gpt2_dirs[1])
+    text = "床前明月光，疑是地上霜。🙂🚀 ok"
+    ids = tok.encode(text)
+    splits = [k for k in range(1, len(ids)) if "\ufffd" in tok.decode(ids[:k])]  # cuts inside a character
+    assert splits, "the sample must have a character split across tokens"
+    for k in splits:
+        prompt, rest = ids[:k], ids[k:]
+        stream = TextStream(tok, context_ids=prompt[-4:])
+        out = "".join(stream.push(i) for i in rest) + stream.finish()
+        # the output starts at the character the prompt left unfinished, and is whole
+        assert out == text[len(tok.decode(prompt).rstrip("\ufffd")):]
+        unprimed = TextStream(tok)
+        assert ("".join(unprimed.push(i) for i in rest) + unprimed.finish()).startswith("\ufffd")
+
+
 # -- Kiln's own format --------------------------------------------------------------------------
 def test_save_writes_kiln_format_that_reloads_and_transformers_reads(llama_dir, tmp_path):
     from transformers import AutoTokenizer
