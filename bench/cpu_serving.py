@@ -457,13 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def glue_kiln_args(argv: list[str]) -> list[str]:
-    """`--kiln-args "--compile"` -> `--kiln-args=--compile`: argparse would read a value starting with
-    `--` as an option of its own."""
+def glue_value_flag(argv: list[str], flag: str) -> list[str]:
+    """`FLAG "--compile"` -> `FLAG=--compile`: argparse would read a value starting with `--` as an
+    option of its own."""
     out, i = [], 0
     while i < len(argv):
-        if argv[i] == "--kiln-args" and i + 1 < len(argv):
-            out.append(f"--kiln-args={argv[i + 1]}")
+        if argv[i] == flag and i + 1 < len(argv):
+            out.append(f"{flag}={argv[i + 1]}")
             i += 2
         else:
             out.append(argv[i])
@@ -473,7 +473,7 @@ def glue_kiln_args(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(glue_kiln_args(argv))
+    args = build_parser().parse_args(glue_value_flag(argv, "--kiln-args"))
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"cpu_serving.py: --threads must be >= 1, got {args.threads}")
     if args.model is not None and not (Path(args.model) / "config.json").is_file():

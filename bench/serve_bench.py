@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_serving import TOKENIZER_FILES, kiln_server, prepare_tokenizer  # noqa: E402
+from cpu_serving import TOKENIZER_FILES, glue_value_flag, kiln_server, prepare_tokenizer  # noqa: E402
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 TARGET_ROOFLINE = 0.70  # batch-1 decode of the Llama 1.1B shape, fraction of the weight-read roofline
@@ -939,19 +939,6 @@ def resolve_args(args: argparse.Namespace, cuda_available: bool) -> argparse.Nam
     return args
 
 
-def glue_server_args(argv: list[str]) -> list[str]:
-    """`--server-args "--no-prefix-caching"` -> `--server-args=...`: argparse would take the value for a flag."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] == "--server-args" and i + 1 < len(argv):
-            out.append(f"--server-args={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
-
-
 def exit_problems(report: dict, args) -> list[str]:
     problems = []
     for r in report["results"]:
@@ -974,7 +961,7 @@ def exit_problems(report: dict, args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(glue_server_args(argv))
+    args = build_parser().parse_args(glue_value_flag(argv, "--server-args"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -8,23 +8,20 @@ SIGTERM. The numbers are not checked for speed (a shared 2-core machine), only f
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+from bench_scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "cpu_serving.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("cpu_serving", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cpu_serving"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("cpu_serving")
 
 
 def test_quick_run_end_to_end(tokenizer_dir, tmp_path):

@@ -34,10 +34,16 @@ def test_fast_path_equals_plain_path(hf_dir, fold, monkeypatch):
     fast = load_engine(str(hf_dir), "cpu", max_batch_size=3)
     assert fast._decode_plan is not None and fast._decode_plan.folded == fold
     plain = Engine(fast.model, fast.tokenizer, max_batch_size=3, fast_decode=False)
-    prompts = [fast.tokenizer.encode(p) for p in PROMPTS]
-    for lengths in ([20], [14, 6, 11, 9]):
-        got_ids, got_lps = run(fast, prompts[: len(lengths)], lengths)
-        want_ids, want_lps = run(plain, prompts[: len(lengths)], lengths)
+    assert_same_runs(fast, plain)
+
+
+def assert_same_runs(engine: Engine, reference: Engine, batches=([20], [14, 6, 11, 9])) -> None:
+    """Batch 1, then rows of different lengths joining and leaving mid-run: the same greedy tokens,
+    logprobs within 1e-4."""
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    for lengths in batches:
+        got_ids, got_lps = run(engine, prompts[: len(lengths)], lengths)
+        want_ids, want_lps = run(reference, prompts[: len(lengths)], lengths)
         assert got_ids == want_ids
         diff = max(abs(a - b) for g, w in zip(got_lps, want_lps) for a, b in zip(g, w))
         assert diff < 1e-4, f"max logprob difference {diff:.2e}"
@@ -59,13 +65,7 @@ def test_compiled_step_equals_eager(hf_dir):
         pytest.skip(f"torch.compile is unavailable here: {compiled.compile_error}")
     assert compiled._decode_plan._buckets == [1, 2, 4]
     eager = Engine(compiled.model, compiled.tokenizer, max_batch_size=4)
-    prompts = [compiled.tokenizer.encode(p) for p in PROMPTS]
-    for lengths in ([12], [14, 6, 11, 9]):
-        got_ids, got_lps = run(compiled, prompts[: len(lengths)], lengths)
-        want_ids, want_lps = run(eager, prompts[: len(lengths)], lengths)
-        assert got_ids == want_ids
-        diff = max(abs(a - b) for g, w in zip(got_lps, want_lps) for a, b in zip(g, w))
-        assert diff < 1e-4, f"max logprob difference {diff:.2e}"
+    assert_same_runs(compiled, eager, batches=([12], [14, 6, 11, 9]))
 
 
 def test_compile_failure_falls_back_to_eager(llama_dir, monkeypatch):

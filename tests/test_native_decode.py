@@ -16,7 +16,7 @@ from model import native as native_step
 from model.cli import load_engine
 from model.engine import Engine, SamplingParams
 
-from test_fast_decode import PROMPTS, run
+from test_fast_decode import PROMPTS, assert_same_runs
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +37,7 @@ def test_native_step_equals_the_plain_forward(hf_dir, native_module):
     assert not engine.native_decode  # the suite runs with KILN_NO_NATIVE=1: nothing switched it on
     engine._decode_plan.enable_native(native_module)
     assert engine.native_decode
-    plain = Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False)
-    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
-    for lengths in ([20], [14, 6, 11, 9]):  # batch 1, then rows joining and leaving mid-run
-        got_ids, got_lps = run(engine, prompts[: len(lengths)], lengths)
-        want_ids, want_lps = run(plain, prompts[: len(lengths)], lengths)
-        assert got_ids == want_ids
-        diff = max(abs(a - b) for g, w in zip(got_lps, want_lps) for a, b in zip(g, w))
-        assert diff < 1e-4, f"max logprob difference {diff:.2e}"
+    assert_same_runs(engine, Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False))
 
 
 def test_native_step_writes_the_cache_like_the_torch_step(llama_dir, native_module, monkeypatch):

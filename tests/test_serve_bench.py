@@ -10,7 +10,6 @@ The pure helpers (percentiles, arrivals, /metrics parsing, the tables) are teste
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -21,16 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from bench_scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "serve_bench.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("serve_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_bench"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("serve_bench")
 
 
 def test_tiny_run_end_to_end(tmp_path):
