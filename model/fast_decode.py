@@ -11,11 +11,20 @@ the overhead:
   LayerNorm an affine-free `layer_norm` (the final norm folds into a private copy of the
   LM head, so tied embeddings stay untouched); larger models keep their weights as they
   are and apply the norms as modules;
-- one flat loop over pre-extracted weights: no module calls, hooks or attribute lookups.
+- one flat loop over pre-extracted weights (`_body`, on plain tensors): no module calls,
+  hooks or attribute lookups; the attention reads the paged cache through the block table
+  (`paged_decode_attention`).
 
-The plain path stays the reference: tests assert both give the same greedy tokens and
+Two ways to run `_body` faster, both optional and both checked against it by the tests:
+- `enable_native(module)`: the whole step as one C++ call (model/native), for folded fp32
+  plans and batches up to NATIVE_MAX_BATCH (larger ones run `_body`, whose GEMMs win there);
+- `compile(cache, max_batch_size)`: `_body` through torch.compile (inductor, C++ wrapper),
+  one static graph per batch bucket, the attention a custom op so the cache writes stay in
+  place (`kiln serve --compile`).
+
+The plain path stays the reference: tests assert these give the same greedy tokens and
 log-probabilities within 1e-4. Used for the torch backend only (on CUDA the Triton decode
-kernel path runs through the model as usual).
+kernel path runs through the model, replayed from CUDA graphs).
 """
 
 from __future__ import annotations
