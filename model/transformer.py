@@ -168,8 +168,9 @@ class Transformer(nn.Module):
         """tokens (B, T) int64.
 
         - targets (B, T), -100 = ignore: returns the mean cross-entropy loss (scalar).
-        - kv_cache + batch: row b's tokens sit at batch.positions[b] and are written into
-          slot batch.slots[b]; they attend to everything cached there before them.
+        - kv_cache + batch: row b's tokens sit at batch.positions[b], their keys/values are
+          written into the blocks batch.write_blocks[b]; they attend to everything cached in
+          the row's blocks (batch.block_table[b]) before them.
         - output_index (B,): return logits (B, V) only at that position of each row;
           otherwise logits (B, T, V).
         - return_hidden: return the final-norm hidden states instead of logits, so a

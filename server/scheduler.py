@@ -5,13 +5,13 @@ touching the engine) and then await their own asyncio queue or future. The worke
 sleeps on a condition variable while there is nothing to do; otherwise each iteration:
 
 1. applies aborts (a disconnected client's sequences leave the batch and free their
-   KV-cache slot before the next step),
+   slot and KV-cache blocks before the next step),
 2. adds submitted sequences to the engine (`engine.add_request`, which also validates:
    a rejection goes back to the handler as `Rejected`, so it can answer 400),
 3. advances the perplexity jobs by one batched forward (`engine.score_task`, batched across
    jobs), so a long text never stalls the running streams for more than one forward,
-4. runs one `engine.step()`: waiting sequences are prefilled into free slots and join the
-   running decode batch; finished ones leave at once,
+4. runs one `engine.step()`: waiting sequences get a slot and KV blocks, are prefilled (long
+   prompts in chunks) and join the running decode batch; finished ones leave at once,
 5. hands every sequence's `SequenceOutput` to its handler's queue with one
    `loop.call_soon_threadsafe` per iteration, and updates the metrics.
 

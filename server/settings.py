@@ -25,7 +25,7 @@ class ServerSettings:
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
     device: str = "auto"
     dtype: str | None = None
-    max_batch_size: int = 8  # sequences decoded together (= KV-cache slots)
+    max_batch_size: int = 8  # sequences running (decoded together) at once
     max_queue: int = 256  # sequences that may wait for a slot; more -> 429
     max_model_len: int | None = None  # context length cap (default: the model's)
     kv_block_size: int = 16  # tokens per KV-cache block
