@@ -44,8 +44,8 @@ class ServerMetrics:
                                 ["endpoint", "status"], registry=r)
         self.request_finish = Counter("kiln_request_finish", "Finished sequences by finish reason "
                                       "(stop, length, abort, error).", ["finish_reason"], registry=r)
-        self.num_requests_running = Gauge("kiln_num_requests_running", "Sequences running (holding a slot and KV blocks).",
-                                          registry=r)
+        self.num_requests_running = Gauge("kiln_num_requests_running",
+                                          "Sequences running (holding a slot and KV blocks).", registry=r)
         self.num_requests_waiting = Gauge("kiln_num_requests_waiting", "Sequences waiting for a slot.",
                                           registry=r)
         self.kv_cache_usage_ratio = Gauge("kiln_kv_cache_usage_ratio",
