@@ -108,8 +108,12 @@ def test_openai_sdk(parrot_server, parrot_dir):
 
 
 # ---- continuous batching ----------------------------------------------------------------
-def test_concurrent_streams_equal_requests_alone(llama_dir):
-    engine = load_engine(str(llama_dir), "cpu", None, max_batch_size=4)
+@pytest.mark.parametrize("pool", ["roomy", "tiny"])
+def test_concurrent_streams_equal_requests_alone(llama_dir, pool):
+    """Continuous batching changes nothing in the text; nor does a KV pool so small (one 64-token
+    sequence of 4-token blocks for 4 running rows) that requests are preempted and recomputed."""
+    options = {"block_size": 4, "num_blocks": 17} if pool == "tiny" else {}
+    engine = load_engine(str(llama_dir), "cpu", None, max_batch_size=4, **options)
     words = "The quick brown fox jumps over the lazy dog and then some more words appear".split()
     requests = [{"prompt": " ".join(words[: 1 + i % 9]), "max_tokens": 4 + 3 * i, "temperature": 0,
                  "ignore_eos": True, "stream": True} for i in range(16)]
@@ -136,6 +140,7 @@ def test_concurrent_streams_equal_requests_alone(llama_dir):
     assert not mismatched, [(alone[i], together[i]) for i in mismatched]
     assert len(set(alone)) > 8  # the requests really differ
     assert metrics["kiln_request_finish_total{finish_reason=length}"] == 32
+    assert (metrics.get("kiln_num_preemptions_total", 0) > 0) == (pool == "tiny")
     assert metrics["kiln_num_requests_running"] == 0 and metrics["kiln_kv_cache_usage_ratio"] == 0
 
 
