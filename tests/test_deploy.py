@@ -152,6 +152,9 @@ def live_metrics(llama_dir):
         with ThreadPoolExecutor(2) as pool:
             assert all(r.status_code == 200 for r in pool.map(lambda _: httpx.post(url + "/v1/completions",
                                                                                   json=long, timeout=60), range(2)))
+        again = {"prompt": "The quick brown fox jumps over the lazy dog", "max_tokens": 2}
+        for _ in range(2):  # the second finds the first one's full blocks in the prefix cache
+            assert httpx.post(url + "/v1/completions", json=again, timeout=60).status_code == 200
         with httpx.stream("POST", url + "/v1/completions", json={
                 "prompt": "The quick brown", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
                 "stream": True}) as r:
