@@ -88,6 +88,10 @@ def test_native_step_rejects_bad_input(llama_dir, native_module):
         native_module.decode_step(ok[0], ok[1], torch.tensor([[cache.num_blocks, 2]]), *ok[3:])
     with pytest.raises(RuntimeError, match="int64"):
         native_module.decode_step(ok[0].int(), *ok[1:])
+    bad_weights = list(weights)
+    bad_weights[0] = weights[0][:-1]  # a qkv weight one row short
+    with pytest.raises(RuntimeError, match="qkv weight has shape"):
+        native_module.decode_step(*ok[:5], bad_weights, dims, eps)
     with pytest.raises(RuntimeError, match="fp32 contiguous"):
         native_module.decode_step(*ok[:3], cache.k.half(), cache.v.half(), *ok[5:])
 

@@ -122,6 +122,26 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
   const auto& rope_sin = weights[8 * L + 3];
   const auto& head_w = weights[8 * L + 4];
   const int64_t V = head_w.size(0);
+  auto check_shape = [](const torch::Tensor& t, std::vector<int64_t> want, const char* what) {
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(want), what, " has shape ", t.sizes(), ", expected ", want);
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    const torch::Tensor* lw = &weights[8 * l];
+    check_shape(lw[0], {qkv_dim, dm}, "qkv weight");
+    check_shape(lw[2], {dm, H * D}, "proj weight");
+    check_shape(lw[4], {up_dim, dm}, "up weight");
+    check_shape(lw[6], {dm, dff}, "down weight");
+    const int64_t bias_sizes[4] = {qkv_dim, dm, up_dim, dm};
+    for (int i = 0; i < 4; ++i) {
+      if (lw[2 * i + 1].numel()) check_shape(lw[2 * i + 1], {bias_sizes[i]}, "bias");
+    }
+  }
+  TORCH_CHECK(embed.dim() == 2 && embed.size(1) == dm, "embedding must be (vocab, d_model)");
+  TORCH_CHECK(!pos_embed.numel() || (pos_embed.dim() == 2 && pos_embed.size(1) == dm),
+              "position embedding must be (max_seq_len, d_model)");
+  TORCH_CHECK(rope_cos.numel() || pos_embed.numel(), "need rope tables or a position embedding");
+  check_shape(head_w, {V, dm}, "head weight");
+  if (weights[8 * L + 5].numel()) check_shape(weights[8 * L + 5], {V}, "head bias");
   const int64_t* tok = tokens.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* table = block_table.data_ptr<int64_t>();
@@ -131,8 +151,8 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
               "rope tables must be (max_seq_len, D)");
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(tok[b] >= 0 && tok[b] < embed.size(0), "token id out of range");
-    TORCH_CHECK(pos[b] < max_pos, "position past the model's context");
-    TORCH_CHECK(pos[b] >= 0 && pos[b] < W * bs, "position past the block table");
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < max_pos, "position past the model's context");
+    TORCH_CHECK(pos[b] < W * bs, "position past the block table");
     for (int64_t j = 0; j <= pos[b] / bs; ++j) {
       TORCH_CHECK(table[b * W + j] >= 0 && table[b * W + j] < num_blocks, "block id out of range");
     }
@@ -154,66 +174,66 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
     float* kc = k_cache.data_ptr<float>() + l * stride_layer;
     float* vc = v_cache.data_ptr<float>() + l * stride_layer;
     auto attend_rows = [&](int64_t b0, int64_t b1) {
-    std::vector<float> scores;
-    for (int64_t b = b0; b < b1; ++b) {
-      float* row = qkv.data() + b * qkv_dim;
-      if (rope_cos.numel()) {  // queries and keys: x * cos + roll(x, D/2) * signed_sin
-        const float* c = rope_cos.data_ptr<float>() + pos[b] * D;
-        const float* s = rope_sin.data_ptr<float>() + pos[b] * D;
-        float rotated[1024];
-        for (int64_t hh = 0; hh < H + Hkv; ++hh) {
-          float* v = row + hh * D;
-          for (int64_t d = 0; d < D; ++d) rotated[d] = v[d] * c[d] + v[(d + D / 2) % D] * s[d];
-          for (int64_t d = 0; d < D; ++d) v[d] = rotated[d];
-        }
-      }
-      const int64_t* bt = table + b * W;
-      const int64_t p = pos[b];
-      const int64_t slot = bt[p / bs] * stride_block + (p % bs) * stride_pos;
-      for (int64_t i = 0; i < Hkv * D; ++i) {
-        kc[slot + i] = row[H * D + i];
-        vc[slot + i] = row[(H + Hkv) * D + i];
-      }
-      // attention of each query head over keys 0..p of this row, one kv head's group at a time
-      const int64_t n_keys = p + 1;
-      scores.resize(G * n_keys);
-      for (int64_t g = 0; g < Hkv; ++g) {
-        const float* q = row + g * G * D;
-        for (int64_t k = 0; k < n_keys; ++k) {
-          const float* key = kc + bt[k / bs] * stride_block + (k % bs) * stride_pos + g * D;
-          for (int64_t j = 0; j < G; ++j) {
-            const float* qj = q + j * D;
-            float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t d = 0; d < D; ++d) acc += qj[d] * key[d];
-            scores[j * n_keys + k] = acc * scale;
+      std::vector<float> scores;
+      for (int64_t b = b0; b < b1; ++b) {
+        float* row = qkv.data() + b * qkv_dim;
+        if (rope_cos.numel()) {  // queries and keys: x * cos + roll(x, D/2) * signed_sin
+          const float* c = rope_cos.data_ptr<float>() + pos[b] * D;
+          const float* s = rope_sin.data_ptr<float>() + pos[b] * D;
+          float rotated[1024];
+          for (int64_t hh = 0; hh < H + Hkv; ++hh) {
+            float* v = row + hh * D;
+            for (int64_t d = 0; d < D; ++d) rotated[d] = v[d] * c[d] + v[(d + D / 2) % D] * s[d];
+            for (int64_t d = 0; d < D; ++d) v[d] = rotated[d];
           }
         }
-        for (int64_t j = 0; j < G; ++j) {
-          float* sj = scores.data() + j * n_keys;
-          float mx = sj[0];
-          for (int64_t k = 1; k < n_keys; ++k) mx = std::max(mx, sj[k]);
-          float sum = 0.f;
+        const int64_t* bt = table + b * W;
+        const int64_t p = pos[b];
+        const int64_t slot = bt[p / bs] * stride_block + (p % bs) * stride_pos;
+        for (int64_t i = 0; i < Hkv * D; ++i) {
+          kc[slot + i] = row[H * D + i];
+          vc[slot + i] = row[(H + Hkv) * D + i];
+        }
+        // attention of each query head over keys 0..p of this row, one kv head's group at a time
+        const int64_t n_keys = p + 1;
+        scores.resize(G * n_keys);
+        for (int64_t g = 0; g < Hkv; ++g) {
+          const float* q = row + g * G * D;
           for (int64_t k = 0; k < n_keys; ++k) {
-            sj[k] = std::exp(sj[k] - mx);
-            sum += sj[k];
+            const float* key = kc + bt[k / bs] * stride_block + (k % bs) * stride_pos + g * D;
+            for (int64_t j = 0; j < G; ++j) {
+              const float* qj = q + j * D;
+              float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+              for (int64_t d = 0; d < D; ++d) acc += qj[d] * key[d];
+              scores[j * n_keys + k] = acc * scale;
+            }
           }
-          const float inv = 1.f / sum;
-          for (int64_t k = 0; k < n_keys; ++k) sj[k] *= inv;
-        }
-        float* out = att.data() + (b * H + g * G) * D;
-        for (int64_t i = 0; i < G * D; ++i) out[i] = 0.f;
-        for (int64_t k = 0; k < n_keys; ++k) {
-          const float* val = vc + bt[k / bs] * stride_block + (k % bs) * stride_pos + g * D;
           for (int64_t j = 0; j < G; ++j) {
-            const float w = scores[j * n_keys + k];
-            float* oj = out + j * D;
+            float* sj = scores.data() + j * n_keys;
+            float mx = sj[0];
+            for (int64_t k = 1; k < n_keys; ++k) mx = std::max(mx, sj[k]);
+            float sum = 0.f;
+            for (int64_t k = 0; k < n_keys; ++k) {
+              sj[k] = std::exp(sj[k] - mx);
+              sum += sj[k];
+            }
+            const float inv = 1.f / sum;
+            for (int64_t k = 0; k < n_keys; ++k) sj[k] *= inv;
+          }
+          float* out = att.data() + (b * H + g * G) * D;
+          for (int64_t i = 0; i < G * D; ++i) out[i] = 0.f;
+          for (int64_t k = 0; k < n_keys; ++k) {
+            const float* val = vc + bt[k / bs] * stride_block + (k % bs) * stride_pos + g * D;
+            for (int64_t j = 0; j < G; ++j) {
+              const float w = scores[j * n_keys + k];
+              float* oj = out + j * D;
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) oj[d] += w * val[d];
+              for (int64_t d = 0; d < D; ++d) oj[d] += w * val[d];
+            }
           }
         }
       }
-    }
     };
     int64_t work = 0;  // multiply-adds of this layer's attention
     for (int64_t b = 0; b < B; ++b) work += (pos[b] + 1) * 2 * H * D;
