@@ -2,8 +2,8 @@
 
 `build_parser()` defines the flags (shared by `kiln serve` and `python -m server`);
 `ServerSettings.from_args()` turns parsed flags into settings and checks them. The app
-reads only the HTTP-side fields; `__main__` uses the model-loading ones
-(`model_dir`, `device`, `dtype`, `max_batch_size`, `max_model_len`, `threads`).
+reads only the HTTP-side fields; `__main__` uses the model-loading ones (`model_dir`, `device`,
+`dtype`, `max_batch_size`, `max_model_len`, `threads`, the KV-cache, prefill and compile options).
 """
 
 from __future__ import annotations

@@ -226,7 +226,16 @@ def test_settings_from_flags(tmp_path):
     settings = ServerSettings.from_args(args)
     assert (settings.served_model_name, settings.max_queue, settings.num_threads, settings.api_key) == \
         (tmp_path.name, 3, 2, "k")
-    for bad in (["--port", "-1"], ["--max-batch-size", "0"], ["--device", "tpu"], ["--max-queue", "x"]):
+    args = build_parser().parse_args(["--kv-block-size", "32", "--num-kv-blocks", "100", "--gpu-memory-fraction",
+                                      "0.5", "--no-prefix-caching", "--max-prefill-tokens", "64", "--no-cuda-graphs",
+                                      "--compile"])
+    settings = ServerSettings.from_args(args)
+    got = (settings.kv_block_size, settings.num_kv_blocks, settings.gpu_memory_fraction,
+           settings.enable_prefix_caching, settings.max_prefill_tokens, settings.cuda_graphs, settings.compile)
+    assert got == (32, 100, 0.5, False, 64, False, True)
+    for bad in (["--port", "-1"], ["--max-batch-size", "0"], ["--device", "tpu"], ["--max-queue", "x"],
+                ["--kv-block-size", "0"], ["--num-kv-blocks", "1"], ["--gpu-memory-fraction", "1.5"],
+                ["--gpu-memory-fraction", "nan"], ["--max-prefill-tokens", "0"]):
         with pytest.raises(SystemExit) as e:
             main(bad)
         assert e.value.code == 2
