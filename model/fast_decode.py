@@ -45,8 +45,9 @@ from .transformer import Transformer, apply_rope
 # models, where every op counts; for large ones the copies would double the memory, so the
 # plan keeps the original weights and applies the gains as one more op.
 FOLD_LIMIT_BYTES = 256 * 2**20
-# Above this batch the torch path's GEMMs (oneDNN / MKL) beat the native step's matrix-vector loops.
-NATIVE_MAX_BATCH = 6
+# The native step measured faster than the torch path up to batch 32 (default model, 2 cores); above
+# that the torch path's GEMMs (oneDNN / MKL) are left to it.
+NATIVE_MAX_BATCH = 32
 
 
 @dataclass
@@ -166,12 +167,13 @@ class DecodePlan:
 
         weights = []
         for layer in self.layers:
-            weights += [opt(layer.qkv_w), opt(layer.qkv_b), opt(layer.proj_w), opt(layer.proj_b),
-                        opt(layer.up_w), opt(layer.up_b), opt(layer.down_w), opt(layer.down_b)]
+            weights += [pack_tiles(layer.qkv_w), opt(layer.qkv_b), pack_tiles(layer.proj_w), opt(layer.proj_b),
+                        pack_tiles(layer.up_w), opt(layer.up_b), pack_tiles(layer.down_w), opt(layer.down_b)]
         weights += [opt(model.embed.weight), opt(model.pos_embed.weight if not self.rms else None),
                     opt(model.rope_cos if self.rms else None), opt(model.rope_sin if self.rms else None),
-                    opt(self.head_w), opt(self.head_b)]
-        dims = [self.H, self.Hkv, self.D, self.d_model, self.d_ff, int(self.rms), int(self.swiglu)]
+                    pack_tiles(self.head_w), opt(self.head_b)]
+        dims = [self.H, self.Hkv, self.D, self.d_model, self.d_ff, int(self.rms), int(self.swiglu),
+                self.head_w.shape[0]]
         self._native_args = (weights, dims, float(self.eps))
         self._native = module  # last: the worker thread may be mid-step and reads this once per call
 
@@ -270,6 +272,19 @@ class DecodePlan:
         hidden = self._compiled(tokens, positions, write_blocks, write_offsets, table, lengths,
                                 torch.tensor([batch.kv_len, view_start]), kv_cache.k, kv_cache.v, _attention_op())
         return hidden[:B]
+
+
+NATIVE_TILE = 32  # output rows per weight tile of the native step (kTile in decode_step.cpp)
+
+
+def pack_tiles(weight: torch.Tensor, tile: int = NATIVE_TILE) -> torch.Tensor:
+    """(O, I) -> (ceil(O / tile), I, tile): tiles of `tile` output rows, each transposed and
+    contiguous, the last zero-padded; the layout the native step's matrix-vector loops read."""
+    out_features, in_features = weight.shape
+    tiles = -(-out_features // tile)
+    padded = torch.zeros(tiles * tile, in_features, dtype=torch.float32)
+    padded[:out_features] = weight.detach().float()
+    return padded.view(tiles, tile, in_features).transpose(1, 2).contiguous()
 
 
 def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,

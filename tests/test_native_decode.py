@@ -102,3 +102,24 @@ def test_native_is_off_for_models_it_does_not_cover(llama_dir, native_module, mo
     assert not engine.native_decode and not engine._decode_plan.supports_native()
     with pytest.raises(ValueError, match="folded fp32"):
         engine._decode_plan.enable_native(native_module)
+
+
+def test_native_step_over_more_rows_than_one_pass(llama_dir, native_module):
+    """11 sequences: the matrix loops take 8 batch rows per pass, so this runs a full and a partial pass."""
+    engine = load_engine(str(llama_dir), "cpu", max_batch_size=11)
+    engine._decode_plan.enable_native(native_module)
+    plain = Engine(engine.model, engine.tokenizer, max_batch_size=11, fast_decode=False)
+    words = "the quick brown fox jumps over the lazy dog again and again".split()
+    prompts = [engine.tokenizer.encode(" ".join(words[: 1 + i])) for i in range(11)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    results = []
+    for e in (engine, plain):
+        requests = [e.add_request(p, params) for p in prompts]
+        logprobs = {}
+        while e.has_work:
+            for out in e.step():
+                logprobs.setdefault(out.request.request_id, []).extend(lp.logprob for lp in out.logprobs)
+        results.append(([r.output_ids for r in requests], [logprobs[r.request_id] for r in requests]))
+    (got_ids, got_lps), (want_ids, want_lps) = results
+    assert got_ids == want_ids
+    assert max(abs(a - b) for g, w in zip(got_lps, want_lps) for a, b in zip(g, w)) < 1e-4

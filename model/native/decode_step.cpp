@@ -23,42 +23,47 @@ namespace {
 
 constexpr int64_t kParallelMacs = 1 << 17;  // smaller products run on the calling thread
 
+// Weights arrive packed in tiles of kTile output rows: tile t holds W[t*kTile : (t+1)*kTile, :]
+// transposed, (I, kTile) contiguous, the last tile zero-padded (see `pack_tiles` in
+// model/fast_decode.py). A tile is read front to back once per call, and each of its
+// kTile-wide rows feeds one multiply-add per batch row into accumulators that stay in
+// registers: no horizontal sums, each weight loaded once for the whole batch.
+constexpr int64_t kTile = 32;
+constexpr int64_t kRows = 8;  // batch rows per pass (accumulators: kRows x kTile floats)
+
 // y[b, o] = bias[o] + sum_i W[o, i] * x[b, i]
-void linear(const float* W, const float* bias, const float* x, float* y, int64_t B, int64_t O, int64_t I) {
-  auto rows = [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) {
-      const float* w = W + o * I;
-      const float add = bias ? bias[o] : 0.f;
-      int64_t b = 0;
-      for (; b + 4 <= B; b += 4) {  // four batch rows per pass: each weight load feeds four products
-        const float *x0 = x + b * I, *x1 = x0 + I, *x2 = x1 + I, *x3 = x2 + I;
-        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-        for (int64_t i = 0; i < I; ++i) {
-          a0 += w[i] * x0[i];
-          a1 += w[i] * x1[i];
-          a2 += w[i] * x2[i];
-          a3 += w[i] * x3[i];
+void linear(const float* Wp, const float* bias, const float* x, float* y, int64_t B, int64_t O, int64_t I) {
+  const int64_t n_tiles = (O + kTile - 1) / kTile;
+  auto tiles = [&](int64_t t0, int64_t t1) {
+    float acc[kRows][kTile];
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* w = Wp + t * I * kTile;
+      const int64_t o0 = t * kTile, n = std::min(kTile, O - o0);
+      for (int64_t b0 = 0; b0 < B; b0 += kRows) {
+        const int64_t rows = std::min(kRows, B - b0);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t j = 0; j < kTile; ++j) acc[r][j] = 0.f;
         }
-        y[b * O + o] = a0 + add;
-        y[(b + 1) * O + o] = a1 + add;
-        y[(b + 2) * O + o] = a2 + add;
-        y[(b + 3) * O + o] = a3 + add;
-      }
-      for (; b < B; ++b) {
-        const float* xb = x + b * I;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < I; ++i) acc += w[i] * xb[i];
-        y[b * O + o] = acc + add;
+        for (int64_t i = 0; i < I; ++i) {
+          const float* wi = w + i * kTile;
+          for (int64_t r = 0; r < rows; ++r) {
+            const float xv = x[(b0 + r) * I + i];
+#pragma omp simd
+            for (int64_t j = 0; j < kTile; ++j) acc[r][j] += xv * wi[j];
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* yr = y + (b0 + r) * O + o0;
+          for (int64_t j = 0; j < n; ++j) yr[j] = bias ? acc[r][j] + bias[o0 + j] : acc[r][j];
+        }
       }
     }
   };
-  const int64_t grain = std::max<int64_t>(16, kParallelMacs / std::max<int64_t>(1, B * I));
-  if (O <= grain) {
-    rows(0, O);
+  const int64_t grain = std::max<int64_t>(1, kParallelMacs / std::max<int64_t>(1, B * I * kTile));
+  if (n_tiles <= grain) {
+    tiles(0, n_tiles);
   } else {
-    at::parallel_for(0, O, grain, rows);
+    at::parallel_for(0, n_tiles, grain, tiles);
   }
 }
 
@@ -89,12 +94,14 @@ const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>(
 // tokens, positions (B,) int64; block_table (B, W) int64; cache (n_layer, num_blocks, block_size, Hkv, D)
 // fp32 contiguous; weights: per layer [qkv_w, qkv_b, proj_w, proj_b, up_w, up_b, down_w, down_b] (empty
 // tensor = no bias), then [embed, pos_embed, rope_cos, rope_sin, head_w, head_b] (empty = absent).
-// dims = [H, Hkv, D, d_model, d_ff, rms, swiglu]. Returns logits (B, V).
+// Linear weights are packed in tiles (see `linear`). dims = [H, Hkv, D, d_model, d_ff, rms, swiglu, V].
+// Returns logits (B, V).
 torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::Tensor block_table,
                           torch::Tensor k_cache, torch::Tensor v_cache, std::vector<torch::Tensor> weights,
                           std::vector<int64_t> dims, double eps) {
-  TORCH_CHECK(dims.size() == 7, "dims must be [H, Hkv, D, d_model, d_ff, rms, swiglu]");
+  TORCH_CHECK(dims.size() == 8, "dims must be [H, Hkv, D, d_model, d_ff, rms, swiglu, vocab]");
   const int64_t H = dims[0], Hkv = dims[1], D = dims[2], dm = dims[3], dff = dims[4];
+  TORCH_CHECK(dims[7] > 0, "vocab must be > 0");
   const bool rms = dims[5] != 0, swiglu = dims[6] != 0;
   const int64_t L = k_cache.size(0), bs = k_cache.size(2);
   const int64_t B = tokens.size(0), W = block_table.size(1);
@@ -121,16 +128,17 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
   const auto& rope_cos = weights[8 * L + 2];
   const auto& rope_sin = weights[8 * L + 3];
   const auto& head_w = weights[8 * L + 4];
-  const int64_t V = head_w.size(0);
+  const int64_t V = dims[7];
   auto check_shape = [](const torch::Tensor& t, std::vector<int64_t> want, const char* what) {
     TORCH_CHECK(t.sizes() == at::IntArrayRef(want), what, " has shape ", t.sizes(), ", expected ", want);
   };
+  auto tiles = [](int64_t O) { return (O + kTile - 1) / kTile; };  // packed weights: (tiles, I, kTile)
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* lw = &weights[8 * l];
-    check_shape(lw[0], {qkv_dim, dm}, "qkv weight");
-    check_shape(lw[2], {dm, H * D}, "proj weight");
-    check_shape(lw[4], {up_dim, dm}, "up weight");
-    check_shape(lw[6], {dm, dff}, "down weight");
+    check_shape(lw[0], {tiles(qkv_dim), dm, kTile}, "qkv weight");
+    check_shape(lw[2], {tiles(dm), H * D, kTile}, "proj weight");
+    check_shape(lw[4], {tiles(up_dim), dm, kTile}, "up weight");
+    check_shape(lw[6], {tiles(dm), dff, kTile}, "down weight");
     const int64_t bias_sizes[4] = {qkv_dim, dm, up_dim, dm};
     for (int i = 0; i < 4; ++i) {
       if (lw[2 * i + 1].numel()) check_shape(lw[2 * i + 1], {bias_sizes[i]}, "bias");
@@ -140,7 +148,7 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
   TORCH_CHECK(!pos_embed.numel() || (pos_embed.dim() == 2 && pos_embed.size(1) == dm),
               "position embedding must be (max_seq_len, d_model)");
   TORCH_CHECK(rope_cos.numel() || pos_embed.numel(), "need rope tables or a position embedding");
-  check_shape(head_w, {V, dm}, "head weight");
+  check_shape(head_w, {tiles(V), dm, kTile}, "head weight");
   if (weights[8 * L + 5].numel()) check_shape(weights[8 * L + 5], {V}, "head bias");
   const int64_t* tok = tokens.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
