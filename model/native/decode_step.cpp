@@ -6,8 +6,8 @@
 // -> write K/V into the paged cache -> attention over the row's blocks -> output projection
 // -> residual -> norm -> MLP -> residual, then the final norm and the LM head. Norm gains
 // arrive folded into the matrices that read them (model/fast_decode.py), so a norm here is
-// only the normalization. Matrix-vector products read each weight row once for all rows
-// of the batch and split rows over torch's intra-op threads when the product is large.
+// only the normalization. Matrix products read weights packed in transposed tiles once per
+// step for the whole batch, and split tiles over torch's intra-op threads when large.
 //
 // It is compiled on first use by model/native/__init__.py (torch.utils.cpp_extension) and
 // checked against the torch path by tests/test_native_decode.py.
