@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import math
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -178,6 +179,20 @@ async def _watch_disconnect(request: Request, scheduler: Scheduler, generation: 
             return
 
 
+@contextlib.contextmanager
+def admission_errors(param: str) -> Iterator[None]:
+    """The scheduler's refusals of a submission as OpenAI errors: a full queue 429, not ready 503
+    (both with Retry-After), an input it cannot take 400 naming `param`."""
+    try:
+        yield
+    except QueueFull as e:
+        raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+    except NotReady as e:
+        raise APIError(503, str(e), code="not_ready", headers={"Retry-After": "1"}) from None
+    except ValueError as e:
+        raise APIError(400, str(e), param) from None
+
+
 async def create_completion(body: CompletionRequest, request: Request, scheduler: Scheduler, model_name: str):
     tokenizer = scheduler.engine.tokenizer
     params = sampling_params(body)
@@ -185,15 +200,9 @@ async def create_completion(body: CompletionRequest, request: Request, scheduler
     prompt_ids = await run_in_threadpool(
         lambda: [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts])
     n = body.n
-    try:
+    with admission_errors("n"):
         generation = scheduler.submit([ids for ids in prompt_ids for _ in range(n)], params * len(prompt_ids), n,
                                       stream=body.stream)
-    except QueueFull as e:
-        raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
-    except NotReady as e:
-        raise APIError(503, str(e), code="not_ready", headers={"Retry-After": "1"}) from None
-    except ValueError as e:
-        raise APIError(400, str(e), "n") from None
 
     builders = [ChoiceBuilder(i, tokenizer, prompt_ids[i // n], body.echo, body.logprobs)
                 for i in range(len(generation))]

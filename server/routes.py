@@ -16,14 +16,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from .completions import create_completion, prompt_list
+from .completions import admission_errors, create_completion, prompt_list
 from .errors import APIError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
                        ErrorResponse, Health, ModelCard, ModelList, PerplexityItem, PerplexityRequest,
                        PerplexityResponse, PerplexityToken, PerplexityUsage, TokenizeRequest, TokenizeResponse,
                        TokenizerInfo)
-from .scheduler import NotReady, QueueFull, Scheduler
+from .scheduler import NotReady, Scheduler
 from .settings import ServerSettings
 
 
@@ -84,14 +84,8 @@ async def perplexity(body: PerplexityRequest, state: KilnState = Depends(kiln_st
     state.check_model(body.model)
     engine = state.engine()
     inputs = prompt_list(body.input, "input")
-    try:
+    with admission_errors("input"):
         future = state.scheduler.submit_score(inputs, body.stride)
-    except QueueFull as e:
-        raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
-    except NotReady as e:
-        raise APIError(503, str(e), code="not_ready", headers={"Retry-After": "1"}) from None
-    except ValueError as e:
-        raise APIError(400, str(e), "input") from None
     try:
         results = await future
     except NotReady as e:
