@@ -24,6 +24,23 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+    """A oneDNN-reordered copy of `weight` tuned for `batch_size` rows, or None when this build
+    cannot pack or the packed product does not reproduce `F.linear` to fp32 rounding."""
+    if not available():
+        return None
+    probe = torch.randn(batch_size, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size)
+            got = torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
+        except (RuntimeError, AttributeError):
+            return None
+        if not torch.allclose(got, F.linear(probe, weight, bias), rtol=1e-5, atol=1e-5):
+            return None
+    return packed
+
+
 def _pack(module: nn.Linear) -> None:
     with torch.no_grad():
         module._kiln_packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), PACK_BATCH)
@@ -43,23 +60,17 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def pack_linears(model: nn.Module) -> int:
     """Pack every linear layer of a CPU fp32 model; returns how many (0 when not applicable).
 
-    A pack that does not reproduce `F.linear` to fp32 rounding is not used."""
-    if not available():
-        return 0
+    The first layer's pack is checked against `F.linear` (`pack_weight`); if it does not
+    reproduce it, nothing is packed. Layers packed before (another engine on the same model)
+    keep their packs."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
         return 0
-    probe = torch.randn(7, linears[0].in_features, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        try:
-            _pack(linears[0])
-            got = torch.ops.mkldnn._linear_pointwise(probe, linears[0]._kiln_packed, linears[0].bias, "none", [], "")
-        except (RuntimeError, AttributeError):
-            return 0
-        if not torch.allclose(got, F.linear(probe, linears[0].weight, linears[0].bias), rtol=1e-4, atol=1e-5):
-            return 0
+    first = linears[0]
+    if pack_weight(first.weight, first.bias, PACK_BATCH) is None:
+        return 0
     for module in linears:
-        if getattr(module, "_kiln_packed", None) is None or module is linears[0]:
+        if getattr(module, "_kiln_packed", None) is None:
             _pack(module)
         module.forward = types.MethodType(_packed_forward, module)
     return len(linears)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cpu_packing import pack_weight
 from .cuda_graphs import batch_buckets
 from .kv_cache import NULL_BLOCK, CacheBatch, KVCache
 from .transformer import Transformer, apply_rope
@@ -116,21 +117,13 @@ class DecodePlan:
         pack is a copy of the head, so only small (folded) models get them. A pack that does
         not reproduce F.linear to fp32 rounding is dropped.
         """
-        if not (self.folded and torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        if not self.folded:
             return
-        probe = torch.randn(max(batch_sizes), self.head_w.shape[1], generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            want = F.linear(probe, self.head_w, self.head_b)
-            for size in sorted(set(batch_sizes)):
-                try:
-                    packed = torch.ops.mkldnn._reorder_linear_weight(self.head_w, size)
-                    got = torch.ops.mkldnn._linear_pointwise(probe, packed, self.head_b, "none", [], "")
-                except (RuntimeError, AttributeError):
-                    return
-                if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
-                    return
-                self._head_packs[size] = packed
+        for size in sorted(set(batch_sizes)):
+            packed = pack_weight(self.head_w, self.head_b, size)
+            if packed is None:
+                return
+            self._head_packs[size] = packed
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, d) -> logits (B, V), through the pack made for the nearest batch size at or above B."""
