@@ -217,11 +217,7 @@ class CacheBatch:
             # never seen: p < start + num_new for real queries)
             key_idx = torch.arange(kv_len, dtype=torch.int64)
             mask = (key_idx[None, None, None, :] <= positions[:, None, :, None]).to(device)  # (B, 1, T, kv_len)
-        contiguous_from = None
-        if B == 1:
-            used = tables[0][:nb]
-            if all(b - a == 1 for a, b in zip(used, used[1:])):
-                contiguous_from = used[0]
+        contiguous_from = _contiguous_from(tables, nb)
         return CacheBatch(
             positions=positions.to(device),
             write_blocks=write_blocks.to(device),
@@ -248,13 +244,18 @@ class CacheBatch:
         mask = None
         if with_mask and len(set(starts)) > 1:
             mask = (torch.arange(kv_len)[None, :] < lengths[:, None])[:, None, None, :].to(device)  # (B, 1, 1, L)
-        contiguous_from = None
-        if B == 1:
-            used = tables[0][:nb]
-            if all(b - a == 1 for a, b in zip(used, used[1:])):
-                contiguous_from = used[0]
+        contiguous_from = _contiguous_from(tables, nb)
         if device.type != "cpu":
             index, table, lengths = index.to(device), table.to(device), lengths.to(device)
         return CacheBatch(positions=index[0], write_blocks=index[1], write_offsets=index[2], block_table=table,
                           lengths=lengths, kv_len=kv_len, block_size=block_size, mask=mask,
                           contiguous_from=contiguous_from)
+
+
+def _contiguous_from(tables: list[list[int]], nb: int) -> int | None:
+    """The first block of a single row whose first `nb` blocks are consecutive ids (its keys are
+    then a view of the pool), else None."""
+    if len(tables) != 1:
+        return None
+    used = tables[0][:nb]
+    return used[0] if all(b - a == 1 for a, b in zip(used, used[1:])) else None
