@@ -53,18 +53,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def gather_cached(cache: torch.Tensor, batch: CacheBatch) -> torch.Tensor:
+def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, kv_len: int,
+                  contiguous_from: int | None = None) -> torch.Tensor:
     """Each row's first kv_len cached keys (or values) through its block table: (B, Hkv, L, D).
 
-    cache is one layer of the pool, (num_blocks, block_size, Hkv, D). A single row whose
-    blocks are consecutive is a view of the pool; otherwise the blocks are gathered."""
-    L = batch.kv_len
-    if batch.contiguous_from is not None:
-        start = batch.contiguous_from * batch.block_size
+    cache is one layer of the pool, (num_blocks, block_size, Hkv, D); block_table (B, >= nb).
+    A single row whose blocks are consecutive from `contiguous_from` is a view of the pool;
+    otherwise the blocks are gathered."""
+    block_size = cache.shape[1]
+    if contiguous_from is not None:
+        start = contiguous_from * block_size
         flat = cache.view(-1, *cache.shape[2:])  # (num_blocks * block_size, Hkv, D)
-        return flat[start: start + L].unsqueeze(0).transpose(1, 2)
-    rows = cache[batch.block_table]  # (B, nb, block_size, Hkv, D)
-    return rows.flatten(1, 2)[:, :L].transpose(1, 2)
+        return flat[start: start + kv_len].unsqueeze(0).transpose(1, 2)
+    rows = cache[block_table[:, : -(-kv_len // block_size)]]  # (B, nb, block_size, Hkv, D)
+    return rows.flatten(1, 2)[:, :kv_len].transpose(1, 2)
 
 
 def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
@@ -81,7 +83,8 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         from kernels.decode import decode_attention
 
         return decode_attention(q[:, :, 0], k_cache, v_cache, batch.block_table, batch.lengths)[:, :, None]
-    keys, values = gather_cached(k_cache, batch), gather_cached(v_cache, batch)
+    keys = gather_blocks(k_cache, batch.block_table, batch.kv_len, batch.contiguous_from)
+    values = gather_blocks(v_cache, batch.block_table, batch.kv_len, batch.contiguous_from)
     if backend == "triton" and B == 1:
         from kernels.attention import flash_attention
 

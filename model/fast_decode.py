@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .attention import gather_blocks
 from .cpu_packing import pack_weight
 from .cuda_graphs import batch_buckets
 from .kv_cache import NULL_BLOCK, CacheBatch, KVCache
@@ -288,21 +289,14 @@ def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     q (B, H, 1, D); k_new/v_new (B, 1, Hkv, D); k_cache/v_cache one layer of the pool (num_blocks,
     block_size, Hkv, D); meta = [kv_len, first block of a single row whose blocks are consecutive or -1].
     Writes the new keys/values, then attends over each row's first lengths[b] keys. Returns (B, H, 1, D)."""
-    k_layer, v_layer = k_cache, v_cache
-    k_layer[write_blocks, write_offsets] = k_new
-    v_layer[write_blocks, write_offsets] = v_new
+    k_cache[write_blocks, write_offsets] = k_new
+    v_cache[write_blocks, write_offsets] = v_new
     kv_len, view_start = meta.tolist()
-    B, block_size = q.shape[0], k_layer.shape[1]
-    if view_start >= 0:  # one row, consecutive blocks: its keys are a view of the pool
-        first = view_start * block_size
-        keys = k_layer.view(-1, *k_layer.shape[2:])[first: first + kv_len].unsqueeze(0).transpose(1, 2)
-        values = v_layer.view(-1, *v_layer.shape[2:])[first: first + kv_len].unsqueeze(0).transpose(1, 2)
-    else:
-        table = block_table[:, : -(-kv_len // block_size)]
-        keys = k_layer[table].flatten(1, 2)[:, :kv_len].transpose(1, 2)  # (B, Hkv, L, D)
-        values = v_layer[table].flatten(1, 2)[:, :kv_len].transpose(1, 2)
+    contiguous_from = view_start if view_start >= 0 else None
+    keys = gather_blocks(k_cache, block_table, kv_len, contiguous_from)  # (B, Hkv, L, D)
+    values = gather_blocks(v_cache, block_table, kv_len, contiguous_from)
     mask = None
-    if B > 1:
+    if q.shape[0] > 1:
         mask = (torch.arange(kv_len, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != keys.shape[1])
 
