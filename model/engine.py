@@ -37,7 +37,7 @@ import torch
 from .attention import resolve_backend
 from .cpu_packing import pack_linears
 from .cuda_graphs import GraphedDecode
-from .fast_decode import DecodePlan
+from .fast_decode import NATIVE_MAX_BATCH, DecodePlan
 from .kv_cache import KVCache, block_hashes
 from .sampling import SamplingBatch, sample
 from .scoring import ScoreResult, ScoreTask, chunked_logprobs
@@ -256,6 +256,8 @@ class Engine:
         self.compile_error: str | None = None
         if compile and plan is None:
             self.compile_error = "compile applies to the CPU decode step (torch attention backend)"
+        elif compile and plan.native and self.max_batch_size <= NATIVE_MAX_BATCH:
+            self.compile_error = "not needed: the native decode step runs every batch size up to max_batch_size"
         elif compile:
             try:
                 self.compile_seconds = plan.compile(self.cache, self.max_batch_size)

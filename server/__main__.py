@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             log.info("decode step compiled in %.1f s (batch buckets up to %d)", engine.compile_seconds,
                      engine.max_batch_size)
         elif engine.compile_error is not None:
-            log.warning("--compile: could not compile the decode step, running eagerly: %s", engine.compile_error)
+            log.warning("--compile: the decode step is not compiled: %s", engine.compile_error)
         return engine
 
     app = create_app(load, settings)

@@ -123,3 +123,10 @@ def test_native_step_over_more_rows_than_one_pass(llama_dir, native_module):
     (got_ids, got_lps), (want_ids, want_lps) = results
     assert got_ids == want_ids
     assert max(abs(a - b) for g, w in zip(got_lps, want_lps) for a, b in zip(g, w)) < 1e-4
+
+
+def test_compile_is_skipped_when_the_native_step_covers_every_batch(llama_dir, native_module, monkeypatch):
+    monkeypatch.delenv(native_step.DISABLE_ENV, raising=False)
+    engine = load_engine(str(llama_dir), "cpu", max_batch_size=4, compile=True)
+    assert engine.native_decode
+    assert engine.compile_seconds is None and engine.compile_error.startswith("not needed")
