@@ -427,6 +427,12 @@ def bench_kiln(model_dir: Path, device, dtype_name: str, args, prompts_for) -> d
                 out["preemptions"] += engine.num_preemptions
                 if batch == 1:
                     out["greedy"] = requests[0].output_ids[: min(CHECK_TOKENS, args.new_tokens)]
+                    # the same step with each step's ids read back before the next is queued
+                    engine.async_scheduling = not engine.async_scheduling
+                    seconds, _ = best_of(lambda rep, engine=engine: kiln_generate(engine, prompts_for(1, rep),
+                                                                                  args.new_tokens), args.reps)
+                    engine.async_scheduling = not engine.async_scheduling
+                    out["scheduling"] = {"async": engine.async_scheduling, "other_tok_s": args.new_tokens / seconds}
             except Exception as e:  # noqa: BLE001 - OOM is a result; anything else an error, other batches go on
                 out["tok_s"][batch] = None
                 out["status"][batch] = batch_failure(e, f"Kiln batch {batch}", out)
@@ -797,6 +803,12 @@ def check_lines(r: dict, args) -> list[str]:
         k = r["kiln"]
         lines.append(f"{r['name']}: Kiln load {k['load_s']:.1f} s, attention backend {k['attn_backend']}, "
                      f"offline preemptions {k['preemptions']}")
+        sched, b1 = k.get("scheduling"), (k.get("tok_s") or {}).get(1)
+        if sched and b1:
+            on, off = (b1, sched["other_tok_s"]) if sched["async"] else (sched["other_tok_s"], b1)
+            lines.append(f"{r['name']}: batch 1 with async scheduling {on:,.0f} tok/s, reading ids back every "
+                         f"step {off:,.0f} tok/s ({on / off:.2f}x; the default here is "
+                         f"{'async' if sched['async'] else 'per-step'})")
     for e in r["errors"]:
         lines.append(f"{r['name']}: FAILED {e}")
     return lines

@@ -11,6 +11,7 @@ Only safetensors are read: a pickle is never loaded.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -230,12 +231,21 @@ def save_model(model: Transformer, out_dir: str | Path, dtype: torch.dtype | Non
     save_state_dict(state, out_dir, max_shard_bytes)
 
 
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, readable like any other file the user writes: safetensors >= 0.8
+    creates its files owner-only (0600), which a server run as another user could not load."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_state_dict(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int | None = None) -> None:
     for stale in list(out_dir.glob("model*.safetensors")) + list(out_dir.glob("model.safetensors.index.json")):
         stale.unlink()
     total = sum(t.numel() * t.element_size() for t in state.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
-        save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        _save_file(state, out_dir / "model.safetensors")
         return
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -249,7 +259,7 @@ def save_state_dict(state: dict[str, torch.Tensor], out_dir: Path, max_shard_byt
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        _save_file(shard, out_dir / fname)
         weight_map.update({name: fname for name in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

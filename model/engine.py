@@ -16,6 +16,16 @@ blocks its tokens need (`model.kv_cache`). Each step:
 4. runs one batched decode forward over the sequences that were already generating (on
    CUDA replayed from a captured graph, `model.cuda_graphs`).
 
+Sampling stays on the device. With async scheduling (on by default on CUDA) the host reads
+a step's ids one step late: each sampled id also goes into its slot of a device tensor, where
+the next decode step reads its input, and `step()` queues step k+1 on the GPU first and only
+then waits for step k's ids (copied into pinned memory) to detokenize them, check stops and
+emit outputs, so that host work overlaps the GPU's. Until then a sampled id is a PENDING
+placeholder in `output_ids`; the only cost is that a sequence that hits a stop at step k has
+already been queued for step k+1, whose result is dropped. Steps that must preempt first
+resolve everything outstanding, so preempted sequences always know their tokens. Without it
+(the CPU default, where nothing would overlap) every step reads its ids back at its end.
+
 Finished or aborted requests give their blocks back at once; full blocks stay findable
 in the prefix cache until the pool needs them.
 
@@ -43,7 +53,10 @@ from .sampling import SamplingBatch, sample
 from .scoring import ScoreResult, ScoreTask, chunked_logprobs
 from .text_stream import TextStream
 from .tokenizer import Tokenizer
+from .transfer import HostCopy, to_device, upload
 from .transformer import Transformer
+
+PENDING = -1  # an output id sampled on the device but not yet read back
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,7 @@ class Request:
     hashes: list[int] = field(default_factory=list)  # chained hashes of this sequence's full blocks
     num_registered: int = 0  # leading full blocks already offered to the prefix cache
     num_preemptions: int = 0
+    num_pending: int = 0  # trailing output_ids still PENDING (sampled, not read back yet)
     finish_reason: str | None = None
     stream: TextStream | None = None
     generator: torch.Generator | None = None
@@ -122,8 +136,13 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Known tokens: the prompt and everything generated so far."""
+        """The prompt and everything generated so far (PENDING ids included)."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def drop_pending(self) -> None:
+        if self.num_pending:
+            del self.output_ids[len(self.output_ids) - self.num_pending:]
+            self.num_pending = 0
 
     def tokens(self, lo: int, hi: int) -> list[int]:
         """Known tokens lo..hi-1 (prompt then output) without concatenating the whole sequence."""
@@ -137,6 +156,15 @@ class Request:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.params.prompt_logprobs and not self.prompt_lps_done
+
+
+@dataclass
+class _Sampled:
+    """One sampling call's ids (and logprobs) on their way to the host."""
+
+    rows: list[tuple[Request, int]]  # per row: the request and the index of its id in output_ids
+    copy: HostCopy  # token ids, chosen logprobs, top ids, top logprobs
+    prompt_lps: list[list[TokenLogprob] | None] | None = None  # per row, echo's prompt logprobs
 
 
 def prefill_groups(lengths: list[int], max_padding: float = 0.5, max_tokens: int = 8192) -> list[list[int]]:
@@ -197,7 +225,8 @@ class Engine:
                  max_seq_len: int | None = None, fast_decode: bool = True, block_size: int = DEFAULT_BLOCK_SIZE,
                  num_blocks: int | None = None, enable_prefix_caching: bool = True,
                  max_prefill_tokens: int | None = None, gpu_memory_fraction: float = 0.9,
-                 cuda_graphs: bool = True, compile: bool = False, native: bool | None = None):
+                 cuda_graphs: bool = True, compile: bool = False, native: bool | None = None,
+                 async_scheduling: bool | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not 0.0 < gpu_memory_fraction <= 1.0:
@@ -231,6 +260,11 @@ class Engine:
         self._ids = itertools.count()
         self._counts: torch.Tensor | None = None  # (max_batch_size, V) generated-id counts, for penalties
         self.num_preemptions = 0
+        # each slot's last sampled id, on the device: the next decode step's input
+        self._last_tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        # read sampled ids back one step late (None: on CUDA, where it overlaps host and GPU work)
+        self._async = self.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
+        self._pending: list[_Sampled] = []
         self._setup_decode(fast_decode, native, compile, cuda_graphs)
 
     def _setup_decode(self, fast_decode: bool, native: bool | None, compile: bool, cuda_graphs: bool) -> None:
@@ -294,6 +328,7 @@ class Engine:
             self.waiting.remove(request)
         if request.finish_reason is None:
             request.finish_reason = "abort"
+        request.drop_pending()  # its ids still in flight are dropped when they arrive
         self._release(request)
 
     def _release(self, request: Request) -> None:
@@ -309,8 +344,18 @@ class Engine:
             request.slot = None
 
     @property
+    def async_scheduling(self) -> bool:
+        return self._async
+
+    @async_scheduling.setter
+    def async_scheduling(self, value: bool) -> None:
+        if self.has_work:
+            raise RuntimeError("async scheduling can only be switched while the engine is idle")
+        self._async = bool(value)
+
+    @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._pending)
 
     @property
     def native_decode(self) -> bool:
@@ -396,10 +441,10 @@ class Engine:
         return True
 
     def _register_full_blocks(self, request: Request) -> None:
-        """Offer the request's newly completed blocks to the prefix cache."""
-        if not self.pool.enable_prefix_caching:
+        """Offer the request's newly completed blocks whose ids are all known to the prefix cache."""
+        if not self.pool.enable_prefix_caching or not request.blocks:
             return
-        full = request.num_computed // self.block_size
+        full = min(request.num_computed, request.num_tokens - request.num_pending) // self.block_size
         if full <= request.num_registered:
             return
         hashes = self._block_hashes(request, full)
@@ -420,9 +465,39 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """One scheduler iteration: grow (or preempt) the decoding sequences, admit waiting ones,
-        prefill up to max_prefill_tokens prompt tokens (whole prompts or chunks), decode."""
-        # decoding: all but the last generated token is cached (a prompt's last token is prefilled instead)
-        decoding = [r for r in self.running if r.output_ids and r.num_computed == r.num_tokens - 1]
+        prefill up to max_prefill_tokens prompt tokens (whole prompts or chunks), decode; then
+        the outputs of the ids sampled (with async scheduling: of the ids sampled the step before)."""
+        outputs: list[StepOutput] = []
+        if self._pending and self._must_preempt():
+            outputs += self._resolve_pending()  # preempted sequences must know all their ids
+        launched, immediate = self._schedule()
+        outputs += self._resolve_pending()  # the previous step's ids, while the GPU runs this step
+        outputs += immediate
+        self._pending = launched  # empty unless async
+        return outputs
+
+    def _decoding(self) -> list[Request]:
+        """Running sequences with every id but the last one cached, and another to generate."""
+        return [r for r in self.running if r.output_ids and r.num_computed == r.num_tokens - 1
+                and not self._ends_by_length(r, len(r.output_ids) - 1)]
+
+    def _ends_by_length(self, request: Request, index: int) -> bool:
+        """Output id `index` is the request's last: max_tokens, or no position left to feed it back."""
+        return index + 1 >= request.params.max_tokens or len(request.prompt_ids) + index >= self.max_seq_len
+
+    def _must_preempt(self) -> bool:
+        """This step's decode needs more new blocks than the pool has free."""
+        need = sum(self.cache.blocks_needed(r.num_computed + 1) - len(r.blocks) for r in self._decoding())
+        return need > self.pool.num_free
+
+    def _resolve_pending(self) -> list[StepOutput]:
+        pending, self._pending = self._pending, []
+        return [out for sampled in pending for out in self._resolve(sampled)]
+
+    def _schedule(self) -> tuple[list[_Sampled], list[StepOutput]]:
+        """Queue this step's forwards and sampling; returns the sampled ids (not read back yet)
+        and the outputs that need no sampling (max_tokens 0)."""
+        decoding = self._decoding()
         for r in list(decoding):
             if r.slot is None:  # preempted while growing an earlier one
                 continue
@@ -440,19 +515,28 @@ class Engine:
             if budget == 0:
                 break
             remaining = r.num_tokens - r.num_computed
-            if r in in_decode or remaining <= 0:
+            if r in in_decode or remaining <= 0 or r.num_pending:  # pending: its last id is its last
                 continue
             n = min(remaining, budget)
             chunks.append((r, n))
             budget -= n
-        outputs: list[StepOutput] = []
+        launched: list[_Sampled] = []
+        immediate: list[StepOutput] = []
         for group in prefill_groups([n for _, n in chunks]):
-            outputs += self._prefill([chunks[i] for i in group])
+            self._prefill([chunks[i] for i in group], launched, immediate)
         if decoding:
-            outputs += self._decode(decoding)
-        return outputs
+            self._launch(self._decode(decoding), launched, immediate)
+        return launched, immediate
 
-    def _prefill(self, chunks: list[tuple[Request, int]]) -> list[StepOutput]:
+    def _launch(self, sampled: _Sampled, launched: list[_Sampled], immediate: list[StepOutput]) -> None:
+        """Async: leave the ids to be read back after the next step is queued; else read them now."""
+        if self._async:
+            launched.append(sampled)
+        else:
+            immediate += self._resolve(sampled)
+
+    def _prefill(self, chunks: list[tuple[Request, int]], launched: list[_Sampled],
+                 immediate: list[StepOutput]) -> None:
         requests = [r for r, _ in chunks]
         lengths = [n for _, n in chunks]
         starts = [r.num_computed for r in requests]
@@ -460,7 +544,7 @@ class Engine:
         tokens = torch.zeros(len(requests), T, dtype=torch.long)
         for i, r in enumerate(requests):
             tokens[i, : lengths[i]] = torch.tensor(r.tokens(starts[i], starts[i] + lengths[i]))
-        tokens = tokens.to(self.device)
+        tokens = upload(tokens, self.device)
         batch = self.cache.batch([r.blocks for r in requests], starts, lengths)
         hidden = self.model(tokens, kv_cache=self.cache, batch=batch, return_hidden=True)  # (B, T, d)
         for r, n in chunks:
@@ -470,7 +554,6 @@ class Engine:
             if r.wants_prompt_logprobs:
                 self._prompt_logprobs(hidden[i, : lengths[i]], r, starts[i])
         done = [i for i, r in enumerate(requests) if r.num_computed == r.num_tokens]  # whole sequence is in
-        outputs = []
         live = []
         for i in done:
             r = requests[i]
@@ -480,21 +563,22 @@ class Engine:
             if r.params.max_tokens == 0:
                 r.finish_reason = "length"
                 self._release(r)
-                outputs.append(StepOutput(r, [], "", [], "length", prompt_logprobs=prompt_lps))
+                immediate.append(StepOutput(r, [], "", [], "length", prompt_logprobs=prompt_lps))
             else:
                 live.append((i, prompt_lps))
         if live:
-            rows = torch.tensor([i for i, _ in live], device=self.device)
-            last = hidden[rows, torch.tensor([lengths[i] - 1 for i, _ in live], device=self.device)]
+            rows = to_device([i for i, _ in live], torch.int64, self.device)
+            last = hidden[rows, to_device([lengths[i] - 1 for i, _ in live], torch.int64, self.device)]
             logits = self.model.lm_head(last)  # (B, V)
-            step_outputs = self._sample_and_advance([requests[i] for i, _ in live], logits)
-            for out, (_, prompt_lps) in zip(step_outputs, live):
-                out.prompt_logprobs = prompt_lps
-            outputs += step_outputs
-        return outputs
+            self._launch(self._sample([requests[i] for i, _ in live], logits,
+                                      [lps for _, lps in live] if any(lps for _, lps in live) else None),
+                         launched, immediate)
 
-    def _decode(self, requests: list[Request]) -> list[StepOutput]:
-        tokens = torch.tensor([[r.output_ids[-1]] for r in requests], dtype=torch.long, device=self.device)
+    def _decode(self, requests: list[Request]) -> _Sampled:
+        if self._async:  # each row's input is its last sampled id, which may not be on the host yet
+            tokens = self._last_tokens[to_device([r.slot for r in requests], torch.int64, self.device)][:, None]
+        else:
+            tokens = torch.tensor([[r.output_ids[-1]] for r in requests], dtype=torch.long, device=self.device)
         batch = self.cache.batch([r.blocks for r in requests], [r.num_computed for r in requests],
                                  [1] * len(requests), with_mask=self._decode_mask)
         if self._graphs is not None:
@@ -507,29 +591,44 @@ class Engine:
             r.num_computed += 1
             if r.num_computed % self.block_size == 0:
                 self._register_full_blocks(r)
-        return self._sample_and_advance(requests, logits)
+        return self._sample(requests, logits)
 
     def _fill_counts(self, request: Request) -> None:
+        """The request's generated-id counts, from its known ids and the one it may have pending
+        (that one is only in its slot of `_last_tokens`; admitted requests have none pending, and
+        running ones at most the one sampled by the previous step)."""
         row = self._counts[request.slot]
         row.zero_()
-        if request.output_ids:
-            ids = torch.tensor(request.output_ids, device=self.device)
-            row.index_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
+        if request.num_pending > 1:
+            raise RuntimeError(f"request {request.request_id} has {request.num_pending} ids pending")
+        known = request.output_ids[: len(request.output_ids) - request.num_pending]
+        ids = to_device(known, torch.int64, self.device)
+        if request.num_pending:
+            ids = torch.cat([ids, self._last_tokens[request.slot: request.slot + 1]])
+        row.index_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
 
-    def _sample_and_advance(self, requests: list[Request], logits: torch.Tensor) -> list[StepOutput]:
+    def _sample(self, requests: list[Request], logits: torch.Tensor,
+                prompt_lps: list[list[TokenLogprob] | None] | None = None) -> _Sampled:
+        """Sample one id per row on the device: it goes into output_ids as PENDING (and with async
+        scheduling into the row's slot of `_last_tokens`, the next decode's input); `_resolve`
+        reads it back."""
         params = [r.params for r in requests]
         # min_tokens: EOS and stop ids are not allowed before the minimum length
-        for i, r in enumerate(requests):
-            if len(r.output_ids) < r.params.min_tokens:
-                banned = list(r.params.stop_token_ids) + ([self.eos_id] if self.eos_id is not None else [])
-                logits[i, banned] = float("-inf")
+        banned = [(i, t) for i, r in enumerate(requests) if len(r.output_ids) < r.params.min_tokens
+                  for t in list(r.params.stop_token_ids) + ([self.eos_id] if self.eos_id is not None else [])]
+        if banned:
+            logits.index_put_((to_device([i for i, _ in banned], torch.int64, self.device),
+                               to_device([t for _, t in banned], torch.int64, self.device)),
+                              torch.tensor(float("-inf"), device=self.device, dtype=logits.dtype))
         use_penalties = any(p.presence_penalty or p.frequency_penalty for p in params)
         if use_penalties and self._counts is None:
             # per-slot counts of generated ids, kept only once some request has used a penalty
             self._counts = torch.zeros(self.max_batch_size, self.config.vocab_size, device=self.device)
             for r in self.running:
                 self._fill_counts(r)
-        slots = torch.tensor([r.slot for r in requests], device=self.device) if self._counts is not None else None
+        slots = None
+        if self._counts is not None or self._async:
+            slots = to_device([r.slot for r in requests], torch.int64, self.device)
         num_top = max((p.logprobs or 0) for p in params)
         batch = SamplingBatch(
             temperature=[p.temperature for p in params], top_k=[p.top_k for p in params],
@@ -542,13 +641,26 @@ class Engine:
         if self._counts is not None:
             self._counts.index_put_((slots, out.token_ids), torch.ones_like(out.token_ids, dtype=torch.float32),
                                     accumulate=True)
-        token_ids = out.token_ids.tolist()  # the one host sync of the step
-        lps = out.logprobs.tolist() if out.logprobs is not None else None
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        if self._async:
+            self._last_tokens[slots] = out.token_ids
+        rows = []
+        for r in requests:
+            r.output_ids.append(PENDING)
+            r.num_pending += 1
+            rows.append((r, len(r.output_ids) - 1))
+        return _Sampled(rows, HostCopy(out.token_ids, out.logprobs, out.top_ids, out.top_logprobs), prompt_lps)
+
+    def _resolve(self, sampled: _Sampled) -> list[StepOutput]:
+        """Read a sampling call's ids back (waiting for the device if needed) and advance each
+        request: text, stops, lengths. Rows of requests that finished meanwhile are dropped."""
+        token_ids, lps, top_ids, top_lps = sampled.copy.lists()
         outputs = []
-        for i, (r, tok) in enumerate(zip(requests, token_ids)):
-            r.output_ids.append(tok)
+        for i, (r, index) in enumerate(sampled.rows):
+            if r.finished:  # aborted, or stopped at an earlier id while this one was in flight
+                continue
+            tok = token_ids[i]
+            r.output_ids[index] = tok
+            r.num_pending -= 1
             if r.params.logprobs is not None:
                 n = r.params.logprobs
                 top = list(zip(top_ids[i][:n], top_lps[i][:n])) if n else []
@@ -563,12 +675,16 @@ class Engine:
                 text = r.stream.push(tok)
                 if r.stream.stopped:
                     finish = "stop"
-                elif len(r.output_ids) >= r.params.max_tokens or r.num_computed >= self.max_seq_len:
+                elif self._ends_by_length(r, index):
                     finish, text = "length", text + r.stream.finish()
             if finish is not None:
                 r.finish_reason = finish
+                r.drop_pending()  # ids queued after this one
                 self._release(r)
-            outputs.append(StepOutput(r, [tok], text, token_lps, finish))
+            else:
+                self._register_full_blocks(r)  # blocks whose last id was pending
+            outputs.append(StepOutput(r, [tok], text, token_lps, finish,
+                                      prompt_logprobs=sampled.prompt_lps[i] if sampled.prompt_lps else None))
         return outputs
 
     def _prompt_logprobs(self, hidden: torch.Tensor, request: Request, start: int) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
+from .transfer import to_device, upload
 
 NULL_BLOCK = 0
 
@@ -216,14 +217,14 @@ class CacheBatch:
             # query at absolute position p sees keys 0..p (keys past a row's length are
             # never seen: p < start + num_new for real queries)
             key_idx = torch.arange(kv_len, dtype=torch.int64)
-            mask = (key_idx[None, None, None, :] <= positions[:, None, :, None]).to(device)  # (B, 1, T, kv_len)
+            mask = upload(key_idx[None, None, None, :] <= positions[:, None, :, None], device)  # (B, 1, T, kv_len)
         contiguous_from = _contiguous_from(tables, nb)
         return CacheBatch(
-            positions=positions.to(device),
-            write_blocks=write_blocks.to(device),
-            write_offsets=write_offsets.to(device),
-            block_table=table.to(device),
-            lengths=torch.tensor(ends, dtype=torch.int32).to(device),
+            positions=upload(positions, device),
+            write_blocks=upload(write_blocks, device),
+            write_offsets=upload(write_offsets, device),
+            block_table=upload(table, device),
+            lengths=to_device(ends, torch.int32, device),
             kv_len=kv_len,
             block_size=block_size,
             mask=mask,
@@ -243,10 +244,10 @@ class CacheBatch:
         lengths = torch.tensor(ends, dtype=torch.int32)
         mask = None
         if with_mask and len(set(starts)) > 1:
-            mask = (torch.arange(kv_len)[None, :] < lengths[:, None])[:, None, None, :].to(device)  # (B, 1, 1, L)
+            mask = upload((torch.arange(kv_len)[None, :] < lengths[:, None])[:, None, None, :], device)  # (B, 1, 1, L)
         contiguous_from = _contiguous_from(tables, nb)
         if device.type != "cpu":
-            index, table, lengths = index.to(device), table.to(device), lengths.to(device)
+            index, table, lengths = upload(index, device), upload(table, device), upload(lengths, device)
         return CacheBatch(positions=index[0], write_blocks=index[1], write_offsets=index[2], block_table=table,
                           lengths=lengths, kv_len=kv_len, block_size=block_size, mask=mask,
                           contiguous_from=contiguous_from)

@@ -7,7 +7,8 @@ has a seed. Logprobs (the chosen token's and the top-N) come from the model's
 unmodified distribution, as vLLM reports them. Ids at or past `vocab_limit` (padding
 rows of the embedding table) are never returned.
 
-Nothing here reads a value back to the host: the whole step stays on the device.
+Nothing here reads a value back to the host, and per-row parameters go up without a
+stream sync (`model.transfer`): the whole step stays queued on the device.
 Random draws use the exponential race (argmax p / E, E ~ Exp(1)), which samples from p
 exactly and lets each seeded row use its own generator.
 """
@@ -17,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .transfer import to_device
 
 
 @dataclass
@@ -93,18 +96,18 @@ def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None 
 
     if params.output_counts is not None and (any(params.presence_penalty or ()) or any(params.frequency_penalty or ())):
         logits = apply_penalties(logits, params.output_counts,
-                                 torch.tensor(params.presence_penalty, device=device),
-                                 torch.tensor(params.frequency_penalty, device=device))
+                                 to_device(params.presence_penalty, torch.float32, device),
+                                 to_device(params.frequency_penalty, torch.float32, device))
 
     greedy_ids = logits.argmax(dim=-1)
     if all(t == 0 for t in params.temperature):
         token_ids = greedy_ids
     else:
-        temperature = torch.tensor(params.temperature, device=device, dtype=torch.float32)
+        temperature = to_device(params.temperature, torch.float32, device)
         scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
         if any(k > 0 for k in params.top_k) or any(p < 1.0 for p in params.top_p):
-            scaled = top_k_top_p_mask(scaled, torch.tensor(params.top_k, device=device),
-                                      torch.tensor(params.top_p, device=device, dtype=torch.float32))
+            scaled = top_k_top_p_mask(scaled, to_device(params.top_k, torch.int64, device),
+                                      to_device(params.top_p, torch.float32, device))
         probs = _softmax(scaled)
         noise = torch.empty_like(probs)
         shared = [i for i, g in enumerate(params.generators) if g is None]
@@ -112,7 +115,7 @@ def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None 
             noise.exponential_()
         else:
             if shared:
-                noise[shared] = torch.empty(len(shared), V, device=device).exponential_()
+                noise[to_device(shared, torch.int64, device)] = torch.empty(len(shared), V, device=device).exponential_()
             for i, g in enumerate(params.generators):
                 if g is not None:
                     noise[i].exponential_(generator=g)

@@ -56,17 +56,18 @@ def main(argv: list[str] | None = None) -> None:
                              gpu_memory_fraction=settings.gpu_memory_fraction,
                              enable_prefix_caching=settings.enable_prefix_caching,
                              max_prefill_tokens=settings.max_prefill_tokens, cuda_graphs=settings.cuda_graphs,
-                             compile=settings.compile)
+                             compile=settings.compile, async_scheduling=settings.async_scheduling)
         cache = engine.cache
         log = logging.getLogger("kiln.server")
         log.info(
             "model %r loaded in %.2f s: %s %s, context %d tokens, up to %d sequences, KV pool %d blocks x %d "
-            "tokens (%.1f MiB, prefix caching %s), prefill chunk %d tokens, decode %s", settings.served_model_name,
+            "tokens (%.1f MiB, prefix caching %s), prefill chunk %d tokens, decode %s%s", settings.served_model_name,
             time.perf_counter() - start, engine.device, str(engine.dtype).removeprefix("torch."),
             engine.max_seq_len, engine.max_batch_size, cache.num_blocks, cache.block_size,
             cache.k.nbytes * 2 / 2**20, "on" if engine.pool.enable_prefix_caching else "off",
             engine.max_prefill_tokens, "CUDA graphs" if engine.uses_cuda_graphs
-            else "native" if engine.native_decode else "compiled" if engine.compile_seconds is not None else "eager")
+            else "native" if engine.native_decode else "compiled" if engine.compile_seconds is not None else "eager",
+            ", async scheduling" if engine.async_scheduling else "")
         if engine.build_native_in_background():
             log.info("building the native CPU decode step in the background (once per machine, about half a "
                      "minute; `make serve` does it ahead); decoding with the torch path meanwhile")

@@ -34,6 +34,7 @@ class ServerSettings:
     enable_prefix_caching: bool = True
     max_prefill_tokens: int | None = None  # prompt tokens per step (chunked prefill); default by device
     cuda_graphs: bool = True  # CUDA: replay decode steps from captured graphs
+    async_scheduling: bool | None = None  # read sampled ids back one step late (None: on CUDA only)
     compile: bool = False  # CPU: torch.compile the decode step (inductor, C++)
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies -> 413
     threads: int | None = None  # torch intra-op threads (default: available cores)
@@ -84,6 +85,7 @@ class ServerSettings:
                    num_kv_blocks=args.num_kv_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
                    enable_prefix_caching=not args.no_prefix_caching, max_prefill_tokens=args.max_prefill_tokens,
                    cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
+                   async_scheduling=False if args.no_async_scheduling else None,
                    max_body_bytes=args.max_body_bytes, threads=args.threads,
                    shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level)
 
@@ -149,6 +151,9 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
                         "compilation fails")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="CUDA: run every decode step eagerly instead of replaying captured graphs")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="CUDA: read each step's sampled ids back before queuing the next step (by default "
+                        "the next step is queued first, so host work overlaps the GPU's)")
     p.add_argument("--max-body-bytes", type=_int_at_least(1024), default=8 * 1024 * 1024,
                    help="largest accepted request body; larger gets 413 (default: 8 MiB)")
     p.add_argument("--threads", type=_int_at_least(1), default=None,

@@ -85,6 +85,9 @@ def test_hf_export_loads_in_transformers_with_identical_logits(runs, tmp_path, f
         assert len(set(index["weight_map"].values())) > 2 and not (out / "model.safetensors").exists()
     else:
         assert (out / "model.safetensors").is_file()
+    # readable by a server run as another user, as the config and tokenizer files are
+    mode = (out / "config.json").stat().st_mode & 0o777
+    assert {p.stat().st_mode & 0o777 for p in out.glob("*.safetensors")} == {mode}
     text = "the lazy dog 123"
     assert AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == load_tokenizer(out).encode(text)
 

@@ -46,7 +46,8 @@ def test_tiny_run_end_to_end(tmp_path):
                 "| tiny-llama | 1 |", "| tiny-llama | 4 |", "| tiny-gpt2 | 8 | 10 | 0 | 0 | 0 |",
                 "| tiny-llama | 8 | 10 | 0 | 0 | 0 |",
                 "tiny-gpt2: greedy tokens, Kiln == HF at batch 1: 16/16 agree.",
-                "tiny-llama: greedy tokens, Kiln == HF at batch 1: 16/16 agree, HF limited to the tokenizer's"):
+                "tiny-llama: greedy tokens, Kiln == HF at batch 1: 16/16 agree, HF limited to the tokenizer's",
+                "tiny-gpt2: batch 1 with async scheduling ", "the default here is per-step)"):
         assert row in out, f"missing {row!r} in:\n{out}"
 
     report = json.loads(out_json.read_text())
@@ -65,6 +66,7 @@ def test_tiny_run_end_to_end(tmp_path):
                 assert math.isfinite(tok_s) and tok_s > 0, f"{r['name']} {side} batch {batch}: {tok_s}"
         assert r["kiln"]["weight_bytes"] > 0 and r["roofline_tok_s"] > 0 and 0 < r["roofline_fraction"]
         assert r["greedy"]["agree"] == r["greedy"]["compared"] == 16
+        assert r["kiln"]["scheduling"]["async"] is False and r["kiln"]["scheduling"]["other_tok_s"] > 0
         online = r["online"]
         assert online["exit_code"] == 0 and 0 < online["health_s"] < 120
         [rate] = online["rates"]

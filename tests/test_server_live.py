@@ -228,11 +228,13 @@ def test_settings_from_flags(tmp_path):
         (tmp_path.name, 3, 2, "k")
     args = build_parser().parse_args(["--kv-block-size", "32", "--num-kv-blocks", "100", "--gpu-memory-fraction",
                                       "0.5", "--no-prefix-caching", "--max-prefill-tokens", "64", "--no-cuda-graphs",
-                                      "--compile"])
+                                      "--compile", "--no-async-scheduling"])
     settings = ServerSettings.from_args(args)
     got = (settings.kv_block_size, settings.num_kv_blocks, settings.gpu_memory_fraction,
-           settings.enable_prefix_caching, settings.max_prefill_tokens, settings.cuda_graphs, settings.compile)
-    assert got == (32, 100, 0.5, False, 64, False, True)
+           settings.enable_prefix_caching, settings.max_prefill_tokens, settings.cuda_graphs, settings.compile,
+           settings.async_scheduling)
+    assert got == (32, 100, 0.5, False, 64, False, True, False)
+    assert ServerSettings.from_args(build_parser().parse_args([])).async_scheduling is None  # auto: CUDA only
     for bad in (["--port", "-1"], ["--max-batch-size", "0"], ["--device", "tpu"], ["--max-queue", "x"],
                 ["--kv-block-size", "0"], ["--num-kv-blocks", "1"], ["--gpu-memory-fraction", "1.5"],
                 ["--gpu-memory-fraction", "nan"], ["--max-prefill-tokens", "0"]):

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, in stages sized for a lent GPU machine (at most 10 minutes a
+# call, about 30 minutes in all). The machine has torch, triton, transformers, tiktoken and
+# pytest but not the server's packages, and cannot download: they travel as wheels.
+#
+# Here, once (downloads cp312 wheels of the server's packages into .whl, git-ignored):
+#   bash bench/gpu_session.sh wheels
+# There, one stage per call (the device tool's `run`, carrying .whl), in this order:
+#   bash bench/gpu_session.sh tests     # GPU correctness: kernels, CUDA graphs, async scheduling
+#   bash bench/gpu_session.sh kernels   # attention, decode, softmax, cross-entropy vs PyTorch
+#   bash bench/gpu_session.sh serve     # serving: batch 1 vs roofline and HF, batches, online load
+#   bash bench/gpu_session.sh train     # training MFU at the GPT-2 124M shape
+#   bash bench/gpu_session.sh default-model  # issue 7's GPU-trained default model (carry data/tokens)
+# Each stage writes its log (and markdown tables) to $OUT (default: ./gpu-results), and gives up
+# after STAGE_TIMEOUT seconds (default 540) so what it has measured still comes back.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu-results}"
+STAGE_TIMEOUT="${STAGE_TIMEOUT:-540}"
+WHEELS=(fastapi starlette uvicorn sse-starlette pydantic pydantic-core annotated-types typing-inspection)
+
+wheels() {
+    # the versions this checkout's .venv was tested with
+    local py=".venv/bin/python" specs=()
+    for name in "${WHEELS[@]}"; do
+        specs+=("$name==$("$py" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')")
+    done
+    mkdir -p .git/info .whl
+    grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+    "$py" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl "${specs[@]}"
+    ls .whl
+}
+
+setup() {
+    mkdir -p "$OUT"
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl || exit 1
+        export PYTHONPATH="$PWD:/tmp/site"
+    else
+        export PYTHONPATH="$PWD"
+        echo "no .whl here: the server's packages must already be installed" >&2
+    fi
+    export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 KILN_NO_NATIVE=1
+    {
+        date -u
+        git log -1 --format='commit %h %s' 2>/dev/null
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+        python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'triton', triton.__version__, torch.cuda.get_device_name())"
+        python3 -c "import fastapi, uvicorn, sse_starlette, transformers, tiktoken; print('server packages import')"
+    } 2>&1 | tee "$OUT/environment.txt"
+}
+
+stage() {  # stage NAME COMMAND...: run with the stage timeout, log to $OUT/NAME.log
+    local name="$1"
+    shift
+    echo "== $name: $*" | tee -a "$OUT/$name.log"
+    timeout "$STAGE_TIMEOUT" "$@" 2>&1 | tee -a "$OUT/$name.log"
+    echo "== $name exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
+}
+
+case "${1:-}" in
+    wheels)
+        wheels
+        ;;
+    tests)
+        setup
+        stage tests python3 -m pytest -p no:cacheprovider -rs --durations=15 tests/test_kernels_attention.py \
+            tests/test_kernels_decode.py tests/test_kernels_softmax.py tests/test_kernels_cross_entropy.py \
+            tests/test_cuda_graphs.py tests/test_async_scheduling.py tests/test_model_backends.py \
+            tests/test_engine.py tests/test_paged_engine.py
+        ;;
+    kernels)
+        setup
+        STAGE_TIMEOUT=$((STAGE_TIMEOUT / 5))
+        stage kernels python3 bench/bench_attention.py --dtype bf16 --mode fwd,fwd_bwd
+        stage kernels python3 bench/bench_attention.py --dtype bf16 --mode fwd --gqa 4 --seqlens 2048,8192
+        stage kernels python3 bench/bench_decode.py --dtype bf16
+        stage kernels python3 bench/bench_softmax.py --dtypes fp32,bf16
+        stage kernels python3 bench/bench_cross_entropy.py --dtype bf16 --compile
+        ;;
+    serve)
+        setup
+        STAGE_TIMEOUT=$((STAGE_TIMEOUT / 2))
+        stage serve python3 bench/serve_bench.py --shapes gpt2-124m --markdown --json "$OUT/serve-gpt2.json"
+        stage serve python3 bench/serve_bench.py --shapes llama-1.1b --markdown --json "$OUT/serve-llama.json"
+        ;;
+    train)
+        setup
+        stage train python3 bench/train_bench.py --batch 32 --seq 1024
+        ;;
+    default-model)
+        # carry data/tokens (from `kiln prepare`, see model/default/MODEL_CARD.md); extra `--set`
+        # overrides in DEFAULT_MODEL_ARGS. Brings back config, index and bf16 shards (<= 15 MB each),
+        # metrics.jsonl and loss.png: the 8 files a call may return.
+        setup
+        run_dir=/tmp/kiln-default-gpu
+        # shellcheck disable=SC2086
+        stage default-model python3 -m training --config training/configs/default-gpu.toml --out "$run_dir" \
+            ${DEFAULT_MODEL_ARGS:-}
+        stage default-model python3 -m training.export "$run_dir" --out /tmp/kiln-default-export --dtype bf16 \
+            --max-shard-mb 15
+        mkdir -p "$OUT/model"
+        cp /tmp/kiln-default-export/config.json /tmp/kiln-default-export/*.safetensors* "$OUT/model/"
+        cp "$run_dir/metrics.jsonl" "$run_dir/loss.png" "$OUT/" 2>/dev/null
+        rm -f "$OUT/environment.txt" "$OUT/default-model.log"  # the 8-file limit: the log is in the output
+        ls -la "$OUT" "$OUT/model"
+        ;;
+    *)
+        echo "usage: bash bench/gpu_session.sh wheels|tests|kernels|serve|train|default-model" >&2
+        exit 2
+        ;;
+esac
