@@ -153,3 +153,23 @@ def test_summarize_and_tables():
     md = bench.table(bench.OFFLINE_HEADER, rows, markdown=True)
     assert md[0] == "| shape | batch | HF tok/s | Kiln tok/s | Kiln/HF | target | met |"
     assert md[2] == "| llama-1.1b | 1 | 66 | 1,000 | 15.15x | >= 10x | yes |"
+
+
+def test_gpu_session_script_refers_to_what_exists():
+    """bench/gpu_session.sh only runs on a lent GPU: check here that it parses, refuses an unknown
+    stage, and names files and flags that exist, so it does not rot between GPU sessions."""
+    import re
+
+    script = ROOT / "bench" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    proc = subprocess.run(["bash", str(script), "nonsense"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+    text = script.read_text()
+    paths = set(re.findall(r"\b((?:bench|tests|training/configs)/[\w./-]+\.(?:py|toml))", text))
+    assert len(paths) > 10
+    for path in paths:
+        assert (ROOT / path).is_file(), path
+    for call in re.findall(r"python3 (bench/\w+\.py)([^\n]*)", text):
+        source = (ROOT / call[0]).read_text()
+        for flag in re.findall(r"(--[a-z][\w-]*)", call[1]):
+            assert f'"{flag}"' in source, f"{call[0]} has no {flag} option"
