@@ -355,7 +355,9 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._pending)
+        """Requests waiting or running. A request with ids in flight is running until they are read
+        back; ids in flight for aborted requests are dropped by the next step, whenever it comes."""
+        return bool(self.waiting or self.running)
 
     @property
     def native_decode(self) -> bool:

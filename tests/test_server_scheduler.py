@@ -43,9 +43,11 @@ class CountingEngine:
         return getattr(self._engine, name)
 
 
-@pytest.fixture
-def engine(llama_dir):
-    return CountingEngine(load_engine(str(llama_dir), "cpu", None, max_batch_size=2), delay=0.01)
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def engine(llama_dir, request):
+    """Both ways the engine returns ids: at the end of each step, or one step late (CUDA's default)."""
+    return CountingEngine(load_engine(str(llama_dir), "cpu", None, max_batch_size=2,
+                                      async_scheduling=request.param), delay=0.01)
 
 
 def long_params(n: int = 50) -> SamplingParams:
