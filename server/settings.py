@@ -85,7 +85,7 @@ class ServerSettings:
                    num_kv_blocks=args.num_kv_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
                    enable_prefix_caching=not args.no_prefix_caching, max_prefill_tokens=args.max_prefill_tokens,
                    cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
-                   async_scheduling=False if args.no_async_scheduling else None,
+                   async_scheduling=args.async_scheduling,
                    max_body_bytes=args.max_body_bytes, threads=args.threads,
                    shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level)
 
@@ -151,9 +151,11 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
                         "compilation fails")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="CUDA: run every decode step eagerly instead of replaying captured graphs")
-    p.add_argument("--no-async-scheduling", action="store_true",
-                   help="CUDA: read each step's sampled ids back before queuing the next step (by default "
-                        "the next step is queued first, so host work overlaps the GPU's)")
+    p.add_argument("--async-scheduling", dest="async_scheduling", action="store_const", const=True, default=None,
+                   help="queue each decode step before reading the previous step's sampled ids back, so host "
+                        "work overlaps the device's (the default on CUDA; on the CPU nothing overlaps)")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const", const=False,
+                   help="read each step's sampled ids back before queuing the next step")
     p.add_argument("--max-body-bytes", type=_int_at_least(1024), default=8 * 1024 * 1024,
                    help="largest accepted request body; larger gets 413 (default: 8 MiB)")
     p.add_argument("--threads", type=_int_at_least(1), default=None,

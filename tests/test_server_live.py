@@ -108,11 +108,13 @@ def test_openai_sdk(parrot_server, parrot_dir):
 
 
 # ---- continuous batching ----------------------------------------------------------------
-@pytest.mark.parametrize("pool", ["roomy", "tiny"])
+@pytest.mark.parametrize("pool", ["roomy", "tiny", "tiny-async"])
 def test_concurrent_streams_equal_requests_alone(llama_dir, pool):
     """Continuous batching changes nothing in the text; nor does a KV pool so small (one 64-token
-    sequence of 4-token blocks for 4 running rows) that requests are preempted and recomputed."""
-    options = {"block_size": 4, "num_blocks": 17} if pool == "tiny" else {}
+    sequence of 4-token blocks for 4 running rows) that requests are preempted and recomputed,
+    nor reading the sampled ids back one step late (async scheduling, CUDA's default)."""
+    options = {"block_size": 4, "num_blocks": 17} if pool.startswith("tiny") else {}
+    options["async_scheduling"] = pool.endswith("async")
     engine = load_engine(str(llama_dir), "cpu", None, max_batch_size=4, **options)
     words = "The quick brown fox jumps over the lazy dog and then some more words appear".split()
     requests = [{"prompt": " ".join(words[: 1 + i % 9]), "max_tokens": 4 + 3 * i, "temperature": 0,
@@ -140,7 +142,7 @@ def test_concurrent_streams_equal_requests_alone(llama_dir, pool):
     assert not mismatched, [(alone[i], together[i]) for i in mismatched]
     assert len(set(alone)) > 8  # the requests really differ
     assert metrics["kiln_request_finish_total{finish_reason=length}"] == 32
-    assert (metrics.get("kiln_num_preemptions_total", 0) > 0) == (pool == "tiny")
+    assert (metrics.get("kiln_num_preemptions_total", 0) > 0) == pool.startswith("tiny")
     assert metrics["kiln_num_requests_running"] == 0 and metrics["kiln_kv_cache_usage_ratio"] == 0
 
 
@@ -235,6 +237,7 @@ def test_settings_from_flags(tmp_path):
            settings.async_scheduling)
     assert got == (32, 100, 0.5, False, 64, False, True, False)
     assert ServerSettings.from_args(build_parser().parse_args([])).async_scheduling is None  # auto: CUDA only
+    assert ServerSettings.from_args(build_parser().parse_args(["--async-scheduling"])).async_scheduling is True
     for bad in (["--port", "-1"], ["--max-batch-size", "0"], ["--device", "tpu"], ["--max-queue", "x"],
                 ["--kv-block-size", "0"], ["--num-kv-blocks", "1"], ["--gpu-memory-fraction", "1.5"],
                 ["--gpu-memory-fraction", "nan"], ["--max-prefill-tokens", "0"]):
