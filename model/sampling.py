@@ -115,7 +115,8 @@ def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None 
             noise.exponential_()
         else:
             if shared:
-                noise[to_device(shared, torch.int64, device)] = torch.empty(len(shared), V, device=device).exponential_()
+                rows = to_device(shared, torch.int64, device)
+                noise[rows] = torch.empty(len(shared), V, device=device).exponential_()
             for i, g in enumerate(params.generators):
                 if g is not None:
                     noise[i].exponential_(generator=g)
