@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -47,7 +46,7 @@ from .attention import resolve_backend
 from .cpu_packing import pack_linears
 from .cuda_graphs import GraphedDecode
 from .fast_decode import NATIVE_MAX_BATCH, DecodePlan
-from .kv_cache import KVCache, block_hashes
+from .kv_cache import KVCache, block_hashes, default_num_blocks
 from .requests import PENDING, Request, SamplingParams, StepOutput, TokenLogprob
 from .sampling import SamplingBatch, sample
 from .scoring import ScoreResult, ScoreTask, chunked_logprobs
@@ -88,36 +87,12 @@ def prefill_groups(lengths: list[int], max_padding: float = 0.5, max_tokens: int
 DEFAULT_BLOCK_SIZE = 16
 
 
-def default_num_blocks(config, device: torch.device, dtype: torch.dtype, block_size: int, max_seq_len: int,
-                       max_batch_size: int, gpu_memory_fraction: float, reserve_bytes: int) -> int:
-    """Pool size: on CUDA what fits in `gpu_memory_fraction` of the device after the weights and
-    `reserve_bytes` of activations; on the CPU two full-length sequences per batch row (room
-    for the prefix cache), capped at a fifth of the machine's memory."""
-    per_block = KVCache.bytes_per_block(config, block_size, dtype)
-    per_seq = -(-max_seq_len // block_size)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = free - (1.0 - gpu_memory_fraction) * total - reserve_bytes
-        blocks = int(budget // per_block)
-        if blocks < per_seq + 1:
-            raise ValueError(f"KV cache: {max(budget, 0) / 2**30:.2f} GiB left for {per_seq + 1} blocks of "
-                             f"{per_block / 2**20:.1f} MiB; raise --gpu-memory-fraction or lower --max-model-len")
-        return blocks
-    blocks = 2 * max_batch_size * per_seq + 1
-    try:
-        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        blocks = min(blocks, max(per_seq + 1, int(ram * 0.2 // per_block)))
-    except (ValueError, OSError, AttributeError):
-        pass
-    return blocks
-
-
 class Engine:
     """Continuous batching over a paged KV cache with prefix caching, chunked prefill and preemption.
 
     - max_batch_size: sequences running at once (decoded together).
     - block_size / num_blocks: the KV pool (num_blocks None: sized from memory, see
-      `default_num_blocks`); enable_prefix_caching: reuse the cached blocks of shared prefixes.
+      `kv_cache.default_num_blocks`); enable_prefix_caching: reuse the cached blocks of shared prefixes.
     - max_prefill_tokens: prompt tokens computed per step; longer prompts are prefilled in
       chunks between decode steps so running streams keep a steady pace.
     """

@@ -14,6 +14,8 @@ those blocks (reference-counted). A block whose last user is done keeps its hash
 in an LRU list: it is reused by a later hit, or evicted (oldest first) when the pool needs
 a free block.
 
+`default_num_blocks` sizes the pool from free GPU memory (or, on the CPU, from the batch).
+
 `CacheBatch` describes one forward over the cache: where each new token is written, the
 block table and lengths each row attends over, and the attention mask, built once per
 step and shared by every layer.
@@ -22,6 +24,7 @@ step and shared by every layer.
 from __future__ import annotations
 
 import heapq
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -176,6 +179,30 @@ class KVCache:
                 raise ValueError(f"positions {start}..{start + n - 1} do not fit the row's "
                                  f"{len(table)} blocks of {self.block_size} (max {self.max_seq_len} tokens)")
         return CacheBatch.build(tables, starts, num_new, self.block_size, self.max_seq_len, self.k.device, with_mask)
+
+
+def default_num_blocks(config: ModelConfig, device: torch.device, dtype: torch.dtype, block_size: int,
+                       max_seq_len: int, max_batch_size: int, gpu_memory_fraction: float, reserve_bytes: int) -> int:
+    """Pool size: on CUDA what fits in `gpu_memory_fraction` of the device after the weights and
+    `reserve_bytes` of activations; on the CPU two full-length sequences per batch row (room
+    for the prefix cache), capped at a fifth of the machine's memory."""
+    per_block = KVCache.bytes_per_block(config, block_size, dtype)
+    per_seq = -(-max_seq_len // block_size)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - (1.0 - gpu_memory_fraction) * total - reserve_bytes
+        blocks = int(budget // per_block)
+        if blocks < per_seq + 1:
+            raise ValueError(f"KV cache: {max(budget, 0) / 2**30:.2f} GiB left for {per_seq + 1} blocks of "
+                             f"{per_block / 2**20:.1f} MiB; raise --gpu-memory-fraction or lower --max-model-len")
+        return blocks
+    blocks = 2 * max_batch_size * per_seq + 1
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        blocks = min(blocks, max(per_seq + 1, int(ram * 0.2 // per_block)))
+    except (ValueError, OSError, AttributeError):
+        pass
+    return blocks
 
 
 @dataclass
