@@ -8,7 +8,8 @@
 # There, one stage per call (the device tool's `run`, carrying .whl), in this order:
 #   bash bench/gpu_session.sh tests     # GPU correctness: kernels, CUDA graphs, async scheduling
 #   bash bench/gpu_session.sh kernels   # attention, decode, softmax, cross-entropy vs PyTorch
-#   bash bench/gpu_session.sh serve     # serving: batch 1 vs roofline and HF, batches, online load
+#   bash bench/gpu_session.sh serve [SHAPE]  # serving: batch 1 vs roofline and HF, batches, online load
+#                                            (SHAPE gpt2-124m or llama-1.1b: one per call if both are slow)
 #   bash bench/gpu_session.sh train     # training MFU at the GPT-2 124M shape
 #   bash bench/gpu_session.sh default-model  # issue 7's GPU-trained default model (carry data/tokens)
 # Each stage writes its log (and markdown tables) to $OUT (default: ./gpu-results), and gives up
@@ -83,10 +84,16 @@ case "${1:-}" in
         stage kernels python3 bench/bench_cross_entropy.py --dtype bf16 --compile
         ;;
     serve)
+        # `serve SHAPE` gives one shape the whole stage (the 1.1B shape's HF baselines are slow)
         setup
-        STAGE_TIMEOUT=$((STAGE_TIMEOUT / 2))
-        stage serve python3 bench/serve_bench.py --shapes gpt2-124m --markdown --json "$OUT/serve-gpt2.json"
-        stage serve python3 bench/serve_bench.py --shapes llama-1.1b --markdown --json "$OUT/serve-llama.json"
+        shapes=("${2:-gpt2-124m}")
+        if [ -z "${2:-}" ]; then
+            shapes+=(llama-1.1b)
+            STAGE_TIMEOUT=$((STAGE_TIMEOUT / 2))
+        fi
+        for shape in "${shapes[@]}"; do
+            stage serve python3 bench/serve_bench.py --shapes "$shape" --markdown --json "$OUT/serve-$shape.json"
+        done
         ;;
     train)
         setup
