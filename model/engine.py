@@ -346,9 +346,11 @@ class Engine:
         prefill up to max_prefill_tokens prompt tokens (whole prompts or chunks), decode; then
         the outputs of the ids sampled (with async scheduling: of the ids sampled the step before)."""
         outputs: list[StepOutput] = []
-        if self._pending and self._must_preempt():
+        decoding = self._decoding()
+        if self._pending and self._must_preempt(decoding):
             outputs += self._resolve_pending()  # preempted sequences must know all their ids
-        launched, immediate = self._schedule()
+            decoding = self._decoding()  # without the requests that just finished
+        launched, immediate = self._schedule(decoding)
         outputs += self._resolve_pending()  # the previous step's ids, while the GPU runs this step
         outputs += immediate
         self._pending = launched  # empty unless async
@@ -363,19 +365,18 @@ class Engine:
         """Output id `index` is the request's last: max_tokens, or no position left to feed it back."""
         return index + 1 >= request.params.max_tokens or len(request.prompt_ids) + index >= self.max_seq_len
 
-    def _must_preempt(self) -> bool:
+    def _must_preempt(self, decoding: list[Request]) -> bool:
         """This step's decode needs more new blocks than the pool has free."""
-        need = sum(self.cache.blocks_needed(r.num_computed + 1) - len(r.blocks) for r in self._decoding())
+        need = sum(self.cache.blocks_needed(r.num_computed + 1) - len(r.blocks) for r in decoding)
         return need > self.pool.num_free
 
     def _resolve_pending(self) -> list[StepOutput]:
         pending, self._pending = self._pending, []
         return [out for sampled in pending for out in self._resolve(sampled)]
 
-    def _schedule(self) -> tuple[list[_Sampled], list[StepOutput]]:
-        """Queue this step's forwards and sampling; returns the sampled ids (not read back yet)
-        and the outputs that need no sampling (max_tokens 0)."""
-        decoding = self._decoding()
+    def _schedule(self, decoding: list[Request]) -> tuple[list[_Sampled], list[StepOutput]]:
+        """Queue this step's forwards and sampling (`decoding`: the sequences to decode); returns the
+        sampled ids (not read back yet) and the outputs that need no sampling (max_tokens 0)."""
         for r in list(decoding):
             if r.slot is None:  # preempted while growing an earlier one
                 continue
