@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -53,14 +54,19 @@ def load_engine(model_dir: str | None, device: str = "auto", dtype: str | None =
     return Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, **engine_options)
 
 
-def _non_negative_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
+def _int_in(low: int, high: int | None = None):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if high is not None and not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {n}")
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
+        return n
+
+    return parse
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -74,8 +80,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .engine import SamplingParams
 
-    if args.temperature < 0:
-        fail(f"--temperature must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        fail(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         fail(f"--top-p must be in (0, 1], got {args.top_p}")
     engine = load_engine(args.model, args.device, args.dtype)
@@ -95,15 +101,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_ppl(args: argparse.Namespace) -> None:
     if args.file == "-":
-        text = sys.stdin.read()
+        data = sys.stdin.buffer.read()  # bytes: sys.stdin would smuggle invalid UTF-8 in as surrogates
     else:
         path = Path(args.file)
         if not path.is_file():
             fail(f"no such file: {args.file}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            fail(f"{args.file} is not UTF-8 text ({e.reason} at byte {e.start})")
+        data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"{'stdin' if args.file == '-' else args.file} is not UTF-8 text ({e.reason} at byte {e.start})")
     engine = load_engine(args.model, args.device, args.dtype)
     ids = engine.encode_for_scoring(text)
     if len(ids) < 2:
@@ -138,11 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
     add_model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=_non_negative_int, default=64)
+    p.add_argument("--max-tokens", type=_int_in(0), default=64)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=_non_negative_int, default=0)
+    p.add_argument("--top-k", type=_int_in(0), default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_int_in(-(2**63), 2**64 - 1), default=None)  # what torch's manual_seed takes
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.set_defaults(func=cmd_generate)
 
@@ -150,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help='print {"perplexity", "mean_nll", "num_tokens"}')
-    p.add_argument("--stride", type=_non_negative_int, default=None,
+    p.add_argument("--stride", type=_int_in(1), default=None,
                    help="sliding-window stride for texts longer than the context (default: half the context)")
     p.set_defaults(func=cmd_ppl)
 

@@ -47,7 +47,7 @@ from .cpu_packing import pack_linears
 from .cuda_graphs import GraphedDecode
 from .fast_decode import NATIVE_MAX_BATCH, DecodePlan
 from .kv_cache import KVCache, block_hashes, default_num_blocks
-from .requests import PENDING, Request, SamplingParams, StepOutput, TokenLogprob
+from .requests import PENDING, InvalidRequest, Request, SamplingParams, StepOutput, TokenLogprob
 from .sampling import SamplingBatch, sample
 from .scoring import ScoreResult, ScoreTask, chunked_logprobs
 from .text_stream import TextStream
@@ -55,7 +55,7 @@ from .tokenizer import Tokenizer
 from .transfer import HostCopy, to_device, upload
 from .transformer import Transformer
 
-__all__ = ["Engine", "PENDING", "Request", "SamplingParams", "StepOutput", "TokenLogprob", "prefill_groups",
+__all__ = ["Engine", "InvalidRequest", "PENDING", "Request", "SamplingParams", "StepOutput", "TokenLogprob", "prefill_groups",
            "default_num_blocks"]
 
 @dataclass
@@ -184,10 +184,10 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
         params.validate()
         if not prompt_ids:
-            raise ValueError("the prompt is empty: at least one token is needed")
+            raise InvalidRequest("the prompt is empty: at least one token is needed", "prompt")
         bad = [i for i in prompt_ids if not 0 <= i < self.vocab_limit]
         if bad:
-            raise ValueError(f"token id {bad[0]} is out of range [0, {self.vocab_limit})")
+            raise InvalidRequest(f"token id {bad[0]} is out of range [0, {self.vocab_limit})", "prompt")
         # the last generated id is never fed back, so P prompt + M new ids need P + M - 1 cache positions
         if len(prompt_ids) > self.max_seq_len or len(prompt_ids) + params.max_tokens > self.max_seq_len + 1:
             raise ValueError(f"this model's maximum context length is {self.max_seq_len} tokens, but "

@@ -19,6 +19,14 @@ from .text_stream import TextStream
 PENDING = -1  # an output id sampled on the device but not yet read back
 
 
+class InvalidRequest(ValueError):
+    """A request the engine cannot take; ``param`` names the request field at fault, if one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16

@@ -69,7 +69,9 @@ def sampling_params(body: CompletionRequest) -> list[SamplingParams]:
             temperature=1.0 if body.temperature is None else body.temperature,
             top_k=0 if body.top_k in (None, -1) else body.top_k,
             top_p=1.0 if body.top_p is None else body.top_p,
-            seed=None if body.seed is None else body.seed + j,
+            # torch takes seeds modulo 2**64 (negative ones too): wrapping keeps every seed's samples the same
+            # and gives choice j of seed 2**64 - 1 a seed manual_seed accepts
+            seed=None if body.seed is None else (body.seed + j) % 2**64,
             stop=stop,
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
@@ -222,7 +224,7 @@ async def create_completion(body: CompletionRequest, request: Request, scheduler
             scheduler.abort(generation)
             raise
         if isinstance(first, (Rejected, Failed)):
-            raise APIError(first.status, first.message)
+            raise APIError(first.status, first.message, getattr(first, "param", None))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _stream_chunks(generation, scheduler, builders, completion_id, created, model_name,
                                 usage if include_usage else None)
@@ -234,7 +236,7 @@ async def create_completion(body: CompletionRequest, request: Request, scheduler
         first = await generation.queue.get()
         if isinstance(first, (Rejected, Failed)):
             live = 0
-            raise APIError(first.status, first.message)
+            raise APIError(first.status, first.message, getattr(first, "param", None))
         while live:
             item = await generation.queue.get()
             if isinstance(item, Failed):

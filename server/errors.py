@@ -91,25 +91,41 @@ UNION_FIELDS = {
 }
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(exc: RequestValidationError, content_type: str = "") -> tuple[str, str | None]:
+    errors = exc.errors()
+    # pydantic names union branches in the location ("str", "list[int]"...): keep field names and indexes
+    locs = [[str(x) for x in err.get("loc", ()) if x != "body"] for err in errors]
+    fields = [[x for x in loc if not any(c in x for c in "[]-") and x not in ("str", "int", "float", "bool")]
+              for loc in locs]
+    # a union field whose list branch had the right type but broke a bound (17 stop strings): say that,
+    # not what the field may be
+    bounded = {loc[0] for err, loc, field in zip(errors, locs, fields)
+               if len(field) < len(loc) and loc[0] in UNION_FIELDS and not err.get("type", "").endswith("_type")}
     parts, param = [], None
-    for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        # pydantic names union branches in the location ("str", "list[int]"...): keep field names and indexes
-        loc = [x for x in loc if not any(c in x for c in "[]-") and x not in ("str", "int", "float", "bool")]
+    for err, loc_with_branch, loc in zip(errors, locs, fields):
         if err.get("type") == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", "")
             parts.append(f"the request body is not valid JSON ({detail})" if detail
                          else "the request body is not valid JSON")
             continue
+        if not loc and err.get("type") == "missing":
+            parts.append("the request body is empty: send a JSON object")
+            continue
         if not loc and err.get("type") in ("model_attributes_type", "dict_type"):
-            parts.append("the request body must be a JSON object")
+            if content_type and "json" not in content_type:  # FastAPI reads JSON only when the header says so
+                parts.append("the request body must be a JSON object sent with Content-Type: application/json "
+                             f"(got {content_type!r})")
+            else:
+                parts.append("the request body must be a JSON object")
             continue
         if param is None and loc:
             param = loc[0]
-        if loc and loc[0] in UNION_FIELDS and err.get("type") != "missing":
-            parts.append(f"{loc[0]} must be {UNION_FIELDS[loc[0]]}")
-            continue
+        if loc and loc[0] in UNION_FIELDS and len(loc) < len(loc_with_branch) and err.get("type") != "missing":
+            if loc[0] not in bounded:
+                parts.append(f"{loc[0]} must be {UNION_FIELDS[loc[0]]}")
+                continue
+            if err.get("type", "").endswith("_type"):
+                continue  # a branch of the wrong type
         where = ".".join(loc)
         parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", "invalid"))
     unique = list(dict.fromkeys(parts))
@@ -125,7 +141,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONBody:
-        message, param = _validation_message(exc)
+        message, param = _validation_message(exc, request.headers.get("content-type", ""))
         return error_response(400, message, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)

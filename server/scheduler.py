@@ -61,6 +61,7 @@ class Rejected:
 
     message: str
     status: int = 400
+    param: str | None = None  # the request field at fault, when the engine names one
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,7 @@ class Scheduler:
             if isinstance(e, ValueError):
                 many = len(generation) > generation.n
                 where = f"prompt {len(requests) // generation.n}: " if many else ""
-                outbox.append((generation.queue, Rejected(where + str(e), 400)))
+                outbox.append((generation.queue, Rejected(where + str(e), 400, getattr(e, "param", None))))
             else:
                 log.exception("add_request failed")
                 outbox.append((generation.queue, Rejected(f"internal error: {type(e).__name__}: {e}", 500)))

@@ -78,8 +78,10 @@ class ServerSettings:
         name = args.served_model_name
         if name is None:
             name = DEFAULT_MODEL_NAME if args.model is None else Path(args.model).resolve().name
+        # an empty --api-key is refused (a `--api-key "$KEY"` with KEY unset), not read as "no key"
+        api_key = args.api_key if args.api_key is not None else os.environ.get("KILN_API_KEY") or None
         return cls(served_model_name=name, model_dir=args.model, host=args.host, port=args.port,
-                   api_key=args.api_key or os.environ.get("KILN_API_KEY") or None, device=args.device,
+                   api_key=api_key, device=args.device,
                    dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                    max_model_len=args.max_model_len, kv_block_size=args.kv_block_size,
                    num_kv_blocks=args.num_kv_blocks, gpu_memory_fraction=args.gpu_memory_fraction,

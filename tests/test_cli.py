@@ -46,7 +46,10 @@ def test_ppl_json_matches_the_engine(gpt2_dir, tmp_path):
 def test_bad_input_is_one_line_and_exit_2(gpt2_dir, tmp_path):
     cases = [
         (("generate", "--model", str(tmp_path / "missing"), "--prompt", "x"), "does not exist"),
-        (("generate", "--model", str(gpt2_dir), "--prompt", "x", "--temperature", "-1"), "--temperature must be >= 0"),
+        (("generate", "--model", str(gpt2_dir), "--prompt", "x", "--temperature", "-1"),
+         "--temperature must be a finite number >= 0, got -1.0"),
+        (("generate", "--model", str(gpt2_dir), "--prompt", "x", "--temperature", "inf"),
+         "--temperature must be a finite number >= 0, got inf"),
         (("ppl", "--model", str(gpt2_dir), str(tmp_path / "nofile.txt")), "no such file"),
     ]
     bad_type = tmp_path / "bert"
@@ -62,6 +65,23 @@ def test_bad_input_is_one_line_and_exit_2(gpt2_dir, tmp_path):
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_out_of_range_flags_and_binary_stdin_exit_2(gpt2_dir):
+    cases = [
+        (("generate", "--model", str(gpt2_dir), "--prompt", "x", "--seed", str(2**64)),
+         f"argument --seed: must be in [{-(2**63)}, {2**64 - 1}], got {2**64}"),
+        (("ppl", "--model", str(gpt2_dir), "--stride", "0", "-"), "argument --stride: must be >= 1, got 0"),
+    ]
+    for args, message in cases:
+        proc = kiln(*args, stdin="some text to score")
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.strip().splitlines()[-1].endswith(message) and "Traceback" not in proc.stderr, proc.stderr
+    # stdin is read as bytes, as a file is: invalid UTF-8 is refused, not scored as surrogates
+    proc = subprocess.run([sys.executable, "-m", "model.cli", "ppl", "--model", str(gpt2_dir), "-"],
+                          capture_output=True, input=b"caf\xe9 au lait", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.decode() == "kiln: error: stdin is not UTF-8 text (invalid continuation byte at byte 3)\n"
 
 
 def test_kiln_saved_model_dir_generates(gpt2_dir, tmp_path):

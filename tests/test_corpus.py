@@ -338,3 +338,14 @@ def test_main_offline_without_cache_skips_every_source(tmp_path, capsys):
     with pytest.raises(SystemExit):
         corpus.main(["build", "--out", str(tmp_path), "--sources", "nope"])
     assert "unknown source(s) nope; allowed: python-docs" in capsys.readouterr().err
+
+
+def test_main_out_that_cannot_be_a_directory_exits_2(tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("x")
+    for out, message in ((file, f"--out {file} exists and is not a directory"),
+                         (file / "sub", f"--out {file / 'sub'}: cannot create the directory (Not a directory)")):
+        with pytest.raises(SystemExit) as exc:
+            corpus.main(["build", "--out", str(out), "--offline"])
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"kiln corpus: error: {message}"

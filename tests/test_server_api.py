@@ -180,6 +180,16 @@ def test_same_seed_same_text_and_n_choices(client):
     assert both["usage"]["completion_tokens"] == 4 * 12
 
 
+def test_largest_seed_with_n_choices_wraps_like_torch(client):
+    # choice j is seeded seed + j; past 2**64 - 1 that wraps, as torch takes seeds modulo 2**64
+    body = {"prompt": "The quick", "max_tokens": 12, "temperature": 1.0, "ignore_eos": True}
+    r = client.post("/v1/completions", json={**body, "seed": 2**64 - 1, "n": 2})
+    assert r.status_code == 200, r.text
+    minus_one = client.post("/v1/completions", json={**body, "seed": -1}).json()["choices"][0]["text"]
+    zero = client.post("/v1/completions", json={**body, "seed": 0}).json()["choices"][0]["text"]
+    assert [c["text"] for c in r.json()["choices"]] == [minus_one, zero]
+
+
 def test_generation_logprobs(client, ref):
     ids = ref.tokenizer.encode(TEXTS[2])[:3]
     r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0, "logprobs": 3})
@@ -308,10 +318,11 @@ ERROR_CASES = [
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of", "best_of"),
     ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "seed", "seed"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes please"}, 400, "stream", "stream"),
-    ("/v1/completions", {"prompt": ""}, 400, None, "empty"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
-    ("/v1/completions", {"prompt": [[]]}, 400, None, "empty"),
-    ("/v1/completions", {"prompt": [1, 100000]}, 400, None, "100000"),
+    ("/v1/completions", {"prompt": [[]]}, 400, "prompt", "empty"),
+    ("/v1/completions", {"prompt": [1, 100000]}, 400, "prompt", "100000"),
+    ("/v1/completions", {"prompt": [1, 100000], "stream": True}, 400, "prompt", "100000"),
     ("/v1/completions", {"prompt": [7] * 70}, 400, None, "maximum context length is 64 tokens, but 70 prompt"),
     ("/v1/completions", {"prompt": [7], "max_tokens": 65}, 400, None, "1 prompt tokens + 65 max_tokens"),
     ("/v1/completions", {"prompt": ["a", "b"], "n": 20}, 400, "n", "at most 32"),
@@ -321,7 +332,8 @@ ERROR_CASES = [
     ("/v1/perplexity", {"input": "hi there", "stride": 1000}, 400, "stride", "stride must be in [1, 64]"),
     ("/v1/perplexity", {"input": "hi there", "model": "x"}, 404, "model", "'x'"),
     ("/v1/perplexity", {"input": [[1, 2], [3]]}, 400, "input", "input 1 has 1 token"),
-    ("/tokenize", {"prompt": 3}, 400, "prompt", "prompt"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["x"] * 17}, 400, "stop", "stop: List should have at most 16 items"),
+    ("/tokenize", {"prompt": 3}, 400, "prompt", "prompt: Input should be a valid string"),
     ("/detokenize", {"tokens": "abc"}, 400, "tokens", "tokens"),
 ]
 
@@ -342,6 +354,11 @@ def test_malformed_requests(client):
         r = client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
         assert r.status_code == 400, (content, r.text)
         assert r.json()["error"]["type"] == "invalid_request_error"
+    r = client.post("/v1/completions", content=b"", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "the request body is empty" in r.json()["error"]["message"], r.text
+    r = client.post("/v1/completions", content=b'{"prompt": "hi"}', headers={"content-type": "text/xml"})
+    assert r.status_code == 400, r.text
+    assert "sent with Content-Type: application/json (got 'text/xml')" in r.json()["error"]["message"]
     r = client.get("/v1/completions")
     assert r.status_code == 405 and "GET" in r.json()["error"]["message"]
     r = client.get("/v2/everything")

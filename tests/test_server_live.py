@@ -249,6 +249,20 @@ def test_settings_from_flags(tmp_path):
     assert e.value.code == 2
 
 
+def test_empty_api_key_flag_is_refused_not_dropped(tmp_path, monkeypatch, capsys):
+    # `--api-key "$KEY"` with KEY unset must not start a server that needs no key
+    monkeypatch.delenv("KILN_API_KEY", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["--api-key", "", "--model", str(tmp_path / "missing")])  # refused before the model is looked for
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "kiln serve: error: --api-key must not be empty\n"
+    monkeypatch.setenv("KILN_API_KEY", "from-env")
+    assert ServerSettings.from_args(build_parser().parse_args([])).api_key == "from-env"
+    assert ServerSettings.from_args(build_parser().parse_args(["--api-key", "k"])).api_key == "k"
+    monkeypatch.setenv("KILN_API_KEY", "")
+    assert ServerSettings.from_args(build_parser().parse_args([])).api_key is None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -163,6 +163,19 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags,expected", [
+    (["--vocab-size", "300", "--min-frequency", "-1"], "min frequency must be >= 0, got -1"),  # was an OverflowError
+    (["--vocab-size", str(2**31)], f"vocab size {2**31} is too large: at most {1 << 24}"),  # the trainer aborted
+])
+def test_cli_out_of_range_numbers_exit_2(tmp_path, capsys, flags, expected):
+    write_corpus(tmp_path / "c.txt", seed=5, n_lines=20)
+    with pytest.raises(SystemExit) as exc:
+        main(["--input", str(tmp_path / "c.txt"), *flags, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"kiln tokenizer train: error: {expected}\n"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 5, 1 << 20])
 def test_utf8_check_offsets_do_not_depend_on_chunking(tmp_path, monkeypatch, chunk):
     import training.tokenizer_train as tokenizer_train

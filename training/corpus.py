@@ -534,6 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         specs = tuple(known[n] for n in args.sources)
     if not 0.0 <= args.val_fraction < 1.0:
         parser.error(f"--val-fraction {args.val_fraction} must be in [0, 1)")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a directory")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {args.out}: cannot create the directory ({e.strerror})")
     manifest = build_corpus(args.out, specs, seed=args.seed, val_fraction=args.val_fraction,
                             offline=args.offline)
     for name, entry in manifest["sources"].items():

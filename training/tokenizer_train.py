@@ -30,6 +30,9 @@ KILN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
 _UTF8_CHECK_CHUNK = 1 << 20
 _SELF_CHECK_CHARS = 200_000  # corpus text encoded by both HF and Kiln after training; ids must agree
+# 64x the largest vocabularies in use; the HF trainer reserves ~66 bytes per id up front and aborts the
+# process (no exception) when that fails: 2**31 ids asked it for 141 GB
+MAX_VOCAB_SIZE = 1 << 24
 
 
 def check_inputs(input_files: Sequence[str | Path], vocab_size: int, special_tokens: Sequence[str]) -> list[Path]:
@@ -42,6 +45,8 @@ def check_inputs(input_files: Sequence[str | Path], vocab_size: int, special_tok
     if vocab_size < minimum:
         raise ValueError(f"vocab size {vocab_size} is too small: need at least 256 byte tokens + "
                          f"{len(special_tokens)} special token(s) = {minimum}")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(f"vocab size {vocab_size} is too large: at most {MAX_VOCAB_SIZE}")
     paths = [Path(f) for f in input_files]
     for path in paths:
         if not path.exists():
@@ -116,6 +121,8 @@ def train_tokenizer(input_files: Sequence[str | Path], vocab_size: int, out_dir:
     if not special_tokens:
         raise ValueError("at least one special token (the EOS token) is required")
     files = check_inputs(input_files, vocab_size, special_tokens)
+    if min_frequency < 0:
+        raise ValueError(f"min frequency must be >= 0, got {min_frequency}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a directory")
