@@ -12,7 +12,7 @@ Owns three things every kernel file needs:
   triton fixes its mode at import);
 * ``jit_kernel``: jit a kernel function when it is first needed, autotuned over a
   list of configs on a GPU, or pinned to one config under the interpreter (which
-  cannot autotune over several). It binds ``tl`` (``triton.language``) into the
+  cannot autotune over several); ``jit_helpers`` jits the helpers kernels call. It binds ``tl`` (``triton.language``) into the
   kernel module's globals, where the kernel bodies look it up; kernel modules use
   ``from __future__ import annotations`` so ``tl.constexpr`` annotations stay strings
   until then. Kernel modules cache the jitted objects with ``functools.cache``, so
@@ -145,6 +145,22 @@ def jit_kernel(
     prune_by = {"early_config_prune": prune} if prune is not None else None
     tuned = triton.autotune(configs=list(gpu_configs), key=list(key), prune_configs_by=prune_by)(kernel)
     return TritonKernel(tuned)
+
+
+def jit_helpers(module: Any, names: Sequence[str]) -> None:
+    """Replace the plain functions ``names`` of a kernel module by their ``triton.jit`` versions.
+
+    Kernels call helpers by global name, and Triton compiles (and inlines) a call only to
+    a jitted function; under the interpreter the jitted helper runs as Python. Safe to
+    call again: the original function is re-jitted, not the jitted one.
+    """
+    import triton
+    import triton.language
+
+    vars(module).setdefault("tl", triton.language)
+    for name in names:
+        fn = getattr(module, name)
+        setattr(module, name, triton.jit(getattr(fn, "fn", fn)))
 
 
 def check_tensor(name: str, x: Any, ndim: int, dtypes: Sequence[torch.dtype] | None = None) -> None:

@@ -28,6 +28,8 @@ scheduled heaviest-first. Head dims: powers of two 16..256. The forward stores t
 row log-sum-exp; the backward runs a dK/dV kernel (one program per key block and kv
 head, looping over the query heads of its group, so GQA reduces dK/dV in registers)
 and a dQ kernel. Dense and varlen share the kernels (``VARLEN`` constexpr switch).
+The Triton code is in ``kernels/attention_triton.py``; this module holds the API, the
+references, the launchers and the autotune configs.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from types import SimpleNamespace
 
 import torch
 
-from kernels import attention_backward as backward_kernels
+from kernels import attention_triton
 from kernels._utils import (
     FLOAT_DTYPES,
     LOG2E,
@@ -48,6 +50,7 @@ from kernels._utils import (
     check_triton_device,
     config,
     interpreting,
+    jit_helpers,
     jit_kernel,
     next_power_of_2,
     triton_available,
@@ -335,110 +338,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# ----------------------------------------------------------------------------- kernels
-# `tl` (triton.language) is bound into this module by `jit_kernel` when the kernels
-# are first built; importing this module never imports triton.
-# Index conventions: programs own (block, batch * heads). Dense tensors are addressed as
-# (batch, head, token, dim) through four strides; packed (varlen) tensors use batch
-# stride 0 and start at token cu_seqlens[b]. LSE / delta are (B, H, T) dense or
-# (H, total_q) packed, addressed as b * stride_lb + h * stride_lh + token.
-
-
-def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, CuSeqlensQ, CuSeqlensK,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_ob, stride_oh, stride_ot, stride_od,
-    stride_lb, stride_lh,
-    seqlen_q, seqlen_k, n_heads, group_size, qk_scale,
-    SEQ_BUCKET_Q, SEQ_BUCKET_K,  # autotune keys only
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
-    off_hk = off_h // group_size  # GQA: the kv head this query head reads
-    if VARLEN:
-        q_start = tl.load(CuSeqlensQ + off_b).to(tl.int64)
-        seqlen_q = (tl.load(CuSeqlensQ + off_b + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CuSeqlensK + off_b).to(tl.int64)
-        seqlen_k = (tl.load(CuSeqlensK + off_b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
-    if CAUSAL:  # the last query blocks see the most keys: schedule them first
-        start_m = tl.num_programs(0) - 1 - start_m
-    if start_m * BLOCK_M >= seqlen_q:
-        return
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qt
-    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kt
-    v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vt
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=offs_m[:, None] < seqlen_q, other=0.0)  # (BLOCK_M, D)
-
-    # Running max starts finite so a fully masked block gives exp2(-inf) = 0, not NaN.
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # row max of scores * qk_scale
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # row sum of exp2
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    shift = seqlen_k - seqlen_q  # query i sits at key position i + shift (bottom-right causal)
-    if CAUSAL:
-        # Keys below mask_lo are visible to every row of this block; [mask_lo, hi) is the diagonal.
-        mask_lo = tl.maximum(start_m * BLOCK_M + shift, 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(seqlen_k, start_m * BLOCK_M + BLOCK_M + shift)
-    else:
-        mask_lo = seqlen_k // BLOCK_N * BLOCK_N  # only the last partial block needs a mask
-        hi = seqlen_k
-
-    for stage in tl.static_range(2):  # 0: unmasked key blocks, 1: masked key blocks
-        if stage == 0:
-            lo_s = 0
-            hi_s = mask_lo
-        else:
-            lo_s = mask_lo
-            hi_s = hi
-        for start_n in range(lo_s, hi_s, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            cols = start_n + offs_n
-            k_ptrs = k_base + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd
-            v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd
-            if stage == 0:
-                k = tl.load(k_ptrs)  # (BLOCK_N, D)
-                v = tl.load(v_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
-                v = tl.load(v_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            if stage == 1:
-                keep = cols[None, :] < seqlen_k
-                if CAUSAL:
-                    keep = keep & (cols[None, :] <= offs_m[:, None] + shift)
-                qk = tl.where(keep, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-            m_i = m_new
-
-    no_keys = l_i == 0.0
-    acc = acc / tl.where(no_keys, 1.0, l_i)[:, None]
-    # LSE in log2 units; +inf for rows that saw no key, so the backward's exp2(s - lse) is 0.
-    lse = tl.where(no_keys, float("inf"), m_i + tl.log2(tl.where(no_keys, 1.0, l_i)))
-    row_ok = offs_m < seqlen_q
-    tl.store(Lse + off_b * stride_lb + off_h * stride_lh + q_start + offs_m, lse, mask=row_ok)
-    o_base = Out + off_b * stride_ob + off_h * stride_oh + q_start * stride_ot
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-             acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
-
-
 # ----------------------------------------------------------------------------- configs
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim) for H100. The head-dim
 # limits come from compiling each config for sm_90 and keeping those that do not
@@ -484,22 +383,24 @@ def _pruner(table):
 def _kernels(interpret: bool) -> SimpleNamespace:
     """Jit the attention kernels once per process and mode (compiled vs interpreted)."""
     del interpret  # cache key only: jit_kernel reads the mode itself
+    jit_helpers(attention_triton, attention_triton.HELPERS)
     key = ["SEQ_BUCKET_Q", "SEQ_BUCKET_K", "HEAD_DIM", "CAUSAL", "VARLEN", "group_size"]
     # Interpreter tiles differ between M and N so tiny tests cross unaligned block edges.
     return SimpleNamespace(
         forward=jit_kernel(
-            _attn_fwd_kernel, _configs(_FWD_CONFIGS), config(BLOCK_M=32, BLOCK_N=16), key, _pruner(_FWD_CONFIGS)
+            attention_triton.attn_fwd_kernel, _configs(_FWD_CONFIGS), config(BLOCK_M=32, BLOCK_N=16), key,
+            _pruner(_FWD_CONFIGS),
         ),
         preprocess=jit_kernel(
-            backward_kernels.attn_bwd_preprocess_kernel, [config(BLOCK_M=32, num_warps=8)], config(BLOCK_M=32),
+            attention_triton.attn_bwd_preprocess_kernel, [config(BLOCK_M=32, num_warps=8)], config(BLOCK_M=32),
             key=["HEAD_DIM"],
         ),
         dkdv=jit_kernel(
-            backward_kernels.attn_bwd_dkdv_kernel, _configs(_DKDV_CONFIGS), config(BLOCK_M=16, BLOCK_N=32), key,
+            attention_triton.attn_bwd_dkdv_kernel, _configs(_DKDV_CONFIGS), config(BLOCK_M=16, BLOCK_N=32), key,
             _pruner(_DKDV_CONFIGS),
         ),
         dq=jit_kernel(
-            backward_kernels.attn_bwd_dq_kernel, _configs(_DQ_CONFIGS), config(BLOCK_M=32, BLOCK_N=16), key,
+            attention_triton.attn_bwd_dq_kernel, _configs(_DQ_CONFIGS), config(BLOCK_M=32, BLOCK_N=16), key,
             _pruner(_DQ_CONFIGS),
         ),
     )

@@ -24,7 +24,7 @@ SCRIPT = ROOT / "bench" / "compile_check.py"
 KERNELS = {
     "_softmax_row_kernel", "_softmax_chunk_stats_kernel", "_softmax_chunk_normalize_kernel",
     "_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel",
-    "_attn_fwd_kernel", "attn_bwd_preprocess_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel",
+    "attn_fwd_kernel", "attn_bwd_preprocess_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel",
     "_decode_split_kernel", "_decode_merge_kernel",
 }
 H100_SHARED = 232448
