@@ -112,7 +112,11 @@ class Engine:
         self.config = model.config
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
-        self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
+        if max_seq_len is not None and not 2 <= max_seq_len <= self.config.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} is out of range: this model's context length is "
+                             f"{self.config.max_seq_len} tokens (max_seq_len in its config.json); allowed: 2.."
+                             f"{self.config.max_seq_len}")
+        self.max_seq_len = max_seq_len or self.config.max_seq_len
         self.max_batch_size = max_batch_size
         if max_prefill_tokens is None:
             max_prefill_tokens = 2048 if self.device.type == "cuda" else 512

@@ -155,6 +155,16 @@ def test_bad_requests_are_rejected_with_clear_messages(llama_dir):
     assert not engine.has_work
 
 
+def test_context_cap_beyond_the_model_is_refused_not_clipped(llama_dir):
+    # like vLLM's --max-model-len check: a larger cap than the model's context is an error
+    engine = load_engine(str(llama_dir), "cpu", max_seq_len=40)
+    assert engine.max_seq_len == 40
+    for bad in (65, 100_000, 1):
+        with pytest.raises(ValueError, match=rf"max_seq_len {bad} is out of range: .*context length is 64 tokens"):
+            Engine(engine.model, engine.tokenizer, max_seq_len=bad)
+    assert Engine(engine.model, engine.tokenizer, max_seq_len=64).max_seq_len == 64
+
+
 def test_prefill_groups_keep_padding_bounded():
     from model.engine import prefill_groups
 

@@ -100,7 +100,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which
-        raise CheckpointNotFound(f"{path} is not a readable Kiln training checkpoint: {e}") from None
+        # torch's unpickler fails on a non-checkpoint with bare errors such as KeyError('105'): name the type
+        reason = str(e) if len(str(e)) > 8 else f"{type(e).__name__}: {e}"
+        raise CheckpointNotFound(f"{path} is not a readable Kiln training checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointNotFound(f"{path}: format {found!r}, expected {CHECKPOINT_FORMAT!r}")
