@@ -174,8 +174,12 @@ def compile_only(
     def getitem(self: utils.TritonKernel, grid: Any) -> Callable[..., None]:
         def run(*args: Any, **kwargs: Any) -> None:
             kwargs = {**dict(self.fixed_meta), **kwargs}
-            if not isinstance(self.fn, Autotuner):
-                warm(self.fn, grid, args, kwargs, kwargs)
+            limit = _SHARED_LIMIT.get(report.arch, 232448)
+            if not isinstance(self.fn, Autotuner):  # one config: it must fit
+                kernel = warm(self.fn, grid, args, kwargs, kwargs)
+                if int(kernel.metadata.shared) > limit:
+                    report.errors.append(f"{launch[0]}: {kernel.metadata.name} needs {kernel.metadata.shared} B "
+                                         f"of shared memory (sm_{report.arch} has {limit})")
                 return
             tuner = self.fn
             tuner.nargs = dict(zip(tuner.arg_names, args))
@@ -183,7 +187,6 @@ def compile_only(
                 configs = tuner.prune_configs(kwargs)
             finally:
                 tuner.nargs = None
-            limit = _SHARED_LIMIT.get(report.arch, 232448)
             fitting = 0
             for cfg in configs[:max_configs]:
                 meta = cfg.all_kwargs()
