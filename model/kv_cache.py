@@ -263,7 +263,6 @@ class CacheBatch:
                       block_size: int, device: torch.device, with_mask: bool) -> "CacheBatch":
         """One new token per row (a decode step): the same fields from plain lists, in a few tensor
         calls, since at batch 1 on a CPU building the batch costs as much as a small matmul."""
-        B = len(tables)
         index = torch.tensor([[[s] for s in starts],
                               [[table[s // block_size]] for table, s in zip(tables, starts)],
                               [[s % block_size] for s in starts]], dtype=torch.int64)  # (3, B, 1)
