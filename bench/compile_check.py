@@ -199,7 +199,9 @@ def compile_only(
                         "the autotuner skips it"
                     )
             if fitting == 0:
-                report.errors.append(f"{launch[0]}: no config of {tuner.fn.__name__} fits sm_{report.arch} shared memory")
+                report.errors.append(
+                    f"{launch[0]}: no config of {tuner.fn.__name__} fits sm_{report.arch} shared memory"
+                )
 
         return run
 
@@ -309,7 +311,8 @@ def _decode_launches(quick: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
                     lengths = torch.full((b,), n, dtype=torch.int32)
                     decode_attention(torch.zeros(b, h, d, dtype=dtype), k_cache, k_cache, table, lengths)
 
-                yield f"decode_attention {str(dtype)[6:]} B={batch} L={cached} H={n_heads}/{n_kv_heads} D={head_dim}", run
+                shape = f"B={batch} L={cached} H={n_heads}/{n_kv_heads} D={head_dim}"
+                yield f"decode_attention {str(dtype)[6:]} {shape}", run
 
 
 LAUNCHES = {

@@ -12,11 +12,11 @@ Owns three things every kernel file needs:
   triton fixes its mode at import);
 * ``jit_kernel``: jit a kernel function when it is first needed, autotuned over a
   list of configs on a GPU, or pinned to one config under the interpreter (which
-  cannot autotune over several); ``jit_helpers`` jits the helpers kernels call. It binds ``tl`` (``triton.language``) into the
-  kernel module's globals, where the kernel bodies look it up; kernel modules use
-  ``from __future__ import annotations`` so ``tl.constexpr`` annotations stay strings
-  until then. Kernel modules cache the jitted objects with ``functools.cache``, so
-  each kernel compiles once per process.
+  cannot autotune over several); ``jit_helpers`` jits the helpers kernels call. It
+  binds ``tl`` (``triton.language``) into the kernel module's globals, where the
+  kernel bodies look it up; kernel modules use ``from __future__ import annotations``
+  so ``tl.constexpr`` annotations stay strings until then. Kernel modules cache the
+  jitted objects with ``functools.cache``, so each kernel compiles once per process.
 """
 
 from __future__ import annotations

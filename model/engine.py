@@ -55,8 +55,8 @@ from .tokenizer import Tokenizer
 from .transfer import HostCopy, to_device, upload
 from .transformer import Transformer
 
-__all__ = ["Engine", "InvalidRequest", "PENDING", "Request", "SamplingParams", "StepOutput", "TokenLogprob", "prefill_groups",
-           "default_num_blocks"]
+__all__ = ["Engine", "InvalidRequest", "PENDING", "Request", "SamplingParams", "StepOutput", "TokenLogprob",
+           "prefill_groups", "default_num_blocks"]
 
 @dataclass
 class _Sampled:
