@@ -339,10 +339,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim) for H100. The head-dim
-# limits drop the configs that spill registers heavily (dK/dV accumulators make the dkdv
-# kernel the tightest). `python bench/compile_check.py` compiles them all for sm_90: in
-# 16-bit every config fits in shared memory, and spills are rare and small (at most 240 B
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim) for H100, 16-bit inputs. The
+# head-dim limits drop the configs that spill registers heavily (dK/dV accumulators make
+# the dkdv kernel the tightest). `python bench/compile_check.py` compiles them all for
+# sm_90: every config fits in shared memory, and spills are rare and small (at most 240 B
 # per thread with triton 3.6, mostly dkdv; bench/RESULTS.md). The autotuner's timings
 # decide among the configs that are left.
 _FWD_CONFIGS = (
@@ -359,22 +359,42 @@ _DQ_CONFIGS = (
     (64, 64, 4, 3, 128), (128, 32, 8, 2, 256), (64, 32, 8, 2, 256), (64, 16, 4, 2, 256),
     (32, 32, 4, 3, 256),
 )
+# fp32 inputs: exact fp32 dots (no tensor cores) and twice the bytes per tile, so the
+# 16-bit tiles spill kilobytes per thread (every forward config at D=128). These smaller
+# tiles were picked from a compile sweep of 48 shapes per kernel at D=64 and D=128
+# (sm_90, triton 3.6) as the ones that do not spill; D=256 keeps only the smallest tile.
+# Rechecked at every head dim: at most 280 B spill, except three single-stage dkdv
+# tiles at D=32 (up to 1.6 KB; none at D=64), bench/RESULTS.md.
+_FWD_CONFIGS_FP32 = (
+    (64, 32, 8, 2, 64), (64, 16, 4, 2, 64), (32, 32, 4, 2, 64), (32, 64, 8, 2, 128), (16, 64, 4, 2, 128),
+    (32, 16, 4, 3, 128), (16, 16, 4, 2, 256),
+)
+_DKDV_CONFIGS_FP32 = (
+    (64, 64, 8, 1, 64), (64, 32, 4, 1, 64), (32, 64, 4, 1, 64), (32, 16, 4, 2, 128), (16, 32, 4, 1, 128),
+    (16, 16, 4, 3, 256),
+)
+_DQ_CONFIGS_FP32 = (
+    (64, 32, 8, 2, 128), (64, 16, 4, 2, 128), (32, 64, 8, 2, 128), (32, 32, 4, 3, 128), (32, 16, 4, 3, 128),
+    (16, 64, 4, 2, 128), (16, 16, 4, 2, 256),
+)
 
 
-def _configs(table) -> list:
-    return [config(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s, _ in table]
+def _configs(*tables) -> list:
+    shapes = dict.fromkeys((m, n, w, s) for table in tables for m, n, w, s, _ in table)  # ordered, no repeats
+    return [config(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _pruner(table):
-    """Config filter for one kernel: head-dim limit from ``table``, tiles no longer than the sequences."""
-    max_head_dim = {(m, n, w, s): d for m, n, w, s, d in table}
+def _pruner(table, fp32_table):
+    """Config filter for one kernel: the dtype's table and its head-dim limits, tiles no longer than the sequences."""
+    limits = {dtype: {(m, n, w, s): d for m, n, w, s, d in t} for dtype, t in (("16", table), ("32", fp32_table))}
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         head_dim, bucket_q, bucket_k = args["HEAD_DIM"], args["SEQ_BUCKET_Q"], args["SEQ_BUCKET_K"]
+        max_head_dim = limits["32" if args["Q"].dtype == torch.float32 else "16"]
         fits = [
             c for c in configs
-            if head_dim <= max_head_dim[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)]
+            if head_dim <= max_head_dim.get((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), 0)
         ]
         short = [c for c in fits if c.kwargs["BLOCK_M"] <= bucket_q and c.kwargs["BLOCK_N"] <= bucket_k]
         return short or [min(fits, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
@@ -391,19 +411,19 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     # Interpreter tiles differ between M and N so tiny tests cross unaligned block edges.
     return SimpleNamespace(
         forward=jit_kernel(
-            attention_triton.attn_fwd_kernel, _configs(_FWD_CONFIGS), config(BLOCK_M=32, BLOCK_N=16), key,
-            _pruner(_FWD_CONFIGS),
+            attention_triton.attn_fwd_kernel, _configs(_FWD_CONFIGS, _FWD_CONFIGS_FP32),
+            config(BLOCK_M=32, BLOCK_N=16), key, _pruner(_FWD_CONFIGS, _FWD_CONFIGS_FP32),
         ),
         preprocess=jit_kernel(
             attention_triton.attn_bwd_preprocess_kernel, [config(BLOCK_M=32, num_warps=8)], config(BLOCK_M=32),
             key=["HEAD_DIM"],
         ),
         dkdv=jit_kernel(
-            attention_triton.attn_bwd_dkdv_kernel, _configs(_DKDV_CONFIGS), config(BLOCK_M=16, BLOCK_N=32), key,
-            _pruner(_DKDV_CONFIGS),
+            attention_triton.attn_bwd_dkdv_kernel, _configs(_DKDV_CONFIGS, _DKDV_CONFIGS_FP32),
+            config(BLOCK_M=16, BLOCK_N=32), key, _pruner(_DKDV_CONFIGS, _DKDV_CONFIGS_FP32),
         ),
         dq=jit_kernel(
-            attention_triton.attn_bwd_dq_kernel, _configs(_DQ_CONFIGS), config(BLOCK_M=32, BLOCK_N=16), key,
-            _pruner(_DQ_CONFIGS),
+            attention_triton.attn_bwd_dq_kernel, _configs(_DQ_CONFIGS, _DQ_CONFIGS_FP32),
+            config(BLOCK_M=32, BLOCK_N=16), key, _pruner(_DQ_CONFIGS, _DQ_CONFIGS_FP32),
         ),
     )

@@ -248,6 +248,31 @@ def _err_vs_fp64(out, ref64):
     return (out.double() - ref64).abs().max().item()
 
 
+@pytest.mark.skipif(not _utils.triton_importable(), reason="needs triton (configs are triton.Config objects)")
+@pytest.mark.parametrize("name", ["FWD", "DKDV", "DQ"])
+def test_config_pruning_follows_the_input_dtype(name):
+    # fp32 inputs get the fp32 table (small tiles that do not spill), 16-bit ones the tensor-core
+    # table, and every head dim keeps a config, at long and at short sequences
+    table, fp32_table = getattr(attn, f"_{name}_CONFIGS"), getattr(attn, f"_{name}_CONFIGS_FP32")
+    configs, prune = attn._configs(table, fp32_table), attn._pruner(table, fp32_table)
+    assert len(configs) == len({(m, n, w, s) for m, n, w, s, _ in table + fp32_table})
+
+    def shape(c):
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+    for dtype, own in ((torch.float32, fp32_table), (torch.bfloat16, table), (torch.float16, table)):
+        limits = {(m, n, w, s): d for m, n, w, s, d in own}
+        q = torch.empty(0, dtype=dtype)
+        for head_dim in (16, 32, 64, 128, 256):
+            for bucket in (16, 1024):
+                kept = prune(configs, {"Q": q, "HEAD_DIM": head_dim, "SEQ_BUCKET_Q": bucket, "SEQ_BUCKET_K": bucket})
+                assert kept, (dtype, head_dim, bucket)
+                for c in kept:
+                    assert head_dim <= limits.get(shape(c), 0), (dtype, head_dim, shape(c))
+        long = prune(configs, {"Q": q, "HEAD_DIM": 64, "SEQ_BUCKET_Q": 1024, "SEQ_BUCKET_K": 1024})
+        assert {shape(c) for c in long} == {k for k, d in limits.items() if d >= 64}
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
