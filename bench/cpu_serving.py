@@ -3,10 +3,11 @@
     python bench/cpu_serving.py [--threads N] [--model DIR | --also-default] [--tokenizer DIR]
                                 [--kiln-args "--compile"] [--markdown] [--json FILE] [--quick] [--tiny]
 
-One process, one sitting. By default it builds a random-init `LlamaForCausalLM` of the default
-model's shape (hidden 192, 4 layers, 6 heads over 2 kv heads, MLP 512, vocab 8192, tied
-embeddings, context 512, seeded) with `save_pretrained` into a temp dir, with a tokenizer copied
-from the shipped default model (or `--tokenizer DIR`, or one trained on generated text). Then:
+One process, one sitting. By default it builds a random-init `LlamaForCausalLM` of the 3.1M
+shape the default model had until 2026-11-26, kept so runs stay comparable (hidden 192, 4
+layers, 6 heads over 2 kv heads, MLP 512, vocab 8192, tied embeddings, context 512, seeded) with
+`save_pretrained` into a temp dir, with a tokenizer copied from the shipped default model (or
+`--tokenizer DIR`, or one trained on generated text). Then:
 
 - HF (fp32, no torch.compile, `--hf-attn` sdpa by default, torch threads = --threads): greedy
   `generate` at batch 1 and batch 8 (16-token prompts + 128 new tokens, `min_new_tokens` so EOS

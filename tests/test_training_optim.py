@@ -74,8 +74,9 @@ def test_shipped_configs_load_and_build():
     assert abs(model.num_params() - 124.4e6) < 0.1e6
     assert gpt2.grad_accum(1) == 16 and gpt2.grad_accum(8) == 2
     default = load_config(CONFIGS / "default.toml")
-    model = default.model.build(8192, default.seq_len)
-    assert 3.0e6 < model.num_params() < 3.3e6  # the shipped model/default shape
+    model = default.model.build(8192, default.seq_len, eos_id=8191)
+    shipped = ModelConfig.load(CONFIGS.parents[1] / "model" / "default" / "config.json")
+    assert model == shipped, (model, shipped)  # the recipe builds the shape that ships
     gpu = load_config(CONFIGS / "default-gpu.toml")
     model = gpu.model.build(8192, gpu.seq_len)
     assert 20e6 < model.num_params() < 30e6 and model.max_seq_len == 1024 and model.n_kv_head == 2
