@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.cli import default_model_dir
 from model.config import ModelConfig
 from model.transformer import Transformer
 from training.config import ConfigError, ModelShape, TrainConfig, load_config
@@ -75,7 +76,7 @@ def test_shipped_configs_load_and_build():
     assert gpt2.grad_accum(1) == 16 and gpt2.grad_accum(8) == 2
     default = load_config(CONFIGS / "default.toml")
     model = default.model.build(8192, default.seq_len, eos_id=8191)
-    shipped = ModelConfig.load(CONFIGS.parents[1] / "model" / "default" / "config.json")
+    shipped = ModelConfig.load(default_model_dir() / "config.json")
     assert model == shipped, (model, shipped)  # the recipe builds the shape that ships
     gpu = load_config(CONFIGS / "default-gpu.toml")
     model = gpu.model.build(8192, gpu.seq_len)
