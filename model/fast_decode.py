@@ -16,8 +16,9 @@ the overhead:
   (`paged_decode_attention`).
 
 Two ways to run `_body` faster, both optional and both checked against it by the tests:
-- `enable_native(module)`: the whole step as one C++ call (model/native), for folded fp32
-  plans and batches up to NATIVE_MAX_BATCH (larger ones run `_body`, whose GEMMs win there);
+- `enable_native(module)`: the whole step as one C++ call (model/native), for small fp32
+  models and batches up to NATIVE_MAX_BATCH (larger ones run `_body`, whose GEMMs win there);
+  it reads its own packed copy of the unfolded matrices, in bf16 when that is exact;
 - `compile(cache, max_batch_size)`: `_body` through torch.compile (inductor, C++ wrapper),
   one static graph per batch bucket, the attention a custom op so the cache writes stay in
   place (`kiln serve --compile`).
@@ -107,6 +108,7 @@ class DecodePlan:
         self._compiled = None  # the step compiled per batch bucket (compile())
         self._native = None  # the native C++ step (model/native), when enabled
         self._native_args: tuple | None = None
+        self.native_dtype: torch.dtype | None = None  # the native step's packed matrices: fp32 or bf16
         self._buckets: list[int] = []
         self._static: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -147,27 +149,43 @@ class DecodePlan:
 
     # ---- the native C++ step ------------------------------------------------------------------
     def supports_native(self) -> bool:
-        """The native step takes folded fp32 weights (it applies no norm gains itself)."""
+        """The native step covers small (folded-size) fp32 CPU models."""
         return self.folded and self.model.embed.weight.dtype == torch.float32
 
     def enable_native(self, module) -> None:
-        """Run decode steps through `module.decode_step` (model/native) from now on."""
+        """Run decode steps through `module.decode_step` (model/native) from now on.
+
+        The step gets the model's own matrices, packed in tiles, and applies the norm gains
+        itself; the matrices are packed as bf16 when every one of them is exactly a bf16 number
+        (weights shipped in bf16, loaded as fp32), which halves the bytes a step reads and
+        changes no result."""
         if not self.supports_native():
-            raise ValueError("the native decode step needs a folded fp32 plan")
+            raise ValueError("the native decode step covers small fp32 models (folded-size plans)")
         model = self.model
+        blocks = list(model.blocks)
+        matrices = [m.weight for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
+        dtype = torch.bfloat16 if all(_exactly_bf16(w) for w in [*matrices, model.lm_head.weight]) else torch.float32
 
         def opt(t: torch.Tensor | None) -> torch.Tensor:
             return torch.empty(0) if t is None else t.detach().float().contiguous()
 
-        weights = []
-        for layer in self.layers:
-            weights += [pack_tiles(layer.qkv_w), opt(layer.qkv_b), pack_tiles(layer.proj_w), opt(layer.proj_b),
-                        pack_tiles(layer.up_w), opt(layer.up_b), pack_tiles(layer.down_w), opt(layer.down_b)]
-        weights += [opt(model.embed.weight), opt(model.pos_embed.weight if not self.rms else None),
-                    opt(model.rope_cos if self.rms else None), opt(model.rope_sin if self.rms else None),
-                    pack_tiles(self.head_w), opt(self.head_b)]
+        def linear(m: torch.nn.Linear) -> list[torch.Tensor]:
+            return [pack_tiles(m.weight, dtype=dtype), opt(m.bias)]
+
+        def norm(m: torch.nn.Module) -> list[torch.Tensor]:
+            return [opt(m.weight), opt(getattr(m, "bias", None))]
+
+        with torch.no_grad():
+            weights = []
+            for b in blocks:
+                weights += [*norm(b.norm1), *linear(b.attn.qkv), *linear(b.attn.proj),
+                            *norm(b.norm2), *linear(b.mlp.up), *linear(b.mlp.down)]
+            weights += [opt(model.embed.weight), opt(model.pos_embed.weight if not self.rms else None),
+                        opt(model.rope_cos if self.rms else None), opt(model.rope_sin if self.rms else None),
+                        *norm(model.norm), *linear(model.lm_head)]
         dims = [self.H, self.Hkv, self.D, self.d_model, self.d_ff, int(self.rms), int(self.swiglu),
-                self.head_w.shape[0]]
+                model.lm_head.weight.shape[0]]
+        self.native_dtype = dtype
         self._native_args = (weights, dims, float(self.eps))
         self._native = module  # last: the worker thread may be mid-step and reads this once per call
 
@@ -271,14 +289,20 @@ class DecodePlan:
 NATIVE_TILE = 32  # output rows per weight tile of the native step (kTile in decode_step.cpp)
 
 
-def pack_tiles(weight: torch.Tensor, tile: int = NATIVE_TILE) -> torch.Tensor:
-    """(O, I) -> (ceil(O / tile), I, tile): tiles of `tile` output rows, each transposed and
-    contiguous, the last zero-padded; the layout the native step's matrix-vector loops read."""
+def pack_tiles(weight: torch.Tensor, tile: int = NATIVE_TILE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(O, I) -> (ceil(O / tile), I, tile) in `dtype`: tiles of `tile` output rows, each transposed
+    and contiguous, the last zero-padded; the layout the native step's matrix-vector loops read."""
     out_features, in_features = weight.shape
     tiles = -(-out_features // tile)
-    padded = torch.zeros(tiles * tile, in_features, dtype=torch.float32)
-    padded[:out_features] = weight.detach().float()
+    padded = torch.zeros(tiles * tile, in_features, dtype=dtype)
+    padded[:out_features] = weight.detach()
     return padded.view(tiles, tile, in_features).transpose(1, 2).contiguous()
+
+
+def _exactly_bf16(weight: torch.Tensor) -> bool:
+    """Whether every element of a float tensor is a bf16 number (so a bf16 copy loses nothing)."""
+    w = weight.detach()
+    return bool(torch.equal(w.to(torch.bfloat16).to(w.dtype), w))
 
 
 def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,

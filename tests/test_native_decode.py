@@ -89,18 +89,47 @@ def test_native_step_rejects_bad_input(llama_dir, native_module):
     with pytest.raises(RuntimeError, match="int64"):
         native_module.decode_step(ok[0].int(), *ok[1:])
     bad_weights = list(weights)
-    bad_weights[0] = weights[0][:-1]  # a qkv weight one row short
+    bad_weights[2] = weights[2][:-1]  # a qkv weight one tile short
     with pytest.raises(RuntimeError, match="qkv weight has shape"):
+        native_module.decode_step(*ok[:5], bad_weights, dims, eps)
+    bad_weights = list(weights)
+    bad_weights[0] = weights[0][:-1]  # a norm gain one short
+    with pytest.raises(RuntimeError, match="norm gain, shift or bias has shape"):
+        native_module.decode_step(*ok[:5], bad_weights, dims, eps)
+    bad_weights = list(weights)
+    bad_weights[2] = weights[2].bfloat16()  # one packed matrix bf16, the others fp32
+    with pytest.raises(RuntimeError, match="all fp32 or all bf16"):
         native_module.decode_step(*ok[:5], bad_weights, dims, eps)
     with pytest.raises(RuntimeError, match="fp32 contiguous"):
         native_module.decode_step(*ok[:3], cache.k.half(), cache.v.half(), *ok[5:])
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "gpt2_dir"])
+def test_native_step_reads_bf16_matrices_when_exact(fixture, native_module, request):
+    """Weights that are all bf16 numbers (a bf16 checkpoint loaded as fp32) are packed as bf16, and
+    the step still matches the plain forward; other weights stay fp32."""
+    engine = load_engine(str(request.getfixturevalue(fixture)), "cpu", max_batch_size=4)
+    plan = engine._decode_plan
+    plan.enable_native(native_module)
+    assert plan.native_dtype == torch.float32  # random fp32 init: bf16 would round
+    with torch.no_grad():
+        for parameter in engine.model.parameters():
+            parameter.copy_(parameter.bfloat16().float())
+    plan = fast_decode.DecodePlan(engine.model)  # the plan folds norms into copies: rebuild it
+    engine._decode_plan = plan
+    plan.enable_native(native_module)
+    assert plan.native_dtype == torch.bfloat16
+    packed = plan._native_args[0]
+    assert {w.dtype for w in packed if w.dim() == 3} == {torch.bfloat16}
+    assert {w.dtype for w in packed if w.dim() < 3} <= {torch.float32}
+    assert_same_runs(engine, Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False))
 
 
 def test_native_is_off_for_models_it_does_not_cover(llama_dir, native_module, monkeypatch):
     monkeypatch.setattr(fast_decode, "FOLD_LIMIT_BYTES", 0)  # a "large" model: norms not folded
     engine = load_engine(str(llama_dir), "cpu", native=True)
     assert not engine.native_decode and not engine._decode_plan.supports_native()
-    with pytest.raises(ValueError, match="folded fp32"):
+    with pytest.raises(ValueError, match="small fp32 models"):
         engine._decode_plan.enable_native(native_module)
 
 

@@ -1,8 +1,8 @@
 """Kiln's native CPU decode step (decode_step.cpp), compiled on this machine on first use.
 
 The torch path stays the reference and the fallback: the native step is used only when it
-is built, the model is small enough for its norm gains to be folded (`fast_decode`), and
-the weights are fp32. Building needs a C++ compiler and takes ~20-40 s once; the result is
+is built, the model is small (`fast_decode.FOLD_LIMIT_BYTES`) and its weights are fp32 in
+memory (read by the step as bf16 when that is exact). Building needs a C++ compiler and takes ~20-40 s once; the result is
 cached under ``$KILN_CACHE_DIR`` (default ``~/.cache/kiln``) in a directory named after a
 hash of the source, the flags, torch's version and this CPU, so a change of any of them
 builds afresh. `make serve` builds it before starting the server; a server started

@@ -1,13 +1,18 @@
-// Kiln's native CPU decode step: one new token per sequence through the whole model, fp32.
+// Kiln's native CPU decode step: one new token per sequence through the whole model, fp32 math.
 //
 // At the default model's size (a few million parameters) a decode step is a few MFLOP, and
 // on a CPU the torch path spends most of its time dispatching ~100 small ops per token.
 // This file does the same math in one call: embedding, then per layer norm -> QKV -> RoPE
 // -> write K/V into the paged cache -> attention over the row's blocks -> output projection
-// -> residual -> norm -> MLP -> residual, then the final norm and the LM head. Norm gains
-// arrive folded into the matrices that read them (model/fast_decode.py), so a norm here is
-// only the normalization. Matrix products read weights packed in transposed tiles once per
-// step for the whole batch, and split tiles over torch's intra-op threads when large.
+// -> residual -> norm -> MLP -> residual, then the final norm and the LM head. Matrix
+// products read weights packed in transposed tiles once per step for the whole batch, and
+// split tiles over torch's intra-op threads when large.
+//
+// The packed weights are fp32, or bf16 when every weight of the model is exactly a bf16
+// number (a model shipped in bf16, as the default is): a decode step at small batch reads
+// every weight once and little else, so half the bytes is most of the time saved. A bf16
+// weight is widened to fp32 in registers (exactly: a shift) and the math stays fp32, so both
+// layouts agree with the torch path on the same weights to fp32 rounding.
 //
 // It is compiled on first use by model/native/__init__.py (torch.utils.cpp_extension) and
 // checked against the torch path by tests/test_native_decode.py.
@@ -17,6 +22,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -31,13 +38,23 @@ constexpr int64_t kParallelMacs = 1 << 17;  // smaller products run on the calli
 constexpr int64_t kTile = 32;
 constexpr int64_t kRows = 8;  // batch rows per pass (accumulators: kRows x kTile floats)
 
-// y[b, o] = bias[o] + sum_i W[o, i] * x[b, i]
-void linear(const float* Wp, const float* bias, const float* x, float* y, int64_t B, int64_t O, int64_t I) {
+inline float widen(float w) { return w; }
+inline float widen(uint16_t w) {  // bf16 bits -> the same number as fp32
+  const uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// y[b, o] = bias[o] + sum_i W[o, i] * x[b, i]; W is float or bf16 bits (uint16_t).
+template <typename T>
+void linear(const T* Wp, const float* bias, const float* x, float* y, int64_t B, int64_t O, int64_t I) {
   const int64_t n_tiles = (O + kTile - 1) / kTile;
   auto tiles = [&](int64_t t0, int64_t t1) {
     float acc[kRows][kTile];
+    float wf[kTile];
     for (int64_t t = t0; t < t1; ++t) {
-      const float* w = Wp + t * I * kTile;
+      const T* w = Wp + t * I * kTile;
       const int64_t o0 = t * kTile, n = std::min(kTile, O - o0);
       for (int64_t b0 = 0; b0 < B; b0 += kRows) {
         const int64_t rows = std::min(kRows, B - b0);
@@ -45,7 +62,14 @@ void linear(const float* Wp, const float* bias, const float* x, float* y, int64_
           for (int64_t j = 0; j < kTile; ++j) acc[r][j] = 0.f;
         }
         for (int64_t i = 0; i < I; ++i) {
-          const float* wi = w + i * kTile;
+          const float* wi;
+          if constexpr (std::is_same_v<T, float>) {
+            wi = w + i * kTile;
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < kTile; ++j) wf[j] = widen(w[i * kTile + j]);
+            wi = wf;
+          }
           for (int64_t r = 0; r < rows; ++r) {
             const float xv = x[(b0 + r) * I + i];
 #pragma omp simd
@@ -67,8 +91,19 @@ void linear(const float* Wp, const float* bias, const float* x, float* y, int64_
   }
 }
 
-// Gain-free normalization of each row of x (B, d) into out: RMSNorm or LayerNorm.
-void normalize(const float* x, float* out, int64_t B, int64_t d, bool rms, float eps) {
+// A packed weight (fp32 or bf16, see `decode_step`) times x.
+void linear(const torch::Tensor& W, const float* bias, const float* x, float* y, int64_t B, int64_t O, int64_t I) {
+  if (W.scalar_type() == torch::kBFloat16) {
+    linear(reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>()), bias, x, y, B, O, I);
+  } else {
+    linear(W.data_ptr<float>(), bias, x, y, B, O, I);
+  }
+}
+
+// Normalization of each row of x (B, d) into out: RMSNorm or LayerNorm, times the gain and plus
+// the shift when given (null: none).
+void normalize(const float* x, float* out, int64_t B, int64_t d, bool rms, float eps, const float* gain,
+               const float* shift) {
   for (int64_t b = 0; b < B; ++b) {
     const float* xb = x + b * d;
     float* ob = out + b * d;
@@ -84,6 +119,14 @@ void normalize(const float* x, float* out, int64_t B, int64_t d, bool rms, float
     const float inv = 1.f / std::sqrt(sq / static_cast<float>(d) + eps);
 #pragma omp simd
     for (int64_t i = 0; i < d; ++i) ob[i] = (xb[i] - mean) * inv;
+    if (gain) {
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) ob[i] *= gain[i];
+    }
+    if (shift) {
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) ob[i] += shift[i];
+    }
   }
 }
 
@@ -92,10 +135,11 @@ const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>(
 }  // namespace
 
 // tokens, positions (B,) int64; block_table (B, W) int64; cache (n_layer, num_blocks, block_size, Hkv, D)
-// fp32 contiguous; weights: per layer [qkv_w, qkv_b, proj_w, proj_b, up_w, up_b, down_w, down_b] (empty
-// tensor = no bias), then [embed, pos_embed, rope_cos, rope_sin, head_w, head_b] (empty = absent).
-// Linear weights are packed in tiles (see `linear`). dims = [H, Hkv, D, d_model, d_ff, rms, swiglu, V].
-// Returns logits (B, V).
+// fp32 contiguous; weights: per layer [norm1_gain, norm1_shift, qkv_w, qkv_b, proj_w, proj_b, norm2_gain,
+// norm2_shift, up_w, up_b, down_w, down_b], then [embed, pos_embed, rope_cos, rope_sin, norm_gain,
+// norm_shift, head_w, head_b]; an empty tensor means absent (no bias, no gain). The linear weights (*_w)
+// are packed in tiles (see `linear`), all fp32 or all bf16; everything else is fp32.
+// dims = [H, Hkv, D, d_model, d_ff, rms, swiglu, V]. Returns logits (B, V).
 torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::Tensor block_table,
                           torch::Tensor k_cache, torch::Tensor v_cache, std::vector<torch::Tensor> weights,
                           std::vector<int64_t> dims, double eps) {
@@ -115,41 +159,52 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
                   k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 5 && k_cache.size(3) == Hkv &&
                   k_cache.size(4) == D,
               "the caches must be fp32 contiguous (n_layer, num_blocks, block_size, Hkv, D)");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 8 * L + 6, "expected ", 8 * L + 6, " weight tensors");
-  for (const auto& w : weights) {
-    TORCH_CHECK(!w.numel() || (w.scalar_type() == torch::kFloat32 && w.is_contiguous()),
-                "weights must be fp32 contiguous");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 12 * L + 8, "expected ", 12 * L + 8, " weight tensors");
+  const auto packed_type = weights[12 * L + 6].scalar_type();  // the head's
+  TORCH_CHECK(packed_type == torch::kFloat32 || packed_type == torch::kBFloat16,
+              "packed weights must be fp32 or bf16");
+  for (int64_t i = 0; i < static_cast<int64_t>(weights.size()); ++i) {
+    const auto& w = weights[i];
+    const int64_t k = i < 12 * L ? i % 12 : i - 12 * L;
+    const bool packed = i < 12 * L ? (k == 2 || k == 4 || k == 8 || k == 10) : k == 6;
+    TORCH_CHECK(!w.numel() || (w.scalar_type() == (packed ? packed_type : torch::kFloat32) && w.is_contiguous()),
+                "weights must be contiguous, fp32 (the packed matrices: all fp32 or all bf16)");
   }
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && D > 0 && D <= 1024 && D % 2 == 0,
               "need H a multiple of Hkv and an even head dim <= 1024");
   const int64_t G = H / Hkv, qkv_dim = (H + 2 * Hkv) * D, up_dim = swiglu ? 2 * dff : dff;
-  const auto& embed = weights[8 * L];
-  const auto& pos_embed = weights[8 * L + 1];
-  const auto& rope_cos = weights[8 * L + 2];
-  const auto& rope_sin = weights[8 * L + 3];
-  const auto& head_w = weights[8 * L + 4];
+  const torch::Tensor* tail = &weights[12 * L];
+  const auto& embed = tail[0];
+  const auto& pos_embed = tail[1];
+  const auto& rope_cos = tail[2];
+  const auto& rope_sin = tail[3];
+  const auto& head_w = tail[6];
   const int64_t V = dims[7];
   auto check_shape = [](const torch::Tensor& t, std::vector<int64_t> want, const char* what) {
     TORCH_CHECK(t.sizes() == at::IntArrayRef(want), what, " has shape ", t.sizes(), ", expected ", want);
   };
   auto tiles = [](int64_t O) { return (O + kTile - 1) / kTile; };  // packed weights: (tiles, I, kTile)
   for (int64_t l = 0; l < L; ++l) {
-    const torch::Tensor* lw = &weights[8 * l];
-    check_shape(lw[0], {tiles(qkv_dim), dm, kTile}, "qkv weight");
-    check_shape(lw[2], {tiles(dm), H * D, kTile}, "proj weight");
-    check_shape(lw[4], {tiles(up_dim), dm, kTile}, "up weight");
-    check_shape(lw[6], {tiles(dm), dff, kTile}, "down weight");
-    const int64_t bias_sizes[4] = {qkv_dim, dm, up_dim, dm};
-    for (int i = 0; i < 4; ++i) {
-      if (lw[2 * i + 1].numel()) check_shape(lw[2 * i + 1], {bias_sizes[i]}, "bias");
+    const torch::Tensor* lw = &weights[12 * l];
+    check_shape(lw[2], {tiles(qkv_dim), dm, kTile}, "qkv weight");
+    check_shape(lw[4], {tiles(dm), H * D, kTile}, "proj weight");
+    check_shape(lw[8], {tiles(up_dim), dm, kTile}, "up weight");
+    check_shape(lw[10], {tiles(dm), dff, kTile}, "down weight");
+    const int64_t vector_sizes[8] = {dm, dm, qkv_dim, dm, dm, dm, up_dim, dm};  // gains, shifts and biases
+    const int vectors[8] = {0, 1, 3, 5, 6, 7, 9, 11};
+    for (int i = 0; i < 8; ++i) {
+      if (lw[vectors[i]].numel()) check_shape(lw[vectors[i]], {vector_sizes[i]}, "norm gain, shift or bias");
     }
+  }
+  for (int i = 4; i < 6; ++i) {
+    if (tail[i].numel()) check_shape(tail[i], {dm}, "final norm gain or shift");
   }
   TORCH_CHECK(embed.dim() == 2 && embed.size(1) == dm, "embedding must be (vocab, d_model)");
   TORCH_CHECK(!pos_embed.numel() || (pos_embed.dim() == 2 && pos_embed.size(1) == dm),
               "position embedding must be (max_seq_len, d_model)");
   TORCH_CHECK(rope_cos.numel() || pos_embed.numel(), "need rope tables or a position embedding");
   check_shape(head_w, {tiles(V), dm, kTile}, "head weight");
-  if (weights[8 * L + 5].numel()) check_shape(weights[8 * L + 5], {V}, "head bias");
+  if (tail[7].numel()) check_shape(tail[7], {V}, "head bias");
   const int64_t* tok = tokens.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* table = block_table.data_ptr<int64_t>();
@@ -176,9 +231,9 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t stride_pos = Hkv * D, stride_block = bs * stride_pos, stride_layer = num_blocks * stride_block;
   for (int64_t l = 0; l < L; ++l) {
-    const torch::Tensor* lw = &weights[8 * l];
-    normalize(x.data(), n.data(), B, dm, rms, static_cast<float>(eps));
-    linear(lw[0].data_ptr<float>(), opt(lw[1]), n.data(), qkv.data(), B, qkv_dim, dm);
+    const torch::Tensor* lw = &weights[12 * l];
+    normalize(x.data(), n.data(), B, dm, rms, static_cast<float>(eps), opt(lw[0]), opt(lw[1]));
+    linear(lw[2], opt(lw[3]), n.data(), qkv.data(), B, qkv_dim, dm);
     float* kc = k_cache.data_ptr<float>() + l * stride_layer;
     float* vc = v_cache.data_ptr<float>() + l * stride_layer;
     auto attend_rows = [&](int64_t b0, int64_t b1) {
@@ -250,10 +305,10 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
     } else {
       attend_rows(0, B);
     }
-    linear(lw[2].data_ptr<float>(), opt(lw[3]), att.data(), tmp.data(), B, dm, H * D);
+    linear(lw[4], opt(lw[5]), att.data(), tmp.data(), B, dm, H * D);
     for (int64_t i = 0; i < B * dm; ++i) x[i] += tmp[i];
-    normalize(x.data(), n.data(), B, dm, rms, static_cast<float>(eps));
-    linear(lw[4].data_ptr<float>(), opt(lw[5]), n.data(), h.data(), B, up_dim, dm);
+    normalize(x.data(), n.data(), B, dm, rms, static_cast<float>(eps), opt(lw[6]), opt(lw[7]));
+    linear(lw[8], opt(lw[9]), n.data(), h.data(), B, up_dim, dm);
     for (int64_t b = 0; b < B; ++b) {
       const float* hb = h.data() + b * up_dim;
       float* ab = act.data() + b * dff;
@@ -266,15 +321,15 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
         }
       }
     }
-    linear(lw[6].data_ptr<float>(), opt(lw[7]), act.data(), tmp.data(), B, dm, dff);
+    linear(lw[10], opt(lw[11]), act.data(), tmp.data(), B, dm, dff);
     for (int64_t i = 0; i < B * dm; ++i) x[i] += tmp[i];
   }
-  normalize(x.data(), n.data(), B, dm, rms, static_cast<float>(eps));
+  normalize(x.data(), n.data(), B, dm, rms, static_cast<float>(eps), opt(tail[4]), opt(tail[5]));
   auto logits = torch::empty({B, V}, k_cache.options());
-  linear(head_w.data_ptr<float>(), opt(weights[8 * L + 5]), n.data(), logits.data_ptr<float>(), B, V, dm);
+  linear(head_w, opt(tail[7]), n.data(), logits.data_ptr<float>(), B, V, dm);
   return logits;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_step", &decode_step, "Kiln's fused CPU decode step (fp32)");
+  m.def("decode_step", &decode_step, "Kiln's fused CPU decode step (fp32 math; fp32 or bf16 weights)");
 }
