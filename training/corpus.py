@@ -550,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
     t = manifest["totals"]
     print(f"total: train {t['train']['documents']} docs {t['train']['text_bytes'] / 1e6:.2f} MB, "
           f"val {t['val']['documents']} docs {t['val']['text_bytes'] / 1e6:.2f} MB")
+    if not manifest["sources"]:  # nothing to train on: say so in the exit status too
+        print(f"kiln corpus: error: no source could be built, {args.out} holds an empty corpus "
+              "(each source's reason is above)", file=sys.stderr)
+        return 1
     return 0
 
 
