@@ -152,19 +152,23 @@ class DecodePlan:
         """The native step covers small (folded-size) fp32 CPU models."""
         return self.folded and self.model.embed.weight.dtype == torch.float32
 
-    def enable_native(self, module) -> None:
+    def enable_native(self, module, dtype: torch.dtype | None = None) -> None:
         """Run decode steps through `module.decode_step` (model/native) from now on.
 
         The step gets the model's own matrices, packed in tiles, and applies the norm gains
-        itself; the matrices are packed as bf16 when every one of them is exactly a bf16 number
-        (weights shipped in bf16, loaded as fp32), which halves the bytes a step reads and
-        changes no result."""
+        itself. `dtype` None packs the matrices as bf16 when every one of them is exactly a bf16
+        number (weights shipped in bf16, loaded as fp32), which halves the bytes a step reads and
+        changes no result, else as fp32; torch.float32 forces fp32 (for comparisons)."""
         if not self.supports_native():
             raise ValueError("the native decode step covers small fp32 models (folded-size plans)")
+        if dtype not in (None, torch.float32):
+            raise ValueError(f"dtype must be None (automatic) or torch.float32, got {dtype}")
         model = self.model
         blocks = list(model.blocks)
         matrices = [m.weight for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
-        dtype = torch.bfloat16 if all(_exactly_bf16(w) for w in [*matrices, model.lm_head.weight]) else torch.float32
+        if dtype is None:
+            exact = all(_exactly_bf16(w) for w in [*matrices, model.lm_head.weight])
+            dtype = torch.bfloat16 if exact else torch.float32
 
         def opt(t: torch.Tensor | None) -> torch.Tensor:
             return torch.empty(0) if t is None else t.detach().float().contiguous()
@@ -188,6 +192,10 @@ class DecodePlan:
         self.native_dtype = dtype
         self._native_args = (weights, dims, float(self.eps))
         self._native = module  # last: the worker thread may be mid-step and reads this once per call
+
+    def disable_native(self) -> None:
+        """Back to the torch path (for comparisons)."""
+        self._native = None
 
     @property
     def native(self) -> bool:

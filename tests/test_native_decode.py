@@ -7,6 +7,8 @@ these tests skip, as Kiln then serves with the torch path.
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,9 @@ import torch
 from model import fast_decode
 from model import native as native_step
 from model.cli import load_engine
+from model.config import ModelConfig
 from model.engine import Engine, SamplingParams
+from model.transformer import Transformer
 
 from test_fast_decode import PROMPTS, assert_same_runs
 
@@ -104,6 +108,58 @@ def test_native_step_rejects_bad_input(llama_dir, native_module):
         native_module.decode_step(*ok[:3], cache.k.half(), cache.v.half(), *ok[5:])
 
 
+@pytest.fixture(scope="module")
+def avx2_module(native_module):
+    """The same source built without AVX-512, as on most laptops and desktops: its attention takes
+    the AVX2 code path. Built once per source change, beside the native build."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set(next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "").split())
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags:
+        pytest.skip("no x86 CPU with AVX2 and FMA")
+    from torch.utils.cpp_extension import load as load_extension
+
+    directory = native_step.build_dir().with_name(native_step.build_dir().name + "-avx2")
+    directory.mkdir(parents=True, exist_ok=True)
+    return load_extension(name="kiln_native_avx2_" + native_step.build_dir().name,
+                          sources=[str(native_step.SOURCE)], extra_cflags=[*native_step.FLAGS, "-mno-avx512f"],
+                          build_directory=str(directory), verbose=False)
+
+
+@pytest.mark.parametrize("build", ["native", "avx2"])
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 16])
+def test_native_attention_at_each_head_dim(llama_dir, request, head_dim, build):
+    """The attention has code paths for head dims 32, 64 and 128 (the loops unrolled; AVX-512 or
+    AVX2 reductions) and one for any other; each against the torch step, rows of different lengths
+    over many cache blocks."""
+    native_module = request.getfixturevalue("native_module" if build == "native" else "avx2_module")
+    tokenizer = load_engine(str(llama_dir), "cpu").tokenizer
+    torch.manual_seed(head_dim)
+    config = ModelConfig(vocab_size=tokenizer.n_vocab, n_layer=2, n_head=6, n_kv_head=2, d_model=48, d_ff=64,
+                         max_seq_len=128, head_dim=head_dim)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(5.0 if parameter.dim() > 1 else 1.0)  # sharper attention than the 0.02 init
+    engine = Engine(model, tokenizer, max_batch_size=3, block_size=4)
+    lengths = [70, 5, 33]  # up to 18 blocks; one row in a single block
+    requests = [engine.add_request([(7 * i + j) % 300 + 1 for j in range(n)],
+                                   SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+                for i, n in enumerate(lengths)]
+    while any(r.num_computed < n for r, n in zip(requests, lengths)):
+        engine.step()
+    tokens = torch.tensor([[r.output_ids[-1]] for r in requests])
+    batch = engine.cache.batch([r.blocks for r in requests], [r.num_computed for r in requests], [1, 1, 1])
+    plan = engine._decode_plan
+    k0, v0 = engine.cache.k.clone(), engine.cache.v.clone()
+    want = plan(tokens, engine.cache, batch)
+    engine.cache.k.copy_(k0)
+    engine.cache.v.copy_(v0)
+    plan.enable_native(native_module)
+    got = plan(tokens, engine.cache, batch)
+    err = (got - want).abs().max().item()
+    assert err < 1e-4 * max(1.0, want.abs().max().item()), f"head dim {head_dim}: max |native - torch| {err:.2e}"
+
+
 @pytest.mark.parametrize("fixture", ["llama_dir", "gpt2_dir"])
 def test_native_step_reads_bf16_matrices_when_exact(fixture, native_module, request):
     """Weights that are all bf16 numbers (a bf16 checkpoint loaded as fp32) are packed as bf16, and
@@ -123,6 +179,12 @@ def test_native_step_reads_bf16_matrices_when_exact(fixture, native_module, requ
     assert {w.dtype for w in packed if w.dim() == 3} == {torch.bfloat16}
     assert {w.dtype for w in packed if w.dim() < 3} <= {torch.float32}
     assert_same_runs(engine, Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False))
+    plan.enable_native(native_module, torch.float32)  # forced fp32, for comparisons
+    assert plan.native_dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype must be None"):
+        plan.enable_native(native_module, torch.float16)
+    plan.disable_native()
+    assert not plan.native
 
 
 def test_native_is_off_for_models_it_does_not_cover(llama_dir, native_module, monkeypatch):

@@ -26,6 +26,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t kParallelMacs = 1 << 17;  // smaller products run on the calling thread
@@ -127,6 +131,142 @@ void normalize(const float* x, float* out, int64_t B, int64_t d, bool rms, float
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) ob[i] += shift[i];
     }
+  }
+}
+
+// a . b over D floats. kD > 0 fixes D at compile time; with AVX-512 or AVX2 the sum then ends in
+// one vector reduction instead of a chain of scalar adds (which is what a generic `omp simd`
+// reduction compiles to, and what made the attention slow at long contexts).
+template <int64_t kD>
+inline float dot(const float* a, const float* b, int64_t D) {
+#if defined(__AVX512F__)
+  if constexpr (kD > 0 && kD % 16 == 0) {
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+    for (int64_t d = 16; d < kD; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kD > 0 && kD % 8 == 0) {
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+    for (int64_t d = 8; d < kD; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+    return _mm_cvtss_f32(sum);
+  }
+#endif
+  const int64_t n = kD > 0 ? kD : D;
+  float acc = 0.f;
+  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max), in plain arithmetic so that a loop of
+// it vectorizes: exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2], exp(r) by the Cephes
+// polynomial (relative error ~2e-7, about std::exp's float rounding). Below -87.3 it returns
+// exp(-87.3) ~ 1e-38 instead of a smaller number: nothing against the max's weight of 1.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.3f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 split in two for an exact n * ln2
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// out[0:D] = inv * sum_k w[k] * V_k over keys 0..n_keys-1 of one kv head, read through the block
+// table. kD > 0 fixes D at compile time; with AVX-512 or AVX2 the sum then stays in vector
+// registers for the whole pass over the keys.
+template <int64_t kD>
+void weighted_values(const float* w, const float* vc, const int64_t* bt, int64_t n_keys, int64_t bs,
+                     int64_t stride_block, int64_t stride_pos, int64_t head_dim, float inv, float* out) {
+#if defined(__AVX512F__)
+  if constexpr (kD > 0 && kD % 16 == 0) {
+    constexpr int64_t R = kD / 16;
+    __m512 acc[R];
+    for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t k0 = 0, blk = 0; k0 < n_keys; k0 += bs, ++blk) {
+      const float* values = vc + bt[blk] * stride_block;
+      const int64_t n = std::min(bs, n_keys - k0);
+      for (int64_t t = 0; t < n; ++t) {
+        const __m512 wt = _mm512_set1_ps(w[k0 + t]);
+        const float* val = values + t * stride_pos;
+        for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wt, _mm512_loadu_ps(val + 16 * r), acc[r]);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) _mm512_storeu_ps(out + 16 * r, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv)));
+    return;
+  }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kD > 0 && kD % 8 == 0) {
+    constexpr int64_t R = kD / 8;
+    __m256 acc[R];
+    for (int64_t r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t k0 = 0, blk = 0; k0 < n_keys; k0 += bs, ++blk) {
+      const float* values = vc + bt[blk] * stride_block;
+      const int64_t n = std::min(bs, n_keys - k0);
+      for (int64_t t = 0; t < n; ++t) {
+        const __m256 wt = _mm256_set1_ps(w[k0 + t]);
+        const float* val = values + t * stride_pos;
+        for (int64_t r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(val + 8 * r), acc[r]);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) _mm256_storeu_ps(out + 8 * r, _mm256_mul_ps(acc[r], _mm256_set1_ps(inv)));
+    return;
+  }
+#endif
+  const int64_t D = kD > 0 ? kD : head_dim;
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+  for (int64_t k0 = 0, blk = 0; k0 < n_keys; k0 += bs, ++blk) {
+    const float* values = vc + bt[blk] * stride_block;
+    const int64_t n = std::min(bs, n_keys - k0);
+    for (int64_t t = 0; t < n; ++t) {
+      const float wt = w[k0 + t];
+      const float* val = values + t * stride_pos;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) out[d] += wt * val[d];
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+}
+
+// One row's attention for the G query heads that share one kv head: q (G, D) against keys
+// 0..n_keys-1, read through the block table (kc and vc point at this kv head's slice of the
+// layer's cache); writes out (G, D). scores is scratch for G * n_keys floats.
+template <int64_t kD>
+void attend_group(const float* q, const float* kc, const float* vc, const int64_t* bt, int64_t n_keys, int64_t bs,
+                  int64_t stride_block, int64_t stride_pos, int64_t G, int64_t head_dim, float scale, float* scores,
+                  float* out) {
+  const int64_t D = kD > 0 ? kD : head_dim;
+  for (int64_t k0 = 0, blk = 0; k0 < n_keys; k0 += bs, ++blk) {
+    const float* keys = kc + bt[blk] * stride_block;
+    const int64_t n = std::min(bs, n_keys - k0);
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t j = 0; j < G; ++j) scores[j * n_keys + k0 + t] = dot<kD>(q + j * D, keys + t * stride_pos, D) * scale;
+    }
+  }
+  for (int64_t j = 0; j < G; ++j) {
+    float* sj = scores + j * n_keys;
+    float mx = sj[0];
+#pragma omp simd reduction(max : mx)
+    for (int64_t k = 1; k < n_keys; ++k) mx = std::max(mx, sj[k]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t k = 0; k < n_keys; ++k) {
+      sj[k] = exp_nonpositive(sj[k] - mx);
+      sum += sj[k];
+    }
+    weighted_values<kD>(sj, vc, bt, n_keys, bs, stride_block, stride_pos, D, 1.f / sum, out + j * D);
   }
 }
 
@@ -236,6 +376,8 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
     linear(lw[2], opt(lw[3]), n.data(), qkv.data(), B, qkv_dim, dm);
     float* kc = k_cache.data_ptr<float>() + l * stride_layer;
     float* vc = v_cache.data_ptr<float>() + l * stride_layer;
+    const auto attend = D == 32 ? attend_group<32> : D == 64 ? attend_group<64> : D == 128 ? attend_group<128>
+                                                                                        : attend_group<0>;
     auto attend_rows = [&](int64_t b0, int64_t b1) {
       std::vector<float> scores;
       for (int64_t b = b0; b < b1; ++b) {
@@ -261,40 +403,8 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
         const int64_t n_keys = p + 1;
         scores.resize(G * n_keys);
         for (int64_t g = 0; g < Hkv; ++g) {
-          const float* q = row + g * G * D;
-          for (int64_t k = 0; k < n_keys; ++k) {
-            const float* key = kc + bt[k / bs] * stride_block + (k % bs) * stride_pos + g * D;
-            for (int64_t j = 0; j < G; ++j) {
-              const float* qj = q + j * D;
-              float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-              for (int64_t d = 0; d < D; ++d) acc += qj[d] * key[d];
-              scores[j * n_keys + k] = acc * scale;
-            }
-          }
-          for (int64_t j = 0; j < G; ++j) {
-            float* sj = scores.data() + j * n_keys;
-            float mx = sj[0];
-            for (int64_t k = 1; k < n_keys; ++k) mx = std::max(mx, sj[k]);
-            float sum = 0.f;
-            for (int64_t k = 0; k < n_keys; ++k) {
-              sj[k] = std::exp(sj[k] - mx);
-              sum += sj[k];
-            }
-            const float inv = 1.f / sum;
-            for (int64_t k = 0; k < n_keys; ++k) sj[k] *= inv;
-          }
-          float* out = att.data() + (b * H + g * G) * D;
-          for (int64_t i = 0; i < G * D; ++i) out[i] = 0.f;
-          for (int64_t k = 0; k < n_keys; ++k) {
-            const float* val = vc + bt[k / bs] * stride_block + (k % bs) * stride_pos + g * D;
-            for (int64_t j = 0; j < G; ++j) {
-              const float w = scores[j * n_keys + k];
-              float* oj = out + j * D;
-#pragma omp simd
-              for (int64_t d = 0; d < D; ++d) oj[d] += w * val[d];
-            }
-          }
+          attend(row + g * G * D, kc + g * D, vc + g * D, bt, n_keys, bs, stride_block, stride_pos, G, D, scale,
+                 scores.data(), att.data() + (b * H + g * G) * D);
         }
       }
     };
