@@ -48,9 +48,10 @@ from .transformer import Transformer, apply_rope
 # models, where every op counts; for large ones the copies would double the memory, so the
 # plan keeps the original weights and applies the gains as one more op.
 FOLD_LIMIT_BYTES = 256 * 2**20
-# The native step measured faster than the torch path up to batch 32 (default model, 2 cores); above
-# that the torch path's GEMMs (oneDNN / MKL) are left to it.
-NATIVE_MAX_BATCH = 32
+# The native step measured 1.2-1.3x the torch path at batch 64 and even with it at 128-256
+# (bench/cpu_decode_step.py, default model, 2 cores): above 64 the torch path's GEMMs (oneDNN /
+# MKL) are left to it.
+NATIVE_MAX_BATCH = 64
 
 
 @dataclass
