@@ -245,6 +245,15 @@ class Engine:
         """Decode steps run through the native C++ step (model/native)."""
         return self._decode_plan is not None and self._decode_plan.native
 
+    @property
+    def decode_path(self) -> str:
+        """How decode steps run, for logs: CUDA graphs, native (with its matrices' dtype), compiled or eager."""
+        if self.uses_cuda_graphs:
+            return "CUDA graphs"
+        if self.native_decode:
+            return f"native ({str(self._decode_plan.native_dtype).removeprefix('torch.')} matrices)"
+        return "compiled" if self.compile_seconds is not None else "eager"
+
     def build_native_in_background(self) -> bool:
         """Build the native decode step on a daemon thread and switch to it when it is ready;
         False when it does not apply (not the CPU torch path, not fp32, disabled) or is already on."""

@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             time.perf_counter() - start, engine.device, str(engine.dtype).removeprefix("torch."),
             engine.max_seq_len, engine.max_batch_size, cache.num_blocks, cache.block_size,
             cache.k.nbytes * 2 / 2**20, "on" if engine.pool.enable_prefix_caching else "off",
-            engine.max_prefill_tokens, "CUDA graphs" if engine.uses_cuda_graphs
-            else "native" if engine.native_decode else "compiled" if engine.compile_seconds is not None else "eager",
-            ", async scheduling" if engine.async_scheduling else "")
+            engine.max_prefill_tokens, engine.decode_path, ", async scheduling" if engine.async_scheduling else "")
         if engine.build_native_in_background():
             log.info("building the native CPU decode step in the background (once per machine, about half a "
                      "minute; `make serve` does it ahead); decoding with the torch path meanwhile")

@@ -174,7 +174,7 @@ def test_native_step_reads_bf16_matrices_when_exact(fixture, native_module, requ
     plan = fast_decode.DecodePlan(engine.model)  # the plan folds norms into copies: rebuild it
     engine._decode_plan = plan
     plan.enable_native(native_module)
-    assert plan.native_dtype == torch.bfloat16
+    assert plan.native_dtype == torch.bfloat16 and engine.decode_path == "native (bfloat16 matrices)"
     packed = plan._native_args[0]
     assert {w.dtype for w in packed if w.dim() == 3} == {torch.bfloat16}
     assert {w.dtype for w in packed if w.dim() < 3} <= {torch.float32}
@@ -184,7 +184,7 @@ def test_native_step_reads_bf16_matrices_when_exact(fixture, native_module, requ
     with pytest.raises(ValueError, match="dtype must be None"):
         plan.enable_native(native_module, torch.float16)
     plan.disable_native()
-    assert not plan.native
+    assert not plan.native and engine.decode_path == "eager"
 
 
 def test_native_is_off_for_models_it_does_not_cover(llama_dir, native_module, monkeypatch):
