@@ -134,32 +134,60 @@ void normalize(const float* x, float* out, int64_t B, int64_t d, bool rms, float
   }
 }
 
-// a . b over D floats. kD > 0 fixes D at compile time; with AVX-512 or AVX2 the sum then ends in
-// one vector reduction instead of a chain of scalar adds (which is what a generic `omp simd`
-// reduction compiles to, and what made the attention slow at long contexts).
+// The widest float vector this build has (AVX-512 or AVX2 + FMA; none elsewhere), for the
+// attention loops below: kLanes floats, fused multiply-add, and a sum of the lanes.
+#if defined(__AVX512F__)
+struct Vec {
+  using T = __m512;
+  static constexpr int64_t kLanes = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static T broadcast(float x) { return _mm512_set1_ps(x); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static float sum(T v) { return _mm512_reduce_add_ps(v); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Vec {
+  using T = __m256;
+  static constexpr int64_t kLanes = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static T broadcast(float x) { return _mm256_set1_ps(x); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static float sum(T v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+};
+#else
+struct Vec {
+  static constexpr int64_t kLanes = 0;  // no vector path: the plain loops serve
+};
+#endif
+
+// Whether the vector path covers head dim kD (fixed at compile time, a multiple of the lanes).
+template <int64_t kD>
+constexpr bool kVectorized = Vec::kLanes > 0 && kD > 0 && kD % Vec::kLanes == 0;
+
+// a . b over D floats. With kD fixed and vectorized, the sum ends in one vector reduction
+// instead of a chain of scalar adds (what a generic `omp simd` reduction compiles to, and what
+// made the attention slow at long contexts).
 template <int64_t kD>
 inline float dot(const float* a, const float* b, int64_t D) {
-#if defined(__AVX512F__)
-  if constexpr (kD > 0 && kD % 16 == 0) {
-    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
-    for (int64_t d = 16; d < kD; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
-    return _mm512_reduce_add_ps(acc);
+  if constexpr (kVectorized<kD>) {
+    auto acc = Vec::zero();
+    for (int64_t d = 0; d < kD; d += Vec::kLanes) acc = Vec::fma(Vec::load(a + d), Vec::load(b + d), acc);
+    return Vec::sum(acc);
+  } else {
+    float acc = 0.f;
+    for (int64_t d = 0; d < D; ++d) acc += a[d] * b[d];
+    return acc;
   }
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (kD > 0 && kD % 8 == 0) {
-    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-    for (int64_t d = 8; d < kD; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
-    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-    return _mm_cvtss_f32(sum);
-  }
-#endif
-  const int64_t n = kD > 0 ? kD : D;
-  float acc = 0.f;
-  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
-  return acc;
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the max), in plain arithmetic so that a loop of
@@ -184,60 +212,34 @@ inline float exp_nonpositive(float x) {
 }
 
 // out[0:D] = inv * sum_k w[k] * V_k over keys 0..n_keys-1 of one kv head, read through the block
-// table. kD > 0 fixes D at compile time; with AVX-512 or AVX2 the sum then stays in vector
-// registers for the whole pass over the keys.
+// table. With kD fixed and vectorized the sum stays in vector registers for the whole pass.
 template <int64_t kD>
 void weighted_values(const float* w, const float* vc, const int64_t* bt, int64_t n_keys, int64_t bs,
                      int64_t stride_block, int64_t stride_pos, int64_t head_dim, float inv, float* out) {
-#if defined(__AVX512F__)
-  if constexpr (kD > 0 && kD % 16 == 0) {
-    constexpr int64_t R = kD / 16;
-    __m512 acc[R];
-    for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  auto each_key = [&](auto&& add) {  // add(weight, value row) for every key, block by block
     for (int64_t k0 = 0, blk = 0; k0 < n_keys; k0 += bs, ++blk) {
       const float* values = vc + bt[blk] * stride_block;
       const int64_t n = std::min(bs, n_keys - k0);
-      for (int64_t t = 0; t < n; ++t) {
-        const __m512 wt = _mm512_set1_ps(w[k0 + t]);
-        const float* val = values + t * stride_pos;
-        for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wt, _mm512_loadu_ps(val + 16 * r), acc[r]);
-      }
+      for (int64_t t = 0; t < n; ++t) add(w[k0 + t], values + t * stride_pos);
     }
-    for (int64_t r = 0; r < R; ++r) _mm512_storeu_ps(out + 16 * r, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv)));
-    return;
-  }
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (kD > 0 && kD % 8 == 0) {
-    constexpr int64_t R = kD / 8;
-    __m256 acc[R];
-    for (int64_t r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t k0 = 0, blk = 0; k0 < n_keys; k0 += bs, ++blk) {
-      const float* values = vc + bt[blk] * stride_block;
-      const int64_t n = std::min(bs, n_keys - k0);
-      for (int64_t t = 0; t < n; ++t) {
-        const __m256 wt = _mm256_set1_ps(w[k0 + t]);
-        const float* val = values + t * stride_pos;
-        for (int64_t r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(val + 8 * r), acc[r]);
-      }
-    }
-    for (int64_t r = 0; r < R; ++r) _mm256_storeu_ps(out + 8 * r, _mm256_mul_ps(acc[r], _mm256_set1_ps(inv)));
-    return;
-  }
-#endif
-  const int64_t D = kD > 0 ? kD : head_dim;
-  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
-  for (int64_t k0 = 0, blk = 0; k0 < n_keys; k0 += bs, ++blk) {
-    const float* values = vc + bt[blk] * stride_block;
-    const int64_t n = std::min(bs, n_keys - k0);
-    for (int64_t t = 0; t < n; ++t) {
-      const float wt = w[k0 + t];
-      const float* val = values + t * stride_pos;
+  };
+  if constexpr (kVectorized<kD>) {
+    constexpr int64_t R = kD / Vec::kLanes;
+    typename Vec::T acc[R];
+    for (int64_t r = 0; r < R; ++r) acc[r] = Vec::zero();
+    each_key([&](float weight, const float* val) {
+      const auto wt = Vec::broadcast(weight);
+      for (int64_t r = 0; r < R; ++r) acc[r] = Vec::fma(wt, Vec::load(val + r * Vec::kLanes), acc[r]);
+    });
+    for (int64_t r = 0; r < R; ++r) Vec::store(out + r * Vec::kLanes, Vec::mul(acc[r], Vec::broadcast(inv)));
+  } else {
+    for (int64_t d = 0; d < head_dim; ++d) out[d] = 0.f;
+    each_key([&](float weight, const float* val) {
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) out[d] += wt * val[d];
-    }
+      for (int64_t d = 0; d < head_dim; ++d) out[d] += weight * val[d];
+    });
+    for (int64_t d = 0; d < head_dim; ++d) out[d] *= inv;
   }
-  for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
 
 // One row's attention for the G query heads that share one kv head: q (G, D) against keys
