@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -99,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--contexts {too_long[0]}: this model's context is {engine.max_seq_len} tokens", file=sys.stderr)
         return 2
 
-    saved = native_step.os.environ.pop(native_step.DISABLE_ENV, None)
+    saved = os.environ.pop(native_step.DISABLE_ENV, None)  # the test suite sets it; this script measures it
     try:
         module = native_step.load(build=True)
     finally:
         if saved is not None:
-            native_step.os.environ[native_step.DISABLE_ENV] = saved
+            os.environ[native_step.DISABLE_ENV] = saved
     paths: list[tuple[str, object]] = [("torch", None)]
     if module is not None:
         paths.append(("native fp32", torch.float32))
