@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.checkpoint import load_model
     from model.cli import default_model_dir
     from model.engine import Engine, SamplingParams
+    from model.fast_decode import DecodePlan
     from model.tokenizer import load_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -106,13 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if saved is not None:
             os.environ[native_step.DISABLE_ENV] = saved
-    paths: list[tuple[str, object]] = [("torch", None)]
+    # one plan per path over the same model and cache, each packed once
+    paths: list[tuple[str, DecodePlan]] = [("torch", plan)]
     if module is not None:
-        paths.append(("native fp32", torch.float32))
-        plan.enable_native(module)
-        if plan.native_dtype == torch.bfloat16:
-            paths.append(("native bf16", None))
-        plan.disable_native()
+        fp32 = DecodePlan(engine.model)
+        fp32.enable_native(module, torch.float32)
+        paths.append(("native fp32", fp32))
+        auto = DecodePlan(engine.model)
+        auto.enable_native(module)
+        if auto.native_dtype == torch.bfloat16:
+            paths.append(("native bf16", auto))
 
     rows = []
     ok = True
@@ -130,14 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             batch = engine.cache.batch([r.blocks for r in requests], [context - 1] * batch_size, [1] * batch_size)
             row = {"batch": batch_size, "context": context, "ms": {}, "max_abs_diff": {}}
             reference = None
-            for name, dtype in paths:
-                if name == "torch":
-                    plan.disable_native()
-                else:
-                    plan.enable_native(module, dtype)
-
-                def step():
-                    return plan(tokens, engine.cache, batch)
+            for name, path in paths:
+                def step(path=path):
+                    return path(tokens, engine.cache, batch)
 
                 logits = step()
                 if reference is None:
@@ -147,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
                     row["max_abs_diff"][name] = diff
                     ok &= diff <= TOLERANCE
                 row["ms"][name] = time_call(step, calls) * 1e3
-            plan.disable_native()
             for r in requests:
                 engine.abort(r)
             while engine.has_work:

@@ -2,10 +2,10 @@
 
 The torch path stays the reference and the fallback: the native step is used only when it
 is built, the model is small (`fast_decode.FOLD_LIMIT_BYTES`) and its weights are fp32 in
-memory (read by the step as bf16 when that is exact). Building needs a C++ compiler and takes ~20-40 s once; the result is
-cached under ``$KILN_CACHE_DIR`` (default ``~/.cache/kiln``) in a directory named after a
-hash of the source, the flags, torch's version and this CPU, so a change of any of them
-builds afresh. `make serve` builds it before starting the server; a server started
+memory (read by the step as bf16 when that is exact). Building needs a C++ compiler and takes
+~20-40 s once; the result is cached under ``$KILN_CACHE_DIR`` (default ``~/.cache/kiln``) in
+a directory named after a hash of the source, the flags, torch's version and this CPU, so a
+change of any of them builds afresh. `make serve` builds it before starting the server; a server started
 without it builds it in the background and switches to it when ready.
 
     python -m model.native          # build (or find) it and print where it is
