@@ -22,6 +22,7 @@ Owns three things every kernel file needs:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -39,12 +40,22 @@ MIN_TRITON_VERSION = (3, 6)
 
 
 def triton_importable() -> bool:
-    """True when a ``triton`` >= 3.6 is installed (checked without importing it)."""
+    """True when a ``triton`` >= 3.6 is installed (checked without importing it).
+
+    Every kernel launch asks this (through ``triton_available``), so the slow part, reading
+    the installed version from package metadata (hundreds of microseconds where many
+    packages are installed), is done once per process.
+    """
     try:
         if importlib.util.find_spec("triton") is None:
             return False
     except (ImportError, ValueError):  # e.g. sys.modules["triton"] is None
         return False
+    return _installed_triton_is_recent()
+
+
+@functools.cache
+def _installed_triton_is_recent() -> bool:
     try:
         release = importlib.metadata.version("triton").split("+")[0].split(".")
         return tuple(int(part) for part in release[:2]) >= MIN_TRITON_VERSION
