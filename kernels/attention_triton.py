@@ -105,6 +105,9 @@ def attn_fwd_kernel(
     q = load_rows(Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qt, offs_m, stride_qt,
                   offs_d, stride_qd, row_ok)  # (BLOCK_M, D)
 
+    # Float arguments arrive as fp32 from a plain launch but as fp64 from torch.compile's
+    # (inductor's) launcher: pin them to fp32 so the math and the dot accumulators stay fp32.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     # Running max starts finite so a fully masked block gives exp2(-inf) = 0, not NaN.
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # row max of scores * qk_scale
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # row sum of exp2
@@ -192,6 +195,8 @@ def attn_bwd_dkdv_kernel(
 ):
     # One program per (key block, batch, kv head): dK and dV stay in registers while it
     # walks every query block of every query head in its GQA group.
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 under torch.compile (see the forward)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     start_n = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // n_kv_heads).to(tl.int64)
@@ -272,6 +277,8 @@ def attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program per (query block, batch, head); the key loop mirrors the forward.
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 under torch.compile (see the forward)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // n_heads).to(tl.int64)

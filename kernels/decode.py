@@ -262,6 +262,7 @@ def _decode_split_kernel(
 ):
     # Program (split, b * Hkv + kv head): online softmax over one part of row b's keys
     # for all query heads of the kv head's group at once (rows of a (BLOCK_G, D) tile).
+    qk_scale = tl.cast(qk_scale, tl.float32)  # a float argument is fp64 under torch.compile's launcher
     split = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // n_kv_heads).to(tl.int64)

@@ -129,6 +129,7 @@ def _check_inputs(x: torch.Tensor, temperature: float | torch.Tensor) -> None:
 def _softmax_row_kernel(X, Y, T, stride_x, stride_y, n_cols, scale, PER_ROW_T: tl.constexpr, BLOCK: tl.constexpr):
     # One program per row; the whole row sits in registers. scale = log2(e) / temperature.
     row = tl.program_id(0).to(tl.int64)
+    scale = tl.cast(scale, tl.float32)  # fp64 when launched by torch.compile
     if PER_ROW_T:
         scale = scale / tl.load(T + row)
     cols = tl.arange(0, BLOCK)
@@ -145,6 +146,7 @@ def _softmax_chunk_stats_kernel(
 ):
     # Pass 1 over a long row: (max, sum exp2((x - max) * scale)) of one chunk.
     row = tl.program_id(0).to(tl.int64)
+    scale = tl.cast(scale, tl.float32)  # fp64 when launched by torch.compile
     chunk = tl.program_id(1)
     if PER_ROW_T:
         scale = scale / tl.load(T + row)
@@ -164,6 +166,7 @@ def _softmax_chunk_normalize_kernel(
 ):
     # Pass 2: merge the row's chunk stats (a few dozen floats), write this chunk.
     row = tl.program_id(0).to(tl.int64)
+    scale = tl.cast(scale, tl.float32)  # fp64 when launched by torch.compile
     chunk = tl.program_id(1)
     if PER_ROW_T:
         scale = scale / tl.load(T + row)

@@ -122,3 +122,64 @@ def test_check_catches_what_only_the_compiler_rejects(tmp_path):
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     errors = compiled.stdout.split("ERRORS", 1)[1]
     assert "early exit" in errors and "break" in errors.lower(), compiled.stdout[-3000:]
+
+
+# torch.compile (inductor) launches user Triton kernels through its own launcher, which
+# types a Python float argument fp64 where a plain launch types it fp32. A kernel whose
+# fp32 math meets an fp64 scale then promotes its accumulators to fp64 and fails to
+# compile (seen on the H200: `tl.dot` asserted acc fp64 != fp32 in the attention forward).
+FP64_SCALARS = '''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+
+import compile_check
+from kernels import attention, decode, softmax
+from triton.runtime import driver
+
+CONSTEXPRS = {"CAUSAL": True, "VARLEN": False, "HEAD_DIM": 64, "DOT_PRECISION": "tf32", "BLOCK_M": 64,
+              "BLOCK_N": 64, "BLOCK_G": 16, "SPLIT": True, "PER_ROW_T": False, "BLOCK": 1024, "CHUNKS_POW2": 4}
+FP32_POINTERS = {"Lse", "Delta", "OutPartial", "LsePartial", "M", "S", "T", "Y"}
+INT_POINTERS = {"CuSeqlensQ", "CuSeqlensK", "BlockTable", "Lengths"}
+
+
+def arg_type(name):
+    if "scale" in name:
+        return "fp64"  # what inductor's launcher passes for a Python float
+    if name in INT_POINTERS:
+        return "*i32"
+    if name[0].isupper():
+        return "*fp32" if name in FP32_POINTERS else "*bf16"
+    return "i32"
+
+
+driver.set_active(compile_check._OfflineDriver(90))
+target = GPUTarget("cuda", 90, 32)
+compiled = []
+for module in (attention, decode, softmax):
+    for handle in vars(module._kernels(False)).values():
+        jit = handle.fn.fn if isinstance(handle.fn, Autotuner) else handle.fn
+        if not any("scale" in name for name in jit.arg_names):
+            continue
+        constexprs = {p.name: CONSTEXPRS[p.name] for p in jit.params if p.is_constexpr}
+        signature = {name: "constexpr" if name in constexprs else arg_type(name) for name in jit.arg_names}
+        try:
+            triton.compile(ASTSource(jit, signature, constexprs), target=target,
+                           options={"num_warps": 4, "num_stages": 2})
+            compiled.append(jit.__name__)
+        except Exception as exc:
+            raise SystemExit(f"{jit.__name__} fails with fp64 float arguments: {exc}")
+print("COMPILED", sorted(compiled))
+'''
+
+
+def test_kernels_compile_with_fp64_float_arguments_as_torch_compile_passes_them(tmp_path):
+    script = tmp_path / "fp64_scalars.py"
+    script.write_text(FP64_SCALARS)
+    proc = _run([str(script)], tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    compiled = proc.stdout.split("COMPILED", 1)[1]
+    for name in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "_decode_split_kernel",
+                 "_softmax_row_kernel", "_softmax_chunk_stats_kernel", "_softmax_chunk_normalize_kernel"):
+        assert name in compiled, proc.stdout[-2000:]
