@@ -342,7 +342,9 @@ def _decode_merge_kernel(
 
 
 def _split_configs() -> list:
-    shapes = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 2)]
+    # (32, 4, 2) and (128, 4, 2) were the fastest at B1 L8192 and B32 L2048 on an H200
+    # (bench/decode_configs.py, bench/RESULTS.md)
+    shapes = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 2), (32, 4, 2), (128, 4, 2)]
     return [config(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in shapes]
 
 
