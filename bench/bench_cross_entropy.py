@@ -53,8 +53,10 @@ def main() -> None:
         logits = torch.randn(n_rows, n_cols, device="cuda").mul_(2).to(dtype).requires_grad_()
         targets = torch.randint(0, n_cols, (n_rows,), device="cuda")
         targets[::7] = -100
-        err = (ce.cross_entropy(logits, targets).float() - F.cross_entropy(logits.float(), targets)).abs().item()
-        if err > 1e-2:
+        expected = F.cross_entropy(logits.float(), targets)
+        err = (ce.cross_entropy(logits, targets).float() - expected).abs().item()
+        # the loss is returned in the logits dtype (as F.cross_entropy's is): allow its rounding
+        if err > 1e-2 + torch.finfo(dtype).eps * expected.abs().item():
             raise SystemExit(f"kiln cross_entropy disagrees with F.cross_entropy at {n_rows}x{n_cols}: {err:.2e}")
         rows = {}
         for name, fn in {"kiln fused": ce.cross_entropy, **baselines}.items():

@@ -51,6 +51,14 @@ def build_hf_tokenizer(out_dir: Path, vocab_size: int = 384, bos: bool = False) 
     return out_dir
 
 
+@pytest.fixture(autouse=True)
+def _release_gpu_memory():
+    """Hand cached GPU memory back after each test: parallel workers (pytest -n) share one GPU."""
+    yield
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls: one thread is faster, and immune to other processes on a shared 2-core box.

@@ -79,12 +79,21 @@ def test_needs_the_triton_backend():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @torch.no_grad()
-def test_graphed_engine_equals_eager_engine_on_gpu(llama_dir):
-    from model.cli import load_engine
+def test_graphed_engine_equals_eager_engine_on_gpu(tokenizer_dir):
     from model.engine import Engine, SamplingParams
+    from model.tokenizer import load_tokenizer
 
-    eager = load_engine(str(llama_dir), "cuda", "fp32", max_batch_size=4, cuda_graphs=False)
-    graphed = Engine(eager.model, eager.tokenizer, max_batch_size=4, cuda_graphs=True)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    # head dim 16: the Triton backend (and so the graphs) needs a head dim in TRITON_HEAD_DIMS
+    config = ModelConfig(vocab_size=tokenizer.n_vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96,
+                         max_seq_len=64)
+    torch.manual_seed(0)
+    model = build_model(config, Transformer(config).state_dict(), torch.device("cuda"), torch.float32,
+                        attn_backend="triton")
+    # a fixed pool: sizing it from free memory depends on what else holds the GPU (parallel tests)
+    eager = Engine(model, tokenizer, max_batch_size=4, cuda_graphs=False, num_blocks=64)
+    graphed = Engine(model, tokenizer, max_batch_size=4, cuda_graphs=True, num_blocks=64)
+    assert eager._graphs is None
     assert graphed._graphs is not None and graphed._graphs.enabled
     prompts = [eager.tokenizer.encode(p) for p in ("The quick brown", "def add(a, b):", "To be")]
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
