@@ -63,6 +63,39 @@ def run(engine: Engine, prompts, params, stagger: int = 1, abort_at: dict[int, i
     return requests, [seen.get(r.request_id) for r in requests]
 
 
+def same_outputs(got, expected, what: str = "outputs") -> None:
+    """Ids, text and finish exactly; logprobs to 1e-3: a batch of another shape may round a
+    matmul differently on the CPU, moving a logprob by one unit in its 4th decimal."""
+    assert len(got) == len(expected), what
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if g is None or e is None:
+            assert g is e, f"{what}: request {i}"
+            continue
+        exact = ("ids", "text", "finish")
+        assert {k: g[k] for k in exact} == {k: e[k] for k in exact}, f"{what}: request {i}"
+        for key in ("lps", "prompt_lps"):
+            assert (g[key] is None) == (e[key] is None), f"{what}: request {i} {key}"
+            assert flat_logprobs(g[key] or []) == pytest.approx(flat_logprobs(e[key] or []), abs=1e-3, nan_ok=True), \
+                f"{what}: request {i} {key}"
+            assert flat_ids(g[key] or []) == flat_ids(e[key] or []), f"{what}: request {i} {key} ids"
+
+
+def flat_logprobs(entries) -> list[float]:
+    values = []
+    for entry in entries:
+        values.append(float("nan") if entry[1] is None else entry[1])
+        values += [v for _, v in (entry[2] if len(entry) > 2 else [])]
+    return values
+
+
+def flat_ids(entries) -> list[int]:
+    ids = []
+    for entry in entries:
+        ids.append(entry[0])
+        ids += [t for t, _ in (entry[2] if len(entry) > 2 else [])]
+    return ids
+
+
 def mixed_workload(engine: Engine, ref_text: str, ref_ids: list[int]):
     tok = engine.tokenizer
     prompts = [tok.encode(SYSTEM + q) for q in QUESTIONS] + [tok.encode(SYSTEM), tok.encode("Hello")]
@@ -92,7 +125,7 @@ def test_async_equals_sync_on_a_mixed_workload(hf_dir):
     _, expected = run(sync, prompts, params)
     engine = twin(sync)
     requests, got = run(engine, prompts, params)
-    assert got == expected
+    same_outputs(got, expected)
     # the workload did what it is meant to: stops found mid-stream, a length finish, an empty one
     assert [e["finish"] for e in expected[:2]] == ["stop", "stop"] and len(expected[0]["ids"]) < 24
     assert len(expected[4]["ids"]) >= 6
@@ -149,7 +182,7 @@ def test_preemption_with_async_scheduling(hf_dir):
     engine = twin(engine)
     requests, got = run(engine, prompts, params)
     assert engine.num_preemptions > 0
-    assert got == expected
+    same_outputs(got, expected)
     assert_pool_empty(engine)
 
 
@@ -173,7 +206,7 @@ def test_random_workload_with_aborts(llama_dir):
         if i in aborts:
             assert e is None or g is None or e["ids"][: len(g["ids"])] == g["ids"]
         else:
-            assert g == e, f"request {i}"
+            same_outputs([g], [e], f"request {i}")
     assert_pool_empty(engine)
 
 
@@ -181,7 +214,7 @@ def test_random_workload_with_aborts(llama_dir):
 @torch.no_grad()
 def test_async_equals_sync_on_gpu(llama_dir):
     sync = load_engine(str(llama_dir), "cuda", "fp32", max_batch_size=4, block_size=4, max_prefill_tokens=16,
-                       async_scheduling=False)
+                       async_scheduling=False, num_blocks=256)  # fixed: free memory varies with parallel tests
     prompt = sync.tokenizer.encode(SYSTEM + QUESTIONS[0])
     ref = list(sync.generate(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)))
     prompts, params = mixed_workload(sync, "".join(o.text for o in ref), [t for o in ref for t in o.token_ids])
