@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks, in stages sized for a lent GPU machine (at most 10 minutes a
-# call, about 30 minutes in all). The machine has torch, triton, transformers, tiktoken and
-# pytest but not the server's packages, and cannot download: they travel as wheels.
+# The GPU checks and benchmarks, sized for a lent GPU machine (at most 10 minutes a call; a
+# lease is now 15 minutes of device time in all, machine starts included). The machine has
+# torch, triton, transformers, tiktoken and pytest but not the server's packages, and cannot
+# download: they travel as wheels.
 #
 # Here, once (downloads cp312 wheels of the server's packages into .whl, git-ignored):
 #   bash bench/gpu_session.sh wheels
-# There, one stage per call (the device tool's `run`, carrying .whl), in this order:
+# There, with a 15-minute lease: `quick` runs the phases named, each capped by its own timeout,
+# so one call (carrying .whl) does a lease's worth and still returns what it measured:
+#   bash bench/gpu_session.sh quick tests kernels serve-llama-1.1b   # ~6 minutes
+#   bash bench/gpu_session.sh quick retests kernels train decode-configs
+# Phases: tests (every GPU test, 8 workers), retests (those a first lease found failing),
+# kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes),
+# decode-configs (GPU time of each decode launch config, CUDA-graph replay),
+# serve-SHAPE (serve_bench at one shape, reduced online load), train (training MFU).
+# The full-length stages, one per call, for a longer lease:
 #   bash bench/gpu_session.sh tests     # GPU correctness: kernels, CUDA graphs, async scheduling
 #   bash bench/gpu_session.sh kernels   # attention, decode, softmax, cross-entropy vs PyTorch
 #   bash bench/gpu_session.sh serve [SHAPE]  # serving: batch 1 vs roofline and HF, batches, online load
@@ -63,7 +72,54 @@ stage() {  # stage NAME COMMAND...: run with the stage timeout, log to $OUT/NAME
     echo "== $name exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
 }
 
+quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its own timeout
+    setup
+    local phase
+    for phase in "$@"; do
+        case "$phase" in
+            tests)
+                STAGE_TIMEOUT=150 stage tests python3 -m pytest -p no:cacheprovider -n 8 -q -rs --timeout 120 \
+                    --durations=10 -k gpu tests/test_kernels_attention.py tests/test_kernels_decode.py \
+                    tests/test_kernels_softmax.py tests/test_kernels_cross_entropy.py tests/test_cuda_graphs.py \
+                    tests/test_async_scheduling.py
+                ;;
+            retests)  # the GPU tests a first lease found failing, and nothing else
+                STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -n 4 -q -rs --timeout 100 \
+                    tests/test_kernels_cross_entropy.py tests/test_cuda_graphs.py tests/test_async_scheduling.py \
+                    -k "gpu_cross_entropy_real_shapes or on_gpu"
+                ;;
+            decode-configs)
+                STAGE_TIMEOUT=60 stage kernels python3 bench/decode_configs.py --rep 30
+                ;;
+            kernels)
+                STAGE_TIMEOUT=70 stage kernels python3 bench/bench_attention.py --dtype bf16 --mode fwd,fwd_bwd \
+                    --seqlens 1024,4096,16384 --rep 30
+                STAGE_TIMEOUT=20 stage kernels python3 bench/bench_attention.py --dtype bf16 --mode fwd --gqa 4 \
+                    --seqlens 4096 --head-dims 128 --rep 30
+                STAGE_TIMEOUT=30 stage kernels python3 bench/bench_decode.py --dtype bf16 --rep 50
+                STAGE_TIMEOUT=20 stage kernels python3 bench/bench_softmax.py --dtypes fp32 --rep 50
+                STAGE_TIMEOUT=30 stage kernels python3 bench/bench_cross_entropy.py --dtype bf16 --rep 50
+                ;;
+            serve-*)
+                STAGE_TIMEOUT=170 stage serve python3 bench/serve_bench.py --shapes "${phase#serve-}" --reps 1 \
+                    --online-requests 48 --online-rates 8,32 --online-time-limit 25 --markdown \
+                    --json "$OUT/serve-${phase#serve-}.json"
+                ;;
+            train)
+                STAGE_TIMEOUT=150 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 20 --warmup 5
+                ;;
+            *)
+                echo "unknown phase $phase" >&2
+                ;;
+        esac
+    done
+}
+
 case "${1:-}" in
+    quick)
+        shift
+        quick "$@"
+        ;;
     wheels)
         wheels
         ;;
