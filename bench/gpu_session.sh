@@ -13,7 +13,8 @@
 # Phases: tests (every GPU test, 8 workers), retests (those a first lease found failing),
 # kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes),
 # decode-configs (GPU time of each decode launch config, CUDA-graph replay),
-# serve-SHAPE (serve_bench at one shape, reduced online load), train (training MFU).
+# serve-SHAPE (serve_bench at one shape, reduced online load), train (training MFU),
+# profile (bench/profile_step.py: host and GPU time of a batch-1 decode step, 1.1B shape).
 # The full-length stages, one per call, for a longer lease:
 #   bash bench/gpu_session.sh tests     # GPU correctness: kernels, CUDA graphs, async scheduling
 #   bash bench/gpu_session.sh kernels   # attention, decode, softmax, cross-entropy vs PyTorch
@@ -99,6 +100,9 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 STAGE_TIMEOUT=30 stage kernels python3 bench/bench_decode.py --dtype bf16 --rep 50
                 STAGE_TIMEOUT=20 stage kernels python3 bench/bench_softmax.py --dtypes fp32 --rep 50
                 STAGE_TIMEOUT=30 stage kernels python3 bench/bench_cross_entropy.py --dtype bf16 --rep 50
+                ;;
+            profile)  # where a batch-1 decode step of the 1.1B shape spends its time (host vs GPU)
+                STAGE_TIMEOUT=120 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64
                 ;;
             serve-*)
                 STAGE_TIMEOUT=170 stage serve python3 bench/serve_bench.py --shapes "${phase#serve-}" --reps 1 \

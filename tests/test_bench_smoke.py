@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,18 @@ def test_decode_step_bench_quick(llama_dir, tmp_path):
         assert set(row["ms"]) == set(report["paths"]) and all(0 < v < 1e4 for v in row["ms"].values())
         assert all(d <= 1e-3 for d in row["max_abs_diff"].values())
     assert proc.stdout.startswith("## CPU decode step, ") and "| 3 | 40 |" in proc.stdout
+
+
+def test_profile_step_runs_on_the_cpu(tokenizer_dir):
+    """bench/profile_step.py (the GPU step profiler) end to end at a tiny shape on the CPU."""
+    cmd = [sys.executable, str(ROOT / "bench" / "profile_step.py"), "--shape", "tiny-llama", "--device", "cpu",
+           "--steps", "4", "--top", "5", "--tokenizer", str(tokenizer_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    out = proc.stdout
+    assert out.startswith("tiny-llama on cpu, fp32, batch 1;"), out
+    assert "ms per decode step" in out and "host: cProfile over 4 steps" in out, out
+    rows = [line for line in out.splitlines() if re.match(r"\s+\d+(/\d+)?\s+\d+\.\d{3}\s", line)]
+    assert len(rows) == 5, out  # --top 5 rows of the host profile
+    bad = subprocess.run([*cmd[:2], "--steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--steps must be >= 1, got 0" in bad.stderr
