@@ -108,6 +108,19 @@ def test_native_step_rejects_bad_input(llama_dir, native_module):
         native_module.decode_step(*ok[:3], cache.k.half(), cache.v.half(), *ok[5:])
 
 
+def test_native_step_runs_on_torchs_threads(native_module):
+    """at::parallel_for in the module runs on torch's intra-op threads: it is OpenMP pragmas in
+    ATen's headers, so a build without -fopenmp silently ran every product on one thread."""
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert native_module.parallel_threads(64) == 2
+        torch.set_num_threads(1)
+        assert native_module.parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def avx2_module(native_module):
     """The same source built without AVX-512, as on most laptops and desktops: its attention takes
@@ -122,7 +135,7 @@ def avx2_module(native_module):
     directory.mkdir(parents=True, exist_ok=True)
     return load_extension(name="kiln_native_avx2_" + native_step.build_dir().name,
                           sources=[str(native_step.SOURCE)], extra_cflags=[*native_step.FLAGS, "-mno-avx512f"],
-                          build_directory=str(directory), verbose=False)
+                          extra_ldflags=native_step.LDFLAGS, build_directory=str(directory), verbose=False)
 
 
 @pytest.mark.parametrize("build", ["native", "avx2"])

@@ -25,7 +25,11 @@ from types import ModuleType
 log = logging.getLogger("kiln.native")
 
 SOURCE = Path(__file__).with_name("decode_step.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
+# -fopenmp: ATen's parallel_for is OpenMP pragmas in its headers (torch is built with
+# AT_PARALLEL_OPENMP), so without it every parallel_for here ran on one thread. The module links
+# libgomp.so.1, the soname of the OpenMP runtime torch loads: one runtime, one thread pool.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
+LDFLAGS = ["-fopenmp"]
 DISABLE_ENV = "KILN_NO_NATIVE"  # set to 1 to never use (or build) the native step
 
 _lock = threading.Lock()
@@ -46,7 +50,7 @@ def _cpu_id() -> str:
 def build_dir() -> Path:
     import torch
 
-    key = "\n".join([SOURCE.read_text(), " ".join(FLAGS), torch.__version__, sys.version, _cpu_id()])
+    key = "\n".join([SOURCE.read_text(), " ".join(FLAGS + LDFLAGS), torch.__version__, sys.version, _cpu_id()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = Path(os.environ.get("KILN_CACHE_DIR", Path.home() / ".cache" / "kiln"))
     return root / "native" / digest
@@ -75,7 +79,7 @@ def load(build: bool = True) -> ModuleType | None:
 
             directory.mkdir(parents=True, exist_ok=True)
             _module = load_extension(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS,
-                                     build_directory=str(directory), verbose=False)
+                                     extra_ldflags=LDFLAGS, build_directory=str(directory), verbose=False)
         except Exception as e:  # noqa: BLE001 -- no compiler or headers: the torch path serves
             _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             log.warning("the native CPU decode step is unavailable, using the torch path: %s", _error)

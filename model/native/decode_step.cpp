@@ -442,6 +442,20 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
   return logits;
 }
 
+// How many threads one at::parallel_for over `n` items runs on: torch's intra-op count when
+// this file was built with OpenMP (as ATen's parallel_for needs), 1 when the pragma was dropped.
+int64_t parallel_threads(int64_t n) {
+  std::vector<int> used(static_cast<size_t>(std::max<int64_t>(1, at::get_num_threads())), 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int id = at::get_thread_num();
+    if (id >= 0 && id < static_cast<int>(used.size())) used[id] = 1;
+  });
+  int64_t count = 0;
+  for (int u : used) count += u;
+  return count;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "Kiln's fused CPU decode step (fp32 math; fp32 or bf16 weights)");
+  m.def("parallel_threads", &parallel_threads, "threads one at::parallel_for over n items runs on");
 }
