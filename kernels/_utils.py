@@ -196,7 +196,13 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 
 
 def check_triton_device(func: str, device: torch.device) -> None:
-    """Raise ValueError when the Triton path cannot run on ``device``."""
+    """Raise ValueError when the Triton path cannot run on ``device``.
+
+    Skipped while torch.compile traces (the check reads package metadata, which Dynamo cannot
+    trace): the launchers behind ``kernel_op`` check again when they run.
+    """
+    if torch.compiler.is_compiling():
+        return
     if not triton_available(device):
         if not triton_importable():
             reason = "triton >= 3.6 is not installed"
@@ -208,3 +214,24 @@ def check_triton_device(func: str, device: torch.device) -> None:
             f"{func} needs a CUDA tensor with triton installed (or TRITON_INTERPRET=1), "
             f"but {reason}; call {func}_reference for the plain-torch path"
         )
+
+
+def kernel_op(name: str, schema: str, impl: Callable[..., Any], fake: Callable[..., Any]) -> Callable[..., Any]:
+    """Register ``impl`` (a launcher: allocate outputs, launch kernels) as the custom op ``kiln::name``.
+
+    Returns a function that calls ``impl`` directly when run eagerly (no dispatcher overhead on
+    every launch) and the op while torch.compile traces: Dynamo then sees one opaque call whose
+    output shapes come from ``fake``, rather than tracing Triton's launcher, which it cannot
+    follow without graph breaks (and under ``TRITON_INTERPRET=1`` not at all). ``schema`` is the
+    op's argument list and returns, e.g. ``"(Tensor x, float scale) -> Tensor"``.
+    """
+    op = torch.library.custom_op(f"kiln::{name}", impl, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+
+    def call(*args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return impl(*args)
+
+    call.op = op  # type: ignore[attr-defined]
+    return call

@@ -52,6 +52,7 @@ from kernels._utils import (
     interpreting,
     jit_helpers,
     jit_kernel,
+    kernel_op,
     next_power_of_2,
     triton_available,
 )
@@ -270,62 +271,100 @@ class _Shapes:
                        lse_shape, lse_strides)
 
 
+def _forward_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    """Launch the forward: (out, lse), lse fp32 in log2 units, shaped per ``_Shapes.lse_shape``."""
+    check_triton_device("flash_attention", q.device)
+    varlen = cu_q is not None
+    shapes = _Shapes.of(q, k, cu_q, max_q, max_k)
+    # Packed tokens past cu_seqlens_q[-1] belong to no sequence: zeros, not garbage.
+    out = torch.zeros_like(q) if varlen else torch.empty_like(q)
+    lse = torch.empty(shapes.lse_shape, device=q.device, dtype=torch.float32)
+    if shapes.batch > 0 and shapes.seqlen_q > 0:
+        kernels = _kernels(interpreting())
+        grid = lambda meta: (_cdiv(shapes.seqlen_q, meta["BLOCK_M"]), shapes.batch * shapes.n_heads)  # noqa: E731
+        kernels.forward[grid](
+            q, k, v, out, lse, cu_q if varlen else lse, cu_k if varlen else lse,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+            *shapes.lse_strides, shapes.seqlen_q, shapes.seqlen_k, shapes.n_heads, shapes.group,
+            scale * LOG2E, _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k),
+            CAUSAL=causal, VARLEN=varlen, HEAD_DIM=shapes.head_dim, DOT_PRECISION=_dot_precision(q.dtype),
+        )
+    return out, lse
+
+
+def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    shapes = _Shapes.of(q, k, cu_q, max_q, max_k)
+    return torch.empty_like(q), q.new_empty(shapes.lse_shape, dtype=torch.float32)
+
+
+def _backward_impl(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    """Launch the backward: (dq, dk, dv)."""
+    check_triton_device("flash_attention", q.device)
+    shapes = _Shapes.of(q, k, cu_q, max_q, max_k)
+    varlen = cu_q is not None
+    new_grad = torch.zeros_like if varlen else torch.empty_like  # packed padding gets zero gradient
+    dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
+    if shapes.batch == 0 or shapes.seqlen_q == 0 or shapes.seqlen_k == 0:
+        return dq, dk, dv
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    kernels = _kernels(interpreting())
+    cu_q_arg, cu_k_arg = (cu_q, cu_k) if varlen else (lse, lse)
+    delta = torch.empty_like(lse)  # rowsum(dO * O), fp32, laid out like lse
+    rows_grid = lambda meta: (_cdiv(shapes.seqlen_q, meta["BLOCK_M"]), shapes.batch * shapes.n_heads)  # noqa: E731
+    kernels.preprocess[rows_grid](
+        out, grad_out, delta, cu_q_arg, *_strides(out, varlen), *_strides(grad_out, varlen),
+        *shapes.lse_strides, shapes.seqlen_q, shapes.n_heads, VARLEN=varlen, HEAD_DIM=shapes.head_dim,
+    )
+    common = dict(CAUSAL=causal, VARLEN=varlen, HEAD_DIM=shapes.head_dim, DOT_PRECISION=_dot_precision(q.dtype))
+    kv_grid = lambda meta: (_cdiv(shapes.seqlen_k, meta["BLOCK_N"]), shapes.batch * shapes.n_kv_heads)  # noqa: E731
+    kernels.dkdv[kv_grid](
+        q, k, v, grad_out, dk, dv, lse, delta, cu_q_arg, cu_k_arg,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(grad_out, varlen),
+        *_strides(dk, varlen), *_strides(dv, varlen), *shapes.lse_strides,
+        shapes.seqlen_q, shapes.seqlen_k, shapes.n_kv_heads, shapes.group, scale, scale * LOG2E,
+        _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k), **common,
+    )
+    kernels.dq[rows_grid](
+        q, k, v, grad_out, dq, lse, delta, cu_q_arg, cu_k_arg,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(grad_out, varlen),
+        *_strides(dq, varlen), *shapes.lse_strides,
+        shapes.seqlen_q, shapes.seqlen_k, shapes.n_heads, shapes.group, scale, scale * LOG2E,
+        _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k), **common,
+    )
+    return dq, dk, dv
+
+
+def _backward_fake(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# Custom ops, so torch.compile (training) treats each launcher as one opaque call.
+_forward = kernel_op(
+    "flash_attention_forward",
+    "(Tensor q, Tensor k, Tensor v, Tensor? cu_q, Tensor? cu_k, SymInt max_q, SymInt max_k, bool causal, "
+    "float scale) -> (Tensor, Tensor)",
+    _forward_impl, _forward_fake,
+)
+_backward = kernel_op(
+    "flash_attention_backward",
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_q, Tensor? cu_k, "
+    "SymInt max_q, SymInt max_k, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
+    _backward_impl, _backward_fake,
+)
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-        varlen = cu_q is not None
-        shapes = _Shapes.of(q, k, cu_q, max_q, max_k)
-        # Packed tokens past cu_seqlens_q[-1] belong to no sequence: zeros, not garbage.
-        out = torch.zeros_like(q) if varlen else torch.empty_like(q)
-        lse = torch.empty(shapes.lse_shape, device=q.device, dtype=torch.float32)  # log2 units
-        if shapes.batch > 0 and shapes.seqlen_q > 0:
-            kernels = _kernels(interpreting())
-            grid = lambda meta: (_cdiv(shapes.seqlen_q, meta["BLOCK_M"]), shapes.batch * shapes.n_heads)  # noqa: E731
-            kernels.forward[grid](
-                q, k, v, out, lse, cu_q if varlen else lse, cu_k if varlen else lse,
-                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
-                *shapes.lse_strides, shapes.seqlen_q, shapes.seqlen_k, shapes.n_heads, shapes.group,
-                scale * LOG2E, _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k),
-                CAUSAL=causal, VARLEN=varlen, HEAD_DIM=shapes.head_dim, DOT_PRECISION=_dot_precision(q.dtype),
-            )
+        out, lse = _forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.shapes, ctx.causal, ctx.scale = shapes, causal, scale
+        ctx.max_q, ctx.max_k, ctx.causal, ctx.scale = max_q, max_k, causal, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        shapes, causal, scale = ctx.shapes, ctx.causal, ctx.scale
-        varlen = cu_q is not None
-        new_grad = torch.zeros_like if varlen else torch.empty_like  # packed padding gets zero gradient
-        dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
-        if shapes.batch == 0 or shapes.seqlen_q == 0 or shapes.seqlen_k == 0:
-            return dq, dk, dv, None, None, None, None, None, None
-        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        kernels = _kernels(interpreting())
-        cu_q_arg, cu_k_arg = (cu_q, cu_k) if varlen else (lse, lse)
-        delta = torch.empty_like(lse)  # rowsum(dO * O), fp32, laid out like lse
-        rows_grid = lambda meta: (_cdiv(shapes.seqlen_q, meta["BLOCK_M"]), shapes.batch * shapes.n_heads)  # noqa: E731
-        kernels.preprocess[rows_grid](
-            out, grad_out, delta, cu_q_arg, *_strides(out, varlen), *_strides(grad_out, varlen),
-            *shapes.lse_strides, shapes.seqlen_q, shapes.n_heads, VARLEN=varlen, HEAD_DIM=shapes.head_dim,
-        )
-        common = dict(CAUSAL=causal, VARLEN=varlen, HEAD_DIM=shapes.head_dim, DOT_PRECISION=_dot_precision(q.dtype))
-        kv_grid = lambda meta: (_cdiv(shapes.seqlen_k, meta["BLOCK_N"]), shapes.batch * shapes.n_kv_heads)  # noqa: E731
-        kernels.dkdv[kv_grid](
-            q, k, v, grad_out, dk, dv, lse, delta, cu_q_arg, cu_k_arg,
-            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(grad_out, varlen),
-            *_strides(dk, varlen), *_strides(dv, varlen), *shapes.lse_strides,
-            shapes.seqlen_q, shapes.seqlen_k, shapes.n_kv_heads, shapes.group, scale, scale * LOG2E,
-            _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k), **common,
-        )
-        kernels.dq[rows_grid](
-            q, k, v, grad_out, dq, lse, delta, cu_q_arg, cu_k_arg,
-            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(grad_out, varlen),
-            *_strides(dq, varlen), *shapes.lse_strides,
-            shapes.seqlen_q, shapes.seqlen_k, shapes.n_heads, shapes.group, scale, scale * LOG2E,
-            _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k), **common,
-        )
+        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None, None, None, None
 
 

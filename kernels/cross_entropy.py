@@ -48,6 +48,7 @@ from kernels._utils import (
     config,
     interpreting,
     jit_kernel,
+    kernel_op,
     next_power_of_2,
     triton_available,
 )
@@ -201,41 +202,42 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class _CrossEntropy(torch.autograd.Function):
-    """Per-row loss (N,) fp32 with the fused backward."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index):
-        if logits.stride(-1) != 1:
-            logits = logits.contiguous()
-        targets = targets.contiguous()
-        loss, lse = _forward_rows(logits, targets, ignore_index)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.ignore_index = ignore_index
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, targets, lse = ctx.saved_tensors
-        valid = targets != ctx.ignore_index
-        grad_rows = torch.where(valid, grad_loss.float(), 0.0).contiguous()  # (N,) fp32
-        grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        _backward_rows(logits, targets, lse, grad_rows, grad_logits)
-        return grad_logits, None, None
+def _rows_impl(logits, targets, ignore_index):
+    """(N,) fp32 loss and log-sum-exp (see ``_forward_rows``), for any row stride."""
+    check_triton_device("cross_entropy", logits.device)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return _forward_rows(logits, targets.contiguous(), ignore_index)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Chunked LM-head + cross-entropy; gradients are computed during the forward."""
+def _rows_fake(logits, targets, ignore_index):
+    rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return rows, torch.empty_like(rows)
 
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
-        # Matmuls run in the inputs' (shared) dtype: under autocast they would change it
-        # between the logits and the gradient buffers.
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return _LinearCrossEntropy._forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows)
 
-    @staticmethod
-    def _forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
+def _rows_backward_impl(logits, targets, lse, grad_loss, ignore_index):
+    """d loss / d logits for the per-row loss, given d total / d row_loss (``grad_loss``)."""
+    check_triton_device("cross_entropy", logits.device)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    targets = targets.contiguous()
+    grad_rows = torch.where(targets != ignore_index, grad_loss.float(), 0.0).contiguous()  # (N,) fp32
+    grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    _backward_rows(logits, targets, lse, grad_rows, grad_logits)
+    return grad_logits
+
+
+def _rows_backward_fake(logits, targets, lse, grad_loss, ignore_index):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad):
+    """Chunked LM head + cross-entropy: (loss, d loss/d hidden, d loss/d weight), the gradients
+    computed on the way (empty when ``need_grad`` is False)."""
+    check_triton_device("linear_cross_entropy", hidden.device)
+    # Matmuls run in the inputs' (shared) dtype: under autocast they would change it
+    # between the logits and the gradient buffers.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
         n_rows, n_cols = hidden.shape[0], weight.shape[0]
         if chunk_rows is None:
             # Chunks whose logits (chunk_rows, V) are about the size of hidden (N, C).
@@ -246,7 +248,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             row_scale = valid.float() / valid.sum().clamp(min=1)  # d loss / d row_loss
         else:
             row_scale = valid.float()
-        need_grad = hidden.requires_grad or weight.requires_grad
         grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype) if need_grad else None
         # Accumulated in the weight's dtype (cuBLAS adds in fp32 before rounding), as
         # an fp32 (V, C) buffer would cost more memory than the logits we avoid.
@@ -264,10 +265,59 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.matmul(logits, weight, out=grad_hidden[start:stop])  # (n, C)
                 grad_weight.addmm_(logits.t(), h)  # (V, C)
         if reduction == "mean":
-            n_valid = valid.sum()
-            total = total / n_valid  # NaN when every row is ignored, like F.cross_entropy
+            total = total / valid.sum()  # NaN when every row is ignored, like F.cross_entropy
+    empty = hidden.new_empty(0)
+    return total.to(hidden.dtype), grad_hidden if need_grad else empty, grad_weight if need_grad else empty
+
+
+def _linear_fake(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad):
+    empty = hidden.new_empty(0)
+    return (hidden.new_empty(()), torch.empty_like(hidden) if need_grad else empty,
+            torch.empty_like(weight) if need_grad else empty)
+
+
+# Custom ops, so torch.compile (training) treats each launcher as one opaque call.
+_rows = kernel_op("cross_entropy_rows", "(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor)",
+                  _rows_impl, _rows_fake)
+_rows_backward = kernel_op(
+    "cross_entropy_rows_backward",
+    "(Tensor logits, Tensor targets, Tensor lse, Tensor grad_loss, int ignore_index) -> Tensor",
+    _rows_backward_impl, _rows_backward_fake,
+)
+_linear = kernel_op(
+    "linear_cross_entropy",
+    "(Tensor hidden, Tensor weight, Tensor targets, int ignore_index, str reduction, int? chunk_rows, "
+    "bool need_grad) -> (Tensor, Tensor, Tensor)",
+    _linear_impl, _linear_fake,
+)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Per-row loss (N,) fp32 with the fused backward."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        loss, lse = _rows(logits, targets, ignore_index)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.ignore_index = ignore_index
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, targets, lse = ctx.saved_tensors
+        return _rows_backward(logits, targets, lse, grad_loss, ctx.ignore_index), None, None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Chunked LM-head + cross-entropy; gradients are computed during the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
+        need_grad = hidden.requires_grad or weight.requires_grad
+        loss, grad_hidden, grad_weight = _linear(hidden, weight, targets, ignore_index, reduction, chunk_rows,
+                                                 need_grad)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return total.to(hidden.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):

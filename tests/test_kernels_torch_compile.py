@@ -1,0 +1,96 @@
+"""The Triton kernels under torch.compile, as training runs them (`kiln train` compiles on GPUs).
+
+Each launcher is a custom op (`kernels._utils.kernel_op`), so Dynamo sees one opaque call per
+launch instead of tracing Triton's launcher. The checks compile with ``fullgraph=True``: one graph
+break would fail them. Forward values and gradients must equal the eager ones. On the CPU they
+run the kernels in Triton's interpreter, which Dynamo cannot trace at all without the ops.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_checks import assert_close
+from kernels import attention, cross_entropy
+from model.checkpoint import build_model
+from model.config import ModelConfig
+from model.transformer import Transformer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not attention.available(DEVICE), reason="needs triton (and TRITON_INTERPRET=1 on CPU)")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled_and_eager(fn, *inputs):
+    """(compiled loss, grads), (eager loss, grads) of fn(*inputs) w.r.t. the float inputs."""
+    results = []
+    for f in (torch.compile(fn, fullgraph=True), fn):
+        leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+        loss = f(*leaves)
+        loss.backward()
+        results.append((loss.detach(), [x.grad for x in leaves if x.is_floating_point()]))
+    return results
+
+
+def test_flash_attention_compiles_in_one_graph():
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(2, 4, 33, 16, device=DEVICE, generator=gen)
+    k = torch.randn(2, 2, 33, 16, device=DEVICE, generator=gen)
+    v = torch.randn(2, 2, 33, 16, device=DEVICE, generator=gen)
+
+    def fn(q, k, v):
+        out = attention.flash_attention(q * 2.0, k, v, causal=True)
+        return (out * out).sum()
+
+    (loss, grads), (ref_loss, ref_grads) = compiled_and_eager(fn, q, k, v)
+    assert_close(loss, ref_loss, 1e-4, 1e-5, "compiled attention loss")
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close(g, r, 1e-5, 1e-5, f"compiled d{name}")
+
+
+def test_cross_entropy_and_linear_cross_entropy_compile_in_one_graph():
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    logits = torch.randn(17, 1000, device=DEVICE, generator=gen)
+    targets = torch.randint(0, 1000, (17,), device=DEVICE, generator=gen)
+    targets[3] = -100
+    (loss, grads), (ref_loss, ref_grads) = compiled_and_eager(
+        lambda x, t: cross_entropy.cross_entropy(x * 1.5, t), logits, targets)
+    assert_close(loss, ref_loss, 1e-5, 1e-5, "compiled cross-entropy")
+    assert_close(grads[0], ref_grads[0], 1e-6, 1e-5, "compiled cross-entropy grad")
+
+    hidden = torch.randn(33, 16, device=DEVICE, generator=gen)
+    weight = torch.randn(1000, 16, device=DEVICE, generator=gen)
+    (loss, grads), (ref_loss, ref_grads) = compiled_and_eager(
+        lambda h, w, t: cross_entropy.linear_cross_entropy(h * 1.0, w, t, chunk_rows=8), hidden, weight,
+        torch.cat([targets, targets[:16]]))
+    assert_close(loss, ref_loss, 1e-5, 1e-5, "compiled linear cross-entropy")
+    for name, g, r in zip(("hidden", "weight"), grads, ref_grads):
+        assert_close(g, r, 1e-5, 1e-5, f"compiled linear cross-entropy d{name}")
+
+
+def test_training_forward_and_backward_compile_in_one_graph():
+    """The model's training loss with the Triton backend (flash attention + chunked LM-head CE)."""
+    config = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96, max_seq_len=32)
+    torch.manual_seed(0)
+    model = build_model(config, Transformer(config).state_dict(), torch.device(DEVICE), torch.float32,
+                        attn_backend="triton").train()
+    x = torch.randint(0, 300, (2, 17), device=DEVICE)
+    y = torch.randint(0, 300, (2, 17), device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True)
+    losses, grads = [], []
+    for forward in (compiled, model):
+        model.zero_grad(set_to_none=True)
+        loss = forward(x, targets=y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert_close(losses[0], losses[1], 1e-5, 1e-5, "compiled training loss")
+    for name in grads[1]:
+        assert_close(grads[0][name], grads[1][name], 1e-5, 1e-4, f"compiled grad of {name}")
