@@ -83,11 +83,13 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                     --durations=10 -k gpu tests/test_kernels_attention.py tests/test_kernels_decode.py \
                     tests/test_kernels_softmax.py tests/test_kernels_cross_entropy.py tests/test_cuda_graphs.py \
                     tests/test_async_scheduling.py
+                STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels_torch_compile.py
                 ;;
             retests)  # the GPU tests a first lease found failing, and nothing else
                 STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -n 4 -q -rs --timeout 100 \
                     tests/test_kernels_cross_entropy.py tests/test_cuda_graphs.py tests/test_async_scheduling.py \
                     -k "gpu_cross_entropy_real_shapes or on_gpu"
+                STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels_torch_compile.py
                 ;;
             decode-configs)
                 STAGE_TIMEOUT=60 stage kernels python3 bench/decode_configs.py --rep 30
