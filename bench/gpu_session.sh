@@ -136,7 +136,7 @@ case "${1:-}" in
         stage tests python3 -m pytest -p no:cacheprovider -rs --durations=15 tests/test_kernels_attention.py \
             tests/test_kernels_decode.py tests/test_kernels_softmax.py tests/test_kernels_cross_entropy.py \
             tests/test_cuda_graphs.py tests/test_async_scheduling.py tests/test_model_backends.py \
-            tests/test_engine.py tests/test_paged_engine.py
+            tests/test_engine.py tests/test_paged_engine.py tests/test_kernels_torch_compile.py
         ;;
     kernels)
         setup
