@@ -107,6 +107,8 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 STAGE_TIMEOUT=120 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64
                 STAGE_TIMEOUT=90 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 16 \
                     --no-cuda-graphs --top 30
+                STAGE_TIMEOUT=200 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \
+                    --compile
                 ;;
             serve-*)
                 STAGE_TIMEOUT=170 stage serve python3 bench/serve_bench.py --shapes "${phase#serve-}" --reps 1 \

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: host Python (cProfile) and device kernels (torch.profiler).
 
-    python bench/profile_step.py [--shape llama-1.1b] [--batch 1] [--steps 64] [--device auto] [--no-cuda-graphs]
+    python bench/profile_step.py [--shape llama-1.1b] [--batch 1] [--steps 64] [--device auto] [--compile] [--no-cuda-graphs]
     python bench/profile_step.py --shape tiny-llama --device cpu --steps 8   # the CPU smoke run
 
 Builds the seeded random model of a `bench/serve_bench.py` shape, starts `--batch` greedy
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the shipped default model's)")
     p.add_argument("--top", type=int, default=25, help="rows of each table")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (on CUDA before the graphs are captured)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="eager decode: the host profile then shows every kernel launch's own cost")
     return p
@@ -72,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         serve_bench.build_model_dir(shape, tokenizer_dir, Path(tmp), device, DTYPES[dtype], seed=0)
         model = load_model(tmp, device=device, dtype=dtype)
         tokenizer = load_tokenizer(tmp)
-    engine = Engine(model, tokenizer, max_batch_size=args.batch, cuda_graphs=not args.no_cuda_graphs)
+    engine = Engine(model, tokenizer, max_batch_size=args.batch, cuda_graphs=not args.no_cuda_graphs,
+                    compile=args.compile)
     print(f"{shape.name} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, "
           f"batch {args.batch}; torch {torch.__version__}; decode path: {engine.decode_path}; "
-          f"CUDA graphs: {engine._graphs is not None}; async scheduling: {engine.async_scheduling}")
+          f"CUDA graphs: {engine._graphs is not None}; async scheduling: {engine.async_scheduling}"
+          + (f"; compiled in {engine.compile_seconds:.1f} s" if engine.compile_seconds is not None else "")
+          + (f"; not compiled: {engine.compile_error}" if engine.compile_error else ""))
 
     pool = serve_bench.prompt_pool(tokenizer)
     prompts = serve_bench.random_prompts(pool, args.batch, prompt_len, seed=0)

@@ -70,6 +70,7 @@ from kernels._utils import (
     config,
     interpreting,
     jit_kernel,
+    kernel_op,
     next_power_of_2,
     num_sms,
     triton_available,
@@ -132,10 +133,16 @@ def decode_attention(
     _check_inputs(q, k_cache, v_cache, block_table, lengths, num_splits, reference=False)
     check_triton_device("decode_attention", q.device)
     scale = _resolve_scale(scale, q.shape[-1])
+    return _decode(q, k_cache, v_cache, block_table, lengths, scale, 0 if num_splits is None else int(num_splits))
+
+
+def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
+    """Launch the kernels; ``num_splits`` 0 picks the count (see ``choose_num_splits``)."""
+    check_triton_device("decode_attention", q.device)
     batch, n_heads, head_dim = q.shape
     block_size, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads
-    if num_splits is None:
+    if num_splits == 0:
         capacity = block_table.shape[1] * block_size
         num_splits = choose_num_splits(batch, n_kv_heads, capacity, num_sms(q.device))
     lengths = lengths.contiguous()
@@ -165,6 +172,19 @@ def decode_attention(
             HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits),
         )
     return out
+
+
+def _decode_fake(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# A custom op, so a torch.compile'd decode step treats the launcher as one opaque call.
+_decode = kernel_op(
+    "decode_attention",
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor lengths, float scale, "
+    "int num_splits) -> Tensor",
+    _decode_impl, _decode_fake,
+)
 
 
 def choose_num_splits(batch: int, n_kv_heads: int, capacity: int, n_sms: int) -> int:
@@ -226,7 +246,8 @@ def _check_inputs(q, k_cache, v_cache, block_table, lengths, num_splits, referen
     if num_splits is not None and not (1 <= int(num_splits) <= _MAX_SPLITS):
         raise ValueError(f"num_splits must be None or in [1, {_MAX_SPLITS}], got {num_splits}")
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, lengths=lengths)
-    if lengths.device.type == "cpu" and batch:  # value checks only where they cost no GPU sync
+    # Value checks only where they cost no GPU sync (and not while torch.compile traces: data-dependent)
+    if lengths.device.type == "cpu" and batch and not torch.compiler.is_compiling():
         capacity = max_blocks * block_size
         if bool((lengths < 1).any()) or bool((lengths > capacity).any()):
             raise ValueError(

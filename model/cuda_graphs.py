@@ -39,7 +39,14 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 
 
 class GraphedDecode:
-    def __init__(self, model: Transformer, cache: KVCache, max_batch_size: int, capture: bool = True):
+    """``compile=True`` runs the step through ``torch.compile`` (one dynamic-shape graph for every
+    bucket; the Triton decode kernel is an opaque custom op in it) before capturing, so that
+    inductor fuses the step's small elementwise kernels (norms, RoPE, SwiGLU, residuals) as
+    gpt-fast does. ``compile_seconds`` is how long compiling took; a compile failure leaves the
+    step eager (``compile_error`` says why)."""
+
+    def __init__(self, model: Transformer, cache: KVCache, max_batch_size: int, capture: bool = True,
+                 compile: bool = False):
         from .attention import resolve_backend
 
         if resolve_backend(model.attn_backend, cache.k.device, model.config.dim_per_head) != "triton":
@@ -57,18 +64,46 @@ class GraphedDecode:
         self.lengths = torch.ones(B, dtype=torch.int32, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.enabled = True
+        self.compile_seconds: float | None = None
+        self.compile_error: str | None = None
+        self._compiled = None
+        if compile:
+            self._compile()
         if capture:
             self._capture_all()
 
-    def _batch(self, size: int) -> CacheBatch:
-        """The static buffers' first `size` rows as a CacheBatch (views: a replay reads them in place)."""
-        return CacheBatch(positions=self.positions[:size], write_blocks=self.write_blocks[:size],
-                          write_offsets=self.write_offsets[:size], block_table=self.block_table[:size],
-                          lengths=self.lengths[:size], kv_len=self.cache.max_seq_len,
-                          block_size=self.cache.block_size, mask=None, contiguous_from=None)
-
     def _step(self, size: int) -> torch.Tensor:
-        return self.model(self.tokens[:size], kv_cache=self.cache, batch=self._batch(size))[:, -1]  # (size, V)
+        if self._compiled is not None:
+            return self._compiled(self.tokens[:size], self.positions[:size], self.write_blocks[:size],
+                                  self.write_offsets[:size], self.block_table[:size], self.lengths[:size])
+        return self._eager_step(self.tokens[:size], self.positions[:size], self.write_blocks[:size],
+                                self.write_offsets[:size], self.block_table[:size], self.lengths[:size])
+
+    def _eager_step(self, tokens, positions, write_blocks, write_offsets, block_table, lengths) -> torch.Tensor:
+        batch = CacheBatch(positions=positions, write_blocks=write_blocks, write_offsets=write_offsets,
+                           block_table=block_table, lengths=lengths, kv_len=self.cache.max_seq_len,
+                           block_size=self.cache.block_size, mask=None, contiguous_from=None)
+        return self.model(tokens, kv_cache=self.cache, batch=batch)[:, -1]  # (size, V)
+
+    @torch.inference_mode()
+    def _compile(self) -> None:
+        """Compile the step and run it once per bucket (the compile happens on the first run)."""
+        import time
+
+        started = time.perf_counter()
+        compiled = torch.compile(self._eager_step, fullgraph=True, dynamic=True)
+        try:
+            for size in self.buckets:
+                self._reset_padding(0, size)
+                compiled(self.tokens[:size], self.positions[:size], self.write_blocks[:size],
+                         self.write_offsets[:size], self.block_table[:size], self.lengths[:size])
+        except Exception as e:  # noqa: BLE001 -- an inductor or tracing failure: the eager step serves
+            text = str(e).strip()
+            self.compile_error = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+            log.warning("the decode step is not compiled, it runs eagerly: %s", self.compile_error)
+            return
+        self._compiled = compiled
+        self.compile_seconds = time.perf_counter() - started
 
     def _reset_padding(self, start: int, stop: int) -> None:
         """Rows start..stop-1 become harmless: write into the null block, attend over its first key."""

@@ -166,13 +166,17 @@ class Engine:
             module = native_step.load(build=bool(native))
             if module is not None:
                 plan.enable_native(module)
-        self.compile_seconds: float | None = None  # set when the CPU decode step was compiled
+        self.compile_seconds: float | None = None  # set when the decode step was compiled
         self.compile_error: str | None = None
-        if compile and plan is None:
-            self.compile_error = "compile applies to the CPU decode step (torch attention backend)"
-        elif compile and plan.native and self.max_batch_size <= NATIVE_MAX_BATCH:
+        graphed = cuda_graphs and backend == "triton" and self.device.type == "cuda"
+        if not compile or graphed:  # (GraphedDecode compiles the CUDA step itself)
+            pass
+        elif plan is None:
+            self.compile_error = ("compile applies to the CPU decode step (torch attention backend) and to the "
+                                  "CUDA-graph decode step (triton backend)")
+        elif plan.native and self.max_batch_size <= NATIVE_MAX_BATCH:
             self.compile_error = "not needed: the native decode step runs every batch size up to max_batch_size"
-        elif compile:
+        else:
             try:
                 self.compile_seconds = plan.compile(self.cache, self.max_batch_size)
             except Exception as e:  # noqa: BLE001 -- no compiler, an inductor bug: serve eagerly
@@ -180,9 +184,10 @@ class Engine:
                 self.compile_error = f"{type(e).__name__}: {first_line}"
         self._decode_mask = backend != "triton"  # the Triton decode kernel reads lengths, not a mask
         self._graphs: GraphedDecode | None = None
-        if cuda_graphs and backend == "triton" and self.device.type == "cuda":
-            graphs = GraphedDecode(model, self.cache, self.max_batch_size)
+        if graphed:
+            graphs = GraphedDecode(model, self.cache, self.max_batch_size, compile=compile)
             self._graphs = graphs if graphs.enabled else None
+            self.compile_seconds, self.compile_error = graphs.compile_seconds, graphs.compile_error
 
     # ---- requests -------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -249,7 +254,7 @@ class Engine:
     def decode_path(self) -> str:
         """How decode steps run, for logs: CUDA graphs, native (with its matrices' dtype), compiled or eager."""
         if self.uses_cuda_graphs:
-            return "CUDA graphs"
+            return "CUDA graphs" + (" (compiled)" if self.compile_seconds is not None else "")
         if self.native_decode:
             return f"native ({str(self._decode_plan.native_dtype).removeprefix('torch.')} matrices)"
         return "compiled" if self.compile_seconds is not None else "eager"

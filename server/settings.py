@@ -35,7 +35,7 @@ class ServerSettings:
     max_prefill_tokens: int | None = None  # prompt tokens per step (chunked prefill); default by device
     cuda_graphs: bool = True  # CUDA: replay decode steps from captured graphs
     async_scheduling: bool | None = None  # read sampled ids back one step late (None: on CUDA only)
-    compile: bool = False  # CPU: torch.compile the decode step (inductor, C++)
+    compile: bool = False  # torch.compile the decode step (CPU: inductor C++; CUDA: before graph capture)
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies -> 413
     threads: int | None = None  # torch intra-op threads (default: available cores)
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
@@ -148,9 +148,10 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
                    help="prompt tokens computed per scheduler step; longer prompts are prefilled in chunks "
                         "between decode steps (default: 2048 on CUDA, 512 on the CPU)")
     p.add_argument("--compile", action="store_true",
-                   help="CPU: compile the decode step with torch.compile (inductor builds C++ with the system "
-                        "compiler) for batch buckets up to --max-batch-size, at start-up; falls back to eager if "
-                        "compilation fails")
+                   help="compile the decode step with torch.compile at start-up, falling back to eager if "
+                        "compilation fails. CPU: inductor builds C++ with the system compiler, for batch buckets "
+                        "up to --max-batch-size. CUDA: one graph for every bucket, compiled before the CUDA "
+                        "graphs are captured (fuses the step's small kernels; not yet measured on a GPU)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="CUDA: run every decode step eagerly instead of replaying captured graphs")
     p.add_argument("--async-scheduling", dest="async_scheduling", action="store_const", const=True, default=None,

@@ -103,3 +103,40 @@ def test_graphed_engine_equals_eager_engine_on_gpu(tokenizer_dir):
             engine.step()
         engine.outputs = [r.output_ids for r in requests]
     assert graphed.outputs == eager.outputs
+
+
+@torch.no_grad()
+def test_compiled_static_step_equals_the_eager_one():
+    """compile=True: the step through torch.compile (fullgraph, one dynamic-shape graph, the Triton
+    decode kernel an opaque custom op) gives the eager step's logits and cache writes."""
+    model = tiny_model("triton")
+    cache = Sequences(KVCache(model.config, num_blocks=40, block_size=4, max_seq_len=32))
+    g = torch.Generator().manual_seed(2)
+    lengths = [7, 12, 3]
+    seqs = [cache.allocate() for _ in lengths]
+    tokens = torch.randint(0, 300, (3, 13), generator=g)
+    for turn in range(max(lengths)):
+        live = [s for s in seqs if cache.lengths[s] < lengths[s]]
+        batch = cache.batch(live, [1] * len(live))
+        model(torch.stack([tokens[s, cache.lengths[s]: cache.lengths[s] + 1] for s in live]), kv_cache=cache.kv,
+              batch=batch)
+        cache.advance(live, [1] * len(live))
+    torch._dynamo.reset()
+    compiled = GraphedDecode(model, cache.kv, max_batch_size=4, capture=False, compile=True)
+    assert compiled.compile_error is None and compiled.compile_seconds > 0
+    eager = GraphedDecode(model, cache.kv, max_batch_size=4, capture=False)
+    k0, v0 = cache.kv.k.clone(), cache.kv.v.clone()
+    for rows in (seqs, seqs[:1], seqs[1:]):  # buckets 4 (one padding row), 1 and 2
+        step = torch.stack([tokens[s, lengths[s]: lengths[s] + 1] for s in rows])
+        batch = cache.batch(rows, [1] * len(rows))
+        results = []
+        for graphed in (eager, compiled):
+            cache.kv.k.copy_(k0)
+            cache.kv.v.copy_(v0)
+            logits = graphed(step, batch)
+            results.append((logits, cache.kv.k.clone(), cache.kv.v.clone()))
+        (want, k_want, v_want), (got, k_got, v_got) = results
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(k_got, k_want)
+        torch.testing.assert_close(v_got, v_want)
+    torch._dynamo.reset()
