@@ -1,6 +1,6 @@
 """Shared plumbing for Kiln's Triton kernels: lazy Triton import, device checks, launch configs.
 
-Owns three things every kernel file needs:
+Owns four things every kernel file needs:
 
 * Triton is optional and imported lazily: importing ``kernels.*`` never imports
   ``triton``, so the torch references work on any machine, and a test can still set
@@ -16,7 +16,10 @@ Owns three things every kernel file needs:
   binds ``tl`` (``triton.language``) into the kernel module's globals, where the
   kernel bodies look it up; kernel modules use ``from __future__ import annotations``
   so ``tl.constexpr`` annotations stay strings until then. Kernel modules cache the
-  jitted objects with ``functools.cache``, so each kernel compiles once per process.
+  jitted objects with ``functools.cache``, so each kernel compiles once per process;
+* ``kernel_op``: a launcher registered as a custom op (``kiln::...``), called directly when
+  eager and through the op while torch.compile traces, so compiled training and decode
+  steps hold each launch as one opaque node.
 """
 
 from __future__ import annotations
