@@ -14,7 +14,8 @@
 # kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes),
 # decode-configs (GPU time of each decode launch config, CUDA-graph replay),
 # serve-SHAPE (serve_bench at one shape, reduced online load), train (training MFU),
-# profile (bench/profile_step.py: host and GPU time of a batch-1 decode step, 1.1B shape).
+# profile (bench/profile_step.py: host and GPU time of a batch-1 decode step, 1.1B shape),
+# serve-compile (the 1.1B shape's offline engine with --compile, no HF or server).
 # The full-length stages, one per call, for a longer lease:
 #   bash bench/gpu_session.sh tests     # GPU correctness: kernels, CUDA graphs, async scheduling
 #   bash bench/gpu_session.sh kernels   # attention, decode, softmax, cross-entropy vs PyTorch
@@ -109,6 +110,10 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                     --no-cuda-graphs --top 30
                 STAGE_TIMEOUT=200 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \
                     --compile
+                ;;
+            serve-compile)  # Kiln alone (no HF, no server), decode step compiled before graph capture
+                STAGE_TIMEOUT=200 stage serve python3 bench/serve_bench.py --shapes llama-1.1b --reps 1 --compile \
+                    --skip-hf --skip-online --markdown --json "$OUT/serve-compile.json"
                 ;;
             serve-*)
                 STAGE_TIMEOUT=170 stage serve python3 bench/serve_bench.py --shapes "${phase#serve-}" --reps 1 \

@@ -416,8 +416,11 @@ def bench_kiln(model_dir: Path, device, dtype_name: str, args, prompts_for) -> d
             engine = None
             try:
                 engine = Engine(model, tokenizer, max_batch_size=batch, block_size=args.kv_block_size,
-                                num_blocks=num_blocks)
+                                num_blocks=num_blocks, compile=args.compile)
                 out["attn_backend"] = resolve_backend(model.attn_backend, engine.device, model.config.dim_per_head)
+                out.setdefault("decode_path", {})[batch] = engine.decode_path
+                if args.compile:
+                    out.setdefault("compile", {})[batch] = (engine.compile_seconds, engine.compile_error)
                 kiln_generate(engine, prompts_for(batch, "warmup"), min(8, args.new_tokens))
                 seconds, requests = best_of(
                     lambda rep, batch=batch, engine=engine: kiln_generate(engine, prompts_for(batch, rep),
@@ -803,6 +806,12 @@ def check_lines(r: dict, args) -> list[str]:
         k = r["kiln"]
         lines.append(f"{r['name']}: Kiln load {k['load_s']:.1f} s, attention backend {k['attn_backend']}, "
                      f"offline preemptions {k['preemptions']}")
+        if k.get("decode_path"):
+            lines.append(f"{r['name']}: decode path by batch: "
+                         + ", ".join(f"{b}: {path}" for b, path in k["decode_path"].items()))
+        for b, (seconds, error) in (k.get("compile") or {}).items():
+            lines.append(f"{r['name']}: --compile at batch {b}: "
+                         + (f"compiled in {seconds:.1f} s" if seconds is not None else f"not compiled ({error})"))
         sched, b1 = k.get("scheduling"), (k.get("tok_s") or {}).get(1)
         if sched and b1:
             on, off = (b1, sched["other_tok_s"]) if sched["async"] else (sched["other_tok_s"], b1)
@@ -899,6 +908,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, 
                    help="torch CPU threads here and in the server (all cores; --tiny on CPU: 1)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the shipped default model's)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile Kiln's decode step in the offline engine (CUDA: before graph capture); "
+                        'pass --server-args="--compile" for the live server too')
     p.add_argument("--skip-hf", action="store_true", help="no HF measurements (no ratios, no greedy check)")
     p.add_argument("--skip-online", action="store_true", help="no live server / load generator")
     p.add_argument("--markdown", action="store_true", help="print a Markdown section for bench/RESULTS.md")
