@@ -72,12 +72,13 @@ class GraphedDecode:
         if capture:
             self._capture_all()
 
+    def _inputs(self, size: int) -> tuple[torch.Tensor, ...]:
+        """The static buffers' first `size` rows (views: a replay reads them in place)."""
+        return (self.tokens[:size], self.positions[:size], self.write_blocks[:size], self.write_offsets[:size],
+                self.block_table[:size], self.lengths[:size])
+
     def _step(self, size: int) -> torch.Tensor:
-        if self._compiled is not None:
-            return self._compiled(self.tokens[:size], self.positions[:size], self.write_blocks[:size],
-                                  self.write_offsets[:size], self.block_table[:size], self.lengths[:size])
-        return self._eager_step(self.tokens[:size], self.positions[:size], self.write_blocks[:size],
-                                self.write_offsets[:size], self.block_table[:size], self.lengths[:size])
+        return (self._compiled or self._eager_step)(*self._inputs(size))
 
     def _eager_step(self, tokens, positions, write_blocks, write_offsets, block_table, lengths) -> torch.Tensor:
         batch = CacheBatch(positions=positions, write_blocks=write_blocks, write_offsets=write_offsets,
@@ -94,9 +95,8 @@ class GraphedDecode:
         compiled = torch.compile(self._eager_step, fullgraph=True, dynamic=True)
         try:
             for size in self.buckets:
-                self._reset_padding(0, size)
-                compiled(self.tokens[:size], self.positions[:size], self.write_blocks[:size],
-                         self.write_offsets[:size], self.block_table[:size], self.lengths[:size])
+                self._reset_padding(0, size)  # padding rows write only into the null block
+                compiled(*self._inputs(size))
         except Exception as e:  # noqa: BLE001 -- an inductor or tracing failure: the eager step serves
             text = str(e).strip()
             self.compile_error = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
