@@ -69,9 +69,10 @@ setup() {
 stage() {  # stage NAME COMMAND...: run with the stage timeout, log to $OUT/NAME.log
     local name="$1"
     shift
+    local started=$SECONDS
     echo "== $name: $*" | tee -a "$OUT/$name.log"
     timeout "$STAGE_TIMEOUT" "$@" 2>&1 | tee -a "$OUT/$name.log"
-    echo "== $name exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
+    echo "== $name exit ${PIPESTATUS[0]} after $((SECONDS - started)) s (limit $STAGE_TIMEOUT s)" | tee -a "$OUT/$name.log"
 }
 
 quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its own timeout
