@@ -234,3 +234,26 @@ def test_compile_is_skipped_when_the_native_step_covers_every_batch(llama_dir, n
     engine = load_engine(str(llama_dir), "cpu", max_batch_size=4, compile=True)
     assert engine.native_decode
     assert engine.compile_seconds is None and engine.compile_error.startswith("not needed")
+
+
+def test_a_compiler_without_openmp_still_builds_the_serial_step(monkeypatch, tmp_path):
+    """Apple clang has no -fopenmp: the build falls back to the single-threaded flags."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    calls = []
+
+    def fake_load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
+        calls.append(list(extra_cflags))
+        if "-fopenmp" in extra_cflags:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+        return f"module built with {' '.join(extra_cflags)}"
+
+    monkeypatch.delenv(native_step.DISABLE_ENV, raising=False)
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(native_step, "_module", None)
+    monkeypatch.setattr(native_step, "_error", None)
+    assert native_step.load(build=False) is None  # nothing built yet, and not asked to build
+    module = native_step.load(build=True)
+    assert calls == [native_step.FLAGS, native_step.SERIAL_FLAGS]
+    assert "-fopenmp-simd" in module and native_step.error() is None

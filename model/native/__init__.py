@@ -30,6 +30,8 @@ SOURCE = Path(__file__).with_name("decode_step.cpp")
 # libgomp.so.1, the soname of the OpenMP runtime torch loads: one runtime, one thread pool.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
 LDFLAGS = ["-fopenmp"]
+# A compiler without OpenMP (Apple clang) still builds the step with these: single-threaded.
+SERIAL_FLAGS = [flag if flag != "-fopenmp" else "-fopenmp-simd" for flag in FLAGS]
 DISABLE_ENV = "KILN_NO_NATIVE"  # set to 1 to never use (or build) the native step
 
 _lock = threading.Lock()
@@ -47,10 +49,12 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_dir() -> Path:
+def build_dir(flags: list[str] | None = None, ldflags: list[str] | None = None) -> Path:
+    """Where the module built with these flags (default FLAGS, LDFLAGS) is cached."""
     import torch
 
-    key = "\n".join([SOURCE.read_text(), " ".join(FLAGS + LDFLAGS), torch.__version__, sys.version, _cpu_id()])
+    flags, ldflags = (FLAGS, LDFLAGS) if flags is None else (flags, ldflags or [])
+    key = "\n".join([SOURCE.read_text(), " ".join(flags + ldflags), torch.__version__, sys.version, _cpu_id()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = Path(os.environ.get("KILN_CACHE_DIR", Path.home() / ".cache" / "kiln"))
     return root / "native" / digest
@@ -69,20 +73,25 @@ def load(build: bool = True) -> ModuleType | None:
     with _lock:
         if _module is not None or _error is not None:
             return _module
-        directory = build_dir()
-        name = "kiln_native_" + directory.name
-        built = any(directory.glob(name + "*.so"))
+        variants = [(FLAGS, LDFLAGS), (SERIAL_FLAGS, [])]  # with OpenMP if the compiler has it
+        built = [v for v in variants if any(build_dir(*v).glob(f"kiln_native_{build_dir(*v).name}*.so"))]
         if not built and not build:
             return None
-        try:
-            from torch.utils.cpp_extension import load as load_extension
+        from torch.utils.cpp_extension import load as load_extension
 
-            directory.mkdir(parents=True, exist_ok=True)
-            _module = load_extension(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS,
-                                     extra_ldflags=LDFLAGS, build_directory=str(directory), verbose=False)
-        except Exception as e:  # noqa: BLE001 -- no compiler or headers: the torch path serves
-            _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            log.warning("the native CPU decode step is unavailable, using the torch path: %s", _error)
+        failure = ""
+        for flags, ldflags in built or variants:
+            directory = build_dir(flags, ldflags)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                _module = load_extension(name="kiln_native_" + directory.name, sources=[str(SOURCE)],
+                                         extra_cflags=flags, extra_ldflags=ldflags, build_directory=str(directory),
+                                         verbose=False)
+                return _module
+            except Exception as e:  # noqa: BLE001 -- no compiler, headers or OpenMP: try the next variant
+                failure = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        _error = failure
+        log.warning("the native CPU decode step is unavailable, using the torch path: %s", _error)
         return _module
 
 
