@@ -60,23 +60,16 @@ def main() -> None:
           f"{'best torch':>22} {'us':>8} {'GB/s':>6} {'ratio':>6} {'gather+sdpa us':>14}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for batch, n_heads, n_kv_heads, length, head_dim in SHAPES:
-        q = torch.randn(batch, n_heads, head_dim, device="cuda", dtype=dtype)
-        max_blocks = -(-length // block_size)
-        num_blocks = batch * max_blocks
-        k_cache = torch.randn(num_blocks, block_size, n_kv_heads, head_dim, device="cuda", dtype=dtype)
-        v_cache = torch.randn_like(k_cache)
-        block_table = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32).view(batch, max_blocks)
-        lengths = torch.full((batch,), length, device="cuda", dtype=torch.int32)
+        q, k_cache, v_cache, block_table, lengths = paged_problem(batch, n_heads, n_kv_heads, length, head_dim,
+                                                                  block_size, dtype, gen)
         n_sms = torch.cuda.get_device_properties(0).multi_processor_count
-        splits = dec.choose_num_splits(batch, n_kv_heads, max_blocks * block_size, n_sms)
+        splits = dec.choose_num_splits(batch, n_kv_heads, block_table.shape[1] * block_size, n_sms)
 
         def kiln():
             return dec.decode_attention(q, k_cache, v_cache, block_table, lengths)
 
-        def gather():  # each row's first L positions, (B, Hkv, L, D), as model/attention.py gathers them
-            k = k_cache[block_table].flatten(1, 2)[:, :length].transpose(1, 2)
-            v = v_cache[block_table].flatten(1, 2)[:, :length].transpose(1, 2)
-            return k, v
+        def gather():
+            return dense_rows(k_cache, block_table, length), dense_rows(v_cache, block_table, length)
 
         k_dense, v_dense = (t.contiguous() for t in gather())
         baselines = _baselines(q, k_dense, v_dense)
@@ -108,6 +101,24 @@ def main() -> None:
             f"{kv_bytes / t_kiln / 1e6:6.0f} {best:>22} {times[best] * 1e3:8.1f} {kv_bytes / times[best] / 1e6:6.0f} "
             f"{times[best] / t_kiln:6.2f}x {t_gather * 1e3:14.1f}"
         )
+
+
+def paged_problem(batch, n_heads, n_kv_heads, length, head_dim, block_size, dtype, gen):
+    """Random q (B, H, D) and a paged K/V pool holding `length` keys per row in shuffled blocks:
+    (q, k_cache, v_cache, block_table (B, max_blocks) int32, lengths (B,) int32), on CUDA."""
+    q = torch.randn(batch, n_heads, head_dim, device="cuda", dtype=dtype)
+    max_blocks = -(-length // block_size)
+    num_blocks = batch * max_blocks
+    k_cache = torch.randn(num_blocks, block_size, n_kv_heads, head_dim, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    block_table = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32).view(batch, max_blocks)
+    lengths = torch.full((batch,), length, device="cuda", dtype=torch.int32)
+    return q, k_cache, v_cache, block_table, lengths
+
+
+def dense_rows(cache, block_table, length):
+    """Each row's first `length` positions, (B, Hkv, L, D), as model/attention.py gathers them."""
+    return cache[block_table].flatten(1, 2)[:, :length].transpose(1, 2)
 
 
 def _baselines(q, k_cache, v_cache) -> dict:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_decode's helpers
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = [(1, 32, 8, 8192, 128), (32, 32, 8, 2048, 128)]  # the two targets
@@ -53,6 +54,7 @@ def main() -> None:
         sys.exit("decode_configs.py needs a CUDA GPU")
     import triton
 
+    from bench_decode import dense_rows, paged_problem
     from kernels import _utils
     from kernels import decode as dec
 
@@ -64,20 +66,15 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     n_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, n_heads, n_kv_heads, length, head_dim in SHAPES:
-        q = torch.randn(batch, n_heads, head_dim, device="cuda", dtype=dtype)
-        max_blocks = -(-length // block_size)
-        num_blocks = batch * max_blocks
-        k_cache = torch.randn(num_blocks, block_size, n_kv_heads, head_dim, device="cuda", dtype=dtype)
-        v_cache = torch.randn_like(k_cache)
-        table = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32).view(batch, max_blocks)
-        lengths = torch.full((batch,), length, device="cuda", dtype=torch.int32)
-        k_dense = k_cache[table].flatten(1, 2)[:, :length].transpose(1, 2).contiguous()
-        v_dense = v_cache[table].flatten(1, 2)[:, :length].transpose(1, 2).contiguous()
+        q, k_cache, v_cache, table, lengths = paged_problem(batch, n_heads, n_kv_heads, length, head_dim,
+                                                            block_size, dtype, gen)
+        k_dense = dense_rows(k_cache, table, length).contiguous()
+        v_dense = dense_rows(v_cache, table, length).contiguous()
         kv_bytes = 2 * k_dense.numel() * k_dense.element_size()
         t_sdpa = graph_time(lambda: F.scaled_dot_product_attention(q[:, :, None], k_dense, v_dense,
                                                                    enable_gqa=n_heads != n_kv_heads), args.rep)
         expected = dec.decode_attention_reference(q, k_cache, v_cache, table, lengths).float()
-        default_splits = dec.choose_num_splits(batch, n_kv_heads, max_blocks * block_size, n_sms)
+        default_splits = dec.choose_num_splits(batch, n_kv_heads, table.shape[1] * block_size, n_sms)
         print(f"\nB{batch} H{n_heads} Hkv{n_kv_heads} L{length} D{head_dim}: SDPA {t_sdpa * 1e3:.1f} us "
               f"({kv_bytes / t_sdpa / 1e6:.0f} GB/s); default splits {default_splits}")
         print(f"{'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'splits':>6} {'us':>8} {'GB/s':>6} {'vs SDPA':>8}")
