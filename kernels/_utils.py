@@ -202,7 +202,7 @@ def check_triton_device(func: str, device: torch.device) -> None:
     """Raise ValueError when the Triton path cannot run on ``device``.
 
     Skipped while torch.compile traces (the check reads package metadata, which Dynamo cannot
-    trace): the launchers behind ``kernel_op`` check again when they run.
+    trace): the ops made by ``kernel_op`` check when they run.
     """
     if torch.compiler.is_compiling():
         return
@@ -219,16 +219,25 @@ def check_triton_device(func: str, device: torch.device) -> None:
         )
 
 
-def kernel_op(name: str, schema: str, impl: Callable[..., Any], fake: Callable[..., Any]) -> Callable[..., Any]:
+def kernel_op(name: str, schema: str, impl: Callable[..., Any], fake: Callable[..., Any],
+              public: str) -> Callable[..., Any]:
     """Register ``impl`` (a launcher: allocate outputs, launch kernels) as the custom op ``kiln::name``.
 
     Returns a function that calls ``impl`` directly when run eagerly (no dispatcher overhead on
     every launch) and the op while torch.compile traces: Dynamo then sees one opaque call whose
     output shapes come from ``fake``, rather than tracing Triton's launcher, which it cannot
     follow without graph breaks (and under ``TRITON_INTERPRET=1`` not at all). ``schema`` is the
-    op's argument list and returns, e.g. ``"(Tensor x, float scale) -> Tensor"``.
+    op's argument list and returns, e.g. ``"(Tensor x, float scale) -> Tensor"``; its first
+    argument is a tensor on the launch device. The eager caller, the public function ``public``,
+    has checked that device already; the op checks it when it runs, since a traced
+    ``check_triton_device`` is skipped.
     """
-    op = torch.library.custom_op(f"kiln::{name}", impl, mutates_args=(), schema=schema)
+
+    def run_op(*args: Any) -> Any:
+        check_triton_device(public, args[0].device)
+        return impl(*args)
+
+    op = torch.library.custom_op(f"kiln::{name}", run_op, mutates_args=(), schema=schema)
     op.register_fake(fake)
 
     def call(*args: Any) -> Any:

@@ -273,7 +273,6 @@ class _Shapes:
 
 def _forward_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     """Launch the forward: (out, lse), lse fp32 in log2 units, shaped per ``_Shapes.lse_shape``."""
-    check_triton_device("flash_attention", q.device)
     varlen = cu_q is not None
     shapes = _Shapes.of(q, k, cu_q, max_q, max_k)
     # Packed tokens past cu_seqlens_q[-1] belong to no sequence: zeros, not garbage.
@@ -299,7 +298,6 @@ def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
 
 def _backward_impl(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
     """Launch the backward: (dq, dk, dv)."""
-    check_triton_device("flash_attention", q.device)
     shapes = _Shapes.of(q, k, cu_q, max_q, max_k)
     varlen = cu_q is not None
     new_grad = torch.zeros_like if varlen else torch.empty_like  # packed padding gets zero gradient
@@ -343,13 +341,13 @@ _forward = kernel_op(
     "flash_attention_forward",
     "(Tensor q, Tensor k, Tensor v, Tensor? cu_q, Tensor? cu_k, SymInt max_q, SymInt max_k, bool causal, "
     "float scale) -> (Tensor, Tensor)",
-    _forward_impl, _forward_fake,
+    _forward_impl, _forward_fake, public="flash_attention",
 )
 _backward = kernel_op(
     "flash_attention_backward",
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_q, Tensor? cu_k, "
     "SymInt max_q, SymInt max_k, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
-    _backward_impl, _backward_fake,
+    _backward_impl, _backward_fake, public="flash_attention",
 )
 
 

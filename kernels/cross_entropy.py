@@ -204,7 +204,6 @@ def _cdiv(a: int, b: int) -> int:
 
 def _rows_impl(logits, targets, ignore_index):
     """(N,) fp32 loss and log-sum-exp (see ``_forward_rows``), for any row stride."""
-    check_triton_device("cross_entropy", logits.device)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     return _forward_rows(logits, targets.contiguous(), ignore_index)
@@ -217,7 +216,6 @@ def _rows_fake(logits, targets, ignore_index):
 
 def _rows_backward_impl(logits, targets, lse, grad_loss, ignore_index):
     """d loss / d logits for the per-row loss, given d total / d row_loss (``grad_loss``)."""
-    check_triton_device("cross_entropy", logits.device)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     targets = targets.contiguous()
@@ -234,7 +232,6 @@ def _rows_backward_fake(logits, targets, lse, grad_loss, ignore_index):
 def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad):
     """Chunked LM head + cross-entropy: (loss, d loss/d hidden, d loss/d weight), the gradients
     computed on the way (empty when ``need_grad`` is False)."""
-    check_triton_device("linear_cross_entropy", hidden.device)
     # Matmuls run in the inputs' (shared) dtype: under autocast they would change it
     # between the logits and the gradient buffers.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
@@ -278,17 +275,17 @@ def _linear_fake(hidden, weight, targets, ignore_index, reduction, chunk_rows, n
 
 # Custom ops, so torch.compile (training) treats each launcher as one opaque call.
 _rows = kernel_op("cross_entropy_rows", "(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor)",
-                  _rows_impl, _rows_fake)
+                  _rows_impl, _rows_fake, public="cross_entropy")
 _rows_backward = kernel_op(
     "cross_entropy_rows_backward",
     "(Tensor logits, Tensor targets, Tensor lse, Tensor grad_loss, int ignore_index) -> Tensor",
-    _rows_backward_impl, _rows_backward_fake,
+    _rows_backward_impl, _rows_backward_fake, public="cross_entropy",
 )
 _linear = kernel_op(
     "linear_cross_entropy",
     "(Tensor hidden, Tensor weight, Tensor targets, int ignore_index, str reduction, int? chunk_rows, "
     "bool need_grad) -> (Tensor, Tensor, Tensor)",
-    _linear_impl, _linear_fake,
+    _linear_impl, _linear_fake, public="linear_cross_entropy",
 )
 
 

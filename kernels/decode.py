@@ -138,7 +138,6 @@ def decode_attention(
 
 def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
     """Launch the kernels; ``num_splits`` 0 picks the count (see ``choose_num_splits``)."""
-    check_triton_device("decode_attention", q.device)
     batch, n_heads, head_dim = q.shape
     block_size, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads
@@ -183,7 +182,7 @@ _decode = kernel_op(
     "decode_attention",
     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor lengths, float scale, "
     "int num_splits) -> Tensor",
-    _decode_impl, _decode_fake,
+    _decode_impl, _decode_fake, public="decode_attention",
 )
 
 

@@ -94,3 +94,15 @@ def test_training_forward_and_backward_compile_in_one_graph():
     assert_close(losses[0], losses[1], 1e-5, 1e-5, "compiled training loss")
     for name in grads[1]:
         assert_close(grads[0][name], grads[1][name], 1e-5, 1e-4, f"compiled grad of {name}")
+
+
+def test_the_ops_check_the_device_when_they_run(monkeypatch):
+    """Traced code skips check_triton_device (Dynamo cannot follow it); the op checks when it runs."""
+    from kernels import _utils
+
+    monkeypatch.setattr(_utils, "triton_available", lambda device: False)
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="flash_attention needs a CUDA tensor"):
+        attention._forward.op(q, q, q, None, None, 4, 4, True, 0.25)
+    with pytest.raises(ValueError, match="linear_cross_entropy needs a CUDA tensor"):
+        cross_entropy._linear.op(q[0, 0], q[0, 0], torch.zeros(4, dtype=torch.long), -100, "mean", None, False)
