@@ -169,19 +169,18 @@ class Engine:
         self.compile_seconds: float | None = None  # set when the decode step was compiled
         self.compile_error: str | None = None
         graphed = cuda_graphs and backend == "triton" and self.device.type == "cuda"
-        if not compile or graphed:  # (GraphedDecode compiles the CUDA step itself)
-            pass
-        elif plan is None:
-            self.compile_error = ("compile applies to the CPU decode step (torch attention backend) and to the "
-                                  "CUDA-graph decode step (triton backend)")
-        elif plan.native and self.max_batch_size <= NATIVE_MAX_BATCH:
-            self.compile_error = "not needed: the native decode step runs every batch size up to max_batch_size"
-        else:
-            try:
-                self.compile_seconds = plan.compile(self.cache, self.max_batch_size)
-            except Exception as e:  # noqa: BLE001 -- no compiler, an inductor bug: serve eagerly
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                self.compile_error = f"{type(e).__name__}: {first_line}"
+        if compile and not graphed:  # (GraphedDecode compiles the CUDA step itself, below)
+            if plan is None:
+                self.compile_error = ("compile applies to the CPU decode step (torch attention backend) and to "
+                                      "the CUDA-graph decode step (triton backend)")
+            elif plan.native and self.max_batch_size <= NATIVE_MAX_BATCH:
+                self.compile_error = "not needed: the native decode step runs every batch size up to max_batch_size"
+            else:
+                try:
+                    self.compile_seconds = plan.compile(self.cache, self.max_batch_size)
+                except Exception as e:  # noqa: BLE001 -- no compiler, an inductor bug: serve eagerly
+                    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    self.compile_error = f"{type(e).__name__}: {first_line}"
         self._decode_mask = backend != "triton"  # the Triton decode kernel reads lengths, not a mask
         self._graphs: GraphedDecode | None = None
         if graphed:

@@ -75,25 +75,19 @@ def same_outputs(got, expected, what: str = "outputs") -> None:
         assert {k: g[k] for k in exact} == {k: e[k] for k in exact}, f"{what}: request {i}"
         for key in ("lps", "prompt_lps"):
             assert (g[key] is None) == (e[key] is None), f"{what}: request {i} {key}"
-            assert flat_logprobs(g[key] or []) == pytest.approx(flat_logprobs(e[key] or []), abs=1e-3, nan_ok=True), \
-                f"{what}: request {i} {key}"
-            assert flat_ids(g[key] or []) == flat_ids(e[key] or []), f"{what}: request {i} {key} ids"
+            (g_ids, g_lps), (e_ids, e_lps) = flat(g[key] or []), flat(e[key] or [])
+            assert g_ids == e_ids, f"{what}: request {i} {key} ids"
+            assert g_lps == pytest.approx(e_lps, abs=1e-3, nan_ok=True), f"{what}: request {i} {key}"
 
 
-def flat_logprobs(entries) -> list[float]:
-    values = []
+def flat(entries) -> tuple[list[int], list[float]]:
+    """(ids, logprobs) of logprob entries (id, logprob or None, [(top id, logprob), ...] if any), in order."""
+    ids, values = [], []
     for entry in entries:
-        values.append(float("nan") if entry[1] is None else entry[1])
-        values += [v for _, v in (entry[2] if len(entry) > 2 else [])]
-    return values
-
-
-def flat_ids(entries) -> list[int]:
-    ids = []
-    for entry in entries:
-        ids.append(entry[0])
-        ids += [t for t, _ in (entry[2] if len(entry) > 2 else [])]
-    return ids
+        pairs = [(entry[0], float("nan") if entry[1] is None else entry[1]), *(entry[2] if len(entry) > 2 else [])]
+        ids += [t for t, _ in pairs]
+        values += [v for _, v in pairs]
+    return ids, values
 
 
 def mixed_workload(engine: Engine, ref_text: str, ref_ids: list[int]):

@@ -73,15 +73,16 @@ def load(build: bool = True) -> ModuleType | None:
     with _lock:
         if _module is not None or _error is not None:
             return _module
-        variants = [(FLAGS, LDFLAGS), (SERIAL_FLAGS, [])]  # with OpenMP if the compiler has it
-        built = [v for v in variants if any(build_dir(*v).glob(f"kiln_native_{build_dir(*v).name}*.so"))]
+        # with OpenMP if the compiler has it: (flags, ldflags, where that build is cached)
+        variants = [(flags, ldflags, build_dir(flags, ldflags)) for flags, ldflags in ((FLAGS, LDFLAGS),
+                                                                                        (SERIAL_FLAGS, []))]
+        built = [v for v in variants if any(v[2].glob(f"kiln_native_{v[2].name}*.so"))]
         if not built and not build:
             return None
         from torch.utils.cpp_extension import load as load_extension
 
         failure = ""
-        for flags, ldflags in built or variants:
-            directory = build_dir(flags, ldflags)
+        for flags, ldflags, directory in built or variants:
             try:
                 directory.mkdir(parents=True, exist_ok=True)
                 _module = load_extension(name="kiln_native_" + directory.name, sources=[str(SOURCE)],
