@@ -4,8 +4,8 @@ The interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute, but no
 that they compile: it accepts code the GPU compiler rejects, and it never sees a
 config that needs more shared memory than an SM has or spills registers. This
 script runs Kiln's real launchers (``kernels.softmax.softmax``, ``cross_entropy``,
-``linear_cross_entropy``, ``flash_attention`` (+ varlen, + backward) and
-``decode_attention``) on CPU tensors of realistic shapes, with Triton's driver
+``linear_cross_entropy``, ``flash_attention`` (+ varlen, + backward),
+``decode_attention`` and the fused ``add_norm``, ``rope_cache_write``, ``silu_mul``) on CPU tensors of realistic shapes, with Triton's driver
 swapped for an offline one: every launch compiles -- for each autotune config the
 pruner keeps -- through Triton's real pipeline down to a cubin (the bundled
 ``ptxas``), and nothing is launched. The bundled ``cuobjdump`` then reads each
@@ -315,11 +315,38 @@ def _decode_launches(quick: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
                 yield f"decode_attention {str(dtype)[6:]} {shape}", run
 
 
+def _fused_launches(quick: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
+    from kernels.activation import silu_mul
+    from kernels.norm import add_norm
+    from kernels.rope import rope_cache_write
+
+    dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)
+    for dtype in dtypes:
+        name = str(dtype)[6:]
+        for d in (768, 2048) if quick else (768, 2048, 4096, 8192):
+            x = torch.zeros(4, d, dtype=dtype)
+            w = torch.ones(d, dtype=dtype)
+            yield f"add_norm {name} d={d} rms", lambda x=x, w=w: add_norm(x, x, w, None, 1e-5, True)
+            yield f"add_norm {name} d={d} layernorm", lambda x=x, w=w: add_norm(x, None, w, w, 1e-5, False)
+        for n_heads, n_kv_heads, head_dim in ((32, 4, 64), (12, 12, 64), (32, 8, 128)):
+            def rope(dtype=dtype, h=n_heads, hkv=n_kv_heads, d=head_dim):
+                qkv = torch.zeros(2, 3, (h + 2 * hkv) * d, dtype=dtype)
+                pool = torch.zeros(2, 8, 16, hkv, d, dtype=dtype)
+                idx = torch.zeros(2, 3, dtype=torch.long)
+                table = torch.zeros(64, d, dtype=dtype)
+                rope_cache_write(qkv, h, hkv, idx, pool, pool, idx, idx, table, table, layer=1)
+                rope_cache_write(qkv, h, hkv, idx, pool, pool, idx, idx, layer=1)  # learned positions
+
+            yield f"rope_cache_write {name} H={n_heads}/{n_kv_heads} D={head_dim}", rope
+        yield f"silu_mul {name} F=5632", lambda dtype=dtype: silu_mul(torch.zeros(4, 2 * 5632, dtype=dtype))
+
+
 LAUNCHES = {
     "softmax": _softmax_launches,
     "cross_entropy": _cross_entropy_launches,
     "attention": _attention_launches,
     "decode": _decode_launches,
+    "fused": _fused_launches,
 }
 
 

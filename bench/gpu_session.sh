@@ -10,9 +10,10 @@
 # so one call (carrying .whl) does a lease's worth and still returns what it measured:
 #   bash bench/gpu_session.sh quick tests kernels serve-llama-1.1b   # ~6 minutes
 #   bash bench/gpu_session.sh quick retests kernels train decode-configs
-# Phases: tests (every GPU test, 8 workers), retests (those a first lease found failing),
+# Phases: tests (every GPU test, 8 workers), retests (the GPU tests not yet passed on a GPU),
 # kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes),
-# decode-configs (GPU time of each decode launch config, CUDA-graph replay),
+# decode-configs (GPU time of each decode launch config, CUDA-graph replay), fused (add+norm,
+# rope+cache write and SwiGLU kernels vs torch and torch.compile, CUDA-graph replay),
 # serve-SHAPE (serve_bench at one shape, reduced online load), train (training MFU),
 # profile (bench/profile_step.py: host and GPU time of a batch-1 decode step, 1.1B shape),
 # serve-compile (the 1.1B shape's offline engine with --compile, no HF or server).
@@ -84,14 +85,17 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 STAGE_TIMEOUT=150 stage tests python3 -m pytest -p no:cacheprovider -n 8 -q -rs --timeout 120 \
                     --durations=10 -k gpu tests/test_kernels_attention.py tests/test_kernels_decode.py \
                     tests/test_kernels_softmax.py tests/test_kernels_cross_entropy.py tests/test_cuda_graphs.py \
-                    tests/test_async_scheduling.py
+                    tests/test_async_scheduling.py tests/test_kernels_fused.py tests/test_model_fused.py
                 STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels_torch_compile.py
                 ;;
-            retests)  # the GPU tests a first lease found failing, and nothing else
+            retests)  # the GPU tests that have not passed on a GPU yet (new, or rewritten after failing)
                 STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -n 4 -q -rs --timeout 100 \
-                    tests/test_kernels_cross_entropy.py tests/test_cuda_graphs.py tests/test_async_scheduling.py \
-                    -k "gpu_cross_entropy_real_shapes or on_gpu"
+                    tests/test_cuda_graphs.py tests/test_async_scheduling.py tests/test_kernels_fused.py \
+                    tests/test_model_fused.py -k "gpu"
                 STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels_torch_compile.py
+                ;;
+            fused)  # the fused inference kernels vs the torch ops they replace (CUDA-graph replay)
+                STAGE_TIMEOUT=90 stage kernels python3 bench/bench_fused.py --dtype bf16 --rep 30
                 ;;
             decode-configs)
                 STAGE_TIMEOUT=60 stage kernels python3 bench/decode_configs.py --rep 30
@@ -144,16 +148,18 @@ case "${1:-}" in
         stage tests python3 -m pytest -p no:cacheprovider -rs --durations=15 tests/test_kernels_attention.py \
             tests/test_kernels_decode.py tests/test_kernels_softmax.py tests/test_kernels_cross_entropy.py \
             tests/test_cuda_graphs.py tests/test_async_scheduling.py tests/test_model_backends.py \
-            tests/test_engine.py tests/test_paged_engine.py tests/test_kernels_torch_compile.py
+            tests/test_engine.py tests/test_paged_engine.py tests/test_kernels_torch_compile.py \
+            tests/test_kernels_fused.py tests/test_model_fused.py
         ;;
     kernels)
         setup
-        STAGE_TIMEOUT=$((STAGE_TIMEOUT / 5))
+        STAGE_TIMEOUT=$((STAGE_TIMEOUT / 6))
         stage kernels python3 bench/bench_attention.py --dtype bf16 --mode fwd,fwd_bwd
         stage kernels python3 bench/bench_attention.py --dtype bf16 --mode fwd --gqa 4 --seqlens 2048,8192
         stage kernels python3 bench/bench_decode.py --dtype bf16
         stage kernels python3 bench/bench_softmax.py --dtypes fp32,bf16
         stage kernels python3 bench/bench_cross_entropy.py --dtype bf16 --compile
+        stage kernels python3 bench/bench_fused.py --dtype bf16
         ;;
     serve)
         # `serve SHAPE` gives one shape the whole stage (the 1.1B shape's HF baselines are slow)

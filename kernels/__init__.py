@@ -7,6 +7,9 @@ plain-torch ``*_reference`` beside it that is also the CPU path:
 * ``kernels.decode``         split-KV (flash-decoding) attention over the paged KV cache
 * ``kernels.softmax``        row softmax with temperature for sampling, any row length
 * ``kernels.cross_entropy``  fused cross-entropy / token logprobs with backward, chunked linear+CE
+* ``kernels.norm``           residual add + RMSNorm / LayerNorm in one kernel (inference)
+* ``kernels.rope``           rotary embedding + paged KV-cache write in one kernel (inference)
+* ``kernels.activation``     SwiGLU's silu(gate) * up in one kernel (inference)
 
 Every module has ``available(device)``: True for CUDA tensors when Triton >= 3.6 is
 installed, or for CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was

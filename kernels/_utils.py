@@ -136,15 +136,18 @@ def config(num_warps: int = 4, num_stages: int = 2, **block_sizes: int) -> Any:
 
 def jit_kernel(
     fn: Callable[..., None],
-    gpu_configs: Sequence[Any],
-    interpreter_config: Any,
-    key: Sequence[str],
+    gpu_configs: Sequence[Any] = (),
+    interpreter_config: Any = None,
+    key: Sequence[str] = (),
     prune: Callable[..., list[Any]] | None = None,
 ) -> TritonKernel:
     """``triton.jit`` ``fn`` now; autotune over ``gpu_configs`` unless interpreting.
 
     ``prune(configs, named_args, **kwargs)`` drops configs that cannot fit (shared
-    memory, head dim) before the autotuner benchmarks them.
+    memory, head dim) before the autotuner benchmarks them. No ``gpu_configs`` and no
+    ``interpreter_config``: a plain jitted kernel, whose launcher passes ``num_warps``
+    itself (no autotuner on the launch path, and no config chosen by whichever shape
+    happened to come first).
     """
     import triton
     import triton.language
@@ -152,6 +155,8 @@ def jit_kernel(
     # Kernel bodies resolve `tl` in their module's globals at compile/interpret time.
     fn.__globals__.setdefault("tl", triton.language)
     kernel = triton.jit(fn)
+    if not gpu_configs and interpreter_config is None:
+        return TritonKernel(kernel)
     if interpreting():
         cfg = interpreter_config
         meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
@@ -220,7 +225,7 @@ def check_triton_device(func: str, device: torch.device) -> None:
 
 
 def kernel_op(name: str, schema: str, impl: Callable[..., Any], fake: Callable[..., Any],
-              public: str) -> Callable[..., Any]:
+              public: str, mutates_args: Sequence[str] = ()) -> Callable[..., Any]:
     """Register ``impl`` (a launcher: allocate outputs, launch kernels) as the custom op ``kiln::name``.
 
     Returns a function that calls ``impl`` directly when run eagerly (no dispatcher overhead on
@@ -230,14 +235,15 @@ def kernel_op(name: str, schema: str, impl: Callable[..., Any], fake: Callable[.
     op's argument list and returns, e.g. ``"(Tensor x, float scale) -> Tensor"``; its first
     argument is a tensor on the launch device. The eager caller, the public function ``public``,
     has checked that device already; the op checks it when it runs, since a traced
-    ``check_triton_device`` is skipped.
+    ``check_triton_device`` is skipped. ``mutates_args`` names the arguments written in place
+    (marked ``Tensor(a!)`` in ``schema`` too).
     """
 
     def run_op(*args: Any) -> Any:
         check_triton_device(public, args[0].device)
         return impl(*args)
 
-    op = torch.library.custom_op(f"kiln::{name}", run_op, mutates_args=(), schema=schema)
+    op = torch.library.custom_op(f"kiln::{name}", run_op, mutates_args=tuple(mutates_args), schema=schema)
     op.register_fake(fake)
 
     def call(*args: Any) -> Any:

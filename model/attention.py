@@ -76,9 +76,15 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     q (B, H, T, D); k_new/v_new (B, T, Hkv, D); k_cache/v_cache (num_blocks, block_size, Hkv, D).
     Returns (B, H, T, D).
     """
-    B, H, T, D = q.shape
     k_cache[batch.write_blocks, batch.write_offsets] = k_new  # (B, T, Hkv, D) scattered into blocks
     v_cache[batch.write_blocks, batch.write_offsets] = v_new
+    return attend_cached(q, k_cache, v_cache, batch, backend)
+
+
+def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: CacheBatch,
+                  backend: str) -> torch.Tensor:
+    """Attend over each row's blocks, this step's keys/values already written. q (B, H, T, D) -> (B, H, T, D)."""
+    B, H, T, D = q.shape
     if backend == "triton" and T == 1:
         from kernels.decode import decode_attention
 

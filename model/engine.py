@@ -475,7 +475,7 @@ class Engine:
         if self._async:  # each row's input is its last sampled id, which may not be on the host yet
             tokens = self._last_tokens[to_device([r.slot for r in requests], torch.int64, self.device)][:, None]
         else:
-            tokens = torch.tensor([[r.output_ids[-1]] for r in requests], dtype=torch.long, device=self.device)
+            tokens = to_device([[r.output_ids[-1]] for r in requests], torch.long, self.device)
         batch = self.cache.batch([r.blocks for r in requests], [r.num_computed for r in requests],
                                  [1] * len(requests), with_mask=self._decode_mask)
         if self._graphs is not None:
@@ -516,7 +516,7 @@ class Engine:
         if banned:
             logits.index_put_((to_device([i for i, _ in banned], torch.int64, self.device),
                                to_device([t for _, t in banned], torch.int64, self.device)),
-                              torch.tensor(float("-inf"), device=self.device, dtype=logits.dtype))
+                              logits.new_full((), float("-inf")))  # a device fill: no host-to-device copy
         use_penalties = any(p.presence_penalty or p.frequency_penalty for p in params)
         if use_penalties and self._counts is None:
             # per-slot counts of generated ids, kept only once some request has used a penalty
@@ -592,7 +592,7 @@ class Engine:
         if end <= start:
             return
         n = request.params.logprobs or 0
-        targets = torch.tensor(ids[start + 1: end + 1], device=self.device)
+        targets = to_device(ids[start + 1: end + 1], torch.int64, self.device)
         lp, top_lp, top_ids = chunked_logprobs(hidden[: end - start], self.model.lm_head, targets, n,
                                                self.vocab_limit)
         lp = lp.tolist()

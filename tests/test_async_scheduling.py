@@ -219,3 +219,47 @@ def test_async_equals_sync_on_gpu(llama_dir):
     # batch shapes differ by the dropped rows, so GPU kernels may round logprobs differently
     assert [(g["ids"], g["text"], g["finish"]) for g in got] == [(e["ids"], e["text"], e["finish"]) for e in expected]
     assert_pool_empty(engine)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CPU tensors never sync")
+@torch.no_grad()
+def test_decode_steps_never_sync_on_gpu(tokenizer_dir):
+    """Once every request is past its prefill, a step queues its graph replay, sampling (greedy,
+    seeded top-k/top-p, penalties, min_tokens, logprobs) and copies without waiting for the GPU:
+    torch's sync debug mode turns any hidden host<->device sync (a pageable copy, `.item()`) into
+    an error. (Reading a step's ids back waits on a CUDA event one step later, by design.)"""
+    from model.checkpoint import build_model
+    from model.config import ModelConfig
+    from model.tokenizer import load_tokenizer
+    from model.transformer import Transformer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    # head dim 16: the Triton backend, so the decode step is a CUDA graph replay
+    config = ModelConfig(vocab_size=tokenizer.n_vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96,
+                         max_seq_len=128)
+    torch.manual_seed(0)
+    model = build_model(config, Transformer(config).state_dict(), torch.device("cuda"), torch.bfloat16)
+    engine = Engine(model, tokenizer, max_batch_size=8, block_size=4, num_blocks=256)
+    assert engine.async_scheduling and engine.uses_cuda_graphs
+    prompts = [engine.tokenizer.encode(SYSTEM + q) for q in QUESTIONS] + [engine.tokenizer.encode("Hello")]
+    params = [
+        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=40, temperature=0.9, top_k=40, top_p=0.9, seed=7, logprobs=3),
+        SamplingParams(max_tokens=40, temperature=0.7, seed=3, presence_penalty=0.5, frequency_penalty=0.4),
+        SamplingParams(max_tokens=40, temperature=0.0, min_tokens=30),
+        SamplingParams(max_tokens=40, temperature=1.0),
+    ]
+    requests = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    while any(len(r.output_ids) < 3 for r in requests):  # prefills (echo-free) and a few decode steps
+        engine.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    while engine.has_work:
+        engine.step()
+    assert all(len(r.output_ids) == 40 or r.finish_reason == "stop" for r in requests)
+    assert_pool_empty(engine)

@@ -26,6 +26,7 @@ KERNELS = {
     "_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel",
     "attn_fwd_kernel", "attn_bwd_preprocess_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel",
     "_decode_split_kernel", "_decode_merge_kernel",
+    "_add_norm_kernel", "_rope_cache_kernel", "_silu_mul_kernel",
 }
 H100_SHARED = 232448
 

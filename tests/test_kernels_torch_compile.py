@@ -106,3 +106,30 @@ def test_the_ops_check_the_device_when_they_run(monkeypatch):
         attention._forward.op(q, q, q, None, None, 4, 4, True, 0.25)
     with pytest.raises(ValueError, match="linear_cross_entropy needs a CUDA tensor"):
         cross_entropy._linear.op(q[0, 0], q[0, 0], torch.zeros(4, dtype=torch.long), -100, "mean", None, False)
+
+
+@torch.no_grad()
+def test_rope_cache_write_into_a_later_layer_compiles_with_dynamic_shapes():
+    """The fused rope op writes layer 1 of the pool under torch.compile(dynamic=True) where eager does.
+    (Handed the view pool[1] instead, torch 2.13's auto-functionalization puts the writes at the
+    pool's offset 0; the model hands the pool and the layer index.)"""
+    from kernels import rope
+
+    H, Hkv, D = 4, 2, 16
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    pools = [torch.zeros(2, 5, 4, Hkv, D, device=DEVICE) for _ in range(4)]
+    qkv = torch.randn(2, 1, (H + 2 * Hkv) * D, device=DEVICE, generator=gen)
+    positions = torch.tensor([[3], [5]], device=DEVICE)
+    blocks, offsets = torch.tensor([[1], [2]], device=DEVICE), torch.tensor([[0], [3]], device=DEVICE)
+
+    def fn(qkv, k_pool, v_pool):
+        q = rope.rope_cache_write(qkv, H, Hkv, positions, k_pool, v_pool, blocks, offsets, layer=1)
+        return q * 2.0, k_pool[1].sum()
+
+    got = torch.compile(fn, fullgraph=True, dynamic=True)(qkv, pools[0], pools[1])
+    want = fn(qkv, pools[2], pools[3])
+    assert_close(got[0], want[0], 0, 0, "compiled q")
+    assert_close(got[1], want[1], 1e-5, 1e-5, "compiled read of the written layer")
+    assert_close(pools[0], pools[2], 0, 0, "k pool")
+    assert_close(pools[1], pools[3], 0, 0, "v pool")
+    assert float(pools[2][1].abs().sum()) > 0 and float(pools[2][0].abs().sum()) == 0

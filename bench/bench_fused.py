@@ -1,0 +1,137 @@
+"""Benchmark the fused inference kernels (add+RMSNorm, rope+KV-cache write, SwiGLU) on CUDA.
+
+    python bench/bench_fused.py [--dtype bf16] [--rep 50] [--rows 1,32,2048]
+
+Shapes are the Llama 1.1B serving shape (d 2048, 32 query / 4 kv heads of 64, MLP 5632), at
+`--rows` tokens per call: 1 and 32 are decode steps, 2048 a prefill chunk. Each variant is
+captured in a CUDA graph and timed by replaying it (triton.testing.do_bench, median), so the
+numbers are GPU time only, as in the server's graph-captured decode step, where what these
+kernels save is mostly launches: at batch 1 each torch op is a ~2-5 us kernel of almost no
+work. Baselines: the torch ops the model runs without fusion (eager, replayed from the same
+kind of graph), and the same ops through torch.compile (inductor fuses the elementwise parts);
+the ratio is to the faster of the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+D_MODEL, N_HEAD, N_KV_HEAD, HEAD_DIM, D_FF = 2048, 32, 4, 64, 5632
+NUM_BLOCKS, BLOCK_SIZE, MAX_SEQ = 512, 16, 2048
+
+
+def graph_time(fn, rep: int) -> float:
+    """Microseconds per replay of ``fn`` captured in a CUDA graph (median)."""
+    import triton.testing
+
+    for _ in range(2):  # compile / autotune / warm up outside the capture
+        fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return 1e3 * triton.testing.do_bench(graph.replay, rep=rep, return_mode="median")
+
+
+def torch_add_rms_norm(x, residual, weight, eps=1e-5):
+    """The model's unfused ops: the residual add, then model.transformer.RMSNorm."""
+    summed = residual + x
+    xf = summed.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(summed) * weight, summed
+
+
+def torch_rope_cache(qkv, positions, cos, sin, k_cache, v_cache, blocks, offsets):
+    """The model's unfused ops: table gathers, apply_rope, and the two cache index_put_."""
+    B, T, _ = qkv.shape
+    qk = qkv[..., : (N_HEAD + N_KV_HEAD) * HEAD_DIM].view(B, T, N_HEAD + N_KV_HEAD, HEAD_DIM)
+    v = qkv[..., (N_HEAD + N_KV_HEAD) * HEAD_DIM:].view(B, T, N_KV_HEAD, HEAD_DIM)
+    c, s = cos[positions][:, :, None, :], sin[positions][:, :, None, :]
+    qk = torch.addcmul(qk * c, qk.roll(HEAD_DIM // 2, dims=-1), s).type_as(qk)
+    k_cache[blocks, offsets] = qk[:, :, N_HEAD:]
+    v_cache[blocks, offsets] = v
+    return qk[:, :, :N_HEAD]
+
+
+def torch_silu_mul(h):
+    gate, up = h.split(D_FF, dim=-1)
+    return F.silu(gate) * up
+
+
+def problems(rows: int, dtype: torch.dtype):
+    """(name, kiln fn, torch fn) at `rows` tokens (one row of `rows` tokens when > 32: a prefill chunk)."""
+    from kernels.activation import silu_mul
+    from kernels.norm import add_norm
+    from kernels.rope import rope_cache_write
+    from model.config import ModelConfig
+    from model.transformer import rope_tables
+
+    dev = "cuda"
+    B, T = (rows, 1) if rows <= 32 else (1, rows)
+    x = torch.randn(B, T, D_MODEL, device=dev, dtype=dtype)
+    residual = torch.randn_like(x)
+    weight = torch.randn(D_MODEL, device=dev, dtype=dtype)
+    config = ModelConfig(vocab_size=8, n_layer=1, n_head=N_HEAD, n_kv_head=N_KV_HEAD, d_model=D_MODEL, d_ff=D_FF,
+                         max_seq_len=MAX_SEQ)
+    cos, sin = (t.to(dev, dtype) for t in rope_tables(config))  # the model's tables are in its dtype
+    qkv = torch.randn(B, T, (N_HEAD + 2 * N_KV_HEAD) * HEAD_DIM, device=dev, dtype=dtype)
+    positions = torch.randint(0, MAX_SEQ, (B, T), device=dev)
+    slots = torch.randperm(NUM_BLOCKS * BLOCK_SIZE, device=dev)[: B * T].view(B, T)
+    blocks, offsets = slots // BLOCK_SIZE, slots % BLOCK_SIZE
+    k_pool = torch.zeros(1, NUM_BLOCKS, BLOCK_SIZE, N_KV_HEAD, HEAD_DIM, device=dev, dtype=dtype)
+    v_pool = torch.zeros_like(k_pool)
+    h = torch.randn(B, T, 2 * D_FF, device=dev, dtype=dtype)
+    return [
+        ("add + rmsnorm", lambda: add_norm(x, residual, weight, None, 1e-5, True),
+         lambda: torch_add_rms_norm(x, residual, weight)),
+        ("rope + cache write", lambda: rope_cache_write(qkv, N_HEAD, N_KV_HEAD, positions, k_pool, v_pool, blocks,
+                                                        offsets, cos, sin, layer=0),
+         lambda: torch_rope_cache(qkv, positions, cos, sin, k_pool[0], v_pool[0], blocks, offsets)),
+        ("silu * up", lambda: silu_mul(h), lambda: torch_silu_mul(h)),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--rep", type=int, default=50, help="do_bench repetition time in ms")
+    parser.add_argument("--rows", default="1,32,2048", help="tokens per call, comma-separated")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_fused.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    import triton
+
+    dtype = DTYPES[args.dtype]
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"{args.dtype} | d {D_MODEL}, heads {N_HEAD}/{N_KV_HEAD}x{HEAD_DIM}, MLP {D_FF} | CUDA-graph replay, us")
+    print(f"{'kernel':>20} {'rows':>5} {'kiln':>8} {'torch':>8} {'compiled':>9} {'vs best':>8}")
+    for rows in (int(r) for r in args.rows.split(",")):
+        for name, kiln, plain in problems(rows, dtype):
+            got, want = kiln(), plain()
+            for g, w in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want))):
+                torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}, {rows} rows: {m}")
+            t_kiln = graph_time(kiln, args.rep)
+            t_plain = graph_time(plain, args.rep)
+            t_comp = float("nan")
+            if not args.no_compile:
+                torch._dynamo.reset()
+                t_comp = graph_time(torch.compile(plain, fullgraph=True), args.rep)
+            best = min(t for t in (t_plain, t_comp) if t == t)
+            print(f"{name:>20} {rows:>5} {t_kiln:8.1f} {t_plain:8.1f} {t_comp:9.1f} {best / t_kiln:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

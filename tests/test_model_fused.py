@@ -1,0 +1,109 @@
+"""The fused serving forward (`Transformer._forward_fused`) against the plain one.
+
+With the triton backend and no autograd, a forward over the KV cache runs the fused
+add+norm, rope+cache-write and SwiGLU kernels. On the CPU they run in the Triton
+interpreter: a chunked, padded prefill of rows of different lengths and then decode steps
+must give the plain forward's logits and the same cache contents, for both model families.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from cache_helpers import Sequences  # noqa: E402
+from kernel_checks import assert_close, requires_cuda  # noqa: E402
+from kernels import norm  # noqa: E402
+from model.checkpoint import build_model  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from model.kv_cache import NULL_BLOCK, KVCache  # noqa: E402
+from model.transformer import Transformer  # noqa: E402
+
+FAMILIES = {
+    "llama": dict(n_head=6, n_kv_head=2, d_model=96, d_ff=80),
+    "gpt2": dict(n_head=4, n_kv_head=4, d_model=64, d_ff=128, norm="layernorm", positions="learned", mlp="gelu",
+                 tie_embeddings=True, bias=True),
+}
+
+
+def tiny(family: str, device: str, dtype: torch.dtype) -> Transformer:
+    config = ModelConfig(vocab_size=200, n_layer=2, max_seq_len=48, **FAMILIES[family])
+    torch.manual_seed(0)
+    model = Transformer(config)
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so a dropped term shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return build_model(config, model.state_dict(), torch.device(device), dtype, attn_backend="triton")
+
+
+def run(model: Transformer, fused: bool, steps, tokens):
+    """Prefill and decode on a fresh cache; returns each step's logits at the real positions and the cache."""
+    model.fused_inference = fused
+    seqs = Sequences(KVCache(model.config, num_blocks=40, block_size=4, max_seq_len=48,
+                             device=tokens.device, dtype=next(model.parameters()).dtype))
+    rows = [seqs.allocate() for _ in range(tokens.shape[0])]
+    outputs = []
+    for num_new in steps:  # per row: tokens this step (0: the row sits out)
+        live = [r for r, n in zip(rows, num_new) if n]
+        counts = [n for n in num_new if n]
+        batch = seqs.batch(live, counts)
+        chunk = torch.zeros(len(live), max(counts), dtype=torch.long, device=tokens.device)
+        for i, (r, n) in enumerate(zip(live, counts)):
+            chunk[i, :n] = tokens[r, seqs.lengths[r]: seqs.lengths[r] + n]
+        logits = model(chunk, kv_cache=seqs.kv, batch=batch)  # (B, T, V)
+        outputs.append(torch.cat([logits[i, :n] for i, n in enumerate(counts)]))
+        seqs.advance(live, counts)
+    return outputs, seqs.kv
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@torch.no_grad()
+def test_fused_forward_equals_the_plain_one(family):
+    if not norm.available("cpu"):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 set before triton is imported")
+    check(family, "cpu", torch.float32, 1e-4)
+
+
+def check(family: str, device: str, dtype: torch.dtype, tol: float) -> None:
+    model = tiny(family, device, dtype)
+    tokens = torch.randint(0, 200, (3, 20), generator=torch.Generator().manual_seed(1)).to(device)
+    # a padded prefill of three lengths, a second chunk for one row while the others decode, then decode
+    steps = [[5, 9, 2], [1, 4, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1]]
+    got, kv_got = run(model, True, steps, tokens)
+    want, kv_want = run(model, False, steps, tokens)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, tol, tol, f"{family} {dtype} step {i} logits")
+    real = torch.arange(kv_got.num_blocks, device=device) != NULL_BLOCK
+    for name in ("k", "v"):
+        assert_close(getattr(kv_got, name)[:, real], getattr(kv_want, name)[:, real], tol, tol, f"{family} {name} cache")
+
+
+def test_training_and_the_torch_backend_never_take_the_fused_path(monkeypatch):
+    import model.transformer as transformer
+
+    def boom(*args, **kwargs):
+        raise AssertionError("fused path taken")
+
+    monkeypatch.setattr(transformer.Transformer, "_forward_fused", boom)
+    config = ModelConfig(vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, d_model=32, d_ff=32, max_seq_len=16)
+    model = Transformer(config, attn_backend="torch")
+    seqs = Sequences(KVCache(config, num_blocks=8, block_size=4, max_seq_len=16))
+    seq = seqs.allocate()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=seqs.kv, batch=seqs.batch([seq], [3]))
+    loss = model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    loss.backward()
+
+
+@requires_cuda
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@torch.no_grad()
+def test_fused_forward_equals_the_plain_one_on_gpu(family):
+    check(family, "cuda", torch.float32, 1e-3)  # tf32 matmuls in both; fp32 everywhere else
