@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def load():
         start = time.perf_counter()
+        device = settings.device if settings.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         engine = load_engine(settings.model_dir, settings.device, settings.dtype,
-                             max_batch_size=settings.max_batch_size, max_seq_len=settings.max_model_len,
+                             max_batch_size=settings.batch_size_for(device), max_seq_len=settings.max_model_len,
                              block_size=settings.kv_block_size, num_blocks=settings.num_kv_blocks,
                              gpu_memory_fraction=settings.gpu_memory_fraction,
                              enable_prefix_caching=settings.enable_prefix_caching,

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "kiln-default"  # served name of the shipped default model
+# sequences decoded together by default: a GPU serves many streams in one step (vLLM's default is
+# 256 too); 2-8 CPU cores gain little past a handful, and each running row costs every step time
+DEFAULT_MAX_BATCH_SIZE = {"cuda": 256, "cpu": 8}
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class ServerSettings:
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
     device: str = "auto"
     dtype: str | None = None
-    max_batch_size: int = 8  # sequences running (decoded together) at once
+    max_batch_size: int | None = None  # sequences running (decoded together) at once; None: by device
     max_queue: int = 256  # sequences that may wait for a slot; more -> 429
     max_model_len: int | None = None  # context length cap (default: the model's)
     kv_block_size: int = 16  # tokens per KV-cache block
@@ -48,7 +51,8 @@ class ServerSettings:
 
         need(bool(self.served_model_name), "--served-model-name must not be empty")
         need(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
-        need(self.max_batch_size >= 1, f"--max-batch-size must be >= 1, got {self.max_batch_size}")
+        need(self.max_batch_size is None or self.max_batch_size >= 1,
+             f"--max-batch-size must be >= 1, got {self.max_batch_size}")
         need(self.max_queue >= 1, f"--max-queue must be >= 1, got {self.max_queue}")
         need(self.max_model_len is None or self.max_model_len >= 2,
              f"--max-model-len must be >= 2, got {self.max_model_len}")
@@ -63,6 +67,10 @@ class ServerSettings:
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         need(self.shutdown_timeout_s >= 0, f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout_s}")
         need(self.api_key is None or bool(self.api_key), "--api-key must not be empty")
+
+    def batch_size_for(self, device_type: str) -> int:
+        """--max-batch-size, or the default for the device the model runs on."""
+        return self.max_batch_size or DEFAULT_MAX_BATCH_SIZE.get(device_type, DEFAULT_MAX_BATCH_SIZE["cpu"])
 
     @property
     def num_threads(self) -> int:
@@ -129,8 +137,9 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default=None, choices=("auto", "fp32", "fp16", "bf16"),
                    help="weights dtype (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--max-batch-size", type=_int_at_least(1), default=8,
-                   help="sequences running (decoded together) at once (default: 8)")
+    p.add_argument("--max-batch-size", type=_int_at_least(1), default=None,
+                   help=f"sequences running (decoded together) at once (default: {DEFAULT_MAX_BATCH_SIZE['cuda']} "
+                        f"on CUDA, {DEFAULT_MAX_BATCH_SIZE['cpu']} on the CPU)")
     p.add_argument("--max-queue", type=_int_at_least(1), default=256,
                    help="sequences that may wait for a slot before requests get 429 (default: 256)")
     p.add_argument("--max-model-len", type=_int_at_least(2), default=None,

@@ -238,6 +238,10 @@ def test_settings_from_flags(tmp_path):
     assert got == (32, 100, 0.5, False, 64, False, True, False)
     assert ServerSettings.from_args(build_parser().parse_args([])).async_scheduling is None  # auto: CUDA only
     assert ServerSettings.from_args(build_parser().parse_args(["--async-scheduling"])).async_scheduling is True
+    default = ServerSettings.from_args(build_parser().parse_args([]))
+    assert (default.batch_size_for("cuda"), default.batch_size_for("cpu")) == (256, 8)  # by device
+    chosen = ServerSettings.from_args(build_parser().parse_args(["--max-batch-size", "3"]))
+    assert (chosen.batch_size_for("cuda"), chosen.batch_size_for("cpu")) == (3, 3)
     for bad in (["--port", "-1"], ["--max-batch-size", "0"], ["--device", "tpu"], ["--max-queue", "x"],
                 ["--kv-block-size", "0"], ["--num-kv-blocks", "1"], ["--gpu-memory-fraction", "1.5"],
                 ["--gpu-memory-fraction", "nan"], ["--max-prefill-tokens", "0"]):

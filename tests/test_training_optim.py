@@ -81,6 +81,9 @@ def test_shipped_configs_load_and_build():
     gpu = load_config(CONFIGS / "default-gpu.toml")
     model = gpu.model.build(8192, gpu.seq_len)
     assert 20e6 < model.num_params() < 30e6 and model.max_seq_len == 1024 and model.n_kv_head == 2
+    # it ships in model/default (issue 7: at most 48 MiB with the tokenizer files), as bf16 weights
+    others = sum(p.stat().st_size for p in default_model_dir().iterdir() if not p.name.endswith(".safetensors"))
+    assert 2 * model.num_params() + others <= 47 * 2**20, "the GPU default model would not fit the 48 MiB budget"
     assert gpu.grad_accum(1) == 1 and gpu.max_tokens == 100_000_000
 
 
