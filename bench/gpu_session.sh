@@ -67,13 +67,15 @@ setup() {
     } 2>&1 | tee "$OUT/environment.txt"
 }
 
-stage() {  # stage NAME COMMAND...: run with the stage timeout, log to $OUT/NAME.log
+stage() {  # stage NAME COMMAND...: run with the stage timeout, log to $OUT/NAME.log; the command's status
     local name="$1"
     shift
-    local started=$SECONDS
+    local started=$SECONDS status
     echo "== $name: $*" | tee -a "$OUT/$name.log"
     timeout "$STAGE_TIMEOUT" "$@" 2>&1 | tee -a "$OUT/$name.log"
-    echo "== $name exit ${PIPESTATUS[0]} after $((SECONDS - started)) s (limit $STAGE_TIMEOUT s)" | tee -a "$OUT/$name.log"
+    status=${PIPESTATUS[0]}
+    echo "== $name exit $status after $((SECONDS - started)) s (limit $STAGE_TIMEOUT s)" | tee -a "$OUT/$name.log"
+    return "$status"
 }
 
 quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its own timeout
@@ -184,8 +186,13 @@ case "${1:-}" in
         setup
         run_dir=/tmp/kiln-default-gpu
         # shellcheck disable=SC2086
-        stage default-model python3 -m training --config training/configs/default-gpu.toml --out "$run_dir" \
-            ${DEFAULT_MODEL_ARGS:-}
+        if ! stage default-model python3 -m training --config training/configs/default-gpu.toml --out "$run_dir" \
+            ${DEFAULT_MODEL_ARGS:-}; then
+            # torch.compile with the Triton kernels has not run on a GPU yet: go on from the last checkpoint
+            # (or step 0) with PyTorch's attention and loss rather than lose the lease
+            stage default-model python3 -m training --config training/configs/default-gpu.toml --out "$run_dir" \
+                --resume ${DEFAULT_MODEL_ARGS:-} --set attn_backend=torch
+        fi
         stage default-model python3 -m training.export "$run_dir" --out /tmp/kiln-default-export --dtype bf16 \
             --max-shard-mb 15
         mkdir -p "$OUT/model"

@@ -24,7 +24,7 @@ SHRINK = ["--set", "seq_len=32", "--set", "micro_batch_size=4", "--set", "batch_
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_prepare_train_resume_export_load(tmp_path, tokenizer_dir, capsys):
+def test_prepare_train_resume_export_load(tmp_path, tokenizer_dir, capsys, monkeypatch):
     kiln_tokenizer = tmp_path / "tokenizer"  # Kiln's own files (tokenizer.tiktoken + config + tokenizer.json)
     load_tokenizer(tokenizer_dir).save(kiln_tokenizer)
     docs = synthetic_documents(60, seed=1)
@@ -39,6 +39,15 @@ def test_prepare_train_resume_export_load(tmp_path, tokenizer_dir, capsys):
     assert meta["train"]["documents"] + meta["val"]["documents"] == 60 and meta["val"]["tokens"] > 0
 
     run = tmp_path / "run"
+    with monkeypatch.context() as patch:  # as on a CPU without the Triton interpreter: a clear error, no traceback
+        import kernels.attention
+
+        patch.setattr(kernels.attention, "available", lambda device: False)
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--config", str(TINY_TOML), "--data", str(tmp_path / "tokens"), "--out", str(run),
+                        "--max-steps", "2", *SHRINK, "--set", "attn_backend=triton"])
+        assert exc.value.code == 2
+        assert "attn_backend=triton needs a CUDA device" in capsys.readouterr().err
     assert train.main(["--config", str(TINY_TOML), "--data", str(tmp_path / "tokens"), "--out", str(run),
                        "--max-steps", "2", *SHRINK]) == 0
     # continue the same run to step 4 from its saved config (no --config)

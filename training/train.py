@@ -283,6 +283,12 @@ class Trainer:
         self.last_saved_step = -1
 
         checkpoint = self._find_resume_checkpoint(resume)
+        if config.attn_backend == "triton":
+            from kernels.attention import available
+
+            if not available(runtime.device):
+                raise ConfigError(f"attn_backend=triton needs a CUDA device with triton installed; this run is on "
+                                  f"{runtime.device}: use attn_backend=auto (triton where it can run) or torch")
         torch.manual_seed(config.seed)
         self.model = Transformer(self.model_config, attn_backend=config.attn_backend).to(runtime.device)
         self.flops_per_token = 6 * sum(p.numel() for p in self.model.parameters())  # before sharding
