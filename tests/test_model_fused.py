@@ -107,3 +107,38 @@ def test_training_and_the_torch_backend_never_take_the_fused_path(monkeypatch):
 @torch.no_grad()
 def test_fused_forward_equals_the_plain_one_on_gpu(family):
     check(family, "cuda", torch.float32, 1e-3)  # tf32 matmuls in both; fp32 everywhere else
+
+
+@torch.no_grad()
+def test_engine_on_the_triton_backend_equals_the_torch_backend(tokenizer_dir):
+    """The GPU serving path minus the graph capture: an async-scheduled engine over the Triton backend
+    (fused forward, decode kernel, prefill flash attention; all interpreted here) gives the torch-backend
+    engine's greedy tokens through prefix caching, a chunked prefill and a preemption."""
+    if not norm.available("cpu"):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 set before triton is imported")
+    from model.engine import Engine, SamplingParams
+    from model.tokenizer import load_tokenizer
+    from test_paged_engine import QUESTIONS, SYSTEM, assert_pool_empty, run_all
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = ModelConfig(vocab_size=tokenizer.n_vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96,
+                         max_seq_len=64)
+    torch.manual_seed(0)
+    weights = Transformer(config).state_dict()
+    for name, w in weights.items():  # sharper than the 0.02 init, so attention (and a rotation bug) shows
+        if w.dim() > 1:
+            w.mul_(6.0 if "qkv" in name else 3.0)
+    prompts = [tokenizer.encode(SYSTEM + q) for q in QUESTIONS[:3]]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (12, 14, 12)]
+    outputs = {}
+    for backend in ("torch", "triton"):
+        model = build_model(config, weights, torch.device("cpu"), torch.float32, attn_backend=backend)
+        # 12 blocks of 4 (11 is the least a 40-token context allows): the sequences outgrow the pool
+        # together, so one is preempted
+        engine = Engine(model, tokenizer, max_batch_size=3, max_seq_len=40, block_size=4, num_blocks=12,
+                        max_prefill_tokens=12, async_scheduling=True, native=False)
+        requests = run_all(engine, prompts, params, stagger=1)
+        outputs[backend] = [r.output_ids for r in requests]
+        assert engine.num_preemptions > 0 and engine.pool.hit_tokens > 0
+        assert_pool_empty(engine)
+    assert outputs["triton"] == outputs["torch"]
