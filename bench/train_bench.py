@@ -1,13 +1,16 @@
 """Training throughput at the GPT-2 124M shape: Kiln's training step vs a plain nanoGPT-style loop.
 
     python bench/train_bench.py [--batch 32] [--seq 1024] [--steps 30] [--warmup 10] [--attn-backend auto]
+                                [--sdpa default|cudnn|flash|efficient]
 
 Both sides run the same recipe on random tokens: bf16 autocast, fp32 master weights, fused
 AdamW (weight decay on matrices only), global-norm clipping at 1.0, `torch.compile`, one
 micro-batch per step. Kiln's side is `training.train.optimizer_step` on `model.Transformer`
 (its attention and cross-entropy go through the Triton kernels when attn_backend resolves to
 "triton"); the baseline is nanoGPT's model (SDPA attention, `F.cross_entropy`) in a plain loop.
-Prints tokens/s and MFU = 6 * params * tokens/s / peak (989e12 for H100 bf16 dense; attention
+`--sdpa` restricts PyTorch's `scaled_dot_product_attention` to one backend on both sides (the
+baseline's attention, and Kiln's with `--attn-backend torch`): on an H100 its cuDNN backend is the
+fastest attention measured (bench/RESULTS.md). Prints tokens/s and MFU = 6 * params * tokens/s / peak (989e12 for H100 bf16 dense; attention
 FLOPs ignored, as nanoGPT does), and Kiln's ratio to the baseline measured in the same run.
 
 Needs a CUDA GPU; `--device cpu` with a small shape (e.g. --n-layer 2 --d-model 64 --vocab 512
@@ -37,6 +40,17 @@ from training.optim import build_optimizer  # noqa: E402
 from training.train import optimizer_step  # noqa: E402
 
 H100_BF16_PEAK = 989e12
+SDPA_BACKENDS = {"default": None, "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
+                 "efficient": "EFFICIENT_ATTENTION"}
+
+
+def sdpa_backend(name: str):
+    """A context that restricts F.scaled_dot_product_attention to one backend (none for "default")."""
+    if SDPA_BACKENDS[name] is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
 
 
 # ----------------------------------------------------------------------------- the baseline
@@ -155,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--attn-backend", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--sdpa", default="default", choices=tuple(SDPA_BACKENDS),
+                   help="PyTorch SDPA backend for both sides (default: PyTorch's own choice)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK)
@@ -176,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     tokens_per_step = args.batch * args.seq
     results = {}
 
-    params, results["kiln"] = bench_kiln(args, batches, device, amp, compile_on)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    results["nanoGPT"] = bench_nanogpt(args, batches, device, amp, compile_on)
+    with sdpa_backend(args.sdpa):  # set while compiling: the traced graph keeps the backend chosen then
+        params, results["kiln"] = bench_kiln(args, batches, device, amp, compile_on)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results["nanoGPT"] = bench_nanogpt(args, batches, device, amp, compile_on)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     try:
@@ -190,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = "none"
     precision = "bf16 autocast" if dtype == torch.bfloat16 else "fp32"
     print(f"device {name}; torch {torch.__version__}; triton {triton_version}; {precision}; "
-          f"compile {'on' if compile_on else 'off'}; attn_backend {args.attn_backend}")
+          f"compile {'on' if compile_on else 'off'}; attn_backend {args.attn_backend}; SDPA backend {args.sdpa}")
     print(f"shape: {params / 1e6:.1f}M params (layers {args.n_layer}, d_model {args.d_model}, heads {args.n_head}, "
           f"vocab {args.vocab}); B x T = {args.batch} x {args.seq}; {args.steps} timed steps after {args.warmup}")
     for label, seconds in results.items():
