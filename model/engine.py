@@ -40,13 +40,14 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from .attention import resolve_backend
 from .cpu_packing import pack_linears
 from .cuda_graphs import GraphedDecode
 from .fast_decode import NATIVE_MAX_BATCH, DecodePlan
-from .kv_cache import KVCache, block_hashes, default_num_blocks
+from .kv_cache import NULL_BLOCK, KVCache, block_hashes, default_num_blocks
 from .requests import PENDING, InvalidRequest, Request, SamplingParams, StepOutput, TokenLogprob
 from .sampling import SamplingBatch, sample
 from .scoring import ScoreResult, ScoreTask, chunked_logprobs
@@ -137,6 +138,8 @@ class Engine:
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # admission order: the last is preempted first
         self._free_slots = list(range(max_batch_size))  # a min-heap
+        # each slot's block table, kept up to date a block at a time (the decode step reads rows of it)
+        self._block_tables = np.full((max_batch_size, self.cache.max_blocks_per_seq), NULL_BLOCK, dtype=np.int64)
         self._ids = itertools.count()
         self._counts: torch.Tensor | None = None  # (max_batch_size, V) generated-id counts, for penalties
         self.num_preemptions = 0
@@ -225,6 +228,7 @@ class Engine:
             request.blocks = []
         request.num_computed = 0
         if request.slot is not None:
+            self._block_tables[request.slot] = NULL_BLOCK
             heapq.heappush(self._free_slots, request.slot)
             request.slot = None
 
@@ -304,6 +308,7 @@ class Engine:
                 return False
             if self.pool.num_free > 0:
                 request.blocks.append(self.pool.allocate())
+                self._block_tables[request.slot, len(request.blocks) - 1] = request.blocks[-1]
         return True
 
     def _admit(self, request: Request) -> bool:
@@ -329,6 +334,7 @@ class Engine:
         if not request.output_ids:
             request.num_cached_prompt = request.num_computed
         request.slot = heapq.heappop(self._free_slots)
+        self._block_tables[request.slot, : len(request.blocks)] = request.blocks
         if self._counts is not None:
             self._fill_counts(request)
         if request.wants_prompt_logprobs and request.prompt_lps is None:
@@ -476,8 +482,8 @@ class Engine:
             tokens = self._last_tokens[to_device([r.slot for r in requests], torch.int64, self.device)][:, None]
         else:
             tokens = to_device([[r.output_ids[-1]] for r in requests], torch.long, self.device)
-        batch = self.cache.batch([r.blocks for r in requests], [r.num_computed for r in requests],
-                                 [1] * len(requests), with_mask=self._decode_mask)
+        batch = self.cache.decode_batch(self._block_tables[[r.slot for r in requests]],
+                                        [r.num_computed for r in requests], with_mask=self._decode_mask)
         if self._graphs is not None:
             logits = self._graphs(tokens, batch)  # (B, V), one graph replay
         elif self._decode_plan is not None:

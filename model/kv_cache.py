@@ -18,7 +18,9 @@ a free block.
 
 `CacheBatch` describes one forward over the cache: where each new token is written, the
 block table and lengths each row attends over, and the attention mask, built once per
-step and shared by every layer.
+step and shared by every layer. `KVCache.decode_batch` builds a decode step's from block
+tables kept as rows of an array (the engine's per-slot tables, updated a block at a time),
+so a step at batch 256 does not rebuild a (256, blocks) table from Python lists.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -180,6 +183,17 @@ class KVCache:
                                  f"{len(table)} blocks of {self.block_size} (max {self.max_seq_len} tokens)")
         return CacheBatch.build(tables, starts, num_new, self.block_size, self.max_seq_len, self.k.device, with_mask)
 
+    def decode_batch(self, table_rows: np.ndarray, starts: list[int], with_mask: bool = True) -> "CacheBatch":
+        """The view for one decode step (one new token per row at position starts[b]), from block tables
+        as rows of an int64 array (B, >= blocks needed), padded with NULL_BLOCK past each row's blocks."""
+        kv_len = max(starts) + 1
+        nb = self.blocks_needed(kv_len)
+        if kv_len > self.max_seq_len or table_rows.shape[1] < nb:
+            raise ValueError(f"positions up to {kv_len - 1} do not fit {table_rows.shape[1]} blocks of "
+                             f"{self.block_size} (max {self.max_seq_len} tokens)")
+        table = np.ascontiguousarray(table_rows[:, :nb], dtype=np.int64)
+        return CacheBatch._build_decode(table, starts, kv_len, self.block_size, self.k.device, with_mask)
+
 
 def default_num_blocks(config: ModelConfig, device: torch.device, dtype: torch.dtype, block_size: int,
                        max_seq_len: int, max_batch_size: int, gpu_memory_fraction: float, reserve_bytes: int) -> int:
@@ -225,7 +239,11 @@ class CacheBatch:
         kv_len = max(ends)
         nb = -(-kv_len // block_size)
         if T == 1:
-            return CacheBatch._build_decode(tables, starts, ends, kv_len, nb, block_size, device, with_mask)
+            table = np.full((B, nb), NULL_BLOCK, dtype=np.int64)
+            for b, blocks in enumerate(tables):
+                used = blocks[:nb]
+                table[b, : len(used)] = used
+            return CacheBatch._build_decode(table, starts, kv_len, block_size, device, with_mask)
         table = torch.zeros(B, nb, dtype=torch.int64)
         for b, blocks in enumerate(tables):
             used = blocks[: -(-ends[b] // block_size)]
@@ -259,19 +277,23 @@ class CacheBatch:
         )
 
     @staticmethod
-    def _build_decode(tables: list[list[int]], starts: list[int], ends: list[int], kv_len: int, nb: int,
-                      block_size: int, device: torch.device, with_mask: bool) -> "CacheBatch":
-        """One new token per row (a decode step): the same fields from plain lists, in a few tensor
-        calls, since at batch 1 on a CPU building the batch costs as much as a small matmul."""
-        index = torch.tensor([[[s] for s in starts],
-                              [[table[s // block_size]] for table, s in zip(tables, starts)],
+    def _build_decode(table: np.ndarray, starts: list[int], kv_len: int, block_size: int, device: torch.device,
+                      with_mask: bool) -> "CacheBatch":
+        """One new token per row (a decode step) at positions `starts`, block tables `table` (B, nb): the
+        fields in a few tensor calls, since at batch 1 on a CPU building the batch costs as much as a
+        small matmul, and with the table as an array, not rebuilt from lists, at batch 256 too."""
+        write_blocks = [int(table[b, s // block_size]) for b, s in enumerate(starts)]
+        if NULL_BLOCK in write_blocks:
+            row = write_blocks.index(NULL_BLOCK)
+            raise ValueError(f"row {row}'s block table does not cover its new position {starts[row]}")
+        index = torch.tensor([[[s] for s in starts], [[w] for w in write_blocks],
                               [[s % block_size] for s in starts]], dtype=torch.int64)  # (3, B, 1)
-        table = torch.tensor([t[:nb] + [NULL_BLOCK] * (nb - len(t[:nb])) for t in tables], dtype=torch.int64)
-        lengths = torch.tensor(ends, dtype=torch.int32)
+        lengths = torch.tensor([s + 1 for s in starts], dtype=torch.int32)
         mask = None
         if with_mask and len(set(starts)) > 1:
             mask = upload((torch.arange(kv_len)[None, :] < lengths[:, None])[:, None, None, :], device)  # (B, 1, 1, L)
-        contiguous_from = _contiguous_from(tables, nb)
+        contiguous_from = _contiguous_from([table[0].tolist()], table.shape[1]) if len(starts) == 1 else None
+        table = torch.from_numpy(table)
         if device.type != "cpu":
             index, table, lengths = upload(index, device), upload(table, device), upload(lengths, device)
         return CacheBatch(positions=index[0], write_blocks=index[1], write_offsets=index[2], block_table=table,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,9 +44,19 @@ def run_all(engine: Engine, prompts: list[list[int]], params: list[SamplingParam
         requests.append(engine.add_request(ids, p))
         for _ in range(stagger):
             engine.step()
+            assert_block_tables_mirror_blocks(engine)
     while engine.has_work:
         engine.step()
+        assert_block_tables_mirror_blocks(engine)
     return requests
+
+
+def assert_block_tables_mirror_blocks(engine: Engine) -> None:
+    """The engine's per-slot block tables (what decode steps read) hold each running request's blocks."""
+    expected = np.zeros_like(engine._block_tables)  # NULL_BLOCK (0) wherever no request's block is
+    for r in engine.running:
+        expected[r.slot, : len(r.blocks)] = r.blocks
+    assert (engine._block_tables == expected).all()
 
 
 def assert_pool_empty(engine: Engine) -> None:
@@ -53,6 +64,7 @@ def assert_pool_empty(engine: Engine) -> None:
     assert pool.num_used == 0 and all(r == 0 for r in pool.ref), "a block is still referenced"
     assert pool.num_free == pool.num_blocks - 1
     assert engine.num_free_slots == engine.max_batch_size and not engine.has_work
+    assert (engine._block_tables == 0).all(), "a released slot still has a block table"
 
 
 @torch.no_grad()
@@ -229,3 +241,24 @@ def test_decode_batch_fields():
     assert batch.mask.shape == (3, 1, 1, 10) and batch.mask.sum(-1).flatten().tolist() == [10, 3, 5]
     one = CacheBatch.build([[2, 3, 4]], [8], [1], block_size=4, max_seq_len=16, device=torch.device("cpu"))
     assert one.contiguous_from == 2 and one.mask is None and one.block_table.tolist() == [[2, 3, 4]]
+
+
+def test_decode_batch_from_table_rows_equals_the_list_built_one(llama_dir):
+    """KVCache.decode_batch (the engine's per-slot tables as array rows, wider than needed and padded
+    with the null block) gives the fields the list-based builder gives; rows must cover their position."""
+    config = load_engine(str(llama_dir), "cpu", max_batch_size=1).config
+    cache = KVCache(config, num_blocks=12, block_size=4, max_seq_len=40)
+    tables = [[7, 3, 9], [4], [5, 6]]
+    rows = np.zeros((3, cache.max_blocks_per_seq), dtype=np.int64)
+    for i, t in enumerate(tables):
+        rows[i, : len(t)] = t
+    for with_mask in (True, False):
+        want = cache.batch(tables, [9, 2, 4], [1, 1, 1], with_mask=with_mask)
+        got = cache.decode_batch(rows, [9, 2, 4], with_mask=with_mask)
+        for field in ("positions", "write_blocks", "write_offsets", "block_table", "lengths", "mask"):
+            a, b = getattr(got, field), getattr(want, field)
+            assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), field
+        assert (got.kv_len, got.contiguous_from) == (want.kv_len, want.contiguous_from) == (10, None)
+    assert cache.decode_batch(rows[2:], [7]).contiguous_from == 5  # one row, consecutive blocks 5, 6
+    with pytest.raises(ValueError, match="row 1's block table does not cover its new position 4"):
+        cache.decode_batch(rows, [9, 4, 4])  # row 1 holds one block: position 4 needs a second
