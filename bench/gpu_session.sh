@@ -13,13 +13,14 @@
 # The plan for the next 15-minute lease, one call each (the machine stays warm between calls):
 #   1. bash bench/gpu_session.sh default-model        carry data/tokens (issue 7; ~4 minutes)
 #   2. bash bench/gpu_session.sh quick retests fused serve-llama-1.1b     carry .whl (~6 minutes)
-#   3. what time is left: quick profile, train, train-cudnn
+#   3. what time is left: quick profile, train, train-logits, train-cudnn
 # Phases: tests (every GPU test, 8 workers), retests (the GPU tests not yet passed on a GPU),
 # kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes),
 # decode-configs (GPU time of each decode launch config, CUDA-graph replay), fused (add+norm,
 # rope+cache write and SwiGLU kernels vs torch and torch.compile, CUDA-graph replay),
-# serve-SHAPE (serve_bench at one shape, reduced online load), train (training MFU), train-cudnn
-# (the same with PyTorch attention on its cuDNN backend, both sides),
+# serve-SHAPE (serve_bench at one shape, reduced online load), train (training MFU), train-logits
+# (Kiln's loss from whole logits + the CE kernel), train-cudnn (PyTorch attention on its cuDNN
+# backend, both sides),
 # profile (bench/profile_step.py: host and GPU time of a batch-1 decode step, 1.1B shape),
 # serve-compile (the 1.1B shape's offline engine with --compile, no HF or server).
 # The full-length stages, one per call, for a longer lease:
@@ -134,6 +135,10 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 ;;
             train)
                 STAGE_TIMEOUT=150 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 20 --warmup 5
+                ;;
+            train-logits)  # Kiln's loss as whole logits + the fused CE kernel instead of chunked linear + CE
+                STAGE_TIMEOUT=150 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 20 --warmup 5 \
+                    --loss-impl logits
                 ;;
             train-cudnn)  # both sides on PyTorch's cuDNN attention (the fastest measured on Hopper)
                 STAGE_TIMEOUT=150 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 20 --warmup 5 \

@@ -1,7 +1,7 @@
 """Training throughput at the GPT-2 124M shape: Kiln's training step vs a plain nanoGPT-style loop.
 
     python bench/train_bench.py [--batch 32] [--seq 1024] [--steps 30] [--warmup 10] [--attn-backend auto]
-                                [--sdpa default|cudnn|flash|efficient]
+                                [--loss-impl chunked|logits] [--sdpa default|cudnn|flash|efficient]
 
 Both sides run the same recipe on random tokens: bf16 autocast, fp32 master weights, fused
 AdamW (weight decay on matrices only), global-norm clipping at 1.0, `torch.compile`, one
@@ -134,6 +134,7 @@ def bench_kiln(args, batches, device: torch.device, amp, compile_on: bool) -> tu
                          d_model=args.d_model, d_ff=4 * args.d_model, max_seq_len=args.seq, norm="layernorm",
                          positions="learned", mlp="gelu", tie_embeddings=True, bias=True)
     model = Transformer(config, attn_backend=args.attn_backend).to(device)
+    model.loss_impl = args.loss_impl
     params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, TrainConfig(lr=6e-4), device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--attn-backend", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--loss-impl", default="chunked", choices=("chunked", "logits"),
+                   help="Kiln's loss on the triton backend: chunked LM head + cross-entropy, or whole logits "
+                        "then the fused cross-entropy kernel")
     p.add_argument("--sdpa", default="default", choices=tuple(SDPA_BACKENDS),
                    help="PyTorch SDPA backend for both sides (default: PyTorch's own choice)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -207,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = "none"
     precision = "bf16 autocast" if dtype == torch.bfloat16 else "fp32"
     print(f"device {name}; torch {torch.__version__}; triton {triton_version}; {precision}; "
-          f"compile {'on' if compile_on else 'off'}; attn_backend {args.attn_backend}; SDPA backend {args.sdpa}")
+          f"compile {'on' if compile_on else 'off'}; attn_backend {args.attn_backend}; loss {args.loss_impl}; "
+          f"SDPA backend {args.sdpa}")
     print(f"shape: {params / 1e6:.1f}M params (layers {args.n_layer}, d_model {args.d_model}, heads {args.n_head}, "
           f"vocab {args.vocab}); B x T = {args.batch} x {args.seq}; {args.steps} timed steps after {args.warmup}")
     for label, seconds in results.items():

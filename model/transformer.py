@@ -146,6 +146,9 @@ class Transformer(nn.Module):
         self.attn_backend = attn_backend
         # inference over the KV cache with the triton backend runs the fused kernels (`_forward_fused`)
         self.fused_inference = True
+        # training loss on the triton backend: "chunked" (LM head + cross-entropy a chunk of rows at a time,
+        # the (N, V) logits never whole) or "logits" (the whole logits, then the fused cross-entropy kernel)
+        self.loss_impl = "chunked"
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model)
@@ -256,11 +259,15 @@ class Transformer(nn.Module):
         return norm(self.norm, h, residual)[0]
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, backend: str) -> torch.Tensor:
-        if backend == "triton":
+        if backend == "triton" and self.loss_impl == "chunked":
             from kernels.cross_entropy import linear_cross_entropy
 
             # LM head + cross-entropy in chunks of rows: the (B*T, V) logits never exist at once
             return linear_cross_entropy(hidden.flatten(0, -2), self.lm_head.weight, targets.flatten(),
                                         ignore_index=-100).float()
         logits = self.lm_head(hidden).flatten(0, -2)
+        if backend == "triton":
+            from kernels.cross_entropy import cross_entropy
+
+            return cross_entropy(logits, targets.flatten(), ignore_index=-100).float()
         return F.cross_entropy(logits.float(), targets.flatten(), ignore_index=-100)

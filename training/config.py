@@ -38,6 +38,7 @@ OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
+LOSS_IMPLS = ("chunked", "logits")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_BACKENDS = ("auto", "torch", "triton")
 VOCAB_MULTIPLE = 64  # an embedding with a multiple-of-64 row count keeps matmuls on fast tiles
@@ -130,6 +131,7 @@ class TrainConfig:
     compile: bool | None = None  # None: on for CUDA, off for CPU
     device: str = "auto"
     attn_backend: str = "auto"
+    loss_impl: str = "chunked"  # triton backend: chunked LM head + loss (memory), or whole logits + CE kernel
     parallel: str = "ddp"  # with several processes: ddp, or fsdp (FSDP2 fully_shard per block)
     peak_flops: float = 0.0  # for MFU; 0 -> looked up from the GPU name (H100: 989e12 bf16)
     # evaluation, logging, checkpoints
@@ -152,6 +154,7 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("device", self.device, DEVICES)
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
+        _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
         _choice("parallel", self.parallel, PARALLEL)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")

@@ -291,6 +291,7 @@ class Trainer:
                                   f"{runtime.device}: use attn_backend=auto (triton where it can run) or torch")
         torch.manual_seed(config.seed)
         self.model = Transformer(self.model_config, attn_backend=config.attn_backend).to(runtime.device)
+        self.model.loss_impl = config.loss_impl
         self.flops_per_token = 6 * sum(p.numel() for p in self.model.parameters())  # before sharding
         if runtime.distributed and config.parallel == "fsdp":
             from torch.distributed.fsdp import fully_shard
