@@ -7,10 +7,12 @@ has a seed. Logprobs (the chosen token's and the top-N) come from the model's
 unmodified distribution, as vLLM reports them. Ids at or past `vocab_limit` (padding
 rows of the embedding table) are never returned.
 
-Nothing here reads a value back to the host, and per-row parameters go up without a
+Nothing here reads a value back to the host on CUDA, and per-row parameters go up without a
 stream sync (`model.transfer`): the whole step stays queued on the device.
-Random draws use the exponential race (argmax p / E, E ~ Exp(1)), which samples from p
-exactly and lets each seeded row use its own generator.
+Random draws invert the CDF: one uniform per row (a seeded row draws it from its own
+generator), and the sampled id is the first whose cumulative probability passes it. That is
+exact, and a scan of the row instead of a random number per vocabulary entry (on a CPU, drawing
+8k exponentials cost more than the default model's whole decode step).
 """
 
 from __future__ import annotations
@@ -53,19 +55,72 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.
 
 
 def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set logits outside each row's top-k and top-p nucleus to -inf. logits (B, V) fp32."""
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-    V = logits.shape[-1]
-    ranks = torch.arange(V, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, V)
-    remove = ranks >= k[:, None]  # (B, V) in sorted order
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    # the nucleus: the smallest prefix whose mass reaches top_p (the first token always stays)
-    mass_before = probs.cumsum(dim=-1) - probs
-    remove = remove | (mass_before >= top_p[:, None])
+    """Set logits outside each row's top-k and top-p nucleus to -inf. logits (B, V) fp32.
+
+    The nucleus is the smallest prefix of the row's tokens by logit whose probability (under the
+    top-k-restricted distribution) reaches top_p; the first token always stays. On CUDA the rows are
+    sorted whole (one kernel, no host sync). On the CPU, where sorting a vocabulary costs more than a
+    small model's decode step, the nucleus is looked for among the top K tokens (a partial selection,
+    `topk`), K = 64 first and 8x larger until every row's nucleus ends inside it."""
+    B, V = logits.shape
+    k_row = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    p_row = torch.where(top_p < 1.0, top_p, float("inf"))  # top_p 1: no nucleus cut, whatever the rounding
+    if logits.is_cuda:
+        values, indices = logits.sort(dim=-1, descending=True)
+        remove, _ = _cut(values, k_row, p_row, None)
+        return _scatter_kept(logits, values, indices, remove)
+    ks, ps = k_row.tolist(), top_p.tolist()
+    todo = [b for b in range(B) if ks[b] < V or ps[b] < 1.0]  # rows with a cut to make
+    if not todo:
+        return logits
+    out = logits if len(todo) == B else logits.clone()  # (rows without a cut keep their logits)
+    # rows cut by top-k alone need their k tokens in the window; rows with a nucleus start at 64
+    K = min(V, max([64] + [ks[b] for b in todo if ks[b] < V]))
+    while todo:
+        rows = torch.tensor(todo)
+        sub = logits if len(todo) == B else logits[rows]
+        values, indices = sub.topk(K, dim=-1)  # (R, K) sorted descending
+        whole = torch.logsumexp(sub, dim=-1) if K < V else None  # normalizer of rows without a top-k cut
+        remove, resolved = _cut(values, k_row[rows], p_row[rows], whole)
+        done = [i for i, r in enumerate(resolved.tolist()) if r or K == V]
+        if len(done) == len(todo) and out is logits:  # every row at once (the usual case): no copies
+            return _scatter_kept(logits, values, indices, remove)
+        if out is logits:
+            out = logits.clone()
+        if done:
+            at = torch.tensor(done)
+            out[rows[at]] = _scatter_kept(sub[at], values[at], indices[at], remove[at])
+        finished = set(done)
+        todo = [b for i, b in enumerate(todo) if i not in finished]  # the rest try a window 8x wider
+        K = min(V, 8 * K)
+    return out
+
+
+def _cut(values: torch.Tensor, k_row: torch.Tensor, p_row: torch.Tensor,
+         whole: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k / top-p cut of each row from its top K logits `values` (B, K), sorted descending:
+    (which of them to remove, which rows' cuts end inside the window). `whole` is each row's
+    log-sum-exp over the full vocabulary when the window is partial (None when it is the whole row)."""
+    K = values.shape[-1]
+    ranks = torch.arange(K, device=values.device)[None, :]
+    remove = ranks >= k_row[:, None]  # (B, K)
+    kept = values.masked_fill(remove, float("-inf"))
+    # the top-k-restricted distribution's normalizer: over the row's top k, all inside the window when
+    # k <= K; over the whole row otherwise
+    norm = torch.logsumexp(kept, dim=-1)
+    if whole is not None:
+        norm = torch.where(k_row <= K, norm, whole)
+    probs = (kept - norm[:, None]).exp()
+    mass = probs.cumsum(dim=-1)
+    remove |= mass - probs >= p_row[:, None]  # the mass before the token already reaches top_p
     remove[:, 0] = False
-    return logits.scatter(-1, sorted_idx, sorted_logits.masked_fill(remove, float("-inf")))
+    return remove, (k_row <= K) | (mass[:, -1] >= p_row)
+
+
+def _scatter_kept(logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                  remove: torch.Tensor) -> torch.Tensor:
+    """-inf everywhere but the kept tokens of the window (values at indices, not removed)."""
+    return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values.masked_fill(remove, float("-inf")))
 
 
 def _softmax(x: torch.Tensor) -> torch.Tensor:
@@ -109,18 +164,20 @@ def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None 
             scaled = top_k_top_p_mask(scaled, to_device(params.top_k, torch.int64, device),
                                       to_device(params.top_p, torch.float32, device))
         probs = _softmax(scaled)
-        noise = torch.empty_like(probs)
+        # inverse-CDF draw: the first token whose cumulative probability passes u * total, u ~ U[0, 1), one
+        # uniform per row (a seeded row draws its own), not one random number per vocabulary entry
+        u = torch.empty(B, 1, device=device)
         shared = [i for i, g in enumerate(params.generators) if g is None]
         if len(shared) == B:
-            noise.exponential_()
+            u.uniform_()
         else:
             if shared:
-                rows = to_device(shared, torch.int64, device)
-                noise[rows] = torch.empty(len(shared), V, device=device).exponential_()
+                u[to_device(shared, torch.int64, device)] = torch.rand(len(shared), 1, device=device)
             for i, g in enumerate(params.generators):
                 if g is not None:
-                    noise[i].exponential_(generator=g)
-        sampled_ids = (probs / noise).argmax(dim=-1)
+                    u[i] = torch.rand(1, generator=g, device=device)
+        cdf = probs.cumsum(dim=-1)
+        sampled_ids = (cdf <= u * cdf[:, -1:]).sum(dim=-1).clamp_(max=V - 1)  # zero-probability tokens never
         token_ids = torch.where(temperature > 0, sampled_ids, greedy_ids)
 
     if params.want_logprobs or params.num_logprobs > 0:

@@ -113,3 +113,14 @@ def test_profile_step_runs_on_the_cpu(tokenizer_dir):
     assert len(rows) == 5, out  # --top 5 rows of the host profile
     bad = subprocess.run([*cmd[:2], "--steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--steps must be >= 1, got 0" in bad.stderr
+
+
+def test_cpu_sampling_bench_quick():
+    """bench/cpu_sampling.py (decode tok/s by sampling mode) end to end, shortened, on the default model."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_sampling.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    rows = re.findall(r"^\s*(greedy|T=1|T=0\.8 top_p=0\.95): batch 1\s+([\d,]+)\s+8 at once\s+([\d,]+)$",
+                      proc.stdout, flags=re.M)
+    assert [r[0] for r in rows] == ["greedy", "T=1", "T=0.8 top_p=0.95"], proc.stdout
+    assert all(int(r[1].replace(",", "")) > 0 and int(r[2].replace(",", "")) > 0 for r in rows)

@@ -102,3 +102,48 @@ def test_penalties_follow_openai_semantics():
                                output_counts=torch.tensor([[1.0, 0.0]])))
     assert out.token_ids.item() == 1
     assert out.logprobs is None  # not asked for
+
+
+def reference_top_k_top_p(logits, top_k, top_p):
+    """The cut by a full sort of every row, position by position (the definition)."""
+    out = torch.full_like(logits, float("-inf"))
+    for r in range(logits.shape[0]):
+        values, order = logits[r].double().sort(descending=True)
+        k = top_k[r] if top_k[r] > 0 else logits.shape[1]
+        probs = torch.softmax(values[:k], -1)
+        keep = (probs.cumsum(-1) - probs) < top_p[r] if top_p[r] < 1 else torch.ones(k, dtype=torch.bool)
+        keep[0] = True
+        out[r, order[:k][keep]] = logits[r, order[:k][keep]]
+    return out
+
+
+def test_windowed_top_k_top_p_equals_the_full_sort():
+    """The CPU cut looks for each nucleus in a growing top-K window: it must cut exactly where sorting
+    whole rows does, for nuclei inside the first window, past it (flat rows), and mixed batches."""
+    g = torch.Generator().manual_seed(9)
+    for trial in range(30):
+        V = (50, 1000, 3000)[trial % 3]
+        scale = (0.05, 1.0, 4.0)[trial % 3 if trial < 15 else (trial + 1) % 3]  # flat rows need big nuclei
+        logits = torch.randn(4, V, generator=g) * scale
+        top_k = [int(torch.randint(0, V + 5, (1,), generator=g)) if trial % 2 else 0 for _ in range(4)]
+        top_p = [float(torch.rand(1, generator=g)) if (trial + r) % 3 else 1.0 for r in range(4)]
+        got = top_k_top_p_mask(logits, torch.tensor(top_k), torch.tensor(top_p))
+        want = reference_top_k_top_p(logits, top_k, top_p)
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want)), (trial, top_k, top_p)
+        assert torch.equal(got[torch.isfinite(got)], logits[torch.isfinite(want)])
+
+
+def test_top_p_samples_follow_the_renormalized_nucleus_chi_square():
+    torch.manual_seed(1)
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0]).log_softmax(-1)
+    n = 20000
+    rows = logits.expand(n, -1).contiguous()
+    out = sample(rows, batch(n, temperature=1.0, top_p=0.8))
+    probs = logits.double().exp()
+    keep = (probs.cumsum(-1) - probs) < 0.8  # the nucleus: 3 tokens here
+    assert keep.tolist() == [True, True, True, False, False, False]
+    counts = torch.bincount(out.token_ids, minlength=6).double()
+    assert counts[~keep].sum() == 0
+    expected = probs[keep] / probs[keep].sum() * n
+    chi2 = ((counts[keep] - expected) ** 2 / expected).sum().item()
+    assert chi2 < 13.8, f"chi-square {chi2:.2f} (2 degrees of freedom: P > 13.8 = 0.001); {counts.tolist()}"
