@@ -123,15 +123,19 @@ def _scatter_kept(logits: torch.Tensor, values: torch.Tensor, indices: torch.Ten
     return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values.masked_fill(remove, float("-inf")))
 
 
-def _softmax(x: torch.Tensor) -> torch.Tensor:
+def _softmax(x: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """softmax(x / temperature) over rows in fp32; temperature a float or (B,) per row. On CUDA the
+    fused Triton kernel (scaling included)."""
     if x.is_cuda:
         try:
             from kernels.softmax import softmax
 
-            return softmax(x)
+            return softmax(x, temperature)
         except ImportError:
             pass
-    return x.softmax(dim=-1)
+    if isinstance(temperature, torch.Tensor):
+        return (x / temperature[:, None]).softmax(dim=-1)
+    return (x / temperature if temperature != 1.0 else x).softmax(dim=-1)
 
 
 def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None = None) -> SampleOutput:
@@ -154,16 +158,19 @@ def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None 
                                  to_device(params.presence_penalty, torch.float32, device),
                                  to_device(params.frequency_penalty, torch.float32, device))
 
-    greedy_ids = logits.argmax(dim=-1)
-    if all(t == 0 for t in params.temperature):
-        token_ids = greedy_ids
+    greedy = [t == 0 for t in params.temperature]
+    if all(greedy):
+        token_ids = logits.argmax(dim=-1)
     else:
-        temperature = to_device(params.temperature, torch.float32, device)
-        scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+        # one temperature for the batch (the usual case) is a scalar; greedy rows divide by 1 (unused)
+        temps = [t if t > 0 else 1.0 for t in params.temperature]
+        temperature = temps[0] if len(set(temps)) == 1 else to_device(temps, torch.float32, device)
         if any(k > 0 for k in params.top_k) or any(p < 1.0 for p in params.top_p):
-            scaled = top_k_top_p_mask(scaled, to_device(params.top_k, torch.int64, device),
-                                      to_device(params.top_p, torch.float32, device))
-        probs = _softmax(scaled)
+            scaled = logits / (temperature[:, None] if isinstance(temperature, torch.Tensor) else temperature)
+            probs = _softmax(top_k_top_p_mask(scaled, to_device(params.top_k, torch.int64, device),
+                                              to_device(params.top_p, torch.float32, device)))
+        else:
+            probs = _softmax(logits, temperature)
         # inverse-CDF draw: the first token whose cumulative probability passes u * total, u ~ U[0, 1), one
         # uniform per row (a seeded row draws its own), not one random number per vocabulary entry
         u = torch.empty(B, 1, device=device)
@@ -178,7 +185,9 @@ def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None 
                     u[i] = torch.rand(1, generator=g, device=device)
         cdf = probs.cumsum(dim=-1)
         sampled_ids = (cdf <= u * cdf[:, -1:]).sum(dim=-1).clamp_(max=V - 1)  # zero-probability tokens never
-        token_ids = torch.where(temperature > 0, sampled_ids, greedy_ids)
+        token_ids = sampled_ids
+        if any(greedy):
+            token_ids = torch.where(to_device(greedy, torch.bool, device), logits.argmax(dim=-1), sampled_ids)
 
     if params.want_logprobs or params.num_logprobs > 0:
         logprobs = logprob_table.gather(-1, token_ids[:, None])[:, 0]

@@ -147,3 +147,20 @@ def test_top_p_samples_follow_the_renormalized_nucleus_chi_square():
     expected = probs[keep] / probs[keep].sum() * n
     chi2 = ((counts[keep] - expected) ** 2 / expected).sum().item()
     assert chi2 < 13.8, f"chi-square {chi2:.2f} (2 degrees of freedom: P > 13.8 = 0.001); {counts.tolist()}"
+
+
+def test_mixed_rows_greedy_and_per_row_temperatures_chi_square():
+    """A batch mixing greedy rows and two temperatures: greedy rows take the argmax, and each sampled
+    row follows softmax(logits / its own T)."""
+    torch.manual_seed(2)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 30000
+    temps = [(0.0, 0.7, 2.0)[i % 3] for i in range(n)]
+    out = sample(logits.expand(n, -1).contiguous(),
+                 SamplingBatch(temperature=temps, top_k=[0] * n, top_p=[1.0] * n, generators=[None] * n)).token_ids
+    assert (out[0::3] == 0).all()  # greedy rows
+    for offset, T in ((1, 0.7), (2, 2.0)):
+        counts = torch.bincount(out[offset::3], minlength=6).double()
+        expected = torch.softmax(logits.double() / T, -1) * (n // 3)
+        chi2 = ((counts - expected) ** 2 / expected).sum().item()
+        assert chi2 < 20.5, f"T={T}: chi-square {chi2:.2f}; counts {counts.tolist()}, expected {expected.tolist()}"
