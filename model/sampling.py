@@ -184,7 +184,9 @@ def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None 
                 if g is not None:
                     u[i] = torch.rand(1, generator=g, device=device)
         cdf = probs.cumsum(dim=-1)
-        sampled_ids = (cdf <= u * cdf[:, -1:]).sum(dim=-1).clamp_(max=V - 1)  # zero-probability tokens never
+        # the count of ids whose cumulative probability is <= the draw is the index of the first one past it;
+        # a zero-probability id repeats its predecessor's cdf, so it is never the first past it
+        sampled_ids = (cdf <= u * cdf[:, -1:]).sum(dim=-1).clamp_(max=V - 1)
         token_ids = sampled_ids
         if any(greedy):
             token_ids = torch.where(to_device(greedy, torch.bool, device), logits.argmax(dim=-1), sampled_ids)
