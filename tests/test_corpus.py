@@ -350,3 +350,26 @@ def test_main_out_that_cannot_be_a_directory_exits_2(tmp_path, capsys):
             corpus.main(["build", "--out", str(out), "--offline"])
         assert exc.value.code == 2
         assert capsys.readouterr().err.splitlines()[-1] == f"kiln corpus: error: {message}"
+
+
+def test_keep_val_holds_out_an_earlier_builds_documents_by_name(tmp_path):
+    """A package update that edits a held-out document changes its id (and maybe its split); with
+    keep_val (an earlier manifest's val names) it stays held out, so a model's held-out text stays
+    unseen by the next model trained on a rebuild."""
+    docs = [Document(f"d{i}", f"document {i} says something") for i in range(40)]
+    first = CorpusWriter(tmp_path / "first", seed=3, val_fraction=0.2)
+    first.add_source(_spec("a"), "1.0", "MIT", docs)
+    old = first.manifest()
+    held = corpus.val_names(old)["a"]
+    assert 0 < len(held) < 40
+    edited = [Document(d.name, d.text + " (revised)") if d.name in held else d for d in docs]
+    plain = CorpusWriter(tmp_path / "plain", seed=3, val_fraction=0.2)
+    plain.add_source(_spec("a"), "1.1", "MIT", edited)
+    assert held - corpus.val_names(plain.manifest())["a"]  # without it, some edited ones move to train
+    kept = CorpusWriter(tmp_path / "kept", seed=3, val_fraction=0.2, keep_val=corpus.val_names(old))
+    kept.add_source(_spec("a"), "1.1", "MIT", edited)
+    manifest = kept.manifest()
+    assert held <= corpus.val_names(manifest)["a"]
+    assert manifest["split"]["kept_val"] == {"a": sorted(held)} and "kept_val" in manifest["split"]["rule"]
+    train_names = {json.loads(line)["name"] for line in (tmp_path / "kept" / "train" / "a.jsonl").open()}
+    assert not train_names & held

@@ -24,6 +24,10 @@ ends, no trailing spaces, at most one blank line in a row. A reader needs only
 A document is in val when the first 8 bytes of sha256(f"{seed}:{ID}") read as
 a big-endian integer, divided by 2**64, are below `val_fraction`: fixed by the
 seed, independent of order, and the same document always lands in one split.
+A package update that edits a held-out document changes its ID, and with it
+maybe its split: `--keep-val MANIFEST` (an earlier build's manifest, e.g. the
+one shipped beside a model) also holds out every document that manifest held
+out, by source and name, so a model's held-out text stays unseen by the next.
 
 The pure parts (HTML/OSIS/rst/Gutenberg to text, dedup, split, manifest
 writing, license parsing) take strings and bytes and are tested offline; only
@@ -285,6 +289,7 @@ class CorpusWriter:
     out: Path
     seed: int = DEFAULT_SEED
     val_fraction: float = DEFAULT_VAL_FRACTION
+    keep_val: dict[str, set[str]] = field(default_factory=dict)  # source -> names held out whatever their id
     seen: set[str] = field(default_factory=set)
     sources: dict[str, dict] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -309,9 +314,11 @@ class CorpusWriter:
             "dropped_duplicate": duplicates, "documents": len(kept),
             "bytes": sum(len(d.text.encode("utf-8")) for _, d in kept),
         }
+        kept_val = self.keep_val.get(spec.name, set())
+        in_val = {i: is_validation(i, self.seed, self.val_fraction) or d.name in kept_val for i, d in kept}
         for split in ("train", "val"):
             rel = f"{split}/{spec.name}.jsonl"
-            chosen = [(i, d) for i, d in kept if is_validation(i, self.seed, self.val_fraction) == (split == "val")]
+            chosen = [(i, d) for i, d in kept if in_val[i] == (split == "val")]
             tmp = self.out / (rel + ".tmp")
             with open(tmp, "w", encoding="utf-8", newline="\n") as f:
                 for doc_id, doc in chosen:
@@ -339,7 +346,8 @@ class CorpusWriter:
                          "id = sha256 of whitespace-normalized NFC text",
             "split": {"seed": self.seed, "val_fraction": self.val_fraction,
                       "rule": "val iff int(sha256(f'{seed}:{id}')[:8 bytes], big-endian) / 2**64 "
-                              "< val_fraction"},
+                              "< val_fraction" + (", or the document's name is in kept_val" if self.keep_val else ""),
+                      **({"kept_val": {k: sorted(v) for k, v in self.keep_val.items()}} if self.keep_val else {})},
             "sources": self.sources, "skipped": self.skipped, "totals": totals,
         }
 
@@ -491,13 +499,20 @@ def build_source(spec: SourceSpec, fetcher: Fetcher, writer: CorpusWriter) -> di
     return writer.add_source(spec, version, license_expr, docs)
 
 
+def val_names(manifest: dict) -> dict[str, set[str]]:
+    """Source -> names of the documents a corpus manifest held out."""
+    return {name: {d["name"] for d in entry["val"].get("docs", [])} for name, entry in manifest["sources"].items()}
+
+
 def build_corpus(out: Path, specs: Iterable[SourceSpec] = DEFAULT_SOURCES, seed: int = DEFAULT_SEED,
-                 val_fraction: float = DEFAULT_VAL_FRACTION, offline: bool = False) -> dict:
-    """Build every source in order (a failing one is skipped with its reason) and the manifest."""
+                 val_fraction: float = DEFAULT_VAL_FRACTION, offline: bool = False,
+                 keep_val: dict[str, set[str]] | None = None) -> dict:
+    """Build every source in order (a failing one is skipped with its reason) and the manifest;
+    `keep_val` (source -> document names) holds those documents out too."""
     out.mkdir(parents=True, exist_ok=True)
     fetcher = Fetcher(out / "_downloads", offline=offline)
     fetcher.downloads.mkdir(parents=True, exist_ok=True)
-    writer = CorpusWriter(out, seed=seed, val_fraction=val_fraction)
+    writer = CorpusWriter(out, seed=seed, val_fraction=val_fraction, keep_val=keep_val or {})
     for spec in specs:
         started = time.perf_counter()
         try:
@@ -523,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--seed", type=int, default=DEFAULT_SEED)
     build.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
     build.add_argument("--offline", action="store_true", help="use only files in OUT/_downloads")
+    build.add_argument("--keep-val", type=Path, metavar="MANIFEST",
+                       help="also hold out the documents this earlier manifest held out (by source and name), "
+                            "e.g. model/default/corpus_manifest.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     specs = DEFAULT_SOURCES
@@ -540,8 +558,14 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         parser.error(f"--out {args.out}: cannot create the directory ({e.strerror})")
+    keep_val = None
+    if args.keep_val is not None:
+        try:
+            keep_val = val_names(json.loads(args.keep_val.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            parser.error(f"--keep-val {args.keep_val}: not a readable corpus manifest ({e})")
     manifest = build_corpus(args.out, specs, seed=args.seed, val_fraction=args.val_fraction,
-                            offline=args.offline)
+                            offline=args.offline, keep_val=keep_val)
     for name, entry in manifest["sources"].items():
         print(f"{name:20s} {entry['license']:22s} {entry['documents']:6d} docs "
               f"{entry['bytes'] / 1e6:8.2f} MB  val {entry['val']['documents']} docs")
