@@ -194,7 +194,7 @@ case "${1:-}" in
         stage train python3 bench/train_bench.py --batch 32 --seq 1024
         ;;
     default-model)
-        # carry data/tokens (from `kiln prepare`, see model/default/MODEL_CARD.md); extra `--set`
+        # carry data/tokens (built as training/configs/default-gpu.toml says); extra `--set`
         # overrides in DEFAULT_MODEL_ARGS. Brings back config, index and bf16 shards (<= 15 MB each),
         # metrics.jsonl and loss.png: the 8 files a call may return.
         setup
