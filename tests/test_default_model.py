@@ -49,3 +49,28 @@ def test_default_model_writes_text(engine):
     text = "".join(o.text for o in engine.generate(ids, SamplingParams(max_tokens=24, temperature=0.0)))
     words = text.split()
     assert len(words) >= 5 and sum(w.isascii() for w in words) >= 0.9 * len(words), text
+
+
+def test_evaluate_writes_eval_json(tmp_path, llama_dir, capsys):
+    """`python -m training.evaluate --heldout FILE --write-eval` records what test_heldout_loss_matches_the_card
+    reads, for the model it scored (how a new default model's eval.json is made)."""
+    import shutil
+
+    from training import evaluate
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(llama_dir, model_dir)
+    (tmp_path / "corpus" / "val").mkdir(parents=True)
+    (tmp_path / "corpus" / "val" / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in ("The quick brown fox.", "def add(a, b): return a + b")))
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"text": "To be, or not to be, that is the question."}) + "\n")
+    argv = ["--model", str(model_dir), "--corpus", str(tmp_path / "corpus")]
+    assert evaluate.main([*argv, "--heldout", str(heldout), "--write-eval", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    record = json.loads((model_dir / "eval.json").read_text())
+    assert record["heldout_sample_loss"] == round(report["heldout_sample"]["loss"], 4) > 0
+    assert record["val_tokens"] == report["all"]["tokens"] > 0 and record["heldout_sample"] == str(heldout)
+    with pytest.raises(SystemExit):
+        evaluate.main([*argv, "--write-eval"])
+    assert "--write-eval needs --heldout" in capsys.readouterr().err

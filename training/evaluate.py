@@ -1,11 +1,16 @@
 """Held-out evaluation of a model directory: loss, perplexity and bits per byte per source.
 
     python -m training.evaluate --model DIR --corpus data/corpus [--split val] [--json]
+                                [--heldout FILE.jsonl --write-eval]
 
 Reads the `kiln corpus build` layout (`SPLIT/SOURCE.jsonl`, one {"text": ...} per line) and
 scores every document with the engine (sliding windows past the context, each token
 scored once). Bits per byte = total NLL in bits / UTF-8 bytes of the text, which compares
 models with different tokenizers; it is what the default model's card reports.
+
+`--heldout FILE.jsonl` also scores a small committed sample of held-out documents (the
+default model's is `tests/data/default_heldout.jsonl`), and `--write-eval` records both results
+in DIR/eval.json, which `tests/test_default_model.py` holds the shipped weights to.
 """
 
 from __future__ import annotations
@@ -69,13 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val")
     parser.add_argument("--stride", type=int, default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--heldout", type=Path, default=None, help="also score this JSONL sample ({\"text\"} lines)")
+    parser.add_argument("--write-eval", action="store_true", help="write the results to the model's eval.json")
     args = parser.parse_args(argv)
+    if args.write_eval and args.heldout is None:
+        parser.error("--write-eval needs --heldout (eval.json records the held-out sample's loss)")
     from model.cli import load_engine
 
     try:
         sources = read_split(Path(args.corpus), args.split)
+        heldout = None
+        if args.heldout is not None:
+            heldout = [json.loads(line)["text"] for line in args.heldout.read_text(encoding="utf-8").splitlines()
+                       if line.strip()]
         engine = load_engine(args.model, "auto")
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     overall = EvalTotals()
@@ -85,6 +98,23 @@ def main(argv: list[str] | None = None) -> int:
         report[name] = totals.as_dict()
         overall.add(totals.nll, totals.tokens, totals.bytes, totals.documents)
     report["all"] = overall.as_dict()
+    if heldout is not None:
+        report["heldout_sample"] = evaluate_texts(engine, heldout, args.stride).as_dict()
+    if args.write_eval:
+        from model.cli import default_model_dir
+
+        model_dir = Path(args.model) if args.model else default_model_dir()
+        record = {
+            "heldout_sample": str(args.heldout), "heldout_sample_loss": round(report["heldout_sample"]["loss"], 4),
+            "heldout_sample_bits_per_byte": round(report["heldout_sample"]["bits_per_byte"], 4),
+            f"{args.split}_loss": round(overall.as_dict()["loss"], 4),
+            f"{args.split}_bits_per_byte": round(overall.as_dict()["bits_per_byte"], 4),
+            f"{args.split}_tokens": overall.tokens,
+            "note": "losses in nats per token; measured with `python -m training.evaluate` (documents prefixed "
+                    f"with EOS, sliding windows of {engine.max_seq_len} with stride "
+                    f"{args.stride or engine.max_seq_len // 2})",
+        }
+        (model_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
