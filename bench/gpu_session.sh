@@ -14,6 +14,12 @@
 #   1. bash bench/gpu_session.sh default-model        carry data/tokens (issue 7; ~4 minutes)
 #   2. bash bench/gpu_session.sh quick retests fused serve-llama-1.1b     carry .whl (~6 minutes)
 #   3. what time is left: quick profile, train, train-logits, train-cudnn
+# Installing what default-model brings back (FILES = the call's files_at):
+#   git rm -q model/default/model.safetensors && cp FILES/model/* FILES/loss.png model/default/
+#   cp data/corpus/manifest.json model/default/corpus_manifest.json
+#   python -m training.evaluate --corpus data/corpus --heldout tests/data/default_heldout.jsonl --write-eval
+# then rewrite model/default/MODEL_CARD.md from that evaluation and FILES/metrics.jsonl, point
+# tests/test_training_optim.py's recipe check at default-gpu.toml, and run make test.
 # Phases: tests (every GPU test, 8 workers), retests (the GPU tests not yet passed on a GPU),
 # kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes),
 # decode-configs (GPU time of each decode launch config, CUDA-graph replay), fused (add+norm,
