@@ -117,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             steps(args.steps)
         events = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in events) / args.steps
+        # device-side events (kernels, memcpys, memsets): what a graph replay still pays ~2 us of launch for each
+        device_ops = sum(e.count for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA")
         print(f"\ndevice: {gpu_us / 1e3:.3f} ms of GPU kernel time per step, against {per_step_ms:.3f} ms of wall "
-              f"({gpu_us / 1e3 / per_step_ms:.0%} busy)")
+              f"({gpu_us / 1e3 / per_step_ms:.0%} busy); {device_ops / args.steps:.0f} device ops per step")
         print(events.table(sort_by="self_device_time_total", row_limit=args.top))
     for r in requests:
         engine.abort(r)
