@@ -136,41 +136,43 @@ from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 
 import compile_check
-from kernels import attention, decode, softmax
+from kernels import attention, decode, norm, softmax
 from triton.runtime import driver
 
 CONSTEXPRS = {"CAUSAL": True, "VARLEN": False, "HEAD_DIM": 64, "DOT_PRECISION": "tf32", "BLOCK_M": 64,
-              "BLOCK_N": 64, "BLOCK_G": 16, "SPLIT": True, "PER_ROW_T": False, "BLOCK": 1024, "CHUNKS_POW2": 4}
+              "BLOCK_N": 64, "BLOCK_G": 16, "SPLIT": True, "PER_ROW_T": False, "BLOCK": 1024, "CHUNKS_POW2": 4,
+              "HAS_RESIDUAL": True, "HAS_BIAS": False, "RMS": True}
 FP32_POINTERS = {"Lse", "Delta", "OutPartial", "LsePartial", "M", "S", "T", "Y"}
 INT_POINTERS = {"CuSeqlensQ", "CuSeqlensK", "BlockTable", "Lengths"}
 
 
-def arg_type(name):
-    if "scale" in name:
+def arg_type(kernel, name):
+    if "scale" in name or name == "eps":
         return "fp64"  # what inductor's launcher passes for a Python float
     if name in INT_POINTERS:
         return "*i32"
     if name[0].isupper():
-        return "*fp32" if name in FP32_POINTERS else "*bf16"
+        return "*fp32" if name in FP32_POINTERS and kernel != "_add_norm_kernel" else "*bf16"
     return "i32"
 
 
 driver.set_active(compile_check._OfflineDriver(90))
 target = GPUTarget("cuda", 90, 32)
 compiled = []
-for module in (attention, decode, softmax):
-    for handle in vars(module._kernels(False)).values():
-        jit = handle.fn.fn if isinstance(handle.fn, Autotuner) else handle.fn
-        if not any("scale" in name for name in jit.arg_names):
-            continue
-        constexprs = {p.name: CONSTEXPRS[p.name] for p in jit.params if p.is_constexpr}
-        signature = {name: "constexpr" if name in constexprs else arg_type(name) for name in jit.arg_names}
-        try:
-            triton.compile(ASTSource(jit, signature, constexprs), target=target,
-                           options={"num_warps": 4, "num_stages": 2})
-            compiled.append(jit.__name__)
-        except Exception as exc:
-            raise SystemExit(f"{jit.__name__} fails with fp64 float arguments: {exc}")
+handles = [h for module in (attention, decode, softmax) for h in vars(module._kernels(False)).values()]
+for handle in handles + [norm._kernel(False)]:
+    jit = handle.fn.fn if isinstance(handle.fn, Autotuner) else handle.fn
+    if not any("scale" in name or name == "eps" for name in jit.arg_names):
+        continue
+    constexprs = {p.name: CONSTEXPRS[p.name] for p in jit.params if p.is_constexpr}
+    signature = {name: "constexpr" if name in constexprs else arg_type(jit.__name__, name)
+                 for name in jit.arg_names}
+    try:
+        triton.compile(ASTSource(jit, signature, constexprs), target=target,
+                       options={"num_warps": 4, "num_stages": 2})
+        compiled.append(jit.__name__)
+    except Exception as exc:
+        raise SystemExit(f"{jit.__name__} fails with fp64 float arguments: {exc}")
 print("COMPILED", sorted(compiled))
 '''
 
@@ -182,5 +184,6 @@ def test_kernels_compile_with_fp64_float_arguments_as_torch_compile_passes_them(
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     compiled = proc.stdout.split("COMPILED", 1)[1]
     for name in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "_decode_split_kernel",
-                 "_softmax_row_kernel", "_softmax_chunk_stats_kernel", "_softmax_chunk_normalize_kernel"):
+                 "_softmax_row_kernel", "_softmax_chunk_stats_kernel", "_softmax_chunk_normalize_kernel",
+                 "_add_norm_kernel"):
         assert name in compiled, proc.stdout[-2000:]
