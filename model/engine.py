@@ -482,7 +482,7 @@ class Engine:
             tokens = self._last_tokens[to_device([r.slot for r in requests], torch.int64, self.device)][:, None]
         else:
             tokens = to_device([[r.output_ids[-1]] for r in requests], torch.long, self.device)
-        batch = self.cache.decode_batch(self._block_tables[[r.slot for r in requests]],
+        batch = self.cache.decode_batch(self._block_tables, [r.slot for r in requests],
                                         [r.num_computed for r in requests], with_mask=self._decode_mask)
         if self._graphs is not None:
             logits = self._graphs(tokens, batch)  # (B, V), one graph replay

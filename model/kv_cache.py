@@ -183,15 +183,17 @@ class KVCache:
                                  f"{len(table)} blocks of {self.block_size} (max {self.max_seq_len} tokens)")
         return CacheBatch.build(tables, starts, num_new, self.block_size, self.max_seq_len, self.k.device, with_mask)
 
-    def decode_batch(self, table_rows: np.ndarray, starts: list[int], with_mask: bool = True) -> "CacheBatch":
-        """The view for one decode step (one new token per row at position starts[b]), from block tables
-        as rows of an int64 array (B, >= blocks needed), padded with NULL_BLOCK past each row's blocks."""
+    def decode_batch(self, tables: np.ndarray, rows: list[int], starts: list[int],
+                     with_mask: bool = True) -> "CacheBatch":
+        """The view for one decode step: row b of the batch is row rows[b] of `tables`, an int64 array of
+        block tables (one per row, padded with NULL_BLOCK past its blocks), with one new token at position
+        starts[b]. Only the columns the step reaches are copied (the table is as wide as the context)."""
         kv_len = max(starts) + 1
         nb = self.blocks_needed(kv_len)
-        if kv_len > self.max_seq_len or table_rows.shape[1] < nb:
-            raise ValueError(f"positions up to {kv_len - 1} do not fit {table_rows.shape[1]} blocks of "
+        if kv_len > self.max_seq_len or tables.shape[1] < nb:
+            raise ValueError(f"positions up to {kv_len - 1} do not fit {tables.shape[1]} blocks of "
                              f"{self.block_size} (max {self.max_seq_len} tokens)")
-        table = np.ascontiguousarray(table_rows[:, :nb], dtype=np.int64)
+        table = tables[rows, :nb].astype(np.int64, copy=False)  # (B, nb), a new contiguous array
         return CacheBatch._build_decode(table, starts, kv_len, self.block_size, self.k.device, with_mask)
 
 

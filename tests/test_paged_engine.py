@@ -254,11 +254,13 @@ def test_decode_batch_from_table_rows_equals_the_list_built_one(llama_dir):
         rows[i, : len(t)] = t
     for with_mask in (True, False):
         want = cache.batch(tables, [9, 2, 4], [1, 1, 1], with_mask=with_mask)
-        got = cache.decode_batch(rows, [9, 2, 4], with_mask=with_mask)
+        got = cache.decode_batch(rows, [0, 1, 2], [9, 2, 4], with_mask=with_mask)
         for field in ("positions", "write_blocks", "write_offsets", "block_table", "lengths", "mask"):
             a, b = getattr(got, field), getattr(want, field)
             assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), field
         assert (got.kv_len, got.contiguous_from) == (want.kv_len, want.contiguous_from) == (10, None)
-    assert cache.decode_batch(rows[2:], [7]).contiguous_from == 5  # one row, consecutive blocks 5, 6
+    assert cache.decode_batch(rows, [2], [7]).contiguous_from == 5  # one row, consecutive blocks 5, 6
+    reordered = cache.decode_batch(rows, [2, 0], [4, 9])  # any rows of the table, in any order
+    assert reordered.block_table.tolist() == [[5, 6, 0], [7, 3, 9]] and reordered.write_blocks.tolist() == [[6], [9]]
     with pytest.raises(ValueError, match="row 1's block table does not cover its new position 4"):
-        cache.decode_batch(rows, [9, 4, 4])  # row 1 holds one block: position 4 needs a second
+        cache.decode_batch(rows, [0, 1, 2], [9, 4, 4])  # table row 1 holds one block: position 4 needs a second
