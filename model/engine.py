@@ -478,8 +478,10 @@ class Engine:
                          launched, immediate)
 
     def _decode(self, requests: list[Request]) -> _Sampled:
+        slots = None
         if self._async:  # each row's input is its last sampled id, which may not be on the host yet
-            tokens = self._last_tokens[to_device([r.slot for r in requests], torch.int64, self.device)][:, None]
+            slots = to_device([r.slot for r in requests], torch.int64, self.device)
+            tokens = self._last_tokens[slots][:, None]
         else:
             tokens = to_device([[r.output_ids[-1]] for r in requests], torch.long, self.device)
         batch = self.cache.decode_batch(self._block_tables, [r.slot for r in requests],
@@ -494,7 +496,7 @@ class Engine:
             r.num_computed += 1
             if r.num_computed % self.block_size == 0:
                 self._register_full_blocks(r)
-        return self._sample(requests, logits)
+        return self._sample(requests, logits, slots=slots)
 
     def _fill_counts(self, request: Request) -> None:
         """The request's generated-id counts, from its known ids and the one it may have pending
@@ -511,7 +513,8 @@ class Engine:
         row.index_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
 
     def _sample(self, requests: list[Request], logits: torch.Tensor,
-                prompt_lps: list[list[TokenLogprob] | None] | None = None) -> _Sampled:
+                prompt_lps: list[list[TokenLogprob] | None] | None = None,
+                slots: torch.Tensor | None = None) -> _Sampled:
         """Sample one id per row on the device: it goes into output_ids as PENDING (and with async
         scheduling into the row's slot of `_last_tokens`, the next decode's input); `_resolve`
         reads it back."""
@@ -529,8 +532,7 @@ class Engine:
             self._counts = torch.zeros(self.max_batch_size, self.config.vocab_size, device=self.device)
             for r in self.running:
                 self._fill_counts(r)
-        slots = None
-        if self._counts is not None or self._async:
+        if slots is None and (self._counts is not None or self._async):  # (the decode step uploaded them)
             slots = to_device([r.slot for r in requests], torch.int64, self.device)
         num_top = max((p.logprobs or 0) for p in params)
         batch = SamplingBatch(
