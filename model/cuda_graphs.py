@@ -154,7 +154,8 @@ class GraphedDecode:
         self.write_offsets[:B].copy_(batch.write_offsets)
         self.block_table[:B, :width].copy_(batch.block_table)  # columns past a row's length are never read
         self.lengths[:B].copy_(batch.lengths)
-        self._reset_padding(B, size)
+        if B < size:
+            self._reset_padding(B, size)
         if size in self._graphs:
             graph, out = self._graphs[size]
             graph.replay()
