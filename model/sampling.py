@@ -54,41 +54,56 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.
     return logits - counts * frequency[:, None] - (counts > 0).to(logits.dtype) * presence[:, None]
 
 
-def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set logits outside each row's top-k and top-p nucleus to -inf. logits (B, V) fp32.
+def top_k_top_p_mask(logits: torch.Tensor, top_k: list[int] | torch.Tensor,
+                     top_p: list[float] | torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's top-k and top-p nucleus to -inf. logits (B, V) fp32; top_k / top_p
+    per row (0 and 1.0: no cut), as lists or tensors.
 
     The nucleus is the smallest prefix of the row's tokens by logit whose probability (under the
-    top-k-restricted distribution) reaches top_p; the first token always stays. On CUDA the rows are
-    sorted whole (one kernel, no host sync). On the CPU, where sorting a vocabulary costs more than a
-    small model's decode step, the nucleus is looked for among the top K tokens (a partial selection,
-    `topk`), K = 64 first and 8x larger until every row's nucleus ends inside it."""
+    top-k-restricted distribution) reaches top_p; the first token always stays. Sorting a vocabulary
+    is the costly part, so the cut is looked for among each row's top K tokens (`topk`, a partial
+    selection): on the CPU K = 64 first and 8x larger for the rows whose nucleus does not end inside
+    it; on CUDA, where that check would cost a host sync per step, only a batch cut by top-k alone
+    (K = the largest k, known on the host) takes the window, and one with a nucleus sorts whole rows."""
     B, V = logits.shape
+    device = logits.device
+
+    def host(values):  # the per-row values as a list, when that costs no GPU sync (else None)
+        if not isinstance(values, torch.Tensor):
+            return list(values)
+        return None if values.is_cuda else values.tolist()
+
+    ks, ps = host(top_k), host(top_p)
+    top_k = top_k if isinstance(top_k, torch.Tensor) else to_device(ks, torch.int64, device)
+    top_p = top_p if isinstance(top_p, torch.Tensor) else to_device(ps, torch.float32, device)
     k_row = torch.where(top_k > 0, top_k.clamp(max=V), V)
     p_row = torch.where(top_p < 1.0, top_p, float("inf"))  # top_p 1: no nucleus cut, whatever the rounding
-    if logits.is_cuda:
+    if ks is None or ps is None or (logits.is_cuda and any(p < 1.0 for p in ps)):
         values, indices = logits.sort(dim=-1, descending=True)
         remove, _ = _cut(values, k_row, p_row, None)
         return _scatter_kept(logits, values, indices, remove)
-    ks, ps = k_row.tolist(), top_p.tolist()
+    ks = [k if 0 < k < V else V for k in ks]
     todo = [b for b in range(B) if ks[b] < V or ps[b] < 1.0]  # rows with a cut to make
     if not todo:
         return logits
-    out = logits if len(todo) == B else logits.clone()  # (rows without a cut keep their logits)
+    out = logits  # cloned before rows are written into it (rows without a cut keep their logits)
     # rows cut by top-k alone need their k tokens in the window; rows with a nucleus start at 64
     K = min(V, max([64] + [ks[b] for b in todo if ks[b] < V]))
     while todo:
-        rows = torch.tensor(todo)
+        rows = to_device(todo, torch.int64, device)
         sub = logits if len(todo) == B else logits[rows]
         values, indices = sub.topk(K, dim=-1)  # (R, K) sorted descending
         whole = torch.logsumexp(sub, dim=-1) if K < V else None  # normalizer of rows without a top-k cut
         remove, resolved = _cut(values, k_row[rows], p_row[rows], whole)
-        done = [i for i, r in enumerate(resolved.tolist()) if r or K == V]
-        if len(done) == len(todo) and out is logits:  # every row at once (the usual case): no copies
+        # (on CUDA only top-k cuts come here, all inside the window: no need to read `resolved` back)
+        done = list(range(len(todo))) if logits.is_cuda or K == V else \
+            [i for i, r in enumerate(resolved.tolist()) if r]
+        if len(done) == len(todo) == B:  # every row at once (the usual case): no copies
             return _scatter_kept(logits, values, indices, remove)
         if out is logits:
             out = logits.clone()
         if done:
-            at = torch.tensor(done)
+            at = to_device(done, torch.int64, device)
             out[rows[at]] = _scatter_kept(sub[at], values[at], indices[at], remove[at])
         finished = set(done)
         todo = [b for i, b in enumerate(todo) if i not in finished]  # the rest try a window 8x wider
@@ -167,8 +182,7 @@ def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None 
         temperature = temps[0] if len(set(temps)) == 1 else to_device(temps, torch.float32, device)
         if any(k > 0 for k in params.top_k) or any(p < 1.0 for p in params.top_p):
             scaled = logits / (temperature[:, None] if isinstance(temperature, torch.Tensor) else temperature)
-            probs = _softmax(top_k_top_p_mask(scaled, to_device(params.top_k, torch.int64, device),
-                                              to_device(params.top_p, torch.float32, device)))
+            probs = _softmax(top_k_top_p_mask(scaled, params.top_k, params.top_p))
         else:
             probs = _softmax(logits, temperature)
         # inverse-CDF draw: the first token whose cumulative probability passes u * total, u ~ U[0, 1), one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model.sampling import SamplingBatch, apply_penalties, sample, top_k_top_p_mask
@@ -109,7 +110,7 @@ def reference_top_k_top_p(logits, top_k, top_p):
     out = torch.full_like(logits, float("-inf"))
     for r in range(logits.shape[0]):
         values, order = logits[r].double().sort(descending=True)
-        k = top_k[r] if top_k[r] > 0 else logits.shape[1]
+        k = min(top_k[r], logits.shape[1]) if top_k[r] > 0 else logits.shape[1]
         probs = torch.softmax(values[:k], -1)
         keep = (probs.cumsum(-1) - probs) < top_p[r] if top_p[r] < 1 else torch.ones(k, dtype=torch.bool)
         keep[0] = True
@@ -120,6 +121,17 @@ def reference_top_k_top_p(logits, top_k, top_p):
 def test_windowed_top_k_top_p_equals_the_full_sort():
     """The CPU cut looks for each nucleus in a growing top-K window: it must cut exactly where sorting
     whole rows does, for nuclei inside the first window, past it (flat rows), and mixed batches."""
+    check_cut_against_full_sort("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cut_on_gpu_equals_the_full_sort():
+    """On CUDA: top-k-only batches take the window (host-known K), batches with a nucleus sort whole
+    rows, and per-row values on the device always sort; all cut where the definition does."""
+    check_cut_against_full_sort("cuda")
+
+
+def check_cut_against_full_sort(device):
     g = torch.Generator().manual_seed(9)
     for trial in range(30):
         V = (50, 1000, 3000)[trial % 3]
@@ -127,10 +139,14 @@ def test_windowed_top_k_top_p_equals_the_full_sort():
         logits = torch.randn(4, V, generator=g) * scale
         top_k = [int(torch.randint(0, V + 5, (1,), generator=g)) if trial % 2 else 0 for _ in range(4)]
         top_p = [float(torch.rand(1, generator=g)) if (trial + r) % 3 else 1.0 for r in range(4)]
-        got = top_k_top_p_mask(logits, torch.tensor(top_k), torch.tensor(top_p))
+        if trial % 5 == 4:
+            top_p = [1.0] * 4  # top-k alone (or no cut at all)
         want = reference_top_k_top_p(logits, top_k, top_p)
-        assert torch.equal(torch.isfinite(got), torch.isfinite(want)), (trial, top_k, top_p)
-        assert torch.equal(got[torch.isfinite(got)], logits[torch.isfinite(want)])
+        x = logits.to(device)
+        for args in ((top_k, top_p), (torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))):
+            got = top_k_top_p_mask(x, *args).cpu()
+            assert torch.equal(torch.isfinite(got), torch.isfinite(want)), (trial, top_k, top_p)
+            assert torch.equal(got[torch.isfinite(got)], logits[torch.isfinite(want)])
 
 
 def test_top_p_samples_follow_the_renormalized_nucleus_chi_square():
