@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from bench_scripts import load_script
 
@@ -124,3 +127,15 @@ def test_cpu_sampling_bench_quick():
                       proc.stdout, flags=re.M)
     assert [r[0] for r in rows] == ["greedy", "T=1", "T=0.8 top_p=0.95"], proc.stdout
     assert all(int(r[1].replace(",", "")) > 0 and int(r[2].replace(",", "")) > 0 for r in rows)
+
+
+def test_bench_fused_checks_run_on_the_interpreter():
+    """bench/bench_fused.py's correctness checks (each fused kernel against the torch ops it replaces,
+    which the GPU run also makes before timing) at tiny shapes on the CPU's Triton interpreter."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_fused.py"), "--check-only", "--tiny", "--dtype", "fp32",
+           "--rows", "1,3,40"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    assert "checked: add + rmsnorm, rope + cache write, silu * up equal the torch ops" in proc.stdout
