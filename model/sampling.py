@@ -89,12 +89,14 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: list[int] | torch.Tensor,
     out = logits  # cloned before rows are written into it (rows without a cut keep their logits)
     # rows cut by top-k alone need their k tokens in the window; rows with a nucleus start at 64
     K = min(V, max([64] + [ks[b] for b in todo if ks[b] < V]))
+    whole = torch.logsumexp(logits, dim=-1) if K < V else None  # the normalizer of rows without a top-k cut
     while todo:
         rows = to_device(todo, torch.int64, device)
         sub = logits if len(todo) == B else logits[rows]
         values, indices = sub.topk(K, dim=-1)  # (R, K) sorted descending
-        whole = torch.logsumexp(sub, dim=-1) if K < V else None  # normalizer of rows without a top-k cut
-        remove, resolved = _cut(values, k_row[rows], p_row[rows], whole)
+        remove, resolved = _cut(values, k_row[rows], p_row[rows],
+                                None if K == V else whole if len(todo) == B else whole[rows],
+                                top_k_cut=any(ks[b] < V for b in todo))
         # (on CUDA only top-k cuts come here, all inside the window: no need to read `resolved` back)
         done = list(range(len(todo))) if logits.is_cuda or K == V else \
             [i for i, r in enumerate(resolved.tolist()) if r]
@@ -111,25 +113,31 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: list[int] | torch.Tensor,
     return out
 
 
-def _cut(values: torch.Tensor, k_row: torch.Tensor, p_row: torch.Tensor,
-         whole: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _cut(values: torch.Tensor, k_row: torch.Tensor, p_row: torch.Tensor, whole: torch.Tensor | None,
+         top_k_cut: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k / top-p cut of each row from its top K logits `values` (B, K), sorted descending:
     (which of them to remove, which rows' cuts end inside the window). `whole` is each row's
-    log-sum-exp over the full vocabulary when the window is partial (None when it is the whole row)."""
+    log-sum-exp over the full vocabulary when the window is partial (None when it is the whole row).
+    `top_k_cut` False (no row has one, known on the host) skips the top-k masking."""
     K = values.shape[-1]
-    ranks = torch.arange(K, device=values.device)[None, :]
-    remove = ranks >= k_row[:, None]  # (B, K)
-    kept = values.masked_fill(remove, float("-inf"))
-    # the top-k-restricted distribution's normalizer: over the row's top k, all inside the window when
-    # k <= K; over the whole row otherwise
-    norm = torch.logsumexp(kept, dim=-1)
-    if whole is not None:
-        norm = torch.where(k_row <= K, norm, whole)
+    if top_k_cut:
+        remove = torch.arange(K, device=values.device)[None, :] >= k_row[:, None]  # (B, K)
+        kept = values.masked_fill(remove, float("-inf"))
+        # the top-k-restricted distribution's normalizer: over the row's top k, all inside the window
+        # when k <= K; over the whole row otherwise
+        norm = torch.logsumexp(kept, dim=-1)
+        if whole is not None:
+            norm = torch.where(k_row <= K, norm, whole)
+    else:
+        remove, kept = None, values
+        norm = whole if whole is not None else torch.logsumexp(values, dim=-1)
     probs = (kept - norm[:, None]).exp()
     mass = probs.cumsum(dim=-1)
-    remove |= mass - probs >= p_row[:, None]  # the mass before the token already reaches top_p
+    nucleus_cut = mass - probs >= p_row[:, None]  # the mass before the token already reaches top_p
+    remove = nucleus_cut if remove is None else remove | nucleus_cut
     remove[:, 0] = False
-    return remove, (k_row <= K) | (mass[:, -1] >= p_row)
+    resolved = mass[:, -1] >= p_row
+    return remove, (resolved | (k_row <= K)) if top_k_cut else resolved
 
 
 def _scatter_kept(logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
