@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # decode_configs' CUDA-graph timer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -43,24 +44,6 @@ class Shape:
 
 LLAMA_1B = Shape()  # the Llama 1.1B serving shape
 TINY = Shape(d_model=48, n_head=6, n_kv_head=2, head_dim=16, d_ff=40, num_blocks=24, block_size=4, max_seq=64)
-
-
-def graph_time(fn, rep: int) -> float:
-    """Microseconds per replay of ``fn`` captured in a CUDA graph (median)."""
-    import triton.testing
-
-    for _ in range(2):  # compile / autotune / warm up outside the capture
-        fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return 1e3 * triton.testing.do_bench(graph.replay, rep=rep, return_mode="median")
 
 
 def torch_add_rms_norm(x, residual, weight, eps=1e-5):
@@ -147,18 +130,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     import triton
 
+    from decode_configs import graph_time
+
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"{args.dtype} | d {shape.d_model}, heads {shape.n_head}/{shape.n_kv_head}x{shape.head_dim}, "
           f"MLP {shape.d_ff} | CUDA-graph replay, us")
     print(f"{'kernel':>20} {'rows':>5} {'kiln':>8} {'torch':>8} {'compiled':>9} {'vs best':>8}")
     for rows in (int(r) for r in args.rows.split(",")):
         for name, kiln, plain in problems(rows, dtype, shape, dev):
-            t_kiln = graph_time(kiln, args.rep)
-            t_plain = graph_time(plain, args.rep)
+            t_kiln = 1e3 * graph_time(kiln, args.rep)  # us
+            t_plain = 1e3 * graph_time(plain, args.rep)
             t_comp = float("nan")
             if not args.no_compile:
                 torch._dynamo.reset()
-                t_comp = graph_time(torch.compile(plain, fullgraph=True), args.rep)
+                t_comp = 1e3 * graph_time(torch.compile(plain, fullgraph=True), args.rep)
             best = min(t for t in (t_plain, t_comp) if t == t)
             print(f"{name:>20} {rows:>5} {t_kiln:8.1f} {t_plain:8.1f} {t_comp:9.1f} {best / t_kiln:7.2f}x")
 

@@ -34,6 +34,12 @@ log = logging.getLogger("kiln.cuda_graphs")
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+def describe_failure(exc: BaseException) -> str:
+    """`Type: first line of the message`, for a log line or a setting that says why compiling failed."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def batch_buckets(max_batch_size: int) -> list[int]:
     return sorted({b for b in BUCKETS if b < max_batch_size} | {max_batch_size})
 
@@ -98,8 +104,7 @@ class GraphedDecode:
                 self._reset_padding(0, size)  # padding rows write only into the null block
                 compiled(*self._inputs(size))
         except Exception as e:  # noqa: BLE001 -- an inductor or tracing failure: the eager step serves
-            text = str(e).strip()
-            self.compile_error = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+            self.compile_error = describe_failure(e)
             log.warning("the decode step is not compiled, it runs eagerly: %s", self.compile_error)
             return
         self._compiled = compiled

@@ -45,7 +45,7 @@ import torch
 
 from .attention import resolve_backend
 from .cpu_packing import pack_linears
-from .cuda_graphs import GraphedDecode
+from .cuda_graphs import GraphedDecode, describe_failure
 from .fast_decode import NATIVE_MAX_BATCH, DecodePlan
 from .kv_cache import NULL_BLOCK, KVCache, block_hashes, default_num_blocks
 from .requests import PENDING, InvalidRequest, Request, SamplingParams, StepOutput, TokenLogprob
@@ -182,8 +182,7 @@ class Engine:
                 try:
                     self.compile_seconds = plan.compile(self.cache, self.max_batch_size)
                 except Exception as e:  # noqa: BLE001 -- no compiler, an inductor bug: serve eagerly
-                    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    self.compile_error = f"{type(e).__name__}: {first_line}"
+                    self.compile_error = describe_failure(e)
         self._decode_mask = backend != "triton"  # the Triton decode kernel reads lengths, not a mask
         self._graphs: GraphedDecode | None = None
         if graphed:
