@@ -214,7 +214,7 @@ case "${1:-}" in
             stage default-model python3 -m training --config training/configs/default-gpu.toml --out "$run_dir" \
                 --resume ${DEFAULT_MODEL_ARGS:-} --set attn_backend=torch
         fi
-        stage default-model python3 -m training.export "$run_dir" --out /tmp/kiln-default-export --dtype bf16 \
+        stage default-model python3 -m training.export "$run_dir" --out /tmp/kiln-default-export --overwrite --dtype bf16 \
             --max-shard-mb 15
         mkdir -p "$OUT/model"
         cp /tmp/kiln-default-export/config.json /tmp/kiln-default-export/*.safetensors* "$OUT/model/"

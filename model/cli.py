@@ -105,7 +105,8 @@ def cmd_ppl(args: argparse.Namespace) -> None:
     else:
         path = Path(args.file)
         if not path.is_file():
-            fail(f"no such file: {args.file}")
+            what = "a directory" if path.is_dir() else "not a regular file" if path.exists() else "no such file"
+            fail(f"{args.file}: {what} (kiln ppl scores one UTF-8 text file, or - for stdin)")
         data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -180,6 +181,16 @@ EXTERNAL: list[tuple[str, str, str]] = [
 VERBS = {"tokenizer": "train"}
 
 
+def group_help(name: str) -> NoReturn:
+    """`kiln tokenizer --help`: the command group's verbs (each verb's own --help has its flags)."""
+    verb, help_text = VERBS[name], next(text for n, _, text in EXTERNAL if n == name)
+    group = argparse.ArgumentParser(prog=f"kiln {name}", description=help_text,
+                                    epilog=f"`kiln {name} {verb} --help` lists the options of {verb}.")
+    group.add_subparsers(title="commands").add_parser(verb, help=help_text.split(" (")[0])
+    group.print_help()
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     external = {name: module for name, module, _ in EXTERNAL}
@@ -188,10 +199,16 @@ def main(argv: list[str] | None = None) -> None:
 
         name, rest = argv[0], argv[1:]
         if name in VERBS:
+            if rest and rest[0] in ("-h", "--help"):
+                group_help(name)
             if not rest or rest[0] != VERBS[name]:
                 fail(f"usage: kiln {name} {VERBS[name]} ... (got {' '.join(rest) or 'nothing'} after {name!r})")
             rest = rest[1:]
-        code = importlib.import_module(external[name]).main(rest)
+        try:
+            code = importlib.import_module(external[name]).main(rest)
+        except KeyboardInterrupt:  # Ctrl-C while the command imports or starts: no traceback
+            print(f"kiln {name}: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
         raise SystemExit(code or 0)
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError

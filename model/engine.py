@@ -198,6 +198,9 @@ class Engine:
         bad = [i for i in prompt_ids if not 0 <= i < self.vocab_limit]
         if bad:
             raise InvalidRequest(f"token id {bad[0]} is out of range [0, {self.vocab_limit})", "prompt")
+        bad = [i for i in params.stop_token_ids if not 0 <= i < self.vocab_limit]
+        if bad:
+            raise InvalidRequest(f"stop token id {bad[0]} is out of range [0, {self.vocab_limit})", "stop_token_ids")
         # the last generated id is never fed back, so P prompt + M new ids need P + M - 1 cache positions
         if len(prompt_ids) > self.max_seq_len or len(prompt_ids) + params.max_tokens > self.max_seq_len + 1:
             raise InvalidRequest(f"this model's maximum context length is {self.max_seq_len} tokens, but "
@@ -462,10 +465,10 @@ class Engine:
             prompt_lps = None
             if r.wants_prompt_logprobs:
                 prompt_lps, r.prompt_lps, r.prompt_lps_done = r.prompt_lps, None, True
-            if r.params.max_tokens == 0:
+            if r.params.max_tokens == 0:  # (the text: U+FFFD if the prompt ends inside a character)
                 r.finish_reason = "length"
                 self._release(r)
-                immediate.append(StepOutput(r, [], "", [], "length", prompt_logprobs=prompt_lps))
+                immediate.append(StepOutput(r, [], r.stream.finish(), [], "length", prompt_logprobs=prompt_lps))
             else:
                 live.append((i, prompt_lps))
         if live:
@@ -541,7 +544,8 @@ class Engine:
             frequency_penalty=[p.frequency_penalty for p in params],
             output_counts=self._counts[slots] if use_penalties else None,
             num_logprobs=num_top, want_logprobs=any(p.logprobs is not None for p in params))
-        out = sample(logits, batch, vocab_limit=self.vocab_limit)
+        plan = self._decode_plan
+        out = sample(logits, batch, vocab_limit=self.vocab_limit, native=plan.native_module if plan else None)
         if self._counts is not None:
             self._counts.index_put_((slots, out.token_ids), torch.ones_like(out.token_ids, dtype=torch.float32),
                                     accumulate=True)
@@ -565,22 +569,24 @@ class Engine:
             tok = token_ids[i]
             r.output_ids[index] = tok
             r.num_pending -= 1
-            if r.params.logprobs is not None:
-                n = r.params.logprobs
-                top = list(zip(top_ids[i][:n], top_lps[i][:n])) if n else []
-                token_lps = [TokenLogprob(tok, lps[i], top)]
-            else:
-                token_lps = []
             finish = None
+            check_stop = index >= r.params.min_tokens  # stop strings only once min_tokens are out (vLLM)
             is_eos = tok == self.eos_id and not r.params.ignore_eos
             if is_eos or tok in r.params.stop_token_ids:
-                finish, text = "stop", r.stream.finish()
+                r.stream.offset = len(r.stream.text)
+                finish, text = "stop", r.stream.finish(check_stop)
             else:
-                text = r.stream.push(tok)
+                text = r.stream.push(tok, check_stop)
                 if r.stream.stopped:
                     finish = "stop"
                 elif self._ends_by_length(r, index):
-                    finish, text = "length", text + r.stream.finish()
+                    finish, text = "length", text + r.stream.finish(check_stop)
+            if r.params.logprobs is not None:
+                n = r.params.logprobs
+                top = list(zip(top_ids[i][:n], top_lps[i][:n])) if n else []
+                token_lps = [TokenLogprob(tok, lps[i], top, text_offset=r.stream.offset)]
+            else:
+                token_lps = []
             if finish is not None:
                 r.finish_reason = finish
                 r.drop_pending()  # ids queued after this one

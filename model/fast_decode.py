@@ -202,6 +202,11 @@ class DecodePlan:
     def native(self) -> bool:
         return self._native is not None
 
+    @property
+    def native_module(self):
+        """The compiled module (model/native) when the native step is on, else None."""
+        return self._native
+
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, kv_cache: KVCache, batch: CacheBatch) -> torch.Tensor:
         """tokens (B, 1) -> logits (B, V); writes each row's keys/values into its blocks."""

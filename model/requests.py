@@ -64,6 +64,7 @@ class TokenLogprob:
     token_id: int
     logprob: float | None
     top: list[tuple[int, float]] | None = None
+    text_offset: int | None = None  # generated tokens: where the token's text starts in the output text
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The sampler: a pure function from logits and per-row parameters to token ids.
 
 `sample(logits, params)` applies, per row: presence/frequency penalties (OpenAI
-semantics, on the tokens generated so far), temperature (0 = greedy argmax), top-k
+semantics, on the tokens generated so far), temperature (below `GREEDY_BELOW`, 0 included:
+greedy argmax, as vLLM does; dividing logits by 1e-38 would overflow them to inf), top-k
 (0 = off) and top-p (1 = off), then draws with the row's own `torch.Generator` when it
 has a seed. Logprobs (the chosen token's and the top-N) come from the model's
 unmodified distribution, as vLLM reports them. Ids at or past `vocab_limit` (padding
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from .transfer import to_device
+
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (vLLM's _SAMPLING_EPS)
 
 
 @dataclass
@@ -161,8 +164,12 @@ def _softmax(x: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.
     return (x / temperature if temperature != 1.0 else x).softmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None = None) -> SampleOutput:
-    """logits (B, V) -> SampleOutput. Rows with temperature 0 take the argmax."""
+def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None = None,
+           native=None) -> SampleOutput:
+    """logits (B, V) -> SampleOutput. Rows with temperature < GREEDY_BELOW take the argmax.
+
+    `native`: Kiln's compiled CPU module (model/native), whose `sample_rows` makes the same draw
+    (temperature, top-k, top-p, the same uniforms) in one call on CPU logits."""
     B, V = logits.shape
     device = logits.device
     logits = logits.float()
@@ -181,18 +188,10 @@ def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None 
                                  to_device(params.presence_penalty, torch.float32, device),
                                  to_device(params.frequency_penalty, torch.float32, device))
 
-    greedy = [t == 0 for t in params.temperature]
+    greedy = [t < GREEDY_BELOW for t in params.temperature]
     if all(greedy):
         token_ids = logits.argmax(dim=-1)
     else:
-        # one temperature for the batch (the usual case) is a scalar; greedy rows divide by 1 (unused)
-        temps = [t if t > 0 else 1.0 for t in params.temperature]
-        temperature = temps[0] if len(set(temps)) == 1 else to_device(temps, torch.float32, device)
-        if any(k > 0 for k in params.top_k) or any(p < 1.0 for p in params.top_p):
-            scaled = logits / (temperature[:, None] if isinstance(temperature, torch.Tensor) else temperature)
-            probs = _softmax(top_k_top_p_mask(scaled, params.top_k, params.top_p))
-        else:
-            probs = _softmax(logits, temperature)
         # inverse-CDF draw: the first token whose cumulative probability passes u * total, u ~ U[0, 1), one
         # uniform per row (a seeded row draws its own), not one random number per vocabulary entry
         u = torch.empty(B, 1, device=device)
@@ -205,14 +204,32 @@ def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None 
             for i, g in enumerate(params.generators):
                 if g is not None:
                     u[i] = torch.rand(1, generator=g, device=device)
-        cdf = probs.cumsum(dim=-1)
-        # the count of ids whose cumulative probability is <= the draw is the index of the first one past it;
-        # a zero-probability id repeats its predecessor's cdf, so it is never the first past it
-        sampled_ids = (cdf <= u * cdf[:, -1:]).sum(dim=-1).clamp_(max=V - 1)
-        token_ids = sampled_ids
-        if any(greedy):
-            token_ids = torch.where(to_device(greedy, torch.bool, device), logits.argmax(dim=-1), sampled_ids)
+        if native is not None and device.type == "cpu":
+            token_ids = native.sample_rows(logits, list(params.temperature), list(params.top_k),
+                                           list(params.top_p), u, V, GREEDY_BELOW)
+        else:
+            token_ids = _draw(logits, params, greedy, u)
 
     if params.want_logprobs or params.num_logprobs > 0:
         logprobs = logprob_table.gather(-1, token_ids[:, None])[:, 0]
     return SampleOutput(token_ids, logprobs, top_ids, top_logprobs)
+
+
+def _draw(logits: torch.Tensor, params: SamplingBatch, greedy: list[bool], u: torch.Tensor) -> torch.Tensor:
+    """The torch path of a draw with uniforms u (B, 1): temperature, top-k / top-p, inverse CDF."""
+    device, V = logits.device, logits.shape[-1]
+    # one temperature for the batch (the usual case) is a scalar; greedy rows divide by 1 (unused)
+    temps = [1.0 if g else t for t, g in zip(params.temperature, greedy)]
+    temperature = temps[0] if len(set(temps)) == 1 else to_device(temps, torch.float32, device)
+    if any(k > 0 for k in params.top_k) or any(p < 1.0 for p in params.top_p):
+        scaled = logits / (temperature[:, None] if isinstance(temperature, torch.Tensor) else temperature)
+        probs = _softmax(top_k_top_p_mask(scaled, params.top_k, params.top_p))
+    else:
+        probs = _softmax(logits, temperature)
+    cdf = probs.cumsum(dim=-1)
+    # the count of ids whose cumulative probability is <= the draw is the index of the first one past it;
+    # a zero-probability id repeats its predecessor's cdf, so it is never the first past it
+    sampled_ids = (cdf <= u * cdf[:, -1:]).sum(dim=-1).clamp_(max=V - 1)
+    if any(greedy):
+        return torch.where(to_device(greedy, torch.bool, device), logits.argmax(dim=-1), sampled_ids)
+    return sampled_ids

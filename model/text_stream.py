@@ -2,7 +2,12 @@
 
 `TextStream.push(id)` returns the text that is safe to show now: whole UTF-8 characters
 only, and never a tail that could still become the start of a stop string. When a
-stop string appears, the stream ends; the stop text itself is never returned.
+stop string appears, the stream ends; the stop text itself is never returned. Special
+tokens (EOS generated under `ignore_eos`, for instance) add no text, as vLLM's default
+`skip_special_tokens` does. A push with `check_stop=False` (a sequence still short of its
+`min_tokens`) decodes without looking for stop strings, and a later match must end in text
+decoded after it, as in vLLM. `offset` is where the last pushed token's text starts in the
+whole output text (OpenAI's `text_offset`), held-back characters counted.
 """
 
 from __future__ import annotations
@@ -12,36 +17,43 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop: list[str] | tuple[str, ...] = (), context_ids: list[int] = ()):
-        """`context_ids`: the prompt's last ids, so a character split between prompt and output decodes whole."""
+        """`context_ids`: the prompt's last ids, so a character split between prompt and output decodes whole
+        (the output text then starts with that whole character, or U+FFFD if the output does not complete it)."""
         self.detok = IncrementalDetokenizer(tokenizer)
+        self.special_ids = tokenizer.special_ids
         if context_ids:
             self.detok.prime(list(context_ids))
         self.stop = [s for s in stop if s]
         self.max_stop = max((len(s) for s in self.stop), default=0)
         self.text = ""  # all decoded text so far (whole characters)
         self.emitted = 0  # characters of `text` already returned
+        self.offset = 0  # where the last pushed token's text starts in `text`
         self.stopped = False
 
-    def push(self, token_id: int) -> str:
+    def push(self, token_id: int, check_stop: bool = True) -> str:
         """Feed one id; returns the newly showable text ('' while held back)."""
         if self.stopped:
             return ""
-        new = self.detok.push(token_id)
-        return self._advance(new, final=False)
+        self.offset = len(self.text)
+        if token_id in self.special_ids:
+            return ""
+        return self._advance(self.detok.push(token_id), final=False, check_stop=check_stop)
 
-    def finish(self) -> str:
+    def finish(self, check_stop: bool = True) -> str:
         """End of generation: flush what the detokenizer and the stop hold-back kept."""
         if self.stopped:
             return ""
-        return self._advance(self.detok.flush(), final=True)
+        return self._advance(self.detok.flush(), final=True, check_stop=check_stop)
 
-    def _advance(self, new: str, final: bool) -> str:
+    def _advance(self, new: str, final: bool, check_stop: bool) -> str:
         if not new and not final:
             return ""
-        search_from = max(0, len(self.text) - self.max_stop + 1)
+        before = len(self.text)
         self.text += new
-        if self.stop:
-            hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        if self.stop and check_stop and new:
+            # a match must end inside the new text: one wholly before it was either found already or
+            # lies in text decoded while stops were not checked
+            hits = [i for i in (self.text.find(s, max(0, before - len(s) + 1)) for s in self.stop) if i >= 0]
             if hits:
                 end = min(hits)
                 self.stopped = True

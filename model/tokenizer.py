@@ -122,6 +122,7 @@ class Tokenizer:
         except ValueError as e:
             raise ValueError(f"tokenizer {name!r}: split pattern {config.pattern!r} does not compile: {e}") from e
         self.eos_id = self.token_to_id(config.eos_token)
+        self.special_ids = frozenset(config.special_tokens.values())  # ids that generated text leaves out
         self.bos_id = None if config.bos_token is None else self.token_to_id(config.bos_token)
         pad_id = None if config.pad_token is None else self.token_to_id(config.pad_token)
         self.pad_id = self.eos_id if pad_id is None else pad_id  # no pad token: pad with EOS (masked anyway)

@@ -59,6 +59,8 @@ def sampling_params(body: CompletionRequest) -> list[SamplingParams]:
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens must be >= 1 (0 is allowed only with echo, to get prompt logprobs)",
                        "max_tokens")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) must be <= max_tokens ({max_tokens})", "min_tokens")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -101,7 +103,8 @@ class ChoiceBuilder:
         self.echo = echo
         self.want_logprobs = logprobs is not None
         self.parts: list[str] = []
-        self.chars = 0  # characters of the choice's text so far (text_offset of the next token)
+        self.chars = 0  # characters of the choice's text so far
+        self.prompt_chars = 0  # characters of the echoed prompt (generated tokens' offsets start there)
         self.tokens: list[str] = []
         self.token_logprobs: list[float | None] = []
         self.top_logprobs: list[dict[str, float] | None] = []
@@ -118,8 +121,10 @@ class ChoiceBuilder:
             self._started = True
             if self.echo:
                 text += self._add_prompt(out.prompt_logprobs)
+                self.prompt_chars = len(text)
         for lp in out.logprobs:
-            self._add_token(lp, self.chars + len(text))
+            offset = self.chars + len(text) if lp.text_offset is None else self.prompt_chars + lp.text_offset
+            self._add_token(lp, offset)
         text += out.text
         self.completion_tokens += len(out.token_ids)
         self.parts.append(text)
@@ -133,7 +138,10 @@ class ChoiceBuilder:
         return text, delta
 
     def _add_prompt(self, prompt_logprobs: list[TokenLogprob] | None) -> str:
-        """The prompt's text (decoded token by token, for offsets) and its logprob entries."""
+        """The prompt's text (decoded token by token, for offsets) and its logprob entries.
+
+        A prompt ending inside a UTF-8 character leaves that character out: the engine's output
+        text starts with it (whole, or U+FFFD), so prompt text + output text decode the ids once."""
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text = ""
         for i, token_id in enumerate(self.prompt_ids):
@@ -141,7 +149,7 @@ class ChoiceBuilder:
                 entry = prompt_logprobs[i] if prompt_logprobs else TokenLogprob(token_id, None, None)
                 self._add_token(entry, self.chars + len(text))
             text += utf8.decode(self.tokenizer.token_bytes(token_id))
-        return text + utf8.decode(b"", final=True)
+        return text
 
     def _add_token(self, lp: TokenLogprob, offset: int) -> None:
         token_text = self.tokenizer.id_to_token_text

@@ -101,14 +101,16 @@ class BodyLimit:
 class APIKey:
     def __init__(self, app: ASGIApp, api_key: str | None):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.expected is None or scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
             await self.app(scope, receive, send)
             return
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.expected):
+        scheme, _, credentials = given.strip().partition(b" ")
+        # the scheme is case-insensitive (RFC 7235): "bearer KEY" works too
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self.expected):
             message = ("missing API key: send the header `Authorization: Bearer <key>`" if not given
                        else "invalid API key")
             response = error_response(401, message, code="invalid_api_key",

@@ -23,7 +23,8 @@ PromptInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict: "3" is not an integer and "yes" not a boolean (OpenAI rejects both); ints are still valid floats
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class _Response(BaseModel):

@@ -155,7 +155,8 @@ async def tokenizer_info(state: KilnState = Depends(kiln_state)) -> TokenizerInf
     engine = state.engine()
     tok = engine.tokenizer
     return TokenizerInfo(tokenizer_class="KilnTokenizer", eos_token=tok.eos_token, eos_token_id=tok.eos_id,
-                         bos_token=tok.bos_token, bos_token_id=tok.bos_id, pad_token=tok.pad_token,
+                         bos_token=tok.bos_token, bos_token_id=tok.bos_id,
+                         pad_token=tok.pad_token if tok.pad_token is not None else tok.id_to_token_text(tok.pad_id),
                          pad_token_id=tok.pad_id, add_bos_token=tok.add_bos, vocab_size=tok.n_vocab,
                          model_max_length=engine.max_seq_len)
 
@@ -182,6 +183,13 @@ async def get_model(model_id: str, state: KilnState = Depends(kiln_state)) -> Mo
 async def health(state: KilnState = Depends(kiln_state)) -> Health:
     state.engine()
     return Health()
+
+
+@router.head("/health", include_in_schema=False)
+async def health_head(state: KilnState = Depends(kiln_state)) -> Response:
+    """`HEAD /health` (load balancers and `curl -I`): the status of GET, no body."""
+    state.engine()
+    return Response(status_code=200)
 
 
 @router.get("/metrics", summary="Prometheus metrics (text format)",

@@ -7,6 +7,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from model.cli import load_engine
 
 
@@ -51,6 +53,7 @@ def test_bad_input_is_one_line_and_exit_2(gpt2_dir, tmp_path):
         (("generate", "--model", str(gpt2_dir), "--prompt", "x", "--temperature", "inf"),
          "--temperature must be a finite number >= 0, got inf"),
         (("ppl", "--model", str(gpt2_dir), str(tmp_path / "nofile.txt")), "no such file"),
+        (("ppl", "--model", str(gpt2_dir), str(tmp_path)), f"{tmp_path}: a directory (kiln ppl scores one UTF-8"),
     ]
     bad_type = tmp_path / "bert"
     bad_type.mkdir()
@@ -98,3 +101,32 @@ def test_kiln_saved_model_dir_generates(gpt2_dir, tmp_path):
                "--temperature", "0")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ref.stdout
+
+
+def test_tokenizer_group_help_lists_its_commands():
+    for flag in ("--help", "-h"):  # was "kiln: error: usage: ... (got --help after 'tokenizer')", exit 2
+        proc = kiln("tokenizer", flag)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        assert proc.stdout.startswith("usage: kiln tokenizer [-h] {train} ...")
+        assert "    train     train a byte-level BPE tokenizer\n" in proc.stdout
+    proc = kiln("tokenizer", "train", "--help")  # the verb's own help still has its flags
+    assert proc.returncode == 0 and "--vocab-size N" in proc.stdout and "--overwrite" in proc.stdout
+    proc = kiln("tokenizer")
+    assert proc.returncode == 2 and proc.stderr == "kiln: error: usage: kiln tokenizer train ... (got nothing after " \
+                                                   "'tokenizer')\n"
+
+
+def test_ctrl_c_while_a_command_starts_is_one_line(monkeypatch, capsys):
+    """Ctrl-C during the seconds `kiln train` spends importing torch: exit 130, no traceback."""
+    import importlib
+
+    from model import cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--config", "x.toml"])
+    assert exc.value.code == 130
+    assert capsys.readouterr().err.strip() == "kiln train: interrupted"

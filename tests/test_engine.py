@@ -122,6 +122,8 @@ def test_max_tokens_min_tokens_and_eos(llama_dir):
     assert sum(len(o.token_ids) for o in outs) == 4 and outs[-1].finish_reason == "stop"
     outs = list(engine.generate(ids, SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)))
     assert sum(len(o.token_ids) for o in outs) == 7
+    # EOS generated under ignore_eos adds no text (special tokens are skipped, as vLLM does by default)
+    assert all(o.token_ids == [engine.eos_id] for o in outs) and "".join(o.text for o in outs) == ""
 
 
 def test_prompt_logprobs_equal_scoring(llama_dir):

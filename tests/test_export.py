@@ -125,3 +125,63 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([str(tmp_path / "empty"), "--out", str(tmp_path / "m")])
     assert exc.value.code == 2 and "no checkpoint-*.pt files" in capsys.readouterr().err
+
+
+def test_out_that_holds_files_is_refused_unless_overwrite(runs, tmp_path, capsys):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes\n")
+    (out / "config.json").write_text('{"mine": true}\n')
+    with pytest.raises(SystemExit) as exc:
+        main([str(runs["llama"]), "--out", str(out)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"kiln export: error: --out {str(out)!r} already exists and is not empty; "
+                                       "pick another directory, or pass --overwrite to replace the model files in "
+                                       "it\n")
+    assert (out / "config.json").read_text() == '{"mine": true}\n' and sorted(p.name for p in out.iterdir()) == [
+        "config.json", "notes.txt"]
+    # --overwrite: sharded, then re-exported whole; the earlier shards and index go, other files stay
+    assert main([str(runs["llama"]), "--out", str(out), "--overwrite", "--max-shard-mb", "0.05"]) == 0
+    assert len(list(out.glob("model-*.safetensors"))) > 2
+    assert main([str(runs["llama"]), "--out", str(out), "--overwrite"]) == 0
+    assert not list(out.glob("model-*.safetensors")) and not (out / "model.safetensors.index.json").exists()
+    assert (out / "model.safetensors").is_file() and (out / "notes.txt").read_text() == "my notes\n"
+    trained, _, _ = load_trained_model(runs["llama"])
+    x = tokens_for(trained)
+    with torch.no_grad():
+        assert torch.equal(load_model(out)(x), trained(x))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export(runs["llama"], empty)  # an empty directory is as good as a new one
+
+
+@pytest.mark.parametrize("content", [b"the quick brown fox\n", b"notes here\n", b"c__builtin__\neval\n", b""])
+def test_a_file_that_is_not_a_checkpoint_is_one_short_line(tmp_path, capsys, content):
+    (tmp_path / "notes.txt").write_bytes(content)
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "notes.txt"), "--out", str(tmp_path / "m")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    # torch.load's own message is paragraphs of weights_only advice
+    assert err.startswith(f"kiln export: error: {tmp_path / 'notes.txt'} is not a readable Kiln training "
+                          "checkpoint (torch.load: ")
+    assert err.count("\n") == 1 and len(err) < 250 and "weights_only" not in err, err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1"])
+def test_max_shard_mb_must_be_finite_and_positive(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exc:  # nan was a ValueError traceback, inf an OverflowError
+        main([str(tmp_path), "--out", str(tmp_path / "m"), f"--max-shard-mb={value}"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"kiln export: error: --max-shard-mb must be a finite number > 0 "
+                                       f"(MB, 1 MB = 10^6 bytes), got {float(value)}\n")
+
+
+def test_paths_of_the_wrong_kind_say_what_they_are(runs, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main([str(runs["llama"]), "--out", str(tmp_path / "file")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"kiln export: error: --out {str(tmp_path / 'file')!r} is a file, not a "
+                                       "directory; pick a directory path\n")

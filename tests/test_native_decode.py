@@ -257,3 +257,57 @@ def test_a_compiler_without_openmp_still_builds_the_serial_step(monkeypatch, tmp
     module = native_step.load(build=True)
     assert calls == [native_step.FLAGS, native_step.SERIAL_FLAGS]
     assert "-fopenmp-simd" in module and native_step.error() is None
+
+
+# ---- the native sampler (sample_rows) --------------------------------------------------------
+def test_native_sampler_draws_the_torch_paths_ids(native_module):
+    """Same uniforms in, same ids out as model/sampling.py's torch path: temperatures (greedy rows
+    included), top-k, top-p, both, rows with banned (-inf) ids, flat and peaked rows, several sizes."""
+    from model.sampling import GREEDY_BELOW, SamplingBatch, _draw
+
+    gen = torch.Generator().manual_seed(0)
+    rows = 0
+    for trial in range(150):
+        B = int(torch.randint(1, 6, (), generator=gen))
+        V = int(torch.randint(2, 3000, (), generator=gen))
+        x = torch.randn(B, V, generator=gen) * float(torch.rand((), generator=gen) * 8)
+        if trial % 4 == 0:
+            x[:, torch.randint(0, V, (V // 3,), generator=gen)] = float("-inf")
+        temps = [0.0 if t < 0.2 else float(t) for t in torch.rand(B, generator=gen) * 1.5]
+        ks = [int(k) if k % 3 else 0 for k in torch.randint(0, 80, (B,), generator=gen)]
+        ps = [float(p) if p > 0.3 else 1.0 for p in torch.rand(B, generator=gen)]
+        u = torch.rand(B, 1, generator=gen)
+        params = SamplingBatch(temperature=temps, top_k=ks, top_p=ps, generators=[None] * B)
+        want = _draw(x.clone(), params, [t < GREEDY_BELOW for t in temps], u)
+        got = native_module.sample_rows(x, temps, ks, ps, u, V, GREEDY_BELOW)
+        assert got.tolist() == want.tolist(), (trial, temps, ks, ps)
+        rows += B
+    assert rows > 400
+    # banned ids are never drawn, whatever the uniform (0 and just under 1 included)
+    x = torch.full((1, 500), float("-inf"))
+    x[0, 7], x[0, 300] = 1.0, 0.5
+    for u in (0.0, 0.3, 0.6, 0.999999):
+        for k, p in ((0, 1.0), (5, 1.0), (0, 0.99), (400, 0.5)):
+            got = native_module.sample_rows(x, [1.0], [k], [p], torch.tensor([[u]]), 500, GREEDY_BELOW)
+            assert int(got) in (7, 300), (u, k, p)
+    # ids past vocab_limit (embedding padding) are not drawn either
+    x = torch.zeros(1, 64)
+    x[0, 40:] = 50.0
+    got = native_module.sample_rows(x, [1.0], [0], [1.0], torch.tensor([[0.99]]), 40, GREEDY_BELOW)
+    assert int(got) < 40
+
+
+def test_engine_samples_the_same_ids_with_the_native_sampler(llama_dir, native_module):
+    """Seeded requests with temperature, top-k and top-p: the native decode step (and its sampler)
+    gives the torch engine's tokens."""
+    engines = [load_engine(str(llama_dir), "cpu", max_batch_size=4) for _ in range(2)]
+    engines[1]._decode_plan.enable_native(native_module)
+    outputs = []
+    for engine in engines:
+        requests = [engine.add_request(engine.tokenizer.encode(p), SamplingParams(
+            max_tokens=24, temperature=t, top_k=k, top_p=tp, seed=s, ignore_eos=True))
+            for p, t, k, tp, s in zip(PROMPTS, (0.8, 1.0, 0.0, 1.3), (0, 40, 0, 5), (0.9, 1.0, 1.0, 0.8), (1, 2, 3, 4))]
+        while engine.has_work:
+            engine.step()
+        outputs.append([r.output_ids for r in requests])
+    assert outputs[0] == outputs[1]

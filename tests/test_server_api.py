@@ -168,6 +168,74 @@ def test_stop_string_split_across_tokens(client, ref):
     assert r.json()["choices"][0]["text"] == expected
 
 
+def _offsets(client, body) -> tuple[str, list[str], list[int], str]:
+    choice = client.post("/v1/completions", json={**body, "logprobs": 0}).json()["choices"][0]
+    lp = choice["logprobs"]
+    return choice["text"], lp["tokens"], lp["text_offset"], choice["finish_reason"]
+
+
+def test_text_offsets_count_characters_held_back_for_a_stop_string(client, ref):
+    ids = ref.tokenizer.encode(TEXTS[1])[:3]
+    body = {"prompt": ids, "max_tokens": 30, "temperature": 0}
+    text, tokens, offsets, _ = _offsets(client, body)
+    for token, offset in zip(tokens, offsets):
+        assert text[offset: offset + len(token)] == token, (token, offset, text)
+    # a stop string that never matches, but whose first characters appear early: they are held back
+    # until the next token shows they do not start it; the offsets must not move
+    held = text[4:6]
+    assert held in text
+    for stop in (held + "\x00", [held + "\x00", "zz"]):
+        got = _offsets(client, {**body, "stop": stop})
+        assert got[:3] == (text, tokens, offsets), (stop, got)
+        chunks = stream(client, {**body, "stop": stop, "logprobs": 0})
+        assert [o for c in chunks for o in c["choices"][0]["logprobs"]["text_offset"]] == offsets
+    # with echo they count from the start of the prompt's text
+    echo_text, echo_tokens, echo_offsets, _ = _offsets(client, {**body, "stop": held + "\x00", "echo": True})
+    prompt_text = ref.tokenizer.decode(ids)
+    assert echo_text == prompt_text + text
+    assert echo_offsets[len(ids):] == [len(prompt_text) + o for o in offsets]
+
+
+def test_min_tokens_holds_off_stop_strings(client, ref):
+    ids = ref.tokenizer.encode(TEXTS[1])[:3]
+    body = {"prompt": ids, "max_tokens": 30, "temperature": 0}
+    text, tokens, offsets, _ = _offsets(client, body)
+    stop = tokens[0]
+    assert stop.strip() and stop in text
+    r = client.post("/v1/completions", json={**body, "stop": stop}).json()
+    assert r["choices"][0]["text"] == "" and r["usage"]["completion_tokens"] == 1
+    for m in (1, 3, 6):
+        # as in vLLM, a match must end in the text of token m + 1 or later
+        start = offsets[m] - len(stop) + 1
+        at = text.find(stop, max(0, start))
+        expected = (text[:at], "stop") if at >= 0 else (text, "length")
+        r = client.post("/v1/completions", json={**body, "stop": stop, "min_tokens": m}).json()
+        assert (r["choices"][0]["text"], r["choices"][0]["finish_reason"]) == expected, m
+        assert r["usage"]["completion_tokens"] > m
+
+
+def test_echo_of_a_prompt_ending_inside_a_character_is_not_repeated(client, ref):
+    tok = ref.tokenizer
+    ids = tok.encode("To be ") + [tok.mergeable_ranks["明".encode()[:1]]]  # the first byte of a 3-byte character
+    prompt_text = tok.decode(ids)
+    assert prompt_text.endswith("\ufffd")
+    body = {"prompt": ids, "max_tokens": 4, "temperature": 0}
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    echoed = client.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]["text"]
+    # the output text starts with the split character (whole, or U+FFFD): it is shown once
+    assert echoed == prompt_text[:-1] + plain
+    only = client.post("/v1/completions", json={**body, "echo": True, "max_tokens": 0, "logprobs": 0}).json()
+    assert only["choices"][0]["text"] == prompt_text
+
+
+def test_a_tiny_temperature_is_greedy(client, ref):
+    ids = ref.tokenizer.encode(TEXTS[2])[:3]
+    expected, _, _ = greedy_reference(ref, ids, 10)
+    for t in (1e-38, 5e-324, 1e-6):
+        r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 10, "temperature": t, "top_p": 0.9})
+        assert r.json()["choices"][0]["text"] == expected, t
+
+
 def test_same_seed_same_text_and_n_choices(client):
     body = {"prompt": "The quick", "max_tokens": 12, "temperature": 1.0, "ignore_eos": True}
     a = client.post("/v1/completions", json={**body, "seed": 5}).json()["choices"][0]["text"]
@@ -277,6 +345,7 @@ def test_tokenizer_endpoints(client, ref):
     info = client.get("/tokenizer_info").json()
     assert info["eos_token"] == "<|endoftext|>" and info["eos_token_id"] == tok.eos_id
     assert info["vocab_size"] == tok.n_vocab and info["model_max_length"] == ref.max_seq_len
+    assert info["pad_token_id"] == tok.pad_id and info["pad_token"] == tok.id_to_token_text(tok.pad_id)
     r = client.post("/detokenize", json={"tokens": [1, tok.n_vocab]})
     assert r.status_code == 400 and str(tok.n_vocab) in r.json()["error"]["message"]
 
@@ -288,6 +357,8 @@ def test_models_health_openapi(client, ref):
     assert client.get(f"/v1/models/{NAME}").json()["id"] == NAME
     assert client.get("/v1/models/other").status_code == 404
     assert client.get("/health").json() == {"status": "ok"}
+    head = client.head("/health")
+    assert head.status_code == 200 and head.content == b""
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/completions", "/v1/perplexity", "/tokenize", "/detokenize", "/tokenizer_info", "/v1/models",
             "/health", "/metrics"} <= set(paths)
@@ -318,6 +389,13 @@ ERROR_CASES = [
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of", "best_of"),
     ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "seed", "seed"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes please"}, 400, "stream", "stream"),
+    ("/v1/completions", {"prompt": "hi", "echo": "yes"}, 400, "echo", "valid boolean"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "3"}, 400, "max_tokens", "valid integer"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": True}, 400, "logprobs", "valid integer"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "only allowed when stream is true"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [100000]}, 400, "stop_token_ids", "100000"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids", "-1"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": [[]]}, 400, "prompt", "empty"),
@@ -391,6 +469,8 @@ def test_api_key(parrot_dir):
         assert c.get("/v1/models").status_code == 401
         ok = {"Authorization": "Bearer s3cret"}
         assert c.post("/v1/completions", json=body, headers=ok).status_code == 200
+        # the scheme is case-insensitive (RFC 7235)
+        assert c.post("/v1/completions", json=body, headers={"Authorization": "bearer s3cret"}).status_code == 200
         # lm-eval sends the key only to /v1/completions: the tokenizer endpoints stay open, like vLLM's
         assert c.get("/tokenizer_info").status_code == 200
         assert c.post("/tokenize", json={"prompt": "hi"}).status_code == 200

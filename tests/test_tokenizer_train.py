@@ -200,5 +200,45 @@ def test_jsonl_documents_train_like_their_text(tmp_path):
     assert from_jsonl.mergeable_ranks == from_text.mergeable_ranks
     assert not any(b'"text"' in token for token in from_jsonl.mergeable_ranks)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="bad.jsonl:2 is not a JSON object"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: not valid JSON"):
         train_tokenizer([tmp_path / "bad.jsonl"], 500, tmp_path / "c")
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("empty.txt", "", "the training inputs hold no text ({dir}/empty.txt)"),
+    ("blank.txt", " \n\n\t\n", "the training inputs hold no text ({dir}/blank.txt)"),
+    ("blank.jsonl", '{"text": "  "}\n\n{"text": ""}\n', "the training inputs hold no text ({dir}/blank.jsonl)"),
+    ("number.jsonl", '{"text": "ok"}\n{"text": 5}\n',
+     '{dir}/number.jsonl, line 2: "text" must be a string, got a number'),
+    ("null.jsonl", '{"text": null}\n', '{dir}/null.jsonl, line 1: "text" must be a string, got null'),
+    # JSON's \ud800 escape decodes to a lone surrogate; it was named without its file
+    ("lone.jsonl", '{"text": "\\ud800 lone"}\n',
+     '{dir}/lone.jsonl, line 1: "text" holds a lone surrogate (\\ud800), which is not valid Unicode text'),
+])
+def test_cli_input_without_usable_text_exits_2(tmp_path, capsys, name, content, expected):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        main(["--input", str(tmp_path / name), "--vocab-size", "512", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"kiln tokenizer train: error: {expected.format(dir=tmp_path)}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_existing_tokenizer_without_overwrite(tmp_path, capsys):
+    write_corpus(tmp_path / "c.txt", seed=6, n_lines=40)
+    out = tmp_path / "tok"
+    argv = ["--input", str(tmp_path / "c.txt"), "--vocab-size", "300", "--out", str(out)]
+    assert main(argv) == 0
+    first = (out / "tokenizer.tiktoken").read_bytes()
+    capsys.readouterr()
+    write_corpus(tmp_path / "c.txt", seed=7, n_lines=40)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"kiln tokenizer train: error: output {out} already exists and is not empty; "
+                                       "pick another directory, or pass --overwrite to replace the tokenizer in it\n")
+    assert (out / "tokenizer.tiktoken").read_bytes() == first
+    (out / "vocab.json").write_text("{}")  # another tokenizer's file, which transformers would read
+    assert main([*argv, "--overwrite"]) == 0
+    assert (out / "tokenizer.tiktoken").read_bytes() != first and not (out / "vocab.json").exists()
+    assert load_tokenizer(out).n_vocab == 300

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,39 @@ def test_prepare_train_resume_export_load(tmp_path, tokenizer_dir, capsys, monke
     assert train.main(["--config", str(TINY_TOML), "--data", str(tmp_path / "tokens"), "--out", str(run),
                        "--max-steps", "2", *SHRINK]) == 0
     # continue the same run to step 4 from its saved config (no --config)
+    capsys.readouterr()
     assert train.main(["--out", str(run), "--resume", "--max-steps", "4", "--no-progress"]) == 0
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    # no bar (--no-progress, or not a terminal): a line per logged step
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines if "|" in line] == ["step 3/4", "step 4/4"], lines
+    assert all(" | loss " in line and " | eta " in line for line in lines if "|" in line)
+
+    # resuming refuses what would silently corrupt the run: another model shape, another tokenizer's data
+    tokens2 = tmp_path / "tokens2"
+    shutil.copytree(tmp_path / "tokens", tokens2)
+    ranks = tokens2 / meta.get("tokenizer", "tokenizer") / "tokenizer.tiktoken"
+    first, second, *rest = ranks.read_text().splitlines()
+    ranks.write_text("\n".join([first.split()[0] + " " + second.split()[1],
+                                second.split()[0] + " " + first.split()[1], *rest]) + "\n")
+    for argv, message in (
+            (["--data", str(tokens2)], "tokenized with another tokenizer than the run in"),
+            (["--config", str(TINY_TOML), "--data", str(tmp_path / "tokens"), *SHRINK, "--set", "model.n_layer=2"],
+             "(n_layer: checkpoint 1, now 2)")):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--out", str(run), "--resume", "--max-steps", "6", "--no-progress", *argv])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and message in err and "\n" not in err, err
+
+    # a run with no length, a bad --out: one line each
+    for argv, message in ((["--set", "max_steps=0"], "the run has no length"),
+                          (["--out", str(tmp_path / "text" / "a.txt")], "is a file, not a directory")):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--config", str(TINY_TOML), "--data", str(tmp_path / "tokens"), "--out",
+                        str(tmp_path / "run2"), *SHRINK, *argv])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and message in err and "\n" not in err, err
     saved = json.loads((run / "train_config.json").read_text())
     assert saved["max_steps"] == 4 and saved["model"]["d_model"] == 48 and saved["seq_len"] == 32
 
@@ -73,12 +104,19 @@ def test_prepare_train_resume_export_load(tmp_path, tokenizer_dir, capsys, monke
 
 
 def test_train_cli_errors_exit_2_with_one_line(tmp_path, capsys):
+    model_is_3 = tmp_path / "model3.toml"
+    model_is_3.write_text("model = 3\n")
     cases = [
         (["--config", str(TINY_TOML), "--set", "lr=fast"], "lr must be a float, got 'fast'"),
         (["--config", str(TINY_TOML), "--data", str(tmp_path)], "not a prepared data directory"),
         (["--config", str(tmp_path / "missing.toml")], "does not exist"),
         (["--resume"], "needs --out"),
         ([], "--config FILE.toml is required"),
+        (["--config", str(TINY_TOML), "--set", "eps=nan"], "eps must be a finite number, got nan"),
+        (["--config", str(TINY_TOML), "--set", "grad_clip=inf"], "grad_clip must be a finite number"),
+        (["--config", str(TINY_TOML), "--set", "model.rope_theta=0"], "model.rope_theta must be > 0"),
+        (["--config", str(TINY_TOML), "--set", "model.norm_eps=-1"], "model.norm_eps must be > 0"),
+        (["--config", str(model_is_3), "--set", "model.n_layer=2"], "model must be a table"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:

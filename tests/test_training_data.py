@@ -118,6 +118,11 @@ def test_single_document_gets_a_tail_validation_split(tmp_path, tokenizer_dir):
     ("bad.txt", b"ok line\nbad \xff byte\n", r"bad\.txt, line 2: not UTF-8 text .* at byte 12"),
     ("bad.jsonl", b'{"text": "fine"}\n{"text": broken\n', r"bad\.jsonl, line 2: not valid JSON"),
     ("bad.jsonl", b'{"text": "fine"}\n{"body": "x"}\n', r"bad\.jsonl, line 2: expected an object with a string"),
+    ("bad.jsonl", b'{"text": "fine"}\n{"text": 5}\n', r"bad\.jsonl, line 2: \"text\" must be a string, got a number"),
+    ("bad.jsonl", b'{"text": null}\n', r"bad\.jsonl, line 1: \"text\" must be a string, got null"),
+    # JSON's \ud800 escape decodes to a lone surrogate, which no encoder takes (was a UnicodeEncodeError)
+    ("bad.jsonl", b'{"text": "fine"}\n{"text": "\\ud800 lone"}\n',
+     r"bad\.jsonl, line 2: \"text\" holds a lone surrogate \(\\ud800\)"),
     ("data.csv", b"a,b\n", r"data\.csv.* neither \.txt"),
 ])
 def test_bad_input_is_an_error_naming_the_file(tmp_path, tokenizer_dir, name, content, expected):
@@ -161,3 +166,34 @@ def test_window_sampler_is_a_seeded_permutation_per_epoch():
 def test_load_meta_names_the_missing_directory(tmp_path):
     with pytest.raises(DataError, match="not a prepared data directory"):
         load_meta(tmp_path)
+
+
+def test_damaged_token_files_are_data_errors_naming_the_file(tmp_path, tokenizer_dir, capsys):
+    data = prepared_data(tmp_path, tokenizer_dir, n_docs=20)
+    meta = load_meta(data)
+    (data / "train.bin").write_bytes((data / "train.bin").read_bytes()[:-1])  # cut mid-token
+    with pytest.raises(DataError, match=r"train\.bin holds \d+ bytes, not a whole number of 2-byte uint16 tokens"):
+        open_tokens(data, "train", meta)
+    (data / "meta.json").write_text('{"format": "kiln-tokens-v1", ')  # cut mid-object
+    with pytest.raises(DataError, match=r"meta\.json is not valid JSON \(.* at line 1 column \d+\)"):
+        load_meta(data)
+    with pytest.raises(DataError, match="is a file, not a prepared data directory"):
+        load_meta(data / "train.bin")
+
+    from training import train
+
+    with pytest.raises(SystemExit) as exc:  # as `kiln train` reports it: one line, no traceback
+        train.main(["--config", str(Path(__file__).resolve().parents[1] / "training" / "configs" / "tiny.toml"),
+                    "--data", str(data), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("kiln train: error: ") and err.count("\n") == 1
+    assert "meta.json is not valid JSON" in err
+
+
+def test_wrong_kind_of_path_says_what_it_is(tmp_path, tokenizer_dir):
+    (tmp_path / "file.txt").write_text("some text\n")
+    with pytest.raises(DataError, match="--out '.*file.txt' is a file, not a directory"):
+        prepare(tokenizer_dir, tmp_path / "file.txt", inputs=[str(tmp_path / "file.txt")], workers=1, progress=False)
+    with pytest.raises(DataError, match="--tokenizer '.*file.txt' is a file, not a tokenizer directory"):
+        prepare(tmp_path / "file.txt", tmp_path / "out", inputs=[str(tmp_path / "file.txt")], workers=1,
+                progress=False)

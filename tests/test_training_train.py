@@ -73,7 +73,7 @@ def test_loss_decreases_and_outputs_are_written(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
-def test_ctrl_c_saves_and_resume_is_bit_for_bit(data_dir, tmp_path, optimizer):
+def test_ctrl_c_saves_and_resume_is_bit_for_bit(data_dir, tmp_path, optimizer, capsys):
     """Gradient accumulation and a batch ramp included: interrupted + resumed == uninterrupted."""
     knobs = dict(grad_accum_steps=2, batch_ramp_steps=3, max_steps=7, optimizer=optimizer)
     whole = train(tiny_config(data_dir, tmp_path / "whole", **knobs), progress=False)
@@ -83,8 +83,12 @@ def test_ctrl_c_saves_and_resume_is_bit_for_bit(data_dir, tmp_path, optimizer):
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does; the loop finishes step 3 and saves
 
     config = tiny_config(data_dir, tmp_path / "cut", **knobs)
+    capsys.readouterr()
     first = train(config, progress=False, on_step=interrupt)
     assert first.interrupted and first.step == 3
+    err = capsys.readouterr().err  # the first Ctrl-C is acknowledged at once, the second one's cost said
+    assert "stopping after this step and saving a checkpoint (Ctrl-C again: quit without saving)" in err
+    assert "interrupted at step 3" in err
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["checkpoint-0000003.pt"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     with pytest.raises(ConfigError, match="already has checkpoints.*--resume"):

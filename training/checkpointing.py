@@ -70,6 +70,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if latest is None:
             raise CheckpointNotFound(f"{str(path)!r} has no checkpoint-*.pt files: not a training output directory")
         return latest
+    if path.exists():
+        raise CheckpointNotFound(f"{str(path)!r} is neither a regular file nor a directory (expected a checkpoint "
+                                 "file or a training --out directory)")
     raise CheckpointNotFound(f"{str(path)!r} does not exist (expected a checkpoint file or a training --out directory)")
 
 
@@ -100,13 +103,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which
-        # torch's unpickler fails on a non-checkpoint with bare errors such as KeyError('105'): name the type
-        reason = str(e) if len(str(e)) > 8 else f"{type(e).__name__}: {e}"
-        raise CheckpointNotFound(f"{path} is not a readable Kiln training checkpoint ({reason})") from None
+        raise CheckpointNotFound(f"{path} is not a readable Kiln training checkpoint "
+                                 f"(torch.load: {_load_failure(e)})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointNotFound(f"{path}: format {found!r}, expected {CHECKPOINT_FORMAT!r}")
     return state
+
+
+def _load_failure(error: Exception) -> str:
+    """torch.load's failure in a few words, without its paragraphs of weights_only advice."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch bolds part of its advice
+    # a weights_only refusal buries the actual cause after "WeightsUnpickler error:"
+    message = message.split("WeightsUnpickler error:")[-1]
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    first = first.split(". ")[0].rstrip(".")
+    # the unpickler fails on a text file with bare errors such as KeyError('105'): name the type
+    if len(first) <= 8:
+        first = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return first if len(first) <= 100 else first[:97] + "..."
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int) -> None:

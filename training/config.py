@@ -72,6 +72,9 @@ class ModelShape:
         for name in ("n_kv_head", "d_ff", "head_dim", "max_seq_len", "vocab_size"):
             if getattr(self, name) is not None:
                 _positive(f"model.{name}", getattr(self, name))
+        for name in ("rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
 
     def build(self, n_vocab: int, seq_len: int, bos_id: int | None = None, eos_id: int | None = None) -> ModelConfig:
         """The ModelConfig for a tokenizer with `n_vocab` ids and training windows of `seq_len`."""
@@ -213,7 +216,9 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return None
         raise ConfigError(f"{name} cannot be empty")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if base is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if base is bool and isinstance(value, str) and value.lower() in ("true", "false", "on", "off"):
         return value.lower() in ("true", "on")
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
@@ -267,7 +272,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         path, value = parse_override(item)
         if len(path) > 2 or (len(path) == 2 and path[0] != "model"):
             raise ConfigError(f"--set {item!r}: keys are NAME or model.NAME")
-        target = data.setdefault("model", {}) if len(path) == 2 else data
+        if len(path) == 2 and not isinstance(data.setdefault("model", {}), dict):
+            raise ConfigError(f"--set {item!r}: model must be a table of model settings, got {data['model']!r}")
+        target = data["model"] if len(path) == 2 else data
         target[path[-1]] = value
     return data
 

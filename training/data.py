@@ -69,6 +69,8 @@ def collect_files(paths: Sequence[str | Path]) -> list[Path]:
             if path.suffix not in TEXT_SUFFIXES:
                 raise DataError(f"input file {str(path)!r} is neither .txt (text) nor .jsonl ({{\"text\": ...}} lines)")
             files.append(path)
+        elif path.exists():
+            raise DataError(f"input {str(path)!r} is neither a regular file nor a directory")
         else:
             raise DataError(f"input {str(path)!r} does not exist")
     return files
@@ -100,9 +102,17 @@ def iter_documents(path: Path, separators: Sequence[str] = (DOC_SEPARATOR,)) -> 
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            if not isinstance(record, dict) or "text" not in record:
                 raise DataError(f"{path}, line {line_no}: expected an object with a string \"text\" field")
-            yield record["text"]
+            text = record["text"]
+            if not isinstance(text, str):
+                raise DataError(f"{path}, line {line_no}: \"text\" must be a string, got {_json_type(text)}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a \ud800 escape decodes to a lone surrogate: not text
+                raise DataError(f"{path}, line {line_no}: \"text\" holds a lone surrogate "
+                                f"(\\u{ord(e.object[e.start]):04x}), which is not valid Unicode text") from None
+            yield text
         return
     document: list[str] = []
     for _, line in _lines(path):
@@ -112,6 +122,17 @@ def iter_documents(path: Path, separators: Sequence[str] = (DOC_SEPARATOR,)) -> 
         else:
             document.append(line)
     yield "".join(document)
+
+
+def _json_type(value) -> str:
+    """The JSON name of a decoded value's type (null, number, ...), for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "an array" if isinstance(value, list) else "an object"
 
 
 def split_inputs(inputs: Sequence[str], train_inputs: Sequence[str],
@@ -238,6 +259,8 @@ def prepare(tokenizer_dir: str | Path, out_dir: str | Path, inputs: Sequence[str
 
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if Path(tokenizer_dir).is_file():  # load_tokenizer would call it missing
+        raise DataError(f"--tokenizer {str(tokenizer_dir)!r} is a file, not a tokenizer directory")
     tokenizer_dir = Path(tokenizer_dir).resolve()
     try:
         tokenizer = load_tokenizer(tokenizer_dir)
@@ -260,6 +283,8 @@ def prepare(tokenizer_dir: str | Path, out_dir: str | Path, inputs: Sequence[str
             yield from iter_chunks(val_files, "val", separators, chunk_bytes)
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {str(out)!r} is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     tmp = {split: out / f"{split}.bin.tmp" for split in SPLITS}
     counts = {split: {"tokens": 0, "documents": 0} for split in SPLITS}
@@ -324,13 +349,22 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------- reading tokens
 def load_meta(data_dir: str | Path) -> dict:
+    if Path(data_dir).is_file():
+        raise DataError(f"{str(data_dir)!r} is a file, not a prepared data directory (the --out of `kiln prepare`)")
     path = Path(data_dir) / META_FILE
     if not path.is_file():
         raise DataError(f"{str(data_dir)!r} is not a prepared data directory (no {META_FILE}); "
                         "run `kiln prepare` first")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != META_FORMAT:
-        raise DataError(f"{path}: format {meta.get('format')!r}, expected {META_FORMAT!r}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError or UnicodeDecodeError: a damaged file
+        reason = f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise DataError(f"{path} is not valid JSON ({reason}); re-run `kiln prepare` to rewrite it") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else _json_type(meta)
+        raise DataError(f"{path}: format {found!r}, expected {META_FORMAT!r}")
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        raise DataError(f"{path}: dtype {meta.get('dtype')!r}, expected 'uint16' or 'uint32'; re-run `kiln prepare`")
     return meta
 
 
@@ -339,10 +373,15 @@ def open_tokens(data_dir: str | Path, split: str, meta: dict | None = None) -> n
     meta = meta or load_meta(data_dir)
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
-        raise DataError(f"{path} is missing")
+        what = "is not a regular file" if path.exists() else "is missing"
+        raise DataError(f"{path} {what}; re-run `kiln prepare`")
     dtype = np.dtype(meta["dtype"])
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         return np.zeros(0, dtype=dtype)
+    if size % dtype.itemsize:
+        raise DataError(f"{path} holds {size} bytes, not a whole number of {dtype.itemsize}-byte {dtype.name} "
+                        "tokens: it is truncated or damaged; re-run `kiln prepare`")
     return np.memmap(path, dtype=dtype, mode="r")
 
 

@@ -1,6 +1,7 @@
 """`kiln export`: a training checkpoint -> a model directory the server (or transformers) loads.
 
-    kiln export RUN_DIR|CHECKPOINT --out DIR [--dtype fp32|bf16|fp16] [--format kiln|hf] [--max-shard-mb N]
+    kiln export RUN_DIR|CHECKPOINT --out DIR [--overwrite] [--dtype fp32|bf16|fp16] [--format kiln|hf]
+                [--max-shard-mb N]
 
 RUN_DIR is a `kiln train --out` directory (its latest checkpoint is exported) or one
 checkpoint file. The output directory gets the weights, config.json and the tokenizer files
@@ -17,12 +18,17 @@ the data was prepared with (stored inside every checkpoint):
 `--max-shard-mb N` splits the weights into shards of at most N MB with an index file
 (`model.safetensors.index.json`, Hugging Face's convention, which both loaders read).
 Weights are written in fp32 unless `--dtype` says otherwise.
+
+An --out directory that exists and is not empty is refused unless `--overwrite` is given;
+then the weights, config.json and tokenizer files are replaced (weight shards of an earlier
+export included) and any other files in it (a model card, eval results) are kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -163,19 +169,31 @@ def write_tokenizer(files: dict[str, bytes], out_dir: Path, need_hf_json: bool) 
                                                 encoding="utf-8")
 
 
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that is not a directory, or one that already holds files (unless overwrite)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {str(out)!r} is a file, not a directory; pick a directory path")
+    if out.is_dir() and not overwrite and any(out.iterdir()):
+        raise ExportError(f"--out {str(out)!r} already exists and is not empty; pick another directory, or pass "
+                          "--overwrite to replace the model files in it")
+
+
 def export(source: str | Path, out_dir: str | Path, dtype: str = "fp32", fmt: str = "kiln",
-           max_shard_mb: float | None = None) -> Path:
-    """Write the model directory; returns the checkpoint that was exported."""
+           max_shard_mb: float | None = None, overwrite: bool = False) -> Path:
+    """Write the model directory; returns the checkpoint that was exported.
+
+    A non-empty `out_dir` is refused unless `overwrite`, which replaces the model files in it."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    if max_shard_mb is not None and max_shard_mb <= 0:
-        raise ExportError(f"--max-shard-mb must be a positive number, got {max_shard_mb}")
+    if max_shard_mb is not None and not (math.isfinite(max_shard_mb) and max_shard_mb > 0):
+        raise ExportError(f"--max-shard-mb must be a finite number > 0 (MB, 1 MB = 10^6 bytes), got {max_shard_mb}")
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)
     model, state, checkpoint = load_trained_model(source)
     family = hf_family(model.config) if fmt == "hf" else None  # refuse before writing anything
     files = tokenizer_files(state, checkpoint)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = DTYPES[dtype]
     max_bytes = int(max_shard_mb * 1_000_000) if max_shard_mb else None
@@ -194,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "training checkpoint.")
     p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a `kiln train --out` directory (its latest "
                                                                 "checkpoint) or a checkpoint-*.pt file")
-    p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
+    p.add_argument("--out", required=True, metavar="DIR", help="model directory to write (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that already holds files, replacing its weights, config and tokenizer")
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="weights dtype (default fp32)")
     p.add_argument("--format", dest="fmt", default="kiln", choices=FORMATS,
                    help="kiln (Kiln's layout) or hf (Hugging Face gpt2/llama)")
@@ -206,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        checkpoint = export(args.source, args.out, dtype=args.dtype, fmt=args.fmt, max_shard_mb=args.max_shard_mb)
+        checkpoint = export(args.source, args.out, dtype=args.dtype, fmt=args.fmt, max_shard_mb=args.max_shard_mb,
+                            overwrite=args.overwrite)
     except (ExportError, CheckpointNotFound, CheckpointError, OSError) as e:
         print(f"kiln export: error: {e}", file=sys.stderr)
         raise SystemExit(2)

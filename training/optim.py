@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 
 def decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -100,7 +100,7 @@ def planned_steps(config: TrainConfig, full_accum: int, sequences_per_micro: int
     if config.max_steps:
         return config.max_steps
     if not config.max_tokens:
-        raise ValueError("set max_steps or max_tokens (or pass --max-steps)")
+        raise ConfigError("the run has no length: set max_steps or max_tokens in the config, or pass --max-steps N")
     tokens_per_micro = sequences_per_micro * config.seq_len
     steps, tokens = 0, 0
     while steps < config.batch_ramp_steps and tokens < config.max_tokens:

@@ -8,6 +8,10 @@ The result is written twice with the same ids: Kiln's format (`tokenizer.tiktoke
 Ids: single bytes are 0..255 (id == byte value, as in tiktoken's encodings), merges follow in
 the order they were learned (so tiktoken's rank-by-id reproduces HF's merge order), and the
 special tokens come last. The first special token is the EOS token.
+
+An --out directory that already holds files is refused unless `--overwrite` is given; then the
+tokenizer files in it are replaced (any other tokenizer files, e.g. vocab.json, are removed so
+the directory holds one tokenizer).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 from typing import Sequence
 
 from model.tokenizer import HF_TOKENIZER_FILE, Tokenizer, bytes_to_unicode, load_hf_tokenizer
+
+from .data import TOKENIZER_FILES, iter_documents
 
 # cl100k / Llama-3 style split: contractions, words with one leading non-letter, digits in
 # groups of up to 3, punctuation runs with their newlines, newline runs, other whitespace.
@@ -111,11 +117,12 @@ def _renumber_bytes(hf):
 
 def train_tokenizer(input_files: Sequence[str | Path], vocab_size: int, out_dir: str | Path,
                     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS, pattern: str = KILN_PATTERN,
-                    *, min_frequency: int = 2) -> Tokenizer:
+                    *, min_frequency: int = 2, overwrite: bool = False) -> Tokenizer:
     """Train on UTF-8 text files; write Kiln's files and tokenizer.json to `out_dir`; return the tokenizer.
 
     `vocab_size` counts everything: 256 bytes + merges + special tokens (fewer merges when the
     corpus runs out of pairs seen `min_frequency` times). The first special token is EOS.
+    A non-empty `out_dir` is refused unless `overwrite`.
     """
     special_tokens = tuple(special_tokens)
     if not special_tokens:
@@ -126,9 +133,15 @@ def train_tokenizer(input_files: Sequence[str | Path], vocab_size: int, out_dir:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a directory")
+    if out.is_dir() and not overwrite and any(out.iterdir()):
+        raise ValueError(f"output {out} already exists and is not empty; pick another directory, or pass "
+                         "--overwrite to replace the tokenizer in it")
 
     with tempfile.TemporaryDirectory() as staging:
-        files = [_as_text_file(f, Path(staging)) for f in files]
+        texts = [_as_text_file(f, Path(staging)) for f in files]
+        if not any(_has_text(f) for f in texts):  # the trainer would return the 256 bytes and call it done
+            raise ValueError(f"the training inputs hold no text ({', '.join(map(str, files[:3]))})")
+        files = texts
         hf = _renumber_bytes(_train_hf(files, vocab_size - len(special_tokens), pattern, min_frequency))
         hf.add_special_tokens(list(special_tokens))  # ids after the BPE vocab, in the order given
         hf.save(str(Path(staging) / HF_TOKENIZER_FILE))
@@ -137,6 +150,8 @@ def train_tokenizer(input_files: Sequence[str | Path], vocab_size: int, out_dir:
         tokenizer = load_hf_tokenizer(staging)
         _self_check(hf, tokenizer, files)
         out.mkdir(parents=True, exist_ok=True)
+        for stale in TOKENIZER_FILES:  # another tokenizer's files (vocab.json, merges.txt) would shadow this one
+            (out / stale).unlink(missing_ok=True)
         tokenizer.save(out, write_hf_json=False)
         (out / HF_TOKENIZER_FILE).write_bytes((Path(staging) / HF_TOKENIZER_FILE).read_bytes())
     return tokenizer
@@ -147,16 +162,20 @@ def _as_text_file(path: Path, staging: Path) -> Path:
     if path.suffix != ".jsonl":
         return path
     out = staging / f"{path.stem}.{len(list(staging.glob('*.txt')))}.txt"
-    with path.open(encoding="utf-8") as src, out.open("w", encoding="utf-8") as dst:
-        for n, line in enumerate(src, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n} is not a JSON object with a \"text\" field") from None
+    with out.open("w", encoding="utf-8") as dst:
+        # kiln prepare's reader: the same documents, and the same errors naming the file and line
+        for text in iter_documents(path):
             dst.write(text + "\n\n")
     return out
+
+
+def _has_text(path: Path) -> bool:
+    """Whether a (UTF-8 checked) file holds anything but whitespace."""
+    with path.open(encoding="utf-8") as f:
+        while chunk := f.read(_UTF8_CHECK_CHUNK):
+            if chunk.strip():
+                return True
+    return False
 
 
 def _self_check(hf, tokenizer: Tokenizer, files: list[Path]) -> None:
@@ -177,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, or .jsonl files of {\"text\": ...} documents")
     parser.add_argument("--vocab-size", type=int, required=True, metavar="N",
                         help="total ids: 256 bytes + merges + special tokens")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --out that already holds files, replacing the tokenizer there")
     parser.add_argument("--special-token", action="append", metavar="TEXT",
                         help=f"special token, repeatable; the first is EOS (default {DEFAULT_SPECIAL_TOKENS[0]})")
     parser.add_argument("--min-frequency", type=int, default=2, metavar="N",
@@ -186,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tokenizer = train_tokenizer(args.input, args.vocab_size, args.out,
                                     special_tokens=tuple(args.special_token or DEFAULT_SPECIAL_TOKENS),
-                                    min_frequency=args.min_frequency)
+                                    min_frequency=args.min_frequency, overwrite=args.overwrite)
     except (FileNotFoundError, ValueError) as e:
         print(f"kiln tokenizer train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -28,7 +28,9 @@ the step (under fp16 the scaler skips such steps instead). Validation loss and p
 `checkpoint_interval` steps, at the end, and on Ctrl-C (SIGINT/SIGTERM finish the current
 step, save, and exit with code 130; under torchrun the processes agree to stop at the next
 `log_interval` step; a second Ctrl-C aborts without saving). `--resume` continues from the
-latest checkpoint in `--out`, bit-for-bit on the same hardware and process layout.
+latest checkpoint in `--out`, bit-for-bit on the same hardware and process layout; it refuses a
+model config or a `--data` tokenizer other than the run's. Progress: a bar on a terminal, else
+(or with `--no-progress`) a line per `log_interval` steps.
 
 Files in `--out`: checkpoint-NNNNNNN.pt (see checkpointing.py), metrics.jsonl (one object per
 logged step: step, tokens, loss, lr, grad_norm, tokens_per_second, mfu on GPUs, loss_scale under
@@ -232,8 +234,9 @@ class TrainResult:
 class StopFlag:
     """SIGINT/SIGTERM ask the loop to stop after the current step; a second Ctrl-C aborts at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: Callable[[str], None] | None = None) -> None:
         self.requested = False
+        self.announce = announce  # says that the first signal was heard (the main process only)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
@@ -245,6 +248,8 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.requested and self.announce is not None:
+            self.announce("stopping after this step and saving a checkpoint (Ctrl-C again: quit without saving)")
         self.requested = True
 
     def __exit__(self, *exc) -> None:
@@ -269,6 +274,8 @@ class Trainer:
         if not config.data_dir:
             raise ConfigError("no data directory: pass --data DIR (from `kiln prepare`) or set data_dir")
         self.data_dir, self.out_dir = Path(config.data_dir), Path(config.out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ConfigError(f"--out {self.out_dir} is a file, not a directory: choose another --out")
         self.meta = load_meta(self.data_dir)
         self.train_tokens = open_tokens(self.data_dir, "train", self.meta)
         self.val_tokens = open_tokens(self.data_dir, "val", self.meta)
@@ -335,8 +342,18 @@ class Trainer:
         state = load_checkpoint(latest)
         saved = ModelConfig.from_dict(state["model_config"])
         if saved != self.model_config:
-            raise ConfigError(f"the model in {latest} ({saved}) differs from this config's ({self.model_config}); "
+            old, new = saved.to_dict(), self.model_config.to_dict()
+            differ = [f"{name}: checkpoint {old.get(name)!r}, now {new.get(name)!r}"
+                      for name in dict.fromkeys([*old, *new]) if old.get(name) != new.get(name)]
+            raise ConfigError(f"the model in {latest} differs from this config's ({'; '.join(differ)}); "
                               "resume with the run's own config (omit --config)")
+        saved_files = state.get("tokenizer_files") or {}
+        files = _tokenizer_files(self.data_dir, self.meta)
+        changed = sorted(name for name in set(saved_files) & set(files) if saved_files[name] != files[name])
+        if changed:
+            raise ConfigError(f"--data {self.data_dir} was tokenized with another tokenizer than the run in "
+                              f"{self.out_dir} ({', '.join(changed)} differ): its ids mean other tokens to these "
+                              "weights; resume with data from the run's own tokenizer")
         return state
 
     def _restore(self, state: dict) -> None:
@@ -439,12 +456,15 @@ class Trainer:
         records: list[dict] = []
         loss_value = val_loss = None
         interrupted = False
-        bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.progress and runtime.is_main))
+        # a live bar on a terminal; otherwise (--no-progress, output to a file) one line per log_interval
+        use_bar = self.progress and runtime.is_main and sys.stderr.isatty()
+        log_lines = runtime.is_main and not use_bar
+        bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=not use_bar)
         last_time, last_tokens = time.perf_counter(), self.tokens
+        start_time, start_step = last_time, self.step
         # first step with a non-finite loss or gradient norm, tracked on the device: no per-step sync
         first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)
-        with StopFlag() as stop:
+        with StopFlag(announce=(lambda m: bar.write(m, file=sys.stderr)) if runtime.is_main else None) as stop:
             while self.step < self.max_steps:
                 step = self.step
                 lr = config_lr(config, step, self.max_steps)
@@ -487,6 +507,10 @@ class Trainer:
                     if self.precision == "fp16":
                         record["loss_scale"] = self.scaler.get_scale()
                     bar.set_postfix(postfix, refresh=False)
+                    if log_lines and log_now:
+                        left = (now - start_time) / (self.step - start_step) * (self.max_steps - self.step)
+                        print(f"step {self.step}/{self.max_steps} | " + " | ".join(f"{k} {v}" for k, v in postfix.items())
+                              + f" | eta {_duration(left)}", file=sys.stderr, flush=True)
                 if eval_now:
                     val_loss = self.evaluate()
                     if val_loss is not None:
@@ -535,6 +559,12 @@ class Trainer:
                                    f"{', '.join(bad) or 'finite again'}){hint}; lower lr or raise warmup_steps")
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, m, sec = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
 def train(config: TrainConfig, resume: bool = False, progress: bool = True,
           on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Run (or resume) training to the end; returns the final state and the logged records."""
@@ -557,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory for checkpoints and logs (sets out_dir)")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps to train (sets max_steps)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a line per log_interval steps instead (also when stderr is not a terminal)")
     return p
 
 
@@ -590,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train(config, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, DataError, CheckpointNotFound) as e:
         _fail(str(e), 2)
+    except OSError as e:  # an --out that cannot be written, a full disk
+        _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e), 2)
     except TrainingDiverged as e:
         _fail(str(e), 1)
     except KeyboardInterrupt:  # a second Ctrl-C: stop without the final checkpoint

@@ -20,7 +20,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
+#include <iterator>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -442,6 +445,169 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
   return logits;
 }
 
+// ---- sampling -------------------------------------------------------------------------------
+// One id per row of fp32 logits (B, V), the same draw as model/sampling.py's torch path in one
+// call instead of ~30 small ops: rows with temperature below `greedy_below` take the argmax
+// (first of equal maxima, as torch.argmax); the others weight token i by exp((x_i - max) / T),
+// keep the row's top-k and then the top-p nucleus of those (the smallest set of the largest
+// weights whose mass, under the top-k-restricted distribution, reaches p), and return the first
+// kept id whose running sum of kept weights passes u * total, u from `uniforms` (drawn by the
+// caller, so a seeded row keeps its own torch.Generator). Weights more than 87 nats under the
+// max count as 0, so -inf logits (banned ids, padding) are never drawn.
+//
+// The top-k / top-p cut looks at the largest weights only. A few vectorized passes count the
+// weights (and their mass) above fixed cuts, from the highest down, until one cut leaves at least k
+// ids or slightly more than the nucleus's mass; only the ids above it are collected, and of those
+// nth_element picks the top K (K = k, or 64 for a nucleus alone, then 8x wider while the nucleus
+// does not end inside the window), and only those K are sorted. Ids tying the smallest kept weight
+// are all kept.
+constexpr float kCuts[] = {1.f, 0.36787944f, 0.13533528f, 4.9787068e-2f, 1.1108997e-2f, 2.4787522e-3f,
+                           3.3546263e-4f, 1.6701700e-5f, 3.0590232e-7f, 2.0611537e-9f, 1e-38f};  // e^-{0,1,2,3,4.5,6,8,11,15,20}
+
+void sample_row(const float* x, int64_t V, float temperature, int64_t top_k, float top_p, float u,
+                float greedy_below, int64_t* out) {
+  // (the `omp simd` reductions let these loops vectorize: a float sum or max is not reassociated
+  // otherwise; a NaN logit is not handled, as the torch path does not either)
+  float mx = x[0];
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 1; i < V; ++i) mx = std::max(mx, x[i]);
+  auto first_max = [&] {
+    for (int64_t i = 0; i < V; ++i)
+      if (x[i] == mx) return i;
+    return int64_t{0};  // an all-NaN row
+  };
+  if (temperature < greedy_below || !std::isfinite(mx)) {
+    *out = first_max();  // (an all -inf row: id 0, as torch.argmax gives)
+    return;
+  }
+  const float inv = 1.f / temperature;
+  std::vector<float> w(static_cast<size_t>(V));
+  float* wp = w.data();
+  float z = 0.f;
+#pragma omp simd reduction(+ : z)
+  for (int64_t i = 0; i < V; ++i) {
+    const float d = (x[i] - mx) * inv;
+    wp[i] = d > -87.f ? exp_nonpositive(d) : 0.f;
+    z += wp[i];
+  }
+  float threshold = 0.f;  // kept: weight >= threshold (and > 0)
+  const bool cut_k = top_k > 0 && top_k < V;
+  const bool cut_p = top_p < 1.f;
+  if (cut_k || cut_p) {
+    const float want_mass = std::min(1.f, top_p + 1e-3f) * z;  // a margin for rounding: a superset is fine
+    float cut = kCuts[std::size(kCuts) - 1];
+    for (float c : kCuts) {
+      int64_t count = 0;
+      float mass = 0.f;
+#pragma omp simd reduction(+ : count, mass)
+      for (int64_t i = 0; i < V; ++i) {
+        const bool above = wp[i] >= c;
+        count += above;
+        mass += above ? wp[i] : 0.f;
+      }
+      if (cut_k ? count >= top_k : mass >= want_mass) {
+        cut = c;
+        break;
+      }
+    }
+    std::vector<float> top;
+    for (int64_t i = 0; i < V; ++i)
+      if (wp[i] >= cut) top.push_back(wp[i]);
+    const int64_t n = static_cast<int64_t>(top.size());
+    const int64_t limit = cut_k ? std::min(top_k, n) : n;  // the nucleus lies within the top-k
+    int64_t K = cut_k ? limit : std::min<int64_t>(64, n), sorted = 0;
+    double norm = 0.0;  // the top-k-restricted distribution's normalizer
+    if (cut_k) {
+      std::nth_element(top.begin(), top.begin() + (K - 1), top.end(), std::greater<float>());
+      for (int64_t j = 0; j < K; ++j) norm += top[j];
+    } else {
+      norm = z;
+    }
+    int64_t keep = limit;
+    double before = 0.0;  // mass of the window's sorted prefix, as a fraction of norm
+    const double p = cut_p ? static_cast<double>(top_p) : 2.0;
+    for (;;) {
+      if (!cut_k && K < n)
+        std::nth_element(top.begin() + sorted, top.begin() + (K - 1), top.end(), std::greater<float>());
+      std::sort(top.begin() + sorted, top.begin() + K, std::greater<float>());
+      int64_t j = sorted;
+      for (; j < K; ++j) {
+        if (j > 0 && before >= p) break;  // the mass before id j already reaches top_p
+        before += top[j] / norm;
+      }
+      if (j < K || K >= limit) {
+        keep = j;
+        break;
+      }
+      sorted = K;
+      K = std::min<int64_t>(limit, 8 * K);
+    }
+    threshold = top[keep - 1];
+  }
+  // the kept mass in blocks of 256 ids (vectorized), then the block where the running sum passes
+  // u * total, id by id
+  constexpr int64_t kBlock = 256;
+  const int64_t n_blocks = (V + kBlock - 1) / kBlock;
+  std::vector<double> block_mass(static_cast<size_t>(n_blocks));
+  double total = 0.0;
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    float m = 0.f;
+    const int64_t hi = std::min(V, (b + 1) * kBlock);
+#pragma omp simd reduction(+ : m)
+    for (int64_t i = b * kBlock; i < hi; ++i) m += wp[i] >= threshold ? wp[i] : 0.f;
+    block_mass[b] = m;
+    total += m;
+  }
+  const double target = static_cast<double>(u) * total;
+  double run = 0.0;
+  int64_t last = -1;
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    if (block_mass[b] == 0.0) continue;
+    if (run + block_mass[b] <= target && b + 1 < n_blocks) {
+      run += block_mass[b];
+      continue;
+    }
+    const int64_t hi = std::min(V, (b + 1) * kBlock);
+    for (int64_t i = b * kBlock; i < hi; ++i) {
+      if (wp[i] > 0.f && wp[i] >= threshold) {
+        run += wp[i];
+        last = i;
+        if (run > target) {
+          *out = i;
+          return;
+        }
+      }
+    }
+  }
+  *out = last >= 0 ? last : first_max();  // u * total rounded up to the whole sum: the last kept id
+}
+
+torch::Tensor sample_rows(torch::Tensor logits, std::vector<double> temperature, std::vector<int64_t> top_k,
+                          std::vector<double> top_p, torch::Tensor uniforms, int64_t vocab_limit,
+                          double greedy_below) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == torch::kFloat32 && logits.dim() == 2,
+              "sample_rows: logits must be a 2-D fp32 CPU tensor");
+  logits = logits.contiguous();
+  const int64_t B = logits.size(0), V = std::min(logits.size(1), vocab_limit);
+  TORCH_CHECK(V > 0, "sample_rows: no vocabulary");
+  TORCH_CHECK(static_cast<int64_t>(temperature.size()) == B && static_cast<int64_t>(top_k.size()) == B &&
+                  static_cast<int64_t>(top_p.size()) == B,
+              "sample_rows: one temperature, top_k and top_p per row");
+  auto u = uniforms.to(torch::kFloat32).contiguous().view({-1});
+  TORCH_CHECK(u.numel() == B, "sample_rows: one uniform per row");
+  auto ids = torch::empty({B}, logits.options().dtype(torch::kInt64));
+  const float* x = logits.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  int64_t* out = ids.data_ptr<int64_t>();
+  const int64_t row_stride = logits.size(1);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      sample_row(x + b * row_stride, V, static_cast<float>(temperature[b]), top_k[b], static_cast<float>(top_p[b]),
+                 up[b], static_cast<float>(greedy_below), out + b);
+  });
+  return ids;
+}
+
 // How many threads one at::parallel_for over `n` items runs on: torch's intra-op count when
 // this file was built with OpenMP (as ATen's parallel_for needs), 1 when the pragma was dropped.
 int64_t parallel_threads(int64_t n) {
@@ -457,5 +623,6 @@ int64_t parallel_threads(int64_t n) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "Kiln's fused CPU decode step (fp32 math; fp32 or bf16 weights)");
+  m.def("sample_rows", &sample_rows, "one id per row: temperature, top-k, top-p, inverse-CDF draw");
   m.def("parallel_threads", &parallel_threads, "threads one at::parallel_for over n items runs on");
 }
