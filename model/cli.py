@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="stream a completion of a prompt to stdout")
     add_model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=_int_in(0), default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--max-tokens", type=_int_in(0), default=64, help="tokens to generate (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=_int_in(0), default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=_int_in(-(2**63), 2**64 - 1), default=None)  # what torch's manual_seed takes

@@ -2,15 +2,19 @@
 
 The model loads on the scheduler's worker thread after the socket is bound, so /health
 answers 503 until it is ready (a load failure is printed and the process exits 1).
-SIGTERM / Ctrl-C: uvicorn stops accepting, gives in-flight requests up to
---shutdown-timeout seconds, then the lifespan aborts whatever is left and exits.
+SIGTERM / Ctrl-C: uvicorn stops accepting, gives in-flight requests (streams included) up to
+--shutdown-timeout seconds; a second before that the scheduler stops, so what is left ends with
+an error (503, or an error event and [DONE] on a stream), and the process exits.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -23,6 +27,22 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket uvicorn serves on (bound as uvicorn binds: SO_REUSEADDR, IPv6 for a ':' host)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = ": another server is listening there; stop it or pick another --port" \
+            if e.errno == errno.EADDRINUSE else ""
+        _fail(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}")
+    sock.set_inheritable(True)
+    return sock
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -33,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if settings.model_dir is not None and not Path(settings.model_dir).is_dir():
         _fail(f"--model {settings.model_dir!r} is not a directory")
+    if settings.model_dir is not None and not (Path(settings.model_dir) / "config.json").is_file():
+        _fail(f"--model {settings.model_dir!r} has no config.json: not a model directory (a `kiln export` "
+              "output or a Hugging Face Llama/GPT-2 directory)")
+    # bind first: a port already in use is said at once, not after the model has loaded
+    sock = _bind(settings.host, settings.port)
     if settings.model_dir is None and not (default_model_dir() / "config.json").is_file():
         _fail(f"no --model given and the default model is missing at {default_model_dir()}")
 
@@ -87,16 +112,31 @@ def main(argv: list[str] | None = None) -> None:
         server.should_exit = True  # read by uvicorn's main loop; it then shuts down cleanly
 
     scheduler.on_fatal = on_load_failure
+
+    # SIGTERM / Ctrl-C: uvicorn stops accepting and waits up to --shutdown-timeout for in-flight requests.
+    # A second before that deadline the scheduler stops: what is still running ends with an error (a 503,
+    # or an error event and [DONE] on a stream) instead of being cut off mid-response.
+    uvicorn_exit = server.handle_exit
+    drain: list[threading.Timer] = []
+
+    def handle_exit(sig: int, frame) -> None:
+        uvicorn_exit(sig, frame)
+        if not drain:
+            drain.append(threading.Timer(max(0.0, settings.shutdown_timeout_s - 1.0), scheduler.stop))
+            drain[0].daemon = True
+            drain[0].start()
+
+    server.handle_exit = handle_exit
     # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then re-raises the signal with the
     # handlers it found installed: these make that last step a clean exit instead of a kill or a traceback
     received: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: received.append(signum))
-    server.run()
+    server.run(sockets=[sock])
     if scheduler.load_error is not None:
         _fail(f"could not load the model: {scheduler.load_error}", code=1)
     if not server.started:
-        raise SystemExit(1)  # uvicorn could not bind; it has printed why
+        raise SystemExit(1)  # uvicorn could not start; it has printed why
     if signal.SIGINT in received:
         raise SystemExit(130)  # Ctrl-C: the shell convention
 

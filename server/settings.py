@@ -128,7 +128,7 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory (Kiln or Hugging Face gpt2/llama); "
                                                   "default: the shipped default model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    p.add_argument("--port", type=_int_at_least(0), default=8000)
+    p.add_argument("--port", type=_int_at_least(0), default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--served-model-name", default=None,
                    help=f"the `model` name clients use (default: the directory name; {DEFAULT_MODEL_NAME!r} "
                         "for the default model)")

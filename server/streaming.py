@@ -12,8 +12,15 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import AppStatus
 
 from .errors import dumps
+
+# sse-starlette cancels every stream as soon as uvicorn starts shutting down, which cut streams off
+# mid-body (no [DONE]) while non-streaming requests were allowed to finish. Shutdown is Kiln's own
+# (server/__main__.py): streams run on during --shutdown-timeout like any request, and the ones
+# still running near its end get an error event and [DONE] from the scheduler's stop.
+AppStatus.disable_automatic_graceful_drain()
 
 DONE = "[DONE]"
 PING_SECONDS = 15

@@ -300,3 +300,74 @@ def test_python_m_server_serves_and_stops_on_sigterm(parrot_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_port_in_use_or_a_directory_without_a_model_is_said_before_loading(parrot_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    """One line and exit 2, before any model is loaded (the loader would fail the test if called)."""
+    import model.cli
+
+    monkeypatch.setattr(model.cli, "load_engine", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            main(["--model", str(parrot_dir), "--port", str(port)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kiln serve: error: cannot listen on 127.0.0.1:{port}: ") and err.count("\n") == 1, err
+    assert "another server is listening there" in err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "empty"), "--port", str(_free_port())])
+    assert e.value.code == 2
+    assert "has no config.json: not a model directory" in capsys.readouterr().err
+
+
+def _start_default_server(*flags: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILN_NO_NATIVE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--threads", "1",
+                             "--log-level", "warning", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.stdout.read()
+            return False
+
+    wait_for(healthy, 60.0, "the server to come up")
+    return proc, url
+
+
+@pytest.mark.parametrize("deadline", ["long", "short"])
+def test_sigterm_lets_streams_end_cleanly(deadline):
+    """SIGTERM mid-stream: with time left before --shutdown-timeout the stream finishes; with none,
+    it ends with an error event and [DONE]. Never a body cut off mid-stream; the process exits 0."""
+    proc, url = _start_default_server("--shutdown-timeout", "30" if deadline == "long" else "0.5")
+    try:
+        body = {"prompt": "The quick brown fox", "max_tokens": 120 if deadline == "long" else 500,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", url + "/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                first_data_line(lines)
+                proc.send_signal(signal.SIGTERM)
+                events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", events[-3:]
+        chunks = [json.loads(e) for e in events[:-1]]
+        if deadline == "long":
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+            assert sum(1 for c in chunks if c["choices"][0]["text"]) > 50
+        else:
+            assert "shutting down" in chunks[-1]["error"]["message"], chunks[-1]
+        assert proc.wait(timeout=30) == 0
+        assert "Traceback" not in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

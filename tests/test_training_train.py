@@ -165,3 +165,15 @@ def test_two_processes_match_one_process_with_accumulation(data_dir, tmp_path, p
     assert abs(two[-1]["val_loss"] - one.metrics[-1]["val_loss"]) < 1e-5
     state = load_checkpoint(tmp_path / "two" / "checkpoint-0000003.pt")  # gathered to full tensors on rank 0
     assert state["model"]["embed.weight"].shape == (384, 64)
+
+
+def test_ctrl_c_between_log_steps_still_logs_and_plots(data_dir, tmp_path):
+    def interrupt(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    config = tiny_config(data_dir, tmp_path / "run", max_steps=7, log_interval=100, eval_interval=0)
+    result = train(config, progress=False, on_step=interrupt)
+    assert result.interrupted and result.step == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [2]
+    assert (tmp_path / "run" / "loss.png").is_file()

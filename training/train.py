@@ -482,7 +482,12 @@ class Trainer:
                 self.data_position += accum * self.sequences_per_micro
                 self.tokens += accum * self.sequences_per_micro * config.seq_len
                 bar.update(1)
-                log_now = self.step % config.log_interval == 0 or self.step == self.max_steps
+                if on_step is not None:  # (a test hook: a signal it sends counts as arriving during this step)
+                    on_step(self.step)
+                # (the step a Ctrl-C stops at is logged too, so metrics.jsonl and loss.png show it; under
+                # several processes the stop is agreed on at log_interval steps, which are logged anyway)
+                log_now = (self.step % config.log_interval == 0 or self.step == self.max_steps
+                           or (stop.requested and not runtime.distributed))
                 eval_now = self.step == self.max_steps or bool(
                     config.eval_interval and self.step % config.eval_interval == 0)
                 record: dict[str, Any] | None = None
@@ -527,8 +532,6 @@ class Trainer:
                             self.metrics.plot()
                 if config.checkpoint_interval and self.step % config.checkpoint_interval == 0:
                     self.save_checkpoint()
-                if on_step is not None:
-                    on_step(self.step)
                 if (stop.requested and not runtime.distributed) or agreed_stop:
                     interrupted = True
                     break
