@@ -13,10 +13,12 @@ $(BIN)/python:
 # The pinned torch goes in first, the CPU build from PyTorch's CPU index (PyPI's Linux wheel is the
 # CUDA one: gigabytes). With an NVIDIA driver installed (nvidia-smi on PATH) the index is left out and
 # PyPI's CUDA build comes instead; `make TORCH_INDEX=URL ...` picks another index, `TORCH_INDEX=` none.
+# (torch alone from that index; its dependencies, in the second line, from the usual one)
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --retries 1)
+	$(BIN)/pip install --quiet --no-deps torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --retries 1)
+	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -16,8 +16,9 @@ sleeps on a condition variable while there is nothing to do; otherwise each iter
    `loop.call_soon_threadsafe` per iteration, and updates the metrics.
 
 Admission control: at most `max_queue` sequences wait for a slot (submitted but not yet
-prefilled); `submit()` raises `QueueFull` beyond that (HTTP 429) instead of queueing
-without bound, and `NotReady` (HTTP 503) while the model loads or the server stops.
+prefilled), beyond the ones the free slots take at the next step; `submit()` raises
+`QueueFull` beyond that (HTTP 429) instead of queueing without bound, and `NotReady` (HTTP
+503) while the model loads or the server stops.
 """
 
 from __future__ import annotations
@@ -214,15 +215,21 @@ class Scheduler:
         return job.future
 
     def _enqueue(self, units: int, add: Callable[[], None]) -> None:
-        if units > self.max_queue:
-            raise ValueError(f"this request needs {units} sequences (prompts x n) but at most {self.max_queue} "
-                             "may wait at once (the server's --max-queue); split it into smaller requests")
+        engine = self.engine
+        most = self.max_queue + (engine.max_batch_size if engine is not None else 0)
+        if units > most:
+            raise ValueError(f"this request needs {units} sequences (prompts x n) but at most {most} fit at once "
+                             "(the server's --max-queue waiting + --max-batch-size running); split it into "
+                             "smaller requests")
         with self._wakeup:
             if self._state != READY:
                 raise NotReady(self.not_ready_message())
-            if self._num_waiting + units > self.max_queue:
-                raise QueueFull(f"the server is busy: {self._num_waiting} sequences are already waiting "
-                                f"(limit {self.max_queue}); retry later")
+            # the sequences that free slots take at the next step do not wait: a burst fills them too
+            # (num_free_slots is read without the worker's help: at worst one step stale)
+            free = engine.num_free_slots if engine is not None else 0
+            if self._num_waiting + units > self.max_queue + free:
+                raise QueueFull(f"the server is busy: {self._num_waiting} sequences are already waiting for "
+                                f"{free} free slot(s) (at most {self.max_queue} may wait); retry later")
             self._num_waiting += units
             add()
             self._wakeup.notify()

@@ -103,8 +103,21 @@ def test_queue_limit_and_states(engine):
         scheduler.start(asyncio.get_running_loop())
         while not scheduler.ready:
             await asyncio.sleep(0.001)
-        with pytest.raises(ValueError, match="at most 2"):
-            scheduler.submit([[5]] * 3, [long_params()] * 3)
+        with pytest.raises(ValueError, match="at most 4 fit at once"):  # 2 waiting + 2 running
+            scheduler.submit([[5]] * 5, [long_params()] * 5)
+        # a burst into an idle server: the 2 free slots take 2 at the next step, 2 more may wait
+        burst = [scheduler.submit([[5 + i]], [long_params()]) for i in range(4)]
+        with pytest.raises(QueueFull, match="sequences are already waiting for"):
+            scheduler.submit([[9]], [long_params()])
+        await asyncio.to_thread(scheduler.stop)  # (the burst ends with a 503)
+        for generation in burst:  # (taken: admitted, or refused only by the shutdown)
+            first = await next_item(generation)
+            assert isinstance(first, Accepted) or (isinstance(first, Rejected) and first.status == 503), first
+
+        scheduler = Scheduler(engine, ServerMetrics("t"), max_queue=2)
+        scheduler.start(asyncio.get_running_loop())
+        while not scheduler.ready:
+            await asyncio.sleep(0.001)
         running = scheduler.submit([[5], [6]], [long_params(), long_params()])  # fills both slots
         while len(engine.running) < 2 or scheduler._num_waiting:  # both prefilled (read-only peek)
             await asyncio.sleep(0.001)
