@@ -55,12 +55,12 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
 def _silu_mul_impl(h):
     width = h.shape[-1] // 2
     out = torch.empty((*h.shape[:-1], width), device=h.device, dtype=h.dtype)
+    if out.numel() == 0:  # (before the reshape: (..., 0) cannot be reshaped to (-1, 0))
+        return out
     rows = h.reshape(-1, 2 * width)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     n_rows = rows.shape[0]
-    if n_rows == 0 or width == 0:
-        return out
     block = _INTERPRET_BLOCK if interpreting() else _BLOCK
     _kernel(interpreting())[(n_rows, -(-width // block))](
         rows, out, rows.stride(0), width, BLOCK=block, num_warps=4,

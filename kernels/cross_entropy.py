@@ -11,16 +11,16 @@ API::
     linear_cross_entropy_reference(...)
     available(device) -> bool
 
-``logits`` is (N, V) fp32/fp16/bf16, ``targets`` (N,) integer class ids or
-``ignore_index``. ``cross_entropy`` matches ``F.cross_entropy`` (mean over the
-non-ignored rows, NaN when all are ignored; output in the logits dtype) and is
+``logits`` is (N, V) fp32/fp16/bf16 (fp64 is accepted and computed in fp32), ``targets``
+(N,) integer class ids or ``ignore_index``. ``cross_entropy`` matches ``F.cross_entropy`` (mean
+over the non-ignored rows, NaN when all are ignored; output in the logits dtype) and is
 differentiable. ``token_logprobs`` is differentiable too and gives 0 at rows whose
 target is -100.
 
 The forward kernel streams each row once in chunks, keeping a running max and sum
 of exp2 (online log-sum-exp), and stores only the per-row loss and LSE (N fp32
 each): no (N, V) fp32 log-softmax is ever materialized. The backward recomputes
-``softmax = exp(x - lse)`` chunk by chunk and writes ``(softmax - one_hot) * grad``
+``softmax = exp((x - max) - log_sum)`` chunk by chunk and writes ``(softmax - one_hot) * grad``
 straight into the gradient, spread over a 2-D grid of (chunk, row) programs.
 
 A target outside [0, V) that is not ``ignore_index`` gives a NaN loss on the Triton
@@ -125,8 +125,9 @@ def linear_cross_entropy(
     """Cross-entropy of ``hidden @ weight.T`` without holding all (N, V) logits.
 
     hidden (N, C), weight (V, C) (an LM head), targets (N,). Differentiable w.r.t.
-    hidden and weight. ``chunk_rows`` (default: about V-sized chunks, >= 256 rows)
-    bounds the transient logits to (chunk_rows, V).
+    hidden and weight. ``chunk_rows`` bounds the transient logits to (chunk_rows, V); the
+    default cuts the rows into about V / C chunks (a power of two rows each), so a chunk's
+    logits hold about as many elements as ``hidden``.
     """
     _check_linear_inputs(hidden, weight, targets, reduction)
     if reduction == "none":
@@ -155,6 +156,8 @@ def _check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     check_tensor("hidden", hidden, 2, FLOAT_DTYPES + (torch.float64,))
     check_tensor("weight", weight, 2, FLOAT_DTYPES + (torch.float64,))
     check_tensor("targets", targets, 1, _INT_DTYPES)
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one class row (V >= 1)")
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden (N, C) {tuple(hidden.shape)} and weight (V, C) {tuple(weight.shape)} differ in C")
     if hidden.dtype != weight.dtype:
@@ -176,10 +179,12 @@ def _reduce(row_loss: torch.Tensor, targets: torch.Tensor, ignore_index: int, re
 
 
 def _forward_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) fp32 loss (0 at ignored rows) and (N,) fp32 log-sum-exp of each row."""
+    """(N,) fp32 loss (0 at ignored rows) and (N, 2) fp32 (max, log sum exp(x - max)) of each row: kept
+    apart, not summed into one log-sum-exp, so that softmax = exp((x - max) - log_sum) stays exact for
+    rows of huge logits (x - lse would cancel to 0 at -1e31)."""
     n_rows, n_cols = logits.shape
     loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
-    lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    lse = torch.empty((n_rows, 2), device=logits.device, dtype=torch.float32)
     if n_rows:
         kernels = _kernels(interpreting())
         kernels.forward[(n_rows,)](logits, targets, loss, lse, logits.stride(0), n_cols, ignore_index)
@@ -211,7 +216,7 @@ def _rows_impl(logits, targets, ignore_index):
 
 def _rows_fake(logits, targets, ignore_index):
     rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
-    return rows, torch.empty_like(rows)
+    return rows, logits.new_empty((logits.shape[0], 2), dtype=torch.float32)
 
 
 def _rows_backward_impl(logits, targets, lse, grad_loss, ignore_index):
@@ -273,12 +278,15 @@ def _linear_fake(hidden, weight, targets, ignore_index, reduction, chunk_rows, n
             torch.empty_like(weight) if need_grad else empty)
 
 
-# Custom ops, so torch.compile (training) treats each launcher as one opaque call.
-_rows = kernel_op("cross_entropy_rows", "(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor)",
+# Custom ops, so torch.compile (training) treats each launcher as one opaque call. (Named for what they
+# return, (loss, (max, log_sum) stats): inductor's on-disk cache does not key on a fake impl, so an op
+# whose outputs change shape takes a new name.)
+_rows = kernel_op("cross_entropy_loss_stats",
+                  "(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor)",
                   _rows_impl, _rows_fake, public="cross_entropy")
 _rows_backward = kernel_op(
-    "cross_entropy_rows_backward",
-    "(Tensor logits, Tensor targets, Tensor lse, Tensor grad_loss, int ignore_index) -> Tensor",
+    "cross_entropy_loss_stats_backward",
+    "(Tensor logits, Tensor targets, Tensor stats, Tensor grad_loss, int ignore_index) -> Tensor",
     _rows_backward_impl, _rows_backward_fake, public="cross_entropy",
 )
 _linear = kernel_op(
@@ -337,41 +345,46 @@ def _cross_entropy_fwd_kernel(Logits, Targets, Loss, Lse, stride_row, n_cols, ig
     row = tl.program_id(0).to(tl.int64)
     base = Logits + row * stride_row
     offs = tl.arange(0, BLOCK)
-    # Finite start: an all -inf first chunk must not give exp2(-inf - -inf) = NaN.
-    run_max = -1.0e30
+    # The running max starts at -inf (a finite start such as -1e30 gave -inf for rows whose logits all
+    # lie below it); while it is still -inf the shift is 0, so exp2(-inf - -inf) = NaN never appears.
+    run_max = float("-inf")
     run_sum = 0.0
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         x = tl.load(base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)  # (BLOCK,)
         new_max = tl.maximum(run_max, tl.max(x, axis=0))
-        run_sum = run_sum * tl.exp2((run_max - new_max) * 1.4426950408889634) + tl.sum(
-            tl.exp2((x - new_max) * 1.4426950408889634), axis=0
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp2((run_max - shift) * 1.4426950408889634) + tl.sum(
+            tl.exp2((x - shift) * 1.4426950408889634), axis=0
         )
         run_max = new_max
-    lse = run_max + tl.log(run_sum)
+    log_sum = tl.log(run_sum)
     target = tl.load(Targets + row).to(tl.int64)
     ignored = target == ignore_index
     in_range = (target >= 0) & (target < n_cols)
     target_logit = tl.load(base + tl.where(in_range, target, 0)).to(tl.float32)
-    loss = tl.where(in_range, lse - target_logit, float("nan"))
+    # (max - x_t) + log_sum, as log_softmax computes it: lse - x_t would cancel for huge logits
+    loss = tl.where(in_range, (run_max - target_logit) + log_sum, float("nan"))
     loss = tl.where(ignored, 0.0, loss)
     tl.store(Loss + row, loss)
-    tl.store(Lse + row, lse)
+    tl.store(Lse + 2 * row, run_max)
+    tl.store(Lse + 2 * row + 1, log_sum)
 
 
 def _cross_entropy_bwd_kernel(
     Logits, Targets, Lse, GradRows, GradLogits, stride_row, stride_grad, n_cols, BLOCK: tl.constexpr
 ):
-    # grad[n, c] = (exp(x - lse) - [c == target]) * grad_rows[n]; one chunk per program.
+    # grad[n, c] = (softmax(x)[c] - [c == target]) * grad_rows[n]; one chunk per program.
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(Logits + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
-    lse = tl.load(Lse + row)
+    row_max = tl.load(Lse + 2 * row)
+    log_sum = tl.load(Lse + 2 * row + 1)
     g = tl.load(GradRows + row)
     target = tl.load(Targets + row).to(tl.int64)
-    p = tl.exp2((x - lse) * 1.4426950408889634)
+    p = tl.exp2(((x - row_max) - log_sum) * 1.4426950408889634)
     grad = (p - tl.where(cols == target, 1.0, 0.0)) * g
     tl.store(GradLogits + row * stride_grad + cols, grad.to(GradLogits.dtype.element_ty), mask=mask)
 

@@ -65,7 +65,7 @@ def add_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: t
         normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(summed) * weight
     else:
         normed = F.layer_norm(summed, (summed.shape[-1],), weight, bias, eps)
-    return normed, summed
+    return normed.to(summed.dtype), summed  # (in x's dtype, as the kernel, whatever the weight's)
 
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -91,6 +91,8 @@ def _launch(x, residual, weight, bias, eps, rms, normed, summed) -> None:
     if n_rows == 0:
         return
     res = _rows(residual) if residual is not None else rows
+    weight = weight.contiguous()  # the kernel reads them with unit stride (a no-op for a model's parameters)
+    bias = bias.contiguous() if bias is not None else None
     out = normed.view(-1, d)
     out_sum = summed.view(-1, d) if summed is not None else out
     block = max(16, next_power_of_2(d))

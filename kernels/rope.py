@@ -17,7 +17,8 @@ API::
                    has its writes land at offset 0 (torch 2.13, auto-functionalization), so
                    the model passes the pool itself
     write_blocks   (B, T) int   the block each token's key/value goes to; write_offsets its
-                   position in that block (padding tokens point at the null block)
+                   position in that block (padding tokens point at the null block). On CPU
+                   tensors (no GPU sync) they, and positions, are checked to be in range
     cos, signed_sin  (max_seq_len, D) rotary tables in the rotate-half layout, sin already
                    signed (``model.transformer.rope_tables``); None for models with learned
                    positions (GPT-2), which copy q and k unrotated
@@ -168,6 +169,19 @@ def _check_inputs(qkv, n_head, n_kv_head, positions, k_cache, v_cache, write_blo
             raise ValueError(f"cos {tuple(cos.shape)} and signed_sin {tuple(signed_sin.shape)} must match")
         tensors.update(cos=cos, signed_sin=signed_sin)
     check_same_device(**tensors)
+    # Value checks only where they cost no GPU sync (and not while torch.compile traces): an id out of
+    # range would write outside the pool or read outside the rope tables
+    if positions.device.type == "cpu" and positions.numel() and not torch.compiler.is_compiling():
+        num_blocks, block_size = k_cache.shape[-4], k_cache.shape[-3]
+        ranges = [("write_blocks", write_blocks, num_blocks, "num_blocks"),
+                  ("write_offsets", write_offsets, block_size, "block_size")]
+        if cos is not None:
+            ranges.append(("positions", positions, cos.shape[0], "the rope tables' max_seq_len"))
+        for name, t, limit, what in ranges:
+            bad = (t < 0) | (t >= limit)
+            if bool(bad.any()):
+                b, i = (int(j) for j in bad.nonzero()[0])
+                raise ValueError(f"{name}[{b}, {i}] = {int(t[b, i])} is outside [0, {what} = {limit})")
 
 
 # ----------------------------------------------------------------------------- kernel

@@ -6,7 +6,8 @@ API::
     softmax_reference(x, temperature=1.0) -> probs  # plain torch; the CPU path
     available(device) -> bool                       # can softmax() run on this device?
 
-``x`` is (N, V) fp32/fp16/bf16; ``temperature`` is a float > 0 or an (N,) fp32 tensor
+``x`` is (N, V) fp32/fp16/bf16 (fp64 is accepted and computed in fp32); ``temperature`` is a
+finite float > 0 or an (N,) fp32 tensor
 of per-row temperatures (batched sampling with per-request settings). Returns (N, V)
 fp32 probabilities of ``softmax(x / temperature)`` over the last dim, computed in
 fp32. Temperature 0 (greedy) is the caller's job: it is not a distribution.
@@ -113,8 +114,8 @@ def _check_inputs(x: torch.Tensor, temperature: float | torch.Tensor) -> None:
             )
         check_same_device(x=x, temperature=temperature)
         # Value check only where it costs no GPU->CPU sync.
-        if temperature.device.type == "cpu" and not bool((temperature > 0).all()):
-            raise ValueError("every temperature must be > 0 (handle greedy sampling before softmax)")
+        if temperature.device.type == "cpu" and not bool(((temperature > 0) & temperature.isfinite()).all()):
+            raise ValueError("every temperature must be a finite number > 0 (handle greedy sampling before softmax)")
     else:
         t = float(temperature)
         if not t > 0 or t == float("inf"):
@@ -136,7 +137,8 @@ def _softmax_row_kernel(X, Y, T, stride_x, stride_y, n_cols, scale, PER_ROW_T: t
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=float("-inf")).to(tl.float32)  # (BLOCK,)
     row_max = tl.max(x, axis=0)
-    p = tl.exp2((x - row_max) * scale)
+    # -inf entries (and padding lanes) weigh 0 even when a huge temperature rounds scale to 0
+    p = tl.where(x == float("-inf"), 0.0, tl.exp2((x - row_max) * scale))
     denom = tl.sum(p, axis=0)
     tl.store(Y + row * stride_y + cols, p / denom, mask=mask)
 
@@ -155,7 +157,7 @@ def _softmax_chunk_stats_kernel(
     chunk_max = tl.max(x, axis=0)
     # An all -inf chunk must contribute sum 0, not exp2(-inf - -inf) = NaN.
     shift = tl.where(chunk_max == float("-inf"), 0.0, chunk_max)
-    chunk_sum = tl.sum(tl.exp2((x - shift) * scale), axis=0)
+    chunk_sum = tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp2((x - shift) * scale)), axis=0)
     tl.store(M + row * n_chunks + chunk, chunk_max)
     tl.store(S + row * n_chunks + chunk, chunk_sum)
 
@@ -180,7 +182,7 @@ def _softmax_chunk_normalize_kernel(
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    p = tl.exp2((x - row_max) * scale)
+    p = tl.where(x == float("-inf"), 0.0, tl.exp2((x - row_max) * scale))
     tl.store(Y + row * stride_y + cols, p / denom, mask=mask)
 
 

@@ -29,7 +29,7 @@ from model.engine import Engine
 from .errors import JSONBody, install_error_handlers
 from .metrics import ServerMetrics
 from .middleware import APIKey, BodyLimit, RequestMetrics
-from .routes import ENDPOINTS, STATIC_DIR, KilnState, router
+from .routes import ENDPOINTS, PLAYGROUND_CSP, STATIC_DIR, KilnState, router
 from .scheduler import Scheduler
 from .settings import ServerSettings
 
@@ -59,9 +59,18 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServerSettings |
     app.state.kiln = KilnState(settings=settings, scheduler=scheduler, metrics=metrics)
     install_error_handlers(app)
     app.include_router(router)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")  # the playground's JS and CSS
+    app.mount("/static", _StaticWithCSP(directory=STATIC_DIR), name="static")  # the playground's JS and CSS
     # added innermost first: RequestMetrics ends up outermost and sees every response
     app.add_middleware(APIKey, api_key=settings.api_key)
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics, endpoints=ENDPOINTS)
     return app
+
+
+class _StaticWithCSP(StaticFiles):
+    """The playground's files with the page's Content-Security-Policy (index.html is reachable here too)."""
+
+    def file_response(self, *args, **kwargs):
+        response = super().file_response(*args, **kwargs)
+        response.headers["Content-Security-Policy"] = PLAYGROUND_CSP
+        return response

@@ -38,7 +38,9 @@ class ServerMetrics:
         self.request_queue_time = Histogram(
             "kiln_request_queue_time_seconds", "Arrival to the start of the prefill step, per sequence.",
             buckets=REQUEST_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("kiln_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.prompt_tokens = Counter("kiln_prompt_tokens", "Prompt tokens of the sequences that started "
+                                     "generating (prefix-cache hits included; each of n choices counts, as in "
+                                     "vLLM).", registry=r)
         self.generation_tokens = Counter("kiln_generation_tokens", "Tokens generated.", registry=r)
         self.requests = Counter("kiln_requests", "HTTP requests by endpoint and status code.",
                                 ["endpoint", "status"], registry=r)
@@ -46,8 +48,8 @@ class ServerMetrics:
                                       "(stop, length, abort, error).", ["finish_reason"], registry=r)
         self.num_requests_running = Gauge("kiln_num_requests_running",
                                           "Sequences running (holding a slot and KV blocks).", registry=r)
-        self.num_requests_waiting = Gauge("kiln_num_requests_waiting", "Sequences waiting for a slot.",
-                                          registry=r)
+        self.num_requests_waiting = Gauge("kiln_num_requests_waiting", "Sequences waiting for a slot, and "
+                                          "perplexity inputs not yet started.", registry=r)
         self.kv_cache_usage_ratio = Gauge("kiln_kv_cache_usage_ratio",
                                           "Fraction of KV-cache blocks held by running sequences (0-1).",
                                           registry=r)
@@ -62,13 +64,14 @@ class ServerMetrics:
         self.num_preemptions = Counter("kiln_num_preemptions",
                                        "Sequences preempted (blocks freed, recomputed later) when the KV pool "
                                        "ran out.", registry=r)
-        self.perplexity_requests = Counter("kiln_perplexity_requests", "Perplexity jobs scored (by outcome).",
-                                           ["status"], registry=r)
+        self.perplexity_requests = Counter("kiln_perplexity_requests", "Perplexity jobs that reached the "
+                                           "scheduler, by outcome (requests refused before it are counted in "
+                                           "kiln_requests_total).", ["status"], registry=r)
         self.perplexity_latency = Histogram("kiln_perplexity_latency_seconds",
                                             "Arrival to result of a perplexity job.", buckets=REQUEST_BUCKETS,
                                             registry=r)
-        self.perplexity_tokens = Counter("kiln_perplexity_tokens", "Tokens scored by perplexity jobs.",
-                                         registry=r)
+        self.perplexity_tokens = Counter("kiln_perplexity_tokens", "Tokens scored by perplexity jobs (each "
+                                         "input's first token, which has no context, is not).", registry=r)
         info = Gauge("kiln_model_info", "The served model (value 1).", ["model_name"], registry=r)
         info.labels(model_name=model_name).set(1)
 

@@ -118,19 +118,21 @@ class PerplexityRequest(_Request):
 class PerplexityToken(_Response):
     token: str
     id: int
-    logprob: float | None  # null for the first token (no context)
+    logprob: float | None = Field(description="natural-log probability given the tokens before it; null for the "
+                                              "first token, which has no context")
 
 
 class PerplexityItem(_Response):
     index: int
-    perplexity: float
-    mean_nll: float
-    num_tokens: int  # tokens scored (all but the first)
-    tokens: list[PerplexityToken] | None = None
+    perplexity: float = Field(description="exp(mean_nll)")
+    mean_nll: float = Field(description="mean negative log-likelihood (nats) of the scored tokens")
+    num_tokens: int = Field(description="tokens scored: all of the input's n tokens but the first (n - 1); "
+                                        "no <|endoftext|> is prepended (a BOS is, for tokenizers that add one)")
+    tokens: list[PerplexityToken] | None = Field(None, description="with return_tokens: all n tokens, in order")
 
 
 class PerplexityUsage(_Response):
-    prompt_tokens: int
+    prompt_tokens: int = Field(description="tokens read, all n of every input")
     total_tokens: int
 
 

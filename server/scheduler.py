@@ -154,6 +154,7 @@ class Scheduler:
         self._seen_totals: dict[str, int] = {}  # worker-only: engine totals already added to the counters
         self._num_waiting = 0  # sequences submitted and not yet prefilled (incl. pending score inputs)
         self._sequences: dict[int, _Sequence] = {}  # request_id -> sequence; worker-only
+        self._unstarted: list[_Sequence] = []  # admitted, no prefill chunk run yet (for queue time); worker-only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -320,10 +321,13 @@ class Scheduler:
             return
         generation._requests = requests
         for index, request in enumerate(requests):
-            self._sequences[request.request_id] = _Sequence(generation, index, request)
+            seq = _Sequence(generation, index, request)
+            self._sequences[request.request_id] = seq
+            self._unstarted.append(seq)
         outbox.append((generation.queue, Accepted()))
 
     def _abort(self, generation: Generation) -> None:
+        self._unstarted = [seq for seq in self._unstarted if seq.generation is not generation]
         for request in generation._requests:
             if self._sequences.pop(request.request_id, None) is not None:
                 self.engine.abort(request)
@@ -335,14 +339,17 @@ class Scheduler:
         outputs = self.engine.step()
         now = time.monotonic()
         m = self.metrics
+        if self._unstarted:  # queue time: until the step that ran the sequence's first prefill chunk
+            for seq in [s for s in self._unstarted if s.request.num_computed > 0 or s.request.finished]:
+                self._unstarted.remove(seq)
+                m.request_queue_time.observe(started - seq.generation.arrival)
         for out in outputs:
             seq = self._sequences.get(out.request.request_id)
             if seq is None:
                 continue
             generation = seq.generation
-            if not seq.prefilled:  # the first output of a sequence comes from its prefill step
+            if not seq.prefilled:  # the first output of a sequence comes from its (last) prefill step
                 seq.prefilled = True
-                m.request_queue_time.observe(started - generation.arrival)
                 m.prompt_tokens.inc(len(seq.request.prompt_ids))
             if out.token_ids:
                 m.generation_tokens.inc(len(out.token_ids))
@@ -423,7 +430,7 @@ class Scheduler:
         m.perplexity_requests.labels(status="ok" if error is None else "error").inc()
         if error is None:
             m.perplexity_latency.observe(time.monotonic() - job.arrival)
-            m.perplexity_tokens.inc(sum(len(r.token_ids) for r in results))
+            m.perplexity_tokens.inc(sum(r.num_scored for r in results))
         self._resolve(job.future, results, error)
 
     def _fail_all(self, message: str, status: int, outbox: list) -> None:
@@ -436,6 +443,7 @@ class Scheduler:
             failed[id(seq.generation)] = seq.generation
             self.metrics.request_finish.labels(finish_reason="error").inc()
         self._sequences.clear()
+        self._unstarted.clear()
         for generation in failed.values():
             outbox.append((generation.queue, Failed(message, status)))
 

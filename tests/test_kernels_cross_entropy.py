@@ -89,6 +89,23 @@ def test_all_rows_ignored_gives_nan_mean_like_torch():
 
 
 @on_cpu_interpreter
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # the interpreter's numpy
+def test_rows_of_huge_negative_logits_are_finite():
+    """The online log-sum-exp starts at -inf: logits all below -1e30 (a bf16 row of finfo.min) still give
+    the loss and gradient torch gives (log V for a constant row), not -inf."""
+    logits = torch.full((2, 300), -1e31)
+    logits[1, 7] = -2e31
+    targets = torch.tensor([3, 7])
+    x = logits.clone().requires_grad_(True)
+    got = ce.cross_entropy(x, targets, reduction="none")
+    assert_close(got, F.cross_entropy(logits, targets, reduction="none"), 1e-4, 1e-5, "huge negative rows")
+    got.sum().backward()
+    ref = logits.clone().requires_grad_(True)
+    F.cross_entropy(ref, targets, reduction="none").sum().backward()
+    assert_close(x.grad, ref.grad, 1e-6, 1e-5, "huge negative rows, gradient")
+
+
+@on_cpu_interpreter
 def test_out_of_range_target_gives_nan_not_garbage():
     logits, targets = make_problem(3, 40, torch.float32, seed=2, ignore_every=0)
     targets[1] = 40
@@ -183,6 +200,8 @@ def test_linear_cross_entropy_rejects_bad_inputs():
         ce.linear_cross_entropy_reference(hidden, weight.half(), targets)
     with pytest.raises(ValueError, match='"mean" or "sum"'):
         ce.linear_cross_entropy(hidden, weight, targets, reduction="none")
+    with pytest.raises(ValueError, match=r"at least one class row \(V >= 1\)"):
+        ce.linear_cross_entropy(hidden, torch.randn(0, 8), targets)
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -83,6 +83,22 @@ def test_add_norm_rejects_bad_input():
         norm.add_norm(x, None, torch.ones(8), eps=0.0)
 
 
+@on_cpu_interpreter
+@pytest.mark.parametrize("rms", [True, False])
+def test_add_norm_strided_weight_and_mixed_dtype_reference(rms):
+    """A strided weight/bias view is read as its values (the kernel wants unit stride); the reference
+    returns x's dtype even with fp32 weights, as the kernel does."""
+    x = _inputs((3, 8), torch.float32, "cpu", 1)
+    weight = _inputs((16,), torch.float32, "cpu", 2)[::2]
+    bias = None if rms else _inputs((24,), torch.float32, "cpu", 3)[::3]
+    got, _ = norm.add_norm(x, None, weight, bias, rms=rms)
+    want, _ = norm.add_norm_reference(x, None, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                      rms=rms)
+    assert_close(got, want, 1e-5, 1e-5, "strided weight")
+    half = x.half()
+    assert norm.add_norm_reference(half, None, weight.contiguous(), rms=True)[0].dtype == torch.float16
+
+
 # ----------------------------------------------------------------------------- rope + cache write
 
 
@@ -144,6 +160,21 @@ def test_rope_rejects_bad_input():
     with pytest.raises(ValueError, match="head dim 8 is not supported"):
         small = torch.zeros(4, 4, 2, 8)
         rope.rope_cache_write(torch.randn(1, 1, 64), 4, 2, idx, small, small.clone(), idx, idx)
+    # ids out of range would write outside the pool or read outside the rope tables: refused on CPU tensors
+    qkv, cos = torch.randn(1, 2, 128), torch.ones(8, 16)
+    ok = torch.zeros(1, 2, dtype=torch.long)
+    for name, bad, match in (("blocks", 4, r"write_blocks\[0, 1\] = 4 is outside \[0, num_blocks = 4\)"),
+                             ("blocks", -1, "write_blocks"),
+                             ("offsets", 4, r"write_offsets\[0, 1\] = 4 is outside \[0, block_size = 4\)"),
+                             ("positions", 8, r"positions\[0, 1\] = 8 is outside \[0, the rope tables' max_seq_len"),
+                             ("positions", -1, "positions")):
+        ids = torch.tensor([[0, bad]])
+        args = dict(positions=ok, write_blocks=ok, write_offsets=ok)
+        args[{"blocks": "write_blocks", "offsets": "write_offsets", "positions": "positions"}[name]] = ids
+        for fn in (rope.rope_cache_write, rope.rope_cache_write_reference):
+            with pytest.raises(ValueError, match=match):
+                fn(qkv, 4, 2, args["positions"], cache, cache.clone(), args["write_blocks"], args["write_offsets"],
+                   cos, cos)
 
 
 # ----------------------------------------------------------------------------- silu * up
@@ -159,6 +190,12 @@ def test_silu_mul_matches_reference(shape, dtype):
     assert got.shape == (*shape[:-1], shape[-1] // 2) and got.dtype == dtype
     atol, rtol = TOL[dtype]
     assert_close(got, want, atol, rtol, f"silu_mul {shape} {dtype}")
+
+
+@on_cpu_interpreter
+def test_silu_mul_of_an_empty_width():
+    h = torch.randn(2, 0)
+    assert activation.silu_mul(h).shape == activation.silu_mul_reference(h).shape == (2, 0)
 
 
 def test_silu_mul_rejects_an_odd_width():

@@ -75,6 +75,19 @@ def test_masked_logits_and_all_masked_rows(n_cols):
 
 
 @on_cpu_interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # -inf * 0 in the unused branch
+@pytest.mark.parametrize("n_cols", [40, 1000])
+def test_huge_temperature_is_uniform_not_nan(n_cols):
+    """log2(e) / 1e300 rounds to 0 in fp32: -inf entries and padding lanes must still weigh 0, not NaN."""
+    x = torch.randn(2, n_cols)
+    x[1, 3] = float("-inf")
+    probs = sm.softmax(x, 1e300)
+    expected = torch.softmax(x.double() / 1e300, dim=-1)  # (in fp32, 1e300 itself overflows to inf)
+    assert not bool(torch.isnan(probs).any())
+    assert_close(probs, expected, 1e-7, 1e-5, "huge temperature")
+
+
+@on_cpu_interpreter
 def test_non_contiguous_input():
     gen = torch.Generator().manual_seed(11)
     base = torch.randn(6, 2 * 37, generator=gen)
@@ -119,6 +132,8 @@ def test_reference_works_without_triton(monkeypatch):
         (torch.ones(2, 3, dtype=torch.int64), 1.0, "dtype"),
         (torch.randn(2, 3), torch.ones(3), r"shape \(2,\)"),
         (torch.randn(2, 3), torch.tensor([1.0, 0.0]), "> 0"),
+        (torch.randn(2, 3), torch.tensor([1.0, float("inf")]), "finite number > 0"),
+        (torch.randn(2, 3), torch.tensor([float("nan"), 1.0]), "finite number > 0"),
     ],
 )
 def test_bad_inputs_raise_value_error(x, temperature, match):

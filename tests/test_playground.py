@@ -66,6 +66,8 @@ def test_page_and_assets_are_served(tiny_engine):
             assert r.status_code == 200 and content_type in r.headers["content-type"], (name, r.headers)
             assert r.text == (STATIC_DIR / name).read_text(encoding="utf-8")
         assert client.get("/static/missing.js").status_code == 404
+        # the page is reachable under /static too: with the same policy
+        assert client.get("/static/index.html").headers["content-security-policy"] == PLAYGROUND_CSP
         assert "/" not in client.get("/openapi.json").json()["paths"]  # the page is not part of the API
 
 

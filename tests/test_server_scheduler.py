@@ -226,3 +226,29 @@ def test_long_perplexity_job_interleaves_with_decoding(engine):
         await asyncio.to_thread(scheduler.stop)
 
     asyncio.run(scenario())
+
+
+def test_queue_time_ends_at_the_first_prefill_chunk(llama_dir):
+    """A prompt prefilled in 3 chunks (3 steps of 50 ms): its queue time is ~0, not 2 steps; a perplexity
+    job's token counter counts the tokens scored (not each input's first token)."""
+    engine = CountingEngine(load_engine(str(llama_dir), "cpu", None, max_batch_size=2, max_prefill_tokens=4),
+                            delay=0.05)
+    metrics = ServerMetrics("t")
+
+    async def scenario():
+        scheduler = Scheduler(engine, metrics, max_queue=4)
+        scheduler.start(asyncio.get_running_loop())
+        while not scheduler.ready:
+            await asyncio.sleep(0.001)
+        generation = scheduler.submit([list(range(5, 15))], [long_params(2)])
+        items = [await next_item(generation) for _ in range(3)]
+        assert items[-1].finish_reason == "length"
+        assert (await asyncio.wait_for(scheduler.submit_score([[5, 6, 7], [8, 9]], None), 10)) is not None
+        await asyncio.to_thread(scheduler.stop)
+
+    asyncio.run(scenario())
+    value = metrics.registry.get_sample_value
+    assert value("kiln_request_queue_time_seconds_count") == 1
+    assert value("kiln_request_queue_time_seconds_sum") < 0.03  # (the third chunk starts ~0.1 s after arrival)
+    assert engine.steps >= 4  # 3 prefill chunks, then the second token's decode
+    assert value("kiln_perplexity_tokens_total") == 2 + 1
