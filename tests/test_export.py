@@ -92,6 +92,30 @@ def test_hf_export_loads_in_transformers_with_identical_logits(runs, tmp_path, f
     assert AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == load_tokenizer(out).encode(text)
 
 
+@torch.no_grad()
+def test_the_shipped_model_converts_to_hugging_face(tmp_path):
+    """`kiln export model/default --format hf`: what `lm_eval --model hf` and transformers load, with the
+    logits and token ids Kiln gives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model.cli import default_model_dir
+
+    source = default_model_dir()
+    out = tmp_path / "kiln-default-hf"
+    assert main([str(source), "--out", str(out), "--format", "hf"]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    kiln = load_model(source)
+    text = "To be, or not to be, that is the question: 床前明月光"
+    ids = load_tokenizer(source).encode(text)
+    assert AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == ids
+    x = torch.tensor([ids])
+    close(hf(x).logits, kiln(x))
+    # and back: the Hugging Face directory converts to Kiln's layout
+    assert main([str(out), "--out", str(tmp_path / "kiln"), "--dtype", "bf16"]) == 0
+    close(load_model(tmp_path / "kiln")(x), kiln(x))  # (the shipped weights are bf16 numbers: exact)
+
+
 def test_bf16_export_and_run_dir_vs_checkpoint_file(runs, tmp_path):
     checkpoint = export(runs["llama"], tmp_path / "a", dtype="bf16")
     assert checkpoint.name == "checkpoint-0000002.pt"

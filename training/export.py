@@ -1,11 +1,14 @@
 """`kiln export`: a training checkpoint -> a model directory the server (or transformers) loads.
 
-    kiln export RUN_DIR|CHECKPOINT --out DIR [--overwrite] [--dtype fp32|bf16|fp16] [--format kiln|hf]
-                [--max-shard-mb N]
+    kiln export RUN_DIR|CHECKPOINT|MODEL_DIR --out DIR [--overwrite] [--dtype fp32|bf16|fp16]
+                [--format kiln|hf] [--max-shard-mb N]
 
 RUN_DIR is a `kiln train --out` directory (its latest checkpoint is exported) or one
 checkpoint file. The output directory gets the weights, config.json and the tokenizer files
-the data was prepared with (stored inside every checkpoint):
+the data was prepared with (stored inside every checkpoint). A MODEL_DIR (a directory Kiln
+serves: `kiln export model/default --format hf --out kiln-default-hf` gives the shipped model
+as a Hugging Face directory, for `lm_eval --model hf` or transformers) is converted the same
+way, with the tokenizer files beside its weights:
 
 - `--format kiln` (default): Kiln's own layout (model.checkpoint.save_model): config.json with
   model_type "kiln" + model.safetensors (fused qkv / gate-up tensors).
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import CheckpointError, build_model, save_model, save_state_dict
+from model.checkpoint import CheckpointError, build_model, load_model, save_model, save_state_dict
 from model.config import ModelConfig
 from model.transformer import Transformer
 
@@ -51,7 +54,13 @@ class ExportError(ValueError):
 
 
 def load_trained_model(source: str | Path) -> tuple[Transformer, dict, Path]:
-    """(fp32 model on the CPU, the checkpoint dict, the checkpoint path) for a run dir or checkpoint file."""
+    """(fp32 model on the CPU, the checkpoint dict, the checkpoint path) for a run dir or checkpoint file;
+    for a model directory (config.json, no checkpoints) the dict holds only its tokenizer files."""
+    source = Path(source)
+    if source.is_dir() and (source / "config.json").is_file() and not any(source.glob("checkpoint-*.pt")):
+        model = load_model(source, "cpu", torch.float32)
+        files = {name: (source / name).read_bytes() for name in TOKENIZER_FILES if (source / name).is_file()}
+        return model, {"tokenizer_files": files}, source / "config.json"
     path = resolve_checkpoint(source)
     state = load_checkpoint(path)
     config = ModelConfig.from_dict(state["model_config"])
@@ -209,9 +218,10 @@ def export(source: str | Path, out_dir: str | Path, dtype: str = "fp32", fmt: st
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln export", description="Write a servable model directory from a "
-                                                                "training checkpoint.")
-    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a `kiln train --out` directory (its latest "
-                                                                "checkpoint) or a checkpoint-*.pt file")
+                                                                "training checkpoint (or convert a model directory).")
+    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT|MODEL_DIR",
+                   help="a `kiln train --out` directory (its latest checkpoint), a checkpoint-*.pt file, or a "
+                        "model directory (e.g. model/default) to convert")
     p.add_argument("--out", required=True, metavar="DIR", help="model directory to write (new or empty)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into an --out that already holds files, replacing its weights, config and tokenizer")
