@@ -7,6 +7,7 @@ read-only tokenizer calls) run in the thread pool so long texts never stall the 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass, field
@@ -80,20 +81,26 @@ async def completions(body: CompletionRequest, request: Request, state: KilnStat
 @router.post("/v1/perplexity", response_model=PerplexityResponse, response_model_exclude_unset=True,
              responses=_errors(400, 401, 404, 413, 429, 503),
              summary="Perplexity of texts or token ids (same numbers as `kiln ppl`)")
-async def perplexity(body: PerplexityRequest, state: KilnState = Depends(kiln_state)) -> PerplexityResponse:
+async def perplexity(body: PerplexityRequest, request: Request,
+                     state: KilnState = Depends(kiln_state)) -> PerplexityResponse:
     state.check_model(body.model)
     engine = state.engine()
     inputs = prompt_list(body.input, "input")
     with admission_errors("input"):
         future = state.scheduler.submit_score(inputs, body.stride)
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, state.scheduler, future))
     try:
         results = await future
+    except ClientGone:
+        raise APIError(499, "the client disconnected") from None
     except NotReady as e:
         raise APIError(503, str(e), code="not_ready") from None
     except ValueError as e:
         raise APIError(400, str(e), "stride" if "stride" in str(e) else "input") from None
     except RuntimeError as e:
         raise APIError(500, str(e)) from None
+    finally:
+        watcher.cancel()
     token_text = engine.tokenizer.id_to_token_text
     data = []
     for index, result in enumerate(results):
@@ -106,6 +113,22 @@ async def perplexity(body: PerplexityRequest, state: KilnState = Depends(kiln_st
     total = sum(len(r.token_ids) for r in results)
     return PerplexityResponse(object="perplexity", model=state.settings.served_model_name, data=data,
                               usage=PerplexityUsage(prompt_tokens=total, total_tokens=total))
+
+
+class ClientGone(Exception):
+    """The client of a perplexity request disconnected before its result."""
+
+
+async def _cancel_on_disconnect(request: Request, scheduler: Scheduler, future: asyncio.Future) -> None:
+    """A long text is many forwards: when its client goes away (curl's Ctrl-C, the playground's Stop),
+    the job is dropped instead of scored for nobody."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            scheduler.abort_score(future)
+            if not future.done():
+                future.set_exception(ClientGone())
+            return
 
 
 def _perplexity(mean_nll: float) -> float:

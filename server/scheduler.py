@@ -117,6 +117,7 @@ class ScoreJob:
     stride: int | None
     future: asyncio.Future
     arrival: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # the client went away (set by the worker)
 
 
 @dataclass
@@ -150,6 +151,7 @@ class Scheduler:
         self._incoming: list[Generation] = []
         self._aborts: list[Generation] = []
         self._score_jobs: list[ScoreJob] = []
+        self._score_cancels: list[asyncio.Future] = []  # perplexity jobs whose client went away
         self._score_runs: collections.deque[_ScoreRun] = collections.deque()  # worker-only, started jobs
         self._seen_totals: dict[str, int] = {}  # worker-only: engine totals already added to the counters
         self._num_waiting = 0  # sequences submitted and not yet prefilled (incl. pending score inputs)
@@ -235,6 +237,13 @@ class Scheduler:
             add()
             self._wakeup.notify()
 
+    def abort_score(self, future: asyncio.Future) -> None:
+        """Drop a perplexity job (client gone): not started, it never is; running, its forwards stop
+        once no other job shares them. Its future is left to the caller."""
+        with self._wakeup:
+            self._score_cancels.append(future)
+            self._wakeup.notify()
+
     def abort(self, generation: Generation) -> None:
         """Drop a submission (client gone): its sequences free their slots before the next step."""
         with self._wakeup:
@@ -265,12 +274,13 @@ class Scheduler:
         while True:
             with self._wakeup:
                 while not (self._incoming or self._aborts or self._score_jobs or self._score_runs
-                           or self._state != READY
+                           or self._score_cancels or self._state != READY
                            or engine.has_work):
                     self._wakeup.wait()
                 incoming, self._incoming = self._incoming, []
                 aborts, self._aborts = self._aborts, []
                 jobs, self._score_jobs = self._score_jobs, []
+                cancels, self._score_cancels = self._score_cancels, []
                 stopping = self._state != READY
             outbox: list[tuple[asyncio.Queue, QueueItem]] = []
             if stopping:
@@ -282,6 +292,8 @@ class Scheduler:
                     self._abort(generation)
                 for generation in incoming:
                     self._admit(generation, outbox)
+                if cancels:
+                    jobs = self._cancel_scoring(cancels, jobs)
                 if jobs:
                     self._start_scoring(jobs)
                 if self._score_runs:
@@ -399,6 +411,18 @@ class Scheduler:
                 except ValueError as e:
                     self._finish_score(job, error=e)
 
+    def _cancel_scoring(self, futures: list[asyncio.Future], jobs: list[ScoreJob]) -> list[ScoreJob]:
+        """Mark the jobs of these futures cancelled; returns the new jobs still to start. A run whose
+        jobs are all cancelled is dropped (one shared with a live job runs on for it)."""
+        gone = {id(f) for f in futures}
+        for job in jobs + [job for run in self._score_runs for job, _ in run.jobs]:
+            if id(job.future) in gone and not job.cancelled:
+                job.cancelled = True
+                self.metrics.perplexity_requests.labels(status="abort").inc()
+        self._score_runs = collections.deque(run for run in self._score_runs
+                                             if not all(job.cancelled for job, _ in run.jobs))
+        return [job for job in jobs if not job.cancelled]
+
     def _advance_scoring(self) -> None:
         """One batched scoring forward, so running streams get a decode step in between."""
         run = self._score_runs[0]
@@ -415,7 +439,8 @@ class Scheduler:
             self._score_runs.popleft()
             results = run.task.results
             for job, count in run.jobs:
-                self._finish_score(job, results=results[:count])
+                if not job.cancelled:
+                    self._finish_score(job, results=results[:count])
                 results = results[count:]
 
     def _encode_for_scoring(self, index: int, item: str | list[int]) -> list[int]:

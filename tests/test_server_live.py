@@ -371,3 +371,18 @@ def test_sigterm_lets_streams_end_cleanly(deadline):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_perplexity_client_that_goes_away_stops_its_job(slow_server):
+    url = slow_server.url
+    before = gauges(url)
+    ids = [(7 * i) % 200 + 1 for i in range(64 * 1500)]  # ~3,000 windows: seconds of forwards
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up (curl's Ctrl-C, the playground's Stop)
+        httpx.post(url + "/v1/perplexity", json={"input": [ids]}, timeout=0.3)
+    key = "kiln_perplexity_requests_total{status=abort}"
+    after = wait_for(lambda: (g := gauges(url)).get(key, 0) - before.get(key, 0) == 1 and g, 10.0,
+                     "the job to be dropped")
+    assert after.get("kiln_perplexity_requests_total{status=ok}", 0) == before.get(
+        "kiln_perplexity_requests_total{status=ok}", 0)
+    r = httpx.post(url + "/v1/perplexity", json={"input": "The quick brown fox"}, timeout=30)
+    assert r.status_code == 200  # and the server scores on

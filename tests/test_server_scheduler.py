@@ -252,3 +252,45 @@ def test_queue_time_ends_at_the_first_prefill_chunk(llama_dir):
     assert value("kiln_request_queue_time_seconds_sum") < 0.03  # (the third chunk starts ~0.1 s after arrival)
     assert engine.steps >= 4  # 3 prefill chunks, then the second token's decode
     assert value("kiln_perplexity_tokens_total") == 2 + 1
+
+
+def test_a_dropped_perplexity_job_stops_scoring(llama_dir):
+    """abort_score (the client went away): the job's forwards stop; a job sharing none runs on."""
+    engine = CountingEngine(load_engine(str(llama_dir), "cpu", None, max_batch_size=2), delay=0.0)
+    forwards = []
+    make_task = engine.score_task
+
+    def score_task(*args, **kwargs):
+        task = make_task(*args, **kwargs)
+        advance = task.advance
+
+        def counted():
+            forwards.append(time.monotonic())
+            time.sleep(0.02)
+            advance()
+
+        task.advance = counted
+        return task
+
+    engine.score_task = score_task
+    metrics = ServerMetrics("t")
+    ids = [(7 * i) % 200 + 1 for i in range(64 * 200)]  # ~400 windows of 64: many forwards
+
+    async def scenario():
+        scheduler = Scheduler(engine, metrics, max_queue=4)
+        scheduler.start(asyncio.get_running_loop())
+        future = scheduler.submit_score([ids], None)
+        while len(forwards) < 2:
+            await asyncio.sleep(0.005)
+        scheduler.abort_score(future)
+        while scheduler._score_runs:  # read-only peek: the run is dropped
+            await asyncio.sleep(0.005)
+        done = len(forwards)
+        await asyncio.sleep(0.1)
+        assert len(forwards) == done and not future.done()  # no more forwards; the caller owns the future
+        short = await asyncio.wait_for(scheduler.submit_score([[5, 6, 7]], None), 10)  # the server scores on
+        assert short[0].num_scored == 2
+        await asyncio.to_thread(scheduler.stop)
+
+    asyncio.run(scenario())
+    assert metrics.registry.get_sample_value("kiln_perplexity_requests_total", {"status": "abort"}) == 1
