@@ -197,6 +197,11 @@ def test_playground_in_headless_chromium(browser, parrot_dir, tmp_path):
         find("run").click()
         wait.until(lambda _: "Temperature" in text_of("error"))
         assert text_of("error") == 'Temperature must be a number in [0, 2], got "5"', text_of("error")
+        set_value("temperature", "0")
+        set_value("max-tokens", "2.5")  # not quietly read as 2
+        find("run").click()
+        wait.until(lambda _: "integer" in text_of("error"))
+        assert text_of("error") == 'Max tokens must be an integer in >= 1, got "2.5"', text_of("error")
 
         # generate: record every state of the completion as the DOM changes, to see it stream
         set_value("temperature", "0")

@@ -110,11 +110,13 @@ function clearOutput() {
 
 function readNumber(id, integer) {
   const input = $(id);
-  const value = integer ? parseInt(input.value, 10) : parseFloat(input.value);
-  if (!Number.isFinite(value) || (input.min !== "" && value < Number(input.min)) ||
+  // Number(), not parseInt: "1e3" or "12abc" must not quietly become 1 or 12
+  const value = input.value.trim() === "" ? NaN : Number(input.value);
+  if (!Number.isFinite(value) || (integer && !Number.isInteger(value)) ||
+      (input.min !== "" && value < Number(input.min)) ||
       (input.max !== "" && value > Number(input.max))) {
     const range = input.max !== "" ? `[${input.min}, ${input.max}]` : `>= ${input.min}`;
-    throw new Error(`${input.dataset.name} must be a number in ${range}, ` +
+    throw new Error(`${input.dataset.name} must be ${integer ? "an integer" : "a number"} in ${range}, ` +
                     `got "${input.value}"`);
   }
   return value;
