@@ -273,23 +273,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_python_m_server_serves_and_stops_on_sigterm(parrot_dir):
+def _start_server(*flags: str) -> tuple[subprocess.Popen, str]:
+    """`python -m server` in a subprocess (the shipped model unless --model is given), once healthy."""
     port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(parrot_dir), "--port", str(port),
-                             "--served-model-name", "parrot", "--max-batch-size", "2", "--threads", "1",
-                             "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILN_NO_NATIVE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--threads", "1",
+                             "--log-level", "warning", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    try:
-        def healthy():
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read()
-                return False
+    url = f"http://127.0.0.1:{port}"
 
+    def healthy():
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            assert proc.poll() is None, proc.stdout.read()
+            return False
+
+    try:
         wait_for(healthy, 60.0, "the server to come up")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
+
+
+def test_python_m_server_serves_and_stops_on_sigterm(parrot_dir):
+    proc, url = _start_server("--model", str(parrot_dir), "--served-model-name", "parrot", "--max-batch-size", "2")
+    try:
         r = httpx.post(url + "/v1/completions", json={"prompt": "The quick", "max_tokens": 20, "temperature": 0})
         assert r.json()["choices"][0]["text"] == TEXTS[1][len("The quick"):]
         r = httpx.post(url + "/v1/perplexity", content=json.dumps({"input": TEXTS[1]}))  # as `curl -d` does
@@ -325,30 +336,11 @@ def test_a_port_in_use_or_a_directory_without_a_model_is_said_before_loading(par
     assert "has no config.json: not a model directory" in capsys.readouterr().err
 
 
-def _start_default_server(*flags: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILN_NO_NATIVE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--threads", "1",
-                             "--log-level", "warning", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            assert proc.poll() is None, proc.stdout.read()
-            return False
-
-    wait_for(healthy, 60.0, "the server to come up")
-    return proc, url
-
-
 @pytest.mark.parametrize("deadline", ["long", "short"])
 def test_sigterm_lets_streams_end_cleanly(deadline):
     """SIGTERM mid-stream: with time left before --shutdown-timeout the stream finishes; with none,
     it ends with an error event and [DONE]. Never a body cut off mid-stream; the process exits 0."""
-    proc, url = _start_default_server("--shutdown-timeout", "30" if deadline == "long" else "0.5")
+    proc, url = _start_server("--shutdown-timeout", "30" if deadline == "long" else "0.5")
     try:
         body = {"prompt": "The quick brown fox", "max_tokens": 120 if deadline == "long" else 500,
                 "temperature": 0, "ignore_eos": True, "stream": True}

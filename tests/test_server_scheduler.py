@@ -50,6 +50,24 @@ def engine(llama_dir, request):
                                       async_scheduling=request.param), delay=0.01)
 
 
+def before_each_forward(engine: CountingEngine, hook) -> None:
+    """Call hook() before every batched forward of the perplexity tasks the engine makes from now on."""
+    make_task = engine.score_task
+
+    def score_task(*args, **kwargs):
+        task = make_task(*args, **kwargs)
+        advance = task.advance
+
+        def hooked():
+            hook()
+            advance()
+
+        task.advance = hooked
+        return task
+
+    engine.score_task = score_task
+
+
 def long_params(n: int = 50) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
@@ -196,20 +214,7 @@ def test_non_streaming_outputs_arrive_together_at_the_end(engine):
 def test_long_perplexity_job_interleaves_with_decoding(engine):
     """A text of many windows is scored one batched forward per loop turn, with decode steps between."""
     steps_at_forward = []
-    make_task = engine.score_task
-
-    def score_task(*args, **kwargs):
-        task = make_task(*args, **kwargs)
-        advance = task.advance
-
-        def recorded():
-            steps_at_forward.append(engine.steps)
-            advance()
-
-        task.advance = recorded
-        return task
-
-    engine.score_task = score_task
+    before_each_forward(engine, lambda: steps_at_forward.append(engine.steps))
 
     async def scenario():
         scheduler = Scheduler(engine, ServerMetrics("t"), max_queue=4)
@@ -258,21 +263,7 @@ def test_a_dropped_perplexity_job_stops_scoring(llama_dir):
     """abort_score (the client went away): the job's forwards stop; a job sharing none runs on."""
     engine = CountingEngine(load_engine(str(llama_dir), "cpu", None, max_batch_size=2), delay=0.0)
     forwards = []
-    make_task = engine.score_task
-
-    def score_task(*args, **kwargs):
-        task = make_task(*args, **kwargs)
-        advance = task.advance
-
-        def counted():
-            forwards.append(time.monotonic())
-            time.sleep(0.02)
-            advance()
-
-        task.advance = counted
-        return task
-
-    engine.score_task = score_task
+    before_each_forward(engine, lambda: (forwards.append(time.monotonic()), time.sleep(0.02)))
     metrics = ServerMetrics("t")
     ids = [(7 * i) % 200 + 1 for i in range(64 * 200)]  # ~400 windows of 64: many forwards
 
