@@ -94,6 +94,19 @@ def triton_available(device: torch.device | str) -> bool:
     return device.type == "cpu" and interpreting()
 
 
+# CUDA caps grid axes 1 and 2 at 65535 programs (axis 0 at 2^31 - 1). A module attribute, so tests can
+# lower it to cover the fold on the interpreter.
+MAX_GRID_Y = 65535
+
+
+def grid_yz(n: int) -> tuple[int, int]:
+    """n programs over grid axes 1 and 2: (y, z) with y <= MAX_GRID_Y and y * z >= n. A kernel takes
+    index ``program_id(1) + program_id(2) * num_programs(1)`` and returns when it is >= n (only the last
+    z row has such programs; below MAX_GRID_Y programs, z is 1 and the grid is (y, 1) as before)."""
+    y = max(1, min(n, MAX_GRID_Y))
+    return y, -(-n // y)
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

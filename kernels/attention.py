@@ -49,6 +49,7 @@ from kernels._utils import (
     check_tensor,
     check_triton_device,
     config,
+    grid_yz,
     interpreting,
     jit_helpers,
     jit_kernel,
@@ -280,12 +281,13 @@ def _forward_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     lse = torch.empty(shapes.lse_shape, device=q.device, dtype=torch.float32)
     if shapes.batch > 0 and shapes.seqlen_q > 0:
         kernels = _kernels(interpreting())
-        grid = lambda meta: (_cdiv(shapes.seqlen_q, meta["BLOCK_M"]), shapes.batch * shapes.n_heads)  # noqa: E731
+        n_bh = shapes.batch * shapes.n_heads
+        grid = lambda meta: (_cdiv(shapes.seqlen_q, meta["BLOCK_M"]), *grid_yz(n_bh))  # noqa: E731
         kernels.forward[grid](
             q, k, v, out, lse, cu_q if varlen else lse, cu_k if varlen else lse,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
             *shapes.lse_strides, shapes.seqlen_q, shapes.seqlen_k, shapes.n_heads, shapes.group,
-            scale * LOG2E, _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k),
+            scale * LOG2E, n_bh, _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k),
             CAUSAL=causal, VARLEN=varlen, HEAD_DIM=shapes.head_dim, DOT_PRECISION=_dot_precision(q.dtype),
         )
     return out, lse
@@ -308,25 +310,26 @@ def _backward_impl(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal
     kernels = _kernels(interpreting())
     cu_q_arg, cu_k_arg = (cu_q, cu_k) if varlen else (lse, lse)
     delta = torch.empty_like(lse)  # rowsum(dO * O), fp32, laid out like lse
-    rows_grid = lambda meta: (_cdiv(shapes.seqlen_q, meta["BLOCK_M"]), shapes.batch * shapes.n_heads)  # noqa: E731
+    n_bh, n_bhk = shapes.batch * shapes.n_heads, shapes.batch * shapes.n_kv_heads
+    rows_grid = lambda meta: (_cdiv(shapes.seqlen_q, meta["BLOCK_M"]), *grid_yz(n_bh))  # noqa: E731
     kernels.preprocess[rows_grid](
         out, grad_out, delta, cu_q_arg, *_strides(out, varlen), *_strides(grad_out, varlen),
-        *shapes.lse_strides, shapes.seqlen_q, shapes.n_heads, VARLEN=varlen, HEAD_DIM=shapes.head_dim,
+        *shapes.lse_strides, shapes.seqlen_q, shapes.n_heads, n_bh, VARLEN=varlen, HEAD_DIM=shapes.head_dim,
     )
     common = dict(CAUSAL=causal, VARLEN=varlen, HEAD_DIM=shapes.head_dim, DOT_PRECISION=_dot_precision(q.dtype))
-    kv_grid = lambda meta: (_cdiv(shapes.seqlen_k, meta["BLOCK_N"]), shapes.batch * shapes.n_kv_heads)  # noqa: E731
+    kv_grid = lambda meta: (_cdiv(shapes.seqlen_k, meta["BLOCK_N"]), *grid_yz(n_bhk))  # noqa: E731
     kernels.dkdv[kv_grid](
         q, k, v, grad_out, dk, dv, lse, delta, cu_q_arg, cu_k_arg,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(grad_out, varlen),
         *_strides(dk, varlen), *_strides(dv, varlen), *shapes.lse_strides,
-        shapes.seqlen_q, shapes.seqlen_k, shapes.n_kv_heads, shapes.group, scale, scale * LOG2E,
+        shapes.seqlen_q, shapes.seqlen_k, shapes.n_kv_heads, shapes.group, scale, scale * LOG2E, n_bhk,
         _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k), **common,
     )
     kernels.dq[rows_grid](
         q, k, v, grad_out, dq, lse, delta, cu_q_arg, cu_k_arg,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(grad_out, varlen),
         *_strides(dq, varlen), *shapes.lse_strides,
-        shapes.seqlen_q, shapes.seqlen_k, shapes.n_heads, shapes.group, scale, scale * LOG2E,
+        shapes.seqlen_q, shapes.seqlen_k, shapes.n_heads, shapes.group, scale, scale * LOG2E, n_bh,
         _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k), **common,
     )
     return dq, dk, dv

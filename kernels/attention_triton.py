@@ -79,13 +79,16 @@ def attn_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, n_heads, group_size, qk_scale,
+    seqlen_q, seqlen_k, n_heads, group_size, qk_scale, n_bh,
     SEQ_BUCKET_Q, SEQ_BUCKET_K,  # autotune keys only
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    # (batch x heads) over grid axes 1 and 2: axis 1 stops at 65535 (see _utils.grid_yz)
+    off_bh = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+    if off_bh >= n_bh:
+        return
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     off_hk = off_h // group_size  # GQA: the kv head this query head reads
@@ -158,12 +161,15 @@ def attn_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_db, stride_dh, stride_dt, stride_dd,
     stride_lb, stride_lh,
-    seqlen_q, n_heads,
+    seqlen_q, n_heads, n_bh,
     VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # delta[row] = sum_d O * dO: the softmax-backward correction term.
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    # (batch x heads) over grid axes 1 and 2: axis 1 stops at 65535 (see _utils.grid_yz)
+    off_bh = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+    if off_bh >= n_bh:
+        return
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     q_start, seqlen_q = packed_range(CuSeqlensQ, off_b, seqlen_q, VARLEN)
@@ -188,7 +194,7 @@ def attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, n_kv_heads, group_size, sm_scale, qk_scale,
+    seqlen_q, seqlen_k, n_kv_heads, group_size, sm_scale, qk_scale, n_bh,
     SEQ_BUCKET_Q, SEQ_BUCKET_K,  # autotune keys only
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -198,7 +204,10 @@ def attn_bwd_dkdv_kernel(
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 under torch.compile (see the forward)
     qk_scale = tl.cast(qk_scale, tl.float32)
     start_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    # (batch x heads) over grid axes 1 and 2: axis 1 stops at 65535 (see _utils.grid_yz)
+    off_bh = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+    if off_bh >= n_bh:
+        return
     off_b = (off_bh // n_kv_heads).to(tl.int64)
     off_hk = (off_bh % n_kv_heads).to(tl.int64)
     q_start, seqlen_q = packed_range(CuSeqlensQ, off_b, seqlen_q, VARLEN)
@@ -271,7 +280,7 @@ def attn_bwd_dq_kernel(
     stride_db, stride_dh, stride_dt, stride_dd,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, n_heads, group_size, sm_scale, qk_scale,
+    seqlen_q, seqlen_k, n_heads, group_size, sm_scale, qk_scale, n_bh,
     SEQ_BUCKET_Q, SEQ_BUCKET_K,  # autotune keys only
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -280,7 +289,10 @@ def attn_bwd_dq_kernel(
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 under torch.compile (see the forward)
     qk_scale = tl.cast(qk_scale, tl.float32)
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    # (batch x heads) over grid axes 1 and 2: axis 1 stops at 65535 (see _utils.grid_yz)
+    off_bh = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+    if off_bh >= n_bh:
+        return
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     off_hk = off_h // group_size

@@ -68,6 +68,7 @@ from kernels._utils import (
     check_tensor,
     check_triton_device,
     config,
+    grid_yz,
     interpreting,
     jit_kernel,
     kernel_op,
@@ -155,13 +156,13 @@ def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
     else:  # the first kernel writes `out` directly; the partial pointers are unused
         out_partial = lse_partial = out
     kernels = _kernels(interpreting())
-    kernels.split[(num_splits, batch * n_kv_heads)](
+    kernels.split[(num_splits, *grid_yz(batch * n_kv_heads))](
         q, k_cache, v_cache, block_table, lengths, out_partial, lse_partial, out,
         q.stride(0), q.stride(1), q.stride(2),
         *k_cache.stride(), *v_cache.stride(),
         block_table.stride(0), block_table.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        block_size, n_kv_heads, group, num_splits, scale * LOG2E,
+        block_size, n_kv_heads, group, num_splits, scale * LOG2E, batch * n_kv_heads,
         HEAD_DIM=head_dim, BLOCK_G=max(16, next_power_of_2(group)), SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
@@ -276,7 +277,7 @@ def _decode_split_kernel(
     stride_vb, stride_vp, stride_vh, stride_vd,
     stride_tb, stride_tn,
     stride_ob, stride_oh, stride_od,
-    block_size, n_kv_heads, group_size, num_splits, qk_scale,
+    block_size, n_kv_heads, group_size, num_splits, qk_scale, n_bh,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -284,7 +285,10 @@ def _decode_split_kernel(
     # for all query heads of the kv head's group at once (rows of a (BLOCK_G, D) tile).
     qk_scale = tl.cast(qk_scale, tl.float32)  # a float argument is fp64 under torch.compile's launcher
     split = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    # (batch x kv heads) over grid axes 1 and 2: axis 1 stops at 65535 (see _utils.grid_yz)
+    off_bh = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+    if off_bh >= n_bh:
+        return
     off_b = (off_bh // n_kv_heads).to(tl.int64)
     off_hk = (off_bh % n_kv_heads).to(tl.int64)
     length = tl.load(Lengths + off_b).to(tl.int32)

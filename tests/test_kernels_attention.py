@@ -88,6 +88,27 @@ def test_flash_attention_matches_reference(case):
 
 
 @on_cpu_interpreter
+def test_more_batch_x_heads_than_one_grid_axis_holds(monkeypatch):
+    """CUDA stops grid axis 1 at 65535 programs: batch x heads folds onto axes 1 and 2. With the cap
+    lowered to 3, B x H = 10 (and B x Hkv = 5 in the backward) runs as 3 x 4 programs, 2 of them past
+    the end; dense and packed, forward and backward, all equal the reference."""
+    monkeypatch.setattr(_utils, "MAX_GRID_Y", 3)
+    assert _utils.grid_yz(10) == (3, 4) and _utils.grid_yz(2) == (2, 1)
+    inputs = random_qkv(5, 2, 1, 9, 9, 16, torch.float32, seed=4)
+    check_fwd_bwd(lambda q, k, v: attn.flash_attention(q, k, v, causal=True),
+                  lambda q, k, v: attn.flash_attention_reference(q, k, v, causal=True),
+                  inputs, torch.float32, "B x H over two grid axes")
+    lengths = [3, 7, 1, 5, 2]
+    cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(sum(lengths), h, 16, generator=gen) for h in (2, 1, 1))
+    args = (cu, cu, max(lengths), max(lengths))
+    check_fwd_bwd(lambda q, k, v: attn.flash_attention_varlen(q, k, v, *args, causal=True),
+                  lambda q, k, v: attn.flash_attention_varlen_reference(q, k, v, *args, causal=True),
+                  (q, k, v), torch.float32, "packed B x H over two grid axes")
+
+
+@on_cpu_interpreter
 def test_scale_argument_and_strided_inputs():
     # q/k/v as a model produces them: (B, T, H, D) projections viewed as (B, H, T, D).
     gen = torch.Generator().manual_seed(3)

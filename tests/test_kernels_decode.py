@@ -135,6 +135,17 @@ def test_decode_matches_reference(case):
 
 
 @on_cpu_interpreter
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_more_batch_x_kv_heads_than_one_grid_axis_holds(monkeypatch, num_splits):
+    """batch x kv heads folds onto grid axes 1 and 2 (CUDA stops axis 1 at 65535; here at 4)."""
+    monkeypatch.setattr(_utils, "MAX_GRID_Y", 4)
+    q, k_cache, v_cache, table, lens = make_pool([5, 17, 1, 9, 12], 4, 2, 16, 4, torch.float32, seed=2)
+    out = dec.decode_attention(q, k_cache, v_cache, table, lens, num_splits=num_splits)  # 10 -> 4 x 3 programs
+    assert_close(out, dec.decode_attention_reference(q, k_cache, v_cache, table, lens), 1e-5, 1e-5,
+                 what=f"decode over two grid axes, {num_splits} split(s)")
+
+
+@on_cpu_interpreter
 def test_split_count_does_not_change_the_result():
     q, k_cache, v_cache, table, lens = make_pool([45, 2], 4, 2, 16, 12, torch.float32, seed=1)
     outs = [dec.decode_attention(q, k_cache, v_cache, table, lens, num_splits=n) for n in (1, 2, 5, 16)]
