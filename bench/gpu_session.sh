@@ -103,10 +103,12 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                     tests/test_sampling.py
                 STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels_torch_compile.py
                 ;;
-            retests)  # the GPU tests that have not passed on a GPU yet (new, or rewritten after failing)
-                STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -n 4 -q -rs --timeout 100 \
+            retests)  # the GPU tests that have not passed on a GPU yet (new, or their kernels changed since)
+                STAGE_TIMEOUT=150 stage tests python3 -m pytest -p no:cacheprovider -n 4 -q -rs --timeout 120 \
                     tests/test_cuda_graphs.py tests/test_async_scheduling.py tests/test_kernels_fused.py \
-                    tests/test_model_fused.py tests/test_sampling.py -k "gpu"
+                    tests/test_model_fused.py tests/test_sampling.py tests/test_kernels_attention.py \
+                    tests/test_kernels_decode.py tests/test_kernels_softmax.py tests/test_kernels_cross_entropy.py \
+                    -k "gpu"
                 STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels_torch_compile.py
                 ;;
             fused)  # the fused inference kernels vs the torch ops they replace (CUDA-graph replay)

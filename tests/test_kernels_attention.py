@@ -360,3 +360,18 @@ def test_gpu_fp32_inputs_use_exact_dots():
     q, k, v = random_qkv(1, 4, 2, 300, 300, 64, torch.float32, seed=5, device="cuda")
     out = attn.flash_attention(q, k, v)
     assert_close(out, attn.flash_attention_reference(q, k, v), 1e-5, 1e-4, "fp32 (ieee dots, not tf32)")
+
+
+@requires_cuda
+def test_gpu_batch_x_heads_past_one_grid_axis():
+    """B x H = 2,100 x 32 = 67,200 programs per query block: more than CUDA's 65,535 on grid axis 1."""
+    q, k, v = random_qkv(2100, 32, 8, 8, 8, 64, torch.bfloat16, seed=6, device="cuda")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = attn.flash_attention(q, k, v, causal=True)
+    out.float().square().sum().backward()
+    ref = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    expected = attn.flash_attention_reference(*ref, causal=True)
+    expected.square().sum().backward()
+    assert_close(out, expected, 2e-2, 2e-2, "B x H > 65535: out")
+    for name, x, r in zip(("dq", "dk", "dv"), (q, k, v), ref):
+        assert_close(x.grad, r.grad, 5e-2, 5e-2, f"B x H > 65535: {name}")

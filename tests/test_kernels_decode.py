@@ -315,3 +315,14 @@ def test_gpu_decode_real_shapes(dtype, lengths, n_heads, n_kv_heads, head_dim, b
     for num_splits in (None, 1, 16):
         out = dec.decode_attention(q, k_cache, v_cache, table, lens, num_splits=num_splits)
         assert_close(out, expected, *TOL[dtype], what=f"gpu decode {dtype} splits={num_splits}")
+
+
+@requires_cuda
+def test_gpu_batch_x_kv_heads_past_one_grid_axis():
+    """8,200 rows x 8 kv heads = 65,600 programs per split: more than CUDA's 65,535 on grid axis 1."""
+    q, k_cache, v_cache, table, lens = make_pool([3, 17, 40, 9] * 2050, 32, 8, 64, 16, torch.bfloat16, seed=3,
+                                                 device="cuda")
+    expected = dec.decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), table, lens)
+    for num_splits in (None, 1):
+        out = dec.decode_attention(q, k_cache, v_cache, table, lens, num_splits=num_splits)
+        assert_close(out, expected, *TOL[torch.bfloat16], what=f"B x Hkv > 65535, splits={num_splits}")
