@@ -130,6 +130,7 @@ def test_bad_input_is_an_error_naming_the_file(tmp_path, tokenizer_dir, name, co
     with pytest.raises(DataError, match=expected):
         prepare(tokenizer_dir, tmp_path / "out", inputs=[str(tmp_path / name)], workers=1, progress=False)
     assert not (tmp_path / "out" / "train.bin").exists()  # nothing half-written
+    assert not (tmp_path / "out").exists()  # and no empty --out left behind by a failed first run
 
 
 def test_cli_errors_exit_2_with_one_line(tmp_path, tokenizer_dir, capsys):

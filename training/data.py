@@ -285,6 +285,7 @@ def prepare(tokenizer_dir: str | Path, out_dir: str | Path, inputs: Sequence[str
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {str(out)!r} is a file, not a directory")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tmp = {split: out / f"{split}.bin.tmp" for split in SPLITS}
     counts = {split: {"tokens": 0, "documents": 0} for split in SPLITS}
@@ -311,9 +312,12 @@ def prepare(tokenizer_dir: str | Path, out_dir: str | Path, inputs: Sequence[str
             counts["val"]["tokens"] = n_val
         for split in SPLITS:
             os.replace(tmp[split], out / f"{split}.bin")
-    finally:
+    except BaseException:
         for path in tmp.values():
             path.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):  # a failed first run leaves no empty --out behind
+            out.rmdir()
+        raise
     copy_tokenizer_files(tokenizer_dir, out / "tokenizer")
     meta = {
         "format": META_FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id,
