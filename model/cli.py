@@ -36,8 +36,6 @@ def load_engine(model_dir: str | None, device: str = "auto", dtype: str | None =
     """Model + tokenizer + engine for a directory (the shipped default model when None).
 
     `engine_options` go to `Engine` (block_size, num_blocks, enable_prefix_caching, ...)."""
-    import torch
-
     from .checkpoint import load_model
     from .engine import Engine
     from .tokenizer import load_tokenizer
@@ -45,13 +43,20 @@ def load_engine(model_dir: str | None, device: str = "auto", dtype: str | None =
     path = Path(model_dir) if model_dir else default_model_dir()
     if model_dir is None and not (path / "config.json").is_file():
         raise FileNotFoundError(f"no --model given and the default model is missing at {path}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
-    model = load_model(path, device=device, dtype=dtype, attn_backend=attn_backend)
+    model = load_model(path, device=resolve_device(device), dtype=dtype, attn_backend=attn_backend)
     tokenizer = load_tokenizer(path)
     return Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, **engine_options)
+
+
+def resolve_device(device: str) -> str:
+    """--device as a torch device: "auto" is CUDA when there is one, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    return device
 
 
 def _int_in(low: int, high: int | None = None):

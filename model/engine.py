@@ -573,8 +573,7 @@ class Engine:
             check_stop = index >= r.params.min_tokens  # stop strings only once min_tokens are out (vLLM)
             is_eos = tok == self.eos_id and not r.params.ignore_eos
             if is_eos or tok in r.params.stop_token_ids:
-                r.stream.offset = len(r.stream.text)
-                finish, text = "stop", r.stream.finish(check_stop)
+                finish, text = "stop", r.stream.finish(check_stop, at_stop_token=True)
             else:
                 text = r.stream.push(tok, check_stop)
                 if r.stream.stopped:

@@ -39,10 +39,13 @@ class TextStream:
             return ""
         return self._advance(self.detok.push(token_id), final=False, check_stop=check_stop)
 
-    def finish(self, check_stop: bool = True) -> str:
-        """End of generation: flush what the detokenizer and the stop hold-back kept."""
+    def finish(self, check_stop: bool = True, at_stop_token: bool = False) -> str:
+        """End of generation: flush what the detokenizer and the stop hold-back kept. `at_stop_token`: it
+        ended on an EOS or stop id, which shows no text; `offset` then points at the text's end."""
         if self.stopped:
             return ""
+        if at_stop_token:
+            self.offset = len(self.text)
         return self._advance(self.detok.flush(), final=True, check_stop=check_stop)
 
     def _advance(self, new: str, final: bool, check_stop: bool) -> str:

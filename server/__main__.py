@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = ServerSettings.from_args(args)
     except ValueError as e:
         _fail(str(e))
-    from model.cli import default_model_dir, load_engine
+    from model.cli import default_model_dir, load_engine, resolve_device
 
     if settings.model_dir is not None and not Path(settings.model_dir).is_dir():
         _fail(f"--model {settings.model_dir!r} is not a directory")
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def load():
         start = time.perf_counter()
-        device = settings.device if settings.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        engine = load_engine(settings.model_dir, settings.device, settings.dtype,
+        device = resolve_device(settings.device)
+        engine = load_engine(settings.model_dir, device, settings.dtype,
                              max_batch_size=settings.batch_size_for(device), max_seq_len=settings.max_model_len,
                              block_size=settings.kv_block_size, num_blocks=settings.num_kv_blocks,
                              gpu_memory_fraction=settings.gpu_memory_fraction,

@@ -179,14 +179,17 @@ def _public_reason(reason: str | None) -> str | None:
     return reason if reason in (None, "stop", "length") else "stop"
 
 
+async def until_disconnect(request: Request) -> None:
+    """Return when the client goes away (the body is read already: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _watch_disconnect(request: Request, scheduler: Scheduler, generation: Generation) -> None:
     """Non-streaming: abort the sequences as soon as the client goes away."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            scheduler.abort(generation)
-            generation.queue.put_nowait(Failed("the client disconnected", 499))
-            return
+    await until_disconnect(request)
+    scheduler.abort(generation)
+    generation.queue.put_nowait(Failed("the client disconnected", 499))
 
 
 @contextlib.contextmanager

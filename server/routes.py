@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from .completions import admission_errors, create_completion, prompt_list
+from .completions import admission_errors, create_completion, prompt_list, until_disconnect
 from .errors import APIError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
@@ -122,13 +122,10 @@ class ClientGone(Exception):
 async def _cancel_on_disconnect(request: Request, scheduler: Scheduler, future: asyncio.Future) -> None:
     """A long text is many forwards: when its client goes away (curl's Ctrl-C, the playground's Stop),
     the job is dropped instead of scored for nobody."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            scheduler.abort_score(future)
-            if not future.done():
-                future.set_exception(ClientGone())
-            return
+    await until_disconnect(request)
+    scheduler.abort_score(future)
+    if not future.done():
+        future.set_exception(ClientGone())
 
 
 def _perplexity(mean_nll: float) -> float:
