@@ -201,6 +201,9 @@ class Engine:
         bad = [i for i in params.stop_token_ids if not 0 <= i < self.vocab_limit]
         if bad:
             raise InvalidRequest(f"stop token id {bad[0]} is out of range [0, {self.vocab_limit})", "stop_token_ids")
+        bad = [i for i, _ in params.logit_bias if not 0 <= i < self.vocab_limit]
+        if bad:
+            raise InvalidRequest(f"logit_bias token id {bad[0]} is out of range [0, {self.vocab_limit})", "logit_bias")
         # the last generated id is never fed back, so P prompt + M new ids need P + M - 1 cache positions
         if len(prompt_ids) > self.max_seq_len or len(prompt_ids) + params.max_tokens > self.max_seq_len + 1:
             raise InvalidRequest(f"this model's maximum context length is {self.max_seq_len} tokens, but "
@@ -542,6 +545,7 @@ class Engine:
             top_p=[p.top_p for p in params], generators=[r.generator for r in requests],
             presence_penalty=[p.presence_penalty for p in params],
             frequency_penalty=[p.frequency_penalty for p in params],
+            logit_bias=[p.logit_bias for p in params] if any(p.logit_bias for p in params) else None,
             output_counts=self._counts[slots] if use_penalties else None,
             num_logprobs=num_top, want_logprobs=any(p.logprobs is not None for p in params))
         plan = self._decode_plan

@@ -40,6 +40,7 @@ class SamplingParams:
     min_tokens: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit) pairs (OpenAI)
     logprobs: int | None = None  # None: no logprobs; N >= 0: chosen token + top-N
     prompt_logprobs: bool = False  # echo: logprobs of the prompt tokens too
 
@@ -55,6 +56,9 @@ class SamplingParams:
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         need(-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        for token_id, bias in self.logit_bias:
+            need(math.isfinite(bias) and -100 <= bias <= 100,
+                 f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}")
         need(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
         need(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
 

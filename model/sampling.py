@@ -1,7 +1,8 @@
 """The sampler: a pure function from logits and per-row parameters to token ids.
 
-`sample(logits, params)` applies, per row: presence/frequency penalties (OpenAI
-semantics, on the tokens generated so far), temperature (below `GREEDY_BELOW`, 0 included:
+`sample(logits, params)` applies, per row: logit bias (OpenAI's `logit_bias`: a value added
+to chosen ids' logits), presence/frequency penalties (OpenAI semantics, on the tokens
+generated so far), temperature (below `GREEDY_BELOW`, 0 included:
 greedy argmax, as vLLM does; dividing logits by 1e-38 would overflow them to inf), top-k
 (0 = off) and top-p (1 = off), then draws with the row's own `torch.Generator` when it
 has a seed. Logprobs (the chosen token's and the top-N) come from the model's
@@ -37,6 +38,7 @@ class SamplingBatch:
     generators: list[torch.Generator | None]
     presence_penalty: list[float] | None = None
     frequency_penalty: list[float] | None = None
+    logit_bias: list[tuple[tuple[int, float], ...]] | None = None  # per row: (id, bias) pairs
     output_counts: torch.Tensor | None = None  # (B, V) counts of each id generated so far (for penalties)
     num_logprobs: int = 0  # top-N logprobs to return (0 = none)
     want_logprobs: bool = False  # return the chosen token's logprob
@@ -55,6 +57,16 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.
     """OpenAI: logit - count * frequency_penalty - (count > 0) * presence_penalty."""
     counts = counts.to(logits.dtype)
     return logits - counts * frequency[:, None] - (counts > 0).to(logits.dtype) * presence[:, None]
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float], ...]]) -> torch.Tensor:
+    """logits (B, V) with each row's (id, bias) pairs added (a new tensor; one upload, one scatter)."""
+    rows = [b for b, pairs in enumerate(biases) for _ in pairs]
+    ids = [i for pairs in biases for i, _ in pairs]
+    values = [v for pairs in biases for _, v in pairs]
+    device = logits.device
+    return logits.index_put((to_device(rows, torch.int64, device), to_device(ids, torch.int64, device)),
+                            to_device(values, logits.dtype, device), accumulate=True)
 
 
 def top_k_top_p_mask(logits: torch.Tensor, top_k: list[int] | torch.Tensor,
@@ -183,6 +195,8 @@ def sample(logits: torch.Tensor, params: SamplingBatch, vocab_limit: int | None 
         if params.num_logprobs > 0:
             top_logprobs, top_ids = logprob_table.topk(params.num_logprobs, dim=-1)
 
+    if params.logit_bias is not None and any(params.logit_bias):
+        logits = apply_logit_bias(logits, params.logit_bias)
     if params.output_counts is not None and (any(params.presence_penalty or ()) or any(params.frequency_penalty or ())):
         logits = apply_penalties(logits, params.output_counts,
                                  to_device(params.presence_penalty, torch.float32, device),

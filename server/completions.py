@@ -18,6 +18,7 @@ import asyncio
 import codecs
 import contextlib
 import math
+import re
 import time
 import uuid
 from typing import AsyncIterator, Iterator
@@ -33,6 +34,7 @@ from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, C
 from .scheduler import Failed, Generation, NotReady, QueueFull, Rejected, Scheduler, SequenceOutput
 from .streaming import sse_response
 
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 MIN_LOGPROB = -9999.0  # what -inf becomes (as vLLM reports it): JSON has no infinity
 
 
@@ -53,8 +55,7 @@ def sampling_params(body: CompletionRequest) -> list[SamplingParams]:
         raise APIError(400, f"best_of={body.best_of} is not supported: only best_of == n ({body.n})", "best_of")
     if body.suffix is not None:
         raise APIError(400, "suffix is not supported (no fill-in-the-middle); leave it null", "suffix")
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported; leave it empty", "logit_bias")
+    logit_bias = parse_logit_bias(body.logit_bias)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens must be >= 1 (0 is allowed only with echo, to get prompt logprobs)",
@@ -80,10 +81,30 @@ def sampling_params(body: CompletionRequest) -> list[SamplingParams]:
             min_tokens=body.min_tokens,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=logit_bias,
             logprobs=body.logprobs,
             prompt_logprobs=body.echo and body.logprobs is not None,
         ))
     return params
+
+
+def parse_logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias ({"token id": bias in [-100, 100]}) -> sorted (id, bias) pairs. Ids past the
+    vocabulary are the engine's to refuse (it knows the model)."""
+    if not bias:
+        return ()
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"logit_bias may hold at most {MAX_LOGIT_BIAS} token ids, got {len(bias)}", "logit_bias")
+    pairs = {}
+    for key, value in bias.items():
+        if not re.fullmatch(r"[0-9]{1,10}", key):
+            raise APIError(400, f"logit_bias keys must be token ids written as integer strings, got {key!r}",
+                           "logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias values must be in [-100, 100], got {value} for token {key}",
+                           "logit_bias")
+        pairs[int(key)] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 def _logprob(value: float | None) -> float | None:

@@ -69,7 +69,9 @@ class CompletionRequest(_Request):
     seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    logit_bias: dict[str, float] | None = Field(
+        None, description='{"token id": bias in [-100, 100]} added to those logits before sampling '
+                          '(-100 all but bans an id, 100 all but forces it); logprobs stay unbiased')
     suffix: str | None = Field(None, description="not supported: must be null")
     user: str | None = Field(None, description="ignored")
     ignore_eos: bool = Field(False, description="keep generating past EOS (vLLM extension)")

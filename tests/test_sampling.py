@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.sampling import SamplingBatch, apply_penalties, sample, top_k_top_p_mask
+from model.sampling import SamplingBatch, apply_logit_bias, apply_penalties, sample, top_k_top_p_mask
 
 
 def batch(B, temperature=1.0, top_k=0, top_p=1.0, generators=None, **kw) -> SamplingBatch:
@@ -103,6 +103,21 @@ def test_penalties_follow_openai_semantics():
                                output_counts=torch.tensor([[1.0, 0.0]])))
     assert out.token_ids.item() == 1
     assert out.logprobs is None  # not asked for
+
+
+def test_logit_bias_adds_per_row_and_leaves_logprobs_unbiased():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 1.0, 3.0]])
+    got = apply_logit_bias(logits, [((3, 5.0), (0, -1.5)), ()])
+    assert got.tolist() == [[0.5, 1.0, 0.0, 4.0], [0.0, 0.5, 1.0, 3.0]]
+    assert logits[0, 3].item() == -1.0  # the caller's logits are not written
+    # +100 forces an id under sampling too, -100 bans one from greedy; logprobs stay the model's
+    for seed in range(20):
+        out = sample(logits.clone(), batch(2, temperature=1.0, generators=[torch.Generator().manual_seed(seed)] * 2,
+                                           logit_bias=[((2, 100.0),), ((3, -100.0),)], want_logprobs=True))
+        assert out.token_ids[0].item() == 2 and out.token_ids[1].item() != 3
+        assert torch.allclose(out.logprobs, logits.log_softmax(-1).gather(-1, out.token_ids[:, None])[:, 0])
+    greedy = sample(logits.clone(), batch(2, temperature=0.0, logit_bias=[(), ((3, -100.0),)]))
+    assert greedy.token_ids.tolist() == [0, 2]
 
 
 def reference_top_k_top_p(logits, top_k, top_p):

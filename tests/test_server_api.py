@@ -248,6 +248,28 @@ def test_same_seed_same_text_and_n_choices(client):
     assert both["usage"]["completion_tokens"] == 4 * 12
 
 
+def test_logit_bias_forces_and_bans_tokens(client, ref):
+    ids = ref.tokenizer.encode(TEXTS[2])[:3]
+    _, greedy_ids, _ = greedy_reference(ref, ids, 4)
+    # +100 on one id: every sampled token is that id; logprobs report the model's own distribution
+    forced = greedy_ids[2]
+    body = {"prompt": ids, "max_tokens": 4, "temperature": 1.0, "seed": 3, "logprobs": 1,
+            "logit_bias": {str(forced): 100}, "ignore_eos": True}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["tokens"] == [ref.tokenizer.decode([forced])] * 4
+    unbiased = ref.score([ids + [forced]])[0].logprobs[-1]
+    assert lp["token_logprobs"][0] == pytest.approx(unbiased, abs=1e-4)
+    # -100 on greedy's first token: greedy picks another, and the stream agrees with the body
+    body = {"prompt": ids, "max_tokens": 4, "temperature": 0, "logit_bias": {str(greedy_ids[0]): -100.0}}
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    out = list(ref.generate(ids, SamplingParams(max_tokens=4, temperature=0.0, logit_bias=((greedy_ids[0], -100.0),))))
+    assert out[0].token_ids[0] != greedy_ids[0]
+    assert text == "".join(o.text for o in out)
+    assert "".join(c["choices"][0]["text"] for c in stream(client, body)) == text
+
+
 def test_largest_seed_with_n_choices_wraps_like_torch(client):
     # choice j is seeded seed + j; past 2**64 - 1 that wraps, as torch takes seeds modulo 2**64
     body = {"prompt": "The quick", "max_tokens": 12, "temperature": 1.0, "ignore_eos": True}
@@ -396,6 +418,13 @@ ERROR_CASES = [
      "only allowed when stream is true"),
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [100000]}, 400, "stop_token_ids", "100000"),
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids", "-1"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"100000": 1}}, 400, "logit_bias", "100000 is out of range"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"the": 1}}, 400, "logit_bias", "integer strings, got 'the'"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"-1": 1}}, 400, "logit_bias", "got '-1'"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias", "[-100, 100], got 101"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": "1"}}, 400, "logit_bias", "valid number"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias",
+     "at most 300"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": [[]]}, 400, "prompt", "empty"),
