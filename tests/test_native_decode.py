@@ -259,6 +259,36 @@ def test_a_compiler_without_openmp_still_builds_the_serial_step(monkeypatch, tmp
     assert "-fopenmp-simd" in module and native_step.error() is None
 
 
+def test_the_build_names_no_checkout_path_and_each_environment_has_its_own(monkeypatch, tmp_path):
+    """Two checkouts (or virtual environments) sharing ~/.cache/kiln rebuilt the module in turn (~25 s
+    at each server start): the compile command named the checkout's source path and the venv's torch."""
+    import torch
+    import torch.utils.cpp_extension as cpp_extension
+
+    seen = []
+
+    def fake_load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
+        seen.append((sources, build_directory))
+        return "module"
+
+    monkeypatch.delenv(native_step.DISABLE_ENV, raising=False)
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(native_step, "_module", None)
+    monkeypatch.setattr(native_step, "_error", None)
+    assert native_step.load(build=True) == "module"
+    [(sources, directory)] = seen
+    copy = Path(sources[0])
+    assert copy.parent == Path(directory) and copy.read_text() == native_step.SOURCE.read_text()
+    stamp = copy.stat().st_mtime_ns
+    monkeypatch.setattr(native_step, "_module", None)
+    native_step.load(build=True)
+    assert copy.stat().st_mtime_ns == stamp  # an unchanged source is not rewritten (ninja would rebuild)
+    here = native_step.build_dir()
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    assert native_step.build_dir() != here
+
+
 # ---- the native sampler (sample_rows) --------------------------------------------------------
 def test_native_sampler_draws_the_torch_paths_ids(native_module):
     """Same uniforms in, same ids out as model/sampling.py's torch path: temperatures (greedy rows

@@ -4,8 +4,10 @@ The torch path stays the reference and the fallback: the native step is used onl
 is built, the model is small (`fast_decode.FOLD_LIMIT_BYTES`) and its weights are fp32 in
 memory (read by the step as bf16 when that is exact). Building needs a C++ compiler and takes
 ~20-40 s once; the result is cached under ``$KILN_CACHE_DIR`` (default ``~/.cache/kiln``) in
-a directory named after a hash of the source, the flags, torch's version and this CPU, so a
-change of any of them builds afresh. `make serve` builds it before starting the server; a server started
+a directory named after a hash of the source, the flags, the torch and Python it builds against
+(version and install location) and this CPU, so a change of any of them builds afresh. The
+source is compiled from a copy inside that directory: the build command names no checkout path,
+so checkouts and virtual environments that share the cache never rebuild each other's module. `make serve` builds it before starting the server; a server started
 without it builds it in the background and switches to it when ready.
 
     python -m model.native          # build (or find) it and print where it is
@@ -18,6 +20,7 @@ import logging
 import os
 import platform
 import sys
+import sysconfig
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -54,7 +57,10 @@ def build_dir(flags: list[str] | None = None, ldflags: list[str] | None = None) 
     import torch
 
     flags, ldflags = (FLAGS, LDFLAGS) if flags is None else (flags, ldflags or [])
-    key = "\n".join([SOURCE.read_text(), " ".join(flags + ldflags), torch.__version__, sys.version, _cpu_id()])
+    # the install locations go into the compile and link commands (include and library paths): a
+    # second environment must not share a directory whose command it would change (ninja rebuilds)
+    key = "\n".join([SOURCE.read_text(), " ".join(flags + ldflags), torch.__version__, str(Path(torch.__file__).parent),
+                     sys.version, sysconfig.get_paths()["include"], _cpu_id()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = Path(os.environ.get("KILN_CACHE_DIR", Path.home() / ".cache" / "kiln"))
     return root / "native" / digest
@@ -84,8 +90,8 @@ def load(build: bool = True) -> ModuleType | None:
         failure = ""
         for flags, ldflags, directory in built or variants:
             try:
-                directory.mkdir(parents=True, exist_ok=True)
-                _module = load_extension(name="kiln_native_" + directory.name, sources=[str(SOURCE)],
+                source = _source_copy(directory)
+                _module = load_extension(name="kiln_native_" + directory.name, sources=[str(source)],
                                          extra_cflags=flags, extra_ldflags=ldflags, build_directory=str(directory),
                                          verbose=False)
                 return _module
@@ -94,6 +100,19 @@ def load(build: bool = True) -> ModuleType | None:
         _error = failure
         log.warning("the native CPU decode step is unavailable, using the torch path: %s", _error)
         return _module
+
+
+def _source_copy(directory: Path) -> Path:
+    """decode_step.cpp inside the build directory (written only when missing or different, so its
+    timestamp does not make ninja rebuild an up-to-date module)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    copy = directory / SOURCE.name
+    text = SOURCE.read_text()
+    if not copy.exists() or copy.read_text() != text:
+        tmp = copy.with_name(f".{copy.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, copy)  # atomic: a concurrent build never compiles a half-written file
+    return copy
 
 
 def error() -> str | None:
