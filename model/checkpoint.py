@@ -1,8 +1,9 @@
-"""Model directories: load and save Kiln's own, load Hugging Face `gpt2` and `llama`.
+"""Model directories: load and save Kiln's own, load Hugging Face `gpt2`, `llama` and `qwen2`.
 
 A Kiln model directory is `config.json` (ModelConfig, model_type "kiln") +
 `model.safetensors` (or shards + `model.safetensors.index.json`) + tokenizer files.
-Hugging Face directories of model_type `gpt2` and `llama` load too: their config is
+Hugging Face directories of model_type `gpt2`, `llama` (rotary scaling `linear` and `llama3`
+included: Llama 3.1 / 3.2) and `qwen2` load too: their config is
 translated to a ModelConfig and their tensor names are mapped onto Kiln's fused
 layout (q/k/v -> qkv, gate/up -> up; GPT-2's Conv1D weights are transposed).
 Only safetensors are read: a pickle is never loaded.
@@ -19,10 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
+from .config import ROPE_SCALING_KEYS, ModelConfig
 from .transformer import Transformer
 
-SUPPORTED_TYPES = ("kiln", "gpt2", "llama")
+SUPPORTED_TYPES = ("kiln", "gpt2", "llama", "qwen2")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -70,26 +71,49 @@ def config_from_hf(cfg: dict) -> ModelConfig:
             norm="layernorm", norm_eps=cfg.get("layer_norm_epsilon", 1e-5), positions="learned", mlp="gelu",
             tie_embeddings=cfg.get("tie_word_embeddings", True), bias=True,
             bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos)
-    if model_type == "llama":
+    if model_type in ("llama", "qwen2"):
         if cfg.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"llama hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise CheckpointError(f"llama rope scaling {rope_type!r} is not supported (default rotary only)")
+            raise CheckpointError(f"{model_type} hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
         if cfg.get("mlp_bias"):
-            raise CheckpointError("llama mlp_bias=true is not supported")
-        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+            raise CheckpointError(f"{model_type} mlp_bias=true is not supported")
+        if model_type == "llama" and cfg.get("attention_bias"):
+            raise CheckpointError("llama attention_bias=true is not supported (Kiln's q/k/v biases are Qwen2's: "
+                                  "no o_proj bias)")
+        theta, scaling = _hf_rope(cfg, model_type)
         n_head = cfg["num_attention_heads"]
+        max_seq_len = cfg.get("max_position_embeddings", 2048)
+        if model_type == "qwen2" and cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+            # full causal attention equals the sliding window's while a sequence fits in the window
+            max_seq_len = min(max_seq_len, int(cfg["sliding_window"]))
         return ModelConfig(
             vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"], n_head=n_head,
             n_kv_head=cfg.get("num_key_value_heads") or n_head, d_model=cfg["hidden_size"],
-            d_ff=cfg["intermediate_size"], max_seq_len=cfg.get("max_position_embeddings", 2048),
-            norm="rmsnorm", norm_eps=cfg.get("rms_norm_eps", 1e-6), positions="rope", rope_theta=float(theta),
-            mlp="swiglu", tie_embeddings=cfg.get("tie_word_embeddings", False), bias=False,
-            attention_bias=bool(cfg.get("attention_bias", False)), head_dim=cfg.get("head_dim"),
+            d_ff=cfg["intermediate_size"], max_seq_len=max_seq_len,
+            norm="rmsnorm", norm_eps=cfg.get("rms_norm_eps", 1e-6), positions="rope", rope_theta=theta,
+            rope_scaling=scaling, mlp="swiglu", tie_embeddings=cfg.get("tie_word_embeddings", False), bias=False,
+            attention_bias=True if model_type == "qwen2" else False, head_dim=cfg.get("head_dim"),
             bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos)
     raise CheckpointError(f"unknown model_type {model_type!r}; supported: {', '.join(SUPPORTED_TYPES)}")
+
+
+def _hf_rope(cfg: dict, model_type: str) -> tuple[float, dict | None]:
+    """(rope_theta, Kiln's rope_scaling) from a Hugging Face config: `rope_parameters` (transformers 5)
+    or `rope_scaling` (4.x) with `rope_theta` beside it."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise CheckpointError(f"{model_type} rope scaling {rope_type!r} is not supported "
+                              f"(supported: default, {', '.join(ROPE_SCALING_KEYS)})")
+    if rope.get("attention_factor") not in (None, 1, 1.0):
+        raise CheckpointError(f"{model_type} rope scaling attention_factor={rope['attention_factor']!r} is not "
+                              "supported (1.0 only)")
+    missing = [key for key in ROPE_SCALING_KEYS[rope_type] if key not in rope]
+    if missing:
+        raise CheckpointError(f"{model_type} rope scaling {rope_type!r} needs {', '.join(missing)}")
+    return theta, {"rope_type": rope_type, **{key: rope[key] for key in ROPE_SCALING_KEYS[rope_type]}}
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
@@ -195,7 +219,7 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], device
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                attn_backend: str = "auto") -> Transformer:
-    """Load a Kiln or Hugging Face (gpt2/llama) model directory."""
+    """Load a Kiln or Hugging Face (gpt2/llama/qwen2) model directory."""
     started = time.perf_counter()
     model_dir = Path(model_dir)
     device = torch.device(device)
@@ -205,7 +229,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
     try:
         if raw.get("model_type") == "gpt2":
             tensors = map_gpt2(tensors, config)
-        elif raw.get("model_type") == "llama":
+        elif raw.get("model_type") in ("llama", "qwen2"):  # Qwen2's tensors are Llama's, q/k/v biases added
             tensors = map_llama(tensors, config)
     except KeyError as e:
         raise CheckpointError(f"{model_dir}: tensor {e.args[0]!r} expected for model_type "

@@ -4,18 +4,26 @@ One frozen dataclass describes both families Kiln runs:
 - Llama style: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention.
 - GPT-2 style: LayerNorm, learned positions, GELU MLP (tanh approximation), biases,
   tied input/output embeddings.
+
+`rope_scaling` stretches the rotary frequencies the way Hugging Face's Llama does for
+long-context checkpoints: {"rope_type": "linear", "factor": f} divides every frequency by f;
+{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+"original_max_position_embeddings"} (Llama 3.1 / 3.2) divides the low frequencies by f, keeps
+the high ones, and blends between them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
 MLPS = ("swiglu", "gelu")
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     positions: str = "rope"
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = field(default=None, hash=False)  # see the module docstring; None = plain RoPE
     mlp: str = "swiglu"
     tie_embeddings: bool = False
     bias: bool = False  # biases on every linear layer (GPT-2)
@@ -57,6 +66,22 @@ class ModelConfig:
                  f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}) when head_dim is unset")
         if self.positions == "rope":
             need(self.dim_per_head % 2 == 0, f"rotary positions need an even head dim, got {self.dim_per_head}")
+        if self.rope_scaling is not None:
+            need(self.positions == "rope", "rope_scaling needs positions = 'rope'")
+            need(isinstance(self.rope_scaling, dict), f"rope_scaling must be a dict, got {self.rope_scaling!r}")
+            kind = self.rope_scaling.get("rope_type")
+            need(kind in ROPE_SCALING_KEYS,
+                 f"rope_scaling rope_type must be one of {tuple(ROPE_SCALING_KEYS)}, got {kind!r}")
+            keys = ROPE_SCALING_KEYS[kind]
+            extra = sorted(set(self.rope_scaling) - set(keys) - {"rope_type"})
+            need(not extra, f"rope_scaling of type {kind!r} takes {', '.join(keys)}; unknown: {extra}")
+            for key in keys:
+                value = self.rope_scaling.get(key)
+                need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                     f"rope_scaling {key} must be a number > 0, got {value!r}")
+            if kind == "llama3":
+                need(self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"],
+                     "rope_scaling high_freq_factor must be greater than low_freq_factor")
 
     @property
     def dim_per_head(self) -> int:

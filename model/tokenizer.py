@@ -5,7 +5,8 @@ Owns reading and writing tokenizer files (nothing is ever downloaded):
 - Kiln's format: `tokenizer.tiktoken` (tiktoken's `base64(token bytes) rank` lines) and
   `tokenizer_config.json` ({"pattern", "special_tokens", "bos_token", "eos_token",
   "pad_token", "add_bos"}, plus Hugging Face keys so the same directory loads there too).
-- Hugging Face byte-level BPE: `tokenizer.json` (GPT-2 or Llama-3 style) or `vocab.json` +
+- Hugging Face byte-level BPE: `tokenizer.json` (GPT-2, Llama-3 or Qwen2 style: a Unicode
+  normalization form such as Qwen2's NFC is applied before encoding) or `vocab.json` +
   `merges.txt`, converted to tiktoken ranks through GPT-2's byte <-> unicode table.
 
 tiktoken merges the adjacent pair whose concatenated bytes has the lowest rank (and takes a
@@ -22,6 +23,7 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,6 +40,7 @@ HF_VOCAB_FILE = "vocab.json"
 HF_MERGES_FILE = "merges.txt"
 HF_SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 
+NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")  # Unicode forms (unicodedata), as HF's normalizers of these names
 _HF_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -65,6 +68,11 @@ class TokenizerConfig:
     add_bos: bool = False
     # ids the BPE can never produce but a model may still emit (HF vocab entries no merge makes)
     decode_only_tokens: Mapping[int, bytes] = field(default_factory=dict)
+    normalizer: str | None = None  # a Unicode form of NORMALIZERS applied to text before encoding
+
+    def __post_init__(self) -> None:
+        if self.normalizer is not None and self.normalizer not in NORMALIZERS:
+            raise ValueError(f"tokenizer normalizer must be one of {NORMALIZERS} or null, got {self.normalizer!r}")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -80,6 +88,8 @@ class TokenizerConfig:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }
+        if self.normalizer is not None:
+            out["normalizer"] = self.normalizer
         if self.decode_only_tokens:
             out["decode_only_tokens"] = {str(i): base64.b64encode(raw).decode()
                                          for i, raw in self.decode_only_tokens.items()}
@@ -93,7 +103,8 @@ class TokenizerConfig:
         decode_only = {int(i): base64.b64decode(b) for i, b in data.get("decode_only_tokens", {}).items()}
         return cls(pattern=data["pattern"], special_tokens={str(k): int(v) for k, v in data["special_tokens"].items()},
                    eos_token=data["eos_token"], bos_token=data.get("bos_token"), pad_token=data.get("pad_token"),
-                   add_bos=bool(data.get("add_bos", False)), decode_only_tokens=decode_only)
+                   add_bos=bool(data.get("add_bos", False)), decode_only_tokens=decode_only,
+                   normalizer=data.get("normalizer"))
 
 
 class Tokenizer:
@@ -182,6 +193,8 @@ class Tokenizer:
     # -- encode / decode -----------------------------------------------------------------------
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Ids for `text`, never adding BOS (callers prepend `bos_id` when `add_bos`)."""
+        if self.config.normalizer is not None:
+            text = unicodedata.normalize(self.config.normalizer, text)
         if allow_special:
             return self.encoding.encode(text, allowed_special="all")
         return self.encoding.encode_ordinary(text)  # special-token text becomes ordinary bytes
@@ -262,7 +275,8 @@ class Tokenizer:
                 "special_tokens": {bos: {"id": bos, "ids": [self.bos_id], "tokens": [bos]}},
             }
         return {
-            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": None if self.config.normalizer is None else {"type": self.config.normalizer},
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": self.config.pattern}, "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
@@ -511,8 +525,10 @@ def _load_hf(path: Path) -> Tokenizer:
         model = data.get("model") or {}
         if model.get("type") != "BPE":
             raise ValueError(f"{source}: model type {model.get('type')!r} is not supported; Kiln reads BPE only")
-        if data.get("normalizer") is not None:
-            raise ValueError(f"{source}: a normalizer ({data['normalizer'].get('type')}) is not supported")
+        normalizer = (data.get("normalizer") or {}).get("type")
+        if normalizer is not None and normalizer not in NORMALIZERS:
+            raise ValueError(f"{source}: normalizer {normalizer} is not supported (only the Unicode forms "
+                             f"{', '.join(NORMALIZERS)})")
         if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
             raise ValueError(f"{source}: BPE dropout / subword prefix / word suffix are not supported")
         vocab = model["vocab"]
@@ -527,7 +543,7 @@ def _load_hf(path: Path) -> Tokenizer:
         vocab = _read_json(path / HF_VOCAB_FILE)
         lines = source.read_text(encoding="utf-8").splitlines()
         merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-        pattern, ignore_merges = GPT2_PATTERN, False
+        pattern, ignore_merges, normalizer = GPT2_PATTERN, False, None
         gpt2_defaults = True  # what transformers' GPT2Tokenizer assumes for bare vocab.json + merges.txt
     bad = [tuple(m) for m in merges if len(m) != 2]
     if bad:
@@ -572,7 +588,8 @@ def _load_hf(path: Path) -> Tokenizer:
     decode_only = {token_id: _vocab_bytes(token, byte_decoder) for token, token_id in vocab.items()
                    if token not in used and token_id not in special_ids}
     config = TokenizerConfig(pattern=pattern, special_tokens=special_tokens, eos_token=eos, bos_token=bos,
-                             pad_token=names["pad_token"], add_bos=add_bos, decode_only_tokens=decode_only)
+                             pad_token=names["pad_token"], add_bos=add_bos, decode_only_tokens=decode_only,
+                             normalizer=normalizer)
     return Tokenizer(ranks, config, name=f"hf:{path.name}")
 
 

@@ -48,13 +48,34 @@ def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.T
     the sin table and `apply_rope` needs one roll and one fused multiply-add.
     """
     D = config.dim_per_head
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64, device=device) / D))
+    inv_freq = scaled_inv_freq(config, 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64,
+                                                                                   device=device) / D)))
     t = torch.arange(config.max_seq_len, dtype=torch.float64, device=device)
     freqs = torch.outer(t, inv_freq)  # (S, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (S, D)
     sign = torch.cat([-torch.ones(D // 2, dtype=torch.float64, device=device),
                       torch.ones(D // 2, dtype=torch.float64, device=device)])
     return emb.cos().float(), (emb.sin() * sign).float()
+
+
+def scaled_inv_freq(config: ModelConfig, inv_freq: torch.Tensor) -> torch.Tensor:
+    """The rotary frequencies after `config.rope_scaling` (as transformers' rope init functions)."""
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":  # positions / factor
+        return inv_freq / factor
+    # llama3: wavelengths longer than original / low_freq_factor are stretched by `factor`, shorter than
+    # original / high_freq_factor kept, and those between interpolated smoothly
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    stretched = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, blended, stretched)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

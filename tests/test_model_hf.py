@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -137,3 +139,90 @@ def test_kiln_save_load_roundtrip_sharded(tmp_path, llama_dir):
 def test_num_params_counts_every_parameter(hf_dir):
     model = load_model(hf_dir)
     assert model.config.num_params() == sum(p.numel() for p in model.parameters())
+
+
+# ---- rotary scaling (Llama 3.1 / 3.2, linear) and Qwen2 -------------------------------------------
+def save_tiny_hf(out, tokenizer_dir, family: str = "llama", **extra):
+    """A tiny random Hugging Face model of `family` (llama or qwen2) with `extra` config fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import _copy_tokenizer, _sharpen, hf_vocab_size
+
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    torch.manual_seed(0)
+    fields = dict(vocab_size=hf_vocab_size(tokenizer_dir), hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    model = model_cls(config_cls(**{**fields, **extra})).eval()
+    _sharpen(model, 3.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # Qwen2's q/k/v biases: HF initializes them to zero
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(str(out))
+    _copy_tokenizer(tokenizer_dir, out)
+    return out
+
+
+# head dim 16, theta 10000: wavelengths 6.3, 19.9, 62.8, 199, ... positions. With original length 64 and
+# low/high factors 1/4, llama3 keeps the first, blends the next two and stretches the rest.
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+LINEAR = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+
+
+@pytest.mark.parametrize("rope", [LLAMA3, LINEAR], ids=["llama3", "linear"])
+@torch.no_grad()
+def test_rope_scaling_matches_hf(tmp_path, tokenizer_dir, rope):
+    from model.cli import load_engine
+    from model.engine import SamplingParams
+    from model.transformer import rope_tables
+
+    path = save_tiny_hf(tmp_path / "m", tokenizer_dir, rope_parameters=dict(rope))
+    ref, model = hf_model(path), load_model(path)
+    assert model.config.rope_scaling == {k: v for k, v in rope.items() if k != "rope_theta"}
+    plain = rope_tables(dataclasses.replace(model.config, rope_scaling=None))
+    assert not torch.allclose(model.rope_cos, plain[0])  # the scaling changes the tables: the test can fail
+    tokens = random_tokens(ref.config.vocab_size, (2, 120), seed=4)
+    close(model(tokens), ref(tokens).logits)
+    # the served path (KV cache, decode steps) too: greedy ids equal HF's generate
+    engine = load_engine(str(path), "cpu", None, max_batch_size=1)
+    prompt = random_tokens(ref.config.vocab_size, (1, 70), seed=5)
+    want = ref.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)[0, 70:].tolist()
+    got = [t for out in engine.generate(prompt[0].tolist(), SamplingParams(max_tokens=24, temperature=0.0,
+                                                                           ignore_eos=True))
+           for t in out.token_ids]
+    assert got == want
+    # `kiln export` to Kiln's format and back to Hugging Face's keeps the scaling
+    from training.export import main as export_main
+
+    assert export_main([str(path), "--out", str(tmp_path / "kiln")]) == 0
+    assert load_model(tmp_path / "kiln").config == model.config
+    assert export_main([str(tmp_path / "kiln"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    close(hf_model(tmp_path / "hf")(tokens).logits, ref(tokens).logits)
+
+
+@torch.no_grad()
+def test_qwen2_matches_hf(tmp_path, tokenizer_dir):
+    path = save_tiny_hf(tmp_path / "q", tokenizer_dir, family="qwen2", tie_word_embeddings=True)
+    ref, model = hf_model(path), load_model(path)
+    assert model.config.has_attention_bias and not model.config.bias and model.config.tie_embeddings
+    tokens = random_tokens(ref.config.vocab_size, (2, 40), seed=6)
+    close(model(tokens), ref(tokens).logits)
+    windowed = save_tiny_hf(tmp_path / "w", tokenizer_dir, family="qwen2", use_sliding_window=True, sliding_window=32,
+                            max_window_layers=0)
+    assert load_model(windowed).config.max_seq_len == 32  # full attention is the window's only within it
+
+
+def test_unsupported_rope_scaling_is_a_clear_error(tmp_path, tokenizer_dir):
+    path = save_tiny_hf(tmp_path / "y", tokenizer_dir)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="rope scaling 'yarn' is not supported"):
+        load_model(path)
+    config["rope_scaling"] = {"type": "llama3", "factor": 8.0}  # transformers 4.x spelling, fields missing
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="needs low_freq_factor, high_freq_factor"):
+        load_model(path)

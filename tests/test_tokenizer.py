@@ -311,6 +311,34 @@ def test_save_writes_kiln_format_that_reloads_and_transformers_reads(llama_dir, 
     assert load_hf_tokenizer(tmp_path).mergeable_ranks == tok.mergeable_ranks
 
 
+def test_qwen2_style_nfc_normalizer(tmp_path_factory, tmp_path):
+    """Qwen2's tokenizer.json: Split(regex) + ByteLevel, and an NFC normalizer before both: decomposed
+    text ("e" + combining acute) must get the ids of its composed form, as transformers gives."""
+    import unicodedata
+
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA_PATTERN), behavior="isolated"),
+                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf = train_bpe(pre, vocab_size=600, specials=[EOS, "<|im_start|>", "<|im_end|>"])
+    hf.normalizer = normalizers.NFC()
+    out = tmp_path_factory.mktemp("qwen_tok")
+    PreTrainedTokenizerFast(tokenizer_object=hf, eos_token=EOS, pad_token=EOS).save_pretrained(str(out))
+    tok, auto = load_tokenizer(out), AutoTokenizer.from_pretrained(str(out))
+    assert tok.config.normalizer == "NFC"
+    decomposed = "cafe\u0301 A\u030angstro\u0308m \u1100\u1161 \u5e8a\u524d e\u0301e\u0301"
+    assert unicodedata.normalize("NFC", decomposed) != decomposed
+    texts = {**TEXTS, **random_texts(8, 100), "decomposed": decomposed, "chat": "<|im_start|>user\nhi<|im_end|>"}
+    assert_same_ids(tok, auto, texts)
+    assert tok.encode(decomposed) == tok.encode(unicodedata.normalize("NFC", decomposed))
+    tok.save(tmp_path)  # Kiln's files keep the form, and the tokenizer.json written beside them too
+    again = load_tokenizer(tmp_path)
+    assert again.config.normalizer == "NFC"
+    assert_same_ids(again, auto, texts)
+    assert_same_ids(again, AutoTokenizer.from_pretrained(str(tmp_path)), texts)
+
+
 # -- errors -------------------------------------------------------------------------------------
 def test_directory_without_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no tokenizer in .*tokenizer\.tiktoken.*tokenizer\.json.*vocab\.json"):
@@ -401,6 +429,12 @@ def test_unsupported_hf_files_are_refused(tmp_path):
     (d / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="add_prefix_space"):
         load_tokenizer(d)
+    data["pre_tokenizer"]["add_prefix_space"] = False
+    data["normalizer"] = {"type": "Lowercase"}
+    (d / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="normalizer Lowercase is not supported"):
+        load_tokenizer(d)
+    data["normalizer"] = None
     data["pre_tokenizer"] = {"type": "Whitespace"}
     (d / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="Whitespace"):

@@ -192,7 +192,7 @@ def encode_chunk(tokenizer, settings: EncodeSettings, chunk: Chunk) -> tuple[byt
         ids = out[split]
         if settings.bos_id is not None:
             ids.append(settings.bos_id)
-        ids.extend(tokenizer.encoding.encode_ordinary(text))  # special-token text inside a document is plain text
+        ids.extend(tokenizer.encode(text, allow_special=False))  # special-token text inside a document is plain text
         ids.append(settings.eos_id)
         docs[split] += 1
     dtype = np.dtype(settings.dtype)

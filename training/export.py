@@ -121,7 +121,7 @@ def hf_config(config: ModelConfig, family: str, dtype: torch.dtype) -> dict:
             "head_dim": config.dim_per_head, "max_position_embeddings": config.max_seq_len,
             "rms_norm_eps": config.norm_eps, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
             "rope_theta": config.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta}}
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}}
 
 
 def hf_state_dict(model: Transformer, family: str) -> dict[str, torch.Tensor]:
