@@ -10,7 +10,8 @@ the overhead:
   `W @ (g * n) + b == (W * g) @ n + b`; RMSNorm becomes `x * rsqrt(mean(x^2) + eps)` and
   LayerNorm an affine-free `layer_norm` (the final norm folds into a private copy of the
   LM head, so tied embeddings stay untouched); larger models keep their weights as they
-  are and apply the norms as modules;
+  are and apply the norms as modules, and from PACKED_DECODE_MIN_BATCH rows on read their
+  matrices through the oneDNN packs made for prefill (model/cpu_packing);
 - one flat loop over pre-extracted weights (`_body`, on plain tensors): no module calls,
   hooks or attribute lookups; the attention reads the paged cache through the block table
   (`paged_decode_attention`).
@@ -52,6 +53,10 @@ FOLD_LIMIT_BYTES = 256 * 2**20
 # (bench/cpu_decode_step.py, default model, 2 cores): above 64 the torch path's GEMMs (oneDNN /
 # MKL) are left to it.
 NATIVE_MAX_BATCH = 64
+# Unfolded models' steps from this many rows on run their matrices through the oneDNN packs made for
+# prefill (model/cpu_packing): GPT-2 124M shape, 2 cores, whole decode steps vs F.linear: 0.84x at 2
+# rows, 0.90x at 3, 1.22x at 4, 1.26x at 6, 1.36x at 8 (MKL's F.linear slows down sharply at 4 rows).
+PACKED_DECODE_MIN_BATCH = 4
 
 
 @dataclass
@@ -66,6 +71,8 @@ class _Layer:
     down_b: torch.Tensor | None
     norm1: torch.nn.Module | None  # None when folded into qkv_w
     norm2: torch.nn.Module | None  # None when folded into up_w
+    # unfolded plans: the modules whose weights these are (their oneDNN packs, model/cpu_packing)
+    modules: tuple[torch.nn.Linear, ...] = ()
 
 
 def _fold(norm: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -102,8 +109,10 @@ class DecodePlan:
             for block in model.blocks:
                 qkv_w, qkv_b, norm1 = reading(block.norm1, block.attn.qkv)
                 up_w, up_b, norm2 = reading(block.norm2, block.mlp.up)
+                linears = () if self.folded else (block.attn.qkv, block.attn.proj, block.mlp.up, block.mlp.down)
                 self.layers.append(_Layer(qkv_w, qkv_b, block.attn.proj.weight, block.attn.proj.bias,
-                                          up_w, up_b, block.mlp.down.weight, block.mlp.down.bias, norm1, norm2))
+                                          up_w, up_b, block.mlp.down.weight, block.mlp.down.bias, norm1, norm2,
+                                          linears))
             self.head_w, self.head_b, self.final_norm = reading(model.norm, model.lm_head)
         self._head_packs: dict[int, torch.Tensor] = {}  # batch size -> oneDNN-packed head (pack_head)
         self._compiled = None  # the step compiled per batch bucket (compile())
@@ -129,10 +138,18 @@ class DecodePlan:
                 return
             self._head_packs[size] = packed
 
+    def _use_packs(self, batch_size: int) -> bool:
+        """Whether an unfolded (large) model's step reads its matrices through the oneDNN packs that
+        `pack_linears` made for prefill: from PACKED_DECODE_MIN_BATCH rows on they beat F.linear (MKL),
+        below it they lose. Compiled steps keep F.linear (inductor packs its own)."""
+        return batch_size >= PACKED_DECODE_MIN_BATCH and not self.folded and not torch.compiler.is_compiling()
+
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, d) -> logits (B, V), through the pack made for the nearest batch size at or above B."""
         fits = [size for size in self._head_packs if size >= h.shape[0]]
         if not fits:
+            if self._use_packs(h.shape[0]):
+                return _packed_linear(h, self.head_w, self.head_b, self.model.lm_head)
             return F.linear(h, self.head_w, self.head_b)
         packed = self._head_packs[min(fits)]
         return torch.ops.mkldnn._linear_pointwise(h, packed, self.head_b, "none", [], "")
@@ -237,21 +254,24 @@ class DecodePlan:
             sin = model.rope_sin[positions][:, :, None, :]
         else:
             x = x + F.embedding(positions, model.pos_embed.weight)
+        packed = self._use_packs(B)
+        linear = _packed_linear if packed else _plain_linear
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(self._norm(x, layer.norm1), layer.qkv_w, layer.qkv_b)  # (B, 1, (H + 2Hkv) D)
+            qkv_m, proj_m, up_m, down_m = layer.modules or (None,) * 4
+            qkv = linear(self._norm(x, layer.norm1), layer.qkv_w, layer.qkv_b, qkv_m)  # (B, 1, (H + 2Hkv) D)
             qk = qkv[..., : (H + Hkv) * D].view(B, 1, H + Hkv, D)
             if self.rms:
                 qk = apply_rope(qk, cos, sin)
             v = qkv[..., (H + Hkv) * D:].view(B, 1, Hkv, D)
             y = attention(qk[:, :, :H].transpose(1, 2), qk[:, :, H:], v, k_cache[i], v_cache[i], write_blocks,
                           write_offsets, block_table, lengths, meta)  # (B, H, 1, D)
-            x = x + F.linear(y.transpose(1, 2).reshape(B, 1, H * D), layer.proj_w, layer.proj_b)
-            h = F.linear(self._norm(x, layer.norm2), layer.up_w, layer.up_b)
+            x = x + linear(y.transpose(1, 2).reshape(B, 1, H * D), layer.proj_w, layer.proj_b, proj_m)
+            h = linear(self._norm(x, layer.norm2), layer.up_w, layer.up_b, up_m)
             if self.swiglu:
                 h = F.silu(h[..., : self.d_ff]) * h[..., self.d_ff:]
             else:
                 h = F.gelu(h, approximate="tanh")
-            x = x + F.linear(h, layer.down_w, layer.down_b)
+            x = x + linear(h, layer.down_w, layer.down_b, down_m)
         return self._norm(x[:, 0], self.final_norm)  # (B, d)
 
     # ---- torch.compile ------------------------------------------------------------------------
@@ -311,6 +331,20 @@ def pack_tiles(weight: torch.Tensor, tile: int = NATIVE_TILE, dtype: torch.dtype
     padded = torch.zeros(tiles * tile, in_features, dtype=dtype)
     padded[:out_features] = weight.detach()
     return padded.view(tiles, tile, in_features).transpose(1, 2).contiguous()
+
+
+def _plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, module) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   module: torch.nn.Linear | None) -> torch.Tensor:
+    """F.linear through the module's oneDNN pack (model/cpu_packing) when it has a current one."""
+    packed = getattr(module, "_kiln_packed", None)
+    if packed is None or module.weight._version != module._kiln_packed_version:
+        return F.linear(x, weight, bias)
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _exactly_bf16(weight: torch.Tensor) -> bool:

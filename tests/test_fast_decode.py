@@ -29,12 +29,23 @@ def run(engine: Engine, prompts: list[list[int]], lengths: list[int]):
 
 @pytest.mark.parametrize("fold", [True, False])
 def test_fast_path_equals_plain_path(hf_dir, fold, monkeypatch):
+    packed_calls = []
     if not fold:  # the large-model variant: norms applied as modules, no weight copies
         monkeypatch.setattr(fast_decode, "FOLD_LIMIT_BYTES", 0)
-    fast = load_engine(str(hf_dir), "cpu", max_batch_size=3)
+        # from PACKED_DECODE_MIN_BATCH (4) rows on, its matrices go through the prefill's oneDNN packs
+        real = fast_decode._packed_linear
+
+        def spy(x, weight, bias, module):
+            packed_calls.append(getattr(module, "_kiln_packed", None) is not None)
+            return real(x, weight, bias, module)
+
+        monkeypatch.setattr(fast_decode, "_packed_linear", spy)
+    fast = load_engine(str(hf_dir), "cpu", max_batch_size=4)
     assert fast._decode_plan is not None and fast._decode_plan.folded == fold
-    plain = Engine(fast.model, fast.tokenizer, max_batch_size=3, fast_decode=False)
+    plain = Engine(fast.model, fast.tokenizer, max_batch_size=4, fast_decode=False)
     assert_same_runs(fast, plain)
+    if not fold and fast.model.blocks[0].attn.qkv.forward.__name__ == "_packed_forward":  # (oneDNN available)
+        assert packed_calls and all(packed_calls)
 
 
 def assert_same_runs(engine: Engine, reference: Engine, batches=([20], [14, 6, 11, 9])) -> None:
