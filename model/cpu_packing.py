@@ -7,10 +7,15 @@ with the same results to fp32 rounding. `pack_linears(model)` gives every `nn.Li
 CPU fp32 model a packed copy of its weight and routes its forward there when no gradient is
 needed; training, other dtypes and devices keep the plain path. A weight changed in place
 after packing is noticed (its version counter moves) and repacked.
+
+The packs are copies: they double the memory the matrices take. A model whose copies would
+take more than half of the memory still available (`MemAvailable`) is left unpacked (slower
+prefill, and no out-of-memory kill for a model that fits only once).
 """
 
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
@@ -18,6 +23,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PACK_BATCH = 512  # the row count the packing is tuned for: prefill chunks and scoring windows
+MAX_MEMORY_SHARE = 0.5  # packs may take at most this share of the memory still available
+
+log = logging.getLogger("kiln.cpu_packing")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory still available to new allocations (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def available() -> bool:
@@ -65,6 +85,13 @@ def pack_linears(model: nn.Module) -> int:
     keep their packs."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
+        return 0
+    todo = [m for m in linears if getattr(m, "_kiln_packed", None) is None]
+    needed = sum(m.weight.numel() * m.weight.element_size() for m in {id(m.weight): m for m in todo}.values())
+    free = available_memory()
+    if todo and free is not None and needed > MAX_MEMORY_SHARE * free:
+        log.warning("not prepacking the linear layers for oneDNN: the copies would take %.1f GB of the %.1f GB "
+                    "still available (prefill and scoring run on F.linear instead)", needed / 1e9, free / 1e9)
         return 0
     first = linears[0]
     if pack_weight(first.weight, first.bias, PACK_BATCH) is None:

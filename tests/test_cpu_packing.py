@@ -35,3 +35,15 @@ def test_packed_linears_match_and_follow_weight_edits():
 def test_not_applied_off_fp32_cpu():
     assert cpu_packing.pack_linears(nn.Sequential(nn.Linear(8, 8).double())) == 0
     assert cpu_packing.pack_linears(nn.Sequential(nn.ReLU())) == 0
+
+
+def test_a_model_whose_copies_would_not_fit_is_left_unpacked(monkeypatch, caplog):
+    """The packs double the matrices' memory: a model that fits only once must load, unpacked."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))  # 2 x 16 KiB of fp32 weights
+    monkeypatch.setattr(cpu_packing, "available_memory", lambda: 60 * 1024)  # half of it < 32 KiB
+    assert cpu_packing.pack_linears(model) == 0
+    assert getattr(model[0], "_kiln_packed", None) is None and "not prepacking" in caplog.text
+    monkeypatch.setattr(cpu_packing, "available_memory", lambda: 70 * 1024)
+    assert cpu_packing.pack_linears(model) == 2
+    monkeypatch.undo()
+    assert cpu_packing.available_memory() is None or cpu_packing.available_memory() > 0
