@@ -54,8 +54,11 @@ def read_config(model_dir: Path) -> dict:
 
 def config_from_hf(cfg: dict) -> ModelConfig:
     model_type = cfg.get("model_type")
-    eos = cfg.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos_ids = _id_list(cfg.get("eos_token_id"))
+    eos = eos_ids[0] if eos_ids else None
+    vocab = cfg.get("vocab_size")
+    extra_eos = tuple(i for i in dict.fromkeys(eos_ids + _id_list(cfg.get("_generation_eos_token_id")))
+                      if i != eos and isinstance(vocab, int) and 0 <= i < vocab)
     if model_type == "gpt2":
         act = cfg.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -70,7 +73,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
             d_model=d, d_ff=cfg.get("n_inner") or 4 * d, max_seq_len=cfg.get("n_positions", 1024),
             norm="layernorm", norm_eps=cfg.get("layer_norm_epsilon", 1e-5), positions="learned", mlp="gelu",
             tie_embeddings=cfg.get("tie_word_embeddings", True), bias=True,
-            bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos)
+            bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos, extra_eos_token_ids=extra_eos)
     if model_type in ("llama", "qwen2"):
         if cfg.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{model_type} hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
@@ -92,8 +95,14 @@ def config_from_hf(cfg: dict) -> ModelConfig:
             norm="rmsnorm", norm_eps=cfg.get("rms_norm_eps", 1e-6), positions="rope", rope_theta=theta,
             rope_scaling=scaling, mlp="swiglu", tie_embeddings=cfg.get("tie_word_embeddings", False), bias=False,
             attention_bias=True if model_type == "qwen2" else False, head_dim=cfg.get("head_dim"),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos)
+            bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos, extra_eos_token_ids=extra_eos)
     raise CheckpointError(f"unknown model_type {model_type!r}; supported: {', '.join(SUPPORTED_TYPES)}")
+
+
+def _id_list(value) -> list[int]:
+    """A Hugging Face token-id field (an int, a list of ints, or null) as a list."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
 
 
 def _hf_rope(cfg: dict, model_type: str) -> tuple[float, dict | None]:
@@ -124,7 +133,19 @@ def load_config(model_dir: str | Path) -> ModelConfig:
             return ModelConfig.from_dict(raw)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{model_dir}/config.json: {e}") from None
-    return config_from_hf(raw)
+    # generation_config.json may list more end-of-sequence ids (chat models' end of turn), as vLLM reads it
+    generation = Path(model_dir) / "generation_config.json"
+    if generation.is_file():
+        try:
+            raw["_generation_eos_token_id"] = json.loads(generation.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            pass  # an unreadable generation config only loses its extra ids
+    try:
+        return config_from_hf(raw)
+    except ValueError as e:  # a ModelConfig check
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{model_dir}/config.json: {e}") from None
 
 
 def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:

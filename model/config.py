@@ -47,6 +47,8 @@ class ModelConfig:
     head_dim: int | None = None  # None -> d_model // n_head
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # more ids that end a sequence (a chat model's end of turn: Hugging Face configs list them)
+    extra_eos_token_ids: tuple[int, ...] = field(default=(), hash=False)
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -56,6 +58,10 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len"):
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        object.__setattr__(self, "extra_eos_token_ids", tuple(self.extra_eos_token_ids or ()))  # JSON gives a list
+        need(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size
+                 for i in self.extra_eos_token_ids),
+             f"extra_eos_token_ids must be token ids in [0, {self.vocab_size}), got {list(self.extra_eos_token_ids)}")
         need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
         need(self.positions in POSITIONS, f"positions must be one of {POSITIONS}, got {self.positions!r}")
         need(self.mlp in MLPS, f"mlp must be one of {MLPS}, got {self.mlp!r}")

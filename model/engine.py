@@ -135,6 +135,10 @@ class Engine:
         self.block_size = block_size
         self.vocab_limit = min(tokenizer.n_vocab, self.config.vocab_size)
         self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else self.config.eos_token_id
+        # every id that ends a sequence: the tokenizer's EOS and the ones the model's config adds (a chat
+        # model's end of turn); ignore_eos and min_tokens apply to all of them
+        self.eos_ids = frozenset(i for i in (self.eos_id, *self.config.extra_eos_token_ids)
+                                 if i is not None and 0 <= i < self.vocab_limit)
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # admission order: the last is preempted first
         self._free_slots = list(range(max_batch_size))  # a min-heap
@@ -526,7 +530,7 @@ class Engine:
         params = [r.params for r in requests]
         # min_tokens: EOS and stop ids are not allowed before the minimum length
         banned = [(i, t) for i, r in enumerate(requests) if len(r.output_ids) < r.params.min_tokens
-                  for t in list(r.params.stop_token_ids) + ([self.eos_id] if self.eos_id is not None else [])]
+                  for t in dict.fromkeys([*r.params.stop_token_ids, *sorted(self.eos_ids)])]
         if banned:
             logits.index_put_((to_device([i for i, _ in banned], torch.int64, self.device),
                                to_device([t for _, t in banned], torch.int64, self.device)),
@@ -575,7 +579,7 @@ class Engine:
             r.num_pending -= 1
             finish = None
             check_stop = index >= r.params.min_tokens  # stop strings only once min_tokens are out (vLLM)
-            is_eos = tok == self.eos_id and not r.params.ignore_eos
+            is_eos = tok in self.eos_ids and not r.params.ignore_eos
             if is_eos or tok in r.params.stop_token_ids:
                 finish, text = "stop", r.stream.finish(check_stop, at_stop_token=True)
             else:

@@ -226,3 +226,40 @@ def test_unsupported_rope_scaling_is_a_clear_error(tmp_path, tokenizer_dir):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="needs low_freq_factor, high_freq_factor"):
         load_model(path)
+
+
+def test_every_eos_id_of_the_config_and_generation_config_ends_a_sequence(tmp_path, llama_dir):
+    """Chat models list several end ids (Llama 3 Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>) in
+    config.json and generation_config.json; each ends a sequence, as in vLLM."""
+    import shutil
+
+    from model.cli import load_engine
+    from model.engine import SamplingParams
+
+    path = tmp_path / "chat"
+    shutil.copytree(llama_dir, path)
+    prompt = [3, 4, 5]
+    plain = load_engine(str(path), "cpu", None)
+    first = next(iter(plain.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))))
+    end = first.token_ids[0]  # make greedy's first token an end-of-turn id
+    config = json.loads((path / "config.json").read_text())
+    config["eos_token_id"] = [0, 9999999]  # an id past the vocabulary is dropped, not an error
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, end]}))
+    engine = load_engine(str(path), "cpu", None)
+    assert engine.eos_ids == {0, end} and engine.config.extra_eos_token_ids == (end,)
+    outs = list(engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0)))
+    assert [t for o in outs for t in o.token_ids] == [end] and outs[-1].finish_reason == "stop"
+    # ignore_eos and min_tokens cover it as they cover EOS
+    outs = list(engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)))
+    assert len([t for o in outs for t in o.token_ids]) == 8
+    outs = list(engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, min_tokens=3)))
+    ids = [t for o in outs for t in o.token_ids]
+    assert end not in ids[:3] and len(ids) >= 3
+    # kiln export to Kiln's format keeps the ids; --format hf writes them as a list
+    from training.export import main as export_main
+
+    assert export_main([str(path), "--out", str(tmp_path / "kiln")]) == 0
+    assert load_model(tmp_path / "kiln").config.extra_eos_token_ids == (end,)
+    assert export_main([str(tmp_path / "kiln"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == [0, end]

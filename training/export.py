@@ -107,7 +107,9 @@ def hf_family(config: ModelConfig) -> str:
 def hf_config(config: ModelConfig, family: str, dtype: torch.dtype) -> dict:
     bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
     common = {"vocab_size": config.vocab_size, "tie_word_embeddings": config.tie_embeddings,
-              "bos_token_id": bos, "eos_token_id": config.eos_token_id, "torch_dtype": HF_DTYPE_NAMES[dtype],
+              "bos_token_id": bos,
+              "eos_token_id": [config.eos_token_id, *config.extra_eos_token_ids] if config.extra_eos_token_ids
+              else config.eos_token_id, "torch_dtype": HF_DTYPE_NAMES[dtype],
               "use_cache": True}
     if family == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **common,
