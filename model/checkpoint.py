@@ -1,9 +1,10 @@
-"""Model directories: load and save Kiln's own, load Hugging Face `gpt2`, `llama` and `qwen2`.
+"""Model directories: load and save Kiln's own, load Hugging Face `gpt2`, `llama`, `mistral`, `qwen2`.
 
 A Kiln model directory is `config.json` (ModelConfig, model_type "kiln") +
 `model.safetensors` (or shards + `model.safetensors.index.json`) + tokenizer files.
 Hugging Face directories of model_type `gpt2`, `llama` (rotary scaling `linear` and `llama3`
-included: Llama 3.1 / 3.2) and `qwen2` load too: their config is
+included: Llama 3.1 / 3.2), `mistral` and `qwen2` load too (a sliding attention window caps the
+context at the window, where full attention is the same): their config is
 translated to a ModelConfig and their tensor names are mapped onto Kiln's fused
 layout (q/k/v -> qkv, gate/up -> up; GPT-2's Conv1D weights are transposed).
 Only safetensors are read: a pickle is never loaded.
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 from .config import ROPE_SCALING_KEYS, ModelConfig
 from .transformer import Transformer
 
-SUPPORTED_TYPES = ("kiln", "gpt2", "llama", "qwen2")
+SUPPORTED_TYPES = ("kiln", "gpt2", "llama", "mistral", "qwen2")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -74,7 +75,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
             norm="layernorm", norm_eps=cfg.get("layer_norm_epsilon", 1e-5), positions="learned", mlp="gelu",
             tie_embeddings=cfg.get("tie_word_embeddings", True), bias=True,
             bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos, extra_eos_token_ids=extra_eos)
-    if model_type in ("llama", "qwen2"):
+    if model_type in ("llama", "mistral", "qwen2"):
         if cfg.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{model_type} hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
         if cfg.get("mlp_bias"):
@@ -85,9 +86,9 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         theta, scaling = _hf_rope(cfg, model_type)
         n_head = cfg["num_attention_heads"]
         max_seq_len = cfg.get("max_position_embeddings", 2048)
-        if model_type == "qwen2" and cfg.get("use_sliding_window") and cfg.get("sliding_window"):
-            # full causal attention equals the sliding window's while a sequence fits in the window
-            max_seq_len = min(max_seq_len, int(cfg["sliding_window"]))
+        window = cfg.get("sliding_window") if model_type == "mistral" or cfg.get("use_sliding_window") else None
+        if window:  # full causal attention equals the sliding window's while a sequence fits in the window
+            max_seq_len = min(max_seq_len, int(window))
         return ModelConfig(
             vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"], n_head=n_head,
             n_kv_head=cfg.get("num_key_value_heads") or n_head, d_model=cfg["hidden_size"],
@@ -240,7 +241,7 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], device
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                attn_backend: str = "auto") -> Transformer:
-    """Load a Kiln or Hugging Face (gpt2/llama/qwen2) model directory."""
+    """Load a Kiln or Hugging Face (gpt2/llama/mistral/qwen2) model directory."""
     started = time.perf_counter()
     model_dir = Path(model_dir)
     device = torch.device(device)
@@ -250,7 +251,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
     try:
         if raw.get("model_type") == "gpt2":
             tensors = map_gpt2(tensors, config)
-        elif raw.get("model_type") in ("llama", "qwen2"):  # Qwen2's tensors are Llama's, q/k/v biases added
+        elif raw.get("model_type") in ("llama", "mistral", "qwen2"):  # Llama's tensor names (Qwen2: + q/k/v biases)
             tensors = map_llama(tensors, config)
     except KeyError as e:
         raise CheckpointError(f"{model_dir}: tensor {e.args[0]!r} expected for model_type "

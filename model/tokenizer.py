@@ -8,6 +8,8 @@ Owns reading and writing tokenizer files (nothing is ever downloaded):
 - Hugging Face byte-level BPE: `tokenizer.json` (GPT-2, Llama-3 or Qwen2 style: a Unicode
   normalization form such as Qwen2's NFC is applied before encoding) or `vocab.json` +
   `merges.txt`, converted to tiktoken ranks through GPT-2's byte <-> unicode table.
+- Any other `tokenizer.json` the `tokenizers` library reads and Kiln can stream (SentencePiece-
+  style BPE: Llama 2, TinyLlama, Mistral) runs on that library (model/hf_tokenizer.py).
 
 tiktoken merges the adjacent pair whose concatenated bytes has the lowest rank (and takes a
 whole pre-token that is a token as is); Hugging Face merges the pairs listed in `merges`, in
@@ -23,12 +25,19 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import logging
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import tiktoken
+
+if TYPE_CHECKING:
+    from .hf_tokenizer import LibraryTokenizer
+
+log = logging.getLogger("kiln.tokenizer")
 
 # What HF's ByteLevel pre-tokenizer splits with when use_regex=True (tokenizers' byte_level.rs).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -110,6 +119,8 @@ class TokenizerConfig:
 class Tokenizer:
     """Text <-> ids. Special-token text (e.g. "<|endoftext|>") encodes to its single id."""
 
+    adds_leading_space = False  # byte-level BPE encodes a text as it is (SentencePiece-style ones prepend a space)
+
     def __init__(self, mergeable_ranks: Mapping[bytes, int], config: TokenizerConfig, name: str = "kiln"):
         missing = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
         if missing:
@@ -132,6 +143,9 @@ class Tokenizer:
                                               special_tokens=dict(config.special_tokens))
         except ValueError as e:
             raise ValueError(f"tokenizer {name!r}: split pattern {config.pattern!r} does not compile: {e}") from e
+        # longest first, so a special token that starts another never cuts it short
+        specials = sorted(config.special_tokens, key=len, reverse=True)
+        self._special_pattern = re.compile("|".join(map(re.escape, specials)) if specials else r"(?!)")
         self.eos_id = self.token_to_id(config.eos_token)
         self.special_ids = frozenset(config.special_tokens.values())  # ids that generated text leaves out
         self.bos_id = None if config.bos_token is None else self.token_to_id(config.bos_token)
@@ -193,11 +207,23 @@ class Tokenizer:
     # -- encode / decode -----------------------------------------------------------------------
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Ids for `text`, never adding BOS (callers prepend `bos_id` when `add_bos`)."""
-        if self.config.normalizer is not None:
-            text = unicodedata.normalize(self.config.normalizer, text)
-        if allow_special:
-            return self.encoding.encode(text, allowed_special="all")
-        return self.encoding.encode_ordinary(text)  # special-token text becomes ordinary bytes
+        form = self.config.normalizer
+        if form is None:
+            if allow_special:
+                return self.encoding.encode(text, allowed_special="all")
+            return self.encoding.encode_ordinary(text)  # special-token text becomes ordinary bytes
+        if not allow_special:
+            return self.encoding.encode_ordinary(unicodedata.normalize(form, text))
+        # As Hugging Face does: special tokens are found in the text as written, and only the pieces between
+        # them are normalized (NFKC would otherwise turn fullwidth "＜EOT＞" into a control token, and NFC
+        # "<|endoftext|>" + U+0338 into text)
+        ids: list[int] = []
+        start = 0
+        for match in self._special_pattern.finditer(text):
+            ids += self.encoding.encode_ordinary(unicodedata.normalize(form, text[start:match.start()]))
+            ids.append(self.config.special_tokens[match.group()])
+            start = match.end()
+        return ids + self.encoding.encode_ordinary(unicodedata.normalize(form, text[start:]))
 
     def token_bytes(self, token_id: int) -> bytes:
         if token_id in self._decode_only:
@@ -324,18 +350,32 @@ class IncrementalDetokenizer:
 
 
 # -- loading -----------------------------------------------------------------------------------
-def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """Kiln's format if `tokenizer.tiktoken` is there, else Hugging Face byte-level BPE files."""
+def load_tokenizer(model_dir: str | Path) -> Tokenizer | LibraryTokenizer:
+    """Kiln's format if `tokenizer.tiktoken` is there, else Hugging Face files: converted to tiktoken when
+    that reproduces them exactly (byte-level BPE), else a `tokenizer.json` run by the `tokenizers` library
+    (SentencePiece-style BPE such as Llama 2's; see model/hf_tokenizer.py)."""
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
     if (path / KILN_RANKS_FILE).is_file():
         return _load_kiln(path)
     if _has_hf_files(path):
-        return load_hf_tokenizer(path)
+        try:
+            return load_hf_tokenizer(path)
+        except ValueError as e:
+            if not (path / HF_TOKENIZER_FILE).is_file():
+                raise
+            from .hf_tokenizer import LibraryTokenizer
+
+            try:
+                tokenizer = LibraryTokenizer(path)
+            except ValueError as library_error:
+                raise ValueError(f"{e}; nor can the tokenizers library serve it: {library_error}") from None
+            log.info("tokenizer %s runs on the tokenizers library (tiktoken cannot reproduce it: %s)", path, e)
+            return tokenizer
     raise FileNotFoundError(
         f"no tokenizer in {str(path)!r}: looked for {KILN_RANKS_FILE} + {CONFIG_FILE} (Kiln), "
-        f"{HF_TOKENIZER_FILE}, or {HF_VOCAB_FILE} + {HF_MERGES_FILE} (Hugging Face byte-level BPE)")
+        f"{HF_TOKENIZER_FILE}, or {HF_VOCAB_FILE} + {HF_MERGES_FILE} (Hugging Face)")
 
 
 def load_hf_tokenizer(model_dir: str | Path) -> Tokenizer:
@@ -401,10 +441,26 @@ def _split_pattern(pre_tokenizer: Mapping[str, Any] | None, source: Path) -> str
         return GPT2_PATTERN
     split = steps[0]
     regex = split.get("pattern", {}).get("Regex")
-    if regex is None or split.get("behavior") != "Isolated" or split.get("invert") or byte_level.get("use_regex", True):
-        raise ValueError(f"{source}: only Split(Regex, behavior=Isolated, invert=false) followed by "
-                         f"ByteLevel(use_regex=false) is supported, got {steps}")
+    # Isolated keeps the matches as pieces (and any gap between them); Removed + invert keeps only the
+    # matches, which is what tiktoken does (gpt-4o's and OLMo's files spell it that way)
+    behavior = (split.get("behavior"), bool(split.get("invert")))
+    if regex is None or behavior not in (("Isolated", False), ("Removed", True)) or byte_level.get("use_regex", True):
+        raise ValueError(f"{source}: only Split(Regex, behavior=Isolated, invert=false, or Removed with "
+                         f"invert=true) followed by ByteLevel(use_regex=false) is supported, got {steps}")
     return regex
+
+
+def _normalizer_form(spec: Mapping[str, Any] | None, source: Path) -> str | None:
+    """The Unicode form a tokenizer.json normalizer applies (None for none, or an empty Sequence), or a
+    ValueError for anything else."""
+    steps = [] if not spec else spec.get("normalizers", []) if spec.get("type") == "Sequence" else [spec]
+    kinds = [step.get("type") for step in steps]
+    if not kinds:
+        return None
+    if len(kinds) > 1 or kinds[0] not in NORMALIZERS:
+        raise ValueError(f"{source}: normalizer {kinds[0] if len(kinds) == 1 else kinds} is not supported (only "
+                         f"the Unicode forms {', '.join(NORMALIZERS)})")
+    return kinds[0]
 
 
 def _template_bos(post_processor: Mapping[str, Any] | None) -> str | None:
@@ -525,10 +581,7 @@ def _load_hf(path: Path) -> Tokenizer:
         model = data.get("model") or {}
         if model.get("type") != "BPE":
             raise ValueError(f"{source}: model type {model.get('type')!r} is not supported; Kiln reads BPE only")
-        normalizer = (data.get("normalizer") or {}).get("type")
-        if normalizer is not None and normalizer not in NORMALIZERS:
-            raise ValueError(f"{source}: normalizer {normalizer} is not supported (only the Unicode forms "
-                             f"{', '.join(NORMALIZERS)})")
+        normalizer = _normalizer_form(data.get("normalizer"), source)
         if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
             raise ValueError(f"{source}: BPE dropout / subword prefix / word suffix are not supported")
         vocab = model["vocab"]

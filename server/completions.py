@@ -165,11 +165,22 @@ class ChoiceBuilder:
         text starts with it (whole, or U+FFFD), so prompt text + output text decode the ids once."""
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text = ""
+        tok = self.tokenizer
+        # Text the tokenizer added is not the prompt's: the BOS that encode_prompt puts first (its logprob entry
+        # stays), and the space a SentencePiece-style tokenizer puts before the text (decode drops it too).
+        hide_bos = tok.prepends_bos and self.prompt_ids[:1] == [tok.bos_id]
+        drop_space = tok.adds_leading_space
         for i, token_id in enumerate(self.prompt_ids):
             if self.want_logprobs:
                 entry = prompt_logprobs[i] if prompt_logprobs else TokenLogprob(token_id, None, None)
                 self._add_token(entry, self.chars + len(text))
-            text += utf8.decode(self.tokenizer.token_bytes(token_id))
+            if i == 0 and hide_bos:
+                continue
+            raw = tok.token_bytes(token_id)
+            if drop_space and token_id not in tok.special_ids:
+                drop_space = False
+                raw = raw[1:] if raw.startswith(b" ") else raw
+            text += utf8.decode(raw)
         return text
 
     def _add_token(self, lp: TokenLogprob, offset: int) -> None:

@@ -125,7 +125,7 @@ def _fraction(value: str) -> float:
 
 def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Serve a model over an OpenAI-compatible HTTP API.")
-    p.add_argument("--model", default=None, help="model directory (Kiln or Hugging Face gpt2/llama/qwen2); "
+    p.add_argument("--model", default=None, help="model directory (Kiln or Hugging Face gpt2/llama/mistral/qwen2); "
                                                   "default: the shipped default model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     p.add_argument("--port", type=_int_at_least(0), default=8000, help="port to listen on (default: 8000)")

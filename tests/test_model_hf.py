@@ -143,12 +143,13 @@ def test_num_params_counts_every_parameter(hf_dir):
 
 # ---- rotary scaling (Llama 3.1 / 3.2, linear) and Qwen2 -------------------------------------------
 def save_tiny_hf(out, tokenizer_dir, family: str = "llama", **extra):
-    """A tiny random Hugging Face model of `family` (llama or qwen2) with `extra` config fields."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A tiny random Hugging Face model of `family` (llama, mistral or qwen2) with `extra` config fields."""
+    import transformers
 
     from conftest import _copy_tokenizer, _sharpen, hf_vocab_size
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    config_cls, model_cls = getattr(transformers, prefix + "Config"), getattr(transformers, prefix + "ForCausalLM")
     torch.manual_seed(0)
     fields = dict(vocab_size=hf_vocab_size(tokenizer_dir), hidden_size=64, intermediate_size=100, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
@@ -212,6 +213,19 @@ def test_qwen2_matches_hf(tmp_path, tokenizer_dir):
     windowed = save_tiny_hf(tmp_path / "w", tokenizer_dir, family="qwen2", use_sliding_window=True, sliding_window=32,
                             max_window_layers=0)
     assert load_model(windowed).config.max_seq_len == 32  # full attention is the window's only within it
+
+
+@torch.no_grad()
+def test_mistral_matches_hf_and_its_window_caps_the_context(tmp_path, tokenizer_dir):
+    path = save_tiny_hf(tmp_path / "m", tokenizer_dir, family="mistral", sliding_window=None)
+    ref, model = hf_model(path), load_model(path)
+    assert model.config.max_seq_len == 128
+    tokens = random_tokens(ref.config.vocab_size, (2, 100), seed=7)
+    close(model(tokens), ref(tokens).logits)
+    windowed = save_tiny_hf(tmp_path / "w", tokenizer_dir, family="mistral", sliding_window=48)
+    ref, model = hf_model(windowed), load_model(windowed)
+    assert model.config.max_seq_len == 48  # Mistral 7B v0.1: window 4096 of 32768 positions
+    close(model(tokens[:, :48]), ref(tokens[:, :48]).logits)
 
 
 def test_unsupported_rope_scaling_is_a_clear_error(tmp_path, tokenizer_dir):

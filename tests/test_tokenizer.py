@@ -329,7 +329,9 @@ def test_qwen2_style_nfc_normalizer(tmp_path_factory, tmp_path):
     assert tok.config.normalizer == "NFC"
     decomposed = "cafe\u0301 A\u030angstro\u0308m \u1100\u1161 \u5e8a\u524d e\u0301e\u0301"
     assert unicodedata.normalize("NFC", decomposed) != decomposed
-    texts = {**TEXTS, **random_texts(8, 100), "decomposed": decomposed, "chat": "<|im_start|>user\nhi<|im_end|>"}
+    texts = {**TEXTS, **random_texts(8, 100), "decomposed": decomposed, "chat": "<|im_start|>user\nhi<|im_end|>",
+             # NFC would merge ">" + U+0338 into one character; HF finds special tokens before normalizing
+             "special then combining": "<|endoftext|>\u0338 x <|im_end|>\u0301"}
     assert_same_ids(tok, auto, texts)
     assert tok.encode(decomposed) == tok.encode(unicodedata.normalize("NFC", decomposed))
     tok.save(tmp_path)  # Kiln's files keep the form, and the tokenizer.json written beside them too
@@ -337,6 +339,37 @@ def test_qwen2_style_nfc_normalizer(tmp_path_factory, tmp_path):
     assert again.config.normalizer == "NFC"
     assert_same_ids(again, auto, texts)
     assert_same_ids(again, AutoTokenizer.from_pretrained(str(tmp_path)), texts)
+
+
+def test_nfkc_does_not_turn_fullwidth_text_into_special_tokens(tmp_path):
+    """NFKC maps fullwidth "＜EOT＞" to "<EOT>": user text must stay text, as transformers encodes it."""
+    from tokenizers import normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    hf = train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), vocab_size=500, specials=["<EOT>", "<META>"])
+    hf.normalizer = normalizers.NFKC()
+    PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<EOT>").save_pretrained(str(tmp_path))
+    tok, reference = load_tokenizer(tmp_path), PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert tok.config.normalizer == "NFKC"
+    texts = {"fullwidth": "\uff1cEOT\uff1e x \uff1cMETA\uff1e", "real": "a<EOT>b<META>", "ligature": "\ufb01ne \u2460"}
+    assert_same_ids(tok, reference, texts)
+    assert tok.eos_id not in tok.encode(texts["fullwidth"])
+
+
+def test_split_removed_inverted_is_tiktoken_and_an_empty_normalizer_is_none(llama_dir, tmp_path):
+    """gpt-4o's and OLMo's tokenizer.json spell the split as behavior=Removed, invert=true (keep only the
+    matches: tiktoken's rule); DeepSeek's carries an empty normalizer Sequence."""
+    from transformers import PreTrainedTokenizerFast
+
+    data = json.loads((llama_dir / "tokenizer.json").read_text())
+    split = data["pre_tokenizer"]["pretokenizers"][0]
+    split["behavior"], split["invert"] = "Removed", True
+    data["normalizer"] = {"type": "Sequence", "normalizers": []}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    tok = load_hf_tokenizer(tmp_path)
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert tok.config.normalizer is None
+    assert_same_ids(tok, reference, {k: v.replace(EOS, "<|end_of_text|>") for k, v in {**TEXTS, **random_texts(9, 100)}.items()})
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -396,17 +429,35 @@ def test_vocab_token_no_merge_makes_is_decode_only(tmp_path):
             assert_same_ids(again, hf, {"t": "zz abzz zzz <|endoftext|>"})
 
 
-def test_vocab_not_in_merge_order_is_refused(tmp_path):
+def assert_runs_on_the_library(d: Path, texts: dict[str, str]) -> None:
+    """A tokenizer.json tiktoken cannot reproduce: load_tokenizer serves it through the tokenizers
+    library instead, with transformers' ids."""
+    from transformers import PreTrainedTokenizerFast
+
+    from model.hf_tokenizer import LibraryTokenizer
+
+    tok = load_tokenizer(d)
+    assert isinstance(tok, LibraryTokenizer) and tok.kind == "byte-level"
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
+    assert_same_ids(tok, reference, texts)
+    for text in texts.values():
+        ids = tok.encode(text)
+        assert tok.decode(ids) == reference.decode(ids) == text
+
+
+def test_vocab_not_in_merge_order_is_refused_by_tiktoken(tmp_path):
     d = _tiny_vocab_json(tmp_path, [("a", "b"), ("ab", "c")], {"ab": 257, "abc": 256})
     with pytest.raises(ValueError, match="do not follow merge order"):
-        load_tokenizer(d)
+        load_hf_tokenizer(d)
+    assert_runs_on_the_library(d, {"t": "abc abcab xabcx <|endoftext|>", "u": "ab \u00e9 \U0001f642"})
 
 
-def test_merges_that_cannot_rebuild_a_token_are_refused(tmp_path):
+def test_merges_that_cannot_rebuild_a_token_are_refused_by_tiktoken(tmp_path):
     # "abc" comes from ab + c, but b + c merges first, so HF never makes "abc"; tiktoken would
     d = _tiny_vocab_json(tmp_path, [("b", "c"), ("a", "b"), ("ab", "c")], {"bc": 256, "ab": 257, "abc": 258})
     with pytest.raises(ValueError, match="splits token 'abc'"):
-        load_tokenizer(d)
+        load_hf_tokenizer(d)
+    assert_runs_on_the_library(d, {w: w for w in ("abc", "xabc", "abcabc", "aabc", "ab bc abc")})
 
 
 def test_tiktoken_style_merges_listing_every_split_load(tmp_path):
@@ -423,26 +474,35 @@ def test_tiktoken_style_merges_listing_every_split_load(tmp_path):
 
 
 def test_unsupported_hf_files_are_refused(tmp_path):
+    """What the tiktoken conversion refuses (load_hf_tokenizer); load_tokenizer then runs such files on the
+    tokenizers library, and refuses only what Kiln cannot stream text from (naming both reasons)."""
     d = _tiny_vocab_json(tmp_path, [("a", "b")], {"ab": 256})
     data = json.loads((d / "tokenizer.json").read_text())
     data["pre_tokenizer"]["add_prefix_space"] = True
     (d / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="add_prefix_space"):
-        load_tokenizer(d)
+        load_hf_tokenizer(d)
     data["pre_tokenizer"]["add_prefix_space"] = False
     data["normalizer"] = {"type": "Lowercase"}
     (d / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="normalizer Lowercase is not supported"):
-        load_tokenizer(d)
+        load_hf_tokenizer(d)
+    assert_runs_on_the_library(d, {"t": "ab abab x", "lower": "ab"})
     data["normalizer"] = None
     data["pre_tokenizer"] = {"type": "Whitespace"}
     (d / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="Whitespace"):
-        load_tokenizer(d)
+        load_hf_tokenizer(d)
     data["pre_tokenizer"] = data["decoder"]
     del data["model"]["vocab"]["Ġ"]
     (d / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="lacks 1 of the 256 byte-level symbols"):
+        load_hf_tokenizer(d)
+    data["decoder"] = {"type": "WordPiece", "prefix": "##", "cleanup": True}
+    data["pre_tokenizer"]["add_prefix_space"] = True
+    (d / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"add_prefix_space.*nor can the tokenizers library serve it: .*decoder "
+                                         r"\['WordPiece'\] is not supported"):
         load_tokenizer(d)
 
 
