@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 SPIECE_SPACE = "▁"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def _read_json(path: Path) -> Any:
@@ -63,6 +63,8 @@ def _template_first(post_processor: Mapping[str, Any] | None) -> str | None:
 
 class LibraryTokenizer:
     """Text <-> ids through `tokenizers.Tokenizer`, with Kiln's Tokenizer interface."""
+
+    chat_template: str | None = None  # set by load_tokenizer
 
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as HFTokenizer

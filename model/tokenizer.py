@@ -120,6 +120,7 @@ class Tokenizer:
     """Text <-> ids. Special-token text (e.g. "<|endoftext|>") encodes to its single id."""
 
     adds_leading_space = False  # byte-level BPE encodes a text as it is (SentencePiece-style ones prepend a space)
+    chat_template: str | None = None  # the Jinja chat template shipped beside it, if any (read_chat_template)
 
     def __init__(self, mergeable_ranks: Mapping[bytes, int], config: TokenizerConfig, name: str = "kiln"):
         missing = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
@@ -357,6 +358,30 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer | LibraryTokenizer:
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
+    tokenizer = _load_any(path)
+    tokenizer.chat_template = read_chat_template(path)
+    return tokenizer
+
+
+def read_chat_template(model_dir: str | Path) -> str | None:
+    """The Jinja chat template shipped with a tokenizer: `chat_template.jinja` (what transformers writes
+    now), or `tokenizer_config.json`'s "chat_template" (a string, or named templates: "default")."""
+    path = Path(model_dir)
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    if not (path / CONFIG_FILE).is_file():
+        return None
+    try:
+        template = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def _load_any(path: Path) -> Tokenizer | LibraryTokenizer:
     if (path / KILN_RANKS_FILE).is_file():
         return _load_kiln(path)
     if _has_hf_files(path):

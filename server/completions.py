@@ -130,6 +130,8 @@ class ChoiceBuilder:
         self.token_logprobs: list[float | None] = []
         self.top_logprobs: list[dict[str, float] | None] = []
         self.text_offset: list[int] = []
+        self.entries: list[TokenLogprob] = []  # the logprob entries as the engine gave them (ids, not text)
+        self.new_entries: list[TokenLogprob] = []  # those the last `add` appended
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self._started = False
@@ -152,6 +154,7 @@ class ChoiceBuilder:
         self.chars += len(text)
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
+        self.new_entries = self.entries[first:]
         delta = None
         if self.want_logprobs:
             delta = CompletionLogprobs(tokens=self.tokens[first:], token_logprobs=self.token_logprobs[first:],
@@ -184,6 +187,7 @@ class ChoiceBuilder:
         return text
 
     def _add_token(self, lp: TokenLogprob, offset: int) -> None:
+        self.entries.append(lp)
         token_text = self.tokenizer.id_to_token_text
         self.tokens.append(token_text(lp.token_id))
         self.token_logprobs.append(_logprob(lp.logprob))
@@ -209,6 +213,30 @@ class ChoiceBuilder:
 
 def _public_reason(reason: str | None) -> str | None:
     return reason if reason in (None, "stop", "length") else "stop"
+
+
+class TextFormat:
+    """The shapes of OpenAI's legacy completions: `text_completion` objects and chunks."""
+
+    id_prefix = "cmpl-"
+    chunk_object = "text_completion"
+
+    def opening(self, builders: list[ChoiceBuilder]) -> list[dict]:
+        """Chunk choices sent before any text (none here)."""
+        return []
+
+    def chunk_choice(self, builder: ChoiceBuilder, text: str, logprobs: CompletionLogprobs | None,
+                     finish_reason: str | None) -> dict:
+        return {"index": builder.index, "text": text, "logprobs": None if logprobs is None else logprobs.model_dump(),
+                "finish_reason": _public_reason(finish_reason)}
+
+    def response(self, completion_id: str, created: int, model_name: str, builders: list[ChoiceBuilder],
+                 usage: Usage):
+        return CompletionResponse(id=completion_id, created=created, model=model_name,
+                                  choices=[b.choice() for b in builders], usage=usage)
+
+
+TEXT_FORMAT = TextFormat()
 
 
 async def until_disconnect(request: Request) -> None:
@@ -238,12 +266,16 @@ def admission_errors(param: str) -> Iterator[None]:
         raise APIError(400, str(e), param) from None
 
 
-async def create_completion(body: CompletionRequest, request: Request, scheduler: Scheduler, model_name: str):
+async def create_completion(body: CompletionRequest, request: Request, scheduler: Scheduler, model_name: str,
+                            fmt: TextFormat = TEXT_FORMAT, prompt_ids: list[list[int]] | None = None):
+    """Run `body` and answer in `fmt`'s shapes (legacy completions, or chat through server/chat.py, which
+    passes the prompt already tokenized)."""
     tokenizer = scheduler.engine.tokenizer
     params = sampling_params(body)
-    prompts = prompt_list(body.prompt)
-    prompt_ids = await run_in_threadpool(
-        lambda: [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts])
+    if prompt_ids is None:
+        prompts = prompt_list(body.prompt)
+        prompt_ids = await run_in_threadpool(
+            lambda: [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts])
     n = body.n
     with admission_errors("n"):
         generation = scheduler.submit([ids for ids in prompt_ids for _ in range(n)], params * len(prompt_ids), n,
@@ -251,7 +283,7 @@ async def create_completion(body: CompletionRequest, request: Request, scheduler
 
     builders = [ChoiceBuilder(i, tokenizer, prompt_ids[i // n], body.echo, body.logprobs)
                 for i in range(len(generation))]
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    completion_id = f"{fmt.id_prefix}{uuid.uuid4().hex}"
     created = int(time.time())
     num_prompt_tokens = sum(len(ids) for ids in prompt_ids)
 
@@ -270,7 +302,7 @@ async def create_completion(body: CompletionRequest, request: Request, scheduler
             raise APIError(first.status, first.message, getattr(first, "param", None))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _stream_chunks(generation, scheduler, builders, completion_id, created, model_name,
-                                usage if include_usage else None)
+                                usage if include_usage else None, fmt)
         return sse_response(chunks)
 
     watcher = asyncio.create_task(_watch_disconnect(request, scheduler, generation))
@@ -291,14 +323,17 @@ async def create_completion(body: CompletionRequest, request: Request, scheduler
         watcher.cancel()
         if live:
             scheduler.abort(generation)
-    return CompletionResponse(id=completion_id, created=created, model=model_name,
-                              choices=[b.choice() for b in builders], usage=usage())
+    return fmt.response(completion_id, created, model_name, builders, usage())
 
 
 async def _stream_chunks(generation: Generation, scheduler: Scheduler, builders: list[ChoiceBuilder],
-                         completion_id: str, created: int, model_name: str, usage) -> AsyncIterator[dict]:
+                         completion_id: str, created: int, model_name: str, usage,
+                         fmt: TextFormat) -> AsyncIterator[dict]:
     live = len(builders)
+    head = {"id": completion_id, "object": fmt.chunk_object, "created": created, "model": model_name}
     try:
+        for choice in fmt.opening(builders):
+            yield {**head, "choices": [choice], **({"usage": None} if usage is not None else {})}
         while live:
             item = await generation.queue.get()
             if isinstance(item, Failed):
@@ -311,16 +346,12 @@ async def _stream_chunks(generation: Generation, scheduler: Scheduler, builders:
             live -= item.finish_reason is not None
             if not (text or item.finish_reason or (logprobs is not None and logprobs.tokens)):
                 continue  # nothing showable this step (held-back partial character or stop prefix)
-            chunk = {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
-                     "choices": [{"index": item.index, "text": text,
-                                  "logprobs": None if logprobs is None else logprobs.model_dump(),
-                                  "finish_reason": _public_reason(item.finish_reason)}]}
+            chunk = {**head, "choices": [fmt.chunk_choice(builder, text, logprobs, item.finish_reason)]}
             if usage is not None:
                 chunk["usage"] = None
             yield chunk
         if usage is not None:
-            yield {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
-                   "choices": [], "usage": usage().model_dump()}
+            yield {**head, "choices": [], "usage": usage().model_dump()}
     finally:
         if live:  # the client went away (sse-starlette cancelled us) or the stream failed
             scheduler.abort(generation)

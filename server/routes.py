@@ -17,10 +17,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from .chat import ChatTemplate, create_chat_completion
 from .completions import admission_errors, create_completion, prompt_list, until_disconnect
 from .errors import APIError
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .protocol import (CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
                        ErrorResponse, Health, ModelCard, ModelList, PerplexityItem, PerplexityRequest,
                        PerplexityResponse, PerplexityToken, PerplexityUsage, TokenizeRequest, TokenizeResponse,
                        TokenizerInfo)
@@ -34,12 +35,23 @@ class KilnState:
     scheduler: Scheduler
     metrics: ServerMetrics
     created: int = field(default_factory=lambda: int(time.time()))
+    _chat: tuple[ChatTemplate | None] | None = None  # (the compiled chat template or None), once looked up
 
     def engine(self):
         """The engine (for its read-only tokenizer and limits) once loaded; 503 before."""
         if not self.scheduler.ready:
             raise APIError(503, self.scheduler.not_ready_message(), code="not_ready", headers={"Retry-After": "1"})
         return self.scheduler.engine
+
+    def chat_template(self) -> ChatTemplate | None:
+        """--chat-template, else the template the model's tokenizer ships; compiled once."""
+        if self._chat is None:
+            source = self.settings.chat_template or self.engine().tokenizer.chat_template
+            try:
+                self._chat = (ChatTemplate(source) if source else None,)
+            except ValueError as e:
+                raise APIError(500, f"the model's {e}") from None
+        return self._chat[0]
 
     def check_model(self, name: str | None) -> None:
         served = self.settings.served_model_name
@@ -63,7 +75,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"  # the playground page (
 PLAYGROUND_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                   "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
-ENDPOINTS = {"/v1/completions", "/v1/perplexity", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
+ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/perplexity", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
              "/health", "/metrics"}
 
 
@@ -76,6 +88,18 @@ async def completions(body: CompletionRequest, request: Request, state: KilnStat
     state.check_model(body.model)
     state.engine()
     return await create_completion(body, request, state.scheduler, state.settings.served_model_name)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses={**_errors(400, 401, 404, 413, 429, 503),
+                        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                              "description": "JSON, or Server-Sent Events when `stream` is true"}},
+             summary="Create a chat completion (OpenAI chat API, over the model's chat template)")
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: KilnState = Depends(kiln_state)):
+    state.check_model(body.model)
+    state.engine()
+    return await create_chat_completion(body, request, state.scheduler, state.settings.served_model_name,
+                                        state.chat_template())
 
 
 @router.post("/v1/perplexity", response_model=PerplexityResponse, response_model_exclude_unset=True,

@@ -43,6 +43,7 @@ class ServerSettings:
     threads: int | None = None  # torch intra-op threads (default: available cores)
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     log_level: str = "info"
+    chat_template: str | None = None  # a Jinja chat template for /v1/chat/completions (default: the tokenizer's)
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -67,6 +68,13 @@ class ServerSettings:
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         need(self.shutdown_timeout_s >= 0, f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout_s}")
         need(self.api_key is None or bool(self.api_key), "--api-key must not be empty")
+        if self.chat_template is not None:
+            from .chat import ChatTemplate
+
+            try:
+                ChatTemplate(self.chat_template)
+            except ValueError as e:
+                raise ValueError(f"--chat-template: {e}") from None
 
     def batch_size_for(self, device_type: str) -> int:
         """--max-batch-size, or the default for the device the model runs on."""
@@ -88,7 +96,15 @@ class ServerSettings:
             name = DEFAULT_MODEL_NAME if args.model is None else Path(args.model).resolve().name
         # an empty --api-key is refused (a `--api-key "$KEY"` with KEY unset), not read as "no key"
         api_key = args.api_key if args.api_key is not None else os.environ.get("KILN_API_KEY") or None
+        chat_template = None
+        if args.chat_template is not None:
+            try:
+                chat_template = Path(args.chat_template).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"--chat-template {args.chat_template!r}: cannot read it "
+                                 f"({e.strerror if isinstance(e, OSError) else e})") from None
         return cls(served_model_name=name, model_dir=args.model, host=args.host, port=args.port,
+                   chat_template=chat_template,
                    api_key=api_key, device=args.device,
                    dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                    max_model_len=args.max_model_len, kv_block_size=args.kv_block_size,
@@ -174,5 +190,8 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
                    help="torch CPU threads (default: the available cores)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish (default: 30)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template for /v1/chat/completions (default: the one the model's tokenizer "
+                        "ships; without either, chat requests get 400)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p

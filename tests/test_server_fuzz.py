@@ -27,12 +27,13 @@ DERANDOMIZE = "KILN_FUZZ_EXAMPLES" not in os.environ
 def live_server(llama_dir):
     engine = load_engine(str(llama_dir), "cpu", None, max_batch_size=4)
     # a small queue: big n x prompts requests get a quick 400 instead of minutes of generation
-    settings_ = ServerSettings(served_model_name="tiny", max_queue=16, max_body_bytes=256 * 1024)
+    settings_ = ServerSettings(served_model_name="tiny", max_queue=16, max_body_bytes=256 * 1024,
+                               chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     with LiveServer(create_app(engine, settings_)) as server:
         yield server
 
 
-OPERATIONS = ["POST /v1/completions", "POST /v1/perplexity", "POST /tokenize", "POST /detokenize",
+OPERATIONS = ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/perplexity", "POST /tokenize", "POST /detokenize",
               "GET /tokenizer_info", "GET /v1/models", "GET /v1/models/{model_id}", "GET /health", "GET /metrics"]
 
 
@@ -62,5 +63,7 @@ def test_no_input_gives_a_server_error(live_server, mode):
         check()
     if mode == "positive":
         assert 200 in seen["POST /v1/completions"] and 200 in seen["POST /v1/perplexity"], seen
+        assert 200 in seen["POST /v1/chat/completions"], seen
     else:
         assert 400 in seen["POST /v1/completions"] and 400 in seen["POST /v1/perplexity"], seen
+        assert 400 in seen["POST /v1/chat/completions"], seen

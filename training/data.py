@@ -46,7 +46,7 @@ SPLITS = ("train", "val")
 DOC_SEPARATOR = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKENIZER_FILES = ("tokenizer.tiktoken", "tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json")
+                   "special_tokens_map.json", "chat_template.jinja")
 DEFAULT_CHUNK_BYTES = 4 << 20
 
 

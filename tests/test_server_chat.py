@@ -1,0 +1,130 @@
+"""/v1/chat/completions in-process: the model's chat template rendered as transformers renders it, the
+generation equal to /v1/completions on the same ids, chat shapes (streamed through the openai SDK too),
+and clear 400s (no template, tools, a template that refuses the messages)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from fastapi.testclient import TestClient
+
+from model.cli import load_engine
+from server.app import create_app
+from server.settings import ServerSettings
+
+# Zephyr-style, with the checks real templates make (alternating roles) and the globals they use
+TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('the system message must come first') }}{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] | trim }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+MESSAGES = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "The quick brown fox"},
+            {"role": "assistant", "content": "jumps over"},
+            {"role": "user", "content": [{"type": "text", "text": "the lazy"}, {"type": "text", "text": "dog?"}]}]
+
+
+@pytest.fixture(scope="module")
+def chat_dir(llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("chat")
+    shutil.copytree(llama_dir, out, dirs_exist_ok=True)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["chat_template"] = TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    model_config = json.loads((out / "config.json").read_text())
+    model_config["max_position_embeddings"] = 256  # rotary positions: the weights do not depend on it
+    (out / "config.json").write_text(json.dumps(model_config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(chat_dir):
+    engine = load_engine(str(chat_dir), "cpu", None, max_batch_size=4)
+    with TestClient(create_app(engine, ServerSettings(served_model_name="chat"))) as c:
+        yield c
+
+
+def hf_ids(chat_dir, messages, **kw) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    flat = [{**m, "content": "\n".join(p["text"] for p in m["content"]) if isinstance(m["content"], list)
+             else m["content"]} for m in messages]
+    out = tok.apply_chat_template(flat, tokenize=True, **kw)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_chat_equals_a_completion_of_the_rendered_template(client, chat_dir):
+    ids = hf_ids(chat_dir, MESSAGES, add_generation_prompt=True)
+    body = {"messages": MESSAGES, "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 2,
+            "ignore_eos": True}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    chat = r.json()
+    assert chat["object"] == "chat.completion" and chat["id"].startswith("chatcmpl-")
+    assert chat["usage"]["prompt_tokens"] == len(ids) and chat["usage"]["completion_tokens"] == 12
+    plain = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 12, "temperature": 0, "logprobs": 2,
+                                                 "ignore_eos": True}).json()["choices"][0]
+    choice = chat["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": plain["text"]}
+    assert choice["finish_reason"] == "length"
+    content = choice["logprobs"]["content"]
+    assert [c["token"] for c in content] == plain["logprobs"]["tokens"]
+    assert [c["logprob"] for c in content] == pytest.approx(plain["logprobs"]["token_logprobs"])
+    assert all(len(c["top_logprobs"]) == 2 and bytes(c["bytes"]).decode("utf-8", "replace") for c in content)
+    # continue_final_message: the prompt ends inside the assistant's unfinished turn
+    partial = MESSAGES[:2] + [{"role": "assistant", "content": "jumps"}]
+    r = client.post("/v1/chat/completions", json={"messages": partial, "max_tokens": 2, "temperature": 0,
+                                                  "add_generation_prompt": False, "continue_final_message": True})
+    want = hf_ids(chat_dir, partial, continue_final_message=True)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want)
+
+
+def test_streamed_through_the_openai_sdk(client):
+    openai = pytest.importorskip("openai")
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+    whole = sdk.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=10, temperature=0, seed=1)
+    chunks = list(sdk.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=10, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}, n=2))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    for index in (0, 1):
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index)
+        assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] in (
+        ["length", "length"], ["stop", "stop"], ["length", "stop"], ["stop", "length"])
+    assert chunks[-1].usage.completion_tokens == 2 * whole.usage.completion_tokens and not chunks[-1].choices
+
+
+def test_chat_errors(client, llama_dir):
+    def error(body, status=400):
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == status, r.text
+        return r.json()["error"]
+
+    assert error({"messages": []})["param"] == "messages"
+    assert error({"messages": [{"role": "wizard", "content": "hi"}]})["param"].startswith("messages")
+    err = error({"messages": [MESSAGES[1], MESSAGES[0]]})
+    assert err["param"] == "messages" and "the system message must come first" in err["message"]
+    assert error({"messages": MESSAGES, "tools": [{"type": "function"}]})["param"] == "tools"
+    assert error({"messages": MESSAGES, "top_logprobs": 2})["param"] == "top_logprobs"
+    assert error({"messages": MESSAGES, "continue_final_message": True})["param"] == "continue_final_message"
+    assert error({"messages": MESSAGES, "response_format": {"type": "json_object"}})["param"] == "response_format"
+    long = [{"role": "user", "content": "fox " * 600}]
+    assert "maximum context length" in error({"messages": long})["message"]
+    assert error({"messages": MESSAGES, "model": "other"}, 404)["param"] == "model"
+    # a base model without a template: a clear 400, not a 404 or a guess at a format
+    engine = load_engine(str(llama_dir), "cpu", None)
+    with TestClient(create_app(engine, ServerSettings(served_model_name="base"))) as base:
+        r = base.post("/v1/chat/completions", json={"messages": MESSAGES})
+        assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+    # --chat-template gives one (and a broken one is refused at start-up)
+    with TestClient(create_app(engine, ServerSettings(served_model_name="base", chat_template=TEMPLATE))) as base:
+        r = base.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    with pytest.raises(ValueError, match="--chat-template: the chat template does not compile"):
+        ServerSettings(chat_template="{% for %}")
