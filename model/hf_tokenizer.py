@@ -19,22 +19,16 @@ server's echo to drop it from a prompt's first token.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .tokenizer import _read_json, _template_bos, _token_text, bytes_to_unicode
+
 SPIECE_SPACE = "▁"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from e
 
 
 def _steps(component: Mapping[str, Any] | None, key: str) -> list[Mapping[str, Any]]:
@@ -44,21 +38,6 @@ def _steps(component: Mapping[str, Any] | None, key: str) -> list[Mapping[str, A
     if component.get("type") == "Sequence":
         return [s for part in component.get(key, []) for s in _steps(part, key)]
     return [component]
-
-
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _template_first(post_processor: Mapping[str, Any] | None) -> str | None:
-    """The special token a TemplateProcessing post-processor puts first (a BOS), if any."""
-    for step in _steps(post_processor, "processors"):
-        single = step.get("single") or []
-        if step.get("type") == "TemplateProcessing" and single and "SpecialToken" in single[0]:
-            return single[0]["SpecialToken"]["id"]
-    return None
 
 
 class LibraryTokenizer:
@@ -112,7 +91,7 @@ class LibraryTokenizer:
             raise ValueError(f"{path}: cannot tell the EOS token; add \"eos_token\" to tokenizer_config.json")
         self._eos_token, self.eos_id = eos, vocab[eos]
         specials.setdefault(eos, self.eos_id)
-        template_bos = _template_first(data.get("post_processor"))
+        template_bos = _template_bos(data.get("post_processor"))
         self._bos_token = named("bos_token") or template_bos
         self.bos_id = None if self._bos_token is None else vocab.get(self._bos_token)
         self._add_bos = (bool(hf_config["add_bos_token"]) if "add_bos_token" in hf_config
@@ -125,8 +104,6 @@ class LibraryTokenizer:
         byte_fallback = bool((data.get("model") or {}).get("byte_fallback"))
         self._bytes: list[bytes] = [b""] * self.n_vocab
         if self.kind == "byte-level":
-            from .tokenizer import bytes_to_unicode
-
             byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
             for text, i in vocab.items():
                 if i in added:  # added tokens are stored as their text, not byte-level symbols
