@@ -13,6 +13,7 @@ Only safetensors are read: a pickle is never loaded.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from safetensors.torch import save_file
 
 from .config import ROPE_SCALING_KEYS, ModelConfig
 from .transformer import Transformer
+
+log = logging.getLogger("kiln.checkpoint")
 
 SUPPORTED_TYPES = ("kiln", "gpt2", "llama", "mistral", "qwen2")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -87,8 +90,10 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         n_head = cfg["num_attention_heads"]
         max_seq_len = cfg.get("max_position_embeddings", 2048)
         window = cfg.get("sliding_window") if model_type == "mistral" or cfg.get("use_sliding_window") else None
-        if window:  # full causal attention equals the sliding window's while a sequence fits in the window
-            max_seq_len = min(max_seq_len, int(window))
+        if window and int(window) < max_seq_len:  # full causal attention is the window's within the window
+            log.info("%s: sliding attention window %d: context capped at %d tokens (of %d positions)", model_type,
+                     int(window), int(window), max_seq_len)
+            max_seq_len = int(window)
         return ModelConfig(
             vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"], n_head=n_head,
             n_kv_head=cfg.get("num_key_value_heads") or n_head, d_model=cfg["hidden_size"],

@@ -137,7 +137,7 @@ class Engine:
         self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else self.config.eos_token_id
         # every id that ends a sequence: the tokenizer's EOS and the ones the model's config adds (a chat
         # model's end of turn); ignore_eos and min_tokens apply to all of them
-        self.eos_ids = frozenset(i for i in (self.eos_id, *self.config.extra_eos_token_ids)
+        self.eos_ids = frozenset(i for i in (self.eos_id, self.config.eos_token_id, *self.config.extra_eos_token_ids)
                                  if i is not None and 0 <= i < self.vocab_limit)
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # admission order: the last is preempted first
@@ -211,7 +211,9 @@ class Engine:
         # the last generated id is never fed back, so P prompt + M new ids need P + M - 1 cache positions
         if len(prompt_ids) > self.max_seq_len or len(prompt_ids) + params.max_tokens > self.max_seq_len + 1:
             raise InvalidRequest(f"this model's maximum context length is {self.max_seq_len} tokens, but "
-                                 f"{len(prompt_ids)} prompt tokens + {params.max_tokens} max_tokens were requested",
+                                 f"{len(prompt_ids)} prompt tokens + {params.max_tokens} max_tokens were requested "
+                                 f"(at most {self.max_seq_len} prompt tokens, and prompt + max_tokens at most "
+                                 f"{self.max_seq_len + 1}: the last token generated needs no position)",
                                  "prompt" if len(prompt_ids) > self.max_seq_len else "max_tokens")
         request = Request(next(self._ids), list(prompt_ids), params,
                           stream=TextStream(self.tokenizer, params.stop, context_ids=prompt_ids[-4:]))

@@ -95,6 +95,14 @@ def main(argv: list[str] | None = None) -> None:
         if engine.build_native_in_background():
             log.info("building the native CPU decode step in the background (once per machine, about half a "
                      "minute; `make serve` does it ahead); decoding with the torch path meanwhile")
+        if settings.chat_template is None and engine.tokenizer.chat_template is not None:
+            from .chat import ChatTemplate
+
+            try:
+                ChatTemplate(engine.tokenizer.chat_template)
+            except ValueError as e:
+                log.warning("/v1/chat/completions will answer 400: this model's tokenizer ships a chat template "
+                            "Kiln cannot use (%s); pass --chat-template FILE", e)
         if engine.compile_seconds is not None:
             log.info("decode step compiled in %.1f s (batch buckets up to %d)", engine.compile_seconds,
                      engine.max_batch_size)

@@ -44,17 +44,18 @@ class ChatTemplate:
             raise ValueError(f"the chat template does not compile: {e}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool, special_tokens: dict[str, str | None],
-               continue_final_message: bool = False) -> str:
-        from jinja2 import TemplateError
-
+               continue_final_message: bool = False, extra: dict | None = None) -> str:
+        """The prompt text. `extra`: more template variables (vLLM's chat_template_kwargs, e.g. Qwen3's
+        enable_thinking); they cannot replace the messages or the special tokens."""
+        variables = {**(extra or {}), "messages": messages, "add_generation_prompt": add_generation_prompt,
+                     "tools": None, "documents": None, **special_tokens}
         try:
-            text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **special_tokens)
-        except TemplateError as e:
-            raise ValueError(f"the chat template refused the messages: {e}") from None
+            text = self._template.render(**variables)
+        except Exception as e:  # noqa: BLE001 -- raise_exception, and whatever else the template's code raises
+            raise ValueError(f"the chat template refused the messages: {type(e).__name__}: {e}") from None
         if continue_final_message:  # end the prompt right after the last message's text (no end-of-turn)
-            final = messages[-1]["content"]
-            at = text.rfind(final) if final.strip() else -1
+            final = messages[-1]["content"].strip()  # as transformers: templates often trim the content
+            at = text.rfind(final) if final else -1
             if at < 0:
                 raise ValueError("continue_final_message needs a last message whose text the template writes out")
             text = text[: at + len(final)]
@@ -139,6 +140,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     if body.continue_final_message and body.messages[-1].role != "assistant":
         raise APIError(400, "continue_final_message needs the last message to be the assistant's",
                        "continue_final_message")
+    if any(m.tool_calls for m in body.messages):
+        raise APIError(400, "tool calls are not supported; send the assistant's text only", "messages")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     engine = scheduler.engine
@@ -147,7 +150,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                "pad_token": getattr(tokenizer, "pad_token", None)}
     messages = _messages(body)
     try:
-        text = template.render(messages, body.add_generation_prompt, special, body.continue_final_message)
+        text = template.render(messages, body.add_generation_prompt, special, body.continue_final_message,
+                               body.chat_template_kwargs)
     except ValueError as e:
         raise APIError(400, str(e), "messages") from None
     ids = await run_in_threadpool(tokenizer.encode, text)  # the template writes BOS itself
@@ -155,7 +159,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         raise APIError(400, "the chat template rendered an empty prompt", "messages")
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # OpenAI: as many as the context leaves
-        max_tokens = max(1, engine.max_seq_len + 1 - len(ids))
+        max_tokens = max(1, engine.max_seq_len - len(ids))
     completion = CompletionRequest.model_validate({
         "prompt": ids, "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
         "top_k": body.top_k, "n": body.n, "stream": body.stream,

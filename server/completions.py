@@ -97,8 +97,11 @@ def parse_logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], 
         raise APIError(400, f"logit_bias may hold at most {MAX_LOGIT_BIAS} token ids, got {len(bias)}", "logit_bias")
     pairs = {}
     for key, value in bias.items():
-        if not re.fullmatch(r"[0-9]{1,10}", key):
+        if not re.fullmatch(r"[0-9]+", key):
             raise APIError(400, f"logit_bias keys must be token ids written as integer strings, got {key!r}",
+                           "logit_bias")
+        if len(key) > 18:  # (the engine names ids past the vocabulary; int() of thousands of digits would fail)
+            raise APIError(400, f"logit_bias token id {key[:24]}{'...' if len(key) > 24 else ''} is out of range",
                            "logit_bias")
         if not -100 <= value <= 100:
             raise APIError(400, f"logit_bias values must be in [-100, 100], got {value} for token {key}",

@@ -118,6 +118,7 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = Field(None, description="text, or a list of text parts")
     name: StrictStr | None = None
+    tool_calls: list[dict] | None = Field(None, description="not supported: must be empty")
 
 
 class ChatCompletionRequest(_Request):
@@ -148,6 +149,8 @@ class ChatCompletionRequest(_Request):
                                                           "(vLLM extension)")
     continue_final_message: bool = Field(False, description="continue the last (assistant) message instead of "
                                                             "starting a new one (vLLM extension)")
+    chat_template_kwargs: dict | None = Field(None, description="more variables for the chat template, e.g. "
+                                                                  "{\"enable_thinking\": false} (vLLM extension)")
     tools: list[dict] | None = Field(None, description="not supported: must be empty")
     response_format: dict | None = Field(None, description='only {"type": "text"}')
 

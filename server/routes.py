@@ -50,7 +50,8 @@ class KilnState:
             try:
                 self._chat = (ChatTemplate(source) if source else None,)
             except ValueError as e:
-                raise APIError(500, f"the model's {e}") from None
+                raise APIError(400, f"this model's tokenizer ships a chat template Kiln cannot use ({e}); start "
+                                    "kiln serve with --chat-template FILE", "messages") from None
         return self._chat[0]
 
     def check_model(self, name: str | None) -> None:

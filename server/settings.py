@@ -103,6 +103,8 @@ class ServerSettings:
             except (OSError, UnicodeDecodeError) as e:
                 raise ValueError(f"--chat-template {args.chat_template!r}: cannot read it "
                                  f"({e.strerror if isinstance(e, OSError) else e})") from None
+            if not chat_template.strip():
+                raise ValueError(f"--chat-template {args.chat_template!r} is empty")
         return cls(served_model_name=name, model_dir=args.model, host=args.host, port=args.port,
                    chat_template=chat_template,
                    api_key=api_key, device=args.device,

@@ -256,12 +256,16 @@ def test_every_eos_id_of_the_config_and_generation_config_ends_a_sequence(tmp_pa
     plain = load_engine(str(path), "cpu", None)
     first = next(iter(plain.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))))
     end = first.token_ids[0]  # make greedy's first token an end-of-turn id
+    assert plain.eos_id == 0  # the tokenizer's EOS
     config = json.loads((path / "config.json").read_text())
-    config["eos_token_id"] = [0, 9999999]  # an id past the vocabulary is dropped, not an error
+    # Llama 3.1 Instruct: config [<|end_of_text|>, <|eom_id|>, <|eot_id|>], tokenizer EOS <|eot_id|>; an id past
+    # the vocabulary is dropped, not an error
+    config["eos_token_id"] = [end, 9999999]
     (path / "config.json").write_text(json.dumps(config))
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, end]}))
     engine = load_engine(str(path), "cpu", None)
-    assert engine.eos_ids == {0, end} and engine.config.extra_eos_token_ids == (end,)
+    assert engine.config.eos_token_id == end and engine.config.extra_eos_token_ids == (0,)
+    assert engine.eos_ids == {0, end}
     outs = list(engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0)))
     assert [t for o in outs for t in o.token_ids] == [end] and outs[-1].finish_reason == "stop"
     # ignore_eos and min_tokens cover it as they cover EOS
@@ -274,6 +278,6 @@ def test_every_eos_id_of_the_config_and_generation_config_ends_a_sequence(tmp_pa
     from training.export import main as export_main
 
     assert export_main([str(path), "--out", str(tmp_path / "kiln")]) == 0
-    assert load_model(tmp_path / "kiln").config.extra_eos_token_ids == (end,)
+    assert load_model(tmp_path / "kiln").config.extra_eos_token_ids == (0,)
     assert export_main([str(tmp_path / "kiln"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == [0, end]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == [end, 0]

@@ -83,6 +83,12 @@ def test_chat_equals_a_completion_of_the_rendered_template(client, chat_dir):
                                                   "add_generation_prompt": False, "continue_final_message": True})
     want = hf_ids(chat_dir, partial, continue_final_message=True)
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want)
+    # the template trims the content: a trailing space is matched as transformers matches it
+    partial[-1]["content"] = "jumps "
+    r = client.post("/v1/chat/completions", json={"messages": partial, "max_tokens": 2, "temperature": 0,
+                                                  "add_generation_prompt": False, "continue_final_message": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(hf_ids(chat_dir, partial, continue_final_message=True))
 
 
 def test_streamed_through_the_openai_sdk(client):
@@ -117,8 +123,15 @@ def test_chat_errors(client, llama_dir):
     long = [{"role": "user", "content": "fox " * 600}]
     assert "maximum context length" in error({"messages": long})["message"]
     assert error({"messages": MESSAGES, "model": "other"}, 404)["param"] == "model"
-    # a base model without a template: a clear 400, not a 404 or a guess at a format
+    assert error({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]})["param"] == \
+        "messages"
+    # a template whose own code fails (not raise_exception) is the request's 400 too
     engine = load_engine(str(llama_dir), "cpu", None)
+    for broken, name in (("{{ 1 / 0 }}", "ZeroDivisionError"), ("{% for i in range(10**9) %}{% endfor %}", "")):
+        with TestClient(create_app(engine, ServerSettings(served_model_name="base", chat_template=broken))) as base:
+            r = base.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 400 and name in r.json()["error"]["message"], r.text
+    # a base model without a template: a clear 400, not a 404 or a guess at a format
     with TestClient(create_app(engine, ServerSettings(served_model_name="base"))) as base:
         r = base.post("/v1/chat/completions", json={"messages": MESSAGES})
         assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
@@ -128,3 +141,27 @@ def test_chat_errors(client, llama_dir):
         assert r.status_code == 200, r.text
     with pytest.raises(ValueError, match="--chat-template: the chat template does not compile"):
         ServerSettings(chat_template="{% for %}")
+
+
+def test_template_variables_and_a_broken_shipped_template(chat_dir, tmp_path):
+    """chat_template_kwargs reach the template (Qwen3's enable_thinking); a template the model ships that
+    does not compile answers each chat request with a 400 naming it (and --chat-template as the way out)."""
+    template = TEMPLATE.replace("<|assistant|>\n", "<|assistant|>\n{% if terse %}Briefly: {% endif %}")
+    config_path = chat_dir / "tokenizer_config.json"
+    original = config_path.read_text()
+    try:
+        config_path.write_text(json.dumps({**json.loads(original), "chat_template": template}))
+        engine = load_engine(str(chat_dir), "cpu", None)
+        with TestClient(create_app(engine, ServerSettings(served_model_name="chat"))) as c:
+            body = {"messages": MESSAGES[:2], "max_tokens": 1}
+            plain = c.post("/v1/chat/completions", json=body).json()["usage"]["prompt_tokens"]
+            terse = c.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"terse": True}}).json()
+            assert terse["usage"]["prompt_tokens"] == len(hf_ids(chat_dir, MESSAGES[:2], add_generation_prompt=True,
+                                                                terse=True)) > plain
+        config_path.write_text(json.dumps({**json.loads(original), "chat_template": "{% for m in messages %}"}))
+        engine = load_engine(str(chat_dir), "cpu", None)
+        with TestClient(create_app(engine, ServerSettings(served_model_name="chat"))) as c:
+            r = c.post("/v1/chat/completions", json={"messages": MESSAGES[:2]})
+            assert r.status_code == 400 and "--chat-template" in r.json()["error"]["message"], r.text
+    finally:
+        config_path.write_text(original)

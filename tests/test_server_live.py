@@ -253,6 +253,20 @@ def test_settings_from_flags(tmp_path):
     assert e.value.code == 2
 
 
+def test_chat_template_flag(tmp_path, capsys):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    settings = ServerSettings.from_args(build_parser().parse_args(["--chat-template", str(template)]))
+    assert settings.chat_template == template.read_text()
+    (tmp_path / "empty.jinja").write_text("  \n")
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}")
+    for path, said in (("missing.jinja", "cannot read it"), ("empty.jinja", "is empty"),
+                       ("broken.jinja", "does not compile")):
+        with pytest.raises(SystemExit) as e:
+            main(["--chat-template", str(tmp_path / path)])
+        assert e.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_empty_api_key_flag_is_refused_not_dropped(tmp_path, monkeypatch, capsys):
     # `--api-key "$KEY"` with KEY unset must not start a server that needs no key
     monkeypatch.delenv("KILN_API_KEY", raising=False)
