@@ -46,7 +46,7 @@ import torch
 from .attention import resolve_backend
 from .cpu_packing import pack_linears
 from .cuda_graphs import GraphedDecode, describe_failure
-from .fast_decode import NATIVE_MAX_BATCH, DecodePlan
+from .fast_decode import DecodePlan
 from .kv_cache import NULL_BLOCK, KVCache, block_hashes, default_num_blocks
 from .requests import PENDING, InvalidRequest, Request, SamplingParams, StepOutput, TokenLogprob
 from .sampling import SamplingBatch, sample
@@ -180,7 +180,7 @@ class Engine:
             if plan is None:
                 self.compile_error = ("compile applies to the CPU decode step (torch attention backend) and to "
                                       "the CUDA-graph decode step (triton backend)")
-            elif plan.native and self.max_batch_size <= NATIVE_MAX_BATCH:
+            elif plan.native and self.max_batch_size <= plan.native_max_batch:
                 self.compile_error = "not needed: the native decode step runs every batch size up to max_batch_size"
             else:
                 try:
@@ -270,7 +270,9 @@ class Engine:
         if self.uses_cuda_graphs:
             return "CUDA graphs" + (" (compiled)" if self.compile_seconds is not None else "")
         if self.native_decode:
-            return f"native ({str(self._decode_plan.native_dtype).removeprefix('torch.')} matrices)"
+            plan = self._decode_plan
+            rows = "" if plan.native_max_batch >= self.max_batch_size else f", up to {plan.native_max_batch} rows"
+            return f"native ({str(plan.native_dtype).removeprefix('torch.')} matrices{rows})"
         return "compiled" if self.compile_seconds is not None else "eager"
 
     def build_native_in_background(self) -> bool:

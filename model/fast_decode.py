@@ -18,8 +18,9 @@ the overhead:
 
 Two ways to run `_body` faster, both optional and both checked against it by the tests:
 - `enable_native(module)`: the whole step as one C++ call (model/native), for small fp32
-  models and batches up to NATIVE_MAX_BATCH (larger ones run `_body`, whose GEMMs win there);
-  it reads its own packed copy of the unfolded matrices, in bf16 when that is exact;
+  models and batches up to NATIVE_MAX_BATCH (larger ones run `_body`, whose GEMMs win there),
+  and for larger models stored in bf16 below PACKED_DECODE_MIN_BATCH rows; it reads its own
+  packed copy of the unfolded matrices, in bf16 when that is exact;
 - `compile(cache, max_batch_size)`: `_body` through torch.compile (inductor, C++ wrapper),
   one static graph per batch bucket, the attention a custom op so the cache writes stay in
   place (`kiln serve --compile`).
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import gather_blocks
-from .cpu_packing import pack_weight
+from .cpu_packing import MAX_MEMORY_SHARE, available_memory, pack_weight
 from .cuda_graphs import batch_buckets
 from .kv_cache import NULL_BLOCK, CacheBatch, KVCache
 from .transformer import Transformer, apply_rope
@@ -119,6 +120,7 @@ class DecodePlan:
         self._native = None  # the native C++ step (model/native), when enabled
         self._native_args: tuple | None = None
         self.native_dtype: torch.dtype | None = None  # the native step's packed matrices: fp32 or bf16
+        self._large_native_ok: bool | None = None  # unfolded models: bf16-exact and the copy fits (cached)
         self._buckets: list[int] = []
         self._static: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -167,8 +169,33 @@ class DecodePlan:
 
     # ---- the native C++ step ------------------------------------------------------------------
     def supports_native(self) -> bool:
-        """The native step covers small (folded-size) fp32 CPU models."""
-        return self.folded and self.model.embed.weight.dtype == torch.float32
+        """The native step covers fp32 CPU models: small (folded-size) ones at every batch up to
+        NATIVE_MAX_BATCH, and larger ones whose matrices are all exactly bf16 numbers (checkpoints stored
+        in bf16, as most on the Hugging Face hub are) below PACKED_DECODE_MIN_BATCH rows, where reading
+        half the bytes beats the torch path (1.5x at one row, GPT-2 124M shape) and the extra bf16 copy
+        (half the fp32 weights) fits in memory."""
+        if self.model.embed.weight.dtype != torch.float32:
+            return False
+        if self.folded:
+            return True
+        if self._large_native_ok is None:
+            self._large_native_ok = self._large_native_fits()
+        return self._large_native_ok
+
+    def _large_native_fits(self) -> bool:
+        model = self.model
+        matrices = [m.weight for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
+        matrices.append(model.lm_head.weight)
+        copy_bytes = 2 * sum(w.numel() for w in matrices)
+        free = available_memory()
+        if free is not None and copy_bytes > MAX_MEMORY_SHARE * free:
+            return False
+        return all(_exactly_bf16(w) for w in matrices)
+
+    @property
+    def native_max_batch(self) -> int:
+        """The largest batch the native step runs (larger ones take the torch path)."""
+        return NATIVE_MAX_BATCH if self.folded else PACKED_DECODE_MIN_BATCH - 1
 
     def enable_native(self, module, dtype: torch.dtype | None = None) -> None:
         """Run decode steps through `module.decode_step` (model/native) from now on.
@@ -178,14 +205,15 @@ class DecodePlan:
         number (weights shipped in bf16, loaded as fp32), which halves the bytes a step reads and
         changes no result, else as fp32; torch.float32 forces fp32 (for comparisons)."""
         if not self.supports_native():
-            raise ValueError("the native decode step covers small fp32 models (folded-size plans)")
+            raise ValueError("the native decode step covers fp32 models: small ones, and larger ones whose "
+                             "matrices are exactly bf16 numbers and whose bf16 copy fits in memory")
         if dtype not in (None, torch.float32):
             raise ValueError(f"dtype must be None (automatic) or torch.float32, got {dtype}")
         model = self.model
         blocks = list(model.blocks)
         matrices = [m.weight for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
         if dtype is None:
-            exact = all(_exactly_bf16(w) for w in [*matrices, model.lm_head.weight])
+            exact = not self.folded or all(_exactly_bf16(w) for w in [*matrices, model.lm_head.weight])
             dtype = torch.bfloat16 if exact else torch.float32
 
         def opt(t: torch.Tensor | None) -> torch.Tensor:
@@ -228,7 +256,7 @@ class DecodePlan:
     def __call__(self, tokens: torch.Tensor, kv_cache: KVCache, batch: CacheBatch) -> torch.Tensor:
         """tokens (B, 1) -> logits (B, V); writes each row's keys/values into its blocks."""
         native = self._native
-        if native is not None and tokens.shape[0] <= NATIVE_MAX_BATCH:
+        if native is not None and tokens.shape[0] <= self.native_max_batch:
             weights, dims, eps = self._native_args
             return native.decode_step(tokens.reshape(-1), batch.positions.reshape(-1), batch.block_table,
                                       kv_cache.k, kv_cache.v, weights, dims, eps)

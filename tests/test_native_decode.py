@@ -202,10 +202,37 @@ def test_native_step_reads_bf16_matrices_when_exact(fixture, native_module, requ
 
 def test_native_is_off_for_models_it_does_not_cover(llama_dir, native_module, monkeypatch):
     monkeypatch.setattr(fast_decode, "FOLD_LIMIT_BYTES", 0)  # a "large" model: norms not folded
-    engine = load_engine(str(llama_dir), "cpu", native=True)
+    engine = load_engine(str(llama_dir), "cpu", native=True)  # random fp32 weights: not bf16 numbers
     assert not engine.native_decode and not engine._decode_plan.supports_native()
-    with pytest.raises(ValueError, match="small fp32 models"):
+    with pytest.raises(ValueError, match="exactly bf16 numbers"):
         engine._decode_plan.enable_native(native_module)
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "gpt2_dir"])
+def test_a_large_bf16_model_runs_native_below_the_packed_batch(fixture, native_module, monkeypatch, tmp_path,
+                                                                request):
+    """A model past the fold limit whose checkpoint is bf16 (most on the hub): the native step reads its
+    matrices as bf16 at 1-3 rows and the torch path (oneDNN packs) takes 4 or more; rows joining and
+    leaving cross between the two. Tokens and logprobs equal the plain forward's."""
+    import shutil
+
+    from model.checkpoint import load_model, save_model
+
+    monkeypatch.setattr(fast_decode, "FOLD_LIMIT_BYTES", 0)
+    monkeypatch.delenv(native_step.DISABLE_ENV, raising=False)
+    source_dir = request.getfixturevalue(fixture)
+    save_model(load_model(str(source_dir)), tmp_path, dtype=torch.bfloat16)  # a bf16 checkpoint
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        if (source_dir / name).is_file():
+            shutil.copy(source_dir / name, tmp_path / name)
+    engine = load_engine(str(tmp_path), "cpu", max_batch_size=4, native=True)  # loaded as fp32
+    plan = engine._decode_plan
+    assert not plan.folded and engine.native_decode and plan.native_max_batch == 3
+    assert engine.decode_path == "native (bfloat16 matrices, up to 3 rows)"
+    assert_same_runs(engine, Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False))
+    # the bf16 copy must fit: half of what is still available at most
+    monkeypatch.setattr(fast_decode, "available_memory", lambda: 1024)
+    assert not fast_decode.DecodePlan(engine.model).supports_native()
 
 
 def test_native_step_over_more_rows_than_one_pass(llama_dir, native_module):
