@@ -89,8 +89,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fail(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         fail(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.system is not None and not args.chat:
+        fail("--system needs --chat")
     engine = load_engine(args.model, args.device, args.dtype)
-    ids = engine.tokenizer.encode_prompt(args.prompt)
+    if args.chat:
+        ids = _chat_prompt(engine.tokenizer, args.prompt, args.system)
+    else:
+        ids = engine.tokenizer.encode_prompt(args.prompt)
     if len(ids) >= engine.max_seq_len:
         fail(f"the prompt has {len(ids)} tokens; this model's context is {engine.max_seq_len} tokens, "
              "so the prompt must be shorter than that")
@@ -102,6 +107,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
             sys.stdout.write(out.text)
             sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _chat_prompt(tokenizer, prompt: str, system: str | None) -> list[int]:
+    """--chat: the prompt as one user turn (after an optional system message), through the model's chat
+    template, ending with the assistant's header."""
+    from .chat_template import ChatTemplate, template_tokens
+
+    if tokenizer.chat_template is None:
+        fail("--chat: this model has no chat template (it is a base model); leave --chat out to complete the "
+             "prompt as text")
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": "user", "content": prompt}]
+    try:
+        text = ChatTemplate(tokenizer.chat_template).render(messages, True, template_tokens(tokenizer))
+    except ValueError as e:
+        fail(f"--chat: {e}")
+    return tokenizer.encode(text)  # the template writes the BOS
 
 
 def cmd_ppl(args: argparse.Namespace) -> None:
@@ -157,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=_int_in(-(2**63), 2**64 - 1), default=None)  # what torch's manual_seed takes
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the model's chat template (instruct models)")
+    p.add_argument("--system", default=None, help="with --chat: a system message first")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ppl", help="perplexity of a text file (or - for stdin)")

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             log.info("building the native CPU decode step in the background (once per machine, about half a "
                      "minute; `make serve` does it ahead); decoding with the torch path meanwhile")
         if settings.chat_template is None and engine.tokenizer.chat_template is not None:
-            from .chat import ChatTemplate
+            from model.chat_template import ChatTemplate
 
             try:
                 ChatTemplate(engine.tokenizer.chat_template)

@@ -1,21 +1,20 @@
 """/v1/chat/completions: OpenAI's chat API over the model's chat template, as vLLM serves it.
 
 The messages are rendered with the Jinja template the tokenizer ships (`chat_template.jinja`, or
-`tokenizer_config.json`'s "chat_template"; `kiln serve --chat-template FILE` overrides it) in a
-sandboxed environment set up like transformers' `apply_chat_template` (trim_blocks, lstrip_blocks,
-`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII), then tokenized without adding a
-BOS (the template writes it) and generated as a completion; the answer comes back in chat shapes.
+`tokenizer_config.json`'s "chat_template"; `kiln serve --chat-template FILE` overrides it) as
+transformers' `apply_chat_template` renders them (model/chat_template.py), then tokenized without
+adding a BOS (the template writes it) and generated as a completion; the answer comes back in chat
+shapes.
 Text parts of a message's content are joined with newlines (vLLM's "string" content format). A
 model without a template, such as Kiln's default base model, answers 400.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
+
+from model.chat_template import ChatTemplate, template_tokens
 
 from .completions import ChoiceBuilder, TextFormat, _logprob, _public_reason, create_completion
 from .errors import APIError
@@ -25,51 +24,6 @@ from .scheduler import Scheduler
 
 NO_TEMPLATE = ("this model has no chat template (it is a base model): use /v1/completions, or start kiln serve "
                "with --chat-template FILE")
-
-
-class ChatTemplate:
-    """A compiled chat template; `render` raises ValueError with the template's own message."""
-
-    def __init__(self, source: str):
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        try:
-            self._template = env.from_string(source)
-        except TemplateError as e:
-            raise ValueError(f"the chat template does not compile: {e}") from None
-
-    def render(self, messages: list[dict], add_generation_prompt: bool, special_tokens: dict[str, str | None],
-               continue_final_message: bool = False, extra: dict | None = None) -> str:
-        """The prompt text. `extra`: more template variables (vLLM's chat_template_kwargs, e.g. Qwen3's
-        enable_thinking); they cannot replace the messages or the special tokens."""
-        variables = {**(extra or {}), "messages": messages, "add_generation_prompt": add_generation_prompt,
-                     "tools": None, "documents": None, **special_tokens}
-        try:
-            text = self._template.render(**variables)
-        except Exception as e:  # noqa: BLE001 -- raise_exception, and whatever else the template's code raises
-            raise ValueError(f"the chat template refused the messages: {type(e).__name__}: {e}") from None
-        if continue_final_message:  # end the prompt right after the last message's text (no end-of-turn)
-            final = messages[-1]["content"].strip()  # as transformers: templates often trim the content
-            at = text.rfind(final) if final else -1
-            if at < 0:
-                raise ValueError("continue_final_message needs a last message whose text the template writes out")
-            text = text[: at + len(final)]
-        return text
-
-
-def _raise_exception(message: str):
-    from jinja2 import TemplateError
-
-    raise TemplateError(message)
-
-
-def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 class ChatFormat(TextFormat):
@@ -146,8 +100,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     engine = scheduler.engine
     tokenizer = engine.tokenizer
-    special = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-               "pad_token": getattr(tokenizer, "pad_token", None)}
+    special = template_tokens(tokenizer)
     messages = _messages(body)
     try:
         text = template.render(messages, body.add_generation_prompt, special, body.continue_final_message,

@@ -17,7 +17,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from .chat import ChatTemplate, create_chat_completion
+from model.chat_template import ChatTemplate
+
+from .chat import create_chat_completion
 from .completions import admission_errors, create_completion, prompt_list, until_disconnect
 from .errors import APIError
 from .metrics import CONTENT_TYPE, ServerMetrics

@@ -69,7 +69,7 @@ class ServerSettings:
         need(self.shutdown_timeout_s >= 0, f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout_s}")
         need(self.api_key is None or bool(self.api_key), "--api-key must not be empty")
         if self.chat_template is not None:
-            from .chat import ChatTemplate
+            from model.chat_template import ChatTemplate
 
             try:
                 ChatTemplate(self.chat_template)

@@ -130,3 +130,31 @@ def test_ctrl_c_while_a_command_starts_is_one_line(monkeypatch, capsys):
         cli.main(["train", "--config", "x.toml"])
     assert exc.value.code == 130
     assert capsys.readouterr().err.strip() == "kiln train: interrupted"
+
+
+def test_generate_chat_uses_the_models_template(gpt2_dir, tmp_path):
+    import shutil
+
+    from model.chat_template import ChatTemplate, template_tokens
+    from model.engine import SamplingParams
+
+    chat = tmp_path / "chat"
+    shutil.copytree(gpt2_dir, chat)
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    (chat / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                    "{% if add_generation_prompt %}assistant:{% endif %}"}))
+    proc = kiln("generate", "--model", str(chat), "--prompt", "hi", "--system", "be brief", "--chat",
+                "--max-tokens", "6", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    engine = load_engine(str(chat), "cpu")
+    text = ChatTemplate(engine.tokenizer.chat_template).render(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], True,
+        template_tokens(engine.tokenizer))
+    assert text == "system: be brief\nuser: hi\nassistant:"
+    expected = "".join(o.text for o in engine.generate(engine.tokenizer.encode(text),
+                                                       SamplingParams(max_tokens=6, temperature=0.0)))
+    assert proc.stdout == expected + "\n"
+    for args, said in ((("--chat",), "no chat template"), (("--system", "x"), "--system needs --chat")):
+        proc = kiln("generate", "--model", str(gpt2_dir), "--prompt", "hi", *args)
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr
