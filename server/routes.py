@@ -23,10 +23,10 @@ from .chat import create_chat_completion
 from .completions import admission_errors, create_completion, prompt_list, until_disconnect
 from .errors import APIError
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
-                       ErrorResponse, Health, ModelCard, ModelList, PerplexityItem, PerplexityRequest,
-                       PerplexityResponse, PerplexityToken, PerplexityUsage, TokenizeRequest, TokenizeResponse,
-                       TokenizerInfo)
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                       DetokenizeRequest, DetokenizeResponse, ErrorResponse, Health, ModelCard, ModelList,
+                       PerplexityItem, PerplexityRequest, PerplexityResponse, PerplexityToken, PerplexityUsage,
+                       TokenizeRequest, TokenizeResponse, TokenizerInfo)
 from .scheduler import NotReady, Scheduler
 from .settings import ServerSettings
 
@@ -78,8 +78,8 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"  # the playground page (
 PLAYGROUND_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                   "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
-ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/perplexity", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
-             "/health", "/metrics"}
+ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/perplexity", "/v1/models", "/tokenize", "/detokenize",
+             "/tokenizer_info", "/health", "/metrics"}
 
 
 @router.post("/v1/completions", response_model=CompletionResponse,
