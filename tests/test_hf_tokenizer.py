@@ -162,3 +162,24 @@ def test_a_llama_with_a_sentencepiece_tokenizer_serves(spiece_dir, tmp_path):
         detok = client.post("/detokenize", json={"tokens": ids}).json()["prompt"]
         assert detok == auto.decode(ids)
         assert client.post("/tokenize", json={"prompt": prompt}).json()["tokens"] == ids
+
+
+def test_hf_export_makes_transformers_read_the_tokenizer_as_kiln_does(spiece_dir, tmp_path):
+    """A Llama 2 directory names LlamaTokenizer, which transformers 5 rebuilds with its own normalization
+    (other ids at a leading space), and a bare tokenizer.json names no EOS: `kiln export --format hf`
+    writes a tokenizer_config.json that gives Kiln's ids and tokens."""
+    from transformers import AutoTokenizer
+
+    from training.export import write_tokenizer
+
+    files = {name: (spiece_dir / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json")}
+    config = json.loads(files["tokenizer_config.json"])
+    config["tokenizer_class"] = "LlamaTokenizer"
+    for key in ("eos_token", "bos_token"):
+        config.pop(key, None)
+    files["tokenizer_config.json"] = json.dumps(config).encode()
+    write_tokenizer(files, tmp_path, need_hf_json=True)
+    tok, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in (" leading space", "  two", "a </s> b", *spiece_texts().values()):
+        assert auto.encode(text, add_special_tokens=False) == tok.encode(text), repr(text)
+    assert (auto.eos_token, auto.eos_token_id) == (tok.eos_token, tok.eos_id) == ("</s>", tok.eos_id)

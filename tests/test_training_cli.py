@@ -68,8 +68,15 @@ def test_prepare_train_resume_export_load(tmp_path, tokenizer_dir, capsys, monke
     first, second, *rest = ranks.read_text().splitlines()
     ranks.write_text("\n".join([first.split()[0] + " " + second.split()[1],
                                 second.split()[0] + " " + first.split()[1], *rest]) + "\n")
+    tokens3 = tmp_path / "tokens3"  # another vocabulary size too: the data is named, not the config
+    shutil.copytree(tmp_path / "tokens", tokens3)
+    ranks3 = tokens3 / meta.get("tokenizer", "tokenizer") / "tokenizer.tiktoken"
+    ranks3.write_text("\n".join(ranks3.read_text().splitlines()[:-1]) + "\n")
+    meta3 = json.loads((tokens3 / "meta.json").read_text())
+    (tokens3 / "meta.json").write_text(json.dumps({**meta3, "vocab_size": meta3["vocab_size"] + 100}))
     for argv, message in (
             (["--data", str(tokens2)], "tokenized with another tokenizer than the run in"),
+            (["--data", str(tokens3)], "tokenized with another tokenizer than the run in"),
             (["--config", str(TINY_TOML), "--data", str(tmp_path / "tokens"), *SHRINK, "--set", "model.n_layer=2"],
              "(n_layer: checkpoint 1, now 2)")):
         with pytest.raises(SystemExit) as exc:

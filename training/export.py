@@ -171,13 +171,28 @@ def hf_state_dict(model: Transformer, family: str) -> dict[str, torch.Tensor]:
 
 
 def write_tokenizer(files: dict[str, bytes], out_dir: Path, need_hf_json: bool) -> None:
+    """The tokenizer files, as the run (or model directory) had them. For Hugging Face (`need_hf_json`):
+    a tokenizer.json if there was none, and a tokenizer_config.json that makes transformers read it as
+    Kiln does, naming the tokens Kiln trained with."""
     for name, content in files.items():
         (out_dir / name).write_bytes(content)
-    if need_hf_json and "tokenizer.json" not in files:
-        from model.tokenizer import load_tokenizer
+    if not need_hf_json:
+        return
+    from model.tokenizer import load_tokenizer
 
-        (out_dir / "tokenizer.json").write_text(json.dumps(load_tokenizer(out_dir).to_hf_json(), ensure_ascii=False),
+    tokenizer = load_tokenizer(out_dir)
+    if "tokenizer.json" not in files:
+        (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer.to_hf_json(), ensure_ascii=False),
                                                 encoding="utf-8")
+    path = out_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    # transformers keeps tokenizer.json as written only through PreTrainedTokenizerFast: a model's own class
+    # (transformers 5's LlamaTokenizer) rebuilds Llama 2's normalization and gives other ids at a leading space
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.setdefault("eos_token", tokenizer.eos_token)  # Kiln may have inferred it (a bare tokenizer.json)
+    if tokenizer.bos_token is not None:
+        config.setdefault("bos_token", tokenizer.bos_token)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:

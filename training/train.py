@@ -340,13 +340,8 @@ class Trainer:
                 print(f"--resume: no checkpoint in {self.out_dir}; starting from step 0", file=sys.stderr)
             return None
         state = load_checkpoint(latest)
-        saved = ModelConfig.from_dict(state["model_config"])
-        if saved != self.model_config:
-            old, new = saved.to_dict(), self.model_config.to_dict()
-            differ = [f"{name}: checkpoint {old.get(name)!r}, now {new.get(name)!r}"
-                      for name in dict.fromkeys([*old, *new]) if old.get(name) != new.get(name)]
-            raise ConfigError(f"the model in {latest} differs from this config's ({'; '.join(differ)}); "
-                              "resume with the run's own config (omit --config)")
+        # the data first: another tokenizer's data also changes the model config (vocab size, BOS/EOS ids), and
+        # the way out is other data, not another config
         saved_files = state.get("tokenizer_files") or {}
         files = _tokenizer_files(self.data_dir, self.meta)
         changed = sorted(name for name in set(saved_files) & set(files) if saved_files[name] != files[name])
@@ -354,6 +349,13 @@ class Trainer:
             raise ConfigError(f"--data {self.data_dir} was tokenized with another tokenizer than the run in "
                               f"{self.out_dir} ({', '.join(changed)} differ): its ids mean other tokens to these "
                               "weights; resume with data from the run's own tokenizer")
+        saved = ModelConfig.from_dict(state["model_config"])
+        if saved != self.model_config:
+            old, new = saved.to_dict(), self.model_config.to_dict()
+            differ = [f"{name}: checkpoint {old.get(name)!r}, now {new.get(name)!r}"
+                      for name in dict.fromkeys([*old, *new]) if old.get(name) != new.get(name)]
+            raise ConfigError(f"the model in {latest} differs from this config's ({'; '.join(differ)}); "
+                              "resume with the run's own config (omit --config)")
         return state
 
     def _restore(self, state: dict) -> None:
