@@ -198,3 +198,30 @@ def test_wrong_kind_of_path_says_what_it_is(tmp_path, tokenizer_dir):
     with pytest.raises(DataError, match="--tokenizer '.*file.txt' is a file, not a tokenizer directory"):
         prepare(tmp_path / "file.txt", tmp_path / "out", inputs=[str(tmp_path / "file.txt")], workers=1,
                 progress=False)
+
+
+def test_eos_token_picks_the_document_end(tmp_path, capsys):
+    """A chat tokenizer's EOS ends a turn (<|im_end|>): --eos-token <|endoftext|> ends documents with the
+    end-of-text token instead, splits .txt inputs on it, and records it as the data's EOS."""
+    from tokenizers import pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from test_tokenizer import train_bpe
+
+    hf = train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), vocab_size=400,
+                   specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|im_end|>").save_pretrained(str(tmp_path / "tok"))
+    tok = load_tokenizer(tmp_path / "tok")
+    text_end, turn_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
+    assert tok.eos_id == turn_end
+    (tmp_path / "a.txt").write_text("first doc\n<|endoftext|>\nsecond doc\n", encoding="utf-8")
+    meta = prepare(tmp_path / "tok", tmp_path / "out", inputs=[str(tmp_path / "a.txt")], val_fraction=0.0,
+                   workers=1, progress=False, eos_token="<|endoftext|>")
+    ids = open_tokens(tmp_path / "out", "train").tolist()
+    assert ids == tok.encode("first doc\n") + [text_end] + tok.encode("second doc\n") + [text_end]
+    assert meta["eos_id"] == text_end and meta["train"]["documents"] == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--tokenizer", str(tmp_path / "tok"), "--input", str(tmp_path / "a.txt"), "--out",
+              str(tmp_path / "out2"), "--eos-token", "<|nope|>"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--eos-token '<|nope|>' is not a single token" in err and "<|im_end|>" in err

@@ -251,8 +251,12 @@ def _encoded(chunks: Iterator[Chunk], tokenizer, tokenizer_dir: str, settings: E
 def prepare(tokenizer_dir: str | Path, out_dir: str | Path, inputs: Sequence[str] = (),
             train_inputs: Sequence[str] = (), val_inputs: Sequence[str] = (), val_fraction: float = 0.005,
             seed: int = 1337, workers: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-            progress: bool = True) -> dict:
-    """Tokenize the inputs into `out_dir`; returns the meta dict also written to meta.json."""
+            progress: bool = True, eos_token: str | None = None) -> dict:
+    """Tokenize the inputs into `out_dir`; returns the meta dict also written to meta.json.
+
+    `eos_token`: the token that ends each document (and separates documents in .txt inputs); default the
+    tokenizer's EOS, which for a chat model's tokenizer ends a turn (Qwen's <|im_end|>), where pretraining
+    text wants its end-of-text token."""
     from tqdm import tqdm
 
     from model.tokenizer import load_tokenizer
@@ -266,12 +270,19 @@ def prepare(tokenizer_dir: str | Path, out_dir: str | Path, inputs: Sequence[str
         tokenizer = load_tokenizer(tokenizer_dir)
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"cannot load the tokenizer: {e}") from None
+    eos_text, eos_id = tokenizer.eos_token, tokenizer.eos_id
+    if eos_token is not None:
+        try:
+            eos_text, eos_id = eos_token, tokenizer.token_to_id(eos_token)
+        except ValueError:
+            raise DataError(f"--eos-token {eos_token!r} is not a single token of this tokenizer (its special "
+                            f"tokens: {', '.join(sorted(tokenizer.special_tokens))})") from None
     train_files, val_files = split_inputs(inputs, train_inputs, val_inputs)
     bos_id = tokenizer.bos_id if tokenizer.add_bos else None
     dtype = token_dtype(tokenizer.n_vocab)
-    settings = EncodeSettings(eos_id=tokenizer.eos_id, bos_id=bos_id, dtype=dtype.name, seed=seed,
+    settings = EncodeSettings(eos_id=eos_id, bos_id=bos_id, dtype=dtype.name, seed=seed,
                               val_fraction=val_fraction)
-    separators = tuple({DOC_SEPARATOR, tokenizer.eos_token})
+    separators = tuple({DOC_SEPARATOR, eos_text})
     all_files = train_files + (val_files or [])
     total_bytes = sum(p.stat().st_size for p in all_files)
     if workers is None:
@@ -320,7 +331,7 @@ def prepare(tokenizer_dir: str | Path, out_dir: str | Path, inputs: Sequence[str
         raise
     copy_tokenizer_files(tokenizer_dir, out / "tokenizer")
     meta = {
-        "format": META_FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.n_vocab, "eos_id": tokenizer.eos_id,
+        "format": META_FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.n_vocab, "eos_id": eos_id,
         "bos_id": bos_id, "tokenizer_dir": str(tokenizer_dir), "tokenizer": "tokenizer", "split": split_kind,
         "val_fraction": val_fraction, "seed": seed,
         "train": {**counts["train"], "inputs": [str(p) for p in train_files]},
@@ -446,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of documents held out for validation (hash split; default 0.005)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the document split")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--eos-token", default=None, metavar="TEXT",
+                   help="the token that ends each document (default: the tokenizer's EOS; a chat model's EOS "
+                        "ends a turn, e.g. Qwen's <|im_end|>, so pretraining text may want <|endoftext|>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -457,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = prepare(args.tokenizer, args.out, inputs=args.input, train_inputs=args.train_input,
                        val_inputs=args.val_input, val_fraction=args.val_fraction, seed=args.seed,
-                       workers=args.workers, progress=not args.no_progress)
+                       workers=args.workers, progress=not args.no_progress, eos_token=args.eos_token)
     except (DataError, OSError) as e:
         _fail(str(e))
     print(f"train: {meta['train']['tokens']:,} tokens in {meta['train']['documents']:,} documents; "
