@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .tokenizer import _read_json, _template_bos, _token_text, bytes_to_unicode
+from .tokenizer import TokenText, _read_json, _template_bos, _token_text, bytes_to_unicode
 
 SPIECE_SPACE = "▁"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -42,7 +42,7 @@ def _steps(component: Mapping[str, Any] | None, key: str) -> list[Mapping[str, A
     return [component]
 
 
-class LibraryTokenizer:
+class LibraryTokenizer(TokenText):
     """Text <-> ids through `tokenizers.Tokenizer`, with Kiln's Tokenizer interface."""
 
     chat_template: str | None = None  # set by load_tokenizer
@@ -186,18 +186,8 @@ class LibraryTokenizer:
         if self.adds_leading_space and raw.startswith(b" "):
             first = next((i for i in ids if i not in self.special_ids), None)
             if first is not None and self._bytes[first].startswith(b" "):
-                raw = raw.replace(b" ", b"", 1)  # the space encoding prepended, as transformers' decode drops it
+                raw = raw[1:]  # the space encoding prepended, as transformers' decode drops it
         return raw
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def id_to_token_text(self, token_id: int) -> str:
-        raw = self.token_bytes(token_id)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def save(self, out_dir: str | Path) -> None:
         """Copy the tokenizer's files (they are the format)."""

@@ -116,7 +116,23 @@ class TokenizerConfig:
                    normalizer=data.get("normalizer"))
 
 
-class Tokenizer:
+class TokenText:
+    """What both tokenizer kinds derive from `token_bytes` / `decode_bytes` (this one and
+    model/hf_tokenizer.py's LibraryTokenizer)."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def id_to_token_text(self, token_id: int) -> str:
+        """One token as display text; a token holding part of a UTF-8 character shows as `bytes:\\xe4\\xbd`."""
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)  # OpenAI's notation for partial characters
+
+
+class Tokenizer(TokenText):
     """Text <-> ids. Special-token text (e.g. "<|endoftext|>") encodes to its single id."""
 
     adds_leading_space = False  # byte-level BPE encodes a text as it is (SentencePiece-style ones prepend a space)
@@ -240,17 +256,6 @@ class Tokenizer:
             return self.encoding.decode_bytes(ids)
         except (KeyError, OverflowError, TypeError):
             return b"".join(self.token_bytes(i) for i in ids)  # decode-only ids, or a clear error
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def id_to_token_text(self, token_id: int) -> str:
-        """One token as display text; a token holding part of a UTF-8 character shows as `bytes:\\xe4\\xbd`."""
-        raw = self.token_bytes(token_id)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)  # OpenAI's notation for partial characters
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, out_dir: str | Path, write_hf_json: bool = True) -> None:
