@@ -56,12 +56,14 @@ def read_config(model_dir: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
-def config_from_hf(cfg: dict) -> ModelConfig:
+def config_from_hf(cfg: dict, generation: dict | None = None) -> ModelConfig:
+    """A Hugging Face config.json as a ModelConfig; `generation` (generation_config.json) may name more
+    end-of-sequence ids (chat models' end of turn), as vLLM reads them."""
     model_type = cfg.get("model_type")
     eos_ids = _id_list(cfg.get("eos_token_id"))
     eos = eos_ids[0] if eos_ids else None
     vocab = cfg.get("vocab_size")
-    extra_eos = tuple(i for i in dict.fromkeys(eos_ids + _id_list(cfg.get("_generation_eos_token_id")))
+    extra_eos = tuple(i for i in dict.fromkeys(eos_ids + _id_list((generation or {}).get("eos_token_id")))
                       if i != eos and isinstance(vocab, int) and 0 <= i < vocab)
     if model_type == "gpt2":
         act = cfg.get("activation_function", "gelu_new")
@@ -139,15 +141,15 @@ def load_config(model_dir: str | Path) -> ModelConfig:
             return ModelConfig.from_dict(raw)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{model_dir}/config.json: {e}") from None
-    # generation_config.json may list more end-of-sequence ids (chat models' end of turn), as vLLM reads it
-    generation = Path(model_dir) / "generation_config.json"
-    if generation.is_file():
+    generation = None
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
         try:
-            raw["_generation_eos_token_id"] = json.loads(generation.read_text()).get("eos_token_id")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            generation = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             pass  # an unreadable generation config only loses its extra ids
     try:
-        return config_from_hf(raw)
+        return config_from_hf(raw, generation if isinstance(generation, dict) else None)
     except ValueError as e:  # a ModelConfig check
         if isinstance(e, CheckpointError):
             raise

@@ -28,6 +28,13 @@ MAX_MEMORY_SHARE = 0.5  # packs may take at most this share of the memory still 
 log = logging.getLogger("kiln.cpu_packing")
 
 
+def fits_in_memory(nbytes: int) -> tuple[bool, int | None]:
+    """(whether a copy of `nbytes` takes at most MAX_MEMORY_SHARE of the memory still available, that
+    memory in bytes or None when unknown -- then it is taken to fit)."""
+    free = available_memory()
+    return free is None or nbytes <= MAX_MEMORY_SHARE * free, free
+
+
 def available_memory() -> int | None:
     """Bytes of memory still available to new allocations (Linux MemAvailable), or None if unknown."""
     try:
@@ -88,8 +95,8 @@ def pack_linears(model: nn.Module) -> int:
         return 0
     todo = [m for m in linears if getattr(m, "_kiln_packed", None) is None]
     needed = sum(m.weight.numel() * m.weight.element_size() for m in {id(m.weight): m for m in todo}.values())
-    free = available_memory()
-    if todo and free is not None and needed > MAX_MEMORY_SHARE * free:
+    fits, free = fits_in_memory(needed)
+    if todo and not fits:
         log.warning("not prepacking the linear layers for oneDNN: the copies would take %.1f GB of the %.1f GB "
                     "still available (prefill and scoring run on F.linear instead)", needed / 1e9, free / 1e9)
         return 0

@@ -199,15 +199,12 @@ class Engine:
         params.validate()
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty: at least one token is needed", "prompt")
-        bad = [i for i in prompt_ids if not 0 <= i < self.vocab_limit]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is out of range [0, {self.vocab_limit})", "prompt")
-        bad = [i for i in params.stop_token_ids if not 0 <= i < self.vocab_limit]
-        if bad:
-            raise InvalidRequest(f"stop token id {bad[0]} is out of range [0, {self.vocab_limit})", "stop_token_ids")
-        bad = [i for i, _ in params.logit_bias if not 0 <= i < self.vocab_limit]
-        if bad:
-            raise InvalidRequest(f"logit_bias token id {bad[0]} is out of range [0, {self.vocab_limit})", "logit_bias")
+        for ids, what, param in ((prompt_ids, "token id", "prompt"),
+                                 (params.stop_token_ids, "stop token id", "stop_token_ids"),
+                                 ([i for i, _ in params.logit_bias], "logit_bias token id", "logit_bias")):
+            bad = next((i for i in ids if not 0 <= i < self.vocab_limit), None)
+            if bad is not None:
+                raise InvalidRequest(f"{what} {bad} is out of range [0, {self.vocab_limit})", param)
         # the last generated id is never fed back, so P prompt + M new ids need P + M - 1 cache positions
         if len(prompt_ids) > self.max_seq_len or len(prompt_ids) + params.max_tokens > self.max_seq_len + 1:
             raise InvalidRequest(f"this model's maximum context length is {self.max_seq_len} tokens, but "

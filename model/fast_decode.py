@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import gather_blocks
-from .cpu_packing import MAX_MEMORY_SHARE, available_memory, pack_weight
+from .cpu_packing import fits_in_memory, pack_weight
 from .cuda_graphs import batch_buckets
 from .kv_cache import NULL_BLOCK, CacheBatch, KVCache
 from .transformer import Transformer, apply_rope
@@ -186,11 +186,7 @@ class DecodePlan:
         model = self.model
         matrices = [m.weight for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
         matrices.append(model.lm_head.weight)
-        copy_bytes = 2 * sum(w.numel() for w in matrices)
-        free = available_memory()
-        if free is not None and copy_bytes > MAX_MEMORY_SHARE * free:
-            return False
-        return all(_exactly_bf16(w) for w in matrices)
+        return fits_in_memory(2 * sum(w.numel() for w in matrices))[0] and all(_exactly_bf16(w) for w in matrices)
 
     @property
     def native_max_batch(self) -> int:

@@ -82,10 +82,13 @@ ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/perplexity", "/v1/m
              "/tokenizer_info", "/health", "/metrics"}
 
 
-@router.post("/v1/completions", response_model=CompletionResponse,
-             responses={**_errors(400, 401, 404, 413, 429, 503),
+# the generation endpoints: JSON or a stream, and every refusal a request can meet
+GENERATION_RESPONSES = {**_errors(400, 401, 404, 413, 429, 503),
                         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                              "description": "JSON, or Server-Sent Events when `stream` is true"}},
+                              "description": "JSON, or Server-Sent Events when `stream` is true"}}
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=GENERATION_RESPONSES,
              summary="Create a completion (OpenAI legacy completions API)")
 async def completions(body: CompletionRequest, request: Request, state: KilnState = Depends(kiln_state)):
     state.check_model(body.model)
@@ -93,10 +96,7 @@ async def completions(body: CompletionRequest, request: Request, state: KilnStat
     return await create_completion(body, request, state.scheduler, state.settings.served_model_name)
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-             responses={**_errors(400, 401, 404, 413, 429, 503),
-                        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                              "description": "JSON, or Server-Sent Events when `stream` is true"}},
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=GENERATION_RESPONSES,
              summary="Create a chat completion (OpenAI chat API, over the model's chat template)")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: KilnState = Depends(kiln_state)):
     state.check_model(body.model)

@@ -352,9 +352,13 @@ class Scheduler:
         now = time.monotonic()
         m = self.metrics
         if self._unstarted:  # queue time: until the step that ran the sequence's first prefill chunk
-            for seq in [s for s in self._unstarted if s.request.num_computed > 0 or s.request.finished]:
-                self._unstarted.remove(seq)
-                m.request_queue_time.observe(started - seq.generation.arrival)
+            waiting = []
+            for seq in self._unstarted:
+                if seq.request.num_computed > 0 or seq.request.finished:
+                    m.request_queue_time.observe(started - seq.generation.arrival)
+                else:
+                    waiting.append(seq)
+            self._unstarted = waiting
         for out in outputs:
             seq = self._sequences.get(out.request.request_id)
             if seq is None:

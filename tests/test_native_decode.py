@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import fast_decode
+from model import cpu_packing, fast_decode
 from model import native as native_step
 from model.cli import load_engine
 from model.config import ModelConfig
@@ -231,7 +231,7 @@ def test_a_large_bf16_model_runs_native_below_the_packed_batch(fixture, native_m
     assert engine.decode_path == "native (bfloat16 matrices, up to 3 rows)"
     assert_same_runs(engine, Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False))
     # the bf16 copy must fit: half of what is still available at most
-    monkeypatch.setattr(fast_decode, "available_memory", lambda: 1024)
+    monkeypatch.setattr(cpu_packing, "available_memory", lambda: 1024)
     assert not fast_decode.DecodePlan(engine.model).supports_native()
 
 
