@@ -12,9 +12,9 @@ convert to it exactly when their merges allow. Two kinds do not:
 dependency of `kiln tokenizer train`), so ids are the ones tokenizer.json defines (what
 transformers' PreTrainedTokenizerFast gives; transformers 5's LlamaTokenizer class rebuilds Llama
 2's normalization itself and can differ at a leading space, which is why `kiln export --format hf`
-names PreTrainedTokenizerFast), and exposes the interface the engine and server use (`Tokenizer`'s). Streaming needs each token's bytes:
-for SentencePiece vocabularies "▁" is a space and `<0xHH>` the byte HH; for byte-level ones
-GPT-2's byte <-> unicode table. The space a SentencePiece tokenizer prepends to a text is not
+names PreTrainedTokenizerFast), and exposes the interface the engine and server use
+(`Tokenizer`'s). Streaming needs each token's bytes: for SentencePiece vocabularies "▁" is a
+space and `<0xHH>` the byte HH; for byte-level ones GPT-2's byte <-> unicode table. The space a SentencePiece tokenizer prepends to a text is not
 part of the text: `decode` drops it as transformers does, and `adds_leading_space` tells the
 server's echo to drop it from a prompt's first token.
 """

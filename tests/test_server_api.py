@@ -559,7 +559,8 @@ def test_metrics_move(client, ref):
     assert delta("kiln_request_queue_time_seconds_count") == 1
     assert delta("kiln_perplexity_requests_total", status="ok") == 1
     assert delta("kiln_perplexity_latency_seconds_count") == 1
-    assert delta("kiln_perplexity_tokens_total") == len(ref.encode_for_scoring(TEXTS[2])) - 1  # the first has no context
+    # the first token has no context: it is not scored
+    assert delta("kiln_perplexity_tokens_total") == len(ref.encode_for_scoring(TEXTS[2])) - 1
     assert after[("kiln_e2e_request_latency_seconds_sum", ())] > before.get(("kiln_e2e_request_latency_seconds_sum",
                                                                                ()), 0.0)
     assert after[("kiln_num_requests_running", ())] == 0 and after[("kiln_num_requests_waiting", ())] == 0

@@ -33,8 +33,9 @@ def live_server(llama_dir):
         yield server
 
 
-OPERATIONS = ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/perplexity", "POST /tokenize", "POST /detokenize",
-              "GET /tokenizer_info", "GET /v1/models", "GET /v1/models/{model_id}", "GET /health", "GET /metrics"]
+OPERATIONS = ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/perplexity", "POST /tokenize",
+              "POST /detokenize", "GET /tokenizer_info", "GET /v1/models", "GET /v1/models/{model_id}",
+              "GET /health", "GET /metrics"]
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])

@@ -369,7 +369,8 @@ def test_split_removed_inverted_is_tiktoken_and_an_empty_normalizer_is_none(llam
     tok = load_hf_tokenizer(tmp_path)
     reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
     assert tok.config.normalizer is None
-    assert_same_ids(tok, reference, {k: v.replace(EOS, "<|end_of_text|>") for k, v in {**TEXTS, **random_texts(9, 100)}.items()})
+    texts = {**TEXTS, **random_texts(9, 100)}
+    assert_same_ids(tok, reference, {k: v.replace(EOS, "<|end_of_text|>") for k, v in texts.items()})
 
 
 # -- errors -------------------------------------------------------------------------------------

@@ -516,8 +516,9 @@ class Trainer:
                     bar.set_postfix(postfix, refresh=False)
                     if log_lines and log_now:
                         left = (now - start_time) / (self.step - start_step) * (self.max_steps - self.step)
-                        print(f"step {self.step}/{self.max_steps} | " + " | ".join(f"{k} {v}" for k, v in postfix.items())
-                              + f" | eta {_duration(left)}", file=sys.stderr, flush=True)
+                        fields = " | ".join(f"{k} {v}" for k, v in postfix.items())
+                        print(f"step {self.step}/{self.max_steps} | {fields} | eta {_duration(left)}",
+                              file=sys.stderr, flush=True)
                 if eval_now:
                     val_loss = self.evaluate()
                     if val_loss is not None:

@@ -7,8 +7,9 @@ memory (read by the step as bf16 when that is exact). Building needs a C++ compi
 a directory named after a hash of the source, the flags, the torch and Python it builds against
 (version and install location) and this CPU, so a change of any of them builds afresh. The
 source is compiled from a copy inside that directory: the build command names no checkout path,
-so checkouts and virtual environments that share the cache never rebuild each other's module. `make serve` builds it before starting the server; a server started
-without it builds it in the background and switches to it when ready.
+so checkouts and virtual environments that share the cache never rebuild each other's module.
+`make serve` builds it before starting the server; a server started without it builds it in
+the background and switches to it when ready.
 
     python -m model.native          # build (or find) it and print where it is
 """
