@@ -2,7 +2,8 @@
 
 `ChatTemplate(source).render(messages, ...)` gives the prompt text of a conversation, in a sandboxed
 environment set up like transformers' `apply_chat_template` (trim_blocks, lstrip_blocks, loop
-controls, `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII). The text is then
+controls, `{% generation %}` blocks, `raise_exception`, `strftime_now`, a `tojson` that keeps
+non-ASCII; a special token the tokenizer lacks is undefined, so it renders as ""). The text is then
 tokenized without adding a BOS: the template writes it. Used by the server's
 /v1/chat/completions and `kiln generate --chat`; the template comes from the tokenizer directory
 (`model.tokenizer.read_chat_template`).
@@ -22,7 +23,7 @@ class ChatTemplate:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+                                            extensions=["jinja2.ext.loopcontrols", _generation_block()])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -34,11 +35,16 @@ class ChatTemplate:
     def render(self, messages: list[dict], add_generation_prompt: bool, special_tokens: dict[str, str | None],
                continue_final_message: bool = False, extra: dict | None = None) -> str:
         """The prompt text. `extra`: more template variables (vLLM's chat_template_kwargs, e.g. Qwen3's
-        enable_thinking); they cannot replace the messages or the special tokens."""
-        variables = {**(extra or {}), "messages": messages, "add_generation_prompt": add_generation_prompt,
-                     "tools": None, "documents": None, **special_tokens}
+        enable_thinking); they cannot replace the messages, the special tokens or the template's functions."""
+        fixed = {"messages": messages, "add_generation_prompt": add_generation_prompt, "tools": None,
+                 "documents": None}
+        # a token the tokenizer lacks stays undefined (renders as "", as in transformers), not None ("None")
+        tokens = {name: value for name, value in special_tokens.items() if value is not None}
+        reserved = {*fixed, *special_tokens, *self._template.globals}
+        variables = {name: value for name, value in (extra or {}).items() if name not in reserved}
+        variables.update(fixed, **tokens)
         try:
-            text = self._template.render(**variables)
+            text = self._template.render(variables)  # a dict: an extra variable named "self" is just a variable
         except Exception as e:  # noqa: BLE001 -- raise_exception, and whatever else the template's code raises
             raise ValueError(f"the chat template refused the messages: {type(e).__name__}: {e}") from None
         if continue_final_message:  # end the prompt right after the last message's text (no end-of-turn)
@@ -48,6 +54,24 @@ class ChatTemplate:
                 raise ValueError("continue_final_message needs a last message whose text the template writes out")
             text = text[: at + len(final)]
         return text
+
+
+def _generation_block():
+    """The `{% generation %}...{% endgeneration %}` tag of transformers' templates (it marks the assistant's
+    text for training masks; TRL's assistant_only_loss writes it into fine-tuned models' templates).
+    Rendering a prompt keeps the block's body as it is, in its own scope as transformers renders it."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationBlock(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    return GenerationBlock
 
 
 def _raise_exception(message: str):

@@ -22,6 +22,7 @@ from pathlib import Path
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
 MLPS = ("swiglu", "gelu")
+QUANTIZATIONS = ("int8",)  # weight formats model/quantize.py converts a loaded model to (--quantization)
 ROPE_SCALING_KEYS = {"linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 

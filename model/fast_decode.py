@@ -17,10 +17,10 @@ the overhead:
   (`paged_decode_attention`).
 
 Two ways to run `_body` faster, both optional and both checked against it by the tests:
-- `enable_native(module)`: the whole step as one C++ call (model/native), for small fp32
-  models and batches up to NATIVE_MAX_BATCH (larger ones run `_body`, whose GEMMs win there),
-  and for larger models stored in bf16 below PACKED_DECODE_MIN_BATCH rows; it reads its own
-  packed copy of the unfolded matrices, in bf16 when that is exact;
+- `enable_native(module)`: the whole step as one C++ call (model/native), for batches up to
+  NATIVE_MAX_BATCH (larger ones run `_body`, whose GEMMs win there), for small fp32 models,
+  larger ones stored in bf16, and int8-quantized ones (model/quantize.py); it reads its own
+  packed copy of the unfolded matrices, in bf16 when that is exact (int8: the modules' tiles);
 - `compile(cache, max_batch_size)`: `_body` through torch.compile (inductor, C++ wrapper),
   one static graph per batch bucket, the attention a custom op so the cache writes stay in
   place (`kiln serve --compile`).
@@ -43,6 +43,7 @@ from .attention import gather_blocks
 from .cpu_packing import fits_in_memory, pack_weight
 from .cuda_graphs import batch_buckets
 from .kv_cache import NULL_BLOCK, CacheBatch, KVCache
+from .quantize import is_quantized, pack_tiles
 from .transformer import Transformer, apply_rope
 
 
@@ -52,28 +53,31 @@ from .transformer import Transformer, apply_rope
 FOLD_LIMIT_BYTES = 256 * 2**20
 # The native step measured 1.2-1.3x the torch path at batch 64 and even with it at 128-256
 # (bench/cpu_decode_step.py, default model, 2 cores): above 64 the torch path's GEMMs (oneDNN /
-# MKL) are left to it.
+# MKL) are left to it. On a GPT-2 124M-shaped bf16 checkpoint its bf16 matrices beat the torch
+# path's oneDNN packs 2.9x at 4 rows, 2.5x at 8, 2.0x at 16 and 1.6x at 32.
 NATIVE_MAX_BATCH = 64
-# Unfolded models' steps from this many rows on run their matrices through the oneDNN packs made for
-# prefill (model/cpu_packing): GPT-2 124M shape, 2 cores, whole decode steps vs F.linear: 0.84x at 2
-# rows, 0.90x at 3, 1.22x at 4, 1.26x at 6, 1.36x at 8 (MKL's F.linear slows down sharply at 4 rows).
+# Unfolded models' torch-path steps (no native step) from this many rows on run their matrices through
+# the oneDNN packs made for prefill (model/cpu_packing): GPT-2 124M shape, 2 cores, whole decode steps
+# vs F.linear: 0.84x at 2 rows, 0.90x at 3, 1.22x at 4, 1.26x at 6, 1.36x at 8 (MKL's F.linear slows
+# down sharply at 4 rows).
 PACKED_DECODE_MIN_BATCH = 4
 
 
 @dataclass
 class _Layer:
-    qkv_w: torch.Tensor
+    # the matrices and biases; None (all of them) in quantized plans, whose torch path calls the modules
+    qkv_w: torch.Tensor | None
     qkv_b: torch.Tensor | None
-    proj_w: torch.Tensor
+    proj_w: torch.Tensor | None
     proj_b: torch.Tensor | None
-    up_w: torch.Tensor
+    up_w: torch.Tensor | None
     up_b: torch.Tensor | None
-    down_w: torch.Tensor
+    down_w: torch.Tensor | None
     down_b: torch.Tensor | None
     norm1: torch.nn.Module | None  # None when folded into qkv_w
     norm2: torch.nn.Module | None  # None when folded into up_w
-    # unfolded plans: the modules whose weights these are (their oneDNN packs, model/cpu_packing)
-    modules: tuple[torch.nn.Linear, ...] = ()
+    # unfolded plans: the modules whose weights these are (their oneDNN packs, model/cpu_packing; or Int8Linear)
+    modules: tuple[torch.nn.Module, ...] = ()
 
 
 def _fold(norm: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -98,12 +102,17 @@ class DecodePlan:
         self.swiglu = config.mlp == "swiglu"
         self.d_ff = config.d_ff
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.folded = weight_bytes <= FOLD_LIMIT_BYTES
+        # int8 matrices (model/quantize.py): never folded or copied; the torch path calls the modules
+        self.quantized = is_quantized(model)
+        self.folded = weight_bytes <= FOLD_LIMIT_BYTES and not self.quantized
+
+        def matrix(linear):  # (weight, bias) as the torch path reads them
+            return (None, None) if self.quantized else (linear.weight, linear.bias)
 
         def reading(norm, linear):  # (weight, bias, norm to apply first or None)
             if self.folded:
                 return (*_fold(norm, linear.weight, linear.bias), None)
-            return linear.weight, linear.bias, norm
+            return (*matrix(linear), norm)
 
         with torch.no_grad():
             self.layers = []
@@ -111,15 +120,14 @@ class DecodePlan:
                 qkv_w, qkv_b, norm1 = reading(block.norm1, block.attn.qkv)
                 up_w, up_b, norm2 = reading(block.norm2, block.mlp.up)
                 linears = () if self.folded else (block.attn.qkv, block.attn.proj, block.mlp.up, block.mlp.down)
-                self.layers.append(_Layer(qkv_w, qkv_b, block.attn.proj.weight, block.attn.proj.bias,
-                                          up_w, up_b, block.mlp.down.weight, block.mlp.down.bias, norm1, norm2,
-                                          linears))
+                self.layers.append(_Layer(qkv_w, qkv_b, *matrix(block.attn.proj), up_w, up_b, *matrix(block.mlp.down),
+                                          norm1, norm2, linears))
             self.head_w, self.head_b, self.final_norm = reading(model.norm, model.lm_head)
         self._head_packs: dict[int, torch.Tensor] = {}  # batch size -> oneDNN-packed head (pack_head)
         self._compiled = None  # the step compiled per batch bucket (compile())
         self._native = None  # the native C++ step (model/native), when enabled
         self._native_args: tuple | None = None
-        self.native_dtype: torch.dtype | None = None  # the native step's packed matrices: fp32 or bf16
+        self.native_dtype: torch.dtype | None = None  # the native step's packed matrices: fp32, bf16 or int8
         self._large_native_ok: bool | None = None  # unfolded models: bf16-exact and the copy fits (cached)
         self._buckets: list[int] = []
         self._static: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -148,6 +156,8 @@ class DecodePlan:
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, d) -> logits (B, V), through the pack made for the nearest batch size at or above B."""
+        if self.quantized:
+            return self.model.lm_head(h)
         fits = [size for size in self._head_packs if size >= h.shape[0]]
         if not fits:
             if self._use_packs(h.shape[0]):
@@ -169,14 +179,13 @@ class DecodePlan:
 
     # ---- the native C++ step ------------------------------------------------------------------
     def supports_native(self) -> bool:
-        """The native step covers fp32 CPU models: small (folded-size) ones at every batch up to
-        NATIVE_MAX_BATCH, and larger ones whose matrices are all exactly bf16 numbers (checkpoints stored
-        in bf16, as most on the Hugging Face hub are) below PACKED_DECODE_MIN_BATCH rows, where reading
-        half the bytes beats the torch path (1.5x at one row, GPT-2 124M shape) and the extra bf16 copy
-        (half the fp32 weights) fits in memory."""
+        """The native step covers fp32 CPU models: small (folded-size) ones, int8-quantized ones
+        (model/quantize.py), and larger ones whose matrices are all exactly bf16 numbers (checkpoints
+        stored in bf16, as most on the Hugging Face hub are), whose extra bf16 copy (half the fp32
+        weights) fits in memory; for the last, reading half the bytes is what beats the torch path."""
         if self.model.embed.weight.dtype != torch.float32:
             return False
-        if self.folded:
+        if self.folded or self.quantized:
             return True
         if self._large_native_ok is None:
             self._large_native_ok = self._large_native_fits()
@@ -191,7 +200,7 @@ class DecodePlan:
     @property
     def native_max_batch(self) -> int:
         """The largest batch the native step runs (larger ones take the torch path)."""
-        return NATIVE_MAX_BATCH if self.folded else PACKED_DECODE_MIN_BATCH - 1
+        return NATIVE_MAX_BATCH
 
     def enable_native(self, module, dtype: torch.dtype | None = None) -> None:
         """Run decode steps through `module.decode_step` (model/native) from now on.
@@ -199,24 +208,27 @@ class DecodePlan:
         The step gets the model's own matrices, packed in tiles, and applies the norm gains
         itself. `dtype` None packs the matrices as bf16 when every one of them is exactly a bf16
         number (weights shipped in bf16, loaded as fp32), which halves the bytes a step reads and
-        changes no result, else as fp32; torch.float32 forces fp32 (for comparisons)."""
+        changes no result, else as fp32; torch.float32 forces fp32 (for comparisons). A quantized
+        model's int8 tiles and row scales are passed as they are (no copy)."""
         if not self.supports_native():
-            raise ValueError("the native decode step covers fp32 models: small ones, and larger ones whose "
-                             "matrices are exactly bf16 numbers and whose bf16 copy fits in memory")
+            raise ValueError("the native decode step covers fp32 models: small ones, int8-quantized ones, and "
+                             "larger ones whose matrices are exactly bf16 numbers and whose bf16 copy fits in memory")
         if dtype not in (None, torch.float32):
             raise ValueError(f"dtype must be None (automatic) or torch.float32, got {dtype}")
         model = self.model
         blocks = list(model.blocks)
-        matrices = [m.weight for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
-        if dtype is None:
-            exact = not self.folded or all(_exactly_bf16(w) for w in [*matrices, model.lm_head.weight])
+        linears = [m for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)] + [model.lm_head]
+        if self.quantized:
+            dtype = torch.int8
+        elif dtype is None:
+            exact = not self.folded or all(_exactly_bf16(m.weight) for m in linears)
             dtype = torch.bfloat16 if exact else torch.float32
 
         def opt(t: torch.Tensor | None) -> torch.Tensor:
             return torch.empty(0) if t is None else t.detach().float().contiguous()
 
-        def linear(m: torch.nn.Linear) -> list[torch.Tensor]:
-            return [pack_tiles(m.weight, dtype=dtype), opt(m.bias)]
+        def linear(m: torch.nn.Module) -> list[torch.Tensor]:
+            return [m.tiles if self.quantized else pack_tiles(m.weight, dtype=dtype), opt(m.bias)]
 
         def norm(m: torch.nn.Module) -> list[torch.Tensor]:
             return [opt(m.weight), opt(getattr(m, "bias", None))]
@@ -229,8 +241,10 @@ class DecodePlan:
             weights += [opt(model.embed.weight), opt(model.pos_embed.weight if not self.rms else None),
                         opt(model.rope_cos if self.rms else None), opt(model.rope_sin if self.rms else None),
                         *norm(model.norm), *linear(model.lm_head)]
+            if self.quantized:  # then each matrix's row scales, in the same order: per layer qkv, proj, up, down; head
+                weights += [m.scale for m in linears]
         dims = [self.H, self.Hkv, self.D, self.d_model, self.d_ff, int(self.rms), int(self.swiglu),
-                model.lm_head.weight.shape[0]]
+                linears[-1].out_features]
         self.native_dtype = dtype
         self._native_args = (weights, dims, float(self.eps))
         self._native = module  # last: the worker thread may be mid-step and reads this once per call
@@ -278,8 +292,7 @@ class DecodePlan:
             sin = model.rope_sin[positions][:, :, None, :]
         else:
             x = x + F.embedding(positions, model.pos_embed.weight)
-        packed = self._use_packs(B)
-        linear = _packed_linear if packed else _plain_linear
+        linear = _module_linear if self.quantized else _packed_linear if self._use_packs(B) else _plain_linear
         for i, layer in enumerate(self.layers):
             qkv_m, proj_m, up_m, down_m = layer.modules or (None,) * 4
             qkv = linear(self._norm(x, layer.norm1), layer.qkv_w, layer.qkv_b, qkv_m)  # (B, 1, (H + 2Hkv) D)
@@ -344,17 +357,8 @@ class DecodePlan:
         return hidden[:B]
 
 
-NATIVE_TILE = 32  # output rows per weight tile of the native step (kTile in decode_step.cpp)
-
-
-def pack_tiles(weight: torch.Tensor, tile: int = NATIVE_TILE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(O, I) -> (ceil(O / tile), I, tile) in `dtype`: tiles of `tile` output rows, each transposed
-    and contiguous, the last zero-padded; the layout the native step's matrix-vector loops read."""
-    out_features, in_features = weight.shape
-    tiles = -(-out_features // tile)
-    padded = torch.zeros(tiles * tile, in_features, dtype=dtype)
-    padded[:out_features] = weight.detach()
-    return padded.view(tiles, tile, in_features).transpose(1, 2).contiguous()
+def _module_linear(x: torch.Tensor, weight: None, bias: None, module: torch.nn.Module) -> torch.Tensor:
+    return module(x)  # an Int8Linear (model/quantize.py): the plan holds no float copy of its matrix
 
 
 def _plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, module) -> torch.Tensor:

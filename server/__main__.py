@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     def load():
         start = time.perf_counter()
         device = resolve_device(settings.device)
-        engine = load_engine(settings.model_dir, device, settings.dtype,
+        engine = load_engine(settings.model_dir, device, settings.dtype, quantization=settings.quantization,
                              max_batch_size=settings.batch_size_for(device), max_seq_len=settings.max_model_len,
                              block_size=settings.kv_block_size, num_blocks=settings.num_kv_blocks,
                              gpu_memory_fraction=settings.gpu_memory_fraction,

@@ -87,6 +87,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         raise APIError(400, NO_TEMPLATE, "messages")
     if body.tools:
         raise APIError(400, "tools are not supported (no tool calling); leave tools empty", "tools")
+    if body.functions:
+        raise APIError(400, "functions are not supported (no tool calling); leave functions empty", "functions")
+    for name in ("tool_choice", "function_call"):
+        if getattr(body, name) not in (None, "none"):
+            raise APIError(400, f'{name} must be "none" or left out: there is no tool calling', name)
     if body.response_format is not None and body.response_format.get("type", "text") != "text":
         raise APIError(400, 'only response_format {"type": "text"} is supported', "response_format")
     if body.continue_final_message and body.add_generation_prompt:
@@ -96,18 +101,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                        "continue_final_message")
     if any(m.tool_calls for m in body.messages):
         raise APIError(400, "tool calls are not supported; send the assistant's text only", "messages")
-    if body.top_logprobs is not None and not body.logprobs:
+    if body.top_logprobs and not body.logprobs:  # 0 without logprobs asks for nothing: accepted, as vLLM does
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     engine = scheduler.engine
     tokenizer = engine.tokenizer
     special = template_tokens(tokenizer)
     messages = _messages(body)
-    try:
+
+    def prompt_ids() -> list[int]:
         text = template.render(messages, body.add_generation_prompt, special, body.continue_final_message,
                                body.chat_template_kwargs)
+        return tokenizer.encode(text)  # the template writes BOS itself
+
+    try:  # off the event loop: a template is arbitrary code, and a long conversation renders slowly
+        ids = await run_in_threadpool(prompt_ids)
     except ValueError as e:
         raise APIError(400, str(e), "messages") from None
-    ids = await run_in_threadpool(tokenizer.encode, text)  # the template writes BOS itself
     if not ids:
         raise APIError(400, "the chat template rendered an empty prompt", "messages")
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -127,4 +136,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     except APIError as e:
         if e.param == "prompt":  # the rendered prompt is the messages
             e.param = "messages"
+        elif e.param == "max_tokens" and body.max_completion_tokens is not None:  # the field the client sent
+            e.param = "max_completion_tokens"
         raise

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 # torch.Generator.manual_seed accepts exactly this range
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -25,6 +25,13 @@ PromptInput = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
 class _Request(BaseModel):
     # strict: "3" is not an integer and "yes" not a boolean (OpenAI rejects both); ints are still valid floats
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_not_given(cls, data):
+        """An explicit null leaves a field at its default, as OpenAI's API and vLLM read it (`"n": null`,
+        `"stream": null`); a required field sent as null is missing."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class _Response(BaseModel):
@@ -120,6 +127,16 @@ class ChatMessage(_Request):
     name: StrictStr | None = None
     tool_calls: list[dict] | None = Field(None, description="not supported: must be empty")
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content):
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"only text content parts are supported (this model reads text), not {kind!r}")
+        return content
+
 
 class ChatCompletionRequest(_Request):
     model: str | None = None
@@ -152,6 +169,9 @@ class ChatCompletionRequest(_Request):
     chat_template_kwargs: dict | None = Field(None, description="more variables for the chat template, e.g. "
                                                                   "{\"enable_thinking\": false} (vLLM extension)")
     tools: list[dict] | None = Field(None, description="not supported: must be empty")
+    tool_choice: StrictStr | dict | None = Field(None, description='not supported: only "none"')
+    functions: list[dict] | None = Field(None, description="the legacy tools; not supported: must be empty")
+    function_call: StrictStr | dict | None = Field(None, description='the legacy tool_choice; only "none"')
     response_format: dict | None = Field(None, description='only {"type": "text"}')
 
 

@@ -13,6 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.cli import QUANTIZATION_HELP
+from model.config import QUANTIZATIONS
+
 DEFAULT_MODEL_NAME = "kiln-default"  # served name of the shipped default model
 # sequences decoded together by default: a GPU serves many streams in one step (vLLM's default is
 # 256 too); 2-8 CPU cores gain little past a handful, and each running row costs every step time
@@ -28,6 +31,7 @@ class ServerSettings:
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
     device: str = "auto"
     dtype: str | None = None
+    quantization: str | None = None  # "int8": int8 matrices (CPU, fp32 activations; model/quantize.py)
     max_batch_size: int | None = None  # sequences running (decoded together) at once; None: by device
     max_queue: int = 256  # sequences that may wait for a slot; more -> 429
     max_model_len: int | None = None  # context length cap (default: the model's)
@@ -57,6 +61,9 @@ class ServerSettings:
         need(self.max_queue >= 1, f"--max-queue must be >= 1, got {self.max_queue}")
         need(self.max_model_len is None or self.max_model_len >= 2,
              f"--max-model-len must be >= 2, got {self.max_model_len}")
+        need(self.quantization is None or (self.device != "cuda" and self.dtype in (None, "auto", "fp32")),
+             f"--quantization {self.quantization} runs on the CPU in fp32: it cannot be combined with "
+             f"--device {self.device} --dtype {self.dtype or 'auto'}")
         need(self.kv_block_size >= 1, f"--kv-block-size must be >= 1, got {self.kv_block_size}")
         need(self.num_kv_blocks is None or self.num_kv_blocks >= 2,
              f"--num-kv-blocks must be >= 2, got {self.num_kv_blocks}")
@@ -108,7 +115,8 @@ class ServerSettings:
         return cls(served_model_name=name, model_dir=args.model, host=args.host, port=args.port,
                    chat_template=chat_template,
                    api_key=api_key, device=args.device,
-                   dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                   dtype=args.dtype, quantization=args.quantization, max_batch_size=args.max_batch_size,
+                   max_queue=args.max_queue,
                    max_model_len=args.max_model_len, kv_block_size=args.kv_block_size,
                    num_kv_blocks=args.num_kv_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
                    enable_prefix_caching=not args.no_prefix_caching, max_prefill_tokens=args.max_prefill_tokens,
@@ -155,6 +163,7 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default=None, choices=("auto", "fp32", "fp16", "bf16"),
                    help="weights dtype (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     p.add_argument("--max-batch-size", type=_int_at_least(1), default=None,
                    help=f"sequences running (decoded together) at once (default: {DEFAULT_MAX_BATCH_SIZE['cuda']} "
                         f"on CUDA, {DEFAULT_MAX_BATCH_SIZE['cpu']} on the CPU)")

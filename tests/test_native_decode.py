@@ -102,7 +102,7 @@ def test_native_step_rejects_bad_input(llama_dir, native_module):
         native_module.decode_step(*ok[:5], bad_weights, dims, eps)
     bad_weights = list(weights)
     bad_weights[2] = weights[2].bfloat16()  # one packed matrix bf16, the others fp32
-    with pytest.raises(RuntimeError, match="all fp32 or all bf16"):
+    with pytest.raises(RuntimeError, match="all fp32, all bf16 or all int8"):
         native_module.decode_step(*ok[:5], bad_weights, dims, eps)
     with pytest.raises(RuntimeError, match="fp32 contiguous"):
         native_module.decode_step(*ok[:3], cache.k.half(), cache.v.half(), *ok[5:])
@@ -121,30 +121,48 @@ def test_native_step_runs_on_torchs_threads(native_module):
         torch.set_num_threads(saved)
 
 
-@pytest.fixture(scope="module")
-def avx2_module(native_module):
-    """The same source built without AVX-512, as on most laptops and desktops: its attention takes
-    the AVX2 code path. Built once per source change, beside the native build."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "").split())
-    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags:
-        pytest.skip("no x86 CPU with AVX2 and FMA")
+def build_variant(suffix: str, extra_flags: list[str]):
+    """The same source built with more compiler flags, beside the native build (once per source change)."""
     from torch.utils.cpp_extension import load as load_extension
 
-    directory = native_step.build_dir().with_name(native_step.build_dir().name + "-avx2")
+    directory = native_step.build_dir().with_name(native_step.build_dir().name + "-" + suffix)
     directory.mkdir(parents=True, exist_ok=True)
-    return load_extension(name="kiln_native_avx2_" + native_step.build_dir().name,
-                          sources=[str(native_step.SOURCE)], extra_cflags=[*native_step.FLAGS, "-mno-avx512f"],
+    return load_extension(name=f"kiln_native_{suffix}_" + native_step.build_dir().name,
+                          sources=[str(native_step.SOURCE)], extra_cflags=[*native_step.FLAGS, *extra_flags],
                           extra_ldflags=native_step.LDFLAGS, build_directory=str(directory), verbose=False)
 
 
-@pytest.mark.parametrize("build", ["native", "avx2"])
+def _x86_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return set()
+    return set(next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "").split())
+
+
+@pytest.fixture(scope="module")
+def avx2_module(native_module):
+    """The same source built without AVX-512, as on most laptops and desktops: its matrix and attention
+    loops take the AVX2 code path."""
+    if not {"avx2", "fma"} <= _x86_flags():
+        pytest.skip("no x86 CPU with AVX2 and FMA")
+    return build_variant("avx2", ["-mno-avx512f"])
+
+
+@pytest.fixture(scope="module")
+def scalar_module(native_module):
+    """Built without any AVX: the plain loops every other CPU (ARM, older x86) compiles."""
+    if not _x86_flags():
+        pytest.skip("not an x86 CPU")
+    return build_variant("scalar", ["-mno-avx"])
+
+
+@pytest.mark.parametrize("build", ["native", "avx2", "scalar"])
 @pytest.mark.parametrize("head_dim", [32, 64, 128, 16])
 def test_native_attention_at_each_head_dim(llama_dir, request, head_dim, build):
     """The attention has code paths for head dims 32, 64 and 128 (the loops unrolled; AVX-512 or
     AVX2 reductions) and one for any other; each against the torch step, rows of different lengths
     over many cache blocks."""
-    native_module = request.getfixturevalue("native_module" if build == "native" else "avx2_module")
+    native_module = request.getfixturevalue(f"{build}_module")
     tokenizer = load_engine(str(llama_dir), "cpu").tokenizer
     torch.manual_seed(head_dim)
     config = ModelConfig(vocab_size=tokenizer.n_vocab, n_layer=2, n_head=6, n_kv_head=2, d_model=48, d_ff=64,
@@ -209,11 +227,11 @@ def test_native_is_off_for_models_it_does_not_cover(llama_dir, native_module, mo
 
 
 @pytest.mark.parametrize("fixture", ["llama_dir", "gpt2_dir"])
-def test_a_large_bf16_model_runs_native_below_the_packed_batch(fixture, native_module, monkeypatch, tmp_path,
-                                                                request):
+def test_a_large_bf16_model_runs_native(fixture, native_module, monkeypatch, tmp_path, request):
     """A model past the fold limit whose checkpoint is bf16 (most on the hub): the native step reads its
-    matrices as bf16 at 1-3 rows and the torch path (oneDNN packs) takes 4 or more; rows joining and
-    leaving cross between the two. Tokens and logprobs equal the plain forward's."""
+    matrices as bf16 up to NATIVE_MAX_BATCH rows and the torch path (oneDNN packs) takes more; with the
+    limit at 2, rows joining and leaving cross between the two. Tokens and logprobs equal the plain
+    forward's."""
     import shutil
 
     from model.checkpoint import load_model, save_model
@@ -227,9 +245,13 @@ def test_a_large_bf16_model_runs_native_below_the_packed_batch(fixture, native_m
             shutil.copy(source_dir / name, tmp_path / name)
     engine = load_engine(str(tmp_path), "cpu", max_batch_size=4, native=True)  # loaded as fp32
     plan = engine._decode_plan
-    assert not plan.folded and engine.native_decode and plan.native_max_batch == 3
-    assert engine.decode_path == "native (bfloat16 matrices, up to 3 rows)"
-    assert_same_runs(engine, Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False))
+    assert not plan.folded and engine.native_decode and plan.native_max_batch == fast_decode.NATIVE_MAX_BATCH
+    assert engine.decode_path == "native (bfloat16 matrices)"
+    reference = Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False)
+    assert_same_runs(engine, reference)
+    monkeypatch.setattr(fast_decode, "NATIVE_MAX_BATCH", 2)
+    assert engine.decode_path == "native (bfloat16 matrices, up to 2 rows)"
+    assert_same_runs(engine, reference)
     # the bf16 copy must fit: half of what is still available at most
     monkeypatch.setattr(cpu_packing, "available_memory", lambda: 1024)
     assert not fast_decode.DecodePlan(engine.model).supports_native()

@@ -4,12 +4,14 @@ and clear 400s (no template, tools, a template that refuses the messages)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 
 import pytest
 from fastapi.testclient import TestClient
 
+from model.chat_template import ChatTemplate
 from model.cli import load_engine
 from server.app import create_app
 from server.settings import ServerSettings
@@ -117,11 +119,24 @@ def test_chat_errors(client, llama_dir):
     err = error({"messages": [MESSAGES[1], MESSAGES[0]]})
     assert err["param"] == "messages" and "the system message must come first" in err["message"]
     assert error({"messages": MESSAGES, "tools": [{"type": "function"}]})["param"] == "tools"
+    # tool choices without tools, and the legacy function-calling fields, are refused, not ignored
+    for field, value in (("tool_choice", "required"), ("tool_choice", {"type": "function"}),
+                         ("functions", [{"name": "f"}]), ("function_call", "auto")):
+        err = error({"messages": MESSAGES, field: value})
+        assert err["param"] == field and "tool calling" in err["message"], err
+    image = {"type": "image_url", "image_url": {"url": "data:,"}}
+    err = error({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}]})
+    assert err["message"].count("only text content parts are supported") == 1 and "'image_url'" in err["message"]
     assert error({"messages": MESSAGES, "top_logprobs": 2})["param"] == "top_logprobs"
+    assert client.post("/v1/chat/completions", json={"messages": MESSAGES, "top_logprobs": 0,
+                                                     "max_tokens": 1}).status_code == 200
     assert error({"messages": MESSAGES, "continue_final_message": True})["param"] == "continue_final_message"
     assert error({"messages": MESSAGES, "response_format": {"type": "json_object"}})["param"] == "response_format"
     long = [{"role": "user", "content": "fox " * 600}]
     assert "maximum context length" in error({"messages": long})["message"]
+    # the field the client sent is the one named (the openai SDK's max_completion_tokens)
+    assert error({"messages": MESSAGES, "max_completion_tokens": 10**6})["param"] == "max_completion_tokens"
+    assert error({"messages": MESSAGES, "max_tokens": 10**6})["param"] == "max_tokens"
     assert error({"messages": MESSAGES, "model": "other"}, 404)["param"] == "model"
     assert error({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]})["param"] == \
         "messages"
@@ -141,6 +156,21 @@ def test_chat_errors(client, llama_dir):
         assert r.status_code == 200, r.text
     with pytest.raises(ValueError, match="--chat-template: the chat template does not compile"):
         ServerSettings(chat_template="{% for %}")
+
+
+def test_explicit_nulls_are_defaults(client):
+    """What OpenAI and vLLM accept: null for an optional field means the field was not sent."""
+    nulls = {"n": None, "stream": None, "logprobs": None, "top_logprobs": None, "stop": None, "seed": None,
+             "temperature": None, "tool_choice": None, "tools": None, "stream_options": None, "max_tokens": None}
+    body = {"messages": [{"role": "user", "content": "hi", "name": None}], "max_completion_tokens": 3, **nulls}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "echo": None, "n": None,
+                                             "stream": None, "logprobs": None, "best_of": None, "suffix": None})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/chat/completions", json={"messages": None})  # a required field sent as null: missing
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
 def test_template_variables_and_a_broken_shipped_template(chat_dir, tmp_path):
@@ -165,3 +195,51 @@ def test_template_variables_and_a_broken_shipped_template(chat_dir, tmp_path):
             assert r.status_code == 400 and "--chat-template" in r.json()["error"]["message"], r.text
     finally:
         config_path.write_text(original)
+
+
+def test_template_renders_as_transformers_whatever_the_tokenizer_lacks():
+    """A tokenizer without a BOS or pad token leaves them undefined ("" in the prompt, not "None"),
+    chat_template_kwargs cannot break the render or replace the special tokens, and a `{% generation %}`
+    block (TRL's assistant_only_loss writes them into fine-tuned models' templates) renders its body in its
+    own scope: the same text as transformers' apply_chat_template."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer(models.WordLevel(
+        {"<unk>": 0, "<|endoftext|>": 1}, unk_token="<unk>")), eos_token="<|endoftext|>")
+    tokens = {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": None}
+    turns = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+    generation = ("{% for m in messages %}{% set turn = 'said' %}<|{{ m.role }}|>{% if m.role == 'assistant' %}"
+                  "{% generation %}{% set turn = 'answered' %}{{ m.content }}{{ eos_token }}{% endgeneration %}"
+                  "{% else %}{{ m.content }}{% endif %} {{ turn }}\n{% endfor %}")
+    cases = [("{{ bos_token }}{{ pad_token }}" + turns, "<|user|>The quick brown fox<|endoftext|><|assistant|>jumps "
+              "over<|endoftext|>"),
+             (turns + "{% if terse %}Briefly: {% endif %}", "<|user|>The quick brown fox<|endoftext|><|assistant|>"
+              "jumps over<|endoftext|>Briefly: "),
+             (generation, "<|user|>The quick brown fox said\n<|assistant|>jumps over<|endoftext|> said\n")]
+    for template, want in cases:
+        assert hf.apply_chat_template(MESSAGES[1:3], chat_template=template, tokenize=False, terse=True) == want
+        extra = {"terse": True, "self": 1, "bos_token": "<s>", "raise_exception": 0}
+        assert ChatTemplate(template).render(MESSAGES[1:3], False, tokens, extra=extra) == want, template
+
+
+def test_the_template_renders_off_the_event_loop(client, monkeypatch):
+    """A template is the model's code and a long conversation renders slowly: never on the event loop,
+    where it would stall every other request's tokens."""
+    where = []
+    render = ChatTemplate.render
+
+    def recording_render(self, *args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:
+            where.append("worker thread")
+        return render(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChatTemplate, "render", recording_render)
+    for stream in (False, True):
+        r = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2, "stream": stream})
+        assert r.status_code == 200, r.text
+    assert where == ["worker thread", "worker thread"]
