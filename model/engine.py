@@ -452,6 +452,10 @@ class Engine:
                  immediate: list[StepOutput]) -> None:
         requests = [r for r, _ in chunks]
         lengths = [n for _, n in chunks]
+        plan = self._decode_plan
+        if (plan is not None and plan.native and sum(lengths) <= plan.native_prefill_max_tokens
+                and not any(r.wants_prompt_logprobs for r in requests)):
+            return self._prefill_native(chunks, launched, immediate)
         starts = [r.num_computed for r in requests]
         T = max(lengths)
         tokens = torch.zeros(len(requests), T, dtype=torch.long)
@@ -486,6 +490,38 @@ class Engine:
             self._launch(self._sample([requests[i] for i, _ in live], logits,
                                       [lps for _, lps in live] if any(lps for _, lps in live) else None),
                          launched, immediate)
+
+    def _prefill_native(self, chunks: list[tuple[Request, int]], launched: list[_Sampled],
+                        immediate: list[StepOutput]) -> None:
+        """A short prefill through the native decode step: each prompt token is one row at its position,
+        over its request's blocks. The step writes every row's keys and values before any row attends,
+        so row p sees the chunk's keys up to p: causal attention, as the forward computes it. Used for
+        chunks of few tokens and no prompt logprobs (only the last row's logits are kept)."""
+        tables, positions, ids, last = [], [], [], []
+        for r, n in chunks:
+            start = r.num_computed
+            tables += [r.blocks] * n
+            positions += range(start, start + n)
+            ids += r.tokens(start, start + n)
+            last.append(len(ids) - 1)
+        batch = self.cache.batch(tables, positions, [1] * len(ids))
+        logits = self._decode_plan(torch.tensor(ids)[:, None], self.cache, batch)  # (N, V)
+        for r, n in chunks:
+            r.num_computed += n
+            self._register_full_blocks(r)
+        live = []
+        for i, (r, _) in enumerate(chunks):
+            if r.num_computed < r.num_tokens:
+                continue  # more of the prompt to come
+            if r.params.max_tokens == 0:
+                r.finish_reason = "length"
+                self._release(r)
+                immediate.append(StepOutput(r, [], r.stream.finish(), [], "length"))
+            else:
+                live.append(i)
+        if live:
+            self._launch(self._sample([chunks[i][0] for i in live], logits[[last[i] for i in live]]), launched,
+                         immediate)
 
     def _decode(self, requests: list[Request]) -> _Sampled:
         slots = None

@@ -61,6 +61,13 @@ NATIVE_MAX_BATCH = 64
 # vs F.linear: 0.84x at 2 rows, 0.90x at 3, 1.22x at 4, 1.26x at 6, 1.36x at 8 (MKL's F.linear slows
 # down sharply at 4 rows).
 PACKED_DECODE_MIN_BATCH = 4
+# Short prefill chunks run through the native step too, one row per prompt token (Engine._prefill_native),
+# up to this many tokens per step; measured against the forward (prefill + first token, in-process, no prefix
+# cache): default model 1.4 vs 6.4 ms at 8 tokens, 5.9 vs 10.1 at 64; GPT-2 124M shape in int8 15 vs 95 ms at 8,
+# 100 vs 144 at 64. Unfolded float models' forward has the oneDNN packs: the native bf16 step won at 8 tokens
+# (16.8 vs 36.5 ms), tied at 32 and lost at 64 (98.5 vs 74.8), hence their lower limit.
+NATIVE_PREFILL_MAX_TOKENS = 64
+NATIVE_PREFILL_MAX_TOKENS_PACKED = 16
 
 
 @dataclass
@@ -196,6 +203,12 @@ class DecodePlan:
         matrices = [m.weight for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
         matrices.append(model.lm_head.weight)
         return fits_in_memory(2 * sum(w.numel() for w in matrices))[0] and all(_exactly_bf16(w) for w in matrices)
+
+    @property
+    def native_prefill_max_tokens(self) -> int:
+        """Prefill chunks of at most this many tokens (all rows together) run through the native step,
+        one row per token, when it is on; longer ones run the model's forward."""
+        return NATIVE_PREFILL_MAX_TOKENS if self.folded or self.quantized else NATIVE_PREFILL_MAX_TOKENS_PACKED
 
     @property
     def native_max_batch(self) -> int:

@@ -390,3 +390,45 @@ def test_engine_samples_the_same_ids_with_the_native_sampler(llama_dir, native_m
             engine.step()
         outputs.append([r.output_ids for r in requests])
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_short_prefills_run_through_the_native_step(llama_dir, native_module, monkeypatch, quantization):
+    """Prompt chunks of up to native_prefill_max_tokens tokens in all run as one native step with a row per
+    token (causal: every row's keys are written before any row attends); longer ones, and prompts that want
+    their logprobs (echo), run the forward. Same tokens and logprobs as the plain engine either way, for one
+    prompt and for several prefilled together."""
+    engine = load_engine(str(llama_dir), "cpu", max_batch_size=4, quantization=quantization, block_size=4,
+                         enable_prefix_caching=False)  # whole prompts prefilled, so the split below is known
+    engine._decode_plan.enable_native(native_module)
+    plain = Engine(engine.model, engine.tokenizer, max_batch_size=4, block_size=4, fast_decode=False)
+    calls = []  # tokens of each native prefill
+    real = Engine._prefill_native
+    monkeypatch.setattr(Engine, "_prefill_native",
+                        lambda self, chunks, *a: calls.append(sum(n for _, n in chunks)) or real(self, chunks, *a))
+    monkeypatch.setattr(fast_decode, "NATIVE_PREFILL_MAX_TOKENS", 20)  # both paths with these short prompts
+    monkeypatch.setattr(fast_decode, "NATIVE_PREFILL_MAX_TOKENS_PACKED", 20)
+    words = "the quick brown fox jumps over the lazy dog again and again until the end".split()
+    prompts = [engine.tokenizer.encode(" ".join(words[: 2 + 4 * i])) for i in range(4)]
+    assert sum(map(len, prompts[:2])) <= 20 < sum(map(len, prompts))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
+
+    def run(e, group):
+        requests = [e.add_request(p, params) for p in group]
+        logprobs = {}
+        while e.has_work:
+            for out in e.step():
+                logprobs.setdefault(out.request.request_id, []).extend(
+                    (lp.token_id, round(lp.logprob, 4)) for lp in out.logprobs)
+        return [r.output_ids for r in requests], [logprobs[r.request_id] for r in requests]
+
+    for group in ([prompts[0]], prompts[:2], prompts):
+        calls.clear()
+        got, want = run(engine, group), run(plain, group)
+        assert got[0] == want[0]
+        assert all(abs(a[1] - b[1]) < 1e-3 for g, w in zip(got[1], want[1]) for a, b in zip(g, w))
+        assert calls == ([sum(map(len, group))] if sum(map(len, group)) <= 20 else []), calls
+    calls.clear()
+    echo = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=True, logprobs=0)
+    list(engine.generate(prompts[0], echo))
+    assert not calls  # prompt logprobs need the forward's hidden states
