@@ -452,18 +452,19 @@ class Engine:
                  immediate: list[StepOutput]) -> None:
         requests = [r for r, _ in chunks]
         lengths = [n for _, n in chunks]
+        starts = [r.num_computed for r in requests]
         plan = self._decode_plan
+        hidden = last_logits = None
         if (plan is not None and plan.native and sum(lengths) <= plan.native_prefill_max_tokens
                 and not any(r.wants_prompt_logprobs for r in requests)):
-            return self._prefill_native(chunks, launched, immediate)
-        starts = [r.num_computed for r in requests]
-        T = max(lengths)
-        tokens = torch.zeros(len(requests), T, dtype=torch.long)
-        for i, r in enumerate(requests):
-            tokens[i, : lengths[i]] = torch.tensor(r.tokens(starts[i], starts[i] + lengths[i]))
-        tokens = upload(tokens, self.device)
-        batch = self.cache.batch([r.blocks for r in requests], starts, lengths)
-        hidden = self.model(tokens, kv_cache=self.cache, batch=batch, return_hidden=True)  # (B, T, d)
+            last_logits = self._prefill_native(chunks)  # (B, V)
+        else:
+            tokens = torch.zeros(len(requests), max(lengths), dtype=torch.long)
+            for i, r in enumerate(requests):
+                tokens[i, : lengths[i]] = torch.tensor(r.tokens(starts[i], starts[i] + lengths[i]))
+            tokens = upload(tokens, self.device)
+            batch = self.cache.batch([r.blocks for r in requests], starts, lengths)
+            hidden = self.model(tokens, kv_cache=self.cache, batch=batch, return_hidden=True)  # (B, T, d)
         for r, n in chunks:
             r.num_computed += n
             self._register_full_blocks(r)
@@ -485,18 +486,20 @@ class Engine:
                 live.append((i, prompt_lps))
         if live:
             rows = to_device([i for i, _ in live], torch.int64, self.device)
-            last = hidden[rows, to_device([lengths[i] - 1 for i, _ in live], torch.int64, self.device)]
-            logits = self.model.lm_head(last)  # (B, V)
+            if last_logits is not None:
+                logits = last_logits[rows]
+            else:
+                last = hidden[rows, to_device([lengths[i] - 1 for i, _ in live], torch.int64, self.device)]
+                logits = self.model.lm_head(last)  # (B, V)
             self._launch(self._sample([requests[i] for i, _ in live], logits,
                                       [lps for _, lps in live] if any(lps for _, lps in live) else None),
                          launched, immediate)
 
-    def _prefill_native(self, chunks: list[tuple[Request, int]], launched: list[_Sampled],
-                        immediate: list[StepOutput]) -> None:
+    def _prefill_native(self, chunks: list[tuple[Request, int]]) -> torch.Tensor:
         """A short prefill through the native decode step: each prompt token is one row at its position,
         over its request's blocks. The step writes every row's keys and values before any row attends,
         so row p sees the chunk's keys up to p: causal attention, as the forward computes it. Used for
-        chunks of few tokens and no prompt logprobs (only the last row's logits are kept)."""
+        chunks of few tokens and no prompt logprobs. Returns each chunk's last-token logits (B, V)."""
         tables, positions, ids, last = [], [], [], []
         for r, n in chunks:
             start = r.num_computed
@@ -505,23 +508,7 @@ class Engine:
             ids += r.tokens(start, start + n)
             last.append(len(ids) - 1)
         batch = self.cache.batch(tables, positions, [1] * len(ids))
-        logits = self._decode_plan(torch.tensor(ids)[:, None], self.cache, batch)  # (N, V)
-        for r, n in chunks:
-            r.num_computed += n
-            self._register_full_blocks(r)
-        live = []
-        for i, (r, _) in enumerate(chunks):
-            if r.num_computed < r.num_tokens:
-                continue  # more of the prompt to come
-            if r.params.max_tokens == 0:
-                r.finish_reason = "length"
-                self._release(r)
-                immediate.append(StepOutput(r, [], r.stream.finish(), [], "length"))
-            else:
-                live.append(i)
-        if live:
-            self._launch(self._sample([chunks[i][0] for i in live], logits[[last[i] for i in live]]), launched,
-                         immediate)
+        return self._decode_plan(torch.tensor(ids)[:, None], self.cache, batch)[last]  # (N, V) -> (B, V)
 
     def _decode(self, requests: list[Request]) -> _Sampled:
         slots = None

@@ -405,7 +405,7 @@ def test_short_prefills_run_through_the_native_step(llama_dir, native_module, mo
     calls = []  # tokens of each native prefill
     real = Engine._prefill_native
     monkeypatch.setattr(Engine, "_prefill_native",
-                        lambda self, chunks, *a: calls.append(sum(n for _, n in chunks)) or real(self, chunks, *a))
+                        lambda self, chunks: calls.append(sum(n for _, n in chunks)) or real(self, chunks))
     monkeypatch.setattr(fast_decode, "NATIVE_PREFILL_MAX_TOKENS", 20)  # both paths with these short prompts
     monkeypatch.setattr(fast_decode, "NATIVE_PREFILL_MAX_TOKENS_PACKED", 20)
     words = "the quick brown fox jumps over the lazy dog again and again until the end".split()

@@ -41,11 +41,11 @@ constexpr int64_t kParallelMacs = 1 << 17;  // smaller products run on the calli
 
 // Weights arrive packed in tiles of kTile output rows: tile t holds W[t*kTile : (t+1)*kTile, :]
 // transposed, (I, kTile) contiguous, the last tile zero-padded (see `pack_tiles` in
-// model/fast_decode.py). A tile is read front to back once per call, and each of its
+// model/quantize.py). A tile is read front to back once per call, and each of its
 // kTile-wide rows feeds one multiply-add per batch row into accumulators that stay in
 // registers: no horizontal sums, each weight loaded once for the whole batch.
 constexpr int64_t kTile = 32;
-constexpr int64_t kRows = 8;  // batch rows per pass (accumulators: kRows x kTile floats)
+constexpr int64_t kRows = 8;  // batch rows per pass of the plain loops (the vector ones: Vec::kMaxRows)
 
 // The widest float vector this build has (AVX-512 or AVX2 + FMA; none elsewhere), for the
 // matrix products and attention loops below: kLanes floats, fused multiply-add, a sum of the
