@@ -364,14 +364,25 @@ def test_gpu_fp32_inputs_use_exact_dots():
 
 @requires_cuda
 def test_gpu_batch_x_heads_past_one_grid_axis():
-    """B x H = 2,100 x 32 = 67,200 programs per query block: more than CUDA's 65,535 on grid axis 1."""
+    """B x H = 2,100 x 32 = 67,200 programs per query block: more than CUDA's 65,535 on grid axis 1.
+    The bar is the real-shapes test's (at most 2x PyTorch's own bf16 error, plus a floor): among 34M
+    bf16 gradients a few land an element-wise tolerance's width away from an fp32 reference."""
     q, k, v = random_qkv(2100, 32, 8, 8, 8, 64, torch.bfloat16, seed=6, device="cuda")
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out = attn.flash_attention(q, k, v, causal=True)
-    out.float().square().sum().backward()
-    ref = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    expected = attn.flash_attention_reference(*ref, causal=True)
-    expected.square().sum().backward()
-    assert_close(out, expected, 2e-2, 2e-2, "B x H > 65535: out")
-    for name, x, r in zip(("dq", "dk", "dv"), (q, k, v), ref):
-        assert_close(x.grad, r.grad, 5e-2, 5e-2, f"B x H > 65535: {name}")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    leaves64 = [x.double().requires_grad_() for x in (q, k, v)]
+    leaves_lp = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = attn.flash_attention(*leaves, causal=True)
+    ref64 = attn.flash_attention_reference(*leaves64, causal=True)
+    lp_ref = _lowp_reference(*leaves_lp, causal=True)
+    floor = 8e-3
+    assert _err_vs_fp64(out, ref64) <= 2 * _err_vs_fp64(lp_ref, ref64) + floor, (
+        f"B x H > 65535: out err {_err_vs_fp64(out, ref64):.3e} vs torch bf16 err {_err_vs_fp64(lp_ref, ref64):.3e}"
+    )
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad)
+    grads64 = torch.autograd.grad(ref64, leaves64, grad.double())
+    grads_lp = torch.autograd.grad(lp_ref, leaves_lp, grad)
+    for name, g, g64, glp in zip(("dq", "dk", "dv"), grads, grads64, grads_lp):
+        assert _err_vs_fp64(g, g64) <= 2 * _err_vs_fp64(glp, g64) + floor, (
+            f"B x H > 65535: {name} err {_err_vs_fp64(g, g64):.3e} vs torch bf16 err {_err_vs_fp64(glp, g64):.3e}"
+        )

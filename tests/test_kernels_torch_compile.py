@@ -95,8 +95,20 @@ def test_training_forward_and_backward_compile_in_one_graph(loss_impl):
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert_close(losses[0], losses[1], 1e-5, 1e-5, "compiled training loss")
-    for name in grads[1]:
-        assert_close(grads[0][name], grads[1][name], 1e-5, 1e-4, f"compiled grad of {name}")
+    # The bar for the gradients is eager fp32's own distance from an fp64 computation (PyTorch's
+    # attention and loss), not bitwise agreement: the compiled graph may sum in another order.
+    reference = build_model(config, model.state_dict(), torch.device(DEVICE), torch.float64,
+                            attn_backend="torch").train()
+    reference.loss_impl = loss_impl
+    reference(x, targets=y).backward()
+    for name, p64 in reference.named_parameters():
+        scale = p64.grad.abs().max().item()
+        err_compiled = (grads[0][name].double() - p64.grad).abs().max().item()
+        err_eager = (grads[1][name].double() - p64.grad).abs().max().item()
+        assert err_compiled <= 2 * err_eager + 1e-5 * scale, (
+            f"compiled grad of {name}: max err {err_compiled:.3e} vs fp64, eager fp32's {err_eager:.3e} "
+            f"(largest grad {scale:.3e})"
+        )
 
 
 def test_the_ops_check_the_device_when_they_run(monkeypatch):
