@@ -206,12 +206,14 @@ class Engine:
             if bad is not None:
                 raise InvalidRequest(f"{what} {bad} is out of range [0, {self.vocab_limit})", param)
         # the last generated id is never fed back, so P prompt + M new ids need P + M - 1 cache positions
-        if len(prompt_ids) > self.max_seq_len or len(prompt_ids) + params.max_tokens > self.max_seq_len + 1:
+        if len(prompt_ids) > self.max_seq_len:  # (max_tokens may be a server default: not quoted)
+            raise InvalidRequest(f"this model's maximum context length is {self.max_seq_len} tokens, but the "
+                                 f"prompt has {len(prompt_ids)} tokens", "prompt")
+        if len(prompt_ids) + params.max_tokens > self.max_seq_len + 1:
             raise InvalidRequest(f"this model's maximum context length is {self.max_seq_len} tokens, but "
                                  f"{len(prompt_ids)} prompt tokens + {params.max_tokens} max_tokens were requested "
-                                 f"(at most {self.max_seq_len} prompt tokens, and prompt + max_tokens at most "
-                                 f"{self.max_seq_len + 1}: the last token generated needs no position)",
-                                 "prompt" if len(prompt_ids) > self.max_seq_len else "max_tokens")
+                                 f"(prompt + max_tokens may be at most {self.max_seq_len + 1}: the last token "
+                                 "generated needs no position)", "max_tokens")
         request = Request(next(self._ids), list(prompt_ids), params,
                           stream=TextStream(self.tokenizer, params.stop, context_ids=prompt_ids[-4:]))
         if params.seed is not None:

@@ -75,8 +75,9 @@ def _messages(body: ChatCompletionRequest) -> list[dict]:
         if isinstance(content, list):
             content = "\n".join(part.text for part in content)
         entry = {"role": message.role, "content": content or ""}
-        if message.name is not None:
-            entry["name"] = message.name
+        for key in ("name", "tool_call_id"):  # only when sent: templates test `message.name is defined`
+            if getattr(message, key) is not None:
+                entry[key] = getattr(message, key)
         out.append(entry)
     return out
 
@@ -136,6 +137,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     except APIError as e:
         if e.param == "prompt":  # the rendered prompt is the messages
             e.param = "messages"
+            e.message = e.message.replace("the prompt has", "the messages (rendered by the chat template) have")
         elif e.param == "max_tokens" and body.max_completion_tokens is not None:  # the field the client sent
             e.param = "max_completion_tokens"
         raise

@@ -126,6 +126,7 @@ class ChatMessage(_Request):
     content: StrictStr | list[TextPart] | None = Field(None, description="text, or a list of text parts")
     name: StrictStr | None = None
     tool_calls: list[dict] | None = Field(None, description="not supported: must be empty")
+    tool_call_id: StrictStr | None = Field(None, description="a tool message's call id, passed to the chat template")
 
     @field_validator("content", mode="before")
     @classmethod

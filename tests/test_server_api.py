@@ -433,7 +433,7 @@ ERROR_CASES = [
     ("/v1/completions", {"prompt": [[]]}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": [1, 100000]}, 400, "prompt", "100000"),
     ("/v1/completions", {"prompt": [1, 100000], "stream": True}, 400, "prompt", "100000"),
-    ("/v1/completions", {"prompt": [7] * 70}, 400, "prompt", "maximum context length is 64 tokens, but 70 prompt"),
+    ("/v1/completions", {"prompt": [7] * 70}, 400, "prompt", "maximum context length is 64 tokens, but the prompt has 70 tokens"),
     ("/v1/completions", {"prompt": [7], "max_tokens": 65}, 400, "max_tokens", "1 prompt tokens + 65 max_tokens"),
     ("/v1/completions", {"prompt": ["a", "b"], "n": 20}, 400, "n", "at most 36 fit at once"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "gpt-4"),

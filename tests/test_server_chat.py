@@ -133,7 +133,9 @@ def test_chat_errors(client, llama_dir):
     assert error({"messages": MESSAGES, "continue_final_message": True})["param"] == "continue_final_message"
     assert error({"messages": MESSAGES, "response_format": {"type": "json_object"}})["param"] == "response_format"
     long = [{"role": "user", "content": "fox " * 600}]
-    assert "maximum context length" in error({"messages": long})["message"]
+    err = error({"messages": long})  # no max_tokens sent: the message quotes none
+    assert err["param"] == "messages" and "the messages (rendered by the chat template) have" in err["message"], err
+    assert "max_tokens" not in err["message"], err
     # the field the client sent is the one named (the openai SDK's max_completion_tokens)
     assert error({"messages": MESSAGES, "max_completion_tokens": 10**6})["param"] == "max_completion_tokens"
     assert error({"messages": MESSAGES, "max_tokens": 10**6})["param"] == "max_tokens"
@@ -243,3 +245,22 @@ def test_the_template_renders_off_the_event_loop(client, monkeypatch):
         r = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2, "stream": stream})
         assert r.status_code == 200, r.text
     assert where == ["worker thread", "worker thread"]
+
+
+def test_tool_messages_reach_the_template(llama_dir):
+    """A tool message's tool_call_id (and a message's name) is passed to the template, as transformers
+    passes it; fields not sent stay undefined there."""
+    template = ("{% for m in messages %}{% if m.role == 'tool' and m.tool_call_id != 'call_7' %}"
+                "{{ raise_exception('tool_call_id: ' ~ (m.tool_call_id if m.tool_call_id is defined else 'undefined')) }}"
+                "{% endif %}{% if m.name is defined %}[{{ m.name }}]{% endif %}{{ m.role }}: {{ m.content }}\n"
+                "{% endfor %}assistant:")
+    engine = load_engine(str(llama_dir), "cpu", None)
+    with TestClient(create_app(engine, ServerSettings(served_model_name="t", chat_template=template))) as c:
+        messages = [{"role": "user", "content": "weather?", "name": "ann"},
+                    {"role": "tool", "content": "sunny", "tool_call_id": "call_7"}]
+        r = c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        expected = len(engine.tokenizer.encode("[ann]user: weather?\ntool: sunny\nassistant:"))
+        assert r.json()["usage"]["prompt_tokens"] == expected
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "sunny"}], "max_tokens": 1})
+        assert r.status_code == 400 and "tool_call_id: undefined" in r.json()["error"]["message"], r.text
