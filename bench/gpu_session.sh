@@ -10,16 +10,21 @@
 # so one call (carrying .whl) does a lease's worth and still returns what it measured:
 #   bash bench/gpu_session.sh quick tests kernels serve-llama-1.1b   # ~6 minutes
 #   bash bench/gpu_session.sh quick retests kernels train decode-configs
-# The plan for the next 15-minute lease, one call each (the machine stays warm between calls):
-#   1. bash bench/gpu_session.sh default-model        carry data/tokens (issue 7; ~4 minutes)
-#   2. bash bench/gpu_session.sh quick retests fused serve-llama-1.1b     carry .whl (~6 minutes)
-#   3. what time is left: quick profile, train, train-logits, train-cudnn
+# The plan for the next 15-minute lease, one call each (the machine stays warm between calls;
+# the third lease, 2026-11-26, trained the default model and ran retests, fused and serve-llama-1.1b):
+#   1. bash bench/gpu_session.sh quick retests profile     carry .whl (~7 minutes): the three tests
+#      changed after that lease, then where a batch-1 1.1B decode step's 1.46 ms go (0.73 are weight reads)
+#   2. what time is left: quick train train-cudnn (training MFU, issue 6)
+# Open question from that lease: online TTFT p50 was 1.5 s at 8 req/s but 0.4 s at 32 req/s (run
+# second). If first-seen prefill shapes pay the flash-attention autotuner (keyed on power-of-two
+# sequence buckets), a later pass at about that rate is fast: --online-rates 8,32,8.5 in serve_bench
+# (workloads are seeded per rate, so 8 twice would repeat prompts as prefix-cache hits).
 # Installing what default-model brings back (FILES = the call's files_at):
-#   git rm -q model/default/model.safetensors && cp FILES/model/* FILES/loss.png model/default/
+#   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/
 #   cp data/corpus/manifest.json model/default/corpus_manifest.json
 #   python -m training.evaluate --corpus data/corpus --heldout tests/data/default_heldout.jsonl --write-eval
-# then rewrite model/default/MODEL_CARD.md from that evaluation and FILES/metrics.jsonl, point
-# tests/test_training_optim.py's recipe check at default-gpu.toml, and run make test.
+# then rewrite model/default/MODEL_CARD.md from that evaluation and FILES/metrics.jsonl and run
+# make test (only for a clearly better model: each copy of the weights stays in git history).
 # Phases: tests (every GPU test, 8 workers), retests (the GPU tests not yet passed on a GPU),
 # kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes),
 # decode-configs (GPU time of each decode launch config, CUDA-graph replay), fused (add+norm,
@@ -203,17 +208,17 @@ case "${1:-}" in
         stage train python3 bench/train_bench.py --batch 32 --seq 1024
         ;;
     default-model)
-        # carry data/tokens (built as training/configs/default-gpu.toml says); extra `--set`
+        # carry data/tokens (built as training/configs/default.toml says); extra `--set`
         # overrides in DEFAULT_MODEL_ARGS. Brings back config, index and bf16 shards (<= 15 MB each),
         # metrics.jsonl and loss.png: the 8 files a call may return.
         setup
         run_dir=/tmp/kiln-default-gpu
         # shellcheck disable=SC2086
-        if ! stage default-model python3 -m training --config training/configs/default-gpu.toml --out "$run_dir" \
+        if ! stage default-model python3 -m training --config training/configs/default.toml --out "$run_dir" \
             ${DEFAULT_MODEL_ARGS:-}; then
             # torch.compile with the Triton kernels has not run on a GPU yet: go on from the last checkpoint
             # (or step 0) with PyTorch's attention and loss rather than lose the lease
-            stage default-model python3 -m training --config training/configs/default-gpu.toml --out "$run_dir" \
+            stage default-model python3 -m training --config training/configs/default.toml --out "$run_dir" \
                 --resume ${DEFAULT_MODEL_ARGS:-} --set attn_backend=torch
         fi
         stage default-model python3 -m training.export "$run_dir" --out /tmp/kiln-default-export --overwrite --dtype bf16 \

@@ -74,10 +74,10 @@ def test_shipped_configs_load_and_build():
     assert model.vocab_size == 50304 and model.tie_embeddings and model.positions == "learned"
     assert abs(model.num_params() - 124.4e6) < 0.1e6
     assert gpt2.grad_accum(1) == 16 and gpt2.grad_accum(8) == 2
-    default = load_config(CONFIGS / "default.toml")  # the CPU recipe (the default model until 2026-11-26)
+    default = load_config(CONFIGS / "default-cpu.toml")  # the CPU recipe (the default model until 2026-11-26)
     model = default.model.build(8192, default.seq_len, eos_id=8191)
     assert 6e6 < model.num_params() < 7e6 and model.max_seq_len == 512
-    gpu = load_config(CONFIGS / "default-gpu.toml")
+    gpu = load_config(CONFIGS / "default.toml")  # the shipped model's (trained on an H100)
     model = gpu.model.build(8192, gpu.seq_len, eos_id=8191)
     shipped = ModelConfig.load(default_model_dir() / "config.json")
     assert model == shipped, (model, shipped)  # the recipe builds the shape that ships
