@@ -164,7 +164,7 @@ def test_rejections_name_the_prompt(engine):
         generation = scheduler.submit([[5], [5], [6] * 70, [6] * 70], [ok] * 4, n=2)
         item = await next_item(generation)
         assert isinstance(item, Rejected) and item.status == 400
-        assert item.message.startswith("prompt 1: ") and "70 prompt tokens" in item.message
+        assert item.message.startswith("prompt 1: ") and "the prompt has 70 tokens" in item.message
         assert engine.num_free_slots == 2 and not engine.waiting  # nothing of it stays behind
         await asyncio.to_thread(scheduler.stop)
 
