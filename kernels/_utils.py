@@ -175,8 +175,35 @@ def jit_kernel(
         meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         return TritonKernel(kernel, tuple(meta.items()))
     prune_by = {"early_config_prune": prune} if prune is not None else None
-    tuned = triton.autotune(configs=list(gpu_configs), key=list(key), prune_configs_by=prune_by)(kernel)
+    tuned = triton.autotune(configs=list(gpu_configs), key=list(key), prune_configs_by=prune_by,
+                            **_autotune_options(triton))(kernel)
     return TritonKernel(tuned)
+
+
+# Autotuning runs on a key's first launch, in the middle of serving: a prompt of a new length bucket
+# waits for every config to be timed (Triton's default, 25 ms warm-up + 100 ms per config, can stall
+# a running batch ~1 s per key). Kiln's kernels run 5 us to a few ms, so 5 + 25 ms still times each
+# config over many launches; and the choices are cached on disk, so a restarted server reuses them.
+AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 25
+
+
+def _autotune_options(triton: Any) -> dict[str, Any]:
+    """The keyword arguments this Triton's ``autotune`` takes for quicker timing and a disk cache."""
+    import inspect
+
+    params = inspect.signature(triton.autotune).parameters
+    options: dict[str, Any] = {}
+    if "do_bench" in params:
+        def quick_bench(kernel_call: Callable[[], Any], quantiles: Any) -> Any:
+            import triton.testing
+
+            return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS,
+                                           quantiles=quantiles)
+
+        options["do_bench"] = quick_bench
+    if "cache_results" in params:
+        options["cache_results"] = True
+    return options
 
 
 def jit_helpers(module: Any, names: Sequence[str]) -> None:
