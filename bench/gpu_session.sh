@@ -12,8 +12,9 @@
 #   bash bench/gpu_session.sh quick retests kernels train decode-configs
 # The plan for the next 15-minute lease, one call each (the machine stays warm between calls;
 # the third lease, 2026-11-26, trained the default model and ran retests, fused and serve-llama-1.1b):
-#   1. bash bench/gpu_session.sh quick retests profile     carry .whl (~7 minutes): the three tests
-#      changed after that lease, then where a batch-1 1.1B decode step's 1.46 ms go (0.73 are weight reads)
+#   1. bash bench/gpu_session.sh quick retests hf-check profile   carry .whl (~8 minutes): the three
+#      tests changed after that lease; why HF generate ran 13 tok/s there (ANCHORS.md: 66); then where a
+#      batch-1 1.1B decode step's 1.46 ms go (0.73 are weight reads)
 #   2. what time is left: quick train train-cudnn (training MFU, issue 6)
 # Open question from that lease: online TTFT p50 was 1.5 s at 8 req/s but 0.4 s at 32 req/s (run
 # second). If first-seen prefill shapes pay the flash-attention autotuner (keyed on power-of-two
@@ -26,6 +27,7 @@
 # then rewrite model/default/MODEL_CARD.md from that evaluation and FILES/metrics.jsonl and run
 # make test (only for a clearly better model: each copy of the weights stays in git history).
 # Phases: tests (every GPU test, 8 workers), retests (the GPU tests not yet passed on a GPU),
+# hf-check (HF generate timed several ways, bench/hf_step_check.py),
 # kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes),
 # decode-configs (GPU time of each decode launch config, CUDA-graph replay), fused (add+norm,
 # rope+cache write and SwiGLU kernels vs torch and torch.compile, CUDA-graph replay),
@@ -130,6 +132,9 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 STAGE_TIMEOUT=30 stage kernels python3 bench/bench_decode.py --dtype bf16 --rep 50
                 STAGE_TIMEOUT=20 stage kernels python3 bench/bench_softmax.py --dtypes fp32 --rep 50
                 STAGE_TIMEOUT=30 stage kernels python3 bench/bench_cross_entropy.py --dtype bf16 --rep 50
+                ;;
+            hf-check)  # why HF generate ran 13 tok/s in serve_bench against ANCHORS.md's 66 (1.1B shape)
+                STAGE_TIMEOUT=120 stage hf-check python3 bench/hf_step_check.py --shape llama-1.1b --new-tokens 64
                 ;;
             profile)  # where a batch-1 decode step of the 1.1B shape spends its time (host vs GPU)
                 STAGE_TIMEOUT=120 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64

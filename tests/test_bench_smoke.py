@@ -139,3 +139,16 @@ def test_bench_fused_checks_run_on_the_interpreter():
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     assert "checked: add + rmsnorm, rope + cache write, silu * up equal the torch ops" in proc.stdout
+
+
+def test_hf_step_check_runs_on_the_cpu():
+    """bench/hf_step_check.py (HF generate timed several ways, a GPU diagnostic) at a tiny shape on the CPU."""
+    pytest.importorskip("transformers")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "hf_step_check.py"), "--shape", "tiny-llama",
+                           "--device", "cpu", "--new-tokens", "4", "--reps", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    rows = re.findall(r"^(generate as serve_bench calls it|generate, max_new_tokens only|bare loop: .*?)\s+"
+                      r"([\d.]+) ms/step\s+([\d.]+) tok/s$", proc.stdout, flags=re.M)
+    assert len(rows) == 3 and all(float(ms) > 0 for _, ms, _ in rows), proc.stdout
+    assert "one decode forward:" in proc.stdout and proc.stdout.startswith("tiny-llama on cpu")
