@@ -15,7 +15,8 @@
 #   1. bash bench/gpu_session.sh quick retests hf-check profile   carry .whl (~8 minutes): the three
 #      tests changed after that lease; why HF generate ran 13 tok/s there (ANCHORS.md: 66); then where a
 #      batch-1 1.1B decode step's 1.46 ms go (0.73 are weight reads)
-#   2. what time is left: quick train train-cudnn (training MFU, issue 6)
+#   2. what time is left: quick train train-cudnn (training MFU, issue 6), or quick kernels (softmax
+#      now also timed as CUDA-graph replays: is 64 x 128256 host-bound?)
 # Open question from that lease: online TTFT p50 was 1.5 s at 8 req/s but 0.4 s at 32 req/s (run
 # second). If first-seen prefill shapes pay the flash-attention autotuner (keyed on power-of-two
 # sequence buckets), a later pass at about that rate is fast: --online-rates 8,32,8.5 in serve_bench
@@ -131,6 +132,7 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                     --seqlens 4096 --head-dims 128 --rep 30
                 STAGE_TIMEOUT=30 stage kernels python3 bench/bench_decode.py --dtype bf16 --rep 50
                 STAGE_TIMEOUT=20 stage kernels python3 bench/bench_softmax.py --dtypes fp32 --rep 50
+                STAGE_TIMEOUT=20 stage kernels python3 bench/bench_softmax.py --dtypes fp32 --rep 50 --cuda-graph
                 STAGE_TIMEOUT=30 stage kernels python3 bench/bench_cross_entropy.py --dtype bf16 --rep 50
                 ;;
             hf-check)  # why HF generate ran 13 tok/s in serve_bench against ANCHORS.md's 66 (1.1B shape)

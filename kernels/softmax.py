@@ -90,8 +90,7 @@ def softmax(x: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.T
         return y
     chunk = _INTERPRET_CHUNK if interpret else _CHUNK
     n_chunks = -(-n_cols // chunk)
-    stats_max = torch.empty((n_rows, n_chunks), device=x.device, dtype=torch.float32)
-    stats_sum = torch.empty((n_rows, n_chunks), device=x.device, dtype=torch.float32)
+    stats_max, stats_sum = torch.empty((2, n_rows, n_chunks), device=x.device, dtype=torch.float32)  # one allocation
     grid = (n_rows, n_chunks)  # rows on axis 0: grid axes 1 and 2 stop at 65535
     kernels.chunk_stats[grid](
         x, stats_max, stats_sum, temps, x.stride(0), n_cols, n_chunks, scale, PER_ROW_T=per_row, BLOCK=chunk
