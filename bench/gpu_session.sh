@@ -15,8 +15,9 @@
 #   1. bash bench/gpu_session.sh quick retests hf-check profile   carry .whl (~8 minutes): the three
 #      tests changed after that lease; why HF generate ran 13 tok/s there (ANCHORS.md: 66); then where a
 #      batch-1 1.1B decode step's 1.46 ms go (0.73 are weight reads)
-#   2. what time is left: quick train train-cudnn (training MFU, issue 6), or quick kernels (softmax
-#      now also timed as CUDA-graph replays: is 64 x 128256 host-bound?)
+#   2. what time is left: quick serve-compile (the batch-1 step compiled before capture: ~220 small
+#      kernels per 1.1B step may be what holds it at 50% of roofline), quick train train-cudnn
+#      (training MFU, issue 6), or quick kernels (softmax now also timed as CUDA-graph replays)
 # Open question from that lease: online TTFT p50 was 1.5 s at 8 req/s but 0.4 s at 32 req/s (run
 # second). If first-seen prefill shapes pay the flash-attention autotuner (keyed on power-of-two
 # sequence buckets), a later pass at about that rate is fast: --online-rates 8,32,8.5 in serve_bench
