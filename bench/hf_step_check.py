@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             model(token, past_key_values=cache, use_cache=True)
             sync()
         events = prof.key_averages()
-        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        launch_calls = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        launches = sum(e.count for e in events if e.key in launch_calls)
         cpu_ms = sum(e.self_cpu_time_total for e in events) / 1e3
         print(f"one decode forward: {launches} kernel launches, {cpu_ms:.1f} ms of host time under the profiler")
         print(events.table(sort_by="self_cpu_time_total", row_limit=8))

@@ -251,7 +251,8 @@ def test_tool_messages_reach_the_template(llama_dir):
     """A tool message's tool_call_id (and a message's name) is passed to the template, as transformers
     passes it; fields not sent stay undefined there."""
     template = ("{% for m in messages %}{% if m.role == 'tool' and m.tool_call_id != 'call_7' %}"
-                "{{ raise_exception('tool_call_id: ' ~ (m.tool_call_id if m.tool_call_id is defined else 'undefined')) }}"
+                "{{ raise_exception('tool_call_id: ' ~ (m.tool_call_id if m.tool_call_id is defined"
+                " else 'undefined')) }}"
                 "{% endif %}{% if m.name is defined %}[{{ m.name }}]{% endif %}{{ m.role }}: {{ m.content }}\n"
                 "{% endfor %}assistant:")
     engine = load_engine(str(llama_dir), "cpu", None)
