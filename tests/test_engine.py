@@ -76,6 +76,20 @@ def test_sliding_window_scores_every_token_exactly_once(llama_dir):
         assert all(abs(a - b) < 1e-4 for a, b in zip(got[1:], expected[1:])), stride
 
 
+def test_scoring_batches_are_smaller_on_the_cpu(llama_dir):
+    """Scoring forwards hold at most 2048 padded tokens on a CPU (4096 on CUDA): the groups respect the
+    budget, and the scores do not depend on it."""
+    engine = load_engine(str(llama_dir), "cpu")
+    assert engine.score_batch_tokens == 2048
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, engine.vocab_limit, (n,), generator=g).tolist() for n in [64] * 70 + [9, 33]]
+    task = engine.score_task(seqs)
+    assert len(task.groups) > 2 and all(len(group) * T <= 2048 for group, T in task.groups)
+    wide = engine.score(seqs, batch_tokens=4096)
+    for a, b in zip(engine.score(seqs), wide):
+        assert all(x is None and y is None or abs(x - y) < 1e-4 for x, y in zip(a.logprobs, b.logprobs))
+
+
 @torch.no_grad()
 def test_batched_requests_joining_midway_equal_alone(hf_dir):
     engine = load_engine(str(hf_dir), "cpu", max_batch_size=3)
