@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.new_tokens
 
     def as_bench() -> None:
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0, use_cache=True)
+        serve_bench.hf_generate(model, ids.tolist(), n, device)
 
     def plain() -> None:
         model.generate(ids, max_new_tokens=n, do_sample=False)

@@ -13,8 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.cli import QUANTIZATION_HELP
-from model.config import QUANTIZATIONS
+from model.cli import add_model_args
 
 DEFAULT_MODEL_NAME = "kiln-default"  # served name of the shipped default model
 # sequences decoded together by default: a GPU serves many streams in one step (vLLM's default is
@@ -151,8 +150,7 @@ def _fraction(value: str) -> float:
 
 def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Serve a model over an OpenAI-compatible HTTP API.")
-    p.add_argument("--model", default=None, help="model directory (Kiln or Hugging Face gpt2/llama/mistral/qwen2); "
-                                                  "default: the shipped default model")
+    add_model_args(p)  # --model, --device, --dtype, --quantization: as kiln generate and kiln ppl take them
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     p.add_argument("--port", type=_int_at_least(0), default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--served-model-name", default=None,
@@ -160,10 +158,6 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
                         "for the default model)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on /v1/* (also read from $KILN_API_KEY)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default=None, choices=("auto", "fp32", "fp16", "bf16"),
-                   help="weights dtype (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     p.add_argument("--max-batch-size", type=_int_at_least(1), default=None,
                    help=f"sequences running (decoded together) at once (default: {DEFAULT_MAX_BATCH_SIZE['cuda']} "
                         f"on CUDA, {DEFAULT_MAX_BATCH_SIZE['cpu']} on the CPU)")

@@ -302,16 +302,20 @@ def test_config_pruning_follows_the_input_dtype(name):
 def test_gpu_flash_attention_real_shapes(dtype, head_dim, causal, seqlens):
     seqlen_q, seqlen_k = seqlens
     q, k, v = random_qkv(2, 16, 4, seqlen_q, seqlen_k, head_dim, dtype, seed=0, device="cuda")
+    _check_against_torch_in_dtype(q, k, v, causal, floor=1e-3 if dtype == torch.float16 else 8e-3)
+
+
+def _check_against_torch_in_dtype(q, k, v, causal, floor, what=""):
+    """Output and dq/dk/dv against an fp64 computation. PyTorch-in-dtype error sets the bar: the kernel
+    may be at most 2x worse (plus a floor)."""
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     leaves64 = [x.double().requires_grad_() for x in (q, k, v)]
     leaves_lp = [x.clone().requires_grad_() for x in (q, k, v)]  # low-precision torch reference
     out = attn.flash_attention(*leaves, causal=causal)
     ref64 = attn.flash_attention_reference(*leaves64, causal=causal)
-    # PyTorch-in-dtype error sets the bar: the kernel may be at most 2x worse (plus a floor).
     lp_ref = _lowp_reference(*leaves_lp, causal=causal)
-    floor = 1e-3 if dtype == torch.float16 else 8e-3
     assert _err_vs_fp64(out, ref64) <= 2 * _err_vs_fp64(lp_ref, ref64) + floor, (
-        f"out err {_err_vs_fp64(out, ref64):.3e} vs torch {dtype} err {_err_vs_fp64(lp_ref, ref64):.3e}"
+        f"{what}out err {_err_vs_fp64(out, ref64):.3e} vs torch {q.dtype} err {_err_vs_fp64(lp_ref, ref64):.3e}"
     )
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, grad)
@@ -319,7 +323,7 @@ def test_gpu_flash_attention_real_shapes(dtype, head_dim, causal, seqlens):
     grads_lp = torch.autograd.grad(lp_ref, leaves_lp, grad)
     for name, g, g64, glp in zip(("dq", "dk", "dv"), grads, grads64, grads_lp):
         assert _err_vs_fp64(g, g64) <= 2 * _err_vs_fp64(glp, g64) + floor, (
-            f"{name} err {_err_vs_fp64(g, g64):.3e} vs torch {dtype} err {_err_vs_fp64(glp, g64):.3e}"
+            f"{what}{name} err {_err_vs_fp64(g, g64):.3e} vs torch {q.dtype} err {_err_vs_fp64(glp, g64):.3e}"
         )
 
 
@@ -368,21 +372,4 @@ def test_gpu_batch_x_heads_past_one_grid_axis():
     The bar is the real-shapes test's (at most 2x PyTorch's own bf16 error, plus a floor): among 34M
     bf16 gradients a few land an element-wise tolerance's width away from an fp32 reference."""
     q, k, v = random_qkv(2100, 32, 8, 8, 8, 64, torch.bfloat16, seed=6, device="cuda")
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    leaves64 = [x.double().requires_grad_() for x in (q, k, v)]
-    leaves_lp = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = attn.flash_attention(*leaves, causal=True)
-    ref64 = attn.flash_attention_reference(*leaves64, causal=True)
-    lp_ref = _lowp_reference(*leaves_lp, causal=True)
-    floor = 8e-3
-    assert _err_vs_fp64(out, ref64) <= 2 * _err_vs_fp64(lp_ref, ref64) + floor, (
-        f"B x H > 65535: out err {_err_vs_fp64(out, ref64):.3e} vs torch bf16 err {_err_vs_fp64(lp_ref, ref64):.3e}"
-    )
-    grad = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, grad)
-    grads64 = torch.autograd.grad(ref64, leaves64, grad.double())
-    grads_lp = torch.autograd.grad(lp_ref, leaves_lp, grad)
-    for name, g, g64, glp in zip(("dq", "dk", "dv"), grads, grads64, grads_lp):
-        assert _err_vs_fp64(g, g64) <= 2 * _err_vs_fp64(glp, g64) + floor, (
-            f"B x H > 65535: {name} err {_err_vs_fp64(g, g64):.3e} vs torch bf16 err {_err_vs_fp64(glp, g64):.3e}"
-        )
+    _check_against_torch_in_dtype(q, k, v, causal=True, floor=8e-3, what="B x H > 65535: ")
