@@ -74,10 +74,11 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     """Write this step's keys/values into the paged cache, then attend over each row's blocks.
 
     q (B, H, T, D); k_new/v_new (B, T, Hkv, D); k_cache/v_cache (num_blocks, block_size, Hkv, D).
-    Returns (B, H, T, D).
+    Returns (B, H, T, D). The cache may hold another dtype than the step computes in (a CPU engine's
+    bf16 prompt forward over its fp32 cache): keys and values are cast on the way in and out.
     """
-    k_cache[batch.write_blocks, batch.write_offsets] = k_new  # (B, T, Hkv, D) scattered into blocks
-    v_cache[batch.write_blocks, batch.write_offsets] = v_new
+    k_cache[batch.write_blocks, batch.write_offsets] = k_new.to(k_cache.dtype)  # (B, T, Hkv, D) into blocks
+    v_cache[batch.write_blocks, batch.write_offsets] = v_new.to(v_cache.dtype)
     return attend_cached(q, k_cache, v_cache, batch, backend)
 
 
@@ -91,6 +92,7 @@ def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         return decode_attention(q[:, :, 0], k_cache, v_cache, batch.block_table, batch.lengths)[:, :, None]
     keys = gather_blocks(k_cache, batch.block_table, batch.kv_len, batch.contiguous_from)
     values = gather_blocks(v_cache, batch.block_table, batch.kv_len, batch.contiguous_from)
+    keys, values = keys.to(q.dtype), values.to(q.dtype)  # (no copy when the cache is in q's dtype)
     if backend == "triton" and B == 1:
         from kernels.attention import flash_attention
 

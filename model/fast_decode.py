@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import gather_blocks
-from .cpu_packing import fits_in_memory, pack_weight
+from .cpu_packing import exactly_bf16, fits_in_memory, pack_weight
 from .cuda_graphs import batch_buckets
 from .kv_cache import NULL_BLOCK, CacheBatch, KVCache
 from .quantize import is_quantized, pack_tiles
@@ -202,7 +202,7 @@ class DecodePlan:
         model = self.model
         matrices = [m.weight for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
         matrices.append(model.lm_head.weight)
-        return fits_in_memory(2 * sum(w.numel() for w in matrices))[0] and all(_exactly_bf16(w) for w in matrices)
+        return fits_in_memory(2 * sum(w.numel() for w in matrices))[0] and all(exactly_bf16(w) for w in matrices)
 
     @property
     def native_prefill_max_tokens(self) -> int:
@@ -234,7 +234,7 @@ class DecodePlan:
         if self.quantized:
             dtype = torch.int8
         elif dtype is None:
-            exact = not self.folded or all(_exactly_bf16(m.weight) for m in linears)
+            exact = not self.folded or all(exactly_bf16(m.weight) for m in linears)
             dtype = torch.bfloat16 if exact else torch.float32
 
         def opt(t: torch.Tensor | None) -> torch.Tensor:
@@ -386,12 +386,6 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return F.linear(x, weight, bias)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
     return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def _exactly_bf16(weight: torch.Tensor) -> bool:
-    """Whether every element of a float tensor is a bf16 number (so a bf16 copy loses nothing)."""
-    w = weight.detach()
-    return bool(torch.equal(w.to(torch.bfloat16).to(w.dtype), w))
 
 
 def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,

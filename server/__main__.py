@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         device = resolve_device(settings.device)
         engine = load_engine(settings.model_dir, device, settings.dtype, quantization=settings.quantization,
+                             prefill_dtype=settings.prefill_dtype,
                              max_batch_size=settings.batch_size_for(device), max_seq_len=settings.max_model_len,
                              block_size=settings.kv_block_size, num_blocks=settings.num_kv_blocks,
                              gpu_memory_fraction=settings.gpu_memory_fraction,
@@ -87,11 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         log = logging.getLogger("kiln.server")
         log.info(
             "model %r loaded in %.2f s: %s %s, context %d tokens, up to %d sequences, KV pool %d blocks x %d "
-            "tokens (%.1f MiB, prefix caching %s), prefill chunk %d tokens, decode %s%s", settings.served_model_name,
-            time.perf_counter() - start, engine.device, str(engine.dtype).removeprefix("torch."),
+            "tokens (%.1f MiB, prefix caching %s), prefill chunk %d tokens (in %s), decode %s%s",
+            settings.served_model_name, time.perf_counter() - start, engine.device,
+            str(engine.dtype).removeprefix("torch."),
             engine.max_seq_len, engine.max_batch_size, cache.num_blocks, cache.block_size,
             cache.k.nbytes * 2 / 2**20, "on" if engine.pool.enable_prefix_caching else "off",
-            engine.max_prefill_tokens, engine.decode_path, ", async scheduling" if engine.async_scheduling else "")
+            engine.max_prefill_tokens, str(engine.prefill_dtype).removeprefix("torch."), engine.decode_path,
+            ", async scheduling" if engine.async_scheduling else "")
         if engine.build_native_in_background():
             log.info("building the native CPU decode step in the background (once per machine, about half a "
                      "minute; `make serve` does it ahead); decoding with the torch path meanwhile")

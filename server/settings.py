@@ -31,6 +31,7 @@ class ServerSettings:
     device: str = "auto"
     dtype: str | None = None
     quantization: str | None = None  # "int8": int8 matrices (CPU, fp32 activations; model/quantize.py)
+    prefill_dtype: str = "auto"  # CPU fp32 models: prompt forwards and scoring in "fp32" or "bf16" (auto: AMX)
     max_batch_size: int | None = None  # sequences running (decoded together) at once; None: by device
     max_queue: int = 256  # sequences that may wait for a slot; more -> 429
     max_model_len: int | None = None  # context length cap (default: the model's)
@@ -63,6 +64,11 @@ class ServerSettings:
         need(self.quantization is None or (self.device != "cuda" and self.dtype in (None, "auto", "fp32")),
              f"--quantization {self.quantization} runs on the CPU in fp32: it cannot be combined with "
              f"--device {self.device} --dtype {self.dtype or 'auto'}")
+        need(self.prefill_dtype in ("auto", "fp32", "bf16"),
+             f"--prefill-dtype must be one of auto, fp32, bf16; got {self.prefill_dtype!r}")
+        need(self.prefill_dtype == "auto" or self.quantization is None,
+             f"--prefill-dtype {self.prefill_dtype} cannot be combined with --quantization {self.quantization}: "
+             "an int8 model computes its prompts in fp32")
         need(self.kv_block_size >= 1, f"--kv-block-size must be >= 1, got {self.kv_block_size}")
         need(self.num_kv_blocks is None or self.num_kv_blocks >= 2,
              f"--num-kv-blocks must be >= 2, got {self.num_kv_blocks}")
@@ -114,7 +120,8 @@ class ServerSettings:
         return cls(served_model_name=name, model_dir=args.model, host=args.host, port=args.port,
                    chat_template=chat_template,
                    api_key=api_key, device=args.device,
-                   dtype=args.dtype, quantization=args.quantization, max_batch_size=args.max_batch_size,
+                   dtype=args.dtype, quantization=args.quantization, prefill_dtype=args.prefill_dtype,
+                   max_batch_size=args.max_batch_size,
                    max_queue=args.max_queue,
                    max_model_len=args.max_model_len, kv_block_size=args.kv_block_size,
                    num_kv_blocks=args.num_kv_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
@@ -150,7 +157,7 @@ def _fraction(value: str) -> float:
 
 def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Serve a model over an OpenAI-compatible HTTP API.")
-    add_model_args(p)  # --model, --device, --dtype, --quantization: as kiln generate and kiln ppl take them
+    add_model_args(p)  # --model, --device, --dtype, --quantization, --prefill-dtype: as kiln generate and ppl take them
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     p.add_argument("--port", type=_int_at_least(0), default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--served-model-name", default=None,

@@ -38,7 +38,7 @@ def test_quick_run_end_to_end(tokenizer_dir, tmp_path):
     assert out.startswith("## CPU serving: Kiln vs Hugging Face transformers, "), out
     assert "`python bench/cpu_serving.py --quick --tiny --threads 1 --tokenizer " in out, out
     for row in ("| generate batch 1 (16 + 16 new) |", "| 8 concurrent (16 + 16 new each) |", "| scoring 8 x 64 |",
-                "| /health 200 after process start | - |"):
+                "| first token of a 64-token prompt (prompt tok/s) |", "| /health 200 after process start | - |"):
         assert row in out, f"missing row {row!r} in:\n{out}"
     assert "greedy tokens, Kiln == HF at batch 1: yes (16/16 tokens agree)" in out, out
 
@@ -47,8 +47,12 @@ def test_quick_run_end_to_end(tokenizer_dir, tmp_path):
     [result] = report["results"]
     assert result["model"].startswith("random-llama: h64 L2 heads 4/2 ff128 vocab "), result["model"]
     assert result["workload"] == {"prompt_len": 16, "new_tokens": 16, "batch": 8, "score_batch": 8, "score_len": 64,
-                                  "warmups": 1, "reps": 1}
+                                  "long_prompt_len": 64, "warmups": 1, "reps": 1}
     assert result["greedy_match"] and result["greedy_same_prefix"] == result["greedy_len"] == 16
+    # random fp32 weights: Kiln keeps fp32 prompts ("auto" takes bf16 only for weights stored in bf16), so the
+    # strict checks apply
+    assert result["kiln_prefill_dtype"] == "float32" and result["greedy_required"]
+    assert result["nll_tolerance"] == 1e-3
     assert result["nll_max_abs_diff"] < 1e-4, f"max |NLL diff| {result['nll_max_abs_diff']}"
     assert result["kiln_exit_code"] == 0
     assert 0 < result["health_s"] < 120
@@ -61,20 +65,31 @@ def test_table_ratios_and_targets():
     bench = load_bench()
     work = bench.Workload()
     result = {"model": "m", "workload": {**bench.asdict(work)}, "health_s": 6.5, "kiln_exit_code": 0,
-              "hf": {"batch1_tok_s": 500.0, "concurrent_tok_s": 2000.0, "scoring_tok_s": 16000.0},
-              "kiln": {"batch1_tok_s": 1800.0, "concurrent_tok_s": 3000.0, "scoring_tok_s": 24000.0},
-              "greedy_match": False, "greedy_same_prefix": 7, "greedy_len": 128, "nll_max_abs_diff": 2.5e-6}
+              "hf": {"batch1_tok_s": 500.0, "concurrent_tok_s": 2000.0, "scoring_tok_s": 16000.0,
+                     "prefill_tok_s": 4000.0},
+              "kiln": {"batch1_tok_s": 1800.0, "concurrent_tok_s": 3000.0, "scoring_tok_s": 24000.0,
+                       "prefill_tok_s": 10000.0},
+              "greedy_match": False, "greedy_same_prefix": 7, "greedy_len": 128, "nll_max_abs_diff": 2.5e-6,
+              "greedy_required": True, "kiln_prefill_dtype": "float32", "nll_tolerance": 1e-3}
     rows = bench.table_rows(result)
     assert rows == [
         ["generate batch 1 (16 + 128 new)", "500", "1,800", "3.60x", ">= 3.5x", "yes"],
         ["8 concurrent (16 + 128 new each)", "2,000", "3,000", "1.50x", ">= 1.5x", "yes"],
         ["scoring 8 x 512", "16,000", "24,000", "1.50x", ">= 1.3x", "yes"],
+        ["first token of a 512-token prompt (prompt tok/s)", "4,000", "10,000", "2.50x", "-", "-"],
         ["/health 200 after process start", "-", "6.50 s", "-", "<= 5 s", "no"],
     ]
     result["kiln"]["batch1_tok_s"] = 1700.0
     assert bench.table_rows(result)[0][3:] == ["3.40x", ">= 3.5x", "no"]
     line = bench.checks_line(result)
-    assert "NO (first difference at token 7)" in line and "7/128 tokens agree" in line and "2.50e-06" in line
+    assert "NO (first difference at token 7)" in line and "7/128 tokens agree)" in line and "2.50e-06" in line
+    assert line.startswith("Kiln computes prompts in float32; ") and "(<= 1e-03)" in line
+    result.update(greedy_required=False, kiln_prefill_dtype="bfloat16", nll_tolerance=2e-2)
+    line = bench.checks_line(result)
+    assert "7/128 tokens agree, not required with bf16 prompts)" in line and "(<= 2e-02)" in line
+    assert bench.kiln_flag("--compile --prefill-dtype bf16", "--prefill-dtype") == "bf16"
+    assert bench.kiln_flag("--prefill-dtype=fp32", "--prefill-dtype") == "fp32"
+    assert bench.kiln_flag("--compile", "--prefill-dtype") == "auto"
     info = {"cpu": "CPU X", "flags": ["avx2"], "threads": 2, "torch": "t", "transformers": "tf", "date": "2026-01-02"}
     md = bench.render([result], info, "python bench/cpu_serving.py --markdown", markdown=True, hf_attn="sdpa")
     assert md.splitlines()[0] == "## CPU serving: Kiln vs Hugging Face transformers, 2026-01-02"

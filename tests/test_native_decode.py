@@ -209,7 +209,9 @@ def test_native_step_reads_bf16_matrices_when_exact(fixture, native_module, requ
     packed = plan._native_args[0]
     assert {w.dtype for w in packed if w.dim() == 3} == {torch.bfloat16}
     assert {w.dtype for w in packed if w.dim() < 3} <= {torch.float32}
-    assert_same_runs(engine, Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False))
+    # (fp32 prompts on both sides: with the weights now bf16 numbers, "auto" would prefill in bf16 on AMX CPUs)
+    assert_same_runs(engine, Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False,
+                                    prefill_dtype="fp32"))
     plan.enable_native(native_module, torch.float32)  # forced fp32, for comparisons
     assert plan.native_dtype == torch.float32
     with pytest.raises(ValueError, match="dtype must be None"):
@@ -243,11 +245,13 @@ def test_a_large_bf16_model_runs_native(fixture, native_module, monkeypatch, tmp
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
         if (source_dir / name).is_file():
             shutil.copy(source_dir / name, tmp_path / name)
-    engine = load_engine(str(tmp_path), "cpu", max_batch_size=4, native=True)  # loaded as fp32
+    # loaded as fp32; fp32 prompts (not the bf16 copy "auto" takes for bf16 weights on AMX CPUs), so the plain
+    # forward below is an exact reference
+    engine = load_engine(str(tmp_path), "cpu", max_batch_size=4, native=True, prefill_dtype="fp32")
     plan = engine._decode_plan
     assert not plan.folded and engine.native_decode and plan.native_max_batch == fast_decode.NATIVE_MAX_BATCH
     assert engine.decode_path == "native (bfloat16 matrices)"
-    reference = Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False)
+    reference = Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False, prefill_dtype="fp32")
     assert_same_runs(engine, reference)
     monkeypatch.setattr(fast_decode, "NATIVE_MAX_BATCH", 2)
     assert engine.decode_path == "native (bfloat16 matrices, up to 2 rows)"
