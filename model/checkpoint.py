@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ROPE_SCALING_KEYS, ModelConfig
-from .transformer import Transformer
+from .transformer import Transformer, skipped_init
 
 log = logging.getLogger("kiln.checkpoint")
 
@@ -225,11 +225,10 @@ def map_llama(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
 
 def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], device: torch.device,
                 dtype: torch.dtype, attn_backend: str = "auto") -> Transformer:
-    with torch.device("meta"):
+    # built on the meta device, then given the checkpoint's tensors as they are (assign): nothing is
+    # allocated, initialized or copied twice
+    with torch.device("meta"), skipped_init():
         model = Transformer(config, attn_backend=attn_backend)
-    model.to_empty(device=device)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
     state_dict = dict(state_dict)
     if config.tie_embeddings:
         state_dict.setdefault("lm_head.weight", state_dict["embed.weight"])
@@ -241,7 +240,10 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], device
         if param.shape != state_dict[name].shape:
             raise CheckpointError(f"tensor {name}: shape {tuple(state_dict[name].shape)} in the checkpoint, "
                                   f"{tuple(param.shape)} expected from the config")
-    model.load_state_dict(state_dict)
+    model.load_state_dict({name: t.to(device=device, dtype=dtype).contiguous() for name, t in state_dict.items()},
+                          assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
     model.init_rope()
     return model.to(dtype).eval()
 

@@ -167,14 +167,13 @@ def resolve_prefill_dtype(model: nn.Module, requested: str) -> torch.dtype:
 def bf16_copy(model: nn.Module) -> nn.Module:
     """A bf16 copy of a CPU model (weights, norms and rotary tables in bf16, as `load_model(dtype="bf16")`
     builds it), sharing no storage with it; its forward is the same code in bf16 arithmetic."""
-    from .transformer import Transformer
+    from .transformer import Transformer, skipped_init
 
-    with torch.device("meta"):
-        twin = Transformer(model.config, attn_backend=model.attn_backend).to(torch.bfloat16)
-    twin.to_empty(device=model.embed.weight.device)
+    with torch.device("meta"), skipped_init():
+        twin = Transformer(model.config, attn_backend=model.attn_backend)
+    state = {name: t.detach().to(torch.bfloat16, copy=True) for name, t in model.state_dict().items()}
+    twin.load_state_dict(state, assign=True)
     if model.config.tie_embeddings:
         twin.lm_head.weight = twin.embed.weight
-    with torch.no_grad():
-        twin.load_state_dict(model.state_dict())  # copy_ casts fp32 -> bf16 tensor by tensor
     twin.init_rope()
     return twin.to(torch.bfloat16).eval()
