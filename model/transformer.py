@@ -41,7 +41,8 @@ def skipped_init():
     """Build modules without initializing their weights (they are about to be loaded): `torch.nn.init`'s
     functions return their tensor untouched meanwhile, as transformers' `no_init_weights` does. On the meta
     device they would run torch's Python reference ops, whose first call imports torch._dynamo: about 2.5 s
-    of a server's start-up, for values that are thrown away."""
+    of a server's start-up, for values that are thrown away. (The patch is process-wide while it lasts:
+    only construction runs inside it.)"""
     names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_", "xavier_uniform_")
     saved = {name: getattr(nn.init, name) for name in names}
     try:
