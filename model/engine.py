@@ -687,11 +687,13 @@ class Engine:
 
     def score_task(self, sequences: list[list[int]], stride: int | None = None,
                    batch_tokens: int | None = None) -> ScoreTask:
-        """A scoring job to advance one batched forward at a time (a server interleaves decode steps).
+        """A scoring job to advance one batched forward at a time (a server interleaves decode steps):
+        forwards of `batch_tokens` padded tokens (default `score_batch_tokens`), or down to
+        `max_prefill_tokens` through `advance(max_tokens)` while sequences are decoding.
 
         Bad input (empty sequences, ids out of range, a bad stride) raises ValueError here."""
         return ScoreTask(self.prefill_model, sequences, self.max_seq_len, self.vocab_limit, stride,
-                         batch_tokens or self.score_batch_tokens)
+                         batch_tokens or self.score_batch_tokens, unit_tokens=self.max_prefill_tokens)
 
     def score(self, sequences: list[list[int]], stride: int | None = None, batch_tokens: int | None = None,
               progress: Callable[[int, int], None] | None = None) -> list[ScoreResult]:

@@ -66,11 +66,13 @@ class ScoreTask:
     first is scored exactly once: windows of up to `max_seq_len` ids end `stride` ids apart
     (default half the context), and each scores only the ids past the previous window's
     end, with the rest of the window as their context. Windows of similar length share a
-    forward of at most `batch_tokens` (padded) tokens.
+    forward of at most `batch_tokens` (padded) tokens; `advance(max_tokens)` takes a smaller
+    one (a server with streams running keeps each forward short), down to `unit_tokens` (or one
+    window, when a window is longer).
     """
 
     def __init__(self, model: nn.Module, sequences: list[list[int]], max_seq_len: int, vocab_limit: int,
-                 stride: int | None = None, batch_tokens: int = 4096):
+                 stride: int | None = None, batch_tokens: int = 4096, unit_tokens: int | None = None):
         C = max_seq_len
         stride = stride or max(1, C // 2)
         if not 1 <= stride <= C:
@@ -92,12 +94,15 @@ class ScoreTask:
                     break
                 prev_end, end = end, min(end + step, len(ids))
         self.results = [ScoreResult(list(ids), [None] * len(ids)) for ids in sequences]
+        self.batch_tokens = batch_tokens
+        # units of at most `unit` padded tokens, by length; a forward takes consecutive units while they fit
+        unit = min(batch_tokens, unit_tokens or batch_tokens)
         self.groups: list[tuple[list[tuple[int, int, int, int]], int]] = []  # (windows, padded length)
         windows.sort(key=lambda w: w[2] - w[1])
         group, T = [], 0
         for w in windows:
             n = w[2] - w[1]
-            if group and max(T, n) * (len(group) + 1) > batch_tokens:
+            if group and max(T, n) * (len(group) + 1) > unit:
                 self.groups.append((group, T))
                 group, T = [], 0
             group.append(w)
@@ -118,10 +123,18 @@ class ScoreTask:
         return self._windows_done, self._windows_total
 
     @torch.inference_mode()
-    def advance(self) -> None:
-        """Run the next batched forward."""
+    def advance(self, max_tokens: int | None = None) -> None:
+        """Run the next batched forward: the next units of windows while their padded tokens fit in
+        `max_tokens` (default `batch_tokens`), at least one."""
+        budget = max_tokens or self.batch_tokens
         windows, T = self.groups[self._next]
         self._next += 1
+        while self._next < len(self.groups):
+            more, T_more = self.groups[self._next]  # sorted by length: T_more >= T
+            if max(T, T_more) * (len(windows) + len(more)) > budget:
+                break
+            windows, T = windows + more, max(T, T_more)
+            self._next += 1
         device = next(self.model.parameters()).device
         tokens = torch.zeros(len(windows), T, dtype=torch.long)
         for row, (s, begin, end, _) in enumerate(windows):

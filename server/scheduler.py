@@ -428,10 +428,13 @@ class Scheduler:
         return [job for job in jobs if not job.cancelled]
 
     def _advance_scoring(self) -> None:
-        """One batched scoring forward, so running streams get a decode step in between."""
+        """One batched scoring forward, so running streams get a decode step in between; while any are
+        running, of at most a prefill chunk's tokens (--max-prefill-tokens), so their pace holds as it does
+        through a long prompt's prefill."""
         run = self._score_runs[0]
+        engine = self.engine
         try:
-            run.task.advance()
+            run.task.advance(engine.max_prefill_tokens if engine.running else None)
         except Exception as e:  # noqa: BLE001 - the clients get a 500, the server lives on
             log.exception("scoring failed")
             self._score_runs.popleft()

@@ -77,17 +77,29 @@ def test_sliding_window_scores_every_token_exactly_once(llama_dir):
 
 
 def test_scoring_batches_are_smaller_on_the_cpu(llama_dir):
-    """Scoring forwards hold at most 2048 padded tokens on a CPU (4096 on CUDA): the groups respect the
-    budget, and the scores do not depend on it."""
+    """Scoring forwards hold at most 2048 padded tokens on a CPU (4096 on CUDA), and a prefill chunk's
+    (512) when advanced with that budget, as the server does while sequences decode; the scores do not
+    depend on the forward size."""
     engine = load_engine(str(llama_dir), "cpu")
     assert engine.score_batch_tokens == 2048
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, engine.vocab_limit, (n,), generator=g).tolist() for n in [64] * 70 + [9, 33]]
     task = engine.score_task(seqs)
-    assert len(task.groups) > 2 and all(len(group) * T <= 2048 for group, T in task.groups)
+    forwards = []
+    hook = engine.prefill_model.register_forward_hook(lambda m, args, out: forwards.append(args[0].numel()))
+    while not task.done:
+        task.advance()
+    assert len(forwards) > 2 and max(forwards) <= 2048 and sum(forwards) >= 64 * 70
+    forwards.clear()
+    narrow = engine.score_task(seqs)
+    while not narrow.done:  # as the server advances it while sequences decode
+        narrow.advance(engine.max_prefill_tokens)
+    hook.remove()
+    assert max(forwards) <= engine.max_prefill_tokens == 512 and len(forwards) >= 4 * 70 * 64 // 2048
     wide = engine.score(seqs, batch_tokens=4096)
-    for a, b in zip(engine.score(seqs), wide):
+    for a, b, c in zip(task.results, wide, narrow.results):
         assert all(x is None and y is None or abs(x - y) < 1e-4 for x, y in zip(a.logprobs, b.logprobs))
+        assert all(x is None and y is None or abs(x - y) < 1e-4 for x, y in zip(a.logprobs, c.logprobs))
 
 
 @torch.no_grad()

@@ -51,16 +51,17 @@ def engine(llama_dir, request):
 
 
 def before_each_forward(engine: CountingEngine, hook) -> None:
-    """Call hook() before every batched forward of the perplexity tasks the engine makes from now on."""
+    """Call hook(max_tokens) before every batched forward of the perplexity tasks the engine makes from now
+    on (max_tokens: the forward's token budget the scheduler passed, None for the task's own)."""
     make_task = engine.score_task
 
     def score_task(*args, **kwargs):
         task = make_task(*args, **kwargs)
         advance = task.advance
 
-        def hooked():
-            hook()
-            advance()
+        def hooked(max_tokens=None):
+            hook(max_tokens)
+            advance(max_tokens)
 
         task.advance = hooked
         return task
@@ -212,9 +213,10 @@ def test_non_streaming_outputs_arrive_together_at_the_end(engine):
 
 
 def test_long_perplexity_job_interleaves_with_decoding(engine):
-    """A text of many windows is scored one batched forward per loop turn, with decode steps between."""
-    steps_at_forward = []
-    before_each_forward(engine, lambda: steps_at_forward.append(engine.steps))
+    """A text of many windows is scored one batched forward per loop turn, with decode steps between, each
+    forward no longer than a prefill chunk while the sequence decodes."""
+    steps_at_forward, budgets = [], []
+    before_each_forward(engine, lambda max_tokens: (steps_at_forward.append(engine.steps), budgets.append(max_tokens)))
 
     async def scenario():
         scheduler = Scheduler(engine, ServerMetrics("t"), max_queue=4)
@@ -227,6 +229,7 @@ def test_long_perplexity_job_interleaves_with_decoding(engine):
         assert results[0].num_scored == len(ids) - 1
         assert len(steps_at_forward) >= 3
         assert all(b > a for a, b in zip(steps_at_forward, steps_at_forward[1:])), steps_at_forward
+        assert budgets[0] == engine.max_prefill_tokens  # the 60-token sequence is still decoding
         scheduler.abort(generation)
         await asyncio.to_thread(scheduler.stop)
 
@@ -263,7 +266,7 @@ def test_a_dropped_perplexity_job_stops_scoring(llama_dir):
     """abort_score (the client went away): the job's forwards stop; a job sharing none runs on."""
     engine = CountingEngine(load_engine(str(llama_dir), "cpu", None, max_batch_size=2), delay=0.0)
     forwards = []
-    before_each_forward(engine, lambda: (forwards.append(time.monotonic()), time.sleep(0.02)))
+    before_each_forward(engine, lambda _: (forwards.append(time.monotonic()), time.sleep(0.02)))
     metrics = ServerMetrics("t")
     ids = [(7 * i) % 200 + 1 for i in range(64 * 200)]  # ~400 windows of 64: many forwards
 
