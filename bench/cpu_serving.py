@@ -23,8 +23,8 @@ Correctness, in the same run: Kiln's batch-1 greedy tokens (from `logprobs: 0`) 
 and Kiln's per-sequence mean NLL must agree with HF's to 1e-3, and the server must exit 0 on
 SIGTERM; the exit status is 1 otherwise (after the table). Where either side computes prompts in
 bf16 (`--hf-dtype bf16`; Kiln's `--prefill-dtype`, whose "auto" is bf16 on AMX CPUs for weights
-stored in bf16) the NLLs must agree to 2e-2 and greedy tokens are reported, not required (a bf16
-first-token choice may flip a near-tie). Kiln's requests send `min_tokens` =
+stored in bf16 and int8 models), or Kiln serves int8 weights (`--kiln-args "--quantization int8"`),
+the NLLs must agree to 2e-2 and greedy tokens are reported, not required (a near-tie may flip). Kiln's requests send `min_tokens` =
 `max_tokens` (+ `ignore_eos`), which masks EOS exactly as HF's `min_new_tokens` does.
 Targets (Kiln/HF): batch 1 >= 3.5x, 8 concurrent >= 1.5x, scoring >= 1.3x; /health within 5 s.
 `--quick` shrinks the workload for a smoke test (numbers meaningless); `--tiny` the model.
@@ -370,6 +370,7 @@ def bench_kiln(url: str, inputs: Inputs, work: Workload) -> dict:
 def run_one(model_dir: Path, workdir: Path, work: Workload, args: argparse.Namespace) -> dict:
     from model.checkpoint import load_config, load_model
     from model.cpu_packing import resolve_prefill_dtype
+    from model.quantize import quantize_model
     from model.tokenizer import load_tokenizer
 
     context = load_config(model_dir).max_seq_len
@@ -379,8 +380,13 @@ def run_one(model_dir: Path, workdir: Path, work: Workload, args: argparse.Names
                            "new_tokens": min(work.new_tokens, context - work.prompt_len)})
     inputs = make_inputs(model_dir, work)
     hf = bench_hf(hf_loadable_dir(model_dir, workdir), inputs, work, args.hf_attn, args.hf_dtype)
-    kiln_prefill = resolve_prefill_dtype(load_model(model_dir, "cpu"), kiln_flag(args.kiln_args, "--prefill-dtype"))
-    both_fp32 = args.hf_dtype == "fp32" and str(kiln_prefill) == "torch.float32"
+    served = load_model(model_dir, "cpu")  # as kiln serve will hold it, to tell what its prompts compute in
+    int8 = kiln_flag(args.kiln_args, "--quantization", default="") == "int8"
+    if int8:
+        quantize_model(served, "int8")
+    kiln_prefill = resolve_prefill_dtype(served, kiln_flag(args.kiln_args, "--prefill-dtype"))
+    # the strict checks hold for the same fp32 arithmetic on both sides (int8 weights are not HF's either)
+    both_fp32 = args.hf_dtype == "fp32" and str(kiln_prefill) == "torch.float32" and not int8
     with kiln_server(model_dir, args.threads, work.batch, shlex.split(args.kiln_args),
                      workdir / f"kiln-{model_dir.name}.log") as server:
         kiln = bench_kiln(server["url"], inputs, work)
@@ -449,7 +455,7 @@ def table_rows(result: dict) -> list[list[str]]:
 def checks_line(result: dict) -> str:
     match = ("yes" if result["greedy_match"] else
              f"NO (first difference at token {result['greedy_same_prefix']})")
-    required = "" if result["greedy_required"] else ", not required with bf16 prompts"
+    required = "" if result["greedy_required"] else ", not required: bf16 or int8 on a side"
     return (f"Kiln computes prompts in {result['kiln_prefill_dtype']}; greedy tokens, Kiln == HF at batch 1: "
             f"{match} ({result['greedy_same_prefix']}/{result['greedy_len']} tokens agree{required}); scoring "
             f"mean NLL, max |Kiln - HF|: {result['nll_max_abs_diff']:.2e} (<= {result['nll_tolerance']:.0e}); "

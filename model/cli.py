@@ -95,9 +95,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     p.add_argument("--prefill-dtype", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="CPU, fp32 models: what prompts and scoring compute in (decode steps are unchanged). "
-                        "auto: bf16 on CPUs with AMX (about 2-3.5x faster) when the weights are exactly bf16 "
-                        "numbers (stored in bf16, as the default model is), else fp32")
+                   help="CPU, fp32 and int8 models: what prompts and scoring compute in (decode steps are "
+                        "unchanged). auto: bf16 on CPUs with AMX (about 2-3.5x faster) when the weights are "
+                        "exactly bf16 numbers (stored in bf16, as the default model is) or int8, else fp32")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -142,38 +142,51 @@ PREFILL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def resolve_prefill_dtype(model: nn.Module, requested: str) -> torch.dtype:
     """What a model's prompt forwards and scoring compute in, for `requested` "auto", "fp32" or "bf16".
 
-    Only fp32 models on the CPU have a choice (a bf16 copy runs them, `bf16_copy`); "auto" picks bf16 on
-    CPUs with AMX when every matrix is exactly a bf16 number (no weight is rounded) and the copy fits in
-    memory. Other models compute in their own dtype, and asking them for another raises ValueError."""
-    from .quantize import is_quantized
+    Only fp32 models on the CPU (int8-quantized ones included) have a choice: a bf16 copy runs them
+    (`bf16_copy`). "auto" picks bf16 on CPUs with AMX when the copy fits in memory and changes no weight
+    the model serves with more than int8 already does: a float model's matrices must all be exactly bf16
+    numbers; an int8 model's dequantized matrices are rounded to bf16 (by at most 2^-9 of a weight: less
+    than int8's own step, a row's largest weight / 254). Other models compute in their own dtype; asking them for another raises ValueError."""
+    from .quantize import Int8Linear
 
     if requested != "auto" and requested not in PREFILL_DTYPES:
         raise ValueError(f"prefill_dtype must be one of auto, fp32, bf16; got {requested!r}")
     weight = model.embed.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or is_quantized(model):
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
         if requested != "auto" and PREFILL_DTYPES[requested] != weight.dtype:
-            what = "int8-quantized" if is_quantized(model) else str(weight.dtype).removeprefix("torch.")
-            raise ValueError(f"prefill dtype {requested} applies to fp32 models on the CPU; this model is {what} "
-                             f"on {weight.device.type} and computes its prompts in its own dtype")
+            raise ValueError(f"prefill dtype {requested} applies to fp32 models on the CPU; this model is "
+                             f"{str(weight.dtype).removeprefix('torch.')} on {weight.device.type} and computes its "
+                             "prompts in its own dtype")
         return weight.dtype
     if requested != "auto":
         return PREFILL_DTYPES[requested]
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     matrices = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
-    copy_bytes = 2 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    exact = amx_bf16() and all(exactly_bf16(w) for w in matrices) and fits_in_memory(copy_bytes)[0]
-    return torch.bfloat16 if exact else torch.float32
+    elements = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    elements += sum(m.in_features * m.out_features for m in int8)
+    exact = bool(int8) or all(exactly_bf16(w) for w in matrices)
+    return torch.bfloat16 if amx_bf16() and exact and fits_in_memory(2 * elements)[0] else torch.float32
 
 
 def bf16_copy(model: nn.Module) -> nn.Module:
     """A bf16 copy of a CPU model (weights, norms and rotary tables in bf16, as `load_model(dtype="bf16")`
-    builds it), sharing no storage with it; its forward is the same code in bf16 arithmetic."""
+    builds it), sharing no storage with it; its forward is the same code in bf16 arithmetic. An int8
+    model's layers become plain bf16 linears of their dequantized weights (its LM head keeps its own
+    weights, as it does in the int8 model, even where the config ties it to the embedding)."""
+    from .quantize import Int8Linear
     from .transformer import Transformer, skipped_init
 
     with torch.device("meta"), skipped_init():
         twin = Transformer(model.config, attn_backend=model.attn_backend)
-    state = {name: t.detach().to(torch.bfloat16, copy=True) for name, t in model.state_dict().items()}
+    int8 = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+    state = {name: t.detach().to(torch.bfloat16, copy=True) for name, t in model.state_dict().items()
+             if name.rpartition(".")[0] not in int8}
+    for name, m in int8.items():
+        state[f"{name}.weight"] = m.weight.to(torch.bfloat16)
+        if m.bias is not None:
+            state[f"{name}.bias"] = m.bias.to(torch.bfloat16)
     twin.load_state_dict(state, assign=True)
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and "lm_head" not in int8:
         twin.lm_head.weight = twin.embed.weight
     twin.init_rope()
     return twin.to(torch.bfloat16).eval()

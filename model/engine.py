@@ -96,12 +96,13 @@ class Engine:
       `kv_cache.default_num_blocks`); enable_prefix_caching: reuse the cached blocks of shared prefixes.
     - max_prefill_tokens: prompt tokens computed per step; longer prompts are prefilled in
       chunks between decode steps so running streams keep a steady pace.
-    - prefill_dtype: "auto", "fp32" or "bf16", what an fp32 model on the CPU computes its prompt forwards
-      and scoring in (decode steps stay as they are). "bf16" runs them through a bf16 copy of the model
-      (`cpu_packing.bf16_copy`, made once here), 2-3.5x faster on CPUs with AMX; "auto" picks it there
-      when every matrix is exactly a bf16 number (a checkpoint stored in bf16: the copy rounds no weight)
-      and the copy fits in memory (`cpu_packing.resolve_prefill_dtype`). Other models compute in their own
-      dtype; asking them for another is an error.
+    - prefill_dtype: "auto", "fp32" or "bf16", what an fp32 model on the CPU (int8-quantized or not)
+      computes its prompt forwards and scoring in (decode steps stay as they are). "bf16" runs them
+      through a bf16 copy of the model (`cpu_packing.bf16_copy`, made once here), 2-3.5x faster on CPUs
+      with AMX; "auto" picks it there when the copy fits in memory and every matrix is exactly a bf16
+      number (a checkpoint stored in bf16: the copy rounds no weight) or the model is int8
+      (`cpu_packing.resolve_prefill_dtype`). Other models compute in their own dtype; asking them for
+      another is an error.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 8,

@@ -66,9 +66,6 @@ class ServerSettings:
              f"--device {self.device} --dtype {self.dtype or 'auto'}")
         need(self.prefill_dtype in ("auto", "fp32", "bf16"),
              f"--prefill-dtype must be one of auto, fp32, bf16; got {self.prefill_dtype!r}")
-        need(self.prefill_dtype == "auto" or self.quantization is None,
-             f"--prefill-dtype {self.prefill_dtype} cannot be combined with --quantization {self.quantization}: "
-             "an int8 model computes its prompts in fp32")
         need(self.kv_block_size >= 1, f"--kv-block-size must be >= 1, got {self.kv_block_size}")
         need(self.num_kv_blocks is None or self.num_kv_blocks >= 2,
              f"--num-kv-blocks must be >= 2, got {self.num_kv_blocks}")

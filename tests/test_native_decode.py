@@ -402,10 +402,13 @@ def test_short_prefills_run_through_the_native_step(llama_dir, native_module, mo
     token (causal: every row's keys are written before any row attends); longer ones, and prompts that want
     their logprobs (echo), run the forward. Same tokens and logprobs as the plain engine either way, for one
     prompt and for several prefilled together."""
+    # whole prompts prefilled (no prefix cache), so the split below is known; fp32 prompts on both sides (an
+    # int8 model's "auto" is a bf16 copy on AMX CPUs)
     engine = load_engine(str(llama_dir), "cpu", max_batch_size=4, quantization=quantization, block_size=4,
-                         enable_prefix_caching=False)  # whole prompts prefilled, so the split below is known
+                         enable_prefix_caching=False, prefill_dtype="fp32")
     engine._decode_plan.enable_native(native_module)
-    plain = Engine(engine.model, engine.tokenizer, max_batch_size=4, block_size=4, fast_decode=False)
+    plain = Engine(engine.model, engine.tokenizer, max_batch_size=4, block_size=4, fast_decode=False,
+                   prefill_dtype="fp32")
     calls = []  # tokens of each native prefill
     real = Engine._prefill_native
     monkeypatch.setattr(Engine, "_prefill_native",

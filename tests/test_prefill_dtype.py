@@ -73,11 +73,29 @@ def test_prefill_dtypes_that_do_not_apply_are_refused(llama_dir):
     with pytest.raises(ValueError, match="fp32 models on the CPU; this model is bfloat16 on cpu"):
         Engine(bf16_model, tokenizer, prefill_dtype="fp32")
     assert Engine(bf16_model, tokenizer, prefill_dtype="bf16").prefill_model is bf16_model  # its own dtype
-    quantized = load_model(llama_dir, "cpu")
+
+
+def test_an_int8_model_prompts_through_a_bf16_copy_of_its_dequantized_weights(hf_dir, monkeypatch):
+    """Its layers become bf16 linears of what the int8 model multiplies by (its own LM head, even when
+    tied), so prompt logprobs stay within bf16 rounding of the int8 model's fp32 ones; auto takes the
+    copy on AMX CPUs."""
+    quantized, tokenizer = load_model(hf_dir, "cpu"), load_tokenizer(hf_dir)
     quantize_model(quantized, "int8")
-    with pytest.raises(ValueError, match="int8-quantized"):
-        Engine(quantized, tokenizer, prefill_dtype="bf16")
+    twin = bf16_copy(quantized)
+    for name, module in quantized.named_modules():
+        if hasattr(module, "tiles"):  # an Int8Linear: the copy holds its dequantized weight in bf16
+            torch.testing.assert_close(twin.get_submodule(name).weight, module.weight.to(torch.bfloat16),
+                                       rtol=0, atol=0)
+    assert twin.lm_head.weight is not twin.embed.weight
+    monkeypatch.setattr(cpu_packing, "amx_bf16", lambda: True)
+    assert Engine(quantized, tokenizer, prefill_dtype="auto").prefill_dtype == torch.bfloat16
+    monkeypatch.setattr(cpu_packing, "amx_bf16", lambda: False)
     assert Engine(quantized, tokenizer, prefill_dtype="auto").prefill_dtype == torch.float32
+    engines = {pd: Engine(quantized, tokenizer, prefill_dtype=pd) for pd in ("fp32", "bf16")}
+    ids = prompt_ids(engines["fp32"], 30)
+    scores = {pd: torch.tensor(e.score([ids])[0].logprobs[1:]) for pd, e in engines.items()}
+    err = (scores["bf16"] - scores["fp32"]).abs()
+    assert 0 < err.mean() < 0.01 and err.max() < 0.05, (err.mean(), err.max())
 
 
 def test_bf16_prefill_fills_the_fp32_cache_that_decode_reads(llama_dir):
@@ -126,5 +144,4 @@ def test_cli_and_server_take_the_flag():
     assert p.parse_args(["--prefill-dtype", "bf16"]).prefill_dtype == "bf16"
     with pytest.raises(SystemExit):
         p.parse_args(["--prefill-dtype", "fp16"])
-    with pytest.raises(ValueError, match="--prefill-dtype bf16 cannot be combined with --quantization int8"):
-        ServerSettings(prefill_dtype="bf16", quantization="int8")
+    assert ServerSettings(prefill_dtype="bf16", quantization="int8").prefill_dtype == "bf16"

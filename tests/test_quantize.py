@@ -88,7 +88,9 @@ def test_native_step_reads_the_int8_matrices(fixture, build, request):
     dequantized weights), for batch 1 and rows joining and leaving, in each build's matrix loops
     (AVX-512, AVX2, plain); and it made no float copy."""
     module = request.getfixturevalue(f"{build}_module")
-    engine = load_engine(str(request.getfixturevalue(fixture)), "cpu", max_batch_size=4, quantization="int8")
+    # fp32 prompts on both sides (an int8 model's "auto" is a bf16 copy on AMX CPUs): the decode paths are compared
+    engine = load_engine(str(request.getfixturevalue(fixture)), "cpu", max_batch_size=4, quantization="int8",
+                         prefill_dtype="fp32")
     plan = engine._decode_plan
     assert plan.quantized and not plan.folded and plan.native_max_batch == 64
     plan.enable_native(module)
@@ -96,7 +98,8 @@ def test_native_step_reads_the_int8_matrices(fixture, build, request):
     weights = plan._native_args[0]
     assert not any(w.dtype in (torch.float32, torch.bfloat16) and w.dim() == 3 for w in weights)  # no float tiles
     assert weights[2].data_ptr() == engine.model.blocks[0].attn.qkv.tiles.data_ptr()  # the module's own tiles
-    assert_same_runs(engine, Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False))
+    assert_same_runs(engine, Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False,
+                                    prefill_dtype="fp32"))
 
 
 def test_native_step_rejects_int8_matrices_without_scales(llama_dir, native_module):
