@@ -24,8 +24,9 @@ and Kiln's per-sequence mean NLL must agree with HF's to 1e-3, and the server mu
 SIGTERM; the exit status is 1 otherwise (after the table). Where either side computes prompts in
 bf16 (`--hf-dtype bf16`; Kiln's `--prefill-dtype`, whose "auto" is bf16 on AMX CPUs for weights
 stored in bf16 and int8 models), or Kiln serves int8 weights (`--kiln-args "--quantization int8"`),
-the NLLs must agree to 2e-2 and greedy tokens are reported, not required (a near-tie may flip). Kiln's requests send `min_tokens` =
-`max_tokens` (+ `ignore_eos`), which masks EOS exactly as HF's `min_new_tokens` does.
+the NLLs must agree to 2e-2 and greedy tokens are reported, not required (a near-tie may flip).
+Kiln's requests send `min_tokens` = `max_tokens` (+ `ignore_eos`), which masks EOS exactly as HF's
+`min_new_tokens` does.
 Targets (Kiln/HF): batch 1 >= 3.5x, 8 concurrent >= 1.5x, scoring >= 1.3x; /health within 5 s.
 `--quick` shrinks the workload for a smoke test (numbers meaningless); `--tiny` the model.
 The random model's init std is 0.1, not HF's 0.02, so its greedy choices are not near-ties

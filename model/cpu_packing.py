@@ -146,7 +146,8 @@ def resolve_prefill_dtype(model: nn.Module, requested: str) -> torch.dtype:
     (`bf16_copy`). "auto" picks bf16 on CPUs with AMX when the copy fits in memory and changes no weight
     the model serves with more than int8 already does: a float model's matrices must all be exactly bf16
     numbers; an int8 model's dequantized matrices are rounded to bf16 (by at most 2^-9 of a weight: less
-    than int8's own step, a row's largest weight / 254). Other models compute in their own dtype; asking them for another raises ValueError."""
+    than int8's own step, a row's largest weight / 254). Other models compute in their own dtype; asking
+    them for another raises ValueError."""
     from .quantize import Int8Linear
 
     if requested != "auto" and requested not in PREFILL_DTYPES:
