@@ -405,14 +405,15 @@ def run_one(model_dir: Path, workdir: Path, work: Workload, args: argparse.Names
 
 
 def kiln_flag(kiln_args: str, flag: str, default: str = "auto") -> str:
-    """The value of `flag` in --kiln-args (`--flag V` or `--flag=V`), else `default`."""
-    words = shlex.split(kiln_args)
-    for i, word in enumerate(words):
-        if word == flag and i + 1 < len(words):
-            return words[i + 1]
-        if word.startswith(flag + "="):
-            return word.split("=", 1)[1]
-    return default
+    """The value kiln serve takes for one of its model flags (`--prefill-dtype`, `--quantization`: model/cli's
+    `add_model_args`) from --kiln-args, else `default` where the flag has none."""
+    from model.cli import add_model_args
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_model_args(parser)
+    known, _ = parser.parse_known_args(shlex.split(kiln_args))
+    value = getattr(known, flag.removeprefix("--").replace("-", "_"))
+    return default if value is None else value
 
 
 # ---------------------------------------------------------------------------- report

@@ -224,9 +224,11 @@ def map_llama(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
 
 
 def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], device: torch.device,
-                dtype: torch.dtype, attn_backend: str = "auto") -> Transformer:
-    # built on the meta device, then given the checkpoint's tensors as they are (assign): nothing is
-    # allocated, initialized or copied twice
+                dtype: torch.dtype, attn_backend: str = "auto", tie_head: bool = True) -> Transformer:
+    """A model from its tensors: built on the meta device, then given them as they are (assign), so nothing
+    is allocated, initialized or copied twice. A config that ties embeddings makes the LM head the
+    embedding (a stored head is ignored, as transformers does) unless `tie_head` is False: then the
+    state's own head stays (an int8 model's bf16 copy keeps the head that model serves with)."""
     with torch.device("meta"), skipped_init():
         model = Transformer(config, attn_backend=attn_backend)
     state_dict = dict(state_dict)
@@ -242,7 +244,7 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], device
                                   f"{tuple(param.shape)} expected from the config")
     model.load_state_dict({name: t.to(device=device, dtype=dtype).contiguous() for name, t in state_dict.items()},
                           assign=True)
-    if config.tie_embeddings:
+    if config.tie_embeddings and tie_head:
         model.lm_head.weight = model.embed.weight
     model.init_rope()
     return model.to(dtype).eval()

@@ -161,12 +161,14 @@ def resolve_prefill_dtype(model: nn.Module, requested: str) -> torch.dtype:
         return weight.dtype
     if requested != "auto":
         return PREFILL_DTYPES[requested]
+    if not amx_bf16():  # (before the scan below: a large model's weights take a second or more to compare)
+        return torch.float32
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     matrices = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
     elements = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     elements += sum(m.in_features * m.out_features for m in int8)
     exact = bool(int8) or all(exactly_bf16(w) for w in matrices)
-    return torch.bfloat16 if amx_bf16() and exact and fits_in_memory(2 * elements)[0] else torch.float32
+    return torch.bfloat16 if exact and fits_in_memory(2 * elements)[0] else torch.float32
 
 
 def bf16_copy(model: nn.Module) -> nn.Module:
@@ -174,11 +176,9 @@ def bf16_copy(model: nn.Module) -> nn.Module:
     builds it), sharing no storage with it; its forward is the same code in bf16 arithmetic. An int8
     model's layers become plain bf16 linears of their dequantized weights (its LM head keeps its own
     weights, as it does in the int8 model, even where the config ties it to the embedding)."""
+    from .checkpoint import build_model
     from .quantize import Int8Linear
-    from .transformer import Transformer, skipped_init
 
-    with torch.device("meta"), skipped_init():
-        twin = Transformer(model.config, attn_backend=model.attn_backend)
     int8 = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
     state = {name: t.detach().to(torch.bfloat16, copy=True) for name, t in model.state_dict().items()
              if name.rpartition(".")[0] not in int8}
@@ -186,8 +186,5 @@ def bf16_copy(model: nn.Module) -> nn.Module:
         state[f"{name}.weight"] = m.weight.to(torch.bfloat16)
         if m.bias is not None:
             state[f"{name}.bias"] = m.bias.to(torch.bfloat16)
-    twin.load_state_dict(state, assign=True)
-    if model.config.tie_embeddings and "lm_head" not in int8:
-        twin.lm_head.weight = twin.embed.weight
-    twin.init_rope()
-    return twin.to(torch.bfloat16).eval()
+    return build_model(model.config, state, model.embed.weight.device, torch.bfloat16, model.attn_backend,
+                       tie_head="lm_head" not in int8)
