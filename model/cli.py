@@ -100,6 +100,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "exactly bf16 numbers (stored in bf16, as the default model is) or int8, else fp32")
 
 
+def add_speculative_arg(p: argparse.ArgumentParser) -> None:
+    from .speculative import DEFAULT_SPECULATIVE_TOKENS, MAX_SPECULATIVE_TOKENS
+
+    p.add_argument("--speculative-tokens", type=_int_in(0, MAX_SPECULATIVE_TOKENS), default=None, metavar="N",
+                   help="greedy requests on the CPU: draft up to N tokens per step from earlier in the sequence "
+                        "(prompt lookup) and verify them in the same decode step; the output is what greedy "
+                        "decoding gives, in fewer steps where text repeats. 0 turns it off "
+                        f"(default: {DEFAULT_SPECULATIVE_TOKENS}; max {MAX_SPECULATIVE_TOKENS})")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .engine import SamplingParams
 
@@ -110,7 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.system is not None and not args.chat:
         fail("--system needs --chat")
     engine = load_engine(args.model, args.device, args.dtype, quantization=args.quantization,
-                         prefill_dtype=args.prefill_dtype)
+                         prefill_dtype=args.prefill_dtype, speculative_tokens=args.speculative_tokens)
     if args.chat:
         ids = _chat_prompt(engine.tokenizer, args.prompt, args.system)
     else:
@@ -202,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as a user message through the model's chat template (instruct models)")
     p.add_argument("--system", default=None, help="with --chat: a system message first")
+    add_speculative_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ppl", help="perplexity of a text file (or - for stdin)")

@@ -14,7 +14,9 @@ blocks its tokens need (`model.kv_cache`). Each step:
    in forwards of similar lengths; a request whose prompt is complete samples its first
    token;
 4. runs one batched decode forward over the sequences that were already generating (on
-   CUDA replayed from a captured graph, `model.cuda_graphs`).
+   CUDA replayed from a captured graph, `model.cuda_graphs`). On the CPU, greedy sequences
+   may add rows for draft tokens copied from earlier in their text (`model.speculative`):
+   the step then emits every draft its argmaxes confirm, plus one token.
 
 Sampling stays on the device. With async scheduling (on by default on CUDA) the host reads
 a step's ids one step late: each sampled id also goes into its slot of a device tensor, where
@@ -49,8 +51,9 @@ from .cuda_graphs import GraphedDecode, describe_failure
 from .fast_decode import DecodePlan
 from .kv_cache import NULL_BLOCK, KVCache, block_hashes, default_num_blocks
 from .requests import PENDING, InvalidRequest, Request, SamplingParams, StepOutput, TokenLogprob
-from .sampling import SamplingBatch, sample
+from .sampling import GREEDY_BELOW, SamplingBatch, sample
 from .scoring import ScoreResult, ScoreTask, chunked_logprobs
+from .speculative import DEFAULT_SPECULATIVE_TOKENS, MAX_SPECULATIVE_TOKENS, PromptLookup
 from .text_stream import TextStream
 from .tokenizer import Tokenizer
 from .transfer import HostCopy, to_device, upload
@@ -103,6 +106,11 @@ class Engine:
       number (a checkpoint stored in bf16: the copy rounds no weight) or the model is int8
       (`cpu_packing.resolve_prefill_dtype`). Other models compute in their own dtype; asking them for
       another is an error.
+    - speculative_tokens: prompt-lookup speculation (`model.speculative`) for greedy requests where decode
+      steps run the lean CPU step (native or torch) without async scheduling: a step verifies at most this many
+      draft tokens (copied from earlier in the sequence) beside its sequences, 1 + speculative_tokens rows
+      in all, and emits each sequence's accepted drafts plus one token, the tokens greedy decoding gives.
+      None: DEFAULT_SPECULATIVE_TOKENS; 0: off.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 8,
@@ -110,7 +118,8 @@ class Engine:
                  num_blocks: int | None = None, enable_prefix_caching: bool = True,
                  max_prefill_tokens: int | None = None, gpu_memory_fraction: float = 0.9,
                  cuda_graphs: bool = True, compile: bool = False, native: bool | None = None,
-                 async_scheduling: bool | None = None, prefill_dtype: str = "auto"):
+                 async_scheduling: bool | None = None, prefill_dtype: str = "auto",
+                 speculative_tokens: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not 0.0 < gpu_memory_fraction <= 1.0:
@@ -133,6 +142,14 @@ class Engine:
             max_prefill_tokens = 2048 if self.device.type == "cuda" else 512
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        if speculative_tokens is None:
+            speculative_tokens = DEFAULT_SPECULATIVE_TOKENS
+        if not 0 <= speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}] (0: off), "
+                             f"got {speculative_tokens}")
+        self.speculative_tokens = speculative_tokens
+        self.num_draft_tokens = 0  # drafts verified so far, and how many of them were right
+        self.num_accepted_tokens = 0
         self.max_prefill_tokens = max_prefill_tokens
         if num_blocks is None:
             reserve = 4 * max_prefill_tokens * (4 * self.config.d_model + 2 * self.config.d_ff) * 4 \
@@ -299,6 +316,13 @@ class Engine:
         return True
 
     @property
+    def speculating(self) -> bool:
+        """Decode steps may verify prompt-lookup drafts for greedy requests: on (speculative_tokens > 0), the
+        lean CPU step runs them (native or torch: any rows at any positions), and ids are read back every
+        step (no async scheduling)."""
+        return self.speculative_tokens > 0 and self._decode_plan is not None and not self._async
+
+    @property
     def uses_cuda_graphs(self) -> bool:
         return self._graphs is not None
 
@@ -416,7 +440,8 @@ class Engine:
 
     def _must_preempt(self, decoding: list[Request]) -> bool:
         """This step's decode needs more new blocks than the pool has free."""
-        need = sum(self.cache.blocks_needed(r.num_computed + 1) - len(r.blocks) for r in decoding)
+        # (a sequence may hold more blocks than it needs: drafts that were not accepted)
+        need = sum(max(0, self.cache.blocks_needed(r.num_computed + 1) - len(r.blocks)) for r in decoding)
         return need > self.pool.num_free
 
     def _resolve_pending(self) -> list[StepOutput]:
@@ -453,7 +478,11 @@ class Engine:
         for group in prefill_groups([n for _, n in chunks]):
             self._prefill([chunks[i] for i in group], launched, immediate)
         if decoding:
-            self._launch(self._decode(decoding), launched, immediate)
+            drafts = self._drafts(decoding) if self.speculating else None
+            if drafts:
+                immediate += self._decode_speculative(decoding, drafts)
+            else:
+                self._launch(self._decode(decoding), launched, immediate)
         return launched, immediate
 
     def _launch(self, sampled: _Sampled, launched: list[_Sampled], immediate: list[StepOutput]) -> None:
@@ -546,6 +575,114 @@ class Engine:
                 self._register_full_blocks(r)
         return self._sample(requests, logits, slots=slots)
 
+    def _drafts(self, decoding: list[Request]) -> dict[Request, list[int]]:
+        """Prompt-lookup drafts for this step's greedy sequences (`model.speculative`): at most
+        1 + speculative_tokens rows in the step, shared out a draft at a time, each within its request's
+        max_tokens and the context, and in blocks the pool has free (a guess never preempts anyone).
+        Sequences with penalties (their logits depend on the ids before them) draft nothing. Empty when no
+        sequence has a match."""
+        spare = 1 + self.speculative_tokens - len(decoding)
+        if spare <= 0:
+            return {}
+        proposals: dict[Request, list[int]] = {}
+        for r in decoding:
+            p = r.params
+            if p.temperature >= GREEDY_BELOW or p.presence_penalty or p.frequency_penalty:
+                continue
+            # draft j is fed at position num_computed + 1 + j and gives output id len(output_ids) + 1 + j
+            limit = min(self.speculative_tokens if r.draft_limit is None else r.draft_limit,
+                        p.max_tokens - len(r.output_ids) - 1, self.max_seq_len - 1 - r.num_computed)
+            if limit <= 0:
+                continue
+            if r.lookup is None:
+                r.lookup = PromptLookup()
+            draft = r.lookup.propose(r.tokens, r.num_tokens, limit)
+            if draft:
+                proposals[r] = draft
+        drafts: dict[Request, list[int]] = {}
+        while spare > 0 and proposals:
+            for r, draft in list(proposals.items()):
+                if spare == 0:
+                    break
+                taken = drafts.setdefault(r, [])
+                taken.append(draft[len(taken)])
+                spare -= 1
+                if len(taken) == len(draft):
+                    del proposals[r]
+        for r, draft in list(drafts.items()):
+            while draft and self.cache.blocks_needed(r.num_computed + 1 + len(draft)) - len(r.blocks) > \
+                    self.pool.num_free:
+                draft.pop()
+            if draft:
+                self._grow(r, r.num_computed + 1 + len(draft))
+            else:
+                del drafts[r]
+        return drafts
+
+    def _decode_speculative(self, requests: list[Request], drafts: dict[Request, list[int]]) -> list[StepOutput]:
+        """One decode step over the decoding sequences plus their drafts, and its outputs. A sequence with
+        drafts d has rows j = 0..len(d) fed (last id, *d)[j] at position num_computed + j: every row writes
+        its keys and values before any row attends, so row j sees the sequence through its own position.
+        Row j's argmax follows (last id, d[:j]); while it equals d[j], row j + 1's logits are the real next
+        ones. So the sequence emits its accepted drafts and the argmax after them: what one greedy step
+        at a time gives (up to near-ties: a row's logits move by ~1e-5 with the rows beside it, as in
+        any batch). Keys and values of rejected rows stay in the blocks past the sequence's length,
+        where nothing reads them before they are overwritten."""
+        slots, positions, ids, first = [], [], [], []
+        for r in requests:
+            draft = drafts.get(r, [])
+            first.append(len(ids))
+            ids += [r.output_ids[-1], *draft]
+            positions += range(r.num_computed, r.num_computed + 1 + len(draft))
+            slots += [r.slot] * (1 + len(draft))
+        batch = self.cache.decode_batch(self._block_tables, slots, positions, with_mask=self._decode_mask)
+        logits = self._decode_plan(to_device(ids, torch.long, self.device)[:, None], self.cache, batch)  # (rows, V)
+        outputs: list[StepOutput] = []
+        plain = [i for i, r in enumerate(requests) if r not in drafts]
+        if plain:  # sequences without drafts: the usual sampling (any parameters)
+            for i in plain:
+                requests[i].num_computed += 1
+                if requests[i].num_computed % self.block_size == 0:
+                    self._register_full_blocks(requests[i])
+            outputs += self._resolve(self._sample([requests[i] for i in plain], logits[[first[i] for i in plain]]))
+        spec = [(first[i], r, drafts[r]) for i, r in enumerate(requests) if r in drafts]
+        rows = [f + j for f, _, draft in spec for j in range(1 + len(draft))]
+        params = [r.params for _, r, draft in spec for _ in range(1 + len(draft))]
+        n = len(rows)
+        logits = logits[rows]  # (n, V): row j of a sequence gives its output id len(output_ids) + j
+        self._ban_stops_before_min_tokens(logits, [(r, len(r.output_ids) + j) for _, r, draft in spec
+                                                   for j in range(1 + len(draft))])
+        sampled = sample(logits, SamplingBatch(
+            temperature=[0.0] * n, top_k=[0] * n, top_p=[1.0] * n, generators=[None] * n,
+            logit_bias=[p.logit_bias for p in params] if any(p.logit_bias for p in params) else None,
+            num_logprobs=max((p.logprobs or 0) for p in params),
+            want_logprobs=any(p.logprobs is not None for p in params)), vocab_limit=self.vocab_limit)
+        token_ids, lps, top_ids, top_lps = (t.tolist() if t is not None else None for t in
+                                            (sampled.token_ids, sampled.logprobs, sampled.top_ids,
+                                             sampled.top_logprobs))
+        row = 0
+        for _, r, draft in spec:
+            argmax = token_ids[row: row + 1 + len(draft)]
+            accepted = 0
+            while accepted < len(draft) and argmax[accepted] == draft[accepted]:
+                accepted += 1
+            self.num_draft_tokens += len(draft)
+            self.num_accepted_tokens += accepted
+            r.draft_limit = min(self.speculative_tokens, accepted + 1)  # fewer guesses after wrong ones
+            emitted = argmax[: accepted + 1]
+            if self._counts is not None:
+                ids = to_device(emitted, torch.int64, self.device)
+                self._counts[r.slot].index_add_(0, ids, torch.ones_like(ids, dtype=self._counts.dtype))
+            r.num_computed += len(emitted)
+            for j, tok in enumerate(emitted):
+                r.output_ids.append(tok)
+                outputs.append(self._emit(r, len(r.output_ids) - 1, lps and lps[row + j],
+                                          top_ids and top_ids[row + j], top_lps and top_lps[row + j]))
+                if r.finished:
+                    break
+            row += 1 + len(draft)
+        return outputs
+
     def _fill_counts(self, request: Request) -> None:
         """The request's generated-id counts, from its known ids and the one it may have pending
         (that one is only in its slot of `_last_tokens`; admitted requests have none pending, and
@@ -560,6 +697,16 @@ class Engine:
             ids = torch.cat([ids, self._last_tokens[request.slot: request.slot + 1]])
         row.index_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
 
+    def _ban_stops_before_min_tokens(self, logits: torch.Tensor, rows: list[tuple[Request, int]]) -> None:
+        """min_tokens: EOS and stop ids may not be output id `index` of a row's request while index <
+        min_tokens; their logits become -inf. rows[i]: (request, index) for logits row i."""
+        banned = [(i, t) for i, (r, index) in enumerate(rows) if index < r.params.min_tokens
+                  for t in dict.fromkeys([*r.params.stop_token_ids, *sorted(self.eos_ids)])]
+        if banned:
+            logits.index_put_((to_device([i for i, _ in banned], torch.int64, self.device),
+                               to_device([t for _, t in banned], torch.int64, self.device)),
+                              logits.new_full((), float("-inf")))  # a device fill: no host-to-device copy
+
     def _sample(self, requests: list[Request], logits: torch.Tensor,
                 prompt_lps: list[list[TokenLogprob] | None] | None = None,
                 slots: torch.Tensor | None = None) -> _Sampled:
@@ -567,13 +714,7 @@ class Engine:
         scheduling into the row's slot of `_last_tokens`, the next decode's input); `_resolve`
         reads it back."""
         params = [r.params for r in requests]
-        # min_tokens: EOS and stop ids are not allowed before the minimum length
-        banned = [(i, t) for i, r in enumerate(requests) if len(r.output_ids) < r.params.min_tokens
-                  for t in dict.fromkeys([*r.params.stop_token_ids, *sorted(self.eos_ids)])]
-        if banned:
-            logits.index_put_((to_device([i for i, _ in banned], torch.int64, self.device),
-                               to_device([t for _, t in banned], torch.int64, self.device)),
-                              logits.new_full((), float("-inf")))  # a device fill: no host-to-device copy
+        self._ban_stops_before_min_tokens(logits, [(r, len(r.output_ids)) for r in requests])
         use_penalties = any(p.presence_penalty or p.frequency_penalty for p in params)
         if use_penalties and self._counts is None:
             # per-slot counts of generated ids, kept only once some request has used a penalty
@@ -613,35 +754,41 @@ class Engine:
         for i, (r, index) in enumerate(sampled.rows):
             if r.finished:  # aborted, or stopped at an earlier id while this one was in flight
                 continue
-            tok = token_ids[i]
-            r.output_ids[index] = tok
+            r.output_ids[index] = token_ids[i]
             r.num_pending -= 1
-            finish = None
-            check_stop = index >= r.params.min_tokens  # stop strings only once min_tokens are out (vLLM)
-            is_eos = tok in self.eos_ids and not r.params.ignore_eos
-            if is_eos or tok in r.params.stop_token_ids:
-                finish, text = "stop", r.stream.finish(check_stop, at_stop_token=True)
-            else:
-                text = r.stream.push(tok, check_stop)
-                if r.stream.stopped:
-                    finish = "stop"
-                elif self._ends_by_length(r, index):
-                    finish, text = "length", text + r.stream.finish(check_stop)
-            if r.params.logprobs is not None:
-                n = r.params.logprobs
-                top = list(zip(top_ids[i][:n], top_lps[i][:n])) if n else []
-                token_lps = [TokenLogprob(tok, lps[i], top, text_offset=r.stream.offset)]
-            else:
-                token_lps = []
-            if finish is not None:
-                r.finish_reason = finish
-                r.drop_pending()  # ids queued after this one
-                self._release(r)
-            else:
-                self._register_full_blocks(r)  # blocks whose last id was pending
-            outputs.append(StepOutput(r, [tok], text, token_lps, finish,
-                                      prompt_logprobs=sampled.prompt_lps[i] if sampled.prompt_lps else None))
+            outputs.append(self._emit(r, index, lps and lps[i], top_ids and top_ids[i], top_lps and top_lps[i],
+                                      prompt_lps=sampled.prompt_lps[i] if sampled.prompt_lps else None))
         return outputs
+
+    def _emit(self, r: Request, index: int, logprob: float | None, top_ids: list[int] | None,
+              top_logprobs: list[float] | None, prompt_lps: list[TokenLogprob] | None = None) -> StepOutput:
+        """The output of the request's id `index` (known, in output_ids): its text, the stop and length
+        checks, its logprobs (the row's chosen and top ones); a request that finishes is released."""
+        tok = r.output_ids[index]
+        finish = None
+        check_stop = index >= r.params.min_tokens  # stop strings only once min_tokens are out (vLLM)
+        is_eos = tok in self.eos_ids and not r.params.ignore_eos
+        if is_eos or tok in r.params.stop_token_ids:
+            finish, text = "stop", r.stream.finish(check_stop, at_stop_token=True)
+        else:
+            text = r.stream.push(tok, check_stop)
+            if r.stream.stopped:
+                finish = "stop"
+            elif self._ends_by_length(r, index):
+                finish, text = "length", text + r.stream.finish(check_stop)
+        if r.params.logprobs is not None:
+            n = r.params.logprobs
+            top = list(zip(top_ids[:n], top_logprobs[:n])) if n else []
+            token_lps = [TokenLogprob(tok, logprob, top, text_offset=r.stream.offset)]
+        else:
+            token_lps = []
+        if finish is not None:
+            r.finish_reason = finish
+            r.drop_pending()  # ids queued after this one
+            self._release(r)
+        else:
+            self._register_full_blocks(r)  # blocks whose last id was pending
+        return StepOutput(r, [tok], text, token_lps, finish, prompt_logprobs=prompt_lps)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, request: Request, start: int) -> None:
         """Append the logprobs of the prompt tokens this chunk predicts: hidden[j] (position

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .speculative import PromptLookup
 from .text_stream import TextStream
 
 PENDING = -1  # an output id sampled on the device but not yet read back
@@ -102,6 +103,8 @@ class Request:
     generator: torch.Generator | None = None
     prompt_lps: list[TokenLogprob] | None = None  # echo: built up chunk by chunk during prefill
     prompt_lps_done: bool = False
+    lookup: PromptLookup | None = None  # prompt-lookup drafts (greedy decoding with speculation)
+    draft_limit: int | None = None  # drafts to propose next (after wrong ones, fewer); None: the engine's
 
     @property
     def finished(self) -> bool:

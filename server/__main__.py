@@ -87,18 +87,21 @@ def main(argv: list[str] | None = None) -> None:
                              gpu_memory_fraction=settings.gpu_memory_fraction,
                              enable_prefix_caching=settings.enable_prefix_caching,
                              max_prefill_tokens=settings.max_prefill_tokens, cuda_graphs=settings.cuda_graphs,
-                             compile=settings.compile, async_scheduling=settings.async_scheduling)
+                             compile=settings.compile, async_scheduling=settings.async_scheduling,
+                             speculative_tokens=settings.speculative_tokens)
         cache = engine.cache
         log = logging.getLogger("kiln.server")
         log.info(
             "model %r loaded in %.2f s: %s %s, context %d tokens, up to %d sequences, KV pool %d blocks x %d "
-            "tokens (%.1f MiB, prefix caching %s), prefill chunk %d tokens (in %s), decode %s%s",
+            "tokens (%.1f MiB, prefix caching %s), prefill chunk %d tokens (in %s), decode %s%s%s",
             settings.served_model_name, time.perf_counter() - start, engine.device,
             str(engine.dtype).removeprefix("torch."),
             engine.max_seq_len, engine.max_batch_size, cache.num_blocks, cache.block_size,
             cache.k.nbytes * 2 / 2**20, "on" if engine.pool.enable_prefix_caching else "off",
             engine.max_prefill_tokens, str(engine.prefill_dtype).removeprefix("torch."), engine.decode_path,
-            ", async scheduling" if engine.async_scheduling else "")
+            ", async scheduling" if engine.async_scheduling else "",
+            f", prompt-lookup speculation for greedy requests (up to {engine.speculative_tokens} drafts per step)"
+            if engine.speculating else "")
         if engine.build_native_in_background():
             log.info("building the native CPU decode step in the background (once per machine, about half a "
                      "minute; `make serve` does it ahead); decoding with the torch path meanwhile")

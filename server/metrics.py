@@ -64,6 +64,12 @@ class ServerMetrics:
         self.num_preemptions = Counter("kiln_num_preemptions",
                                        "Sequences preempted (blocks freed, recomputed later) when the KV pool "
                                        "ran out.", registry=r)
+        self.spec_decode_draft_tokens = Counter("kiln_spec_decode_draft_tokens",
+                                                "Draft tokens verified by decode steps (prompt-lookup speculation "
+                                                "for greedy requests).", registry=r)
+        self.spec_decode_accepted_tokens = Counter("kiln_spec_decode_accepted_tokens",
+                                                   "Draft tokens that were right: each one is a token emitted "
+                                                   "without a decode step of its own.", registry=r)
         self.perplexity_requests = Counter("kiln_perplexity_requests", "Perplexity jobs that reached the "
                                            "scheduler, by outcome (requests refused before it are counted in "
                                            "kiln_requests_total).", ["status"], registry=r)

@@ -514,7 +514,9 @@ class Scheduler:
             seen = self._seen_totals
             for counter, key, total in ((m.prefix_cache_queries, "queries", pool.queried_tokens),
                                         (m.prefix_cache_hits, "hits", pool.hit_tokens),
-                                        (m.num_preemptions, "preemptions", engine.num_preemptions)):
+                                        (m.num_preemptions, "preemptions", engine.num_preemptions),
+                                        (m.spec_decode_draft_tokens, "drafts", engine.num_draft_tokens),
+                                        (m.spec_decode_accepted_tokens, "accepted", engine.num_accepted_tokens)):
                 if total > seen.get(key, 0):
                     counter.inc(total - seen.get(key, 0))
                 seen[key] = total

@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.cli import add_model_args
+from model.cli import add_model_args, add_speculative_arg
+from model.speculative import MAX_SPECULATIVE_TOKENS
 
 DEFAULT_MODEL_NAME = "kiln-default"  # served name of the shipped default model
 # sequences decoded together by default: a GPU serves many streams in one step (vLLM's default is
@@ -42,6 +43,7 @@ class ServerSettings:
     max_prefill_tokens: int | None = None  # prompt tokens per step (chunked prefill); default by device
     cuda_graphs: bool = True  # CUDA: replay decode steps from captured graphs
     async_scheduling: bool | None = None  # read sampled ids back one step late (None: on CUDA only)
+    speculative_tokens: int | None = None  # prompt-lookup drafts per step for greedy requests (None: default, 0: off)
     compile: bool = False  # torch.compile the decode step (CPU: inductor C++; CUDA: before graph capture)
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies -> 413
     threads: int | None = None  # torch intra-op threads (default: available cores)
@@ -73,6 +75,8 @@ class ServerSettings:
              f"--gpu-memory-fraction must be in (0, 1], got {self.gpu_memory_fraction}")
         need(self.max_prefill_tokens is None or self.max_prefill_tokens >= 1,
              f"--max-prefill-tokens must be >= 1, got {self.max_prefill_tokens}")
+        need(self.speculative_tokens is None or 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS,
+             f"--speculative-tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {self.speculative_tokens}")
         need(self.max_body_bytes >= 1024, f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         need(self.shutdown_timeout_s >= 0, f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout_s}")
@@ -124,7 +128,7 @@ class ServerSettings:
                    num_kv_blocks=args.num_kv_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
                    enable_prefix_caching=not args.no_prefix_caching, max_prefill_tokens=args.max_prefill_tokens,
                    cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
-                   async_scheduling=args.async_scheduling,
+                   async_scheduling=args.async_scheduling, speculative_tokens=args.speculative_tokens,
                    max_body_bytes=args.max_body_bytes, threads=args.threads,
                    shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level)
 
@@ -193,6 +197,7 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
                         "work overlaps the device's (the default on CUDA; on the CPU nothing overlaps)")
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const", const=False,
                    help="read each step's sampled ids back before queuing the next step")
+    add_speculative_arg(p)
     p.add_argument("--max-body-bytes", type=_int_at_least(1024), default=8 * 1024 * 1024,
                    help="largest accepted request body; larger gets 413 (default: 8 MiB)")
     p.add_argument("--threads", type=_int_at_least(1), default=None,

@@ -27,6 +27,11 @@ def test_generate_streams_the_greedy_completion(gpt2_dir):
     expected = "".join(o.text for o in engine.generate(engine.tokenizer.encode("The quick"),
                                                        SamplingParams(max_tokens=12, temperature=0.0)))
     assert proc.stdout == expected + "\n"
+    off = kiln("generate", "--model", str(gpt2_dir), "--prompt", "The quick", "--max-tokens", "12",
+               "--temperature", "0", "--speculative-tokens", "0")
+    assert off.returncode == 0 and off.stdout == proc.stdout, off.stderr
+    bad = kiln("generate", "--model", str(gpt2_dir), "--prompt", "x", "--speculative-tokens", "99")
+    assert bad.returncode == 2 and "--speculative-tokens: must be in [0, 15], got 99" in bad.stderr
 
 
 def test_ppl_json_matches_the_engine(gpt2_dir, tmp_path):

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.cli import load_engine
-from model.engine import SamplingParams
+from model.engine import Engine, SamplingParams
 from server.app import create_app
 from server.settings import ServerSettings
 from server.testing import train_parrot
@@ -566,6 +566,28 @@ def test_metrics_move(client, ref):
                                                                                ()), 0.0)
     assert after[("kiln_num_requests_running", ())] == 0 and after[("kiln_num_requests_waiting", ())] == 0
     assert after[("kiln_kv_cache_usage_ratio", ())] == 0
+
+
+def test_greedy_speculation_keeps_the_text_and_counts_its_drafts(client, ref):
+    """Greedy requests verify prompt-lookup drafts (on by default): the same text as an engine without
+    speculation, streamed or not, and the drafts show in /metrics."""
+    plain = Engine(ref.model, ref.tokenizer, max_batch_size=1, speculative_tokens=0)
+    ids = ref.tokenizer.encode("To be, or not to be, or not to be, or not")
+    n = min(30, room(ref, ids))
+    want, want_ids, _ = greedy_reference(plain, ids, n, ignore_eos=True)
+    body = {"prompt": ids, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    before = metric_values(client)
+    got = client.post("/v1/completions", json=body).json()
+    streamed = stream(client, body)
+    after = metric_values(client)
+
+    def delta(name):
+        return after.get((name, ()), 0.0) - before.get((name, ()), 0.0)
+
+    assert got["choices"][0]["text"] == want and got["usage"]["completion_tokens"] == len(want_ids)
+    assert "".join(c["choices"][0]["text"] for c in streamed if c["choices"]) == want
+    drafts, accepted = delta("kiln_spec_decode_draft_tokens_total"), delta("kiln_spec_decode_accepted_tokens_total")
+    assert drafts > 0 and 0 < accepted <= drafts, (drafts, accepted)
 
 
 def test_prefix_cache_metrics_count_a_repeated_prompt(client, ref):

@@ -230,12 +230,13 @@ def test_settings_from_flags(tmp_path):
         (tmp_path.name, 3, 2, "k")
     args = build_parser().parse_args(["--kv-block-size", "32", "--num-kv-blocks", "100", "--gpu-memory-fraction",
                                       "0.5", "--no-prefix-caching", "--max-prefill-tokens", "64", "--no-cuda-graphs",
-                                      "--compile", "--no-async-scheduling"])
+                                      "--compile", "--no-async-scheduling", "--speculative-tokens", "0"])
     settings = ServerSettings.from_args(args)
     got = (settings.kv_block_size, settings.num_kv_blocks, settings.gpu_memory_fraction,
            settings.enable_prefix_caching, settings.max_prefill_tokens, settings.cuda_graphs, settings.compile,
-           settings.async_scheduling)
-    assert got == (32, 100, 0.5, False, 64, False, True, False)
+           settings.async_scheduling, settings.speculative_tokens)
+    assert got == (32, 100, 0.5, False, 64, False, True, False, 0)
+    assert ServerSettings.from_args(build_parser().parse_args([])).speculative_tokens is None  # the engine's default
     assert ServerSettings.from_args(build_parser().parse_args([])).async_scheduling is None  # auto: CUDA only
     assert ServerSettings.from_args(build_parser().parse_args(["--async-scheduling"])).async_scheduling is True
     default = ServerSettings.from_args(build_parser().parse_args([]))
@@ -244,7 +245,8 @@ def test_settings_from_flags(tmp_path):
     assert (chosen.batch_size_for("cuda"), chosen.batch_size_for("cpu")) == (3, 3)
     for bad in (["--port", "-1"], ["--max-batch-size", "0"], ["--device", "tpu"], ["--max-queue", "x"],
                 ["--kv-block-size", "0"], ["--num-kv-blocks", "1"], ["--gpu-memory-fraction", "1.5"],
-                ["--gpu-memory-fraction", "nan"], ["--max-prefill-tokens", "0"]):
+                ["--gpu-memory-fraction", "nan"], ["--max-prefill-tokens", "0"], ["--speculative-tokens", "16"],
+                ["--speculative-tokens", "-1"]):
         with pytest.raises(SystemExit) as e:
             main(bad)
         assert e.value.code == 2
