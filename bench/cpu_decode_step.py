@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return model
 
     model = load()
-    engine = Engine(model, load_tokenizer(model_dir), max_batch_size=max(args.batches), native=False)
+    engine = Engine(model, load_tokenizer(model_dir), max_batch_size=max(args.batches), native=False,
+                    speculative_tokens=0)
     plan = engine._decode_plan
     if plan is None:
         print("this model has no CPU decode plan (not a CPU torch-backend model)", file=sys.stderr)

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from model.cli import load_engine
     from model.engine import SamplingParams
 
-    engine = load_engine(args.model, "cpu", max_batch_size=8, native=True)
+    # speculative_tokens=0: greedy would otherwise verify drafts, and the modes would not compare steps alike
+    engine = load_engine(args.model, "cpu", max_batch_size=8, native=True, speculative_tokens=0)
     prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog while the")[:16]
     modes = [("greedy", dict(temperature=0.0)), ("T=1", dict(temperature=1.0)),
              ("T=0.8 top_p=0.95", dict(temperature=0.8, top_p=0.95))]

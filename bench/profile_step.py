@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(tmp, device=device, dtype=dtype)
         tokenizer = load_tokenizer(tmp)
     engine = Engine(model, tokenizer, max_batch_size=args.batch, cuda_graphs=not args.no_cuda_graphs,
-                    compile=args.compile)
+                    compile=args.compile, speculative_tokens=0)  # one token per sequence per step
     print(f"{shape.name} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, "
           f"batch {args.batch}; torch {torch.__version__}; decode path: {engine.decode_path}; "
           f"CUDA graphs: {engine._graphs is not None}; async scheduling: {engine.async_scheduling}"

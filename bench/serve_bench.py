@@ -415,8 +415,9 @@ def bench_kiln(model_dir: Path, device, dtype_name: str, args, prompts_for) -> d
             num_blocks = max(batch * per_seq, -(-model.config.max_seq_len // args.kv_block_size) + 1) + 1
             engine = None
             try:
+                # (speculative_tokens=0: the rows measure decode steps, one token per sequence each)
                 engine = Engine(model, tokenizer, max_batch_size=batch, block_size=args.kv_block_size,
-                                num_blocks=num_blocks, compile=args.compile)
+                                num_blocks=num_blocks, compile=args.compile, speculative_tokens=0)
                 out["attn_backend"] = resolve_backend(model.attn_backend, engine.device, model.config.dim_per_head)
                 out.setdefault("decode_path", {})[batch] = engine.decode_path
                 if args.compile:
@@ -444,7 +445,7 @@ def bench_kiln(model_dir: Path, device, dtype_name: str, args, prompts_for) -> d
                 free_memory(device)
         if "greedy" not in out:  # batch 1 was not among --batches: run the check on its own
             engine = Engine(model, tokenizer, max_batch_size=1, block_size=args.kv_block_size,
-                            num_blocks=-(-model.config.max_seq_len // args.kv_block_size) + 2)
+                            num_blocks=-(-model.config.max_seq_len // args.kv_block_size) + 2, speculative_tokens=0)
             _, requests = kiln_generate(engine, prompts_for(1, 0), min(CHECK_TOKENS, args.new_tokens))
             out["greedy"] = requests[0].output_ids
             del engine

@@ -440,7 +440,6 @@ class Engine:
 
     def _must_preempt(self, decoding: list[Request]) -> bool:
         """This step's decode needs more new blocks than the pool has free."""
-        # (a sequence may hold more blocks than it needs: drafts that were not accepted)
         need = sum(max(0, self.cache.blocks_needed(r.num_computed + 1) - len(r.blocks)) for r in decoding)
         return need > self.pool.num_free
 
@@ -666,8 +665,6 @@ class Engine:
             accepted = 0
             while accepted < len(draft) and argmax[accepted] == draft[accepted]:
                 accepted += 1
-            self.num_draft_tokens += len(draft)
-            self.num_accepted_tokens += accepted
             r.draft_limit = min(self.speculative_tokens, accepted + 1)  # fewer guesses after wrong ones
             emitted = argmax[: accepted + 1]
             if self._counts is not None:
@@ -678,10 +675,24 @@ class Engine:
                 r.output_ids.append(tok)
                 outputs.append(self._emit(r, len(r.output_ids) - 1, lps and lps[row + j],
                                           top_ids and top_ids[row + j], top_lps and top_lps[row + j]))
-                if r.finished:
+                if r.finished:  # (a stop: the drafts after it are dropped, not counted as accepted)
+                    emitted = emitted[: j + 1]
                     break
+            self.num_draft_tokens += len(draft)
+            self.num_accepted_tokens += len(emitted) - 1  # every token past the first came from a draft
+            if not r.finished:
+                self._trim_blocks(r)
             row += 1 + len(draft)
         return outputs
+
+    def _trim_blocks(self, request: Request) -> None:
+        """Give back the blocks past what the request's next decode step needs (those that only held
+        rejected drafts), so that a guess never costs another sequence its blocks."""
+        keep = self.cache.blocks_needed(request.num_computed + 1)
+        if len(request.blocks) > keep:
+            self.pool.release(request.blocks[keep:])
+            del request.blocks[keep:]
+            self._block_tables[request.slot, keep:] = NULL_BLOCK
 
     def _fill_counts(self, request: Request) -> None:
         """The request's generated-id counts, from its known ids and the one it may have pending
@@ -785,9 +796,10 @@ class Engine:
         if finish is not None:
             r.finish_reason = finish
             r.drop_pending()  # ids queued after this one
+        # blocks whose last id was pending, or that a speculative step's rows completed
+        self._register_full_blocks(r)
+        if finish is not None:
             self._release(r)
-        else:
-            self._register_full_blocks(r)  # blocks whose last id was pending
         return StepOutput(r, [tok], text, token_lps, finish, prompt_logprobs=prompt_lps)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, request: Request, start: int) -> None:

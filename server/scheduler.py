@@ -371,7 +371,7 @@ class Scheduler:
                 m.generation_tokens.inc(len(out.token_ids))
                 if seq.last_token_at is None:
                     m.time_to_first_token.observe(now - generation.arrival)
-                else:
+                elif seq.last_token_at != now:  # one gap per step: a speculative step's tokens arrive together
                     m.inter_token_latency.observe(now - seq.last_token_at)
                 seq.last_token_at = now
             output = SequenceOutput(seq.index, tuple(out.token_ids), out.text, tuple(out.logprobs),

@@ -588,6 +588,8 @@ def test_greedy_speculation_keeps_the_text_and_counts_its_drafts(client, ref):
     assert "".join(c["choices"][0]["text"] for c in streamed if c["choices"]) == want
     drafts, accepted = delta("kiln_spec_decode_draft_tokens_total"), delta("kiln_spec_decode_accepted_tokens_total")
     assert drafts > 0 and 0 < accepted <= drafts, (drafts, accepted)
+    # one inter-token gap per step, not a zero for each further token a step emits
+    assert delta("kiln_inter_token_latency_seconds_count") == 2 * (len(want_ids) - 1) - accepted
 
 
 def test_prefix_cache_metrics_count_a_repeated_prompt(client, ref):

@@ -73,7 +73,10 @@ def run(engine: Engine, jobs: list[tuple[str, SamplingParams]], stagger: bool = 
             for prompt, params in pending:
                 requests.append(engine.add_request(engine.tokenizer.encode(prompt), params))
             pending = []
-        for out in engine.step():
+        outputs = engine.step()
+        for r in engine.running:  # blocks for the known tokens, none left over from rejected drafts
+            assert len(r.blocks) <= engine.cache.blocks_needed(r.num_tokens), (len(r.blocks), r.num_tokens)
+        for out in outputs:
             res = results.setdefault(out.request.request_id, {"ids": [], "text": "", "lps": [], "finish": None})
             res["ids"] += out.token_ids
             res["text"] += out.text
@@ -111,7 +114,7 @@ def test_greedy_batch_one_gives_the_same_tokens_in_fewer_steps(hf_dir):
     want, plain_steps = run(plain, jobs)
     assert_same(got, want)
     assert spec.num_draft_tokens > 0 and spec.num_accepted_tokens > 0, "the test prompt drafted nothing"
-    assert spec_steps <= plain_steps - spec.num_accepted_tokens  # each accepted draft saved a step
+    assert spec_steps == plain_steps - spec.num_accepted_tokens  # each accepted draft saved a step
     assert plain.num_draft_tokens == 0
 
 
@@ -163,6 +166,68 @@ def test_native_step_verifies_drafts_too(hf_dir, native_module):
     want, _ = run(plain, jobs)
     assert_same(got, want)
     assert spec.native_decode and spec.num_accepted_tokens > 0
+
+
+def test_stops_inside_a_step_count_and_cache_like_single_steps(llama_dir):
+    """A sequence that stops partway through a step's drafts: the drafts after the stop are not counted as
+    accepted (steps saved == accepted drafts), and the blocks the step completed reach the prefix cache, as
+    single steps would have put them there (a follow-up request finds as many cached tokens)."""
+    # blocks of one token: every step completes a block, so a stop on any step's first token shows
+    spec, plain = engines(llama_dir, max_batch_size=1, block_size=1)
+    checked = 0
+    for prompt in ("the cat the cat the cat", "ab ab ab ab", "abcabcabc", "a b a b a b a b"):
+        ids = spec.tokenizer.encode(prompt)
+        probe = [t for o in plain.generate(ids, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+                 for t in o.token_ids]
+        # stop ids first seen in the output, and prompt ids the output repeats (drafts can hold those)
+        for stop in dict.fromkeys(probe[1:12] + [t for t in ids if t in probe]):
+            found = []
+            for engine in (spec, plain):
+                engine.pool.__init__(engine.pool.num_blocks, True)  # an empty prefix cache
+                accepted = engine.num_accepted_tokens
+                params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=(stop,))
+                got, steps = run(engine, [(prompt, params)])
+                follow = engine.add_request(ids + got[0]["ids"], SamplingParams(max_tokens=1, temperature=0.0))
+                while engine.has_work:
+                    engine.step()
+                found.append((got[0]["ids"], steps + engine.num_accepted_tokens - accepted, follow.num_cached_prompt))
+            assert found[0] == found[1], (prompt, stop, found)
+            checked += 1
+    assert checked >= 8 and spec.num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("drafts", ["wrong", "right"])
+def test_forced_drafts_with_a_stop_inside_a_step(llama_dir, monkeypatch, drafts):
+    """Drafts forced wrong (all rejected) or right (the greedy continuation itself), with a stop id inside
+    a step: the same outputs as without; steps saved == drafts counted as accepted (none past the stop);
+    the rejected rows' blocks given back at once (`run` checks); and the blocks a step completed, even one
+    whose first token stops the request, in the prefix cache (a follow-up finds every computed position)."""
+    spec, plain = engines(llama_dir, max_batch_size=1, block_size=1)
+    ids = spec.tokenizer.encode(REPEAT)
+    probe = [t for o in plain.generate(ids, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+             for t in o.token_ids]
+    never = next(t for t in range(spec.vocab_limit) if t not in probe and t not in spec.eos_ids)
+
+    def propose(self, tokens, length, k):
+        done = length - len(ids)  # output ids so far
+        return [never] * k if drafts == "wrong" else probe[done: done + k]
+
+    monkeypatch.setattr(PromptLookup, "propose", propose)
+    firsts = [i for i, t in enumerate(probe) if i >= 5 and t not in probe[:i]]  # first seen at index >= 5
+    assert len(firsts) >= 3
+    for index in firsts[:4]:
+        found = []
+        for engine in (spec, plain):
+            accepted = engine.num_accepted_tokens
+            params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=(probe[index],))
+            got, steps = run(engine, [(REPEAT, params)])
+            follow = engine.add_request(ids + got[0]["ids"], SamplingParams(max_tokens=1, temperature=0.0))
+            while engine.has_work:
+                engine.step()
+            found.append((got[0]["ids"], steps + engine.num_accepted_tokens - accepted, follow.num_cached_prompt))
+        assert found[0] == found[1] and found[0][0] == probe[: index + 1], (index, found)
+        assert found[0][2] == len(ids) + index  # every computed position was cached
+    assert spec.num_draft_tokens > 0 and (spec.num_accepted_tokens == 0) == (drafts == "wrong")
 
 
 def test_tiny_pool_preemption_and_prefix_cache_hits(llama_dir):
