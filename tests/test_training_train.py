@@ -72,6 +72,22 @@ def test_loss_decreases_and_outputs_are_written(data_dir, tmp_path):
     assert "tokenizer.json" in state["tokenizer_files"] and state["train_config"]["max_steps"] == 40
 
 
+def test_auto_precision_on_a_cpu_is_bf16_only_with_amx(data_dir, tmp_path, monkeypatch, capsys):
+    """precision=auto trains in bf16 autocast on CPUs with AMX (where it is faster), fp32 elsewhere, and the
+    run says which at its start."""
+    import training.train as train_module
+
+    cpu = torch.device("cpu")
+    for amx, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(train_module, "amx_bf16", lambda amx=amx: amx)
+        assert train_module.resolve_precision(tiny_config(data_dir, tmp_path), cpu) == want
+        assert train_module.resolve_precision(tiny_config(data_dir, tmp_path, precision="fp32"), cpu) == "fp32"
+        result = train(tiny_config(data_dir, tmp_path / want, max_steps=2, eval_interval=0), progress=False)
+        assert math.isfinite(result.metrics[-1]["loss"])
+        note = "bf16 autocast, fp32 weights" if want == "bf16" else "fp32"
+        assert f"parameters on cpu, {note}; steps 0..2" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
 def test_ctrl_c_saves_and_resume_is_bit_for_bit(data_dir, tmp_path, optimizer, capsys):
     """Gradient accumulation and a batch ramp included: interrupted + resumed == uninterrupted."""
