@@ -24,9 +24,9 @@ Best of 3 after one warm-up each. tok/s = generated tokens / seconds (scoring: 8
 Correctness, in the same run: Kiln's batch-1 greedy tokens (from `logprobs: 0`) must equal HF's,
 and Kiln's per-sequence mean NLL must agree with HF's to 1e-3, and the server must exit 0 on
 SIGTERM; the exit status is 1 otherwise (after the table). Where either side computes prompts in
-bf16 (`--hf-dtype bf16`; Kiln's `--prefill-dtype`, whose "auto" is bf16 on AMX CPUs for weights
-stored in bf16 and int8 models), or Kiln serves int8 weights (`--kiln-args "--quantization int8"`),
-the NLLs must agree to 2e-2 and greedy tokens are reported, not required (a near-tie may flip).
+bf16 (`--hf-dtype bf16`; Kiln's `--kiln-args "--prefill-dtype bf16"`), or Kiln serves int8 weights
+(`--kiln-args "--quantization int8"`), the NLLs must agree to 2e-2 and greedy tokens are reported,
+not required (a near-tie may flip).
 Kiln's requests send `min_tokens` = `max_tokens` (+ `ignore_eos`), which masks EOS exactly as HF's
 `min_new_tokens` does.
 Targets (Kiln/HF): batch 1 >= 3.5x, 8 concurrent >= 1.5x, scoring >= 1.3x; /health within 5 s.

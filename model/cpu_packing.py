@@ -14,8 +14,9 @@ prefill, and no out-of-memory kill for a model that fits only once).
 
 On CPUs with Intel AMX (Sapphire Rapids and later) oneDNN multiplies bf16 matrices about 7x as
 fast as fp32 ones. `bf16_copy(model)` makes a bf16 twin of an fp32 model for its prompt forwards
-and scoring (`Engine(prefill_dtype=...)`); `amx_bf16()` says whether this CPU has it, and
-`exactly_bf16` whether a weight survives the copy unchanged (checkpoints stored in bf16).
+and scoring when asked for (`Engine(prefill_dtype="bf16")`: faster, but logprobs move by ~1e-2);
+`amx_bf16()` says whether this CPU has AMX (training's bf16 autocast follows it), and
+`exactly_bf16` whether a weight survives a bf16 copy unchanged (checkpoints stored in bf16).
 """
 
 from __future__ import annotations
@@ -142,14 +143,13 @@ PREFILL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def resolve_prefill_dtype(model: nn.Module, requested: str) -> torch.dtype:
     """What a model's prompt forwards and scoring compute in, for `requested` "auto", "fp32" or "bf16".
 
-    Only fp32 models on the CPU (int8-quantized ones included) have a choice: a bf16 copy runs them
-    (`bf16_copy`). "auto" picks bf16 on CPUs with AMX when the copy fits in memory and changes no weight
-    the model serves with more than int8 already does: a float model's matrices must all be exactly bf16
-    numbers; an int8 model's dequantized matrices are rounded to bf16 (by at most 2^-9 of a weight: less
-    than int8's own step, a row's largest weight / 254). Other models compute in their own dtype; asking
-    them for another raises ValueError."""
-    from .quantize import Int8Linear
-
+    Only fp32 models on the CPU (int8-quantized ones included) have a choice: "bf16" runs them through a
+    bf16 copy (`bf16_copy`; 2-3.5x faster on CPUs with AMX, `amx_bf16`). "auto" is the model's own dtype:
+    bf16 activations move prompt logprobs by ~1e-2 nats per token (lm-eval's scores would no longer match
+    an fp32 reference within 1e-3), and keys and values computed in bf16 beside those the fp32 paths
+    compute (short prompts through the native step, the prefix cache) would make a greedy continuation
+    depend on which path its prompt took. Other models compute in their own dtype; asking them for
+    another raises ValueError."""
     if requested != "auto" and requested not in PREFILL_DTYPES:
         raise ValueError(f"prefill_dtype must be one of auto, fp32, bf16; got {requested!r}")
     weight = model.embed.weight
@@ -159,16 +159,7 @@ def resolve_prefill_dtype(model: nn.Module, requested: str) -> torch.dtype:
                              f"{str(weight.dtype).removeprefix('torch.')} on {weight.device.type} and computes its "
                              "prompts in its own dtype")
         return weight.dtype
-    if requested != "auto":
-        return PREFILL_DTYPES[requested]
-    if not amx_bf16():  # (before the scan below: a large model's weights take a second or more to compare)
-        return torch.float32
-    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    matrices = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
-    elements = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    elements += sum(m.in_features * m.out_features for m in int8)
-    exact = bool(int8) or all(exactly_bf16(w) for w in matrices)
-    return torch.bfloat16 if exact and fits_in_memory(2 * elements)[0] else torch.float32
+    return torch.float32 if requested == "auto" else PREFILL_DTYPES[requested]
 
 
 def bf16_copy(model: nn.Module) -> nn.Module:

@@ -102,10 +102,9 @@ class Engine:
     - prefill_dtype: "auto", "fp32" or "bf16", what an fp32 model on the CPU (int8-quantized or not)
       computes its prompt forwards and scoring in (decode steps stay as they are). "bf16" runs them
       through a bf16 copy of the model (`cpu_packing.bf16_copy`, made once here), 2-3.5x faster on CPUs
-      with AMX; "auto" picks it there when the copy fits in memory and every matrix is exactly a bf16
-      number (a checkpoint stored in bf16: the copy rounds no weight) or the model is int8
-      (`cpu_packing.resolve_prefill_dtype`). Other models compute in their own dtype; asking them for
-      another is an error.
+      with AMX, prompt logprobs within ~1e-2 of fp32's; "auto" (fp32) keeps prompts in the arithmetic
+      the decode steps use (`cpu_packing.resolve_prefill_dtype` says why). Other models compute in their
+      own dtype; asking them for another is an error.
     - speculative_tokens: prompt-lookup speculation (`model.speculative`) for greedy requests where decode
       steps run the lean CPU step (native or torch) without async scheduling: a step verifies at most this many
       draft tokens (copied from earlier in the sequence) beside its sequences, 1 + speculative_tokens rows

@@ -32,7 +32,7 @@ class ServerSettings:
     device: str = "auto"
     dtype: str | None = None
     quantization: str | None = None  # "int8": int8 matrices (CPU, fp32 activations; model/quantize.py)
-    prefill_dtype: str = "auto"  # CPU fp32/int8 models: prompts and scoring in "fp32" or "bf16" (auto: AMX)
+    prefill_dtype: str = "auto"  # CPU fp32/int8 models: prompts and scoring in "fp32" (auto) or "bf16"
     max_batch_size: int | None = None  # sequences running (decoded together) at once; None: by device
     max_queue: int = 256  # sequences that may wait for a slot; more -> 429
     max_model_len: int | None = None  # context length cap (default: the model's)

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from model.cli import default_model_dir, load_engine
 from model.engine import SamplingParams
@@ -53,6 +54,27 @@ def test_default_model_writes_text(engine):
         text = "".join(o.text for o in engine.generate(ids, params))
         words = text.split()
         assert len(words) >= 10 and sum(w.isascii() for w in words) >= 0.9 * len(words), (prompt, text)
+
+
+def test_greedy_text_does_not_depend_on_the_prompt_path(engine):
+    """The same greedy request gives the same text whether its prompt went through the native step (short
+    prompts), the forward (echo, which needs prompt logprobs) or the prefix cache, and echo's prompt logprobs
+    are the fp32 scores. (With bf16 prompts on AMX, once the default, " to" and " signature" swapped after
+    "The function", and echo's logprobs were ~1e-2 off.)"""
+    assert engine.prefill_dtype == torch.float32  # the default, on any CPU
+    for prompt in ("The function", "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+                   "In the beginning God created the heaven and the earth. And the earth was without form"):
+        ids = engine.tokenizer.encode(prompt)
+        texts = []
+        for echo in (False, True, False):  # the third run finds the prompt's blocks in the prefix cache
+            outs = list(engine.generate(ids, SamplingParams(max_tokens=8, temperature=0.0, logprobs=0,
+                                                            prompt_logprobs=echo)))
+            texts.append("".join(o.text for o in outs))
+            if echo:
+                got = [lp.logprob for lp in outs[0].prompt_logprobs[1:]]
+                want = engine.score([ids])[0].logprobs[1:]
+                assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, (prompt, got, want)
+        assert texts[0] == texts[1] == texts[2], (prompt, texts)
 
 
 def test_evaluate_writes_eval_json(tmp_path, llama_dir, capsys):

@@ -52,17 +52,19 @@ def test_bf16_copy_is_a_separate_bf16_model_with_the_same_forward(hf_dir):
     assert err.max() > 0  # it did compute in bf16
 
 
-def test_auto_uses_bf16_only_with_amx_and_bf16_exact_weights(llama_dir, monkeypatch):
+def test_auto_keeps_prompts_in_fp32_even_with_amx_and_bf16_exact_weights(llama_dir, monkeypatch):
+    """bf16 prompts are asked for, never picked: they would move prompt logprobs by ~1e-2 and mix bf16 keys and
+    values with the fp32 paths' (short prompts through the native step, the prefix cache)."""
     tokenizer = load_tokenizer(llama_dir)
     exact, raw = bf16_exact(llama_dir), load_model(llama_dir, "cpu")
     monkeypatch.setattr(cpu_packing, "amx_bf16", lambda: True)
-    engine = Engine(exact, tokenizer, prefill_dtype="auto")
-    assert engine.prefill_dtype == torch.bfloat16 and engine.prefill_model is not exact
-    assert Engine(raw, tokenizer, prefill_dtype="auto").prefill_dtype == torch.float32  # would round weights
-    assert Engine(exact, tokenizer, prefill_dtype="fp32").prefill_model is exact
+    for model in (exact, raw):
+        engine = Engine(model, tokenizer, prefill_dtype="auto")
+        assert engine.prefill_dtype == torch.float32 and engine.prefill_model is model
+    assert Engine(exact, tokenizer).prefill_model is exact  # the default
+    assert Engine(exact, tokenizer, prefill_dtype="bf16").prefill_dtype == torch.bfloat16  # asked for: done
     monkeypatch.setattr(cpu_packing, "amx_bf16", lambda: False)
-    assert Engine(exact, tokenizer, prefill_dtype="auto").prefill_model is exact
-    assert Engine(raw, tokenizer, prefill_dtype="bf16").prefill_dtype == torch.bfloat16  # asked for: done
+    assert Engine(raw, tokenizer, prefill_dtype="bf16").prefill_dtype == torch.bfloat16
 
 
 def test_prefill_dtypes_that_do_not_apply_are_refused(llama_dir):
@@ -77,8 +79,7 @@ def test_prefill_dtypes_that_do_not_apply_are_refused(llama_dir):
 
 def test_an_int8_model_prompts_through_a_bf16_copy_of_its_dequantized_weights(hf_dir, monkeypatch):
     """Its layers become bf16 linears of what the int8 model multiplies by (its own LM head, even when
-    tied), so prompt logprobs stay within bf16 rounding of the int8 model's fp32 ones; auto takes the
-    copy on AMX CPUs."""
+    tied), so prompt logprobs stay within bf16 rounding of the int8 model's fp32 ones; auto keeps fp32."""
     quantized, tokenizer = load_model(hf_dir, "cpu"), load_tokenizer(hf_dir)
     quantize_model(quantized, "int8")
     twin = bf16_copy(quantized)
@@ -88,8 +89,6 @@ def test_an_int8_model_prompts_through_a_bf16_copy_of_its_dequantized_weights(hf
                                        rtol=0, atol=0)
     assert twin.lm_head.weight is not twin.embed.weight
     monkeypatch.setattr(cpu_packing, "amx_bf16", lambda: True)
-    assert Engine(quantized, tokenizer, prefill_dtype="auto").prefill_dtype == torch.bfloat16
-    monkeypatch.setattr(cpu_packing, "amx_bf16", lambda: False)
     assert Engine(quantized, tokenizer, prefill_dtype="auto").prefill_dtype == torch.float32
     engines = {pd: Engine(quantized, tokenizer, prefill_dtype=pd) for pd in ("fp32", "bf16")}
     ids = prompt_ids(engines["fp32"], 30)
