@@ -6,7 +6,8 @@ So a greedy sequence can check several guesses for its next tokens in one step: 
 positions p, p+1, ... fed its last token and the guesses; row j's argmax is the token that
 follows, and while it equals the next guess the guess was right and the following row's logits
 are the true next ones. A step then emits every accepted guess plus one more token (the argmax
-after the last accepted one), which is exactly what greedy decoding one token at a time gives.
+after the last accepted one), which is what greedy decoding one token at a time gives (up to
+near-ties: the rows beside a row move its logits by ~1e-5, as in any batch).
 
 The guesses come from the sequence itself, as vLLM's "ngram" method and prompt-lookup decoding
 take them: find the latest earlier occurrence of the sequence's last n tokens (n from
