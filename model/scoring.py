@@ -4,6 +4,10 @@ Scoring long texts needs log p(id_t | ids_<t) at every position. Computing the f
 (N, V) fp32 log-softmax at once costs N * V * 4 bytes; here the LM head and the
 log-softmax + gather run per chunk of positions, so at most `chunk * V` logits live at
 a time (on CUDA the fused Triton kernel gathers without the fp32 table).
+
+A window longer than a forward may take (`ScoreTask.advance(max_tokens)` while a server's streams
+decode) is run in chunks through a KV cache of the task's own, one window long, so that no
+forward holds the streams back longer than a prefill chunk would.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from .kv_cache import KVCache
+
+WINDOW_BLOCK_SIZE = 16  # tokens per block of a task's own KV cache (chunked windows)
 
 
 def chunked_logprobs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, num_top: int = 0,
@@ -67,8 +75,9 @@ class ScoreTask:
     (default half the context), and each scores only the ids past the previous window's
     end, with the rest of the window as their context. Windows of similar length share a
     forward of at most `batch_tokens` (padded) tokens; `advance(max_tokens)` takes a smaller
-    one (a server with streams running keeps each forward short), down to `unit_tokens` (or one
-    window, when a window is longer).
+    one (a server with streams running keeps each forward short), down to `unit_tokens`; a window
+    longer than `max_tokens` runs in chunks of `max_tokens` through the task's own KV cache, one
+    chunk per call.
     """
 
     def __init__(self, model: nn.Module, sequences: list[list[int]], max_seq_len: int, vocab_limit: int,
@@ -112,10 +121,13 @@ class ScoreTask:
         self._next = 0
         self._windows_done = 0
         self._windows_total = len(windows)
+        self._longest_window = max(w[2] - w[1] for w in windows)  # sizes the chunked windows' KV cache
+        self._chunked: tuple[tuple[int, int, int, int], int] | None = None  # (window, ids computed so far)
+        self._window_cache: KVCache | None = None
 
     @property
     def done(self) -> bool:
-        return self._next >= len(self.groups)
+        return self._next >= len(self.groups) and self._chunked is None
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -127,6 +139,14 @@ class ScoreTask:
         """Run the next batched forward: the next units of windows while their padded tokens fit in
         `max_tokens` (default `batch_tokens`), at least one."""
         budget = max_tokens or self.batch_tokens
+        if self._chunked is None and self.groups[self._next][1] > budget:
+            self._chunked = (self.groups[self._next][0][0], 0)  # a window longer than the budget: in chunks
+            self.groups[self._next][0].pop(0)
+            if not self.groups[self._next][0]:
+                self._next += 1
+        if self._chunked is not None:
+            self._advance_chunk(budget)
+            return
         windows, T = self.groups[self._next]
         self._next += 1
         while self._next < len(self.groups):
@@ -151,3 +171,34 @@ class ScoreTask:
             lp, _, _ = chunked_logprobs(h, self.model.lm_head, targets, 0, self.vocab_limit)
             self.results[s].logprobs[begin + first: end] = lp.tolist()
         self._windows_done += len(windows)
+
+    def _advance_chunk(self, budget: int) -> None:
+        """The next `budget` ids of the window being chunked: their keys and values go into the task's KV
+        cache, where the later chunks attend to them, and the ids they predict are scored."""
+        (s, begin, end, first), done = self._chunked
+        n = end - begin
+        device = next(self.model.parameters()).device
+        if self._window_cache is None:
+            dtype = self.model.embed.weight.dtype
+            blocks = -(-self._longest_window // WINDOW_BLOCK_SIZE)
+            self._window_cache = KVCache(self.model.config, blocks + 1, WINDOW_BLOCK_SIZE, self._longest_window,
+                                         device, dtype, enable_prefix_caching=False)
+            self._window_table = [self._window_cache.pool.allocate() for _ in range(blocks)]
+        cache = self._window_cache
+        stop = min(n, done + budget)
+        ids = self.sequences[s][begin + done: begin + stop]
+        tokens = torch.tensor([ids], dtype=torch.long).to(device)  # (1, chunk)
+        batch = cache.batch([self._window_table], [done], [stop - done])
+        hidden = self.model(tokens, kv_cache=cache, batch=batch, return_hidden=True)[0]  # (chunk, d)
+        # window position p predicts id p + 1; the window scores ids first..n-1
+        lo, hi = max(done, first - 1), min(stop, n - 1)
+        if lo < hi:
+            targets = torch.tensor(self.sequences[s][begin + lo + 1: begin + hi + 1], dtype=torch.long).to(device)
+            lp, _, _ = chunked_logprobs(hidden[lo - done: hi - done], self.model.lm_head, targets, 0,
+                                        self.vocab_limit)
+            self.results[s].logprobs[begin + lo + 1: begin + hi + 1] = lp.tolist()
+        if stop == n:
+            self._chunked = None
+            self._windows_done += 1
+        else:
+            self._chunked = ((s, begin, end, first), stop)

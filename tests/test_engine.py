@@ -102,6 +102,33 @@ def test_scoring_batches_are_smaller_on_the_cpu(llama_dir):
         assert all(x is None and y is None or abs(x - y) < 1e-4 for x, y in zip(a.logprobs, c.logprobs))
 
 
+def test_windows_longer_than_the_budget_are_scored_in_chunks(llama_dir):
+    """While sequences decode, a window longer than a forward may take runs in chunks of the budget through
+    the task's own KV cache (no forward over max_tokens ids), with the scores of whole-window forwards:
+    texts past the context (sliding windows, strides), short ones beside them, odd budgets."""
+    engine = load_engine(str(llama_dir), "cpu")
+    C = engine.max_seq_len  # 64
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, engine.vocab_limit, (n,), generator=g).tolist() for n in (150, 64, 7, 40, 1, 90)]
+    forwards = []
+    hook = engine.prefill_model.register_forward_hook(lambda m, args, out: forwards.append(args[0].shape))
+    for stride, budget in ((None, 16), (C // 4, 13), (C, 32), (None, 1)):
+        want = engine.score(seqs, stride=stride)
+        forwards.clear()
+        task = engine.score_task(seqs, stride=stride)
+        calls = 0
+        while not task.done:
+            task.advance(budget)
+            calls += 1
+        assert max(shape.numel() for shape in forwards) <= budget, (budget, forwards)
+        assert task.progress[0] == task.progress[1] and calls >= sum(len(ids) for ids in seqs) // C
+        for a, b in zip(task.results, want):
+            assert a.logprobs[0] is None and all(x is not None for x in a.logprobs[1:])
+            diff = max((abs(x - y) for x, y in zip(a.logprobs[1:], b.logprobs[1:])), default=0.0)
+            assert diff < 1e-4, (stride, budget, diff)
+    hook.remove()
+
+
 @torch.no_grad()
 def test_batched_requests_joining_midway_equal_alone(hf_dir):
     engine = load_engine(str(hf_dir), "cpu", max_batch_size=3)
