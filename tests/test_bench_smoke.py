@@ -167,3 +167,14 @@ def test_hf_step_check_runs_on_the_cpu():
                       r"([\d.]+) ms/step\s+([\d.]+) tok/s$", proc.stdout, flags=re.M)
     assert len(rows) == 3 and all(float(ms) > 0 for _, ms, _ in rows), proc.stdout
     assert "one decode forward:" in proc.stdout and proc.stdout.startswith("tiny-llama on cpu")
+
+
+def test_scoring_itl_bench_quick(llama_dir, capsys):
+    """bench/scoring_itl.py end to end at a tiny size: a live server, a stream and a perplexity job."""
+    bench = load_script("scoring_itl")
+    assert bench.main(["--model", str(llama_dir), "--runs", "1", "--texts", "3", "--text-tokens", "100",
+                       "--stream-tokens", "20"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"run 0: scoring [\d.]+ s; stream ITL p50 [\d.]+ ms, p99 [\d.]+ ms, max \d+ ms \(\d+ chunks\)",
+                     out), out
+
