@@ -123,7 +123,8 @@ class ScoreTask:
         self._windows_total = len(windows)
         self._longest_window = max(w[2] - w[1] for w in windows)  # sizes the chunked windows' KV cache
         self._chunked: tuple[tuple[int, int, int, int], int] | None = None  # (window, ids computed so far)
-        self._window_cache: KVCache | None = None
+        self._window_cache: KVCache | None = None  # made at the first chunked window
+        self._window_table: list[int] = []  # its blocks, in order
 
     @property
     def done(self) -> bool:
@@ -137,7 +138,8 @@ class ScoreTask:
     @torch.inference_mode()
     def advance(self, max_tokens: int | None = None) -> None:
         """Run the next batched forward: the next units of windows while their padded tokens fit in
-        `max_tokens` (default `batch_tokens`), at least one."""
+        `max_tokens` (default `batch_tokens`), at least one; or, for a window longer than `max_tokens`,
+        its next chunk."""
         budget = max_tokens or self.batch_tokens
         if self._chunked is None and self.groups[self._next][1] > budget:
             self._chunked = (self.groups[self._next][0][0], 0)  # a window longer than the budget: in chunks
