@@ -3,7 +3,8 @@
     python bench/scoring_itl.py [--model DIR] [--kiln-args "--prefill-dtype bf16"] [--runs 2]
                                 [--texts 60] [--text-tokens 1000] [--stream-tokens 400]
 
-Starts `python -m server` (the default model unless --model), then per run: one streamed completion
+Starts `python -m server` (the default model unless --model; `--max-batch-size 8`, every core) through
+bench/cpu_serving.py's `kiln_server`, then per run: one streamed completion
 ("The function", temperature 0.8, seeded, EOS ignored) in a thread, and 0.3 s later a
 `/v1/perplexity` request for `--texts` random id lists of `--text-tokens` ids each. Prints the
 scoring request's wall time and the stream's inter-token gaps (p50, p99, max), the time between
@@ -14,23 +15,18 @@ forwards on one worker thread, so every scoring forward delays the stream by its
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shlex
-import socket
-import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cpu_serving import kiln_server  # noqa: E402  (starts kiln serve, waits for /health, SIGTERMs it)
 
 
 def quantile(sorted_values: list[float], q: float) -> float:
@@ -75,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-tokens", type=int, default=1000)
     p.add_argument("--stream-tokens", type=int, default=400)
     args = p.parse_args(argv)
-    import httpx
-
     from model.cli import default_model_dir
     from model.tokenizer import load_tokenizer
 
@@ -84,32 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(model_dir)
     special = set(tokenizer.special_tokens.values())
     pool = [i for i in range(tokenizer.n_vocab) if i not in special]  # ordinary ids
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "server", "--model", str(model_dir), "--port", str(port), "--log-level", "warning",
-           *shlex.split(args.kiln_args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"kiln serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("kiln serve did not answer /health within 180 s")
-            time.sleep(0.1)
+    threads = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory(prefix="kiln-scoring-itl-") as tmp, \
+            kiln_server(model_dir, threads, 8, shlex.split(args.kiln_args), Path(tmp) / "server.log") as server:
         print(f"python bench/scoring_itl.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
         for run in range(args.runs):
-            r = one_run(url, run, args, pool)
+            r = one_run(server["url"], run, args, pool)
             print(f"run {run}: scoring {r['scoring_s']:.1f} s; stream ITL p50 {r['p50_ms']:.1f} ms, p99 "
                   f"{r['p99_ms']:.1f} ms, max {r['max_ms']:.0f} ms ({r['chunks']} chunks)", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     return 0
 
 

@@ -567,11 +567,16 @@ class Engine:
             logits = self._decode_plan(tokens, self.cache, batch)  # (B, V)
         else:
             logits = self.model(tokens, kv_cache=self.cache, batch=batch)[:, -1]  # (B, V)
+        self._count_fed(requests)
+        return self._sample(requests, logits, slots=slots)
+
+    def _count_fed(self, requests: list[Request]) -> None:
+        """A decode step cached each request's fed id: count it, and offer a block it completed to the
+        prefix cache."""
         for r in requests:
             r.num_computed += 1
             if r.num_computed % self.block_size == 0:
                 self._register_full_blocks(r)
-        return self._sample(requests, logits, slots=slots)
 
     def _drafts(self, decoding: list[Request]) -> dict[Request, list[int]]:
         """Prompt-lookup drafts for this step's greedy sequences (`model.speculative`): at most
@@ -638,10 +643,7 @@ class Engine:
         outputs: list[StepOutput] = []
         plain = [i for i, r in enumerate(requests) if r not in drafts]
         if plain:  # sequences without drafts: the usual sampling (any parameters)
-            for i in plain:
-                requests[i].num_computed += 1
-                if requests[i].num_computed % self.block_size == 0:
-                    self._register_full_blocks(requests[i])
+            self._count_fed([requests[i] for i in plain])
             outputs += self._resolve(self._sample([requests[i] for i in plain], logits[[first[i] for i in plain]]))
         spec = [(first[i], r, drafts[r]) for i, r in enumerate(requests) if r in drafts]
         rows = [f + j for f, _, draft in spec for j in range(1 + len(draft))]

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.write_eval and args.heldout is None:
         parser.error("--write-eval needs --heldout (eval.json records the held-out sample's loss)")
-    from model.cli import load_engine, resolve_device
+    from model.cli import load_engine
 
     try:
         sources = read_split(Path(args.corpus), args.split)
@@ -87,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.heldout is not None:
             heldout = [json.loads(line)["text"] for line in args.heldout.read_text(encoding="utf-8").splitlines()
                        if line.strip()]
-        device = resolve_device("auto")
-        # on a CPU, the reference numbers of an fp32 forward (not the bf16 prompt path AMX machines serve with)
-        engine = load_engine(args.model, device, prefill_dtype="fp32" if device == "cpu" else None)
+        engine = load_engine(args.model, "auto")
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
