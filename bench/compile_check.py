@@ -232,7 +232,7 @@ def compile_only(
 
 
 def _softmax_launches(quick: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
-    from kernels.softmax import softmax
+    from kernels.softmax import _softmax, softmax
 
     dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16)
     for dtype in dtypes:
@@ -240,6 +240,10 @@ def _softmax_launches(quick: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
             x = torch.zeros(4, vocab, dtype=dtype)
             yield f"softmax {str(dtype)[6:]} V={vocab}", lambda x=x: softmax(x, 0.8)
             yield f"softmax {str(dtype)[6:]} V={vocab} per-row T", lambda x=x: softmax(x, torch.full((4,), 0.7))
+    # the long-row plan's L2 variants (kernels.softmax.LONG_ROW_PLAN picks one)
+    x = torch.zeros(4, 128256)
+    yield "softmax float32 V=128256 reversed, L2 hints", lambda: _softmax(x, 1.0, reverse=True, l2_hints=True,
+                                                                           chunk=8192)
 
 
 def _cross_entropy_launches(quick: bool) -> Iterator[tuple[str, Callable[[], Any]]]:

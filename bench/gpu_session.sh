@@ -11,14 +11,13 @@
 #   bash bench/gpu_session.sh quick tests kernels serve-llama-1.1b   # ~6 minutes
 #   bash bench/gpu_session.sh quick retests kernels train decode-configs
 # The plan for the next 15-minute lease, one call each (the machine stays warm between calls;
-# the third lease, 2026-11-26, trained the default model and ran retests, fused and serve-llama-1.1b):
-#   1. bash bench/gpu_session.sh quick retests hf-check profile   carry .whl (~8 minutes): the three
-#      tests changed after that lease; why HF generate ran 13 tok/s there (ANCHORS.md: 66); then where a
-#      batch-1 1.1B decode step's 1.46 ms go (0.73 are weight reads)
-#   2. what time is left: quick serve-compile (the batch-1 step compiled before capture: ~220 small
-#      kernels per 1.1B step may be what holds it at 50% of roofline), quick train train-cudnn
-#      (training MFU, issue 6), or quick kernels (softmax now also timed as CUDA-graph replays)
-# Open question from that lease: online TTFT p50 was 1.5 s at 8 req/s but 0.4 s at 32 req/s (run
+# the fourth lease, 2026-11-26 session 15, ran softmax, retests (34 of 70 in its stage), train,
+# profile, compile-grads, retests-engine and softmax-variants: bench/RESULTS.md):
+#   1. bash bench/gpu_session.sh quick retests profile-compile   carry .whl (~7 minutes): the GPU tests
+#      (the linear-CE first-launch test and the compile test are new or fixed since), then the batch-1
+#      1.1B step compiled before capture (fewer small kernels; the matmuls are 3/4 of the step)
+#   2. what time is left: quick serve-llama-1.1b (with --online-rates 8,32,8.5: below) or quick kernels
+# Open question from the third lease: online TTFT p50 was 1.5 s at 8 req/s but 0.4 s at 32 req/s (run
 # second). If first-seen prefill shapes pay the flash-attention autotuner (keyed on power-of-two
 # sequence buckets), a later pass at about that rate is fast: --online-rates 8,32,8.5 in serve_bench
 # (workloads are seeded per rate, so 8 twice would repeat prompts as prefix-cache hits).
@@ -113,7 +112,7 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels_torch_compile.py
                 ;;
             retests)  # the GPU tests that have not passed on a GPU yet (new, or their kernels changed since)
-                STAGE_TIMEOUT=150 stage tests python3 -m pytest -p no:cacheprovider -n 4 -q -rs --timeout 120 \
+                STAGE_TIMEOUT=240 stage tests python3 -m pytest -p no:cacheprovider -n 6 -q -rs --timeout 120 \
                     tests/test_cuda_graphs.py tests/test_async_scheduling.py tests/test_kernels_fused.py \
                     tests/test_model_fused.py tests/test_sampling.py tests/test_kernels_attention.py \
                     tests/test_kernels_decode.py tests/test_kernels_softmax.py tests/test_kernels_cross_entropy.py \
@@ -143,8 +142,30 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 STAGE_TIMEOUT=120 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64
                 STAGE_TIMEOUT=90 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 16 \
                     --no-cuda-graphs --top 30
+                ;;
+            profile-compile)  # the same step compiled before capture
                 STAGE_TIMEOUT=200 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \
                     --compile
+                ;;
+            softmax-variants)  # the long-row plan's L2 choices and chunk lengths (CUDA-graph replays)
+                STAGE_TIMEOUT=60 stage kernels python3 bench/softmax_variants.py --rep 30
+                ;;
+            compile-grads)  # which gradients torch.compile changes in the Triton-backend training loss
+                STAGE_TIMEOUT=60 stage tests python3 bench/compile_grad_check.py
+                ;;
+            retests-engine)  # the engine and fused-kernel GPU tests (the engine changed since they last ran)
+                STAGE_TIMEOUT=120 stage tests python3 -m pytest -p no:cacheprovider -n 4 -v -rs --timeout 100 \
+                    tests/test_cuda_graphs.py tests/test_async_scheduling.py tests/test_kernels_fused.py \
+                    tests/test_model_fused.py tests/test_sampling.py tests/test_kernels_attention.py -k \
+                    "gpu and (not test_kernels_attention or past_one_grid_axis)"
+                ;;
+            train-kiln-logits)  # Kiln alone: Triton attention, whole logits + the CE kernel
+                STAGE_TIMEOUT=80 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 20 --warmup 5 \
+                    --loss-impl logits --skip-baseline
+                ;;
+            softmax)  # softmax alone, timed eagerly and as CUDA-graph replays (GPU time only)
+                STAGE_TIMEOUT=25 stage kernels python3 bench/bench_softmax.py --dtypes fp32 --rep 50
+                STAGE_TIMEOUT=25 stage kernels python3 bench/bench_softmax.py --dtypes fp32 --rep 50 --cuda-graph
                 ;;
             serve-compile)  # Kiln alone (no HF, no server), decode step compiled before graph capture
                 STAGE_TIMEOUT=200 stage serve python3 bench/serve_bench.py --shapes llama-1.1b --reps 1 --compile \
@@ -152,7 +173,7 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 ;;
             serve-*)
                 STAGE_TIMEOUT=170 stage serve python3 bench/serve_bench.py --shapes "${phase#serve-}" --reps 1 \
-                    --online-requests 48 --online-rates 8,32 --online-time-limit 25 --markdown \
+                    --online-requests 48 --online-rates 8,32,8.5 --online-time-limit 25 --markdown \
                     --json "$OUT/serve-${phase#serve-}.json"
                 ;;
             train)

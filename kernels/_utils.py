@@ -153,8 +153,13 @@ def jit_kernel(
     interpreter_config: Any = None,
     key: Sequence[str] = (),
     prune: Callable[..., list[Any]] | None = None,
+    restore: Sequence[str] = (),
 ) -> TritonKernel:
     """``triton.jit`` ``fn`` now; autotune over ``gpu_configs`` unless interpreting.
+
+    ``restore`` names the arguments a launch may overwrite that it also reads (a kernel run in
+    place): the autotuner runs each config many times on a key's first launch, and restores
+    them after each run, so the launch computes from its real inputs.
 
     ``prune(configs, named_args, **kwargs)`` drops configs that cannot fit (shared
     memory, head dim) before the autotuner benchmarks them. No ``gpu_configs`` and no
@@ -176,7 +181,7 @@ def jit_kernel(
         return TritonKernel(kernel, tuple(meta.items()))
     prune_by = {"early_config_prune": prune} if prune is not None else None
     tuned = triton.autotune(configs=list(gpu_configs), key=list(key), prune_configs_by=prune_by,
-                            **_autotune_options(triton))(kernel)
+                            restore_value=list(restore) or None, **_autotune_options(triton))(kernel)
     return TritonKernel(tuned)
 
 

@@ -55,6 +55,8 @@ from kernels._utils import (
 
 _REDUCTIONS = ("mean", "sum", "none")
 _INT_DTYPES = (torch.int32, torch.int64)
+# linear_cross_entropy's default chunk holds at least this many logits (256 MiB in bf16)
+_CHUNK_LOGITS = 1 << 27
 
 
 def available(device: torch.device | str) -> bool:
@@ -126,8 +128,12 @@ def linear_cross_entropy(
 
     hidden (N, C), weight (V, C) (an LM head), targets (N,). Differentiable w.r.t.
     hidden and weight. ``chunk_rows`` bounds the transient logits to (chunk_rows, V); the
-    default cuts the rows into about V / C chunks (a power of two rows each), so a chunk's
-    logits hold about as many elements as ``hidden``.
+    default is a power of two rows whose logits hold about as many elements as ``hidden``,
+    or 2^27 (256 MiB in bf16) where that is more: every chunk is three matmuls and a weight-sized
+    gradient update, so a few big chunks run faster than many small ones. The matmuls run in the
+    inputs' dtype (pass 16-bit hidden and weight for tensor-core speed: ``Transformer.loss``
+    casts them as autocast would the LM head); a 16-bit weight's gradient is summed over the
+    chunks in fp32 and rounded once.
     """
     _check_linear_inputs(hidden, weight, targets, reduction)
     if reduction == "none":
@@ -242,8 +248,9 @@ def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, n
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         n_rows, n_cols = hidden.shape[0], weight.shape[0]
         if chunk_rows is None:
-            # Chunks whose logits (chunk_rows, V) are about the size of hidden (N, C).
-            chunk_rows = next_power_of_2(-(-n_rows // max(1, -(-n_cols // hidden.shape[1]))))
+            # Chunks whose logits (chunk_rows, V) are about the size of hidden (N, C), or 2^27 elements.
+            chunk_rows = next_power_of_2(max(-(-n_rows // max(1, -(-n_cols // hidden.shape[1]))),
+                                             _CHUNK_LOGITS // n_cols))
         targets = targets.contiguous()
         valid = targets != ignore_index
         if reduction == "mean":
@@ -251,9 +258,11 @@ def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, n
         else:
             row_scale = valid.float()
         grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype) if need_grad else None
-        # Accumulated in the weight's dtype (cuBLAS adds in fp32 before rounding), as
-        # an fp32 (V, C) buffer would cost more memory than the logits we avoid.
-        grad_weight = torch.zeros_like(weight) if need_grad else None
+        # A 16-bit weight's gradient is summed over chunks in fp32: summed in place in bf16 it would be
+        # rounded once per chunk. (Training keeps an fp32 gradient of the fp32 weight anyway.)
+        wide = weight.dtype in (torch.float16, torch.bfloat16)
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32 if wide else weight.dtype
+                                  ) if need_grad else None
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for start in range(0, n_rows, chunk_rows):
             stop = min(start + chunk_rows, n_rows)
@@ -265,17 +274,23 @@ def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, n
                 # Gradient of the chunk's logits, written over the logits themselves.
                 _backward_rows(logits, targets[start:stop], lse, row_scale[start:stop].contiguous(), logits)
                 torch.matmul(logits, weight, out=grad_hidden[start:stop])  # (n, C)
-                grad_weight.addmm_(logits.t(), h)  # (V, C)
+                if wide:
+                    grad_weight += logits.t() @ h  # (V, C) in 16 bits (fp32 inside the matmul), summed in fp32
+                else:
+                    grad_weight.addmm_(logits.t(), h)  # (V, C)
         if reduction == "mean":
             total = total / valid.sum()  # NaN when every row is ignored, like F.cross_entropy
-    empty = hidden.new_empty(0)
-    return total.to(hidden.dtype), grad_hidden if need_grad else empty, grad_weight if need_grad else empty
+    if not need_grad:
+        empty = hidden.new_empty(0)
+        return total.to(hidden.dtype), empty, empty
+    return total.to(hidden.dtype), grad_hidden, grad_weight.to(weight.dtype)
 
 
 def _linear_fake(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad):
     empty = hidden.new_empty(0)
-    return (hidden.new_empty(()), torch.empty_like(hidden) if need_grad else empty,
-            torch.empty_like(weight) if need_grad else empty)
+    # The layouts the impl returns (contiguous), whatever the inputs' strides
+    return (hidden.new_empty(()), hidden.new_empty(hidden.shape) if need_grad else empty,
+            weight.new_empty(weight.shape) if need_grad else empty)
 
 
 # Custom ops, so torch.compile (training) treats each launcher as one opaque call. (Named for what they
@@ -398,6 +413,8 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     return SimpleNamespace(
         # The interpreter chunk (128) is smaller than a test vocab of 1000: the loop runs.
         forward=jit_kernel(_cross_entropy_fwd_kernel, fwd_configs, config(BLOCK=128), key=["n_cols"]),
-        backward=jit_kernel(_cross_entropy_bwd_kernel, bwd_configs, config(BLOCK=128), key=["n_cols"]),
+        # linear_cross_entropy writes the gradient over the logits it reads: autotuning restores them
+        backward=jit_kernel(_cross_entropy_bwd_kernel, bwd_configs, config(BLOCK=128), key=["n_cols"],
+                            restore=["GradLogits"]),
     )
 

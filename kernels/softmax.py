@@ -18,7 +18,8 @@ Two launch plans, picked from the row length:
   once into registers, max, exp2, sum, normalize, store -- one read, one write;
 * longer rows: the row is cut into chunks spread over programs (so 64 rows of 128k
   still fill every SM). Pass 1 writes each chunk's (max, sum exp) to a tiny buffer;
-  pass 2 merges the row's chunk stats and writes its chunk normalized.
+  pass 2 merges the row's chunk stats and writes its chunk normalized, taking the chunks
+  last-first: those pass 1 read last are the likeliest still in L2.
 
 ``exp(x / T)`` is computed as ``exp2(x * log2(e) / T)`` with the factor folded into
 one scale. Fully ``-inf`` rows give NaN, like ``torch.softmax``.
@@ -70,6 +71,19 @@ def softmax_reference(x: torch.Tensor, temperature: float | torch.Tensor = 1.0) 
 
 def softmax(x: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Fused Triton softmax of ``x / temperature`` over the last dim; (N, V) fp32 out."""
+    return _softmax(x, temperature, **LONG_ROW_PLAN)
+
+
+# How pass 2 of the long-row plan meets L2 (bench/softmax_variants.py times each choice):
+# reverse: its programs take the row's chunks last-first, those pass 1 read last (likeliest still in L2);
+# l2_hints: pass 1 loads evict_last (keep x in L2), pass 2 loads evict_first and stores streaming.
+# On an H100 at 64 x 128256 fp32 (CUDA-graph replays): in order 36.3 us, hints 33.0, reversed 28.8,
+# both 31.3; chunks of 8192 or 16384 no better (bench/RESULTS.md, fourth lease).
+LONG_ROW_PLAN = {"reverse": True, "l2_hints": False, "chunk": _CHUNK}
+
+
+def _softmax(x: torch.Tensor, temperature: float | torch.Tensor, reverse: bool, l2_hints: bool,
+             chunk: int) -> torch.Tensor:
     _check_inputs(x, temperature)
     check_triton_device("softmax", x.device)
     if x.stride(-1) != 1:
@@ -88,16 +102,18 @@ def softmax(x: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.T
         block = max(16, next_power_of_2(n_cols))
         kernels.row[(n_rows,)](x, y, temps, x.stride(0), y.stride(0), n_cols, scale, PER_ROW_T=per_row, BLOCK=block)
         return y
-    chunk = _INTERPRET_CHUNK if interpret else _CHUNK
+    chunk = _INTERPRET_CHUNK if interpret else chunk
     n_chunks = -(-n_cols // chunk)
     stats_max, stats_sum = torch.empty((2, n_rows, n_chunks), device=x.device, dtype=torch.float32)  # one allocation
     grid = (n_rows, n_chunks)  # rows on axis 0: grid axes 1 and 2 stop at 65535
     kernels.chunk_stats[grid](
-        x, stats_max, stats_sum, temps, x.stride(0), n_cols, n_chunks, scale, PER_ROW_T=per_row, BLOCK=chunk
+        x, stats_max, stats_sum, temps, x.stride(0), n_cols, n_chunks, scale, PER_ROW_T=per_row, BLOCK=chunk,
+        L2_HINTS=l2_hints,
     )
     kernels.chunk_normalize[grid](
         x, y, stats_max, stats_sum, temps, x.stride(0), y.stride(0), n_cols, n_chunks, scale,
-        PER_ROW_T=per_row, BLOCK=chunk, CHUNKS_POW2=max(2, next_power_of_2(n_chunks)),
+        PER_ROW_T=per_row, BLOCK=chunk, CHUNKS_POW2=max(2, next_power_of_2(n_chunks)), REVERSE=reverse,
+        L2_HINTS=l2_hints,
     )
     return y
 
@@ -143,7 +159,8 @@ def _softmax_row_kernel(X, Y, T, stride_x, stride_y, n_cols, scale, PER_ROW_T: t
 
 
 def _softmax_chunk_stats_kernel(
-    X, M, S, T, stride_x, n_cols, n_chunks, scale, PER_ROW_T: tl.constexpr, BLOCK: tl.constexpr
+    X, M, S, T, stride_x, n_cols, n_chunks, scale, PER_ROW_T: tl.constexpr, BLOCK: tl.constexpr,
+    L2_HINTS: tl.constexpr,
 ):
     # Pass 1 over a long row: (max, sum exp2((x - max) * scale)) of one chunk.
     row = tl.program_id(0).to(tl.int64)
@@ -152,7 +169,8 @@ def _softmax_chunk_stats_kernel(
     if PER_ROW_T:
         scale = scale / tl.load(T + row)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(X + row * stride_x + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+    x = tl.load(X + row * stride_x + cols, mask=cols < n_cols, other=float("-inf"),
+                eviction_policy="evict_last" if L2_HINTS else "").to(tl.float32)
     chunk_max = tl.max(x, axis=0)
     # An all -inf chunk must contribute sum 0, not exp2(-inf - -inf) = NaN.
     shift = tl.where(chunk_max == float("-inf"), 0.0, chunk_max)
@@ -163,12 +181,15 @@ def _softmax_chunk_stats_kernel(
 
 def _softmax_chunk_normalize_kernel(
     X, Y, M, S, T, stride_x, stride_y, n_cols, n_chunks, scale,
-    PER_ROW_T: tl.constexpr, BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr,
+    PER_ROW_T: tl.constexpr, BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr, REVERSE: tl.constexpr,
+    L2_HINTS: tl.constexpr,
 ):
     # Pass 2: merge the row's chunk stats (a few dozen floats), write this chunk.
     row = tl.program_id(0).to(tl.int64)
     scale = tl.cast(scale, tl.float32)  # fp64 when launched by torch.compile
     chunk = tl.program_id(1)
+    if REVERSE:
+        chunk = n_chunks - 1 - chunk
     if PER_ROW_T:
         scale = scale / tl.load(T + row)
     idx = tl.arange(0, CHUNKS_POW2)
@@ -180,9 +201,10 @@ def _softmax_chunk_normalize_kernel(
     denom = tl.sum(sums * weights, axis=0)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=float("-inf"),
+                eviction_policy="evict_first" if L2_HINTS else "").to(tl.float32)
     p = tl.where(x == float("-inf"), 0.0, tl.exp2((x - row_max) * scale))
-    tl.store(Y + row * stride_y + cols, p / denom, mask=mask)
+    tl.store(Y + row * stride_y + cols, p / denom, mask=mask, cache_modifier=".cs" if L2_HINTS else "")
 
 
 def _warps_configs() -> list:
@@ -196,8 +218,10 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     one = config(num_warps=4, num_stages=1)
     return SimpleNamespace(
         row=jit_kernel(_softmax_row_kernel, _warps_configs(), one, key=["BLOCK", "PER_ROW_T"]),
-        chunk_stats=jit_kernel(_softmax_chunk_stats_kernel, _warps_configs(), one, key=["BLOCK", "PER_ROW_T"]),
+        chunk_stats=jit_kernel(_softmax_chunk_stats_kernel, _warps_configs(), one,
+                               key=["BLOCK", "PER_ROW_T", "L2_HINTS"]),
         chunk_normalize=jit_kernel(
-            _softmax_chunk_normalize_kernel, _warps_configs(), one, key=["BLOCK", "CHUNKS_POW2", "PER_ROW_T"]
+            _softmax_chunk_normalize_kernel, _warps_configs(), one,
+            key=["BLOCK", "CHUNKS_POW2", "PER_ROW_T", "REVERSE", "L2_HINTS"],
         ),
     )

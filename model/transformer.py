@@ -309,9 +309,14 @@ class Transformer(nn.Module):
         if backend == "triton" and self.loss_impl == "chunked":
             from kernels.cross_entropy import linear_cross_entropy
 
-            # LM head + cross-entropy in chunks of rows: the (B*T, V) logits never exist at once
-            return linear_cross_entropy(hidden.flatten(0, -2), self.lm_head.weight, targets.flatten(),
-                                        ignore_index=-100).float()
+            # LM head + cross-entropy in chunks of rows: the (B*T, V) logits never exist at once. The op
+            # runs its matmuls in its inputs' dtype, so under autocast they are cast as the LM head's
+            # would be (fp32 master weights would otherwise run the biggest matmuls in fp32).
+            hidden, weight = hidden.flatten(0, -2), self.lm_head.weight
+            if torch.is_autocast_enabled(hidden.device.type):
+                dtype = torch.get_autocast_dtype(hidden.device.type)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+            return linear_cross_entropy(hidden, weight, targets.flatten(), ignore_index=-100).float()
         logits = self.lm_head(hidden).flatten(0, -2)
         if backend == "triton":
             from kernels.cross_entropy import cross_entropy

@@ -154,6 +154,37 @@ def test_linear_cross_entropy_matches_unfused(reduction, chunk_rows):
 
 
 @on_cpu_interpreter
+def test_linear_cross_entropy_sums_a_16_bit_weight_gradient_in_fp32():
+    """Over many chunks a 16-bit weight's gradient stays as close to the exact one as a single chunk's
+    (summed in place in fp16 it drifts several times further: each chunk's sum would be rounded)."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(128, 16, generator=gen).half()
+    weight = (torch.randn(300, 16, generator=gen) * 0.3).half()
+    targets = torch.randint(0, 300, (128,), generator=gen)
+    w64 = weight.double().requires_grad_()
+    exact_loss = ce.linear_cross_entropy_reference(hidden.double(), w64, targets, reduction="sum")
+    (exact,) = torch.autograd.grad(exact_loss, w64)
+    errors = {}
+    for rows in (128, 1):
+        w = weight.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(ce.linear_cross_entropy(hidden, w, targets, reduction="sum", chunk_rows=rows), w)
+        assert grad.dtype == torch.float16
+        errors[rows] = (grad.double() - exact).abs().max().item()
+    assert errors[1] <= 2.5 * errors[128], f"128 chunks: max error {errors[1]:.2e}, one chunk: {errors[128]:.2e}"
+
+
+def test_backward_autotuning_restores_the_logits_it_overwrites(monkeypatch):
+    """linear_cross_entropy runs the backward kernel in place (gradient over the logits). On a key's first
+    launch the GPU autotuner runs every config on the same buffer: without restoring it after each run,
+    the launch that counts reads gradients instead of logits (found on an H100: the first call's gradients
+    were 1% off). Built here as on a GPU, without launching."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    kernels = ce._kernels.__wrapped__(False)
+    assert kernels.backward.fn.restore_value == ["GradLogits"]
+
+
+@on_cpu_interpreter
 def test_available_and_errors_off_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not ce.available("cpu")
@@ -262,3 +293,21 @@ def test_gpu_linear_cross_entropy():
     g2 = torch.autograd.grad(expected, (h2, w2))
     for name, a, b in zip(("hidden", "weight"), g1, g2):
         assert_close(a, b, 2e-2 * b.abs().max().item(), 5e-2, f"gpu linear CE d{name}")
+
+
+@requires_cuda
+def test_gpu_linear_cross_entropy_first_launch_tunes_on_the_real_logits(monkeypatch):
+    """The in-place backward tuned afresh (in-memory and on-disk choices set aside) gives exact fp32 gradients."""
+    tuner = ce._kernels(False).backward.fn
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(tuner, "cache_results", False, raising=False)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    hidden = torch.randn(512, 256, device="cuda", generator=gen)
+    weight = torch.randn(50257, 256, device="cuda", generator=gen) * 0.05  # a vocabulary no other test tunes
+    targets = torch.randint(0, 50257, (512,), device="cuda", generator=gen)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    g1 = torch.autograd.grad(ce.linear_cross_entropy(h1, w1, targets, chunk_rows=128), (h1, w1))  # (fp32 GEMMs)
+    g2 = torch.autograd.grad(ce.linear_cross_entropy_reference(h2, w2, targets), (h2, w2))
+    for name, a, b in zip(("hidden", "weight"), g1, g2):
+        assert_close(a.double(), b, 1e-6 * b.abs().max().item(), 1e-4, f"first-launch linear CE d{name}")

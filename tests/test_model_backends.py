@@ -71,3 +71,37 @@ def test_triton_training_loss_and_gradients_match_torch(loss_impl):
     close(got_loss, ref_loss, 1e-5)
     for name, g in got.items():
         close(g, ref[name], 1e-5)
+
+
+def test_chunked_loss_runs_its_matmuls_in_the_autocast_dtype(monkeypatch):
+    """Under autocast the chunked LM-head loss gets 16-bit hidden states and weight, as the LM head
+    (a linear layer) would, not the fp32 master weight; its loss and gradients match the whole-logits path."""
+    import kernels.cross_entropy as ce
+
+    config = ModelConfig(vocab_size=300, n_layer=1, n_head=2, n_kv_head=1, d_model=32, d_ff=48, max_seq_len=16)
+    torch.manual_seed(0)
+    weights = Transformer(config).state_dict()
+    tokens = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    seen = []
+    real = ce.linear_cross_entropy
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen.append((hidden.dtype, weight.dtype))
+        return real(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(ce, "linear_cross_entropy", spy)
+    results = []
+    for loss_impl in ("chunked", "logits"):
+        model = build_model(config, weights, torch.device("cpu"), torch.float32, attn_backend="triton")
+        model.loss_impl = loss_impl
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        assert model.lm_head.weight.grad.dtype == torch.float32
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert seen == [(torch.float16, torch.float16)]
+    (loss, grads), (ref_loss, ref_grads) = results
+    close(loss, ref_loss, 2e-3)
+    for name, g in grads.items():
+        scale = ref_grads[name].abs().max().item()
+        close(g, ref_grads[name], 2e-3 * max(scale, 1.0))
