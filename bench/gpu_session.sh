@@ -16,7 +16,8 @@
 #   1. bash bench/gpu_session.sh quick retests profile-compile   carry .whl (~7 minutes): the GPU tests
 #      (the linear-CE first-launch test and the compile test are new or fixed since), then the batch-1
 #      1.1B step compiled before capture (fewer small kernels; the matmuls are 3/4 of the step)
-#   2. what time is left: quick serve-llama-1.1b (with --online-rates 8,32,8.5: below) or quick kernels
+#   2. what time is left: quick serve-gpt2-124m (issue 8's second shape, never run on a GPU) and
+#      serve-llama-1.1b (its online phase now at rates 8,32,8.5: below), or quick kernels
 # Open question from the third lease: online TTFT p50 was 1.5 s at 8 req/s but 0.4 s at 32 req/s (run
 # second). If first-seen prefill shapes pay the flash-attention autotuner (keyed on power-of-two
 # sequence buckets), a later pass at about that rate is fast: --online-rates 8,32,8.5 in serve_bench

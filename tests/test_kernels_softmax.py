@@ -88,6 +88,19 @@ def test_huge_temperature_is_uniform_not_nan(n_cols):
 
 
 @on_cpu_interpreter
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("l2_hints", [False, True])
+def test_long_row_plan_variants_agree(reverse, l2_hints):
+    """Every choice bench/softmax_variants.py times (pass 2's chunk order, L2 hints) gives the same
+    probabilities; rows of 2000 take the chunked plan here (7 chunks of 256 under the interpreter)."""
+    x = torch.randn(3, 2000, generator=torch.Generator().manual_seed(7)) * 4
+    temps = torch.tensor([1.0, 0.5, 2.0])
+    for temperature in (0.7, temps):
+        got = sm._softmax(x, temperature, reverse=reverse, l2_hints=l2_hints, chunk=4096)
+        check_close(got, sm.softmax_reference(x, temperature), 1e-6, 1e-5, f"reverse={reverse} hints={l2_hints}")
+
+
+@on_cpu_interpreter
 def test_non_contiguous_input():
     gen = torch.Generator().manual_seed(11)
     base = torch.randn(6, 2 * 37, generator=gen)
