@@ -19,9 +19,11 @@
 #   2. what time is left: quick serve-gpt2-124m (issue 8's second shape, never run on a GPU) and
 #      serve-llama-1.1b (its online phase now at rates 8,32,8.5: below), or quick kernels
 # Open question from the third lease: online TTFT p50 was 1.5 s at 8 req/s but 0.4 s at 32 req/s (run
-# second). If first-seen prefill shapes pay the flash-attention autotuner (keyed on power-of-two
-# sequence buckets), a later pass at about that rate is fast: --online-rates 8,32,8.5 in serve_bench
-# (workloads are seeded per rate, so 8 twice would repeat prompts as prefix-cache hits).
+# second). If first-seen prefill shapes paid flash attention's compile + autotuning (per power-of-two
+# length bucket), the server's start-up warm-up (Engine.warm_up_prefill, session 15) now pays it before
+# serving: rate 8 should then be as fast as 8.5 run last (--online-rates 8,32,8.5; workloads are seeded
+# per rate, so 8 twice would repeat prompts as prefix-cache hits), and the server's log says how long
+# the warm-up took.
 # Installing what default-model brings back (FILES = the call's files_at):
 #   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/
 #   cp data/corpus/manifest.json model/default/corpus_manifest.json

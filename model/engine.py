@@ -216,6 +216,7 @@ class Engine:
                     self.compile_seconds = plan.compile(self.cache, self.max_batch_size)
                 except Exception as e:  # noqa: BLE001 -- no compiler, an inductor bug: serve eagerly
                     self.compile_error = describe_failure(e)
+        self.attn_backend = backend  # what attention runs on: "triton" or "torch"
         self._decode_mask = backend != "triton"  # the Triton decode kernel reads lengths, not a mask
         self._graphs: GraphedDecode | None = None
         if graphed:
@@ -833,6 +834,27 @@ class Engine:
         finally:
             if not request.finished:
                 self.abort(request)
+
+    def warm_up_prefill(self) -> list[int]:
+        """On the Triton backend, prefill one prompt of each power-of-two length from 16 up to the prefill chunk
+        (and the context), greedy, one token each; returns the lengths. Flash attention is compiled and
+        autotuned per power-of-two length bucket on the bucket's first launch: a server that has not run a
+        length yet would otherwise stall every running stream while it does (seconds per bucket on a cold
+        Triton cache; the choices are then cached on disk). Scoring forwards share these buckets. Call it while
+        the engine is idle (at start-up); the prompts' blocks go back to the pool (and its prefix cache)."""
+        if self.attn_backend != "triton" or self.has_work:
+            return []
+        lengths, length = [], 16
+        while length <= min(self.max_prefill_tokens, self.max_seq_len - 1):
+            lengths.append(length)
+            length *= 2
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        for length in lengths:
+            # any ids (only the shapes matter), but a first id of its own: no prompt reuses another's blocks
+            ids = [(length + 7919 * i) % self.vocab_limit for i in range(length)]
+            for _ in self.generate(ids, params):
+                pass
+        return lengths
 
     # ---- scoring --------------------------------------------------------------------
     def encode_for_scoring(self, text: str) -> list[int]:

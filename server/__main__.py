@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
             except ValueError as e:
                 log.warning("/v1/chat/completions will answer 400: this model's tokenizer ships a chat template "
                             "Kiln cannot use (%s); pass --chat-template FILE", e)
+        warm_start = time.perf_counter()
+        warmed = engine.warm_up_prefill()
+        if warmed:
+            log.info("prefill attention compiled and tuned for prompts of %d to %d tokens in %.1f s",
+                     warmed[0], warmed[-1], time.perf_counter() - warm_start)
         if engine.compile_seconds is not None:
             log.info("decode step compiled in %.1f s (batch buckets up to %d)", engine.compile_seconds,
                      engine.max_batch_size)

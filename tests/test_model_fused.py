@@ -142,3 +142,37 @@ def test_engine_on_the_triton_backend_equals_the_torch_backend(tokenizer_dir):
         assert engine.num_preemptions > 0 and engine.pool.hit_tokens > 0
         assert_pool_empty(engine)
     assert outputs["triton"] == outputs["torch"]
+
+
+def test_prefill_warm_up_runs_each_power_of_two_length_once(tokenizer_dir, monkeypatch):
+    """The server's start-up warm-up (`Engine.warm_up_prefill`): on the Triton backend one single-prompt
+    prefill per power-of-two length up to the prefill chunk, through flash attention (whose compile and
+    autotuning are per length bucket), leaving the engine idle with every block back in the pool; on the
+    torch backend nothing."""
+    if not norm.available("cpu"):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 set before triton is imported")
+    import kernels.attention
+    from model.engine import Engine
+    from model.tokenizer import load_tokenizer
+    from test_paged_engine import assert_pool_empty
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = ModelConfig(vocab_size=tokenizer.n_vocab, n_layer=1, n_head=4, n_kv_head=2, d_model=64, d_ff=96,
+                         max_seq_len=128)
+    weights = Transformer(config).state_dict()
+    seen = []
+    real = kernels.attention.flash_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.shape[2], k.shape[2]))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(kernels.attention, "flash_attention", spy)
+    for backend, expected in (("triton", [16, 32, 64]), ("torch", [])):
+        model = build_model(config, weights, torch.device("cpu"), torch.float32, attn_backend=backend)
+        engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=100, block_size=8, num_blocks=40,
+                        max_prefill_tokens=64, native=False)
+        assert engine.warm_up_prefill() == expected
+        assert not engine.has_work
+        assert_pool_empty(engine)
+    assert seen == [(16, 16), (32, 32), (64, 64)]
