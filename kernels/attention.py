@@ -237,9 +237,22 @@ def _strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
 
 
+_MIN_BUCKET = 16
+
+
 def _bucket(n: int) -> int:
     # Autotune key: lengths bucketed to powers of two so each prompt length does not re-tune.
-    return max(16, next_power_of_2(n))
+    return max(_MIN_BUCKET, next_power_of_2(n))
+
+
+def length_buckets(up_to: int) -> list[int]:
+    """The sequence lengths that start each autotuning bucket, up to ``up_to``: a launch at a length
+    of a new bucket compiles and tunes the kernels (``Engine.warm_up_prefill`` runs them ahead)."""
+    buckets, n = [], _MIN_BUCKET
+    while n <= up_to:
+        buckets.append(n)
+        n *= 2
+    return buckets
 
 
 @dataclasses.dataclass(frozen=True)

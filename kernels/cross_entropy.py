@@ -260,9 +260,9 @@ def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, n
         grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype) if need_grad else None
         # A 16-bit weight's gradient is summed over chunks in fp32: summed in place in bf16 it would be
         # rounded once per chunk. (Training keeps an fp32 gradient of the fp32 weight anyway.)
-        wide = weight.dtype in (torch.float16, torch.bfloat16)
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32 if wide else weight.dtype
-                                  ) if need_grad else None
+        sum_fp32 = weight.dtype in (torch.float16, torch.bfloat16)
+        grad_weight = torch.zeros(weight.shape, device=weight.device,
+                                  dtype=torch.float32 if sum_fp32 else weight.dtype) if need_grad else None
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for start in range(0, n_rows, chunk_rows):
             stop = min(start + chunk_rows, n_rows)
@@ -274,7 +274,7 @@ def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, n
                 # Gradient of the chunk's logits, written over the logits themselves.
                 _backward_rows(logits, targets[start:stop], lse, row_scale[start:stop].contiguous(), logits)
                 torch.matmul(logits, weight, out=grad_hidden[start:stop])  # (n, C)
-                if wide:
+                if sum_fp32:
                     grad_weight += logits.t() @ h  # (V, C) in 16 bits (fp32 inside the matmul), summed in fp32
                 else:
                     grad_weight.addmm_(logits.t(), h)  # (V, C)

@@ -836,18 +836,18 @@ class Engine:
                 self.abort(request)
 
     def warm_up_prefill(self) -> list[int]:
-        """On the Triton backend, prefill one prompt of each power-of-two length from 16 up to the prefill chunk
-        (and the context), greedy, one token each; returns the lengths. Flash attention is compiled and
-        autotuned per power-of-two length bucket on the bucket's first launch: a server that has not run a
-        length yet would otherwise stall every running stream while it does (seconds per bucket on a cold
-        Triton cache; the choices are then cached on disk). Scoring forwards share these buckets. Call it while
-        the engine is idle (at start-up); the prompts' blocks go back to the pool (and its prefix cache)."""
+        """On the Triton backend, prefill one prompt at each length that starts a flash-attention tuning bucket
+        (powers of two from 16) up to the prefill chunk and the context, greedy, one token each; returns the
+        lengths. Flash attention is compiled and autotuned on a bucket's first launch: a server that has not
+        run a length yet would otherwise stall every running stream while it does (seconds per bucket on a
+        cold Triton cache; the choices are then cached on disk). Scoring forwards share these buckets. Call it
+        while the engine is idle (at start-up); the prompts' blocks go back to the pool (and its prefix
+        cache)."""
         if self.attn_backend != "triton" or self.has_work:
             return []
-        lengths, length = [], 16
-        while length <= min(self.max_prefill_tokens, self.max_seq_len - 1):
-            lengths.append(length)
-            length *= 2
+        from kernels.attention import length_buckets
+
+        lengths = length_buckets(min(self.max_prefill_tokens, self.max_seq_len - 1))
         params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         for length in lengths:
             # any ids (only the shapes matter), but a first id of its own: no prompt reuses another's blocks
