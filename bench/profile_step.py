@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import logging
 import pstats
 import sys
 import tempfile
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("profile_step.py: --device cuda, but torch.cuda.is_available() is False here")
+    if args.compile:  # a compile failure's traceback (it names the frame Dynamo could not trace)
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("kiln.cuda_graphs").setLevel(logging.DEBUG)
     device = torch.device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     shape = serve_bench.ALL_SHAPES[args.shape]

@@ -598,8 +598,8 @@ def bench_online(model_dir: Path, pool: list[int], device, dtype_name: str, args
     extra = ["--device", device.type, "--dtype", dtype_name, "--kv-block-size", str(args.kv_block_size),
              *shlex.split(args.server_args)]
     out: dict = {"rates": [], "server_args": extra}
-    with kiln_server(model_dir, args.threads, args.online_batch, extra,
-                     workdir / f"kiln-serve-{model_dir.name}.log") as server:
+    server_log = Path(args.server_log) if args.server_log else workdir / f"kiln-serve-{model_dir.name}.log"
+    with kiln_server(model_dir, args.threads, args.online_batch, extra, server_log) as server:
         out["health_s"] = server["health_s"]
         url = server["url"]
         log(f"  server up in {server['health_s']:.1f} s; warm-up requests")
@@ -607,6 +607,10 @@ def bench_online(model_dir: Path, pool: list[int], device, dtype_name: str, args
         warm = [{"at": 0.0, "prompt": p, "out_len": min(8, args.online_output_len[1])}
                 for p in random_prompts(pool, min(4, args.online_batch), hi, "online-warmup")]
         warm += [{"at": 0.0, "prompt": p, "out_len": 4} for p in random_prompts(pool, 1, lo, "online-warmup-2")]
+        for line in server_log.read_text().splitlines():  # the server's start-up warm-up (GPU servers)
+            if "compiled and tuned" in line:
+                out["warm_up"] = line.strip()
+                log(f"  server log: {out['warm_up']}")
         records, _, _, _ = asyncio.run(run_load(url, warm, args.online_time_limit))
         bad = [r["error"] for r in records if r["error"]]
         if bad:
@@ -906,6 +910,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--online-time-limit", type=float, default=None,
                    help="seconds per rate before outstanding requests are cancelled (CUDA 120, CPU 60)")
     p.add_argument("--server-args", default="", help='extra kiln serve flags, e.g. --server-args="--no-prefix-caching"')
+    p.add_argument("--server-log", default=None, metavar="FILE",
+                   help="write the live server's log here (default: a temporary directory; one shape per run)")
     p.add_argument("--threads", type=int, default=None, 
                    help="torch CPU threads here and in the server (all cores; --tiny on CPU: 1)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the shipped default model's)")

@@ -154,12 +154,18 @@ def jit_kernel(
     key: Sequence[str] = (),
     prune: Callable[..., list[Any]] | None = None,
     restore: Sequence[str] = (),
+    do_not_specialize: Sequence[str] = (),
 ) -> TritonKernel:
     """``triton.jit`` ``fn`` now; autotune over ``gpu_configs`` unless interpreting.
 
     ``restore`` names the arguments a launch may overwrite that it also reads (a kernel run in
     place): the autotuner runs each config many times on a key's first launch, and restores
     them after each run, so the launch computes from its real inputs.
+
+    ``do_not_specialize`` names integer arguments Triton must not specialize on. By default it
+    compiles a kernel anew for each integer argument's class (equal to 1, a multiple of 16, other):
+    a kernel taking sequence lengths would compile again, mid-serving, for the first prompt of a
+    length unlike those it has seen.
 
     ``prune(configs, named_args, **kwargs)`` drops configs that cannot fit (shared
     memory, head dim) before the autotuner benchmarks them. No ``gpu_configs`` and no
@@ -172,7 +178,7 @@ def jit_kernel(
 
     # Kernel bodies resolve `tl` in their module's globals at compile/interpret time.
     fn.__globals__.setdefault("tl", triton.language)
-    kernel = triton.jit(fn)
+    kernel = triton.jit(fn, do_not_specialize=list(do_not_specialize) or None)
     if not gpu_configs and interpreter_config is None:
         return TritonKernel(kernel)
     if interpreting():

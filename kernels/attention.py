@@ -246,13 +246,36 @@ def _bucket(n: int) -> int:
 
 
 def length_buckets(up_to: int) -> list[int]:
-    """The sequence lengths that start each autotuning bucket, up to ``up_to``: a launch at a length
-    of a new bucket compiles and tunes the kernels (``Engine.warm_up_prefill`` runs them ahead)."""
+    """One length in each autotuning bucket that lengths 1..``up_to`` fall in: the powers of two from 16
+    below ``up_to``, then ``up_to`` itself (it tunes its bucket, the next power of two, as well as any
+    length in it). A launch in a bucket not seen before tunes the kernels (``warm_up_causal``)."""
     buckets, n = [], _MIN_BUCKET
-    while n <= up_to:
+    while n < up_to:
         buckets.append(n)
         n *= 2
-    return buckets
+    return buckets + [up_to]
+
+
+def warm_up_causal(n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                   max_len: int, max_queries: int | None = None) -> list[tuple[int, int]]:
+    """Run the causal forward once for every pair of query and key length buckets, keys up to ``max_len`` and
+    queries up to ``max_queries`` (default ``max_len``) and no more than the keys: the pairs an inference server
+    meets (prefill of whole prompts, of a prompt's chunks after the first, after a prefix-cache hit). Returns
+    the (queries, keys) lengths run.
+
+    The forward is tuned per pair on its first launch (every config compiled, then timed): a server that
+    has not met a pair would stall its running streams for it. The configs compile once per process (or
+    come from Triton's disk cache), each further pair costs only their timing, and the choices are cached
+    on disk too. Random inputs: only the shapes, dtype, head counts and head dim matter."""
+    check_triton_device("warm_up_causal", torch.device(device))
+    max_queries = max_len if max_queries is None else max_queries
+    pairs = [(t, s) for s in length_buckets(max_len) for t in length_buckets(min(s, max_queries))]
+    with torch.no_grad():
+        for t, s in pairs:
+            q = torch.randn(1, n_heads, t, head_dim, device=device, dtype=dtype)
+            k, v = torch.randn(2, 1, n_kv_heads, s, head_dim, device=device, dtype=dtype)
+            flash_attention(q, k, v, causal=True)
+    return pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,22 +484,25 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     del interpret  # cache key only: jit_kernel reads the mode itself
     jit_helpers(attention_triton, attention_triton.HELPERS)
     key = ["SEQ_BUCKET_Q", "SEQ_BUCKET_K", "HEAD_DIM", "CAUSAL", "VARLEN", "group_size"]
+    # Lengths (and the LSE strides that follow them) vary with every prompt: compiled once for all of them,
+    # not again for the first length that is odd, or a multiple of 16, or 1.
+    lengths = ("stride_lb", "stride_lh", "seqlen_q", "seqlen_k", "n_bh")
     # Interpreter tiles differ between M and N so tiny tests cross unaligned block edges.
     return SimpleNamespace(
         forward=jit_kernel(
             attention_triton.attn_fwd_kernel, _configs(_FWD_CONFIGS, _FWD_CONFIGS_FP32),
-            config(BLOCK_M=32, BLOCK_N=16), key, _pruner(_FWD_CONFIGS, _FWD_CONFIGS_FP32),
+            config(BLOCK_M=32, BLOCK_N=16), key, _pruner(_FWD_CONFIGS, _FWD_CONFIGS_FP32), do_not_specialize=lengths,
         ),
         preprocess=jit_kernel(
             attention_triton.attn_bwd_preprocess_kernel, [config(BLOCK_M=32, num_warps=8)], config(BLOCK_M=32),
-            key=["HEAD_DIM"],
+            key=["HEAD_DIM"], do_not_specialize=("stride_lb", "stride_lh", "seqlen_q", "n_bh"),
         ),
         dkdv=jit_kernel(
             attention_triton.attn_bwd_dkdv_kernel, _configs(_DKDV_CONFIGS, _DKDV_CONFIGS_FP32),
-            config(BLOCK_M=16, BLOCK_N=32), key, _pruner(_DKDV_CONFIGS, _DKDV_CONFIGS_FP32),
+            config(BLOCK_M=16, BLOCK_N=32), key, _pruner(_DKDV_CONFIGS, _DKDV_CONFIGS_FP32), do_not_specialize=lengths,
         ),
         dq=jit_kernel(
             attention_triton.attn_bwd_dq_kernel, _configs(_DQ_CONFIGS, _DQ_CONFIGS_FP32),
-            config(BLOCK_M=32, BLOCK_N=16), key, _pruner(_DQ_CONFIGS, _DQ_CONFIGS_FP32),
+            config(BLOCK_M=32, BLOCK_N=16), key, _pruner(_DQ_CONFIGS, _DQ_CONFIGS_FP32), do_not_specialize=lengths,
         ),
     )

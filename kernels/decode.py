@@ -385,12 +385,14 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     """Jit the decode kernels once per process and mode (compiled vs interpreted)."""
     del interpret  # cache key only: jit_kernel reads the mode itself
     # Tuned once per head dim / group tile / split mode: batch size and lengths change
-    # every serving step and must not trigger re-tuning.
+    # every serving step and must not trigger re-tuning, nor (not specialized on the counts
+    # that follow the batch and the block table's width) a compile for each batch a step outside the
+    # CUDA graphs meets.
     return SimpleNamespace(
         split=jit_kernel(
             _decode_split_kernel, _split_configs(), config(BLOCK_N=16), key=["HEAD_DIM", "BLOCK_G", "SPLIT"],
-            prune=_prune_split_configs,
+            prune=_prune_split_configs, do_not_specialize=("stride_tb", "num_splits", "n_bh"),
         ),
         merge=jit_kernel(_decode_merge_kernel, [config(num_warps=4, num_stages=1)], config(num_warps=4),
-                         key=["HEAD_DIM", "BLOCK_S"]),
+                         key=["HEAD_DIM", "BLOCK_S"], do_not_specialize=("num_splits",)),
     )

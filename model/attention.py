@@ -13,7 +13,6 @@ import-time global.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -24,9 +23,9 @@ from .kv_cache import CacheBatch
 BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Looked up once, at import (without importing triton): `resolve_backend` runs inside the compiled decode
+# step, and Dynamo cannot trace importlib (a find_spec there failed the whole compile on a GPU).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -36,7 +35,7 @@ def resolve_backend(backend: str, device: torch.device, head_dim: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        usable = device.type == "cuda" and _triton_installed() and head_dim in TRITON_HEAD_DIMS
+        usable = device.type == "cuda" and _TRITON_INSTALLED and head_dim in TRITON_HEAD_DIMS
         return "triton" if usable else "torch"
     if backend == "triton" and head_dim not in TRITON_HEAD_DIMS:
         raise ValueError(f"the triton attention backend needs a head dim in {TRITON_HEAD_DIMS}, got {head_dim}; "

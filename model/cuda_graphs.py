@@ -106,6 +106,7 @@ class GraphedDecode:
         except Exception as e:  # noqa: BLE001 -- an inductor or tracing failure: the eager step serves
             self.compile_error = describe_failure(e)
             log.warning("the decode step is not compiled, it runs eagerly: %s", self.compile_error)
+            log.debug("why the decode step did not compile", exc_info=True)  # Dynamo names the user frame
             return
         self._compiled = compiled
         self.compile_seconds = time.perf_counter() - started

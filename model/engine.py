@@ -835,26 +835,26 @@ class Engine:
             if not request.finished:
                 self.abort(request)
 
-    def warm_up_prefill(self) -> list[int]:
-        """On the Triton backend, prefill one prompt at each length that starts a flash-attention tuning bucket
-        (powers of two from 16) up to the prefill chunk and the context, greedy, one token each; returns the
-        lengths. Flash attention is compiled and autotuned on a bucket's first launch: a server that has not
-        run a length yet would otherwise stall every running stream while it does (seconds per bucket on a
-        cold Triton cache; the choices are then cached on disk). Scoring forwards share these buckets. Call it
-        while the engine is idle (at start-up); the prompts' blocks go back to the pool (and its prefix
-        cache)."""
+    def warm_up_prefill(self) -> list[tuple[int, int]]:
+        """On the Triton backend, tune flash attention for every pair of query and key length buckets a
+        prefill step can run (queries up to the prefill chunk, keys up to the context:
+        `kernels.attention.warm_up_causal`), then prefill and decode one short prompt through the whole model
+        (its other kernels compile on their first launch, whatever the length); returns the (queries, keys)
+        pairs. A pair first met while serving would stall every running stream while the kernel tunes for it
+        (seconds on a cold Triton cache; the choices are then cached on disk). Scoring forwards longer than
+        the prefill chunk tune on first use. Call it while the engine is idle (at start-up); the prompt's
+        blocks go back to the pool (and its prefix cache)."""
         if self.attn_backend != "triton" or self.has_work:
             return []
-        from kernels.attention import length_buckets
+        from kernels.attention import warm_up_causal
 
-        lengths = length_buckets(min(self.max_prefill_tokens, self.max_seq_len - 1))
-        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-        for length in lengths:
-            # any ids (only the shapes matter), but a first id of its own: no prompt reuses another's blocks
-            ids = [(length + 7919 * i) % self.vocab_limit for i in range(length)]
-            for _ in self.generate(ids, params):
-                pass
-        return lengths
+        c = self.config
+        pairs = warm_up_causal(c.n_head, c.n_kv_head, c.dim_per_head, self.prefill_dtype, self.device,
+                               self.max_seq_len, max_queries=self.max_prefill_tokens)
+        ids = [i % self.vocab_limit for i in range(max(1, min(16, self.max_seq_len - 2)))]
+        for _ in self.generate(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)):
+            pass
+        return pairs
 
     # ---- scoring --------------------------------------------------------------------
     def encode_for_scoring(self, text: str) -> list[int]:

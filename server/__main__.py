@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         warm_start = time.perf_counter()
         warmed = engine.warm_up_prefill()
         if warmed:
-            log.info("prefill attention compiled and tuned for prompts of %d to %d tokens in %.1f s",
-                     warmed[0], warmed[-1], time.perf_counter() - warm_start)
+            log.info("prefill attention compiled and tuned for %d (queries, keys) length pairs up to %d tokens "
+                     "in %.1f s", len(warmed), warmed[-1][1], time.perf_counter() - warm_start)
         if engine.compile_seconds is not None:
             log.info("decode step compiled in %.1f s (batch buckets up to %d)", engine.compile_seconds,
                      engine.max_batch_size)

@@ -189,7 +189,8 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
                    help="compile the decode step with torch.compile at start-up, falling back to eager if "
                         "compilation fails. CPU: inductor builds C++ with the system compiler, for batch buckets "
                         "up to --max-batch-size. CUDA: one graph for every bucket, compiled before the CUDA "
-                        "graphs are captured (fuses the step's small kernels; not yet measured on a GPU)")
+                        "graphs are captured (measured on an H100: the same kernels, 16%% slower; the step's small "
+                        "ops already run as fused Triton kernels)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="CUDA: run every decode step eagerly instead of replaying captured graphs")
     p.add_argument("--async-scheduling", dest="async_scheduling", action="store_const", const=True, default=None,

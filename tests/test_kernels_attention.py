@@ -269,6 +269,27 @@ def _err_vs_fp64(out, ref64):
     return (out.double() - ref64).abs().max().item()
 
 
+def test_kernels_are_not_specialized_on_lengths():
+    """Triton compiles a kernel anew for each integer argument's class (1, a multiple of 16, other) unless told
+    not to: specialized on sequence lengths, a server would compile the attention kernels again, while its
+    streams wait, for the first prompt of an odd length after tuning on powers of two. Every length argument
+    (and the LSE strides that follow the length) must be listed, by names the kernel has."""
+    if not attn.available("cuda" if torch.cuda.is_available() else "cpu"):
+        pytest.skip("needs triton on a GPU or TRITON_INTERPRET=1")
+    import triton
+
+    kernels = attn._kernels(_utils.interpreting())
+    for name in ("forward", "preprocess", "dkdv", "dq"):
+        fn = getattr(kernels, name).fn
+        jitted = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn  # the jitted function
+        if hasattr(jitted, "kwargs"):  # interpreted: the options as given
+            listed = list(jitted.kwargs.get("do_not_specialize") or ())
+        else:  # compiled: argument indices
+            listed = [jitted.arg_names[i] if isinstance(i, int) else i for i in jitted.do_not_specialize]
+        lengths = {"seqlen_q", "seqlen_k", "n_bh", "stride_lb", "stride_lh"} & set(jitted.arg_names)
+        assert "seqlen_q" in lengths and lengths <= set(listed) <= set(jitted.arg_names), (name, listed)
+
+
 @pytest.mark.skipif(not _utils.triton_importable(), reason="needs triton (configs are triton.Config objects)")
 @pytest.mark.parametrize("name", ["FWD", "DKDV", "DQ"])
 def test_config_pruning_follows_the_input_dtype(name):

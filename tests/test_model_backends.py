@@ -105,3 +105,21 @@ def test_chunked_loss_runs_its_matmuls_in_the_autocast_dtype(monkeypatch):
     for name, g in grads.items():
         scale = ref_grads[name].abs().max().item()
         close(g, ref_grads[name], 2e-3 * max(scale, 1.0))
+
+
+def test_auto_backend_resolves_inside_a_compiled_graph():
+    """The compiled CUDA decode step resolves "auto" while Dynamo traces it: the lookup must be traceable
+    (an importlib call there failed the whole compile on a GPU, which then served eagerly). Traced here for a
+    CUDA device without one: resolving reads no device."""
+    from model.attention import resolve_backend
+
+    def step(x):
+        backend = resolve_backend("auto", torch.device("cuda"), 64)
+        return x + 1 if backend == "triton" else x - 1
+
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(step, backend="eager", fullgraph=True)(torch.zeros(2))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, step(torch.zeros(2)))

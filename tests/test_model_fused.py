@@ -144,11 +144,12 @@ def test_engine_on_the_triton_backend_equals_the_torch_backend(tokenizer_dir):
     assert outputs["triton"] == outputs["torch"]
 
 
-def test_prefill_warm_up_runs_each_power_of_two_length_once(tokenizer_dir, monkeypatch):
-    """The server's start-up warm-up (`Engine.warm_up_prefill`): on the Triton backend one single-prompt
-    prefill per power-of-two length up to the prefill chunk, through flash attention (whose compile and
-    autotuning are per length bucket), leaving the engine idle with every block back in the pool; on the
-    torch backend nothing."""
+def test_prefill_warm_up_tunes_every_length_pair_once(tokenizer_dir, monkeypatch):
+    """The server's start-up warm-up (`Engine.warm_up_prefill`): on the Triton backend flash attention runs
+    once per pair of query and key length buckets a prefill step can meet (queries up to the prefill chunk and
+    no more than keys, keys up to the context: whole prompts, later chunks, prefix-cache hits; the kernel tunes
+    per pair), then one short prompt runs through the model, leaving the engine idle with every block back in
+    the pool; on the torch backend nothing."""
     if not norm.available("cpu"):
         pytest.skip("needs triton and TRITON_INTERPRET=1 set before triton is imported")
     import kernels.attention
@@ -164,15 +165,95 @@ def test_prefill_warm_up_runs_each_power_of_two_length_once(tokenizer_dir, monke
     real = kernels.attention.flash_attention
 
     def spy(q, k, v, *args, **kwargs):
-        seen.append((q.shape[2], k.shape[2]))
+        seen.append((q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.dtype))
         return real(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(kernels.attention, "flash_attention", spy)
-    for backend, expected in (("triton", [16, 32, 64]), ("torch", [])):
+    # queries up to the prefill chunk (64), keys up to the context (100: its bucket, 65..128, tuned at 100)
+    pairs = [(16, 16), (16, 32), (32, 32), (16, 64), (32, 64), (64, 64), (16, 100), (32, 100), (64, 100)]
+    for backend, expected in (("triton", pairs), ("torch", [])):
         model = build_model(config, weights, torch.device("cpu"), torch.float32, attn_backend=backend)
         engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=100, block_size=8, num_blocks=40,
                         max_prefill_tokens=64, native=False)
         assert engine.warm_up_prefill() == expected
         assert not engine.has_work
         assert_pool_empty(engine)
-    assert seen == [(16, 16), (32, 32), (64, 64)]
+    # the pairs with the model's heads and dtype, then the prompt's prefill
+    assert seen == [(t, s, 4, 2, torch.float32) for t, s in pairs] + [(16, 16, 4, 2, torch.float32)]
+
+
+def _launch_class(value, name: str, free: set[str]):
+    """What Triton compiles a launch anew for, per argument: a tensor's dtype and whether its address is 16-byte
+    aligned, an integer's class (1, a multiple of 16, other; 64-bit or not) unless the kernel does not specialize
+    on it, a float's type only; the autotuning keys' values (the attention kernels' length buckets and group
+    size); None and flags as they are. (Constexprs, passed by keyword, are compared as they are.)"""
+    if name in free:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, float):
+        return float
+    if isinstance(value, int) and not isinstance(value, bool) and name not in ("SEQ_BUCKET_Q", "SEQ_BUCKET_K",
+                                                                                 "group_size"):
+        return ("one" if value == 1 else "x16" if value % 16 == 0 else "other", abs(value) >= 2**31)
+    return value
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_serving_after_the_warm_up_compiles_and_tunes_nothing_new(tokenizer_dir, monkeypatch, family):
+    """On a GPU each Triton launch unlike any before it (another autotuning key, another specialization of an
+    argument) compiles or tunes while every running stream waits: after `Engine.warm_up_prefill`, a staggered
+    workload of prompts of all lengths (chunked, batched, decoding side by side, some sharing a prefix through
+    the prefix cache) must launch nothing new. Recorded here on the interpreter, launch by launch."""
+    if not norm.available("cpu"):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 set before triton is imported")
+    import random
+
+    from kernels import _utils
+    from model.engine import Engine, SamplingParams
+    from model.tokenizer import load_tokenizer
+
+    seen: dict[tuple, str] = {}
+    phase = ["warm-up"]
+    real_getitem = _utils.TritonKernel.__getitem__
+
+    def recording_getitem(self, grid):
+        launch = real_getitem(self, grid)
+        free = set(self.fn.kwargs.get("do_not_specialize") or ())
+
+        def run(*args, **kwargs):
+            classes = tuple((n, _launch_class(a, n, free)) for a, n in zip(args, self.fn.arg_names))
+            key = (self.fn.fn.__name__, classes + tuple(kwargs.items()))
+            seen.setdefault(key, phase[0])
+            return launch(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(_utils.TritonKernel, "__getitem__", recording_getitem)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = ModelConfig(vocab_size=tokenizer.n_vocab, n_layer=1, max_seq_len=64, **FAMILIES[family])
+    model = build_model(config, Transformer(config).state_dict(), torch.device("cpu"), torch.float32,
+                        attn_backend="triton")
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=64, block_size=8, num_blocks=60,
+                    max_prefill_tokens=32, native=False)
+    engine.warm_up_prefill()
+    phase[0] = "serving"
+    rng = random.Random(0)
+    shared = [rng.randrange(tokenizer.n_vocab) for _ in range(24)]
+    for i in range(10):
+        ids = [rng.randrange(tokenizer.n_vocab) for _ in range(rng.randint(1, 50))]
+        if i % 3 == 2:
+            ids = shared + ids[:20]  # a prefix-cache hit: the prompt's rest attends over cached keys
+        engine.add_request(ids, SamplingParams(max_tokens=rng.randint(1, 6), temperature=0.0, ignore_eos=True))
+        for _ in range(rng.randint(0, 2)):
+            engine.step()
+    while engine.has_work:
+        engine.step()
+    assert engine.pool.hit_tokens > 0
+    kernels_run = {k[0] for k in seen}
+    assert {"attn_fwd_kernel", "_rope_cache_kernel", "_add_norm_kernel", "_decode_split_kernel"} <= kernels_run
+    new = [k for k, when in seen.items() if when == "serving"]
+    warm = {k[0]: dict(k[1]) for k, when in seen.items() if when == "warm-up"}
+    assert not new, "launched first while serving: " + "; ".join(
+        f"{name} {[(n, warm.get(name, {}).get(n), c) for n, c in args if warm.get(name, {}).get(n) != c]}"
+        for name, args in new)
