@@ -5,7 +5,8 @@ that they compile: it accepts code the GPU compiler rejects, and it never sees a
 config that needs more shared memory than an SM has or spills registers. This
 script runs Kiln's real launchers (``kernels.softmax.softmax``, ``cross_entropy``,
 ``linear_cross_entropy``, ``flash_attention`` (+ varlen, + backward),
-``decode_attention`` and the fused ``add_norm``, ``rope_cache_write``, ``silu_mul``) on CPU tensors of realistic shapes, with Triton's driver
+``decode_attention``, the fused ``add_norm``, ``rope_cache_write``, ``silu_mul`` and the ``gemv``
+family) on CPU tensors of realistic shapes, with Triton's driver
 swapped for an offline one: every launch compiles -- for each autotune config the
 pruner keeps -- through Triton's real pipeline down to a cubin (the bundled
 ``ptxas``), and nothing is launched. The bundled ``cuobjdump`` then reads each
@@ -345,12 +346,31 @@ def _fused_launches(quick: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
         yield f"silu_mul {name} F=5632", lambda dtype=dtype: silu_mul(torch.zeros(4, 2 * 5632, dtype=dtype))
 
 
+def _gemv_launches(quick: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
+    from kernels.gemv import gemv, rmsnorm_gemv, silu_mul_gemv
+
+    dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)
+    shapes = ((2560, 2048), (2048, 5632)) if quick else ((2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632))
+    for dtype in dtypes:
+        name = str(dtype)[6:]
+        for n, k in shapes:
+            def run(dtype=dtype, n=n, k=k):
+                x, w, g = torch.zeros(4, k, dtype=dtype), torch.zeros(n, k, dtype=dtype), torch.ones(k, dtype=dtype)
+                gemv(x, w)
+                rmsnorm_gemv(x, x, g, w)
+                rmsnorm_gemv(x, None, g, w)
+                silu_mul_gemv(torch.zeros(4, 2 * k, dtype=dtype), w)
+
+            yield f"gemv {name} {n}x{k}", run
+
+
 LAUNCHES = {
     "softmax": _softmax_launches,
     "cross_entropy": _cross_entropy_launches,
     "attention": _attention_launches,
     "decode": _decode_launches,
     "fused": _fused_launches,
+    "gemv": _gemv_launches,
 }
 
 

@@ -13,12 +13,14 @@
 # The plan for the next 15-minute lease, one call each (the machine stays warm between calls;
 # the fifth lease, 2026-11-26 session 16, ran retests-ce, profile-compile, serve-gpt2-124m,
 # serve-llama-1.1b, online-gpt2-124m and online-llama-1.1b: bench/RESULTS.md):
-#   1. bash bench/gpu_session.sh quick kernels online-gpt2-124m   carry .whl (~5 minutes): the attention
-#      kernels are no longer specialized on lengths (session 16): kernels checks they are as fast as
-#      the earlier leases measured; the online run keeps the server's log with Triton's autotuning
-#      printed (what still stalls GPT-2's first online rate: TTFT p99 1.5 s)
-#   2. quick retests (the GPU tests, attention and decode among them, since the kernels' jit options
-#      changed)
+#   1. bash bench/gpu_session.sh quick gemv kernels online-gpt2-124m   carry .whl (~7 minutes): gemv
+#      times kernels/gemv.py (session 16, never run on a GPU: the 1.1B step's products with the norm or
+#      SwiGLU fused in, against cuBLAS and the current path) -- if it beats them, wiring it into the
+#      decode step is the next lever for issue 8's batch-1 roofline; the attention kernels are no
+#      longer specialized on lengths (session 16): kernels checks they are as fast as the earlier
+#      leases measured; the online run keeps the server's debug log, with Triton's autotuning printed
+#      and each slow engine step logged (what still stalls GPT-2's first online rate: TTFT p99 1.5 s)
+#   2. quick retests (the GPU tests, attention, decode and gemv among them)
 # Installing what default-model brings back (FILES = the call's files_at):
 #   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/
 #   cp data/corpus/manifest.json model/default/corpus_manifest.json
@@ -27,7 +29,8 @@
 # make test (only for a clearly better model: each copy of the weights stays in git history).
 # Phases: tests (every GPU test, 8 workers), retests (the GPU tests not yet passed on a GPU),
 # hf-check (HF generate timed several ways, bench/hf_step_check.py),
-# kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes),
+# kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes), gemv (kernels/gemv.py
+# vs cuBLAS and the unfused path, CUDA-graph replay),
 # decode-configs (GPU time of each decode launch config, CUDA-graph replay), fused (add+norm,
 # rope+cache write and SwiGLU kernels vs torch and torch.compile, CUDA-graph replay),
 # serve-SHAPE (serve_bench at one shape, reduced online load), online-SHAPE (a live server alone:
@@ -116,7 +119,7 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                     tests/test_cuda_graphs.py tests/test_async_scheduling.py tests/test_kernels_fused.py \
                     tests/test_model_fused.py tests/test_sampling.py tests/test_kernels_attention.py \
                     tests/test_kernels_decode.py tests/test_kernels_softmax.py tests/test_kernels_cross_entropy.py \
-                    -k "gpu"
+                    tests/test_kernels_gemv.py -k "gpu"
                 STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels_torch_compile.py
                 ;;
             retests-ce)  # the cross-entropy GPU tests (first-launch restore fix) and the torch.compile tests
@@ -127,6 +130,9 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 ;;
             fused)  # the fused inference kernels vs the torch ops they replace (CUDA-graph replay)
                 STAGE_TIMEOUT=90 stage kernels python3 bench/bench_fused.py --dtype bf16 --rep 30
+                ;;
+            gemv)  # the decode step's matrix-vector products, norm / SwiGLU fused in, vs cuBLAS (graph replay)
+                STAGE_TIMEOUT=150 stage kernels python3 bench/bench_gemv.py --dtype bf16 --rep 30 --rows 1,4
                 ;;
             decode-configs)
                 STAGE_TIMEOUT=60 stage kernels python3 bench/decode_configs.py --rep 30
@@ -180,7 +186,7 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
             online-*)  # a live server alone at one shape (no HF, no offline batches): its start-up and online rates
                 TRITON_PRINT_AUTOTUNING=1 STAGE_TIMEOUT=110 stage serve python3 bench/serve_bench.py \
                     --shapes "${phase#online-}" --reps 1 --batches 1 --skip-hf --online-requests 48 \
-                    --online-rates 8,32,8.5 --online-time-limit 25 "--server-args=--log-level info" \
+                    --online-rates 8,32,8.5 --online-time-limit 25 "--server-args=--log-level debug" \
                     --server-log "$OUT/server-${phase#online-}.log" --markdown \
                     --json "$OUT/online-${phase#online-}.json"
                 ;;

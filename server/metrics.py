@@ -16,6 +16,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 20.0, 40.0, 80.0, 160.0, 640.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
                5.0, 10.0, 20.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0,
                    240.0, 480.0, 960.0, 1920.0)
 
@@ -38,6 +39,9 @@ class ServerMetrics:
         self.request_queue_time = Histogram(
             "kiln_request_queue_time_seconds", "Arrival to the start of the prefill step, per sequence.",
             buckets=REQUEST_BUCKETS, registry=r)
+        self.engine_step = Histogram(
+            "kiln_engine_step_seconds", "Duration of each engine step (admission, prefill chunks, one decode "
+            "step); every running sequence waits for it.", buckets=STEP_BUCKETS, registry=r)
         self.prompt_tokens = Counter("kiln_prompt_tokens", "Prompt tokens of the sequences that started "
                                      "generating (prefix-cache hits included; each of n choices counts, as in "
                                      "vLLM).", registry=r)

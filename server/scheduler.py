@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ from model.scoring import ScoreTask
 from .metrics import ServerMetrics
 
 log = logging.getLogger("kiln.server")
+
+# A step this much slower than the recent median, and at least this long, is logged (debug): every running
+# stream waited for it (a kernel compiling or tuning, a preemption, a long prefill chunk).
+SLOW_STEP_FACTOR, SLOW_STEP_MIN_S = 10.0, 0.25
 
 # scheduler states
 CREATED, STARTING, READY, STOPPING, STOPPED, FAILED = "created", "starting", "ready", "stopping", "stopped", "failed"
@@ -157,6 +162,7 @@ class Scheduler:
         self._num_waiting = 0  # sequences submitted and not yet prefilled (incl. pending score inputs)
         self._sequences: dict[int, _Sequence] = {}  # request_id -> sequence; worker-only
         self._unstarted: list[_Sequence] = []  # admitted, no prefill chunk run yet (for queue time); worker-only
+        self._step_seconds: collections.deque[float] = collections.deque(maxlen=128)  # worker-only, recent steps
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -350,6 +356,7 @@ class Scheduler:
         started = time.monotonic()
         outputs = self.engine.step()
         now = time.monotonic()
+        self._note_step(now - started)
         m = self.metrics
         if self._unstarted:  # queue time: until the step that ran the sequence's first prefill chunk
             waiting = []
@@ -387,6 +394,18 @@ class Scheduler:
                 del self._sequences[out.request.request_id]
                 m.e2e_request_latency.observe(now - generation.arrival)
                 m.request_finish.labels(finish_reason=out.finish_reason).inc()
+
+    def _note_step(self, seconds: float) -> None:
+        """Observe a step's duration; log one far slower than the recent ones (debug: which steps stalled the
+        streams, next to what else the log says happened then)."""
+        self.metrics.engine_step.observe(seconds)
+        recent = self._step_seconds
+        if seconds >= SLOW_STEP_MIN_S and len(recent) >= 16 and log.isEnabledFor(logging.DEBUG):
+            typical = statistics.median(recent)
+            if seconds > SLOW_STEP_FACTOR * typical:
+                log.debug("slow engine step: %.3f s, %.0fx the median of the last %d (%.1f ms); %d sequences running",
+                          seconds, seconds / typical, len(recent), typical * 1e3, len(self.engine.running))
+        recent.append(seconds)
 
     def _start_scoring(self, jobs: list[ScoreJob]) -> None:
         """Encode and validate new perplexity jobs; each becomes (part of) a resumable engine task."""

@@ -156,6 +156,18 @@ def test_bench_fused_checks_run_on_the_interpreter():
     assert "checked: add + rmsnorm, rope + cache write, silu * up equal the torch ops" in proc.stdout
 
 
+def test_bench_gemv_checks_run_on_the_interpreter():
+    """bench/bench_gemv.py's correctness checks (each product against the unfused ops, as the GPU run does
+    before timing) at tiny shapes on the CPU's Triton interpreter."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_gemv.py"), "--check-only", "--tiny", "--dtype", "fp32",
+           "--rows", "1,3"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    assert "checked: gemv, rmsnorm_gemv, silu_mul_gemv equal the unfused ops" in proc.stdout
+
+
 def test_hf_step_check_runs_on_the_cpu():
     """bench/hf_step_check.py (HF generate timed several ways, a GPU diagnostic) at a tiny shape on the CPU."""
     pytest.importorskip("transformers")

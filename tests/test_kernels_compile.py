@@ -26,7 +26,7 @@ KERNELS = {
     "_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel",
     "attn_fwd_kernel", "attn_bwd_preprocess_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel",
     "_decode_split_kernel", "_decode_merge_kernel",
-    "_add_norm_kernel", "_rope_cache_kernel", "_silu_mul_kernel",
+    "_add_norm_kernel", "_rope_cache_kernel", "_silu_mul_kernel", "_gemv_kernel",
 }
 H100_SHARED = 232448
 
@@ -71,7 +71,8 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     # Every family's launches were reached (a launch whose kernels were all compiled
     # before adds no rows, so look for the launch names in the log).
     for family in ("softmax float32 V=128256", "cross_entropy bfloat16", "linear_cross_entropy",
-                   "flash_attention bfloat16 D=128 causal", "flash_attention_varlen", "decode_attention bfloat16 B=1"):
+                   "flash_attention bfloat16 D=128 causal", "flash_attention_varlen", "decode_attention bfloat16 B=1",
+                   "gemv bfloat16"):
         assert family in proc.stdout, family
 
 
@@ -136,12 +137,13 @@ from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 
 import compile_check
-from kernels import attention, decode, norm, softmax
+from kernels import attention, decode, gemv, norm, softmax
 from triton.runtime import driver
 
 CONSTEXPRS = {"CAUSAL": True, "VARLEN": False, "HEAD_DIM": 64, "DOT_PRECISION": "tf32", "BLOCK_M": 64,
               "BLOCK_N": 64, "BLOCK_G": 16, "SPLIT": True, "PER_ROW_T": False, "BLOCK": 1024, "CHUNKS_POW2": 4,
-              "HAS_RESIDUAL": True, "HAS_BIAS": False, "RMS": True, "REVERSE": True, "L2_HINTS": False}
+              "HAS_RESIDUAL": True, "HAS_BIAS": False, "RMS": True, "REVERSE": True, "L2_HINTS": False,
+              "PROLOGUE": 1, "BLOCK_K": 64}
 FP32_POINTERS = {"Lse", "Delta", "OutPartial", "LsePartial", "M", "S", "T", "Y"}
 INT_POINTERS = {"CuSeqlensQ", "CuSeqlensK", "BlockTable", "Lengths"}
 
@@ -152,7 +154,7 @@ def arg_type(kernel, name):
     if name in INT_POINTERS:
         return "*i32"
     if name[0].isupper():
-        return "*fp32" if name in FP32_POINTERS and kernel != "_add_norm_kernel" else "*bf16"
+        return "*fp32" if name in FP32_POINTERS and kernel not in ("_add_norm_kernel", "_gemv_kernel") else "*bf16"
     return "i32"
 
 
@@ -160,7 +162,7 @@ driver.set_active(compile_check._OfflineDriver(90))
 target = GPUTarget("cuda", 90, 32)
 compiled = []
 handles = [h for module in (attention, decode, softmax) for h in vars(module._kernels(False)).values()]
-for handle in handles + [norm._kernel(False)]:
+for handle in handles + [norm._kernel(False), gemv._kernel(False)]:
     jit = handle.fn.fn if isinstance(handle.fn, Autotuner) else handle.fn
     if not any("scale" in name or name == "eps" for name in jit.arg_names):
         continue
@@ -185,5 +187,52 @@ def test_kernels_compile_with_fp64_float_arguments_as_torch_compile_passes_them(
     compiled = proc.stdout.split("COMPILED", 1)[1]
     for name in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "_decode_split_kernel",
                  "_softmax_row_kernel", "_softmax_chunk_stats_kernel", "_softmax_chunk_normalize_kernel",
-                 "_add_norm_kernel"):
+                 "_add_norm_kernel", "_gemv_kernel"):
         assert name in compiled, proc.stdout[-2000:]
+
+
+# Triton compiles a kernel anew for each integer argument's class (1, a multiple of 16, other) unless the
+# kernel says not to: lengths that vary with every prompt must not, or a server compiles mid-serving.
+LENGTHS = '''
+import torch
+
+import compile_check
+from kernels.attention import flash_attention
+from kernels.decode import decode_attention
+
+launches = []
+# queries of 1, 7 and 16 tokens over 17 keys (buckets 16 x 32), then 33, 48 and 64 over as many (64 x 64):
+# each integer class (1, other, a multiple of 16) within one autotuning bucket; batch x heads and the decode
+# block table's width and split count vary too
+for batch, (length, keys) in zip((1, 3, 4, 1, 3, 4), ((1, 17), (7, 17), (16, 17), (33, 33), (48, 48), (64, 64))):
+    def prefill(batch=batch, length=length, keys=keys):
+        q = torch.randn(batch, 4, length, 64, dtype=torch.bfloat16)
+        k, v = torch.randn(2, batch, 2, keys, 64, dtype=torch.bfloat16)
+        flash_attention(q, k, v, causal=True)
+
+    def decode(batch=batch, length=length):
+        k_cache, v_cache = torch.randn(2, 8, 16, 2, 64, dtype=torch.bfloat16)
+        table = torch.arange(batch * (1 + length % 3)).view(batch, -1) % 8
+        decode_attention(torch.randn(batch, 4, 64, dtype=torch.bfloat16), k_cache, v_cache, table,
+                         torch.full((batch,), 5, dtype=torch.int32), num_splits=3 + length % 2)
+
+    launches += [(f"prefill {batch}x{length}", prefill), (f"decode {batch}x{length}", decode)]
+report = compile_check.check(90, launches, max_configs=1)
+print("ERRORS", report.errors)
+print("COMPILED", sorted(f"{item.kernel} {item.config}" for item in report.compiled))
+'''
+
+
+def test_lengths_and_batch_sizes_compile_nothing_new(tmp_path):
+    script = tmp_path / "lengths.py"
+    script.write_text(LENGTHS)
+    proc = _run([str(script)], tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "ERRORS []" in proc.stdout, proc.stdout[-3000:]
+    compiled = eval(proc.stdout.split("COMPILED", 1)[1])  # noqa: S307 -- our own script's list
+    # one variant per kernel and config (the two attention buckets choose their own configs), whatever
+    # the lengths, batch sizes, table widths and split counts
+    assert len(compiled) == len(set(compiled)), proc.stdout[-3000:]
+    assert sum(c.startswith("attn_fwd_kernel ") for c in compiled) == 2, compiled
+    assert sum(c.startswith("_decode_split_kernel ") for c in compiled) == 1, compiled
+    assert sum(c.startswith("_decode_merge_kernel ") for c in compiled) == 1, compiled

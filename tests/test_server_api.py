@@ -558,6 +558,7 @@ def test_metrics_move(client, ref):
     assert delta("kiln_inter_token_latency_seconds_count") == 6
     assert delta("kiln_e2e_request_latency_seconds_count") == 1
     assert delta("kiln_request_queue_time_seconds_count") == 1
+    assert delta("kiln_engine_step_seconds_count") >= 7  # a step per token at least (prefill, six decodes)
     assert delta("kiln_perplexity_requests_total", status="ok") == 1
     assert delta("kiln_perplexity_latency_seconds_count") == 1
     # the first token has no context: it is not scored

@@ -288,3 +288,31 @@ def test_a_dropped_perplexity_job_stops_scoring(llama_dir):
 
     asyncio.run(scenario())
     assert metrics.registry.get_sample_value("kiln_perplexity_requests_total", {"status": "abort"}) == 1
+
+
+def test_a_step_far_slower_than_the_recent_ones_is_logged_at_debug(caplog):
+    """Each step's duration goes to kiln_engine_step_seconds; one both >= SLOW_STEP_MIN_S and SLOW_STEP_FACTOR
+    times the recent median is logged at debug (how a stall mid-serving, a kernel compiling, shows in a log),
+    and nothing is logged while steps run at their usual pace or before there is a median to compare with."""
+    import logging
+
+    from server import scheduler as sched
+
+    class Idle:  # the engine attributes the log line reads
+        running = [object(), object()]
+
+        def step(self):
+            return []
+
+    metrics = ServerMetrics("m")
+    s = Scheduler(Idle(), metrics)
+    caplog.set_level(logging.DEBUG, logger="kiln.server")
+    s._note_step(1.0)  # no history yet: nothing to compare with
+    for _ in range(20):
+        s._note_step(0.002)
+    s._note_step(0.019)  # slower, but not a stall
+    assert not [r for r in caplog.records if "slow engine step" in r.message]
+    s._note_step(sched.SLOW_STEP_MIN_S)
+    slow = [r.getMessage() for r in caplog.records if "slow engine step" in r.getMessage()]
+    assert len(slow) == 1 and "2 sequences running" in slow[0] and "median of the last 22 (2.0 ms)" in slow[0]
+    assert "kiln_engine_step_seconds_count 23.0" in metrics.render().decode()

@@ -1,0 +1,101 @@
+"""kernels.gemv: a few rows times a weight matrix, plain or after a fused RMSNorm or SwiGLU.
+
+CPU tests run the kernel in the Triton interpreter at tiny, awkward shapes (1 to 16 rows, widths
+that end mid-tile) in fp32/fp16 against the unfused kernels' references and an fp64 product;
+GPU tests run it compiled in bf16 at the Llama 1.1B decode shapes and skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels import activation, gemv, norm  # noqa: E402
+from kernel_checks import assert_close, requires_cuda, skip_unless_interpreted  # noqa: E402
+
+on_cpu_interpreter = skip_unless_interpreted(gemv)
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def _inputs(shape, dtype, device, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def _product(a, weight):
+    """The exact product of the (already rounded) inputs, rounded once to their dtype."""
+    return (a.double() @ weight.double().T).to(a.dtype)
+
+
+def check_all(rows, n, k, dtype, device):
+    x, residual = _inputs((rows, k), dtype, device, 1), _inputs((rows, k), dtype, device, 2)
+    h = _inputs((rows, 2 * k), dtype, device, 3)
+    weight = _inputs((n, k), dtype, device, 4, scale=k ** -0.5)
+    gain = 1 + 0.1 * _inputs((k,), dtype, device, 5)
+    atol, rtol = TOL[dtype]
+    what = f"{rows}x{k} @ {n}x{k} {dtype}"
+
+    got = gemv.gemv(x, weight)
+    assert got.shape == (rows, n) and got.dtype == dtype
+    assert_close(got, _product(x, weight), atol, rtol, "gemv " + what)
+
+    for res in (residual, None):
+        got, summed = gemv.rmsnorm_gemv(x, res, gain, weight, 1e-5)
+        normed, want_summed = norm.add_norm_reference(x, res, gain, None, 1e-5, True)
+        assert_close(summed, want_summed, 0, 0, f"rmsnorm_gemv summed {what} residual={res is not None}")
+        assert_close(got, _product(normed, weight), atol, rtol, f"rmsnorm_gemv {what} residual={res is not None}")
+        if res is None:
+            assert summed is x
+
+    got = gemv.silu_mul_gemv(h, weight)
+    assert_close(got, _product(activation.silu_mul_reference(h), weight), atol, rtol, "silu_mul_gemv " + what)
+
+
+@on_cpu_interpreter
+@pytest.mark.parametrize("rows,n,k", [(1, 17, 40), (3, 40, 33), (16, 16, 64), (2, 33, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_the_unfused_kernels_and_an_exact_product(rows, n, k, dtype):
+    check_all(rows, n, k, dtype, "cpu")
+
+
+@on_cpu_interpreter
+def test_references_equal_the_unfused_torch_ops():
+    x, residual = _inputs((2, 24), torch.float32, "cpu", 1), _inputs((2, 24), torch.float32, "cpu", 2)
+    weight, gain = _inputs((8, 24), torch.float32, "cpu", 3), _inputs((24,), torch.float32, "cpu", 4)
+    y, summed = gemv.rmsnorm_gemv_reference(x, residual, gain, weight)
+    normed, _ = norm.add_norm_reference(x, residual, gain, None, 1e-5, True)
+    torch.testing.assert_close(y, normed @ weight.T)
+    torch.testing.assert_close(summed, residual + x)
+    h = _inputs((2, 48), torch.float32, "cpu", 5)
+    torch.testing.assert_close(gemv.silu_mul_gemv_reference(h, weight), activation.silu_mul_reference(h) @ weight.T)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: gemv.gemv_reference(torch.zeros(17, 8), torch.zeros(4, 8)), "1 to 16 rows"),
+    (lambda: gemv.gemv_reference(torch.zeros(2, 8), torch.zeros(4, 6)), r"weight must be \(N, 8\)"),
+    (lambda: gemv.gemv_reference(torch.zeros(2, 8), torch.zeros(4, 8, dtype=torch.float16)), "dtype"),
+    (lambda: gemv.gemv_reference(torch.zeros(8), torch.zeros(4, 8)), "2-D"),
+    (lambda: gemv.silu_mul_gemv_reference(torch.zeros(2, 7), torch.zeros(4, 3)), "even"),
+    (lambda: gemv.rmsnorm_gemv_reference(torch.zeros(2, 8), torch.zeros(3, 8), torch.ones(8), torch.zeros(4, 8)),
+     "residual"),
+    (lambda: gemv.rmsnorm_gemv_reference(torch.zeros(2, 8), None, torch.ones(6), torch.zeros(4, 8)),
+     "norm_weight"),
+    (lambda: gemv.rmsnorm_gemv_reference(torch.zeros(2, 8), None, torch.ones(8), torch.zeros(4, 8), eps=0),
+     "eps"),
+])
+def test_bad_inputs_raise_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@requires_cuda
+@pytest.mark.parametrize("rows", [1, 4, 16])
+@pytest.mark.parametrize("n,k", [(2560, 2048), (2048, 2048), (2048, 5632), (11264, 2048)])
+def test_gpu_llama_decode_shapes(rows, n, k):
+    check_all(rows, n, k, torch.bfloat16, "cuda")
