@@ -13,12 +13,13 @@
 # The plan for the next 15-minute lease, one call each (the machine stays warm between calls;
 # the fifth lease, 2026-11-26 session 16, ran retests-ce, profile-compile, serve-gpt2-124m,
 # serve-llama-1.1b, online-gpt2-124m and online-llama-1.1b: bench/RESULTS.md):
-#   1. bash bench/gpu_session.sh quick gemv kernels online-gpt2-124m   carry .whl (~7 minutes): gemv
-#      times kernels/gemv.py (session 16, never run on a GPU: the 1.1B step's products with the norm or
-#      SwiGLU fused in, against cuBLAS and the current path) -- if it beats them, wiring it into the
-#      decode step is the next lever for issue 8's batch-1 roofline; the attention kernels are no
-#      longer specialized on lengths (session 16): kernels checks they are as fast as the earlier
-#      leases measured; the online run keeps the server's debug log, with Triton's autotuning printed
+#   1. bash bench/gpu_session.sh quick gemv profile-gemv kernels online-gpt2-124m   carry .whl (~8
+#      minutes): gemv times kernels/gemv.py (session 16, never run on a GPU: the 1.1B step's products
+#      with the norm or SwiGLU fused in, against cuBLAS and the current path) and profile-gemv the
+#      batch-1 step through it (Transformer.fused_gemv, off by default; the last lease's plain step:
+#      1.397 ms) -- if faster, turning it on is the next lever for issue 8's roofline; the attention
+#      kernels are no longer specialized on lengths (session 16): kernels checks they are as fast as
+#      the earlier leases measured; the online run keeps the server's debug log, with Triton's autotuning printed
 #      and each slow engine step logged (what still stalls GPT-2's first online rate: TTFT p99 1.5 s)
 #   2. quick retests (the GPU tests, attention, decode and gemv among them)
 # Installing what default-model brings back (FILES = the call's files_at):
@@ -38,7 +39,8 @@
 # train (training MFU), train-logits (Kiln's loss from whole logits + the CE kernel), train-cudnn
 # (PyTorch attention on its cuDNN backend, both sides),
 # profile (bench/profile_step.py: host and GPU time of a batch-1 decode step, 1.1B shape),
-# profile-compile (the same, the step compiled before capture),
+# profile-compile (the same, the step compiled before capture), profile-gemv (the same through
+# kernels/gemv.py),
 # serve-compile (the 1.1B shape's offline engine with --compile, no HF or server).
 # The full-length stages, one per call, for a longer lease:
 #   bash bench/gpu_session.sh tests     # GPU correctness: kernels, CUDA graphs, async scheduling
@@ -154,6 +156,10 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 STAGE_TIMEOUT=120 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64
                 STAGE_TIMEOUT=90 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 16 \
                     --no-cuda-graphs --top 30
+                ;;
+            profile-gemv)  # the same step through kernels.gemv (Transformer.fused_gemv)
+                STAGE_TIMEOUT=120 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \
+                    --gemv
                 ;;
             profile-compile)  # the same step compiled before capture
                 STAGE_TIMEOUT=150 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \

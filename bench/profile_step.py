@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=25, help="rows of each table")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (on CUDA before the graphs are captured)")
+    p.add_argument("--gemv", action="store_true",
+                   help="decode steps through kernels.gemv (norm / SwiGLU fused into the products; "
+                        "Transformer.fused_gemv, off by default)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="eager decode: the host profile then shows every kernel launch's own cost")
     return p
@@ -78,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         serve_bench.build_model_dir(shape, tokenizer_dir, Path(tmp), device, DTYPES[dtype], seed=0)
         model = load_model(tmp, device=device, dtype=dtype)
         tokenizer = load_tokenizer(tmp)
+    model.fused_gemv = args.gemv
     engine = Engine(model, tokenizer, max_batch_size=args.batch, cuda_graphs=not args.no_cuda_graphs,
                     compile=args.compile, speculative_tokens=0)  # one token per sequence per step
     print(f"{shape.name} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, "
           f"batch {args.batch}; torch {torch.__version__}; decode path: {engine.decode_path}; "
-          f"CUDA graphs: {engine._graphs is not None}; async scheduling: {engine.async_scheduling}"
+          f"CUDA graphs: {engine._graphs is not None}; async scheduling: {engine.async_scheduling}; "
+          f"gemv: {args.gemv}"
           + (f"; compiled in {engine.compile_seconds:.1f} s" if engine.compile_seconds is not None else "")
           + (f"; not compiled: {engine.compile_error}" if engine.compile_error else ""))
 

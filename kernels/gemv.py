@@ -24,7 +24,8 @@ kernels (``kernels.norm.add_norm``, ``kernels.activation.silu_mul``): the same r
 input dtype, then the product.
 
 Status: correct on the interpreter and compiled for sm_90 offline; not yet timed on a GPU
-(``bench/bench_gemv.py``), and the model does not call it.
+(``bench/bench_gemv.py``; ``bench/profile_step.py --gemv`` for a whole decode step). The model's
+decode steps use it only when ``Transformer.fused_gemv`` is set (``_forward_gemv``), off by default.
 """
 
 from __future__ import annotations

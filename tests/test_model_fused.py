@@ -43,9 +43,9 @@ def tiny(family: str, device: str, dtype: torch.dtype) -> Transformer:
     return build_model(config, model.state_dict(), torch.device(device), dtype, attn_backend="triton")
 
 
-def run(model: Transformer, fused: bool, steps, tokens):
+def run(model: Transformer, fused: bool, steps, tokens, gemv: bool = False):
     """Prefill and decode on a fresh cache; returns each step's logits at the real positions and the cache."""
-    model.fused_inference = fused
+    model.fused_inference, model.fused_gemv = fused, gemv
     seqs = Sequences(KVCache(model.config, num_blocks=40, block_size=4, max_seq_len=48,
                              device=tokens.device, dtype=next(model.parameters()).dtype))
     rows = [seqs.allocate() for _ in range(tokens.shape[0])]
@@ -83,6 +83,50 @@ def check(family: str, device: str, dtype: torch.dtype, tol: float) -> None:
     real = torch.arange(kv_got.num_blocks, device=device) != NULL_BLOCK
     for name in ("k", "v"):
         assert_close(getattr(kv_got, name)[:, real], getattr(kv_want, name)[:, real], tol, tol, f"{family} {name} cache")
+
+
+@torch.no_grad()
+def test_gemv_decode_steps_equal_the_fused_forward(monkeypatch):
+    """`fused_gemv`: steps of at most 16 tokens of a Llama-style model run norm + qkv, norm + gate/up and
+    SwiGLU + down as `kernels.gemv` products (longer steps and GPT-2-style models keep `_forward_fused`),
+    with the same logits and cache writes."""
+    if not norm.available("cpu"):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 set before triton is imported")
+    check_gemv(monkeypatch, "cpu", 1e-4)
+
+
+@requires_cuda
+@torch.no_grad()
+def test_gemv_decode_steps_equal_the_fused_forward_on_gpu(monkeypatch):
+    check_gemv(monkeypatch, "cuda", 1e-3)  # tf32 matmuls in both; fp32 everywhere else
+
+
+def check_gemv(monkeypatch, device: str, tol: float) -> None:
+    from kernels import gemv
+
+    prologues = []
+    real_launch = gemv._launch
+
+    def spy(prologue, *args):
+        prologues.append(prologue)
+        return real_launch(prologue, *args)
+
+    monkeypatch.setattr(gemv, "_launch", spy)
+    tokens = torch.randint(0, 200, (3, 20), generator=torch.Generator().manual_seed(1)).to(device)
+    # a 27-token padded prefill (too many rows), a 12-token step (3 rows x 4), then decode steps
+    steps = [[5, 9, 2], [1, 4, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1]]
+    for family in ("llama", "gpt2"):
+        model = tiny(family, device, torch.float32)
+        got, kv_got = run(model, True, steps, tokens, gemv=True)
+        want, kv_want = run(model, True, steps, tokens)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, tol, tol, f"{family} step {i} logits")
+        for name in ("k", "v"):
+            assert_close(getattr(kv_got, name), getattr(kv_want, name), tol, tol, f"{family} {name} cache")
+        if family == "llama":  # 4 steps x 2 layers x (norm + qkv, norm + gate/up, SwiGLU + down)
+            assert sorted(prologues) == [gemv._RMSNORM] * 16 + [gemv._SILU_MUL] * 8, prologues
+            prologues.clear()
+    assert not prologues, "the GPT-2-style model took the gemv path"
 
 
 def test_training_and_the_torch_backend_never_take_the_fused_path(monkeypatch):
