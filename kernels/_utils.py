@@ -244,6 +244,14 @@ def check_tensor(name: str, x: Any, ndim: int, dtypes: Sequence[torch.dtype] | N
         raise ValueError(f"{name} has dtype {x.dtype}; allowed: {allowed}")
 
 
+def check_residual(residual: Any, x: torch.Tensor) -> None:
+    """Raise ValueError unless ``residual`` is None or a tensor of x's shape and dtype."""
+    if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != x.shape
+                                 or residual.dtype != x.dtype):
+        raise ValueError(f"residual must be None or a tensor of x's shape {tuple(x.shape)} and dtype {x.dtype}, "
+                         f"got {getattr(residual, 'shape', type(residual).__name__)}")
+
+
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     """Raise ValueError unless all tensors live on one device; return it."""
     devices = {name: t.device for name, t in tensors.items()}

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from kernels._utils import (
     FLOAT_DTYPES,
+    check_residual,
     check_same_device,
     check_tensor,
     check_triton_device,
@@ -188,10 +189,8 @@ def _check_norm_inputs(x, residual, norm_weight, weight, eps) -> None:
     if norm_weight.shape[0] != x.shape[1]:
         raise ValueError(f"norm_weight must be ({x.shape[1]},), got {tuple(norm_weight.shape)}")
     tensors = {"x": x, "norm_weight": norm_weight}
+    check_residual(residual, x)
     if residual is not None:
-        if not isinstance(residual, torch.Tensor) or residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"residual must be None or a tensor of x's shape {tuple(x.shape)} and dtype {x.dtype}, "
-                             f"got {getattr(residual, 'shape', type(residual).__name__)}")
         tensors["residual"] = residual
     check_same_device(**tensors)
     if not float(eps) > 0:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from kernels._utils import (
     FLOAT_DTYPES,
+    check_residual,
     check_same_device,
     check_tensor,
     check_triton_device,
@@ -145,10 +146,8 @@ def _check_inputs(x, residual, weight, bias, eps, rms) -> None:
     if weight.shape[0] != d:
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({d},) to match x {tuple(x.shape)}")
     tensors = {"x": x, "weight": weight}
+    check_residual(residual, x)
     if residual is not None:
-        if not isinstance(residual, torch.Tensor) or residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"residual must be None or a tensor of x's shape {tuple(x.shape)} and dtype {x.dtype}, "
-                             f"got {getattr(residual, 'shape', type(residual).__name__)}")
         tensors["residual"] = residual
     if bias is not None:
         if rms:
