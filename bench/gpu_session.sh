@@ -113,7 +113,7 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                     --durations=10 -k gpu tests/test_kernels_attention.py tests/test_kernels_decode.py \
                     tests/test_kernels_softmax.py tests/test_kernels_cross_entropy.py tests/test_cuda_graphs.py \
                     tests/test_async_scheduling.py tests/test_kernels_fused.py tests/test_model_fused.py \
-                    tests/test_sampling.py
+                    tests/test_sampling.py tests/test_kernels_gemv.py
                 STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels_torch_compile.py
                 ;;
             retests)  # the GPU tests that have not passed on a GPU yet (new, or their kernels changed since)
@@ -233,7 +233,7 @@ case "${1:-}" in
             tests/test_kernels_decode.py tests/test_kernels_softmax.py tests/test_kernels_cross_entropy.py \
             tests/test_cuda_graphs.py tests/test_async_scheduling.py tests/test_model_backends.py \
             tests/test_engine.py tests/test_paged_engine.py tests/test_kernels_torch_compile.py \
-            tests/test_kernels_fused.py tests/test_model_fused.py tests/test_sampling.py
+            tests/test_kernels_fused.py tests/test_model_fused.py tests/test_sampling.py tests/test_kernels_gemv.py
         ;;
     kernels)
         setup
