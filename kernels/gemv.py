@@ -146,7 +146,7 @@ def _silu_mul_gemv_impl(h, weight):
     return _launch(_SILU_MUL, h, None, None, weight, 0.0, None)
 
 
-def _out_fake(x, weight, *args):
+def _out_fake(x, weight):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -155,8 +155,7 @@ def _add_rmsnorm_gemv_fake(x, residual, norm_weight, weight, eps):
 
 
 # Custom ops, so a torch.compile'd decode step holds each launch as one opaque node.
-_gemv = kernel_op("gemv", "(Tensor x, Tensor weight) -> Tensor", _gemv_impl,
-                  lambda x, weight: _out_fake(x, weight), public="gemv")
+_gemv = kernel_op("gemv", "(Tensor x, Tensor weight) -> Tensor", _gemv_impl, _out_fake, public="gemv")
 _rmsnorm_gemv = kernel_op("rmsnorm_gemv", "(Tensor x, Tensor norm_weight, Tensor weight, float eps) -> Tensor",
                           _rmsnorm_gemv_impl, lambda x, g, weight, eps: _out_fake(x, weight), public="rmsnorm_gemv")
 _add_rmsnorm_gemv = kernel_op(
@@ -164,8 +163,8 @@ _add_rmsnorm_gemv = kernel_op(
     "(Tensor x, Tensor residual, Tensor norm_weight, Tensor weight, float eps) -> (Tensor, Tensor)",
     _add_rmsnorm_gemv_impl, _add_rmsnorm_gemv_fake, public="rmsnorm_gemv",
 )
-_silu_mul_gemv = kernel_op("silu_mul_gemv", "(Tensor h, Tensor weight) -> Tensor", _silu_mul_gemv_impl,
-                           lambda h, weight: _out_fake(h, weight), public="silu_mul_gemv")
+_silu_mul_gemv = kernel_op("silu_mul_gemv", "(Tensor h, Tensor weight) -> Tensor", _silu_mul_gemv_impl, _out_fake,
+                           public="silu_mul_gemv")
 
 
 # ----------------------------------------------------------------------------- input checks

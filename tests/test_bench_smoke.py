@@ -144,28 +144,21 @@ def test_cpu_sampling_bench_quick():
     assert all(int(r[1].replace(",", "")) > 0 and int(r[2].replace(",", "")) > 0 for r in rows)
 
 
-def test_bench_fused_checks_run_on_the_interpreter():
-    """bench/bench_fused.py's correctness checks (each fused kernel against the torch ops it replaces,
-    which the GPU run also makes before timing) at tiny shapes on the CPU's Triton interpreter."""
+@pytest.mark.parametrize("script,rows,checked", [
+    # each fused kernel against the torch ops it replaces
+    ("bench_fused.py", "1,3,40", "checked: add + rmsnorm, rope + cache write, silu * up equal the torch ops"),
+    # each product against the unfused ops
+    ("bench_gemv.py", "1,3", "checked: gemv, rmsnorm_gemv, silu_mul_gemv equal the unfused ops"),
+])
+def test_fused_kernel_bench_checks_run_on_the_interpreter(script, rows, checked):
+    """A fused-kernel benchmark's correctness checks (which the GPU run also makes before timing) at tiny
+    shapes on the CPU's Triton interpreter."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, str(ROOT / "bench" / "bench_fused.py"), "--check-only", "--tiny", "--dtype", "fp32",
-           "--rows", "1,3,40"]
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--check-only", "--tiny", "--dtype", "fp32", "--rows", rows]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    assert "checked: add + rmsnorm, rope + cache write, silu * up equal the torch ops" in proc.stdout
-
-
-def test_bench_gemv_checks_run_on_the_interpreter():
-    """bench/bench_gemv.py's correctness checks (each product against the unfused ops, as the GPU run does
-    before timing) at tiny shapes on the CPU's Triton interpreter."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, str(ROOT / "bench" / "bench_gemv.py"), "--check-only", "--tiny", "--dtype", "fp32",
-           "--rows", "1,3"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    assert "checked: gemv, rmsnorm_gemv, silu_mul_gemv equal the unfused ops" in proc.stdout
+    assert checked in proc.stdout
 
 
 def test_hf_step_check_runs_on_the_cpu():
