@@ -13,14 +13,17 @@
 # The plan for the next 15-minute lease, one call each (the machine stays warm between calls;
 # the fifth lease, 2026-11-26 session 16, ran retests-ce, profile-compile, serve-gpt2-124m,
 # serve-llama-1.1b, online-gpt2-124m and online-llama-1.1b: bench/RESULTS.md):
-#   1. bash bench/gpu_session.sh quick gemv profile-gemv kernels online-gpt2-124m   carry .whl (~8
-#      minutes): gemv times kernels/gemv.py (session 16, never run on a GPU: the 1.1B step's products
+#   1. bash bench/gpu_session.sh quick gemv profile-gemv kernels http-overhead online-gpt2-124m
+#      carry .whl (~9 minutes): gemv times kernels/gemv.py (session 16, never run on a GPU: the 1.1B step's products
 #      with the norm or SwiGLU fused in, against cuBLAS and the current path) and profile-gemv the
 #      batch-1 step through it (Transformer.fused_gemv, off by default; the last lease's plain step:
 #      1.397 ms) -- if faster, turning it on is the next lever for issue 8's roofline; the attention
 #      kernels are no longer specialized on lengths (session 16): kernels checks they are as fast as
 #      the earlier leases measured; the online run keeps the server's debug log, with Triton's autotuning printed
-#      and each slow engine step logged (what still stalls GPT-2's first online rate: TTFT p99 1.5 s)
+#      and each slow engine step logged (what still stalls GPT-2's first online rate: TTFT p99 1.5 s);
+#      http-overhead and the online table's loop-delay column say whether the HTTP side held GPT-2's
+#      tokens back (session 17: streams merge a backlog into one chunk; on these CPUs, 128 streams
+#      behind a fixed-wait engine made new requests wait ~1 s before that)
 #   2. quick retests (the GPU tests, attention, decode and gemv among them)
 # Installing what default-model brings back (FILES = the call's files_at):
 #   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/
@@ -41,7 +44,8 @@
 # profile (bench/profile_step.py: host and GPU time of a batch-1 decode step, 1.1B shape),
 # profile-compile (the same, the step compiled before capture), profile-gemv (the same through
 # kernels/gemv.py),
-# serve-compile (the 1.1B shape's offline engine with --compile, no HF or server).
+# serve-compile (the 1.1B shape's offline engine with --compile, no HF or server), http-overhead
+# (bench/http_overhead.py: what the server's HTTP side lets through on this host's CPU, no GPU).
 # The full-length stages, one per call, for a longer lease:
 #   bash bench/gpu_session.sh tests     # GPU correctness: kernels, CUDA graphs, async scheduling
 #   bash bench/gpu_session.sh kernels   # attention, decode, softmax, cross-entropy vs PyTorch
@@ -55,7 +59,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-results}"
 STAGE_TIMEOUT="${STAGE_TIMEOUT:-540}"
-WHEELS=(fastapi starlette uvicorn sse-starlette pydantic pydantic-core annotated-types typing-inspection)
+WHEELS=(fastapi starlette uvicorn httptools sse-starlette pydantic pydantic-core annotated-types typing-inspection)
 
 wheels() {
     # the versions this checkout's .venv was tested with
@@ -188,6 +192,9 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
             serve-compile)  # Kiln alone (no HF, no server), decode step compiled before graph capture
                 STAGE_TIMEOUT=200 stage serve python3 bench/serve_bench.py --shapes llama-1.1b --reps 1 --compile \
                     --skip-hf --skip-online --markdown --json "$OUT/serve-compile.json"
+                ;;
+            http-overhead)  # the host's HTTP side alone: streams served per second behind a fixed-wait engine (CPU)
+                STAGE_TIMEOUT=90 stage serve python3 bench/http_overhead.py
                 ;;
             online-*)  # a live server alone at one shape (no HF, no offline batches): its start-up and online rates
                 TRITON_PRINT_AUTOTUNING=1 STAGE_TIMEOUT=110 stage serve python3 bench/serve_bench.py \

@@ -25,11 +25,14 @@ tokenizer's ids only), and measures, in the same process and sitting:
   bounded asyncio load generator: --online-requests requests per rate, Poisson arrivals (seeded),
   random token-id prompts of uniform length in --online-prompt-len, uniform output lengths in
   --online-output-len (`ignore_eos`, `min_tokens` = `max_tokens`), streamed from /v1/completions.
-  Per rate: p50/p99 TTFT (send to the first streamed chunk), ITL (gaps between streamed chunks),
+  Per rate: p50/p99 TTFT (send to the first streamed chunk), ITL (gaps between streamed chunks; tok/chunk
+  above 1 means the server sent several tokens per chunk, its event loop behind the engine),
   TPOT ((last chunk - first chunk) / (tokens - 1), per request), output tok/s (completed requests'
   tokens / the rate's wall time). Each rate stops after --online-time-limit seconds: requests still
-  running (or not yet sent) are cancelled and counted, never waited on. /metrics is scraped at the
-  end (prefix-cache hit tokens / queried tokens, preemptions).
+  running (or not yet sent) are cancelled and counted, never waited on. /metrics is scraped around
+  each rate (the server's p99 engine step and event-loop delay during it, as histogram bucket bounds:
+  a loop delay near the step time or above means HTTP and streaming, not the engine, held tokens
+  back) and at the end (prefix-cache hit tokens / queried tokens, preemptions).
 
 Correctness, same run: Kiln's batch-1 greedy tokens against HF's (HF restricted to the tokenizer's
 ids, as Kiln is, when the model's vocab is larger) over the first min(32, new tokens) tokens. On fp32
@@ -566,7 +569,8 @@ def summarize(records: list[dict], wall: float, cancelled: int, not_sent: int, r
             "errors": len(errors), "error_messages": errors[:5], "wall_s": wall,
             "output_tokens": tokens, "prompt_tokens": sum(r["prompt_len"] for r in done),
             # streamed chunks of the completed requests: fewer than tokens when a token's text was held back
-            # (part of a UTF-8 character), so an ITL gap can span more than one token
+            # (part of a UTF-8 character) or when the server's event loop fell behind the engine and sent a
+            # stream's pending tokens as one chunk, so an ITL gap can span more than one token
             "chunks": sum(len(r["itl"]) + 1 for r in done),
             "output_tok_s": tokens / wall if wall > 0 else None,
             "requests_per_s": len(done) / wall if wall > 0 else None,
@@ -592,6 +596,17 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+def histogram_quantile(before: dict[str, float], after: dict[str, float], name: str, q: float) -> float | None:
+    """The q-quantile (0-1) of what histogram `name` observed between two scrapes, as Prometheus's
+    histogram_quantile reads it: the upper bound of the first bucket holding it (None: nothing observed)."""
+    prefix = name + '_bucket{le="'
+    bounds = sorted((float(key[len(prefix):-2]), after[key] - before.get(key, 0.0))
+                    for key in after if key.startswith(prefix))
+    if not bounds or bounds[-1][1] <= 0:
+        return None
+    return next(le for le, count in bounds if count >= q * bounds[-1][1])
+
+
 def bench_online(model_dir: Path, pool: list[int], device, dtype_name: str, args, workdir: Path) -> dict:
     import httpx
 
@@ -615,18 +630,29 @@ def bench_online(model_dir: Path, pool: list[int], device, dtype_name: str, args
         bad = [r["error"] for r in records if r["error"]]
         if bad:
             raise RuntimeError(f"warm-up requests failed: {bad[:3]}")
+        def scrape() -> dict[str, float]:
+            response = httpx.get(url + "/metrics", timeout=30.0, trust_env=False)
+            return parse_metrics(response.text) if response.status_code == 200 else {}
+
+        metrics = scrape()
         for rate in args.online_rates:
             log(f"  online: {args.online_requests} requests at {rate:g} req/s (limit {args.online_time_limit:g} s)")
             workload = online_workload(pool, args.online_requests, rate, args.online_prompt_len,
                                        args.online_output_len, args.seed)
             records, wall, cancelled, not_sent = asyncio.run(run_load(url, workload, args.online_time_limit))
             summary = summarize(records, wall, cancelled, not_sent, rate, len(workload))
+            before, metrics = metrics, scrape()
+            # the server's side of the same rate: its engine steps, and how long their outputs waited for the
+            # event loop (HTTP and streaming) before going out
+            for key, name in (("step_p99_ms", "kiln_engine_step_seconds"),
+                              ("loop_delay_p99_ms", "kiln_event_loop_delay_seconds")):
+                value = histogram_quantile(before, metrics, name, 0.99)
+                summary[key] = None if value is None else value * 1e3
             log(f"    {summary['completed']} done, {cancelled} cancelled in flight, {not_sent} not sent (time limit), "
                 f"{summary['errors']} errors, "
                 f"{summary['output_tok_s'] or 0:,.0f} out tok/s")
             out["rates"].append(summary)
-        response = httpx.get(url + "/metrics", timeout=30.0, trust_env=False)
-        metrics = parse_metrics(response.text) if response.status_code == 200 else {}
+        metrics = scrape()
     out["exit_code"] = server["exit_code"]
     keep = ("kiln_prefix_cache_hits_total", "kiln_prefix_cache_queries_total", "kiln_num_preemptions_total",
             "kiln_generation_tokens_total", "kiln_prompt_tokens_total")
@@ -757,7 +783,8 @@ DECODE_HEADER = ["shape", "params", "weights", "Kiln b1 tok/s", "roofline tok/s"
                  "HF b1 tok/s", "HF of roofline", "Kiln/HF"]
 OFFLINE_HEADER = ["shape", "batch", "HF tok/s", "Kiln tok/s", "Kiln/HF", "target", "met"]
 ONLINE_HEADER = ["shape", "rate req/s", "done", "cancelled", "not sent", "errors", "wall s", "out tok/s", "TTFT p50 ms",
-                 "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "TPOT p50 ms", "TPOT p99 ms"]
+                 "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "TPOT p50 ms", "TPOT p99 ms", "tok/chunk",
+                 "step p99 ms <=", "loop delay p99 ms <="]
 
 
 def offline_rows(results: list[dict], batches: list[int]) -> list[list[str]]:
@@ -784,7 +811,9 @@ def online_rows(results: list[dict]) -> list[list[str]]:
                          str(s["errors"]),
                          f"{s['wall_s']:.1f}", fmt_num(s["output_tok_s"]), fmt_num(s["ttft_p50_ms"], 1),
                          fmt_num(s["ttft_p99_ms"], 1), fmt_num(s["itl_p50_ms"], 1), fmt_num(s["itl_p99_ms"], 1),
-                         fmt_num(s["tpot_p50_ms"], 1), fmt_num(s["tpot_p99_ms"], 1)])
+                         fmt_num(s["tpot_p50_ms"], 1), fmt_num(s["tpot_p99_ms"], 1),
+                         fmt_num(s["output_tokens"] / s["chunks"] if s["chunks"] else None, 2),
+                         fmt_num(s.get("step_p99_ms"), 1), fmt_num(s.get("loop_delay_p99_ms"), 1)])
     return rows
 
 

@@ -31,7 +31,7 @@ from model.tokenizer import Tokenizer
 
 from .errors import APIError
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
-from .scheduler import Failed, Generation, NotReady, QueueFull, Rejected, Scheduler, SequenceOutput
+from .scheduler import Failed, Generation, NotReady, QueueFull, Rejected, Scheduler, SequenceOutput, drain
 from .streaming import sse_response
 
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
@@ -277,8 +277,11 @@ async def create_completion(body: CompletionRequest, request: Request, scheduler
     params = sampling_params(body)
     if prompt_ids is None:
         prompts = prompt_list(body.prompt)
-        prompt_ids = await run_in_threadpool(
-            lambda: [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts])
+        if all(isinstance(p, list) for p in prompts):  # token ids: nothing to encode, no thread hop
+            prompt_ids = prompts
+        else:
+            prompt_ids = await run_in_threadpool(
+                lambda: [tokenizer.encode_prompt(p) if isinstance(p, str) else p for p in prompts])
     n = body.n
     with admission_errors("n"):
         generation = scheduler.submit([ids for ids in prompt_ids for _ in range(n)], params * len(prompt_ids), n,
@@ -338,21 +341,21 @@ async def _stream_chunks(generation: Generation, scheduler: Scheduler, builders:
         for choice in fmt.opening(builders):
             yield {**head, "choices": [choice], **({"usage": None} if usage is not None else {})}
         while live:
-            item = await generation.queue.get()
-            if isinstance(item, Failed):
-                live = 0
-                yield {"error": {"message": item.message, "type": "server_error" if item.status >= 500
-                                 else "invalid_request_error", "param": None, "code": None}}
-                return
-            builder = builders[item.index]
-            text, logprobs = builder.add(item)
-            live -= item.finish_reason is not None
-            if not (text or item.finish_reason or (logprobs is not None and logprobs.tokens)):
-                continue  # nothing showable this step (held-back partial character or stop prefix)
-            chunk = {**head, "choices": [fmt.chunk_choice(builder, text, logprobs, item.finish_reason)]}
-            if usage is not None:
-                chunk["usage"] = None
-            yield chunk
+            for item in drain(generation.queue, await generation.queue.get()):
+                if isinstance(item, Failed):
+                    live = 0
+                    yield {"error": {"message": item.message, "type": "server_error" if item.status >= 500
+                                     else "invalid_request_error", "param": None, "code": None}}
+                    return
+                builder = builders[item.index]
+                text, logprobs = builder.add(item)
+                live -= item.finish_reason is not None
+                if not (text or item.finish_reason or (logprobs is not None and logprobs.tokens)):
+                    continue  # nothing showable yet (held-back partial character or stop prefix)
+                chunk = {**head, "choices": [fmt.chunk_choice(builder, text, logprobs, item.finish_reason)]}
+                if usage is not None:
+                    chunk["usage"] = None
+                yield chunk
         if usage is not None:
             yield {**head, "choices": [], "usage": usage().model_dump()}
     finally:

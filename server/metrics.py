@@ -42,6 +42,10 @@ class ServerMetrics:
         self.engine_step = Histogram(
             "kiln_engine_step_seconds", "Duration of each engine step (admission, prefill chunks, one decode "
             "step); every running sequence waits for it.", buckets=STEP_BUCKETS, registry=r)
+        self.event_loop_delay = Histogram(
+            "kiln_event_loop_delay_seconds", "Time a step's outputs wait for the server's event loop to hand them "
+            "to the streams: well above a millisecond, HTTP and streaming (not the engine) hold the tokens back.",
+            buckets=STEP_BUCKETS, registry=r)
         self.prompt_tokens = Counter("kiln_prompt_tokens", "Prompt tokens of the sequences that started "
                                      "generating (prefix-cache hits included; each of n choices counts, as in "
                                      "vLLM).", registry=r)

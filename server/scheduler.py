@@ -93,6 +93,34 @@ class SequenceOutput:
 QueueItem = Accepted | Rejected | Failed | SequenceOutput
 
 
+def drain(queue: asyncio.Queue[QueueItem], first: QueueItem) -> list[QueueItem]:
+    """`first` and whatever else is already waiting in `queue`, with each sequence's consecutive outputs merged
+    into one (their tokens, text and logprobs in order; the last one's finish reason).
+
+    A stream reads its queue through this: when the event loop falls behind the engine (a small model's steps
+    come faster than one server process can send their events), the tokens that piled up go out as one chunk
+    per sequence, not one each, so the cost of sending stays bounded by the loop's pace instead of growing
+    with the backlog (vLLM merges a request's pending outputs the same way). Nothing is waited for: an
+    up-to-date stream still gets every token in its own chunk. Reading stops at a `Failed`, which comes last
+    (the stream ends there)."""
+    items: list[QueueItem] = []
+    latest: dict[int, int] = {}  # sequence index -> where in `items` its merged output is
+    item = first
+    while True:
+        at = latest.get(item.index) if isinstance(item, SequenceOutput) else None
+        if at is None:
+            if isinstance(item, SequenceOutput):
+                latest[item.index] = len(items)
+            items.append(item)
+        else:
+            before = items[at]
+            items[at] = SequenceOutput(item.index, before.token_ids + item.token_ids, before.text + item.text,
+                                       before.logprobs + item.logprobs, item.finish_reason, before.prompt_logprobs)
+        if isinstance(item, Failed) or queue.empty():
+            return items
+        item = queue.get_nowait()
+
+
 class Generation:
     """One completion request: its sequences (prompt x n), and the queue its outputs arrive on."""
 
@@ -510,7 +538,7 @@ class Scheduler:
     # ---- handing results to the event loop ------------------------------------------------------
     def _post(self, outbox: list[tuple[asyncio.Queue, QueueItem]]) -> None:
         if outbox:
-            self._call_soon(_deliver, outbox)
+            self._call_soon(_deliver, outbox, time.monotonic(), self.metrics.event_loop_delay)
 
     def _resolve(self, future: asyncio.Future, result: Any, error: BaseException | None) -> None:
         self._call_soon(_settle, future, result, error)
@@ -541,7 +569,8 @@ class Scheduler:
                 seen[key] = total
 
 
-def _deliver(outbox: list[tuple[asyncio.Queue, QueueItem]]) -> None:
+def _deliver(outbox: list[tuple[asyncio.Queue, QueueItem]], posted: float, delay) -> None:
+    delay.observe(time.monotonic() - posted)  # how far behind the worker the event loop runs
     for queue, item in outbox:
         queue.put_nowait(item)
 

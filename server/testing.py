@@ -41,13 +41,14 @@ class SlowEngine:
 
 class LiveServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, shutdown_timeout_s: float = 5.0,
-                 log_level: str = "warning", start_timeout_s: float = 30.0):
+                 log_level: str = "warning", start_timeout_s: float = 30.0, **uvicorn_options):
         self.app = app
         self.host = host
         self.port = port
         self.shutdown_timeout_s = shutdown_timeout_s
         self.log_level = log_level
         self.start_timeout_s = start_timeout_s
+        self.uvicorn_options = uvicorn_options  # more `uvicorn.Config` arguments (http="h11", ...)
         self.server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -62,7 +63,7 @@ class LiveServer:
         self._socket.bind((self.host, self.port))
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="on",
-                                timeout_graceful_shutdown=self.shutdown_timeout_s)
+                                timeout_graceful_shutdown=self.shutdown_timeout_s, **self.uvicorn_options)
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
                                         name=f"uvicorn-{self.port}", daemon=True)

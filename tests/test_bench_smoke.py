@@ -144,6 +144,19 @@ def test_cpu_sampling_bench_quick():
     assert all(int(r[1].replace(",", "")) > 0 and int(r[2].replace(",", "")) > 0 for r in rows)
 
 
+def test_http_overhead_bench_quick():
+    """bench/http_overhead.py (the server's HTTP side behind a fixed-wait engine) end to end, shortened: every
+    stream gets all its tokens (the script checks) and the row has its numbers."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "http_overhead.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    [row] = [line.split() for line in proc.stdout.splitlines() if re.match(r"\s+4\s+1\s", line)]
+    assert len(row) == 11 and row[4].endswith("x") and float(row[6]) >= 1.0, proc.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "http_overhead.py"), "--streams", "x"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--streams takes integers" in bad.stderr
+
+
 @pytest.mark.parametrize("script,rows,checked", [
     # each fused kernel against the torch ops it replaces
     ("bench_fused.py", "1,3,40", "checked: add + rmsnorm, rope + cache write, silu * up equal the torch ops"),

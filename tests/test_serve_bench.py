@@ -124,6 +124,17 @@ def test_percentile_arrivals_metrics():
     assert m['kiln_request_finish_total{finish_reason="length"}'] == 10.0
     assert m["kiln_num_preemptions_total"] == 0.0
 
+    def scrape(counts):  # a histogram's cumulative buckets
+        return {f'kiln_engine_step_seconds_bucket{{le="{le}"}}': float(c)
+                for le, c in zip(["0.001", "0.01", "0.1", "+Inf"], counts)}
+
+    before, after = scrape([5, 8, 10, 10]), scrape([5, 58, 108, 110])  # 100 new: 50 <= 10 ms, 48 <= 0.1 s, 2 over
+    assert bench.histogram_quantile(before, after, "kiln_engine_step_seconds", 0.5) == 0.01
+    assert bench.histogram_quantile(before, after, "kiln_engine_step_seconds", 0.99) == float("inf")
+    assert bench.histogram_quantile(before, after, "kiln_engine_step_seconds", 0.9) == 0.1
+    assert bench.histogram_quantile(after, after, "kiln_engine_step_seconds", 0.5) is None
+    assert bench.histogram_quantile(before, after, "kiln_event_loop_delay_seconds", 0.5) is None
+
 
 def test_summarize_and_tables():
     bench = load_bench()

@@ -559,6 +559,8 @@ def test_metrics_move(client, ref):
     assert delta("kiln_e2e_request_latency_seconds_count") == 1
     assert delta("kiln_request_queue_time_seconds_count") == 1
     assert delta("kiln_engine_step_seconds_count") >= 7  # a step per token at least (prefill, six decodes)
+    # the loop delivered the non-streamed request's outputs twice: its acceptance, then every token at the end
+    assert delta("kiln_event_loop_delay_seconds_count") == 2
     assert delta("kiln_perplexity_requests_total", status="ok") == 1
     assert delta("kiln_perplexity_latency_seconds_count") == 1
     # the first token has no context: it is not scored

@@ -391,7 +391,7 @@ def test_sigterm_lets_streams_end_cleanly(deadline):
     proc, url = _start_server("--shutdown-timeout", "30" if deadline == "long" else "0.5")
     try:
         body = {"prompt": "The quick brown fox", "max_tokens": 120 if deadline == "long" else 500,
-                "temperature": 0, "ignore_eos": True, "stream": True}
+                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         with httpx.Client(timeout=60) as client:
             with client.stream("POST", url + "/v1/completions", json=body) as r:
                 lines = r.iter_lines()
@@ -401,8 +401,9 @@ def test_sigterm_lets_streams_end_cleanly(deadline):
         assert events[-1] == "[DONE]", events[-3:]
         chunks = [json.loads(e) for e in events[:-1]]
         if deadline == "long":
-            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-            assert sum(1 for c in chunks if c["choices"][0]["text"]) > 50
+            assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+            assert chunks[-1]["usage"]["completion_tokens"] == 120  # every token, none cut off
+            assert len("".join(c["choices"][0]["text"] for c in chunks[:-1])) > 50
         else:
             assert "shutting down" in chunks[-1]["error"]["message"], chunks[-1]
         assert proc.wait(timeout=30) == 0

@@ -8,11 +8,14 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from model.cli import load_engine
+from model.cli import default_model_dir, load_engine
 from model.engine import SamplingParams
 from server.app import create_app
 from server.metrics import ServerMetrics
-from server.scheduler import Accepted, Failed, NotReady, QueueFull, Rejected, Scheduler, SequenceOutput
+from model.requests import TokenLogprob
+from model.tokenizer import load_tokenizer
+from server.scheduler import (Accepted, Failed, Generation, NotReady, QueueFull, Rejected, Scheduler,
+                              SequenceOutput)
 from server.settings import ServerSettings
 
 
@@ -316,3 +319,123 @@ def test_a_step_far_slower_than_the_recent_ones_is_logged_at_debug(caplog):
     slow = [r.getMessage() for r in caplog.records if "slow engine step" in r.getMessage()]
     assert len(slow) == 1 and "2 sequences running" in slow[0] and "median of the last 22 (2.0 ms)" in slow[0]
     assert "kiln_engine_step_seconds_count 23.0" in metrics.render().decode()
+
+
+
+def test_event_loop_delay_measures_how_long_outputs_wait_for_a_busy_loop():
+    """kiln_event_loop_delay_seconds: from the worker posting a step's outputs to the event loop handing
+    them to the streams; a loop kept busy for 0.2 s (as by sending a backlog of events) shows as 0.2 s."""
+    metrics = ServerMetrics("m")
+    s = Scheduler(object(), metrics)
+
+    async def run() -> SequenceOutput:
+        s._loop = asyncio.get_running_loop()
+        generation = Generation([[1]], [SamplingParams()])
+        out = SequenceOutput(0, (5,), "x", (), None, None)
+        s._post([(generation.queue, out)])  # as the worker thread does after a step
+        time.sleep(0.2)  # the loop is busy elsewhere
+        return await asyncio.wait_for(generation.queue.get(), 5)
+
+    assert asyncio.run(run()).token_ids == (5,)
+    text = metrics.render().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("kiln_event_loop_delay_seconds_")}
+    assert values["kiln_event_loop_delay_seconds_count"] == 1
+    assert 0.2 <= values["kiln_event_loop_delay_seconds_sum"] < 2.0, values
+
+class _NoScheduler:
+    def __init__(self):
+        self.aborted = []
+
+    def abort(self, generation):
+        self.aborted.append(generation)
+
+
+def _sequence_outputs(tokenizer, text: str, index: int) -> list[SequenceOutput]:
+    """One output per token of `text`, with logprobs (offsets into the choice's text), the last finishing."""
+    ids = tokenizer.encode(text)
+    outs, offset = [], 0
+    for i, token_id in enumerate(ids):
+        piece = tokenizer.decode([token_id])
+        lp = TokenLogprob(token_id, -0.25 * (i + 1), [(token_id, -0.25 * (i + 1)), (ids[0], -3.0)], offset)
+        outs.append(SequenceOutput(index, (token_id,), piece, (lp,), "length" if i == len(ids) - 1 else None,
+                                   None))
+        offset += len(piece)
+    return outs
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_a_lagging_stream_sends_its_backlog_as_one_chunk_per_choice(chat):
+    """When outputs pile up in a stream's queue (the event loop behind the engine), each choice's pending
+    tokens go out as one chunk whose text and logprobs are exactly those of the per-token chunks; a stream
+    that keeps up still gets one chunk per token."""
+    from server.chat import ChatFormat
+    from server.completions import TEXT_FORMAT, ChoiceBuilder, _stream_chunks
+
+    tokenizer = load_tokenizer(default_model_dir())
+    texts = ["The kiln fires the clay.", "Glaze melts at high heat!"]
+    per_choice = [_sequence_outputs(tokenizer, t, i) for i, t in enumerate(texts)]
+    interleaved = [out for pair in zip(*per_choice) for out in pair] + [
+        out for outs in per_choice for out in outs[min(map(len, per_choice)):]]
+
+    async def run(backlog: bool) -> list[dict]:
+        generation = Generation([[1], [1]], [SamplingParams(), SamplingParams()], n=2)
+        builders = [ChoiceBuilder(i, tokenizer, [1], False, 1) for i in range(2)]
+        fmt = ChatFormat(tokenizer, 1) if chat else TEXT_FORMAT
+        chunks = _stream_chunks(generation, _NoScheduler(), builders, "id", 0, "m", None, fmt)
+        got = [await chunks.__anext__() for _ in fmt.opening(builders)]
+        if backlog:
+            for out in interleaved:
+                generation.queue.put_nowait(out)
+            got += [chunk async for chunk in chunks]
+        else:
+            for out in interleaved:
+                generation.queue.put_nowait(out)
+                got.append(await chunks.__anext__())
+            assert [chunk async for chunk in chunks] == []
+        return got
+
+    def per_index(chunks: list[dict]) -> dict[int, dict]:
+        seen: dict[int, dict] = {}
+        for chunk in chunks:
+            (choice,) = chunk["choices"]
+            acc = seen.setdefault(choice["index"], {"text": "", "logprobs": {}, "chunks": 0, "finish": None})
+            acc["chunks"] += 1
+            acc["text"] += choice["delta"].get("content", "") if chat else choice["text"]
+            for key, values in (choice["logprobs"] or {}).items():
+                acc["logprobs"].setdefault(key, []).extend(values)
+            acc["finish"] = choice["finish_reason"]
+        return seen
+
+    one_by_one, merged = per_index(asyncio.run(run(False))), per_index(asyncio.run(run(True)))
+    opening = 1 if chat else 0
+    for i, text in enumerate(texts):
+        assert one_by_one[i]["chunks"] == len(per_choice[i]) + opening
+        assert merged[i]["chunks"] == 1 + opening, merged[i]
+        assert merged[i]["text"] == one_by_one[i]["text"] == text
+        assert merged[i]["logprobs"] == one_by_one[i]["logprobs"]
+        assert len(merged[i]["logprobs"]["content" if chat else "tokens"]) == len(per_choice[i])
+        assert merged[i]["finish"] == one_by_one[i]["finish"] == "length"
+
+
+def test_draining_a_backlog_stops_at_a_failure():
+    from server.completions import TEXT_FORMAT, ChoiceBuilder, _stream_chunks
+
+    tokenizer = load_tokenizer(default_model_dir())
+    outs = _sequence_outputs(tokenizer, "one two three four", 0)
+
+    async def run() -> tuple[list[dict], _NoScheduler]:
+        generation = Generation([[1]], [SamplingParams()])
+        scheduler = _NoScheduler()
+        chunks = _stream_chunks(generation, scheduler, [ChoiceBuilder(0, tokenizer, [1], False, None)],
+                                "id", 0, "m", None, TEXT_FORMAT)
+        for out in outs[:2]:
+            generation.queue.put_nowait(out)
+        generation.queue.put_nowait(Failed("the engine failed", 500))
+        generation.queue.put_nowait(outs[2])
+        return [chunk async for chunk in chunks], scheduler
+
+    chunks, scheduler = asyncio.run(run())
+    assert [c["choices"][0]["text"] for c in chunks[:-1]] == ["".join(o.text for o in outs[:2])]
+    assert chunks[-1]["error"]["message"] == "the engine failed"
+    assert scheduler.aborted == []  # a failed submission is over: nothing left to abort
