@@ -25,18 +25,23 @@ class TextStream:
             self.detok.prime(list(context_ids))
         self.stop = [s for s in stop if s]
         self.max_stop = max((len(s) for s in self.stop), default=0)
-        self.text = ""  # all decoded text so far (whole characters)
+        self.text = ""  # all decoded text so far (whole characters); kept only with stop strings
+        self.length = 0  # characters decoded so far
         self.emitted = 0  # characters of `text` already returned
-        self.offset = 0  # where the last pushed token's text starts in `text`
+        self.offset = 0  # where the last pushed token's text starts in the output text
         self.stopped = False
 
     def push(self, token_id: int, check_stop: bool = True) -> str:
         """Feed one id; returns the newly showable text ('' while held back)."""
         if self.stopped:
             return ""
-        self.offset = len(self.text)
+        self.offset = self.length
         if token_id in self.special_ids:
             return ""
+        if not self.stop:  # nothing to look for or hold back: the text goes out as it is decoded
+            new = self.detok.push(token_id)
+            self.length += len(new)
+            return new
         return self._advance(self.detok.push(token_id), final=False, check_stop=check_stop)
 
     def finish(self, check_stop: bool = True, at_stop_token: bool = False) -> str:
@@ -45,7 +50,11 @@ class TextStream:
         if self.stopped:
             return ""
         if at_stop_token:
-            self.offset = len(self.text)
+            self.offset = self.length
+        if not self.stop:
+            tail = self.detok.flush()
+            self.length += len(tail)
+            return tail
         return self._advance(self.detok.flush(), final=True, check_stop=check_stop)
 
     def _advance(self, new: str, final: bool, check_stop: bool) -> str:
@@ -53,6 +62,7 @@ class TextStream:
             return ""
         before = len(self.text)
         self.text += new
+        self.length = len(self.text)
         if self.stop and check_stop and new:
             # a match must end inside the new text: one wholly before it was either found already or
             # lies in text decoded while stops were not checked
@@ -62,7 +72,7 @@ class TextStream:
                 self.stopped = True
                 delta = self.text[self.emitted:end]
                 self.text = self.text[:end]
-                self.emitted = end
+                self.length = self.emitted = end
                 return delta
         safe = len(self.text) if final else len(self.text) - self._held_back()
         delta = self.text[self.emitted:safe]

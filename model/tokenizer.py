@@ -331,11 +331,16 @@ class IncrementalDetokenizer:
 
     A character split across byte-level tokens (CJK, emoji) is held until its last byte arrives.
     The concatenation of all pushes and `flush()` equals `tokenizer.decode(ids)`.
+    Most pushes find nothing held back and a token of whole characters: its text comes from a cache
+    shared by the tokenizer's detokenizers (no decoder call), which a batch of streams hits once per
+    token each step.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._clean = True  # the decoder holds no bytes of an unfinished character
+        self._whole = _whole_token_texts(tokenizer)
 
     def prime(self, context_ids: list[int]) -> None:
         """Start after `context_ids` (the prompt's last few ids): when they end inside a UTF-8
@@ -344,15 +349,35 @@ class IncrementalDetokenizer:
         self._utf8.reset()
         for token_id in context_ids:
             self._utf8.decode(self.tokenizer.token_bytes(token_id))
+        self._clean = not self._utf8.getstate()[0]
 
     def push(self, token_id: int) -> str:
-        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+        if self._clean:
+            text = self._whole.get(token_id)
+            if text is not None:
+                return text
+        was_clean = self._clean
+        text = self._utf8.decode(self.tokenizer.token_bytes(token_id))
+        self._clean = not self._utf8.getstate()[0]
+        if was_clean and self._clean:  # from and to a clean state: what this id always decodes to there
+            self._whole[token_id] = text
+        return text
 
     def flush(self) -> str:
         """Whatever is held back (an incomplete tail becomes U+FFFD); the detokenizer starts afresh."""
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
+        self._clean = True
         return text
+
+
+def _whole_token_texts(tokenizer) -> dict[int, str]:
+    """The tokenizer's cache of id -> text for ids that decode from, and leave, a clean UTF-8 state."""
+    cache = getattr(tokenizer, "_whole_token_texts", None)
+    if cache is None:
+        cache = {}
+        tokenizer._whole_token_texts = cache
+    return cache
 
 
 # -- loading -----------------------------------------------------------------------------------

@@ -394,6 +394,8 @@ class Scheduler:
                 else:
                     waiting.append(seq)
             self._unstarted = waiting
+        generated = 0
+        gaps: dict[float, int] = {}  # inter-token gap -> sequences that had it (most share the last step's)
         for out in outputs:
             seq = self._sequences.get(out.request.request_id)
             if seq is None:
@@ -403,11 +405,12 @@ class Scheduler:
                 seq.prefilled = True
                 m.prompt_tokens.inc(len(seq.request.prompt_ids))
             if out.token_ids:
-                m.generation_tokens.inc(len(out.token_ids))
+                generated += len(out.token_ids)
                 if seq.last_token_at is None:
                     m.time_to_first_token.observe(now - generation.arrival)
                 elif seq.last_token_at != now:  # one gap per step: a speculative step's tokens arrive together
-                    m.inter_token_latency.observe(now - seq.last_token_at)
+                    gap = now - seq.last_token_at
+                    gaps[gap] = gaps.get(gap, 0) + 1
                 seq.last_token_at = now
             output = SequenceOutput(seq.index, tuple(out.token_ids), out.text, tuple(out.logprobs),
                                     out.finish_reason, out.prompt_logprobs)
@@ -422,6 +425,11 @@ class Scheduler:
                 del self._sequences[out.request.request_id]
                 m.e2e_request_latency.observe(now - generation.arrival)
                 m.request_finish.labels(finish_reason=out.finish_reason).inc()
+        # once per step, not per token: a batch's worth of metric updates is host time the next step waits for
+        if generated:
+            m.generation_tokens.inc(generated)
+        for gap, count in gaps.items():
+            m.inter_token_latency.observe_many(gap, count)
 
     def _note_step(self, seconds: float) -> None:
         """Observe a step's duration; log one far slower than the recent ones (debug: which steps stalled the

@@ -144,6 +144,22 @@ def test_cpu_sampling_bench_quick():
     assert all(int(r[1].replace(",", "")) > 0 and int(r[2].replace(",", "")) > 0 for r in rows)
 
 
+def test_host_overhead_bench_quick():
+    """bench/host_overhead.py (the engine's own time per token, model arithmetic taken out) end to end, shortened:
+    every mode and path has a row, and the engine's share of a token's time is positive and below the whole."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    cell = r"([\d.]+) / ([\d.]+)"
+    rows = re.findall(rf"^\s+(greedy|sampled|greedy\+logprobs)\s+(cpu|async)\s+{cell}\s+{cell}$", proc.stdout,
+                      flags=re.M)
+    assert [(r[0], r[1]) for r in rows] == [(m, p) for m in ("greedy", "sampled", "greedy+logprobs")
+                                            for p in ("cpu", "async")], proc.stdout
+    for r in rows:
+        for engine, whole in ((float(r[2]), float(r[3])), (float(r[4]), float(r[5]))):
+            assert 0 < engine < whole, r
+
+
 def test_http_overhead_bench_quick():
     """bench/http_overhead.py (the server's HTTP side behind a fixed-wait engine) end to end, shortened: every
     stream gets all its tokens (the script checks) and the row has its numbers."""

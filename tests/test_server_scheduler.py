@@ -439,3 +439,23 @@ def test_draining_a_backlog_stops_at_a_failure():
     assert [c["choices"][0]["text"] for c in chunks[:-1]] == ["".join(o.text for o in outs[:2])]
     assert chunks[-1]["error"]["message"] == "the engine failed"
     assert scheduler.aborted == []  # a failed submission is over: nothing left to abort
+
+
+def test_a_value_observed_many_times_at_once_counts_as_that_many_observations():
+    """BatchHistogram.observe_many(v, k), used for a step's shared inter-token gap, renders exactly as k
+    observe(v) calls (it updates prometheus_client's sum and bucket directly: this fails if those move)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.metrics import ITL_BUCKETS, BatchHistogram
+
+    def render(update) -> list[str]:
+        registry = CollectorRegistry()
+        histogram = BatchHistogram("h_seconds", "h", buckets=ITL_BUCKETS, registry=registry)
+        update(histogram)
+        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+    values = [(0.0123, 7), (0.0004, 1), (3.0, 2), (0.0123, 3), (100.0, 4)]
+    one_by_one = render(lambda h: [h.observe(v) for v, k in values for _ in range(k)])
+    at_once = render(lambda h: [h.observe_many(v, k) for v, k in values])
+    assert at_once == one_by_one
+    assert 'h_seconds_bucket{le="0.025"} 11.0' in at_once and "h_seconds_count 17.0" in at_once
