@@ -23,7 +23,8 @@
 #      and each slow engine step logged (what still stalls GPT-2's first online rate: TTFT p99 1.5 s);
 #      http-overhead and the online table's loop-delay column say whether the HTTP side held GPT-2's
 #      tokens back (session 17: streams merge a backlog into one chunk; on these CPUs, 128 streams
-#      behind a fixed-wait engine made new requests wait ~1 s before that)
+#      behind a fixed-wait engine made new requests wait ~1 s before that; serve_bench's load generator
+#      now runs in a quarter of the CPUs' processes, 4 there, so the client's own backlog is out of it)
 #   2. quick retests (the GPU tests, attention, decode and gemv among them)
 # Installing what default-model brings back (FILES = the call's files_at):
 #   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/

@@ -22,9 +22,10 @@ tokenizer's ids only), and measures, in the same process and sitting:
   loading is not timed. Batch 1 is the decode latency row (target >= 10x HF), larger batches the
   throughput rows (target >= 3x HF); HF OOM is reported as "oom".
 - online: a live `python -m server` (`--max-batch-size` --online-batch) on a loopback port and a
-  bounded asyncio load generator: --online-requests requests per rate, Poisson arrivals (seeded),
-  random token-id prompts of uniform length in --online-prompt-len, uniform output lengths in
-  --online-output-len (`ignore_eos`, `min_tokens` = `max_tokens`), streamed from /v1/completions.
+  bounded asyncio load generator (--online-clients processes, the requests dealt among them, so that
+  reading the events does not hold the client back): --online-requests requests per rate, Poisson
+  arrivals (seeded), random token-id prompts of uniform length in --online-prompt-len, uniform
+  output lengths in --online-output-len (`ignore_eos`, `min_tokens` = `max_tokens`), streamed from /v1/completions.
   Per rate: p50/p99 TTFT (send to the first streamed chunk), ITL (gaps between streamed chunks; tok/chunk
   above 1 means the server sent several tokens per chunk, its event loop behind the engine),
   TPOT ((last chunk - first chunk) / (tokens - 1), per request), output tok/s (completed requests'
@@ -74,6 +75,7 @@ TARGET_BATCH1 = 10.0  # Kiln / HF at batch 1
 TARGET_BATCHED = 3.0  # Kiln / HF at the larger batches
 CHECK_TOKENS = 32  # greedy tokens compared against HF
 MUST_AGREE = 16  # ... of which this many must agree on fp32 CPU
+CLIENT_START_S = 60.0  # how long a load-generator process may take to start (import httpx) and say so
 
 
 @dataclass(frozen=True)
@@ -465,7 +467,7 @@ async def stream_one(client, url: str, prompt: list[int], out_len: int) -> dict:
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     rec: dict = {"prompt_len": len(prompt), "output_len": out_len, "ttft": None, "itl": [], "tokens": 0,
                  "latency": None, "error": None, "done": False}
-    sent = time.perf_counter()
+    sent = time.monotonic()
     last = None
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -485,7 +487,7 @@ async def stream_one(client, url: str, prompt: list[int], out_len: int) -> dict:
                 if "error" in chunk:
                     rec["error"] = f"stream error: {chunk['error'].get('message')}"
                     return rec
-                now = time.perf_counter()
+                now = time.monotonic()
                 if chunk.get("choices"):
                     if rec["ttft"] is None:
                         rec["ttft"] = now - sent
@@ -503,7 +505,7 @@ async def stream_one(client, url: str, prompt: list[int], out_len: int) -> dict:
         else:
             rec["latency"] = last - sent
             rec["done"] = True
-            rec["finished_at"] = time.perf_counter()
+            rec["finished_at"] = time.monotonic()
     except Exception as e:  # noqa: BLE001 (asyncio.CancelledError is not an Exception: it propagates)
         rec["error"] = f"{type(e).__name__}: {e}"
     return rec
@@ -519,8 +521,10 @@ def online_workload(pool: list[int], n: int, rate: float, prompt_range: tuple[in
              "out_len": rng.randint(*output_range)} for at in arrivals]
 
 
-async def run_load(url: str, workload: list[dict], time_limit: float) -> tuple[list[dict], float, int, int]:
-    """Send the workload at its arrival times, for at most `time_limit` seconds.
+async def run_load(url: str, workload: list[dict], time_limit: float,
+                   start: float | None = None) -> tuple[list[dict], float, int, int]:
+    """Send the workload at its arrival times, for at most `time_limit` seconds from `start` (a
+    `time.monotonic()` value shared by the load processes; None: now).
 
     Returns (records of the streams that ended, wall seconds, cancelled in flight, never sent)."""
     import httpx
@@ -529,27 +533,68 @@ async def run_load(url: str, workload: list[dict], time_limit: float) -> tuple[l
     limits = httpx.Limits(max_connections=len(workload) + 4, max_keepalive_connections=len(workload) + 4)
     timeout = httpx.Timeout(time_limit + 60.0, connect=30.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
-        start = time.perf_counter()
+        start = time.monotonic() if start is None else start
 
         launched: set[int] = set()
 
         async def launch(i: int, item: dict) -> None:
-            await asyncio.sleep(max(0.0, start + item["at"] - time.perf_counter()))
+            await asyncio.sleep(max(0.0, start + item["at"] - time.monotonic()))
             launched.add(i)
             records.append(await stream_one(client, url, item["prompt"], item["out_len"]))
 
         tasks = {asyncio.create_task(launch(i, item)): i for i, item in enumerate(workload)}
-        _, pending = await asyncio.wait(tasks, timeout=time_limit)
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, start + time_limit - time.monotonic()))
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         in_flight = sum(tasks[t] in launched for t in pending)
         if pending:
-            wall = time.perf_counter() - start
+            wall = time.monotonic() - start
         else:
             ends = [r["finished_at"] for r in records if r.get("finished_at")]
-            wall = (max(ends) if ends else time.perf_counter()) - start
+            wall = (max(ends) if ends else time.monotonic()) - start
     return records, wall, in_flight, len(pending) - in_flight
+
+
+def _load_process(url: str, workload: list[dict], time_limit: float, go, start, queue) -> None:
+    import httpx  # noqa: F401  (imported before saying ready: the first send is not delayed by it)
+
+    queue.put("ready")
+    go.wait()
+    queue.put(asyncio.run(run_load(url, workload, time_limit, start.value)))
+
+
+def run_load_processes(url: str, workload: list[dict], time_limit: float,
+                       clients: int) -> tuple[list[dict], float, int, int]:
+    """`run_load` with the requests dealt round-robin to `clients` processes that share one start time (one
+    asyncio process reading every streamed event can fall behind a fast server and add its own backlog to
+    the latencies it measures); 1: in this process. Returns what `run_load` does, for the whole workload."""
+    if clients <= 1 or len(workload) < 2:
+        return asyncio.run(run_load(url, workload, time_limit))
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    go, start = spawn.Event(), spawn.Value("d", 0.0)
+    shares = [workload[i::clients] for i in range(clients)]
+    queues = [spawn.Queue() for _ in shares]
+    procs = [spawn.Process(target=_load_process, args=(url, share, time_limit, go, start, queue), daemon=True)
+             for share, queue in zip(shares, queues)]
+    for proc in procs:
+        proc.start()
+    try:
+        for queue in queues:
+            if queue.get(timeout=CLIENT_START_S) != "ready":
+                raise RuntimeError("a load-generator process did not start")
+        start.value = time.monotonic() + 0.05  # every process is waiting on `go`: the schedule starts now
+        go.set()
+        results = [queue.get(timeout=time_limit + 120.0) for queue in queues]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30 if go.is_set() else 0)  # not started: nothing to wait for
+            if proc.is_alive():
+                proc.kill()
+    return ([r for records, _, _, _ in results for r in records], max(wall for _, wall, _, _ in results),
+            sum(in_flight for _, _, in_flight, _ in results), sum(unsent for _, _, _, unsent in results))
 
 
 def summarize(records: list[dict], wall: float, cancelled: int, not_sent: int, rate: float, requests: int) -> dict:
@@ -639,7 +684,8 @@ def bench_online(model_dir: Path, pool: list[int], device, dtype_name: str, args
             log(f"  online: {args.online_requests} requests at {rate:g} req/s (limit {args.online_time_limit:g} s)")
             workload = online_workload(pool, args.online_requests, rate, args.online_prompt_len,
                                        args.online_output_len, args.seed)
-            records, wall, cancelled, not_sent = asyncio.run(run_load(url, workload, args.online_time_limit))
+            records, wall, cancelled, not_sent = run_load_processes(url, workload, args.online_time_limit,
+                                                                    args.online_clients)
             summary = summarize(records, wall, cancelled, not_sent, rate, len(workload))
             before, metrics = metrics, scrape()
             # the server's side of the same rate: its engine steps, and how long their outputs waited for the
@@ -896,7 +942,8 @@ def render(report: dict, args, markdown: bool) -> str:
         ranges = (f"{args.online_requests} requests per rate, Poisson arrivals, prompts "
                   f"{args.online_prompt_len[0]}-{args.online_prompt_len[1]} tokens, outputs "
                   f"{args.online_output_len[0]}-{args.online_output_len[1]} tokens, --max-batch-size "
-                  f"{args.online_batch}, at most {args.online_time_limit:g} s per rate")
+                  f"{args.online_batch}, at most {args.online_time_limit:g} s per rate, "
+                  f"{args.online_clients} load-generator process{'es' if args.online_clients > 1 else ''}")
         lines += ([f"**Online (live server over loopback HTTP, streamed; {ranges})**", ""] if markdown
                   else [f"online ({ranges}):"])
         lines += table(ONLINE_HEADER, online_rows(results), markdown) + [""]
@@ -936,6 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--online-prompt-len", default=None, help="uniform prompt length range LO:HI (16:256)")
     p.add_argument("--online-output-len", default=None, help="uniform output length range LO:HI (16:256)")
     p.add_argument("--online-batch", type=int, default=None, help="the server's --max-batch-size (32)")
+    p.add_argument("--online-clients", type=int, default=None,
+                   help="load-generator processes, the requests dealt among them (default: a quarter of the "
+                        "CPUs, 1 to 4)")
     p.add_argument("--online-time-limit", type=float, default=None,
                    help="seconds per rate before outstanding requests are cancelled (CUDA 120, CPU 60)")
     p.add_argument("--server-args", default="", help='extra kiln serve flags, e.g. --server-args="--no-prefix-caching"')
@@ -983,8 +1033,10 @@ def resolve_args(args: argparse.Namespace, cuda_available: bool) -> argparse.Nam
         args.online_time_limit = 120.0 if args.device == "cuda" else 60.0
     if args.copy_mib is None:
         args.copy_mib = 1024 if args.device == "cuda" else (64 if args.tiny else 256)
+    if args.online_clients is None:
+        args.online_clients = max(1, min(4, (os.cpu_count() or 1) // 4))
     for name in ("new_tokens", "prompt_len", "reps", "kv_block_size", "online_requests", "online_batch",
-                 "copy_mib"):
+                 "online_clients", "copy_mib"):
         if getattr(args, name) < 1:
             raise SystemExit(f"serve_bench.py: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.online_time_limit > 0:

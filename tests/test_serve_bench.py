@@ -34,7 +34,8 @@ def test_tiny_run_end_to_end(tmp_path):
     out_json = tmp_path / "results.json"
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--threads", "1", "--batches", "1,4",
            "--new-tokens", "16", "--reps", "1", "--online-requests", "10", "--online-rates", "8",
-           "--online-prompt-len", "8:48", "--online-output-len", "4:24", "--markdown", "--json", str(out_json)]
+           "--online-prompt-len", "8:48", "--online-output-len", "4:24", "--online-clients", "2", "--markdown",
+           "--json", str(out_json)]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     elapsed = time.perf_counter() - started
@@ -47,7 +48,8 @@ def test_tiny_run_end_to_end(tmp_path):
                 "| tiny-llama | 8 | 10 | 0 | 0 | 0 |",
                 "tiny-gpt2: greedy tokens, Kiln == HF at batch 1: 16/16 agree.",
                 "tiny-llama: greedy tokens, Kiln == HF at batch 1: 16/16 agree, HF limited to the tokenizer's",
-                "tiny-gpt2: batch 1 with async scheduling ", "the default here is per-step)"):
+                "tiny-gpt2: batch 1 with async scheduling ", "the default here is per-step)",
+                "at most 60 s per rate, 2 load-generator processes)"):
         assert row in out, f"missing {row!r} in:\n{out}"
 
     report = json.loads(out_json.read_text())
@@ -77,6 +79,9 @@ def test_tiny_run_end_to_end(tmp_path):
             p50, p99 = rate[f"{metric}_p50_ms"], rate[f"{metric}_p99_ms"]
             assert 0 <= p50 <= p99, f"{metric}: p50 {p50} p99 {p99}"
         assert rate["ttft_p50_ms"] > 0
+        # the server's side of the rate, from /metrics scraped around it (bucket bounds)
+        assert rate["step_p99_ms"] > 0 and rate["loop_delay_p99_ms"] > 0
+        assert rate["chunks"] <= rate["output_tokens"]
         assert online["metrics"]["kiln_prefix_cache_queries_total"] >= rate["prompt_tokens"]
         assert online["metrics"]["kiln_num_preemptions_total"] == 0
     print(f"serve_bench smoke run: {elapsed:.1f} s")
