@@ -14,17 +14,18 @@
 # the fifth lease, 2026-11-26 session 16, ran retests-ce, profile-compile, serve-gpt2-124m,
 # serve-llama-1.1b, online-gpt2-124m and online-llama-1.1b: bench/RESULTS.md):
 #   1. bash bench/gpu_session.sh quick gemv profile-gemv kernels http-overhead online-gpt2-124m
-#      carry .whl (~9 minutes): gemv times kernels/gemv.py (session 16, never run on a GPU: the 1.1B step's products
-#      with the norm or SwiGLU fused in, against cuBLAS and the current path) and profile-gemv the
-#      batch-1 step through it (Transformer.fused_gemv, off by default; the last lease's plain step:
-#      1.397 ms) -- if faster, turning it on is the next lever for issue 8's roofline; the attention
-#      kernels are no longer specialized on lengths (session 16): kernels checks they are as fast as
-#      the earlier leases measured; the online run keeps the server's debug log, with Triton's autotuning printed
-#      and each slow engine step logged (what still stalls GPT-2's first online rate: TTFT p99 1.5 s);
+#      carry .whl (~9 minutes). gemv times kernels/gemv.py (session 16, never run on a GPU: the 1.1B
+#      step's products with the norm or SwiGLU fused in, against cuBLAS and the current path) and
+#      profile-gemv the batch-1 step through it (Transformer.fused_gemv, off by default; the last
+#      lease's plain step: 1.397 ms): if faster, turning it on is the next lever for issue 8's
+#      roofline. The attention kernels are no longer specialized on lengths (session 16): kernels
+#      checks they are as fast as the earlier leases measured. The online run keeps the server's
+#      debug log (Triton's autotuning, each slow engine step, a lagging event loop): what still
+#      stalled GPT-2's first online rate (TTFT p99 1.5 s) and its rate 32 (p50 1.0 s).
 #      http-overhead and the online table's loop-delay column say whether the HTTP side held GPT-2's
-#      tokens back (session 17: streams merge a backlog into one chunk; on these CPUs, 128 streams
-#      behind a fixed-wait engine made new requests wait ~1 s before that; serve_bench's load generator
-#      now runs in a quarter of the CPUs' processes, 4 there, so the client's own backlog is out of it)
+#      tokens back (session 17: streams now merge a backlog into one chunk; on these CPUs, 128
+#      streams behind a fixed-wait engine had made new requests wait ~1 s); serve_bench's load
+#      generator now runs in several processes (4 there), so the client's own backlog is out of it.
 #   2. quick retests (the GPU tests, attention, decode and gemv among them)
 # Installing what default-model brings back (FILES = the call's files_at):
 #   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/

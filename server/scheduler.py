@@ -42,6 +42,7 @@ log = logging.getLogger("kiln.server")
 # A step this much slower than the recent median, and at least this long, is logged (debug): every running
 # stream waited for it (a kernel compiling or tuning, a preemption, a long prefill chunk).
 SLOW_STEP_FACTOR, SLOW_STEP_MIN_S = 10.0, 0.25
+LAGGING_LOOP_S = 0.25  # a step's outputs waiting this long for the event loop are logged (debug, once a second)
 
 # scheduler states
 CREATED, STARTING, READY, STOPPING, STOPPED, FAILED = "created", "starting", "ready", "stopping", "stopped", "failed"
@@ -192,6 +193,7 @@ class Scheduler:
         self._unstarted: list[_Sequence] = []  # admitted, no prefill chunk run yet (for queue time); worker-only
         self._step_seconds: collections.deque[float] = collections.deque(maxlen=128)  # worker-only, recent steps
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lag_logged = 0.0  # event-loop thread: when a lagging loop was last logged
         self._thread: threading.Thread | None = None
 
     # ---- state -----------------------------------------------------------------------------
@@ -546,7 +548,19 @@ class Scheduler:
     # ---- handing results to the event loop ------------------------------------------------------
     def _post(self, outbox: list[tuple[asyncio.Queue, QueueItem]]) -> None:
         if outbox:
-            self._call_soon(_deliver, outbox, time.monotonic(), self.metrics.event_loop_delay)
+            self._call_soon(self._deliver, outbox, time.monotonic())
+
+    def _deliver(self, outbox: list[tuple[asyncio.Queue, QueueItem]], posted: float) -> None:
+        """(event-loop thread) Hand a step's outputs to their queues; observe how long they waited for the loop."""
+        now = time.monotonic()
+        lag = now - posted  # how far behind the worker the event loop runs
+        self.metrics.event_loop_delay.observe(lag)
+        if lag >= LAGGING_LOOP_S and now - self._lag_logged >= 1.0 and log.isEnabledFor(logging.DEBUG):
+            self._lag_logged = now
+            log.debug("event loop behind the engine: a step's outputs waited %.3f s to be handed to the streams "
+                      "(HTTP and streaming, not the engine, held them)", lag)
+        for queue, item in outbox:
+            queue.put_nowait(item)
 
     def _resolve(self, future: asyncio.Future, result: Any, error: BaseException | None) -> None:
         self._call_soon(_settle, future, result, error)
@@ -577,10 +591,6 @@ class Scheduler:
                 seen[key] = total
 
 
-def _deliver(outbox: list[tuple[asyncio.Queue, QueueItem]], posted: float, delay) -> None:
-    delay.observe(time.monotonic() - posted)  # how far behind the worker the event loop runs
-    for queue, item in outbox:
-        queue.put_nowait(item)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
