@@ -7,7 +7,7 @@ A GPU decode step mostly waits on the device with the GIL released; here `time.s
 for it, and each step gives every running stream one token (the shipped default model's tokenizer
 validates the requests; no model runs). The real app (`server.app.create_app`) serves that engine under
 uvicorn on loopback, in this process as `kiln serve` runs it; a load generator in another process opens
---streams streamed completions of --tokens tokens at once and, while they run, a third process sends
+--streams streamed completions of --tokens tokens at once and, once they stream, a third process sends
 --probes one-token requests 20 ms apart. Per case:
 
 - tok/s served: completion tokens the streams received per second of wall time; alone: the same
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing as mp
 import platform
 import sys
@@ -111,9 +112,8 @@ def engine_alone(engine, streams: int, tokens: int, step_s: float) -> float:
     return produced / (time.perf_counter() - started)
 
 
-async def _stream(client, url: str, max_tokens: int) -> dict:
-    import httpx
-
+async def _stream(client, url: str, max_tokens: int, started=None) -> dict:
+    """One streamed completion; `started` (an Event) is set at its first chunk."""
     body = {"prompt": [1, 2, 3], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     sent, ttft, chunks, used = time.perf_counter(), None, 0, 0
@@ -123,19 +123,22 @@ async def _stream(client, url: str, max_tokens: int) -> dict:
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
                 continue
-            chunk = httpx.Response(200, content=line[6:]).json()
+            chunk = json.loads(line[6:])
             if chunk.get("choices"):
                 chunks += 1
-                ttft = ttft if ttft is not None else time.perf_counter() - sent
+                if ttft is None:
+                    ttft = time.perf_counter() - sent
+                    if started is not None:
+                        started.set()
             if chunk.get("usage"):
                 used = chunk["usage"]["completion_tokens"]
     return {"ttft": ttft, "chunks": chunks, "tokens": used}
 
 
-def load(url: str, streams: int, tokens: int, probes: int, queue) -> None:
-    """A load generator process: `streams` streams of `tokens` at once (probes = 0), or else `probes`
-    one-token requests PROBE_GAP_S apart from 0.1 s on (their own process, so that reading the long
-    streams' events does not delay them)."""
+def load(url: str, streams: int, tokens: int, probes: int, started, queue) -> None:
+    """A load generator process: `streams` streams of `tokens` at once (probes = 0; `started` is set when
+    they stream), or else `probes` one-token requests PROBE_GAP_S apart from 0.1 s after `started` (their
+    own process, so that reading the long streams' events does not delay them)."""
     import httpx
 
     async def probe(client, i: int) -> dict:
@@ -145,11 +148,12 @@ def load(url: str, streams: int, tokens: int, probes: int, queue) -> None:
     async def main():
         limits = httpx.Limits(max_connections=streams + probes + 4)
         async with httpx.AsyncClient(timeout=300, limits=limits, trust_env=False) as client:
-            started = time.perf_counter()
             if probes:
-                return time.perf_counter() - started, await asyncio.gather(*[probe(client, i) for i in range(probes)])
-            runs = await asyncio.gather(*[_stream(client, url, tokens) for _ in range(streams)])
-            return time.perf_counter() - started, runs
+                await asyncio.to_thread(started.wait, 300)
+                return 0.0, await asyncio.gather(*[probe(client, i) for i in range(probes)])
+            begun = time.perf_counter()
+            runs = await asyncio.gather(*[_stream(client, url, tokens, started) for _ in range(streams)])
+            return time.perf_counter() - begun, runs
 
     queue.put(asyncio.run(main()))
 
@@ -165,9 +169,9 @@ def run_case(engine, streams: int, tokens: int, probes: int, step_s: float, http
     with LiveServer(create_app(fake), http=http) as server:
         metrics = parse_metrics(httpx.get(server.url + "/metrics", trust_env=False).text)
         spawn = mp.get_context("spawn")
-        queues = spawn.Queue(), spawn.Queue()
-        clients = [spawn.Process(target=load, args=(server.url, streams, tokens, 0, queues[0])),
-                   spawn.Process(target=load, args=(server.url, 0, 0, probes, queues[1]))]
+        queues, started = (spawn.Queue(), spawn.Queue()), spawn.Event()
+        clients = [spawn.Process(target=load, args=(server.url, streams, tokens, 0, started, queues[0])),
+                   spawn.Process(target=load, args=(server.url, 0, 0, probes, started, queues[1]))]
         for client in clients:  # the interpreters start (a second or so) before the server's CPU is counted
             client.start()
         cpu = time.process_time()
