@@ -23,9 +23,10 @@
 #      debug log (Triton's autotuning, each slow engine step, a lagging event loop): what still
 #      stalled GPT-2's first online rate (TTFT p99 1.5 s) and its rate 32 (p50 1.0 s).
 #      http-overhead and the online table's loop-delay column say whether the HTTP side held GPT-2's
-#      tokens back (session 17: streams now merge a backlog into one chunk; on these CPUs, 128
-#      streams behind a fixed-wait engine had made new requests wait ~1 s); serve_bench's load
-#      generator now runs in several processes (4 there), so the client's own backlog is out of it.
+#      tokens back (session 17: streams now merge a backlog into one chunk; on these CPUs, new
+#      requests behind 128 streams of a fixed-wait engine had waited 0.17-0.28 s, ~1 s when the client
+#      read slowly); serve_bench's load generator now runs in several processes (4 there), so the
+#      client's own backlog is out of it.
 #   2. quick retests (the GPU tests, attention, decode and gemv among them)
 # Installing what default-model brings back (FILES = the call's files_at):
 #   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/
