@@ -26,7 +26,9 @@
 #      tokens back (session 17: streams now merge a backlog into one chunk; on these CPUs, new
 #      requests behind 128 streams of a fixed-wait engine had waited 0.17-0.28 s, ~1 s when the client
 #      read slowly); serve_bench's load generator now runs in several processes (4 there), so the
-#      client's own backlog is out of it.
+#      client's own backlog is out of it. http-overhead also runs `--engine-process` (session 17, off
+#      by default: slower on 2 cores); if it serves more there, an online run with
+#      --server-args="--engine-process" is next.
 #   2. quick retests (the GPU tests, attention, decode and gemv among them)
 # Installing what default-model brings back (FILES = the call's files_at):
 #   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/
@@ -196,8 +198,10 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 STAGE_TIMEOUT=200 stage serve python3 bench/serve_bench.py --shapes llama-1.1b --reps 1 --compile \
                     --skip-hf --skip-online --markdown --json "$OUT/serve-compile.json"
                 ;;
-            http-overhead)  # the host's HTTP side alone: streams served per second behind a fixed-wait engine (CPU)
+            http-overhead)  # the host's HTTP side alone: streams served per second behind a fixed-wait engine (CPU),
+                # in one process and with the engine in a process of its own
                 STAGE_TIMEOUT=90 stage serve python3 bench/http_overhead.py
+                STAGE_TIMEOUT=90 stage serve python3 bench/http_overhead.py --engine-process
                 ;;
             online-*)  # a live server alone at one shape (no HF, no offline batches): its start-up and online rates
                 TRITON_PRINT_AUTOTUNING=1 STAGE_TIMEOUT=110 stage serve python3 bench/serve_bench.py \

@@ -97,6 +97,13 @@ class FixedStepEngine:
         return getattr(self._engine, name)
 
 
+def fixed_engine(step_s: float, max_batch_size: int) -> FixedStepEngine:
+    """A loader (module-level, so that --engine-process can run it in the engine process)."""
+    from model.cli import load_engine
+
+    return FixedStepEngine(load_engine(None, "cpu", max_batch_size=max_batch_size), step_s)
+
+
 def engine_alone(engine, streams: int, tokens: int, step_s: float) -> float:
     """Tokens per second of the engine stepped directly (no server), same streams and lengths."""
     from model.engine import SamplingParams
@@ -158,15 +165,28 @@ def load(url: str, streams: int, tokens: int, probes: int, started, queue) -> No
     queue.put(asyncio.run(main()))
 
 
-def run_case(engine, streams: int, tokens: int, probes: int, step_s: float, http: str = "auto") -> dict:
+def run_case(engine, streams: int, tokens: int, probes: int, step_s: float, http: str = "auto",
+             engine_process: bool = False) -> dict:
+    import functools
+
     import httpx
 
     from serve_bench import histogram_quantile, parse_metrics
     from server.app import create_app
+    from server.settings import ServerSettings
     from server.testing import LiveServer
 
-    fake = FixedStepEngine(engine, step_s)
-    with LiveServer(create_app(fake), http=http) as server:
+    if engine_process:  # the same engine, built in the engine process
+        app = create_app(functools.partial(fixed_engine, step_s, engine.max_batch_size),
+                         ServerSettings(engine_process=True, log_level="warning"))
+    else:
+        app = create_app(FixedStepEngine(engine, step_s))
+    with LiveServer(app, http=http) as server:
+        deadline = time.monotonic() + 120
+        while httpx.get(server.url + "/health", trust_env=False).status_code != 200:  # (the engine loading)
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server never became ready")
+            time.sleep(0.05)
         metrics = parse_metrics(httpx.get(server.url + "/metrics", trust_env=False).text)
         spawn = mp.get_context("spawn")
         queues, started = (spawn.Queue(), spawn.Queue()), spawn.Event()
@@ -203,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probes", type=int, default=16, help="one-token requests sent while the streams run (16)")
     p.add_argument("--http", choices=("auto", "httptools", "h11"), default="auto",
                    help="uvicorn's HTTP implementation (auto: httptools when installed, as `kiln serve` runs)")
+    p.add_argument("--engine-process", action="store_true",
+                   help="serve with the engine in a process of its own (`kiln serve --engine-process`)")
     p.add_argument("--quick", action="store_true", help="smoke test: 4 streams of 8 tokens, 2 probes, one step time")
     args = p.parse_args(argv)
     try:
@@ -229,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = load_engine(None, "cpu", max_batch_size=max(streams) + args.probes)
     print(f"host: {platform.processor() or platform.machine()}, {mp.cpu_count()} CPUs; Python "
           f"{platform.python_version()}, torch {torch.__version__}, uvicorn {uvicorn.__version__} "
-          f"(HTTP: {args.http}); "
+          f"(HTTP: {args.http}){', engine process' if args.engine_process else ''}; "
           f"{args.tokens} tokens per stream, {args.probes} probes")
     header = ("streams", "step ms", "alone tok/s", "served tok/s", "served/alone", "chunks/s", "tok/chunk",
               "CPU ms/1k tok", "probe TTFT p50 ms", "max ms", "loop delay p99 ms <=")
@@ -237,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     for step_ms in steps:
         for n in streams:
             alone = engine_alone(engine, n, args.tokens, step_ms / 1e3)
-            r = run_case(engine, n, args.tokens, args.probes, step_ms / 1e3, args.http)
+            r = run_case(engine, n, args.tokens, args.probes, step_ms / 1e3, args.http, args.engine_process)
 
             def num(x, digits=0):
                 return "-" if x is None else f"{x:,.{digits}f}"

@@ -4,11 +4,14 @@ The app owns its scheduler (started and stopped by the lifespan), its Prometheus
 registry and its settings, all in `app.state.kiln`; nothing is process-global, so tests
 can run several apps side by side. `engine` is a loaded `Engine` or a zero-argument
 loader: with a loader the model loads on the worker thread while the server already
-answers (503 "still loading" until it is ready), which is what `kiln serve` does.
+answers (503 "still loading" until it is ready), which is what `kiln serve` does; with
+`settings.engine_process` too, the loader (picklable) runs in an engine process of its own
+(server/engine_process.py).
 
 The package: settings.py (flags) -> app.py (this) -> middleware.py (metrics, 413, 401)
 -> routes.py (endpoints) -> completions.py (OpenAI completions) / streaming.py (SSE)
--> scheduler.py (the worker thread that owns the engine); protocol.py holds the
+-> scheduler.py (the worker thread that owns the engine; engine_process.py runs it in a process
+of its own, loading.py builds the engine `kiln serve` describes); protocol.py holds the
 pydantic bodies, errors.py the OpenAI error shape, metrics.py the Prometheus registry,
 testing.py a live-server helper for tests.
 """
@@ -16,6 +19,7 @@ testing.py a live-server helper for tests.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from contextlib import asynccontextmanager
 from typing import Callable
@@ -43,7 +47,16 @@ Errors are `{"error": {"message", "type", "param", "code"}}`."""
 def create_app(engine: Engine | Callable[[], Engine], settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     metrics = ServerMetrics(settings.served_model_name)
-    scheduler = Scheduler(engine, metrics, max_queue=settings.max_queue)
+    if settings.engine_process and not hasattr(engine, "step"):  # a loader: it runs in the engine process
+        from model.cli import default_model_dir
+        from model.tokenizer import load_tokenizer
+
+        from .engine_process import EngineProcess
+
+        scheduler = EngineProcess(engine, functools.partial(load_tokenizer, settings.model_dir or default_model_dir()),
+                                  metrics, max_queue=settings.max_queue, log_level=settings.log_level)
+    else:
+        scheduler = Scheduler(engine, metrics, max_queue=settings.max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

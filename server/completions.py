@@ -269,6 +269,16 @@ def admission_errors(param: str) -> Iterator[None]:
         raise APIError(400, str(e), param) from None
 
 
+def refusal_error(item: Rejected | Failed) -> APIError:
+    """A submission's refusal as the OpenAI error `admission_errors` gives for the same cause (a refusal
+    arrives as an item when the scheduler runs in the engine process)."""
+    if item.status == 429:
+        return APIError(429, item.message, code="queue_full", headers={"Retry-After": "1"})
+    if item.status == 503:
+        return APIError(503, item.message, code="not_ready", headers={"Retry-After": "1"})
+    return APIError(item.status, item.message, getattr(item, "param", None))
+
+
 async def create_completion(body: CompletionRequest, request: Request, scheduler: Scheduler, model_name: str,
                             fmt: TextFormat = TEXT_FORMAT, prompt_ids: list[list[int]] | None = None):
     """Run `body` and answer in `fmt`'s shapes (legacy completions, or chat through server/chat.py, which
@@ -305,7 +315,7 @@ async def create_completion(body: CompletionRequest, request: Request, scheduler
             scheduler.abort(generation)
             raise
         if isinstance(first, (Rejected, Failed)):
-            raise APIError(first.status, first.message, getattr(first, "param", None))
+            raise refusal_error(first)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _stream_chunks(generation, scheduler, builders, completion_id, created, model_name,
                                 usage if include_usage else None, fmt)
@@ -317,7 +327,7 @@ async def create_completion(body: CompletionRequest, request: Request, scheduler
         first = await generation.queue.get()
         if isinstance(first, (Rejected, Failed)):
             live = 0
-            raise APIError(first.status, first.message, getattr(first, "param", None))
+            raise refusal_error(first)
         while live:
             item = await generation.queue.get()
             if isinstance(item, Failed):

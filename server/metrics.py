@@ -8,6 +8,8 @@ endpoint and status; gauges are set after every scheduler iteration.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -42,6 +44,7 @@ class BatchHistogram(Histogram):
 
 class ServerMetrics:
     def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.time_to_first_token = Histogram(
@@ -106,5 +109,19 @@ class ServerMetrics:
         info = Gauge("kiln_model_info", "The served model (value 1).", ["model_name"], registry=r)
         info.labels(model_name=model_name).set(1)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, keep: Callable[[str], bool] | None = None) -> bytes:
+        """The text exposition; `keep(family name)` picks which metric families (all by default)."""
+        if keep is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Only(self.registry, keep))
+
+
+class _Only:
+    """A registry's metric families whose names pass a test (what `generate_latest` collects)."""
+
+    def __init__(self, registry: CollectorRegistry, keep: Callable[[str], bool]):
+        self.registry = registry
+        self.keep = keep
+
+    def collect(self):
+        return (family for family in self.registry.collect() if self.keep(family.name))

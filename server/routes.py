@@ -27,7 +27,7 @@ from .protocol import (ChatCompletionRequest, ChatCompletionResponse, Completion
                        DetokenizeRequest, DetokenizeResponse, ErrorResponse, Health, ModelCard, ModelList,
                        PerplexityItem, PerplexityRequest, PerplexityResponse, PerplexityToken, PerplexityUsage,
                        TokenizeRequest, TokenizeResponse, TokenizerInfo)
-from .scheduler import NotReady, Scheduler
+from .scheduler import NotReady, QueueFull, Scheduler
 from .settings import ServerSettings
 
 
@@ -120,6 +120,8 @@ async def perplexity(body: PerplexityRequest, request: Request,
         results = await future
     except ClientGone:
         raise APIError(499, "the client disconnected") from None
+    except QueueFull as e:  # (from the engine process, which admits there)
+        raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
     except NotReady as e:
         raise APIError(503, str(e), code="not_ready") from None
     except ValueError as e:
@@ -242,7 +244,7 @@ async def health_head(state: KilnState = Depends(kiln_state)) -> Response:
 @router.get("/metrics", summary="Prometheus metrics (text format)",
             responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}})
 async def metrics(state: KilnState = Depends(kiln_state)) -> Response:
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+    return Response(await state.scheduler.render_metrics(), media_type=CONTENT_TYPE)
 
 
 @router.get("/", include_in_schema=False)

@@ -137,6 +137,7 @@ class Generation:
         self.queue: asyncio.Queue[QueueItem] = asyncio.Queue()
         self.arrival = time.monotonic()
         self.cancelled = False  # set under the scheduler lock
+        self.remote_id: int | None = None  # its id in the engine process (server/engine_process.py), if any
         self._requests: list[Request] = []  # worker-only
 
     def __len__(self) -> int:
@@ -170,7 +171,42 @@ class _Sequence:  # worker-only bookkeeping of one engine request
     held: list = field(default_factory=list)  # outputs not yet delivered (non-streaming generations)
 
 
-class Scheduler:
+class ServingState:
+    """The load/serve/stop state the routes read, of a `Scheduler` or an `EngineProcess`."""
+
+    _state: str
+    load_error: BaseException | None
+    metrics: ServerMetrics
+    _lag_logged: float = 0.0  # when a lagging event loop was last logged
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        return self._state == READY
+
+    def not_ready_message(self) -> str:
+        if self._state in (CREATED, STARTING):
+            return "the model is still loading; retry in a moment"
+        if self._state == FAILED:
+            return f"the model failed to load: {self.load_error}"
+        return "the server is shutting down"
+
+    def _note_delivery(self, posted: float) -> None:
+        """(event-loop thread) A step's outputs posted at `posted` (time.monotonic) are being handed to their
+        streams now: observe the wait, and log it (debug, once a second) when the loop lags far behind."""
+        now = time.monotonic()
+        lag = now - posted
+        self.metrics.event_loop_delay.observe(lag)
+        if lag >= LAGGING_LOOP_S and now - self._lag_logged >= 1.0 and log.isEnabledFor(logging.DEBUG):
+            self._lag_logged = now
+            log.debug("event loop behind the engine: a step's outputs waited %.3f s to be handed to the streams "
+                      "(HTTP and streaming, not the engine, held them)", lag)
+
+
+class Scheduler(ServingState):
     def __init__(self, engine: Engine | Callable[[], Engine], metrics: ServerMetrics, max_queue: int = 256):
         # an engine, or a zero-argument loader run on the worker thread (the app answers 503 meanwhile)
         self._loader: Callable[[], Engine] | None = None if hasattr(engine, "step") else engine
@@ -179,6 +215,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.load_error: BaseException | None = None
         self.on_fatal: Callable[[], None] | None = None  # called (from the worker) when loading fails
+        self.on_ready: Callable[[], None] | None = None  # called (from the worker) once the engine is ready
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._state = CREATED
@@ -193,28 +230,12 @@ class Scheduler:
         self._unstarted: list[_Sequence] = []  # admitted, no prefill chunk run yet (for queue time); worker-only
         self._step_seconds: collections.deque[float] = collections.deque(maxlen=128)  # worker-only, recent steps
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._lag_logged = 0.0  # event-loop thread: when a lagging loop was last logged
         self._thread: threading.Thread | None = None
 
     # ---- state -----------------------------------------------------------------------------
     @property
-    def state(self) -> str:
-        return self._state
-
-    @property
-    def ready(self) -> bool:
-        return self._state == READY
-
-    @property
     def num_waiting(self) -> int:
         return self._num_waiting
-
-    def not_ready_message(self) -> str:
-        if self._state in (CREATED, STARTING):
-            return "the model is still loading; retry in a moment"
-        if self._state == FAILED:
-            return f"the model failed to load: {self.load_error}"
-        return "the server is shutting down"
 
     # ---- lifecycle (called from the event loop / lifespan) ----------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -244,12 +265,19 @@ class Scheduler:
         """One sequence per (prompt, params) pair; `n` consecutive sequences share a prompt.
 
         With stream=False each sequence's outputs arrive together when it finishes."""
-        generation = Generation(prompts, params, n, stream)
+        return self.submit_generation(Generation(prompts, params, n, stream))
+
+    def submit_generation(self, generation: Generation) -> Generation:
+        """`submit` for a Generation made by the caller (the engine process registers it first)."""
         self._enqueue(len(generation), lambda: self._incoming.append(generation))
         return generation
 
-    def submit_score(self, inputs: list[str | list[int]], stride: int | None) -> asyncio.Future:
-        job = ScoreJob(inputs, stride, asyncio.get_running_loop().create_future())
+    def submit_score(self, inputs: list[str | list[int]], stride: int | None,
+                     future: asyncio.Future | None = None) -> asyncio.Future:
+        """A perplexity job; its result (or error) settles `future` (default: a new one of the event loop)."""
+        if future is None:
+            future = (self._loop or asyncio.get_running_loop()).create_future()
+        job = ScoreJob(inputs, stride, future)
         self._enqueue(len(inputs), lambda: self._score_jobs.append(job))
         return job.future
 
@@ -289,6 +317,10 @@ class Scheduler:
             self._aborts.append(generation)
             self._wakeup.notify()
 
+    async def render_metrics(self) -> bytes:
+        """/metrics: the text exposition of everything this server observes."""
+        return self.metrics.render()
+
     # ---- the worker thread --------------------------------------------------------------------
     def _run(self) -> None:
         if self._loader is not None:
@@ -304,8 +336,11 @@ class Scheduler:
                 return
         engine = self.engine
         with self._lock:
-            if self._state == STARTING:
+            ready = self._state == STARTING
+            if ready:
                 self._state = READY
+        if ready and self.on_ready is not None:
+            self.on_ready()
         self._update_gauges()
         while True:
             with self._wakeup:
@@ -552,13 +587,7 @@ class Scheduler:
 
     def _deliver(self, outbox: list[tuple[asyncio.Queue, QueueItem]], posted: float) -> None:
         """(event-loop thread) Hand a step's outputs to their queues; observe how long they waited for the loop."""
-        now = time.monotonic()
-        lag = now - posted  # how far behind the worker the event loop runs
-        self.metrics.event_loop_delay.observe(lag)
-        if lag >= LAGGING_LOOP_S and now - self._lag_logged >= 1.0 and log.isEnabledFor(logging.DEBUG):
-            self._lag_logged = now
-            log.debug("event loop behind the engine: a step's outputs waited %.3f s to be handed to the streams "
-                      "(HTTP and streaming, not the engine, held them)", lag)
+        self._note_delivery(posted)
         for queue, item in outbox:
             queue.put_nowait(item)
 

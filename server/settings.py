@@ -45,6 +45,7 @@ class ServerSettings:
     async_scheduling: bool | None = None  # read sampled ids back one step late (None: on CUDA only)
     speculative_tokens: int | None = None  # prompt-lookup drafts per step for greedy requests (None: default, 0: off)
     compile: bool = False  # torch.compile the decode step (CPU: inductor C++; CUDA: before graph capture)
+    engine_process: bool = False  # run the engine (and its worker thread) in a child process of its own
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies -> 413
     threads: int | None = None  # torch intra-op threads (default: available cores)
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
@@ -127,7 +128,7 @@ class ServerSettings:
                    max_model_len=args.max_model_len, kv_block_size=args.kv_block_size,
                    num_kv_blocks=args.num_kv_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
                    enable_prefix_caching=not args.no_prefix_caching, max_prefill_tokens=args.max_prefill_tokens,
-                   cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
+                   cuda_graphs=not args.no_cuda_graphs, compile=args.compile, engine_process=args.engine_process,
                    async_scheduling=args.async_scheduling, speculative_tokens=args.speculative_tokens,
                    max_body_bytes=args.max_body_bytes, threads=args.threads,
                    shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level)
@@ -199,6 +200,10 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const", const=False,
                    help="read each step's sampled ids back before queuing the next step")
     add_speculative_arg(p)
+    p.add_argument("--engine-process", action="store_true",
+                   help="run the engine in a process of its own, so that HTTP and streaming do not share a GIL "
+                        "with it (a small model on a GPU makes tokens faster than one process sends them; on a "
+                        "CPU the two processes compete for the cores instead)")
     p.add_argument("--max-body-bytes", type=_int_at_least(1024), default=8 * 1024 * 1024,
                    help="largest accepted request body; larger gets 413 (default: 8 MiB)")
     p.add_argument("--threads", type=_int_at_least(1), default=None,

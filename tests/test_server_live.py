@@ -384,11 +384,13 @@ def test_a_port_in_use_or_a_directory_without_a_model_is_said_before_loading(par
     assert "has no config.json: not a model directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("engine_process", [False, True], ids=["one-process", "engine-process"])
 @pytest.mark.parametrize("deadline", ["long", "short"])
-def test_sigterm_lets_streams_end_cleanly(deadline):
+def test_sigterm_lets_streams_end_cleanly(deadline, engine_process):
     """SIGTERM mid-stream: with time left before --shutdown-timeout the stream finishes; with none,
     it ends with an error event and [DONE]. Never a body cut off mid-stream; the process exits 0."""
-    proc, url = _start_server("--shutdown-timeout", "30" if deadline == "long" else "0.5")
+    proc, url = _start_server("--shutdown-timeout", "30" if deadline == "long" else "0.5",
+                              *(["--engine-process"] if engine_process else []))
     try:
         body = {"prompt": "The quick brown fox", "max_tokens": 120 if deadline == "long" else 500,
                 "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
@@ -427,3 +429,93 @@ def test_a_perplexity_client_that_goes_away_stops_its_job(slow_server):
         "kiln_perplexity_requests_total{status=ok}", 0)
     r = httpx.post(url + "/v1/perplexity", json={"input": "The quick brown fox"}, timeout=30)
     assert r.status_code == 200  # and the server scores on
+
+
+# ---- --engine-process: the engine in a process of its own -------------------------------------
+def _children(pid: int) -> list[int]:
+    """The server's engine process(es): its spawned children (not multiprocessing's resource tracker)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split() if b"spawn_main" in Path(f"/proc/{x}/cmdline").read_bytes()]
+
+
+def test_engine_process_serves_the_same_and_stops_on_sigterm(parrot_dir):
+    """`--engine-process`: completions (streamed or not, n=2), perplexity, refusals and /metrics as in one
+    process, the engine's metric families and the API's each once; SIGTERM ends both processes cleanly."""
+    proc, url = _start_server("--model", str(parrot_dir), "--served-model-name", "parrot", "--max-batch-size", "2",
+                              "--max-queue", "2", "--engine-process")
+    try:
+        [engine_pid] = _children(proc.pid)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "The quick", "max_tokens": 20, "temperature": 0,
+                                                      "n": 2, "logprobs": 1})
+        assert r.status_code == 200, r.text
+        assert [c["text"] for c in r.json()["choices"]] == [TEXTS[1][len("The quick"):]] * 2
+        assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == r.json()["usage"]["completion_tokens"] // 2
+        body = {"prompt": "To be, or", "max_tokens": 30, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body) as s:
+            events = [line[len("data: "):] for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+        assert len(text) > 20 and TEXTS[0][len("To be, or"):].startswith(text), text
+        r = httpx.post(url + "/v1/perplexity", json={"input": [TEXTS[1], TEXTS[0]]})
+        assert r.status_code == 200 and all(d["perplexity"] < 1.5 for d in r.json()["data"]), r.text
+        # refusals keep their status and shape: too many sequences at once (the engine process admits them)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 5})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        r = httpx.post(url + "/v1/completions", json={"prompt": [9999999], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        r = httpx.post(url + "/v1/perplexity", json={"input": "x", "stride": 0})
+        assert r.status_code in (400, 422), r.text
+        text = httpx.get(url + "/metrics").text
+        families = [f.name for f in text_string_to_metric_families(text)]
+        assert len(families) == len(set(families)), "a metric family exported twice"
+        m = gauges(url)
+        assert m["kiln_generation_tokens_total"] >= 40 and m["kiln_perplexity_requests_total{status=ok}"] == 1
+        assert m["kiln_requests_total{endpoint=/v1/completions,status=200}"] == 2
+        assert m["kiln_event_loop_delay_seconds_count"] >= 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "Traceback" not in proc.stdout.read()
+        wait_for(lambda: not os.path.exists(f"/proc/{engine_pid}"), 10.0, "the engine process to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_engine_process_disconnect_aborts_and_its_death_fails_requests():
+    """A stream whose client goes away is aborted in the engine process; if that process dies, requests in
+    flight get an error (not a hang) and the server exits 1 saying why."""
+    proc, url = _start_server("--engine-process", "--max-batch-size", "2")
+    try:
+        [engine_pid] = _children(proc.pid)
+        body = {"prompt": "Once upon a time", "max_tokens": 900, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body) as s:
+            first_data_line(s.iter_lines())
+        wait_for(lambda: gauges(url).get("kiln_request_finish_total{finish_reason=abort}") == 1, 10.0,
+                 "the abort to reach the engine process")
+        wait_for(lambda: gauges(url)["kiln_num_requests_running"] == 0, 10.0, "the slot to be freed")
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as s:
+            lines = s.iter_lines()
+            first_data_line(lines)
+            os.kill(engine_pid, signal.SIGKILL)
+            events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and "engine process exited" in json.loads(events[-2])["error"]["message"]
+        assert proc.wait(timeout=30) == 1
+        assert "could not load the model: the engine process exited" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_engine_process_load_failure_exits_1(tmp_path):
+    """A model the engine process cannot load: the error is printed and the server exits 1."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "kiln", "vocab_size": 8}')
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILN_NO_NATIVE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "server", "--port", str(port), "--model", str(bad), "--threads", "1",
+                           "--engine-process"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "kiln serve: error: could not load the model:" in proc.stderr

@@ -469,3 +469,19 @@ def test_a_value_observed_many_times_at_once_counts_as_that_many_observations():
     at_once = render(lambda h: [h.observe_many(v, k) for v, k in values])
     assert at_once == one_by_one
     assert 'h_seconds_bucket{le="0.025"} 11.0' in at_once and "h_seconds_count 17.0" in at_once
+
+
+def test_a_refusal_that_arrives_as_an_item_answers_as_a_raised_one():
+    """With --engine-process the engine process admits submissions, so a full queue or a server not ready
+    arrives as the submission's first item: it must answer as `admission_errors` does for the raised kind."""
+    from server.completions import admission_errors, refusal_error
+    from server.errors import APIError
+
+    for raised, item in ((QueueFull("busy"), Rejected("busy", 429)), (NotReady("loading"), Rejected("loading", 503)),
+                         (ValueError("too many"), Rejected("too many", 400, "n"))):
+        with pytest.raises(APIError) as e:
+            with admission_errors("n"):
+                raise raised
+        got = refusal_error(item)
+        assert (got.status, got.message, got.param, got.code, got.headers) == \
+            (e.value.status, e.value.message, e.value.param, e.value.code, e.value.headers)
