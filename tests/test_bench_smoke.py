@@ -160,17 +160,20 @@ def test_host_overhead_bench_quick():
             assert 0 < engine < whole, r
 
 
-def test_http_overhead_bench_quick():
-    """bench/http_overhead.py (the server's HTTP side behind a fixed-wait engine) end to end, shortened: every
-    stream gets all its tokens (the script checks) and the row has its numbers."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "http_overhead.py"), "--quick"], cwd=ROOT,
+@pytest.mark.parametrize("flags", [[], ["--engine-process"]], ids=["one-process", "engine-process"])
+def test_http_overhead_bench_quick(flags):
+    """bench/http_overhead.py (the server's HTTP side behind a fixed-wait engine) end to end, shortened, in one
+    process and with the engine in its own: every stream gets all its tokens (the script checks) and the row
+    has its numbers."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "http_overhead.py"), "--quick", *flags], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     [row] = [line.split() for line in proc.stdout.splitlines() if re.match(r"\s+4\s+1\s", line)]
     assert len(row) == 11 and row[4].endswith("x") and float(row[6]) >= 1.0, proc.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "http_overhead.py"), "--streams", "x"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--streams takes integers" in bad.stderr
+    if not flags:
+        bad = subprocess.run([sys.executable, str(ROOT / "bench" / "http_overhead.py"), "--streams", "x"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "--streams takes integers" in bad.stderr
 
 
 @pytest.mark.parametrize("script,rows,checked", [
