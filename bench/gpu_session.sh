@@ -13,8 +13,8 @@
 # The plan for the next 15-minute lease, one call each (the machine stays warm between calls;
 # the fifth lease, 2026-11-26 session 16, ran retests-ce, profile-compile, serve-gpt2-124m,
 # serve-llama-1.1b, online-gpt2-124m and online-llama-1.1b: bench/RESULTS.md):
-#   1. bash bench/gpu_session.sh quick gemv profile-gemv kernels http-overhead online-gpt2-124m
-#      carry .whl (~9 minutes). gemv times kernels/gemv.py (session 16, never run on a GPU: the 1.1B
+#   1. bash bench/gpu_session.sh quick gemv profile-gemv kernels online-gpt2-124m
+#      carry .whl (~8 minutes). gemv times kernels/gemv.py (session 16, never run on a GPU: the 1.1B
 #      step's products with the norm or SwiGLU fused in, against cuBLAS and the current path) and
 #      profile-gemv the batch-1 step through it (Transformer.fused_gemv, off by default; the last
 #      lease's plain step: 1.397 ms): if faster, turning it on is the next lever for issue 8's
@@ -22,14 +22,15 @@
 #      checks they are as fast as the earlier leases measured. The online run keeps the server's
 #      debug log (Triton's autotuning, each slow engine step, a lagging event loop): what still
 #      stalled GPT-2's first online rate (TTFT p99 1.5 s) and its rate 32 (p50 1.0 s).
-#      http-overhead and the online table's loop-delay column say whether the HTTP side held GPT-2's
-#      tokens back (session 17: streams now merge a backlog into one chunk; on these CPUs, new
-#      requests behind 128 streams of a fixed-wait engine had waited 0.17-0.28 s, ~1 s when the client
-#      read slowly); serve_bench's load generator now runs in several processes (4 there), so the
-#      client's own backlog is out of it. http-overhead also runs `--engine-process` (session 17, off
-#      by default: slower on 2 cores); if it serves more there, an online run with
-#      --server-args="--engine-process" is next.
-#   2. quick retests (the GPU tests, attention, decode and gemv among them)
+#      The online table's loop-delay column says whether the HTTP side held GPT-2's tokens back
+#      (session 17: streams now merge a backlog into one chunk; on these CPUs, new requests behind 128
+#      streams of a fixed-wait engine had waited 0.17-0.28 s, ~1 s when the client read slowly);
+#      serve_bench's load generator now runs in several processes (4 there), so the client's own
+#      backlog is out of it.
+#   2. quick retests http-overhead (the GPU tests, attention, decode and gemv among them; then the
+#      HTTP side on the lent host's CPUs, in one process and with `--engine-process`, session 17,
+#      off by default as it is slower on 2 cores: if it serves more there, an online run with
+#      --server-args="--engine-process" is next)
 # Installing what default-model brings back (FILES = the call's files_at):
 #   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/
 #   cp data/corpus/manifest.json model/default/corpus_manifest.json
@@ -200,8 +201,8 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 ;;
             http-overhead)  # the host's HTTP side alone: streams served per second behind a fixed-wait engine (CPU),
                 # in one process and with the engine in a process of its own
-                STAGE_TIMEOUT=90 stage serve python3 bench/http_overhead.py
-                STAGE_TIMEOUT=90 stage serve python3 bench/http_overhead.py --engine-process
+                STAGE_TIMEOUT=60 stage serve python3 bench/http_overhead.py --step-ms 0.8
+                STAGE_TIMEOUT=60 stage serve python3 bench/http_overhead.py --step-ms 0.8 --engine-process
                 ;;
             online-*)  # a live server alone at one shape (no HF, no offline batches): its start-up and online rates
                 TRITON_PRINT_AUTOTUNING=1 STAGE_TIMEOUT=110 stage serve python3 bench/serve_bench.py \
