@@ -31,7 +31,8 @@ from model.tokenizer import Tokenizer
 
 from .errors import APIError
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
-from .scheduler import Failed, Generation, NotReady, QueueFull, Rejected, Scheduler, SequenceOutput, drain
+from .scheduler import (Failed, Generation, NotReady, QueueFull, Rejected, Scheduler, SequenceOutput, drain,
+                        rejection)
 from .streaming import sse_response
 
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
@@ -261,17 +262,13 @@ def admission_errors(param: str) -> Iterator[None]:
     (both with Retry-After), an input it cannot take 400 naming `param`."""
     try:
         yield
-    except QueueFull as e:
-        raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
-    except NotReady as e:
-        raise APIError(503, str(e), code="not_ready", headers={"Retry-After": "1"}) from None
-    except ValueError as e:
-        raise APIError(400, str(e), param) from None
+    except (QueueFull, NotReady, ValueError) as e:
+        raise refusal_error(rejection(e, param)) from None
 
 
 def refusal_error(item: Rejected | Failed) -> APIError:
-    """A submission's refusal as the OpenAI error `admission_errors` gives for the same cause (a refusal
-    arrives as an item when the scheduler runs in the engine process)."""
+    """A submission's refusal as an OpenAI error: raised by the scheduler (`admission_errors`) or arriving as
+    its first item (the engine process admits there), the same answer."""
     if item.status == 429:
         return APIError(429, item.message, code="queue_full", headers={"Retry-After": "1"})
     if item.status == 503:

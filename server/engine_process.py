@@ -12,7 +12,7 @@ it would hand to an event loop, go through `_Outlet` over a pipe instead. Messag
 
     parent -> child: ("submit", gid, prompts, params, n, stream), ("abort", gid),
                      ("score", jid, inputs, stride), ("abort_score", jid), ("metrics", rid), ("stop", timeout)
-    child -> parent: ("state", state, error, info), ("out", [(gid, item), ...], posted),
+    child -> parent: ("state", state, error, info), ("out", [(gid, item, last), ...], posted),
                      ("settle", jid, result, error), ("metrics", rid, text), ("stopped",)
 
 A refusal the in-process scheduler raises from `submit` (queue full, not ready, too many sequences)
@@ -33,7 +33,8 @@ from typing import Any, Callable
 
 from .metrics import ServerMetrics
 from .scheduler import (CREATED, FAILED, READY, STARTING, STOPPED, STOPPING, Failed, Generation,
-                        NotReady, QueueFull, Rejected, Scheduler, SequenceOutput, ServingState, _settle)
+                        NotReady, QueueFull, Rejected, Scheduler, SequenceOutput, ServingState, _settle,
+                        rejection)
 
 log = logging.getLogger("kiln.server")
 
@@ -75,7 +76,7 @@ class EngineProcess(ServingState):
         self._state = CREATED
         self._lock = threading.Lock()  # guards sends on the pipe and the id maps
         self._ids = itertools.count()
-        self._generations: dict[int, tuple[Generation, list[int]]] = {}  # gid -> (generation, [sequences left])
+        self._generations: dict[int, Generation] = {}  # gid -> generation, until its last item arrives
         self._jobs: dict[int, asyncio.Future] = {}
         self._job_ids: dict[int, int] = {}  # id(future) -> jid
         self._metrics_requests: dict[int, asyncio.Future] = {}
@@ -127,7 +128,7 @@ class EngineProcess(ServingState):
         with self._lock:
             gid = next(self._ids)
             generation.remote_id = gid
-            self._generations[gid] = (generation, [len(generation)])
+            self._generations[gid] = generation
         self._send(("submit", gid, prompts, params, n, stream))
         return generation
 
@@ -229,20 +230,13 @@ class EngineProcess(ServingState):
             pass
 
     # ---- on the event loop -------------------------------------------------------------------
-    def _deliver(self, pairs: list[tuple[int, Any]], posted: float) -> None:
+    def _deliver(self, items: list[tuple[int, Any, bool]], posted: float) -> None:
+        """(gid, item, whether it is the submission's last: the engine process counts) for each output."""
         self._note_delivery(posted)  # (the pipe's time too: monotonic clocks agree across processes)
-        for gid, item in pairs:
-            entry = self._generations.get(gid)
-            if entry is None:
-                continue
-            generation, left = entry
-            generation.queue.put_nowait(item)
-            if isinstance(item, (Rejected, Failed)):
-                self._generations.pop(gid, None)
-            elif isinstance(item, SequenceOutput) and item.finish_reason is not None:
-                left[0] -= 1
-                if left[0] == 0:
-                    self._generations.pop(gid, None)
+        for gid, item, last in items:
+            generation = self._generations.pop(gid, None) if last else self._generations.get(gid)
+            if generation is not None:
+                generation.queue.put_nowait(item)
 
     def _settle(self, jid: int, result: Any, error: BaseException | None) -> None:
         future = self._jobs.pop(jid, None)
@@ -256,7 +250,7 @@ class EngineProcess(ServingState):
             future.set_result(text)
 
     def _fail_all(self, message: str) -> None:
-        for gid, (generation, _) in list(self._generations.items()):
+        for generation in self._generations.values():
             generation.queue.put_nowait(Failed(message, 500))
         self._generations.clear()
         for jid in list(self._jobs):
@@ -300,18 +294,20 @@ class _Outlet:
             if generation is not None:
                 self.gids.pop(id(generation.queue), None)
 
-    def _finished(self, queue, item) -> int | None:
-        """The gid of `queue`'s submission (None: forgotten), forgetting it when `item` is its last (lock held)."""
+    def _tagged(self, queue, item) -> tuple[int, Any, bool] | None:
+        """(gid, item, last) for an output of `queue`'s submission (None: forgotten); forgets the submission
+        when `item` is its last (lock held)."""
         entry = self.gids.get(id(queue))
         if entry is None:
             return None
         gid, left = entry
         if isinstance(item, SequenceOutput) and item.finish_reason is not None:
             left[0] -= 1
-        if isinstance(item, (Rejected, Failed)) or left[0] == 0:
+        last = isinstance(item, (Rejected, Failed)) or left[0] == 0
+        if last:
             del self.gids[id(queue)]
             self.generations.pop(gid, None)
-        return gid
+        return gid, item, last
 
     def send(self, message: tuple) -> None:
         with self.lock:
@@ -324,10 +320,9 @@ class _Outlet:
         if getattr(fn, "__func__", None) is Scheduler._deliver:
             outbox, posted = args
             with self.lock:
-                pairs = [(gid, item) for gid, item in ((self._finished(queue, item), item) for queue, item in outbox)
-                         if gid is not None]
-            if pairs:
-                self.send(("out", pairs, posted))
+                items = [tagged for tagged in (self._tagged(queue, item) for queue, item in outbox) if tagged]
+            if items:
+                self.send(("out", items, posted))
         elif fn is _settle:
             future, result, error = args
             future._done = True
@@ -336,9 +331,6 @@ class _Outlet:
             self.send(("settle", future.jid, result, _portable_error(error)))
         else:
             raise RuntimeError(f"the engine process cannot run {fn!r} on the API's event loop")
-
-    def create_future(self):
-        raise RuntimeError("perplexity jobs get their futures from the engine process's command loop")
 
 
 def _engine_main(conn, loader: Callable[[], Any], model_name: str, max_queue: int, log_level: str) -> None:
@@ -373,9 +365,8 @@ def _engine_main(conn, loader: Callable[[], Any], model_name: str, max_queue: in
             try:
                 scheduler.submit_generation(generation)
             except (QueueFull, NotReady, ValueError) as e:
-                status = 429 if isinstance(e, QueueFull) else 503 if isinstance(e, NotReady) else 400
-                outlet.call_soon_threadsafe(scheduler._deliver, [(generation.queue, Rejected(
-                    str(e), status, "n" if status == 400 else None))], time.monotonic())
+                outlet.call_soon_threadsafe(scheduler._deliver, [(generation.queue, rejection(e, "n"))],
+                                            time.monotonic())
         elif kind == "abort":
             with outlet.lock:
                 generation = outlet.generations.get(message[1])

@@ -94,6 +94,16 @@ class SequenceOutput:
 QueueItem = Accepted | Rejected | Failed | SequenceOutput
 
 
+def rejection(error: QueueFull | NotReady | ValueError, param: str | None) -> Rejected:
+    """A refusal `submit` or `submit_score` raised, as the item that says it: a full queue 429, not ready 503,
+    an input it cannot take 400 naming `param`."""
+    if isinstance(error, QueueFull):
+        return Rejected(str(error), 429)
+    if isinstance(error, NotReady):
+        return Rejected(str(error), 503)
+    return Rejected(str(error), 400, param)
+
+
 def drain(queue: asyncio.Queue[QueueItem], first: QueueItem) -> list[QueueItem]:
     """`first` and whatever else is already waiting in `queue`, with each sequence's consecutive outputs merged
     into one (their tokens, text and logprobs in order; the last one's finish reason).

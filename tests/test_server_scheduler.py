@@ -485,3 +485,9 @@ def test_a_refusal_that_arrives_as_an_item_answers_as_a_raised_one():
         got = refusal_error(item)
         assert (got.status, got.message, got.param, got.code, got.headers) == \
             (e.value.status, e.value.message, e.value.param, e.value.code, e.value.headers)
+    # what both give (OpenAI's statuses; Retry-After where waiting helps)
+    busy, loading, bad = (refusal_error(r) for r in (Rejected("busy", 429), Rejected("loading", 503),
+                                                     Rejected("too many", 400, "n")))
+    assert (busy.status, busy.code, busy.headers) == (429, "queue_full", {"Retry-After": "1"})
+    assert (loading.status, loading.code, loading.headers) == (503, "not_ready", {"Retry-After": "1"})
+    assert (bad.status, bad.param, bad.code, bad.headers) == (400, "n", None, None)
