@@ -201,7 +201,7 @@ class Engine:
 
             module = native_step.load(build=bool(native))
             if module is not None:
-                plan.enable_native(module)
+                self._enable_native(module)
         self.compile_seconds: float | None = None  # set when the decode step was compiled
         self.compile_error: str | None = None
         graphed = cuda_graphs and backend == "triton" and self.device.type == "cuda"
@@ -312,8 +312,14 @@ class Engine:
         plan = self._decode_plan
         if plan is None or plan.native or not plan.supports_native() or native_step.disabled():
             return False
-        native_step.load_in_background(plan.enable_native)
+        native_step.load_in_background(self._enable_native)
         return True
+
+    def _enable_native(self, module) -> None:
+        """Decode steps through the native module's step, and the CPU forward (prompts, scoring) through its
+        fused elementwise steps (`Transformer.cpu_ops`)."""
+        self._decode_plan.enable_native(module)
+        self.model.cpu_ops = module
 
     @property
     def speculating(self) -> bool:

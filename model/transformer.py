@@ -197,6 +197,9 @@ class Transformer(nn.Module):
         # training loss on the triton backend: "chunked" (LM head + cross-entropy a chunk of rows at a time,
         # the (N, V) logits never whole) or "logits" (the whole logits, then the fused cross-entropy kernel)
         self.loss_impl = "chunked"
+        # the native module (model/native) whose fused elementwise steps the CPU forward runs without autograd
+        # in fp32 (`_forward_cpu`): set by the engine when it has the module, None = plain torch ops
+        self.cpu_ops = None
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model)
@@ -263,23 +266,70 @@ class Transformer(nn.Module):
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
             positions = torch.arange(T, device=tokens.device)[None, :]  # (1, T)
-        x = self.embed(tokens)
-        rope = None
-        if self.config.positions == "learned":
-            x = x + self.pos_embed(positions)
+        if (self.cpu_ops is not None and tokens.device.type == "cpu" and backend == "torch"
+                and not torch.is_grad_enabled() and self.embed.weight.dtype == torch.float32):
+            x = self._forward_cpu(tokens, positions, kv_cache, batch, output_index)
         else:
-            rope = (self.rope_cos[positions][:, :, None, :], self.rope_sin[positions][:, :, None, :])
-        for i, block in enumerate(self.blocks):
-            layer_cache = (kv_cache.k[i], kv_cache.v[i]) if batch is not None else None
-            x = block(x, rope, layer_cache, batch, backend)
-        if output_index is not None:
-            x = x[torch.arange(B, device=x.device), output_index]  # (B, d)
-        x = self.norm(x)
+            x = self.embed(tokens)
+            rope = None
+            if self.config.positions == "learned":
+                x = x + self.pos_embed(positions)
+            else:
+                rope = (self.rope_cos[positions][:, :, None, :], self.rope_sin[positions][:, :, None, :])
+            for i, block in enumerate(self.blocks):
+                layer_cache = (kv_cache.k[i], kv_cache.v[i]) if batch is not None else None
+                x = block(x, rope, layer_cache, batch, backend)
+            if output_index is not None:
+                x = x[torch.arange(B, device=x.device), output_index]  # (B, d)
+            x = self.norm(x)
         if targets is not None:
             return self.loss(x, targets, backend)
         if return_hidden:
             return x
         return self.lm_head(x)
+
+    def _forward_cpu(self, tokens: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache | None,
+                     batch: CacheBatch | None, output_index: torch.Tensor | None) -> torch.Tensor:
+        """`forward`'s blocks and final norm on a CPU, in fp32 without autograd (prompts, scoring): the same
+        arithmetic with each elementwise step one pass of `cpu_ops` (model/native) instead of several torch
+        ops: residual add + norm, rotary embedding of queries and keys in place, SwiGLU. The products stay
+        `nn.Linear` calls (oneDNN), attention stays `causal_attention` / `cached_attention`. Returns the
+        final-norm hidden states, (B, T, d), or (B, d) at `output_index`."""
+        ops, c = self.cpu_ops, self.config
+        B, T = tokens.shape
+        H, Hkv, D = c.n_head, c.n_kv_head, c.dim_per_head
+        rms = c.norm == "rmsnorm"
+        none = torch.empty(0)
+
+        def norm(module, h, residual):  # h (N, d) += residual in place (the new residual); returns norm(h)
+            shift = getattr(module, "bias", None)
+            return ops.add_norm(h, residual, module.weight, none if shift is None else shift, rms, module.eps)
+
+        positions = positions.expand(B, T).reshape(B * T)  # (N,) a copy: positions (1, T) broadcast over rows
+        h, residual = self.embed(tokens).view(B * T, -1), none
+        if c.positions == "learned":
+            residual = self.pos_embed(positions)  # the first norm adds it
+        for i, block in enumerate(self.blocks):
+            x = norm(block.norm1, h, residual)
+            residual = h
+            qkv = block.attn.qkv(x)  # (N, (H + 2 Hkv) D)
+            if c.positions == "rope":
+                ops.rope_(qkv, positions, self.rope_cos, self.rope_sin, H + Hkv, D)
+            qkv = qkv.view(B, T, H + 2 * Hkv, D)
+            q, k, v = qkv[:, :, :H].transpose(1, 2), qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]
+            if batch is None:
+                y = causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), "torch")
+            else:
+                y = cached_attention(q, k, v, kv_cache.k[i], kv_cache.v[i], batch, "torch")
+            h = block.attn.proj(y.transpose(1, 2).reshape(B * T, H * D))
+            x = norm(block.norm2, h, residual)
+            residual = h
+            up = block.mlp.up(x)
+            h = block.mlp.down(ops.silu_mul(up) if c.mlp == "swiglu" else F.gelu(up, approximate="tanh"))
+        if output_index is not None:
+            rows = torch.arange(B) * T + output_index.to(torch.long)  # (B,)
+            return norm(self.norm, h[rows], residual[rows])  # (B, d)
+        return norm(self.norm, h, residual).view(B, T, -1)
 
     def _forward_fused(self, tokens: torch.Tensor, kv_cache: KVCache, batch: CacheBatch, backend: str) -> torch.Tensor:
         """The cached (serving) forward on the GPU, in fewer kernels: tokens (B, T) -> final-norm hidden (B, T, d).

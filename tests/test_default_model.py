@@ -19,6 +19,8 @@ from model.cli import default_model_dir, load_engine
 from model.engine import SamplingParams
 from training.evaluate import evaluate_texts
 
+from test_native_decode import native_module  # noqa: F401 -- the fixture
+
 HELDOUT = Path(__file__).parent / "data" / "default_heldout.jsonl"
 TOLERANCE = 0.02  # nats; fp32 on any x86 CPU reproduces the recorded value far closer than this
 
@@ -26,6 +28,19 @@ TOLERANCE = 0.02  # nats; fp32 on any x86 CPU reproduces the recorded value far 
 @pytest.fixture(scope="module")
 def engine():
     return load_engine(None, "cpu")
+
+
+@pytest.fixture(params=["torch", "native"])
+def either_engine(request, engine):
+    """The engine on the torch path (the suite's), then as `kiln serve` runs it: the native decode step and the
+    native elementwise steps in the CPU forward (model/native)."""
+    if request.param == "torch":
+        yield engine
+        return
+    module = request.getfixturevalue("native_module")
+    native = load_engine(None, "cpu")
+    native._enable_native(module)
+    yield native
 
 
 def test_default_model_ships_with_the_package():
@@ -37,7 +52,8 @@ def test_default_model_ships_with_the_package():
     assert size <= 48 * 2**20, f"default model dir is {size / 2**20:.1f} MiB; the budget is 48 MiB"
 
 
-def test_heldout_loss_matches_the_card(engine):
+def test_heldout_loss_matches_the_card(either_engine):
+    engine = either_engine
     texts = [json.loads(line)["text"] for line in HELDOUT.read_text(encoding="utf-8").splitlines()]
     recorded = json.loads((default_model_dir() / "eval.json").read_text())
     totals = evaluate_texts(engine, texts).as_dict()
@@ -56,11 +72,12 @@ def test_default_model_writes_text(engine):
         assert len(words) >= 10 and sum(w.isascii() for w in words) >= 0.9 * len(words), (prompt, text)
 
 
-def test_greedy_text_does_not_depend_on_the_prompt_path(engine):
+def test_greedy_text_does_not_depend_on_the_prompt_path(either_engine):
     """The same greedy request gives the same text whether its prompt went through the native step (short
     prompts), the forward (echo, which needs prompt logprobs) or the prefix cache, and echo's prompt logprobs
     are the fp32 scores. (With bf16 prompts on AMX, once the default, " to" and " signature" swapped after
     "The function", and echo's logprobs were ~1e-2 off.)"""
+    engine = either_engine
     assert engine.prefill_dtype == torch.float32  # the default, on any CPU
     for prompt in ("The function", "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
                    "In the beginning God created the heaven and the earth. And the earth was without form"):

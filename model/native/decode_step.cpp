@@ -731,6 +731,124 @@ torch::Tensor sample_rows(torch::Tensor logits, std::vector<double> temperature,
   return ids;
 }
 
+// ----------------------------------------------------------------------------- the CPU forward's
+// elementwise steps. A prompt's or a scoring window's forward (many rows) multiplies through oneDNN, but
+// the steps between the products ran as several torch ops each (RMSNorm alone: a cast, pow, mean, add,
+// rsqrt and two multiplies), each a pass over the (rows, width) activations. These do each step in one
+// pass, rows split over torch's intra-op threads. fp32 only; model/transformer.py uses them for
+// inference without autograd (`Transformer.cpu_ops`).
+
+namespace {
+
+constexpr int64_t kElementwiseGrain = 1 << 14;  // floats per thread chunk, at least
+
+int64_t row_grain(int64_t width) { return std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, width)); }
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == 2 && t.is_contiguous(),
+              name, " must be a contiguous 2-D fp32 CPU tensor");
+}
+
+// sigmoid(x) * x for any x, through exp of a non-positive number (so it vectorizes): with
+// t = exp(-|x|), sigmoid(x) = 1 / (1 + t) for x >= 0 and t / (1 + t) below.
+inline float silu(float x) {
+  const float t = exp_nonpositive(-std::fabs(x));
+  const float sig = (x >= 0.f ? 1.f : t) / (1.f + t);
+  return x * sig;
+}
+
+}  // namespace
+
+// h (N, d) += residual (when given), in place: h becomes the new residual stream; returns norm(h):
+// RMSNorm or LayerNorm times the gain, plus the shift when given (empty tensors: absent).
+torch::Tensor add_norm(torch::Tensor h, torch::Tensor residual, torch::Tensor gain, torch::Tensor shift, bool rms,
+                       double eps) {
+  check_rows(h, "add_norm: h");
+  const int64_t N = h.size(0), d = h.size(1);
+  if (residual.numel()) {
+    check_rows(residual, "add_norm: residual");
+    TORCH_CHECK(residual.sizes() == h.sizes(), "add_norm: residual and h must have one shape");
+  }
+  for (const auto* t : {&gain, &shift}) {
+    TORCH_CHECK(!t->numel() || (t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == d),
+                "add_norm: gain and shift must be empty or (d,) contiguous fp32");
+  }
+  auto out = torch::empty_like(h);
+  float* hp = h.data_ptr<float>();
+  const float* rp = residual.numel() ? residual.data_ptr<float>() : nullptr;
+  const float* gp = opt(gain);
+  const float* sp = opt(shift);
+  float* op = out.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, N, row_grain(d), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float* row = hp + n * d;
+      if (rp) {
+        const float* r = rp + n * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) row[i] += r[i];
+      }
+      normalize(row, op + n * d, 1, d, rms, e, gp, sp);
+    }
+  });
+  return out;
+}
+
+// Rotary embedding in place on the first n_heads heads (queries and keys) of each row of x (N, C),
+// head i at columns [i * D, (i + 1) * D); row n at position positions[n]: x * cos + roll(x, D/2) * sin
+// with the sign folded into the sin table (model/transformer.py `rope_tables`, (max_pos, D)).
+void rope_(torch::Tensor x, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin, int64_t n_heads,
+           int64_t D) {
+  check_rows(x, "rope_: x");
+  check_rows(cos, "rope_: cos");
+  check_rows(sin, "rope_: sin");
+  TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == torch::kInt64 && positions.dim() == 1 &&
+                  positions.is_contiguous() && positions.numel() == x.size(0),
+              "rope_: positions must be (N,) contiguous int64");
+  TORCH_CHECK(D > 0 && D % 2 == 0 && n_heads >= 0 && n_heads * D <= x.size(1), "rope_: bad heads or head dim");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(1) == D, "rope_: tables must be (max_pos, D)");
+  const int64_t N = x.size(0), C = x.size(1), max_pos = cos.size(0), half = D / 2;
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(pos[n] >= 0 && pos[n] < max_pos, "rope_: position out of range");
+  float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  at::parallel_for(0, N, row_grain(n_heads * D), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* c = cp + pos[n] * D;
+      const float* s = sp + pos[n] * D;
+      for (int64_t h = 0; h < n_heads; ++h) {
+        float* v = xp + n * C + h * D;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * c[i] + b * s[i];
+          v[i + half] = b * c[i + half] + a * s[i + half];
+        }
+      }
+    }
+  });
+}
+
+// SwiGLU: x (N, 2F) holding [gate; up] per row -> silu(gate) * up (N, F).
+torch::Tensor silu_mul(torch::Tensor x) {
+  check_rows(x, "silu_mul: x");
+  TORCH_CHECK(x.size(1) % 2 == 0, "silu_mul: x must have an even width");
+  const int64_t N = x.size(0), F = x.size(1) / 2;
+  auto out = torch::empty({N, F}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, row_grain(2 * F), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* g = xp + n * 2 * F;
+      float* o = op + n * F;
+#pragma omp simd
+      for (int64_t i = 0; i < F; ++i) o[i] = silu(g[i]) * g[F + i];
+    }
+  });
+  return out;
+}
+
 // How many threads one at::parallel_for over `n` items runs on: torch's intra-op count when
 // this file was built with OpenMP (as ATen's parallel_for needs), 1 when the pragma was dropped.
 int64_t parallel_threads(int64_t n) {
@@ -747,5 +865,8 @@ int64_t parallel_threads(int64_t n) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "Kiln's fused CPU decode step (fp32 math; fp32 or bf16 weights)");
   m.def("sample_rows", &sample_rows, "one id per row: temperature, top-k, top-p, inverse-CDF draw");
+  m.def("add_norm", &add_norm, "h += residual in place; returns RMSNorm/LayerNorm(h) (the CPU forward)");
+  m.def("rope_", &rope_, "rotary embedding in place on the first n_heads heads of each row");
+  m.def("silu_mul", &silu_mul, "SwiGLU: silu(gate) * up of rows holding [gate; up]");
   m.def("parallel_threads", &parallel_threads, "threads one at::parallel_for over n items runs on");
 }

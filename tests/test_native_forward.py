@@ -1,0 +1,162 @@
+"""The CPU forward's fused elementwise steps (model/native: add_norm, rope_, silu_mul) against torch.
+
+A prompt's or a scoring window's forward on a CPU runs them when the engine has the native module
+(`Transformer.cpu_ops`); they must give the plain forward's numbers, with and without the KV cache,
+for Llama-style and GPT-2-style models, and never run where autograd is recording.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import fast_decode
+from model.cli import load_engine
+from model.config import ModelConfig
+from model.engine import Engine, SamplingParams
+from model.kv_cache import KVCache
+from model.transformer import RMSNorm, Transformer, apply_rope, rope_tables
+
+from cache_helpers import Sequences
+from test_native_decode import native_module  # noqa: F401 -- the fixture
+
+NONE = torch.empty(0)
+
+LLAMA = ModelConfig(vocab_size=300, n_layer=2, n_head=6, n_kv_head=2, d_model=96, d_ff=80, max_seq_len=64)
+GPT2 = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=4, d_model=64, d_ff=256, max_seq_len=64,
+                   norm="layernorm", positions="learned", mlp="gelu", tie_embeddings=True, bias=True)
+
+
+def close(got: torch.Tensor, want: torch.Tensor, atol: float = 2e-5) -> None:
+    diff = (got - want).abs()
+    assert diff.max().item() <= atol + 1e-5 * want.abs().max().item(), (
+        f"max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}")
+
+
+@pytest.mark.parametrize("rms", [True, False])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_norm(native_module, rms, with_residual):
+    g = torch.Generator().manual_seed(0)
+    h, residual = (torch.randn(37, 96, generator=g) * 3 for _ in range(2))
+    gain, shift = torch.randn(96, generator=g), torch.randn(96, generator=g)
+    stream = h + residual if with_residual else h.clone()
+    if rms:
+        norm = RMSNorm(96, 1e-5)
+        norm.weight.data.copy_(gain)
+        want = norm(stream)
+    else:
+        want = F.layer_norm(stream, (96,), gain, shift, 1e-5)
+    got = native_module.add_norm(h, residual if with_residual else NONE, gain, NONE if rms else shift, rms, 1e-5)
+    close(got, want)
+    assert torch.equal(h, stream)  # h now holds the residual stream
+
+
+def test_rope_in_place(native_module):
+    config = ModelConfig(vocab_size=10, n_layer=1, n_head=4, n_kv_head=2, d_model=64, d_ff=8, max_seq_len=40)
+    cos, sin = rope_tables(config)
+    H, Hkv, D = 4, 2, 16
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(3 * 7, (H + 2 * Hkv) * D, generator=g)
+    positions = torch.randint(0, 40, (3 * 7,), generator=g)
+    heads = qkv[:, : (H + Hkv) * D].view(-1, 1, H + Hkv, D)
+    want = torch.cat([apply_rope(heads, cos[positions][:, None, None], sin[positions][:, None, None])
+                      .reshape(-1, (H + Hkv) * D), qkv[:, (H + Hkv) * D:]], dim=1)
+    native_module.rope_(qkv, positions, cos, sin, H + Hkv, D)
+    close(qkv, want)
+    assert torch.equal(qkv[:, (H + Hkv) * D:], want[:, (H + Hkv) * D:])  # values untouched
+    with pytest.raises(RuntimeError, match="position out of range"):
+        native_module.rope_(qkv, torch.full((21,), 40), cos, sin, H + Hkv, D)
+
+
+def test_silu_mul(native_module):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 2 * 50, generator=g) * 4
+    x[0, :6] = torch.tensor([0.0, -0.0, 88.0, -88.0, 1e4, -1e4])  # 0, saturation both ways, exp underflow
+    gate, up = x.split(50, dim=1)
+    close(native_module.silu_mul(x), F.silu(gate) * up, atol=1e-6)
+    with pytest.raises(RuntimeError, match="even width"):
+        native_module.silu_mul(torch.zeros(2, 5))
+    with pytest.raises(RuntimeError, match="contiguous 2-D fp32"):
+        native_module.silu_mul(x.t())
+
+
+@pytest.mark.parametrize("config", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_cpu_forward_equals_the_plain_forward(native_module, config):
+    """Whole sequences (all logits, and the last position only) and prefill + decode over the paged cache."""
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (3, 19), generator=torch.Generator().manual_seed(3))
+    index = torch.tensor([18, 0, 7])
+    results = []
+    for ops in (None, native_module):
+        model.cpu_ops = ops
+        with torch.inference_mode():
+            out = [model(tokens), model(tokens, output_index=index), model(tokens, return_hidden=True)]
+            cache = Sequences(KVCache(config, num_blocks=20, block_size=4, max_seq_len=32))
+            a, b = cache.allocate(), cache.allocate()
+            for slot, n in ((a, 9), (b, 5)):  # prompts of different lengths
+                out.append(model(tokens[slot, :n][None], kv_cache=cache.kv, batch=cache.batch([slot], [n])))
+                cache.advance([slot], [n])
+            for step in range(3):  # decode steps over two rows at different positions
+                new = torch.stack([tokens[0, 9 + step: 10 + step], tokens[1, 5 + step: 6 + step]])
+                out.append(model(new, kv_cache=cache.kv, batch=cache.batch([a, b], [1, 1])))
+                cache.advance([a, b], [1, 1])
+            out.append(cache.kv.k.clone())
+        results.append(out)
+    for got, want in zip(results[1], results[0]):
+        close(got, want)
+
+
+class _Refuses:
+    def __getattr__(self, name):
+        raise AssertionError(f"cpu_ops.{name} was used where it must not be")
+
+
+def test_cpu_ops_stay_out_of_autograd_and_other_dtypes():
+    """Training (grad enabled) and 16-bit models run the torch ops, whatever cpu_ops holds."""
+    torch.manual_seed(0)
+    model = Transformer(LLAMA)
+    model.cpu_ops = _Refuses()
+    tokens = torch.randint(0, LLAMA.vocab_size, (2, 9))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    assert model.embed.weight.grad is not None
+    with torch.no_grad():
+        model.to(torch.bfloat16)(tokens)
+
+
+def test_engine_prompts_and_scores_through_the_cpu_ops(llama_dir, native_module, monkeypatch):
+    """An engine with the native module: long prompts (past the native prefill) and scoring run the fused CPU
+    forward, with the plain engine's greedy tokens and logprobs."""
+    engine = load_engine(str(llama_dir), "cpu", max_batch_size=2, enable_prefix_caching=False, prefill_dtype="fp32")
+    assert engine.model.cpu_ops is None  # the suite runs with KILN_NO_NATIVE=1
+    engine._enable_native(native_module)
+    assert engine.native_decode and engine.model.cpu_ops is native_module
+    used = []
+    real = native_module.add_norm
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(native_module, name)
+
+        def add_norm(self, *args):
+            used.append(1)
+            return real(*args)
+
+    engine.model.cpu_ops = Counting()
+    monkeypatch.setattr(fast_decode, "NATIVE_PREFILL_MAX_TOKENS", 8)  # longer prompts run the forward
+    monkeypatch.setattr(fast_decode, "NATIVE_PREFILL_MAX_TOKENS_PACKED", 8)
+    prompt = engine.tokenizer.encode("the quick brown fox jumps over the lazy dog " * 3)
+    assert 8 < len(prompt) < 50
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+    got = list(engine.generate(prompt, params))
+    got_scores = engine.score([prompt])
+    assert used
+    engine.model.cpu_ops = None
+    plain = Engine(engine.model, engine.tokenizer, max_batch_size=2, fast_decode=False, prefill_dtype="fp32",
+                   enable_prefix_caching=False)
+    want = list(plain.generate(prompt, params))
+    want_scores = plain.score([prompt])
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert max(abs(a.logprob - b.logprob) for g, w in zip(got, want) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(got_scores[0].logprobs[1:], want_scores[0].logprobs[1:])) < 1e-4
