@@ -820,7 +820,7 @@ class Engine:
         n = request.params.logprobs or 0
         targets = to_device(ids[start + 1: end + 1], torch.int64, self.device)
         lp, top_lp, top_ids = chunked_logprobs(hidden[: end - start], self.prefill_model.lm_head, targets, n,
-                                               self.vocab_limit)
+                                               self.vocab_limit, cpu_ops=self.prefill_model.cpu_ops)
         lp = lp.tolist()
         top_lp = top_lp.tolist() if top_lp is not None else None
         top_ids = top_ids.tolist() if top_ids is not None else None

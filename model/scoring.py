@@ -24,9 +24,13 @@ WINDOW_BLOCK_SIZE = 16  # tokens per block of a task's own KV cache (chunked win
 
 
 def chunked_logprobs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, num_top: int = 0,
-                     vocab_limit: int | None = None, chunk: int = 512
+                     vocab_limit: int | None = None, chunk: int = 512, cpu_ops=None
                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """hidden (N, d), targets (N,) -> (logprobs (N,), top_logprobs (N, k) | None, top_ids (N, k) | None)."""
+    """hidden (N, d), targets (N,) -> (logprobs (N,), top_logprobs (N, k) | None, top_ids (N, k) | None).
+
+    `cpu_ops` (the model's `Transformer.cpu_ops`, model/native): fp32 CPU logits are read in place by its
+    `token_logprobs` (one pass for the log-sum-exp, one more for the top ids) instead of through a
+    log-softmax table."""
     N = hidden.shape[0]
     logprobs = torch.empty(N, dtype=torch.float32, device=hidden.device)
     top_lp = torch.empty(N, num_top, dtype=torch.float32, device=hidden.device) if num_top else None
@@ -40,6 +44,12 @@ def chunked_logprobs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Te
             from kernels.cross_entropy import token_logprobs
 
             logprobs[start:end] = token_logprobs(logits, targets[start:end])  # fused, no fp32 table
+            continue
+        if cpu_ops is not None and logits.device.type == "cpu" and logits.dtype == torch.float32:
+            lp, top, ids = cpu_ops.token_logprobs(logits, targets[start:end].long(), logits.shape[-1], num_top)
+            logprobs[start:end] = lp
+            if num_top:
+                top_lp[start:end], top_ids[start:end] = top, ids
             continue
         table = logits.float().log_softmax(dim=-1)
         logprobs[start:end] = table.gather(-1, targets[start:end, None])[:, 0]
@@ -170,7 +180,8 @@ class ScoreTask:
             # position p predicts id p+1: score ids first..n-1 of the window
             h = hidden[row, first - 1: n - 1]
             targets = tokens[row, first:n]
-            lp, _, _ = chunked_logprobs(h, self.model.lm_head, targets, 0, self.vocab_limit)
+            lp, _, _ = chunked_logprobs(h, self.model.lm_head, targets, 0, self.vocab_limit,
+                                        cpu_ops=getattr(self.model, "cpu_ops", None))
             self.results[s].logprobs[begin + first: end] = lp.tolist()
         self._windows_done += len(windows)
 
@@ -197,7 +208,7 @@ class ScoreTask:
         if lo < hi:
             targets = torch.tensor(self.sequences[s][begin + lo + 1: begin + hi + 1], dtype=torch.long).to(device)
             lp, _, _ = chunked_logprobs(hidden[lo - done: hi - done], self.model.lm_head, targets, 0,
-                                        self.vocab_limit)
+                                        self.vocab_limit, cpu_ops=getattr(self.model, "cpu_ops", None))
             self.results[s].logprobs[begin + lo + 1: begin + hi + 1] = lp.tolist()
         if stop == n:
             self._chunked = None

@@ -160,3 +160,46 @@ def test_engine_prompts_and_scores_through_the_cpu_ops(llama_dir, native_module,
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert max(abs(a.logprob - b.logprob) for g, w in zip(got, want) for a, b in zip(g.logprobs, w.logprobs)) < 1e-4
     assert max(abs(a - b) for a, b in zip(got_scores[0].logprobs[1:], want_scores[0].logprobs[1:])) < 1e-4
+
+
+@pytest.mark.parametrize("num_top", [0, 1, 5])
+def test_token_logprobs(native_module, num_top):
+    """The target's logprob and the top logprobs, read from logits in place, over the first `vocab_limit`
+    columns (a strided view), against log_softmax + gather + topk."""
+    g = torch.Generator().manual_seed(4)
+    full = torch.randn(23, 1003, generator=g) * 5
+    full[3, :40] = 30.0  # ties at the top: lower ids first
+    full[4, 7] = 200.0  # one id takes (almost) all the mass
+    logits = full[:, :1000]
+    targets = torch.randint(0, 1000, (23,), generator=g)
+    targets[4] = 7
+    table = logits.log_softmax(-1)
+    lp, top, ids = native_module.token_logprobs(logits, targets, 1000, num_top)
+    close(lp, table.gather(-1, targets[:, None])[:, 0], atol=1e-5)
+    assert top.shape == ids.shape == (23, num_top)
+    if num_top:
+        want_top, want_ids = table.topk(num_top, dim=-1)
+        close(top, want_top, atol=1e-5)
+        assert torch.equal(ids[:3], want_ids[:3]) and torch.equal(ids[5:], want_ids[5:])
+        assert ids[3].tolist() == list(range(num_top))
+        assert ids[4, 0] == 7 and abs(lp[4].item()) < 1e-6
+    with pytest.raises(RuntimeError, match="target id out of range"):
+        native_module.token_logprobs(logits, torch.full((23,), 1000), 1000, num_top)
+
+
+def test_scoring_and_echo_logprobs_through_the_cpu_ops(llama_dir, native_module):
+    """`chunked_logprobs` with the native op: scores and echo's prompt logprobs with their top ids equal the
+    torch path's."""
+    engine = load_engine(str(llama_dir), "cpu", max_batch_size=2, enable_prefix_caching=False, prefill_dtype="fp32")
+    prompt = engine.tokenizer.encode("the quick brown fox jumps over the lazy dog")
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=True, logprobs=3)
+    runs = []
+    for ops in (None, native_module):
+        engine.model.cpu_ops = ops
+        out = list(engine.generate(prompt, params))
+        runs.append((out[0].prompt_logprobs[1:], engine.score([prompt])[0].logprobs[1:]))
+    (want_echo, want_scores), (got_echo, got_scores) = runs
+    assert [(p.token_id, [i for i, _ in p.top]) for p in got_echo] == \
+        [(p.token_id, [i for i, _ in p.top]) for p in want_echo]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got_echo, want_echo)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(got_scores, want_scores)) < 1e-5
