@@ -19,10 +19,15 @@ layers, 6 heads over 2 kv heads, MLP 512, vocab 8192, tied embeddings, context 5
 - Kiln: `python -m server --model DIR --max-batch-size 8` in a subprocess (time from process start
   to /health 200), then over HTTP: one 128-token request, 8 concurrent ones, and /v1/perplexity on
   the same 8 x 512 ids.
+- Both: lm-eval's loglikelihood requests, 32 prompts of 100-400 random ids, each the request
+  `lm-eval --model local-completions` sends (`echo`, `logprobs: 1`, `max_tokens: 1`), 2 at a time
+  (its `num_concurrent=2`); HF runs each as lm-eval's HF backend does (forward, log_softmax, the
+  top 1 and the targets' logprobs), one after another.
 
 Best of 3 after one warm-up each. tok/s = generated tokens / seconds (scoring: 8 * 512 / seconds).
 Correctness, in the same run: Kiln's batch-1 greedy tokens (from `logprobs: 0`) must equal HF's,
-and Kiln's per-sequence mean NLL must agree with HF's to 1e-3, and the server must exit 0 on
+and Kiln's per-sequence mean NLL must agree with HF's to 1e-3 (each echo token's logprob too), and the server
+must exit 0 on
 SIGTERM; the exit status is 1 otherwise (after the table). Where either side computes prompts in
 bf16 (`--hf-dtype bf16`; Kiln's `--kiln-args "--prefill-dtype bf16"`), or Kiln serves int8 weights
 (`--kiln-args "--quantization int8"`), the NLLs must agree to 2e-2 and greedy tokens are reported,
@@ -62,6 +67,7 @@ TOKENIZER_FILES = ("tokenizer.tiktoken", "tokenizer_config.json", "tokenizer.jso
                    "special_tokens_map.json")
 NLL_TOLERANCE = 1e-3  # fp32 on both sides; a real mismatch (wrong weights, masks, rope) is far larger
 NLL_TOLERANCE_BF16 = 2e-2  # either side's prompts in bf16 (mean |diff| measured ~3e-4 on the default model)
+ECHO_TOLERANCE = 1e-3  # each echo token's logprob, fp32 on both sides: lm-eval's per-item agreement
 HEALTH_TIMEOUT_S = 180.0
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
@@ -88,15 +94,21 @@ class Workload:
     score_batch: int = 8
     score_len: int = 512
     long_prompt_len: int = 512  # the first token of one long prompt: prefill time (a new prompt each time)
+    # lm-eval's loglikelihood requests: `echo` + `logprobs: 1` + `max_tokens: 1`, prompts of echo_min..echo_max
+    # ids, echo_concurrency at a time (lm-eval's num_concurrent); HF runs them one after another
+    echo_requests: int = 32
+    echo_min: int = 100
+    echo_max: int = 400
+    echo_concurrency: int = 2
     warmups: int = 1
     reps: int = 3
 
 
 QUICK = Workload(prompt_len=16, new_tokens=16, batch=8, score_batch=8, score_len=64, long_prompt_len=64,
-                 warmups=1, reps=1)
+                 echo_requests=4, echo_min=16, echo_max=48, warmups=1, reps=1)
 # Kiln/HF ratios the issue asks for, keyed by row
 TARGETS = {"batch1": 3.5, "concurrent": 1.5, "scoring": 1.3}
-RATES = ("batch1_tok_s", "batch1_lookup_tok_s", "concurrent_tok_s", "scoring_tok_s", "prefill_tok_s")
+RATES = ("batch1_tok_s", "batch1_lookup_tok_s", "concurrent_tok_s", "scoring_tok_s", "prefill_tok_s", "echo_tok_s")
 HF_PROMPT_LOOKUP = (3, 10)  # prompt_lookup_num_tokens tried for HF's batch 1 with prompt-lookup decoding
 HEALTH_TARGET_S = 5.0
 
@@ -205,6 +217,7 @@ class Inputs:
     prompts: list[list[int]]  # (batch, prompt_len)
     score_ids: list[list[int]]  # (score_batch, score_len)
     long_prompts: list[list[int]]  # (warmups + reps, long_prompt_len): distinct, so no prefix-cache hits
+    echo_prompts: list[list[int]]  # (echo_requests, echo_min..echo_max)
 
 
 def make_inputs(model_dir: Path, work: Workload, seed: int = 0) -> Inputs:
@@ -217,7 +230,9 @@ def make_inputs(model_dir: Path, work: Workload, seed: int = 0) -> Inputs:
     rng = random.Random(seed)
     return Inputs(prompts=[rng.choices(pool, k=work.prompt_len) for _ in range(work.batch)],
                   score_ids=[rng.choices(pool, k=work.score_len) for _ in range(work.score_batch)],
-                  long_prompts=[rng.choices(pool, k=work.long_prompt_len) for _ in range(work.warmups + work.reps)])
+                  long_prompts=[rng.choices(pool, k=work.long_prompt_len) for _ in range(work.warmups + work.reps)],
+                  echo_prompts=[rng.choices(pool, k=rng.randint(work.echo_min, work.echo_max))
+                                for _ in range(work.echo_requests)])
 
 
 def best_seconds(fn, work: Workload) -> tuple[float, object]:
@@ -266,6 +281,15 @@ def bench_hf(hf_dir: Path, inputs: Inputs, work: Workload, attn: str, dtype: str
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         return logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1).tolist()  # (B, T-1)
 
+    @torch.inference_mode()
+    def echo(prompt: list[int]) -> list[float]:
+        """What lm-eval's HF backend computes per loglikelihood request: each token's logprob and whether it
+        was the greedy choice (the top 1)."""
+        ids = torch.tensor([prompt])
+        table = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)  # (T-1, V)
+        table.topk(1, dim=-1)
+        return table.gather(-1, ids[0, 1:, None])[:, 0].tolist()
+
     def first_token(prompt: list[int]) -> None:
         ids = torch.tensor([prompt])
         model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=1,
@@ -280,10 +304,12 @@ def bench_hf(hf_dir: Path, inputs: Inputs, work: Workload, attn: str, dtype: str
     score_s, score_lp = best_seconds(score, work)
     long_prompts = iter(inputs.long_prompts)
     prefill_s, _ = best_seconds(lambda: first_token(next(long_prompts)), work)
+    echo_s, echo_lp = best_seconds(lambda: [echo(p) for p in inputs.echo_prompts], work)
     return {"batch1_tok_s": work.new_tokens / b1_s, "batch1_lookup_tok_s": work.new_tokens / lookup_s,
             "concurrent_tok_s": work.batch * work.new_tokens / bn_s,
             "scoring_tok_s": work.score_batch * work.score_len / score_s,
             "prefill_tok_s": work.long_prompt_len / prefill_s,
+            "echo_tok_s": sum(map(len, inputs.echo_prompts)) / echo_s, "echo_logprobs": echo_lp,
             "greedy_tokens": b1_tokens[0], "mean_nll": mean_nlls(score_lp)}
 
 
@@ -361,6 +387,13 @@ def bench_kiln(url: str, inputs: Inputs, work: Workload) -> dict:
             raise RuntimeError(f"/v1/perplexity answered {r.status_code}: {r.text[:500]}")
         return [item["mean_nll"] for item in r.json()["data"]]
 
+    def echo(client: httpx.Client, prompt: list[int]) -> list[float]:
+        body = {"prompt": [prompt], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True, "seed": 1234}
+        r = client.post(url + "/v1/completions", json=body)  # lm-eval's loglikelihood request
+        if r.status_code != 200:
+            raise RuntimeError(f"/v1/completions (echo) answered {r.status_code}: {r.text[:500]}")
+        return r.json()["choices"][0]["logprobs"]["token_logprobs"][1: len(prompt)]
+
     limits = httpx.Limits(max_connections=work.batch, max_keepalive_connections=work.batch)
     with httpx.Client(timeout=300.0, limits=limits) as client, ThreadPoolExecutor(work.batch) as pool:
         # the correctness check rides on an extra untimed request: logprobs cost a little per token
@@ -370,7 +403,11 @@ def bench_kiln(url: str, inputs: Inputs, work: Workload) -> dict:
         score_s, nll = best_seconds(lambda: score(client), work)
         long_prompts = iter(inputs.long_prompts)
         prefill_s, _ = best_seconds(lambda: complete(client, next(long_prompts), new_tokens=1), work)
-    return {"batch1_tok_s": work.new_tokens / b1_s, "batch1_lookup_tok_s": work.new_tokens / b1_s,
+        with ThreadPoolExecutor(work.echo_concurrency) as lm_eval:
+            echo_s, echo_lp = best_seconds(lambda: list(lm_eval.map(lambda p: echo(client, p), inputs.echo_prompts)),
+                                           work)
+    return {"echo_tok_s": sum(map(len, inputs.echo_prompts)) / echo_s, "echo_logprobs": echo_lp,
+            "batch1_tok_s": work.new_tokens / b1_s, "batch1_lookup_tok_s": work.new_tokens / b1_s,
             "concurrent_tok_s": work.batch * work.new_tokens / bn_s,
             "scoring_tok_s": work.score_batch * work.score_len / score_s,
             "prefill_tok_s": work.long_prompt_len / prefill_s, "greedy_token_texts": greedy,
@@ -411,7 +448,9 @@ def run_one(model_dir: Path, workdir: Path, work: Workload, args: argparse.Names
             "greedy_match": want == got, "greedy_same_prefix": same, "greedy_len": len(want),
             "greedy_required": both_fp32, "kiln_prefill_dtype": str(kiln_prefill).removeprefix("torch."),
             "nll_tolerance": NLL_TOLERANCE if both_fp32 else NLL_TOLERANCE_BF16,
-            "nll_max_abs_diff": max(abs(a - b) for a, b in zip(hf["mean_nll"], kiln["mean_nll"]))}
+            "nll_max_abs_diff": max(abs(a - b) for a, b in zip(hf["mean_nll"], kiln["mean_nll"])),
+            "echo_max_abs_diff": max(abs(a - b) for h, k in zip(hf["echo_logprobs"], kiln["echo_logprobs"])
+                                     for a, b in zip(h, k))}
 
 
 def kiln_flag(kiln_args: str, flag: str, default: str = "auto") -> str:
@@ -450,7 +489,9 @@ def table_rows(result: dict) -> list[list[str]]:
              "batch1_lookup": "the same, HF with prompt-lookup decoding",
              "concurrent": f"{w['batch']} concurrent ({w['prompt_len']} + {w['new_tokens']} new each)",
              "scoring": f"scoring {w['score_batch']} x {w['score_len']}",
-             "prefill": f"first token of a {w.get('long_prompt_len', 0)}-token prompt (prompt tok/s)"}
+             "prefill": f"first token of a {w.get('long_prompt_len', 0)}-token prompt (prompt tok/s)",
+             "echo": f"lm-eval loglikelihood: {w.get('echo_requests')} echo requests of {w.get('echo_min')}-"
+                     f"{w.get('echo_max')} ids, {w.get('echo_concurrency')} at a time (prompt tok/s)"}
     rows = []
     for key, name in names.items():
         if f"{key}_tok_s" not in result["hf"]:  # (results from before the row existed)
@@ -469,9 +510,11 @@ def checks_line(result: dict) -> str:
     match = ("yes" if result["greedy_match"] else
              f"NO (first difference at token {result['greedy_same_prefix']})")
     required = "" if result["greedy_required"] else ", not required: bf16 or int8 on a side"
+    echo_bar = f" (<= {ECHO_TOLERANCE:.0e})" if result["greedy_required"] else ""
     return (f"Kiln computes prompts in {result['kiln_prefill_dtype']}; greedy tokens, Kiln == HF at batch 1: "
             f"{match} ({result['greedy_same_prefix']}/{result['greedy_len']} tokens agree{required}); scoring "
             f"mean NLL, max |Kiln - HF|: {result['nll_max_abs_diff']:.2e} (<= {result['nll_tolerance']:.0e}); "
+            f"echo, per-token logprob max |Kiln - HF|: {result.get('echo_max_abs_diff', float('nan')):.2e}{echo_bar}; "
             f"kiln serve exit code after SIGTERM: {result['kiln_exit_code']}")
 
 
@@ -588,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "command": command, "results": results}, indent=2))
     ok = all((r["greedy_match"] or not r["greedy_required"]) and r["nll_max_abs_diff"] <= r["nll_tolerance"]
+             and (r["echo_max_abs_diff"] <= ECHO_TOLERANCE or not r["greedy_required"])
              and r["kiln_exit_code"] == 0 for r in results)
     if not ok:
         print("FAILED: Kiln's outputs differ from HF's or kiln serve did not stop cleanly (see above)",

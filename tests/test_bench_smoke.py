@@ -38,7 +38,9 @@ def test_quick_run_end_to_end(tokenizer_dir, tmp_path):
     assert out.startswith("## CPU serving: Kiln vs Hugging Face transformers, "), out
     assert "`python bench/cpu_serving.py --quick --tiny --threads 1 --tokenizer " in out, out
     for row in ("| generate batch 1 (16 + 16 new) |", "| 8 concurrent (16 + 16 new each) |", "| scoring 8 x 64 |",
-                "| first token of a 64-token prompt (prompt tok/s) |", "| /health 200 after process start | - |"):
+                "| first token of a 64-token prompt (prompt tok/s) |",
+                "| lm-eval loglikelihood: 4 echo requests of 16-48 ids, 2 at a time (prompt tok/s) |",
+                "| /health 200 after process start | - |"):
         assert row in out, f"missing row {row!r} in:\n{out}"
     assert "greedy tokens, Kiln == HF at batch 1: yes (16/16 tokens agree)" in out, out
 
@@ -47,13 +49,16 @@ def test_quick_run_end_to_end(tokenizer_dir, tmp_path):
     [result] = report["results"]
     assert result["model"].startswith("random-llama: h64 L2 heads 4/2 ff128 vocab "), result["model"]
     assert result["workload"] == {"prompt_len": 16, "new_tokens": 16, "batch": 8, "score_batch": 8, "score_len": 64,
-                                  "long_prompt_len": 64, "warmups": 1, "reps": 1}
+                                  "long_prompt_len": 64, "echo_requests": 4, "echo_min": 16, "echo_max": 48,
+                                  "echo_concurrency": 2, "warmups": 1, "reps": 1}
     assert result["greedy_match"] and result["greedy_same_prefix"] == result["greedy_len"] == 16
     # random fp32 weights: Kiln keeps fp32 prompts ("auto" takes bf16 only for weights stored in bf16), so the
     # strict checks apply
     assert result["kiln_prefill_dtype"] == "float32" and result["greedy_required"]
     assert result["nll_tolerance"] == 1e-3
     assert result["nll_max_abs_diff"] < 1e-4, f"max |NLL diff| {result['nll_max_abs_diff']}"
+    assert result["echo_max_abs_diff"] < 1e-4, f"max |echo logprob diff| {result['echo_max_abs_diff']}"
+    assert "echo, per-token logprob max |Kiln - HF|: " in out, out
     assert result["kiln_exit_code"] == 0
     assert 0 < result["health_s"] < 120
     for side in ("hf", "kiln"):
@@ -70,7 +75,8 @@ def test_table_ratios_and_targets():
               "kiln": {"batch1_tok_s": 1800.0, "concurrent_tok_s": 3000.0, "scoring_tok_s": 24000.0,
                        "prefill_tok_s": 10000.0},
               "greedy_match": False, "greedy_same_prefix": 7, "greedy_len": 128, "nll_max_abs_diff": 2.5e-6,
-              "greedy_required": True, "kiln_prefill_dtype": "float32", "nll_tolerance": 1e-3}
+              "greedy_required": True, "kiln_prefill_dtype": "float32", "nll_tolerance": 1e-3,
+              "echo_max_abs_diff": 3.5e-6}
     rows = bench.table_rows(result)
     assert rows == [
         ["generate batch 1 (16 + 128 new)", "500", "1,800", "3.60x", ">= 3.5x", "yes"],
@@ -84,6 +90,7 @@ def test_table_ratios_and_targets():
     line = bench.checks_line(result)
     assert "NO (first difference at token 7)" in line and "7/128 tokens agree)" in line and "2.50e-06" in line
     assert line.startswith("Kiln computes prompts in float32; ") and "(<= 1e-03)" in line
+    assert "echo, per-token logprob max |Kiln - HF|: 3.50e-06 (<= 1e-03); " in line
     result.update(greedy_required=False, kiln_prefill_dtype="bfloat16", nll_tolerance=2e-2)
     line = bench.checks_line(result)
     assert "7/128 tokens agree, not required: bf16 or int8 on a side)" in line and "(<= 2e-02)" in line
