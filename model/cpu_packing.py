@@ -17,6 +17,12 @@ fast as fp32 ones. `bf16_copy(model)` makes a bf16 twin of an fp32 model for its
 and scoring when asked for (`Engine(prefill_dtype="bf16")`: faster, but logprobs move by ~1e-2);
 `amx_bf16()` says whether this CPU has AMX (training's bf16 autocast follows it), and
 `exactly_bf16` whether a weight survives a bf16 copy unchanged (checkpoints stored in bf16).
+
+The fp32 prompts can use the AMX tiles too, without bf16's error: `amx_linears(model, ops)` gives every
+linear layer whose weight is exactly bf16 a bf16 pack for the native module's `amx_linear` (model/native),
+which splits each fp32 activation into AMX_PARTS bf16 parts and sums their exact products in fp32: the
+precision of an fp32 product (measured: the same max error against fp64 as `F.linear`), 1.3-2.2x its speed
+at prompt sizes on this project's Sapphire Rapids machine.
 """
 
 from __future__ import annotations
@@ -115,6 +121,49 @@ def pack_linears(model: nn.Module) -> int:
             _pack(module)
         module.forward = types.MethodType(_packed_forward, module)
     return len(linears)
+
+
+AMX_PARTS = 3  # bf16 parts of each fp32 activation: 3 keep fp32's precision (2: ~5x its error, faster)
+
+
+def amx_linears(model: nn.Module, ops) -> int:
+    """Route the fp32 no-grad forwards of every CPU `nn.Linear` whose weight is exactly bf16 (and whose input
+    width is even) through `ops.amx_linear` on a packed bf16 copy; returns how many. 0 without AMX (or an ISA
+    cap without it), without the micro-kernel in this torch, or when the packs (half the fp32 matrices'
+    bytes) would not fit in memory. Layers packed before keep their packs (and count)."""
+    if ops is None or not amx_bf16() or not ops.amx_ready():
+        return 0
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
+               and m.weight.dtype == torch.float32 and m.in_features % 2 == 0]
+    todo = [m for m in linears if getattr(m, "_kiln_amx", None) is None and exactly_bf16(m.weight)]
+    needed = sum(m.weight.numel() * 2 for m in {id(m.weight): m for m in todo}.values())
+    fits, free = fits_in_memory(needed)
+    if todo and not fits:
+        log.warning("not packing the linear layers for AMX: the copies would take %.1f GB of the %.1f GB still "
+                    "available", needed / 1e9, free / 1e9)
+        return 0
+    with torch.no_grad():
+        for module in todo:
+            module._kiln_amx = ops.amx_pack(module.weight.detach())
+            module._kiln_amx_version = module.weight._version
+            module._kiln_amx_ops = ops
+            module.forward = types.MethodType(_amx_forward, module)
+    return sum(getattr(m, "_kiln_amx", None) is not None for m in linears)
+
+
+_NO_BIAS = torch.empty(0)
+
+
+def _amx_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 2
+            or self.weight._version != self._kiln_amx_version):  # (a weight changed in place: the plain path)
+        if getattr(self, "_kiln_packed", None) is not None:
+            return _packed_forward(self, x)
+        return F.linear(x, self.weight, self.bias)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = self._kiln_amx_ops.amx_linear(rows, self._kiln_amx, _NO_BIAS if self.bias is None else self.bias,
+                                        self.out_features, AMX_PARTS)
+    return out.view(*x.shape[:-1], self.out_features)
 
 
 def amx_bf16() -> bool:

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .attention import resolve_backend
-from .cpu_packing import bf16_copy, pack_linears, resolve_prefill_dtype
+from .cpu_packing import AMX_PARTS, amx_linears, bf16_copy, pack_linears, resolve_prefill_dtype
 from .cuda_graphs import GraphedDecode, describe_failure
 from .fast_decode import DecodePlan
 from .kv_cache import NULL_BLOCK, KVCache, block_hashes, default_num_blocks
@@ -178,6 +178,7 @@ class Engine:
         # read sampled ids back one step late (None: on CUDA, where it overlaps host and GPU work)
         self._async = self.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
         self._pending: list[_Sampled] = []
+        self.amx_linears = 0  # linear layers whose fp32 prompt products run on AMX tiles (`_enable_native`)
         self._setup_decode(fast_decode, native, compile, cuda_graphs)
 
     def _setup_decode(self, fast_decode: bool, native: bool | None, compile: bool, cuda_graphs: bool) -> None:
@@ -320,6 +321,16 @@ class Engine:
         fused elementwise steps (`Transformer.cpu_ops`)."""
         self._decode_plan.enable_native(module)
         self.model.cpu_ops = module
+        if self.prefill_model is self.model and self.dtype == torch.float32:
+            self.amx_linears = amx_linears(self.model, module)
+
+    @property
+    def prefill_math(self) -> str:
+        """What prompt forwards and scoring compute in, for logs: the prefill dtype, and how fp32 products run."""
+        name = str(self.prefill_dtype).removeprefix("torch.")
+        if self.amx_linears:
+            name += f", products as {AMX_PARTS} bf16 parts on AMX tiles"
+        return name
 
     @property
     def speculating(self) -> bool:

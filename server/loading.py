@@ -46,7 +46,7 @@ def load_configured_engine(settings: ServerSettings):
         str(engine.dtype).removeprefix("torch."),
         engine.max_seq_len, engine.max_batch_size, cache.num_blocks, cache.block_size,
         cache.k.nbytes * 2 / 2**20, "on" if engine.pool.enable_prefix_caching else "off",
-        engine.max_prefill_tokens, str(engine.prefill_dtype).removeprefix("torch."), engine.decode_path,
+        engine.max_prefill_tokens, engine.prefill_math, engine.decode_path,
         ", async scheduling" if engine.async_scheduling else "",
         f", prompt-lookup speculation for greedy requests (up to {engine.speculative_tokens} drafts per step)"
         if engine.speculating else "", ", in an engine process of its own" if settings.engine_process else "")

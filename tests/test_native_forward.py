@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import fast_decode
+from model import cpu_packing, fast_decode
 from model.cli import load_engine
 from model.config import ModelConfig
 from model.engine import Engine, SamplingParams
@@ -203,3 +203,80 @@ def test_scoring_and_echo_logprobs_through_the_cpu_ops(llama_dir, native_module)
         [(p.token_id, [i for i, _ in p.top]) for p in want_echo]
     assert max(abs(a.logprob - b.logprob) for a, b in zip(got_echo, want_echo)) < 1e-5
     assert max(abs(a - b) for a, b in zip(got_scores, want_scores)) < 1e-5
+
+
+def _amx(native_module):
+    if not (cpu_packing.amx_bf16() and native_module.amx_ready()):
+        pytest.skip("no AMX tiles (or no bf16 micro-kernel in this torch) here")
+
+
+@pytest.mark.parametrize("rows, k, outputs, bias", [(300, 96, 200, True), (129, 64, 128, False), (1, 32, 7, True)])
+def test_amx_linear_has_fp32_precision(native_module, rows, k, outputs, bias):
+    """Three bf16 parts of each activation times a bf16-exact weight: no further from fp64 than F.linear in fp32
+    (row and output counts past one tile, and a last tile of outputs cut short); one part is bf16's error."""
+    _amx(native_module)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, k, generator=g)
+    w = (torch.randn(outputs, k, generator=g) * 0.1).bfloat16().float()
+    b = torch.randn(outputs, generator=g) if bias else None
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    scale = want.abs().max().item()
+    fp32_err = (F.linear(x, w, b).double() - want).abs().max().item()
+    packed = native_module.amx_pack(w)
+    errs = [(native_module.amx_linear(x, packed, NONE if b is None else b, outputs, parts).double() - want)
+            .abs().max().item() for parts in (1, 2, 3)]
+    assert errs[2] <= 2 * fp32_err + 1e-7 * scale, (errs, fp32_err)
+    assert errs[0] > 30 * errs[2], errs  # one part alone is a bf16 product: the parts are what make it exact
+    with pytest.raises(RuntimeError, match="does not hold"):
+        native_module.amx_linear(x, packed, NONE, outputs + 64, 3)
+
+
+def test_amx_linears_route_only_exact_weights_and_stay_out_of_autograd(native_module):
+    _amx(native_module)
+    torch.manual_seed(0)
+    model = Transformer(LLAMA).eval()
+    plain = Transformer(LLAMA).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+        model.blocks[0].mlp.down.weight[0, 0] += 1e-4  # no longer a bf16 number: keeps the fp32 path
+    plain.load_state_dict(model.state_dict())
+    n = cpu_packing.amx_linears(model, native_module)
+    assert n == 4 * LLAMA.n_layer + 1 - 1  # every block's four products and the LM head, less the one changed
+    assert getattr(model.blocks[0].mlp.down, "_kiln_amx", None) is None
+    assert cpu_packing.amx_linears(model, native_module) == n  # again: nothing new, the same count
+    tokens = torch.randint(0, LLAMA.vocab_size, (2, 21), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        close(model(tokens), plain(tokens))
+    loss = model(tokens[:, :-1], tokens[:, 1:])  # grad enabled: F.linear, so backward works
+    loss.backward()
+    assert model.blocks[1].attn.qkv.weight.grad is not None
+    with torch.no_grad():  # a weight changed in place after packing: its layer takes the plain path
+        model.blocks[1].attn.qkv.weight.mul_(0.5)
+        plain.blocks[1].attn.qkv.weight.mul_(0.5)
+    with torch.inference_mode():
+        close(model(tokens), plain(tokens))
+
+
+def test_engine_prompts_on_amx_equal_the_fp32_path(llama_dir, native_module, monkeypatch):
+    """An engine with the native module on an AMX CPU: a bf16-exact model's prompt and scoring products run on
+    the tiles, with the plain fp32 engine's tokens and logprobs."""
+    _amx(native_module)
+    engine = load_engine(str(llama_dir), "cpu", max_batch_size=2, enable_prefix_caching=False, prefill_dtype="fp32")
+    with torch.no_grad():
+        for p in engine.model.parameters():
+            p.copy_(p.bfloat16().float())
+    plain = Engine(engine.model, engine.tokenizer, max_batch_size=2, fast_decode=False, prefill_dtype="fp32",
+                   enable_prefix_caching=False)
+    monkeypatch.setattr(fast_decode, "NATIVE_PREFILL_MAX_TOKENS", 8)
+    monkeypatch.setattr(fast_decode, "NATIVE_PREFILL_MAX_TOKENS_PACKED", 8)
+    prompt = engine.tokenizer.encode("the quick brown fox jumps over the lazy dog " * 3)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1, prompt_logprobs=True)
+    want = list(plain.generate(prompt, params)), plain.score([prompt])[0].logprobs[1:]
+    engine._enable_native(native_module)
+    assert engine.amx_linears == 4 * engine.config.n_layer + 1 and "AMX" in engine.prefill_math
+    got = list(engine.generate(prompt, params)), engine.score([prompt])[0].logprobs[1:]
+    assert [o.token_ids for o in got[0]] == [o.token_ids for o in want[0]]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got[0][0].prompt_logprobs[1:],
+                                                          want[0][0].prompt_logprobs[1:])) < 1e-4
+    assert max(abs(a - b) for a, b in zip(got[1], want[1])) < 1e-4

@@ -21,6 +21,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
@@ -878,6 +879,135 @@ torch::Tensor silu_mul(torch::Tensor x) {
   return out;
 }
 
+// ----------------------------------------------------------------------------- fp32 products on AMX tiles
+// A prompt's or scoring window's forward spends most of its time in fp32 matrix products, which these
+// CPUs run at ~280 GFLOP/s; their AMX tiles multiply bf16 matrices several times faster, accumulating in
+// fp32. When a weight is exactly a bf16 number (checkpoints stored in bf16, as the default model is), an
+// fp32 product needs no rounding of the weight: splitting each activation x into bf16 parts,
+// x = x1 + x2 + x3 + r with |r| <= 2^-24 |x| about, gives x . w = x1 . w + x2 . w + x3 . w to fp32's own
+// precision (each part times a bf16 weight is exact in fp32; the sums are fp32). `amx_linear` runs those
+// parts through torch's oneDNN micro-kernel (at::native::cpublas::brgemm) over tiles of kAmxRows rows x
+// kAmxCols outputs, with the weight packed once (`amx_pack`). model/cpu_packing.py `amx_linears` decides
+// where it applies.
+
+namespace {
+
+constexpr int64_t kAmxRows = 128;  // rows per micro-kernel call (the fastest of 32-512 here)
+constexpr int64_t kAmxCols = 64;   // outputs per packed block (128 does not pack)
+
+inline uint16_t bf16_bits(float f) {  // round to nearest even (finite inputs)
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  b += 0x7FFFu + ((b >> 16) & 1u);
+  return static_cast<uint16_t>(b >> 16);
+}
+
+inline float bf16_value(uint16_t h) {
+  const uint32_t b = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+// x[0:n] into `parts` bf16 arrays of n, each the rounding of what the parts before it left over.
+KILN_WIDE_LOOPS void split_bf16(const float* x, int64_t n, int64_t parts, uint16_t* const* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float rest = x[i];
+    for (int64_t p = 0; p < parts; ++p) {
+      const uint16_t h = bf16_bits(rest);
+      out[p][i] = h;
+      rest -= bf16_value(h);
+    }
+  }
+}
+
+}  // namespace
+
+bool amx_ready() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  return at::native::cpublas::could_pack(at::kBFloat16);
+#else
+  return false;
+#endif
+}
+
+// W (O, K) fp32, every element a bf16 number, K even -> (ceil(O / kAmxCols), K * kAmxCols) bf16: W^T in
+// blocks of kAmxCols outputs, each in the micro-kernel's VNNI layout.
+torch::Tensor amx_pack(torch::Tensor W) {
+  TORCH_CHECK(amx_ready(), "amx_pack: this build or CPU has no bf16 micro-kernel");
+  TORCH_CHECK(W.device().is_cpu() && W.scalar_type() == torch::kFloat32 && W.dim() == 2,
+              "amx_pack: W must be a 2-D fp32 CPU tensor");
+  const int64_t O = W.size(0), K = W.size(1), blocks = (O + kAmxCols - 1) / kAmxCols;
+  TORCH_CHECK(K % 2 == 0 && K > 0 && O > 0, "amx_pack: K must be even and both sizes positive");
+  auto wt = torch::zeros({K, blocks * kAmxCols}, W.options().dtype(torch::kBFloat16));
+  wt.narrow(1, 0, O).copy_(W.t());
+  auto out = torch::empty({blocks, K * kAmxCols}, wt.options());
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  for (int64_t j = 0; j < blocks; ++j)
+    at::native::cpublas::pack(K, kAmxCols, blocks * kAmxCols, kAmxCols, at::kBFloat16, at::kBFloat16,
+                              wt.data_ptr<at::BFloat16>() + j * kAmxCols, out.data_ptr<at::BFloat16>() + j * K * kAmxCols);
+#endif
+  return out;
+}
+
+// x (N, K) fp32 contiguous times the packed weight of O outputs (+ bias, (O,) fp32 or empty) -> (N, O) fp32,
+// through `parts` bf16 parts of x (3: fp32's precision; fewer: faster, coarser).
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias, int64_t O, int64_t parts) {
+  check_rows(x, "amx_linear: x");
+  const int64_t N = x.size(0), K = x.size(1), blocks = (O + kAmxCols - 1) / kAmxCols;
+  TORCH_CHECK(packed.scalar_type() == torch::kBFloat16 && packed.is_contiguous() && packed.dim() == 2 &&
+                  packed.size(0) == blocks && packed.size(1) == K * kAmxCols,
+              "amx_linear: packed does not hold a (", O, ", ", K, ") weight from amx_pack");
+  TORCH_CHECK(!bias.numel() || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == O),
+              "amx_linear: bias must be empty or (O,) fp32");
+  TORCH_CHECK(parts >= 1 && parts <= 3, "amx_linear: parts must be 1, 2 or 3");
+  auto y = torch::empty({N, O}, x.options());
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  if (N == 0) return y;
+  auto pieces = torch::empty({parts, N, K}, x.options().dtype(torch::kBFloat16));
+  uint16_t* pp = reinterpret_cast<uint16_t*>(pieces.data_ptr<at::BFloat16>());
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
+    uint16_t* out[3];
+    for (int64_t p = 0; p < parts; ++p) out[p] = pp + p * N * K + n0 * K;
+    split_bf16(xp + n0 * K, (n1 - n0) * K, parts, out);
+  });
+  const auto* a = reinterpret_cast<const at::BFloat16*>(pp);
+  const auto* w = packed.data_ptr<at::BFloat16>();
+  const float* b = opt(bias);
+  float* yp = y.data_ptr<float>();
+  const int64_t row_blocks = (N + kAmxRows - 1) / kAmxRows;
+  at::parallel_for(0, row_blocks * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> tail;  // the last block of outputs when O is not a multiple of kAmxCols
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = (t / blocks) * kAmxRows, j = t % blocks, M = std::min(kAmxRows, N - r0);
+      const int64_t c0 = j * kAmxCols, cols = std::min(kAmxCols, O - c0);
+      float* c = yp + r0 * O + c0;
+      int64_t ldc = O;
+      if (cols < kAmxCols) {
+        tail.assign(static_cast<size_t>(M * kAmxCols), 0.f);
+        c = tail.data();
+        ldc = kAmxCols;
+      }
+      if (b) {
+        for (int64_t m = 0; m < M; ++m) std::memcpy(c + m * ldc, b + c0, sizeof(float) * cols);
+      }
+      for (int64_t p = 0; p < parts; ++p)
+        at::native::cpublas::brgemm(M, kAmxCols, K, K, kAmxCols, ldc, b != nullptr || p > 0,
+                                    a + p * N * K + r0 * K, w + j * K * kAmxCols, c, true);
+      if (cols < kAmxCols) {
+        for (int64_t m = 0; m < M; ++m) std::memcpy(yp + (r0 + m) * O + c0, c + m * ldc, sizeof(float) * cols);
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+#else
+  TORCH_CHECK(false, "amx_linear: this torch has no bf16 micro-kernel");
+#endif
+  return y;
+}
+
 // Per row of logits (N, >= V) over the first V columns: the log-probability of the row's target id and,
 // when num_top > 0, the num_top largest log-probabilities with their ids (descending; equal values: lower
 // id first). What scoring and echo need from the LM head's output, read in place: no (N, V) log-softmax
@@ -950,5 +1080,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotary embedding in place on the first n_heads heads of each row");
   m.def("silu_mul", &silu_mul, "SwiGLU: silu(gate) * up of rows holding [gate; up]");
   m.def("token_logprobs", &token_logprobs, "per row: the target's logprob and the top logprobs with their ids");
+  m.def("amx_ready", &amx_ready, "whether the bf16 micro-kernel (AMX tiles) is there for amx_pack/amx_linear");
+  m.def("amx_pack", &amx_pack, "pack a bf16-exact fp32 weight (O, K) for amx_linear");
+  m.def("amx_linear", &amx_linear, "x (N, K) fp32 times a packed weight as bf16 parts on AMX tiles, fp32 sums");
   m.def("parallel_threads", &parallel_threads, "threads one at::parallel_for over n items runs on");
 }
