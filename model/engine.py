@@ -318,7 +318,8 @@ class Engine:
 
     def _enable_native(self, module) -> None:
         """Decode steps through the native module's step, and the CPU forward (prompts, scoring) through its
-        fused elementwise steps (`Transformer.cpu_ops`)."""
+        fused elementwise steps (`Transformer.cpu_ops`) and, for fp32 prompts on an AMX CPU, its products of
+        bf16-exact weights on the tiles (`cpu_packing.amx_linears`)."""
         self._decode_plan.enable_native(module)
         self.model.cpu_ops = module
         if self.prefill_model is self.model and self.dtype == torch.float32:

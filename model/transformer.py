@@ -293,8 +293,8 @@ class Transformer(nn.Module):
         """`forward`'s blocks and final norm on a CPU, in fp32 without autograd (prompts, scoring): the same
         arithmetic with each elementwise step one pass of `cpu_ops` (model/native) instead of several torch
         ops: residual add + norm, rotary embedding of queries and keys in place, SwiGLU. The products stay
-        `nn.Linear` calls (oneDNN), attention stays `causal_attention` / `cached_attention`. Returns the
-        final-norm hidden states, (B, T, d), or (B, d) at `output_index`."""
+        `nn.Linear` calls (oneDNN, or AMX tiles: `cpu_packing.amx_linears`), attention stays `causal_attention`
+        / `cached_attention`. Returns the final-norm hidden states, (B, T, d), or (B, d) at `output_index`."""
         ops, c = self.cpu_ops, self.config
         B, T = tokens.shape
         H, Hkv, D = c.n_head, c.n_kv_head, c.dim_per_head
