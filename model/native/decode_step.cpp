@@ -1000,7 +1000,7 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bi
         for (int64_t m = 0; m < M; ++m) std::memcpy(yp + (r0 + m) * O + c0, c + m * ldc, sizeof(float) * cols);
       }
     }
-    at::native::cpublas::brgemm_release(true);
+    at::native::cpublas::brgemm_release();  // (the VNNI context: the default, and the only one older torches name)
   });
 #else
   TORCH_CHECK(false, "amx_linear: this torch has no bf16 micro-kernel");
