@@ -127,16 +127,22 @@ AMX_PARTS = 3  # bf16 parts of each fp32 activation: 3 keep fp32's precision (2:
 
 
 def amx_linears(model: nn.Module, ops) -> int:
-    """Route the fp32 no-grad forwards of every CPU `nn.Linear` whose weight is exactly bf16 (and whose input
-    width is even) through `ops.amx_linear` on a packed bf16 copy; returns how many. 0 without AMX (or an ISA
-    cap without it), without the micro-kernel in this torch, or when the packs (half the fp32 matrices'
-    bytes) would not fit in memory. Layers packed before keep their packs (and count)."""
+    """Route the fp32 no-grad forwards of the model's CPU linear layers through `ops.amx_linear` on a packed bf16
+    copy of their weights; returns how many layers run there. `nn.Linear`s qualify when their weight is exactly
+    bf16, int8 layers (model/quantize.py `Int8Linear`) always: their int8 values are bf16 numbers, and their row
+    scales multiply the outputs. Both need an even input width. 0 without AMX (or an ISA cap without it),
+    without the micro-kernel in this torch, or when the packs (two bytes a weight) would not fit in memory.
+    Layers packed before keep their packs (and count)."""
+    from .quantize import Int8Linear, unpack_tiles
+
     if ops is None or not amx_bf16() or not ops.amx_ready():
         return 0
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
-               and m.weight.dtype == torch.float32 and m.in_features % 2 == 0]
-    todo = [m for m in linears if getattr(m, "_kiln_amx", None) is None and exactly_bf16(m.weight)]
-    needed = sum(m.weight.numel() * 2 for m in {id(m.weight): m for m in todo}.values())
+    layers = [m for m in model.modules() if (isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
+                                              and m.weight.dtype == torch.float32 or isinstance(m, Int8Linear))
+              and m.in_features % 2 == 0]
+    todo = [m for m in layers if getattr(m, "_kiln_amx", None) is None
+            and (isinstance(m, Int8Linear) or exactly_bf16(m.weight))]
+    needed = sum(m.in_features * m.out_features * 2 for m in todo)
     fits, free = fits_in_memory(needed)
     if todo and not fits:
         log.warning("not packing the linear layers for AMX: the copies would take %.1f GB of the %.1f GB still "
@@ -144,25 +150,32 @@ def amx_linears(model: nn.Module, ops) -> int:
         return 0
     with torch.no_grad():
         for module in todo:
-            module._kiln_amx = ops.amx_pack(module.weight.detach())
-            module._kiln_amx_version = module.weight._version
+            if isinstance(module, Int8Linear):
+                module._kiln_amx = ops.amx_pack(unpack_tiles(module.tiles, module.out_features).float())
+                module._kiln_amx_source, module._kiln_amx_scale = module.tiles, module.scale
+            else:
+                module._kiln_amx = ops.amx_pack(module.weight.detach())
+                module._kiln_amx_source, module._kiln_amx_scale = module.weight, _EMPTY
+            module._kiln_amx_version = module._kiln_amx_source._version
             module._kiln_amx_ops = ops
+    packed = [m for m in layers if getattr(m, "_kiln_amx", None) is not None]
+    for module in packed:  # (again after `pack_linears`, which another engine on this model may have run since)
+        if getattr(module.forward, "__func__", None) is not _amx_forward:
+            module._kiln_amx_fallback = module.forward  # oneDNN's packs, F.linear, or the int8 dequantization
             module.forward = types.MethodType(_amx_forward, module)
-    return sum(getattr(m, "_kiln_amx", None) is not None for m in linears)
+    return len(packed)
 
 
-_NO_BIAS = torch.empty(0)
+_EMPTY = torch.empty(0)
 
 
-def _amx_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _amx_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 2
-            or self.weight._version != self._kiln_amx_version):  # (a weight changed in place: the plain path)
-        if getattr(self, "_kiln_packed", None) is not None:
-            return _packed_forward(self, x)
-        return F.linear(x, self.weight, self.bias)
+            or self._kiln_amx_source._version != self._kiln_amx_version):  # (changed in place: the plain path)
+        return self._kiln_amx_fallback(x)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = self._kiln_amx_ops.amx_linear(rows, self._kiln_amx, _NO_BIAS if self.bias is None else self.bias,
-                                        self.out_features, AMX_PARTS)
+    out = self._kiln_amx_ops.amx_linear(rows, self._kiln_amx, _EMPTY if self.bias is None else self.bias,
+                                        self.out_features, AMX_PARTS, self._kiln_amx_scale)
     return out.view(*x.shape[:-1], self.out_features)
 
 

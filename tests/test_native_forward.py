@@ -223,12 +223,17 @@ def test_amx_linear_has_fp32_precision(native_module, rows, k, outputs, bias):
     scale = want.abs().max().item()
     fp32_err = (F.linear(x, w, b).double() - want).abs().max().item()
     packed = native_module.amx_pack(w)
-    errs = [(native_module.amx_linear(x, packed, NONE if b is None else b, outputs, parts).double() - want)
+    errs = [(native_module.amx_linear(x, packed, NONE if b is None else b, outputs, parts, NONE).double() - want)
             .abs().max().item() for parts in (1, 2, 3)]
     assert errs[2] <= 2 * fp32_err + 1e-7 * scale, (errs, fp32_err)
     assert errs[0] > 30 * errs[2], errs  # one part alone is a bf16 product: the parts are what make it exact
+    # per-output scales (int8 layers): y = (x . w) * scale + bias
+    s = torch.rand(outputs, generator=g) + 0.5
+    want = F.linear(x.double(), w.double()) * s.double() + (0 if b is None else b.double())
+    got = native_module.amx_linear(x, packed, NONE if b is None else b, outputs, 3, s)
+    close(got, want.float(), atol=2 * fp32_err * 1.5 + 1e-7 * scale)
     with pytest.raises(RuntimeError, match="does not hold"):
-        native_module.amx_linear(x, packed, NONE, outputs + 64, 3)
+        native_module.amx_linear(x, packed, NONE, outputs + 64, 3, NONE)
 
 
 def test_amx_linears_route_only_exact_weights_and_stay_out_of_autograd(native_module):
@@ -256,6 +261,27 @@ def test_amx_linears_route_only_exact_weights_and_stay_out_of_autograd(native_mo
         plain.blocks[1].attn.qkv.weight.mul_(0.5)
     with torch.inference_mode():
         close(model(tokens), plain(tokens))
+    # oneDNN packing after (another engine on the model) re-routes the forwards; routing again restores them
+    qkv = model.blocks[0].attn.qkv
+    cpu_packing.pack_linears(model)
+    assert qkv.forward.__func__ is not cpu_packing._amx_forward
+    assert cpu_packing.amx_linears(model, native_module) == n and qkv.forward.__func__ is cpu_packing._amx_forward
+
+
+def test_amx_int8_layers(llama_dir, native_module):
+    """An int8 model's layers on AMX: the int8 values as bf16, the row scales on the outputs; the same numbers
+    as the int8 model's own (dequantizing) forward."""
+    _amx(native_module)
+    from model.quantize import Int8Linear
+
+    engine = load_engine(str(llama_dir), "cpu", max_batch_size=2, quantization="int8", prefill_dtype="fp32")
+    model = engine.model
+    tokens = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        want = model(tokens)
+        n = cpu_packing.amx_linears(model, native_module)
+        assert n == sum(isinstance(m, Int8Linear) for m in model.modules()) == 4 * model.config.n_layer + 1
+        close(model(tokens), want)
 
 
 def test_engine_prompts_on_amx_equal_the_fp32_path(llama_dir, native_module, monkeypatch):

@@ -951,16 +951,20 @@ torch::Tensor amx_pack(torch::Tensor W) {
   return out;
 }
 
-// x (N, K) fp32 contiguous times the packed weight of O outputs (+ bias, (O,) fp32 or empty) -> (N, O) fp32,
-// through `parts` bf16 parts of x (3: fp32's precision; fewer: faster, coarser).
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias, int64_t O, int64_t parts) {
+// x (N, K) fp32 contiguous times the packed weight of O outputs, each output times scale (an int8 layer's row
+// scales, model/quantize.py; empty: none) plus bias ((O,) fp32 or empty) -> (N, O) fp32, through `parts` bf16
+// parts of x (3: fp32's precision; fewer: faster, coarser).
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias, int64_t O, int64_t parts,
+                         torch::Tensor scale) {
   check_rows(x, "amx_linear: x");
   const int64_t N = x.size(0), K = x.size(1), blocks = (O + kAmxCols - 1) / kAmxCols;
   TORCH_CHECK(packed.scalar_type() == torch::kBFloat16 && packed.is_contiguous() && packed.dim() == 2 &&
                   packed.size(0) == blocks && packed.size(1) == K * kAmxCols,
               "amx_linear: packed does not hold a (", O, ", ", K, ") weight from amx_pack");
-  TORCH_CHECK(!bias.numel() || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == O),
-              "amx_linear: bias must be empty or (O,) fp32");
+  for (const auto* t : {&bias, &scale}) {
+    TORCH_CHECK(!t->numel() || (t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == O),
+                "amx_linear: bias and scale must be empty or (O,) fp32");
+  }
   TORCH_CHECK(parts >= 1 && parts <= 3, "amx_linear: parts must be 1, 2 or 3");
   auto y = torch::empty({N, O}, x.options());
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
@@ -976,6 +980,8 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bi
   const auto* a = reinterpret_cast<const at::BFloat16*>(pp);
   const auto* w = packed.data_ptr<at::BFloat16>();
   const float* b = opt(bias);
+  const float* sc = opt(scale);
+  const bool bias_first = b != nullptr && sc == nullptr;  // C starts as the bias; scaled outputs add it last
   float* yp = y.data_ptr<float>();
   const int64_t row_blocks = (N + kAmxRows - 1) / kAmxRows;
   at::parallel_for(0, row_blocks * blocks, 1, [&](int64_t t0, int64_t t1) {
@@ -990,12 +996,19 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bi
         c = tail.data();
         ldc = kAmxCols;
       }
-      if (b) {
+      if (bias_first) {
         for (int64_t m = 0; m < M; ++m) std::memcpy(c + m * ldc, b + c0, sizeof(float) * cols);
       }
       for (int64_t p = 0; p < parts; ++p)
-        at::native::cpublas::brgemm(M, kAmxCols, K, K, kAmxCols, ldc, b != nullptr || p > 0,
+        at::native::cpublas::brgemm(M, kAmxCols, K, K, kAmxCols, ldc, bias_first || p > 0,
                                     a + p * N * K + r0 * K, w + j * K * kAmxCols, c, true);
+      if (sc) {
+        for (int64_t m = 0; m < M; ++m) {
+          float* row = c + m * ldc;
+#pragma omp simd
+          for (int64_t i = 0; i < cols; ++i) row[i] = row[i] * sc[c0 + i] + (b ? b[c0 + i] : 0.f);
+        }
+      }
       if (cols < kAmxCols) {
         for (int64_t m = 0; m < M; ++m) std::memcpy(yp + (r0 + m) * O + c0, c + m * ldc, sizeof(float) * cols);
       }
