@@ -946,7 +946,8 @@ torch::Tensor amx_pack(torch::Tensor W) {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
   for (int64_t j = 0; j < blocks; ++j)
     at::native::cpublas::pack(K, kAmxCols, blocks * kAmxCols, kAmxCols, at::kBFloat16, at::kBFloat16,
-                              wt.data_ptr<at::BFloat16>() + j * kAmxCols, out.data_ptr<at::BFloat16>() + j * K * kAmxCols);
+                              wt.data_ptr<at::BFloat16>() + j * kAmxCols,
+                              out.data_ptr<at::BFloat16>() + j * K * kAmxCols);
 #endif
   return out;
 }
