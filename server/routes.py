@@ -20,14 +20,14 @@ from starlette.concurrency import run_in_threadpool
 from model.chat_template import ChatTemplate
 
 from .chat import create_chat_completion
-from .completions import admission_errors, create_completion, prompt_list, until_disconnect
+from .completions import admission_errors, create_completion, prompt_list, refusal_error, until_disconnect
 from .errors import APIError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        DetokenizeRequest, DetokenizeResponse, ErrorResponse, Health, ModelCard, ModelList,
                        PerplexityItem, PerplexityRequest, PerplexityResponse, PerplexityToken, PerplexityUsage,
                        TokenizeRequest, TokenizeResponse, TokenizerInfo)
-from .scheduler import NotReady, QueueFull, Scheduler
+from .scheduler import NotReady, QueueFull, Scheduler, rejection
 from .settings import ServerSettings
 
 
@@ -120,12 +120,8 @@ async def perplexity(body: PerplexityRequest, request: Request,
         results = await future
     except ClientGone:
         raise APIError(499, "the client disconnected") from None
-    except QueueFull as e:  # (from the engine process, which admits there)
-        raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
-    except NotReady as e:
-        raise APIError(503, str(e), code="not_ready") from None
-    except ValueError as e:
-        raise APIError(400, str(e), "stride" if "stride" in str(e) else "input") from None
+    except (QueueFull, NotReady, ValueError) as e:  # (QueueFull: from the engine process, which admits there)
+        raise refusal_error(rejection(e, "stride" if "stride" in str(e) else "input")) from None
     except RuntimeError as e:
         raise APIError(500, str(e)) from None
     finally:

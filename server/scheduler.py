@@ -630,8 +630,6 @@ class Scheduler(ServingState):
                 seen[key] = total
 
 
-
-
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
     if future.done():
         return
