@@ -30,6 +30,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -179,6 +180,8 @@ def jit_kernel(
     # Kernel bodies resolve `tl` in their module's globals at compile/interpret time.
     fn.__globals__.setdefault("tl", triton.language)
     kernel = triton.jit(fn, do_not_specialize=list(do_not_specialize) or None)
+    if interpreting():
+        _interpreter_compat()
     if not gpu_configs and interpreter_config is None:
         return TritonKernel(kernel)
     if interpreting():
@@ -189,6 +192,47 @@ def jit_kernel(
     tuned = triton.autotune(configs=list(gpu_configs), key=list(key), prune_configs_by=prune_by,
                             restore_value=list(restore) or None, **_autotune_options(triton))(kernel)
     return TritonKernel(tuned)
+
+
+@functools.cache
+def _interpreter_compat() -> None:
+    """Make triton 3.6's interpreter work with numpy >= 2.4.
+
+    The interpreter holds a scalar as a one-element array and, in triton 3.6, turns it into a Python
+    int (a loop bound computed from a loaded value, ``range(lo, hi, BLOCK)``) with ``int(array)``, which
+    numpy 2.4 refuses for arrays of one or more dimensions ("only 0-dimensional arrays can be converted
+    to Python scalars"). Later triton releases squeeze the array first; this gives 3.6 the same. It
+    changes nothing where the installed interpreter's conversion already works.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None:
+        return
+
+    class Scope:  # records what the interpreter would patch onto its tensor class
+        def __init__(self) -> None:
+            self.attrs: dict[str, Any] = {}
+
+        def set_attr(self, obj: Any, name: str, value: Any) -> None:
+            self.attrs[name] = value
+
+    scope = Scope()
+    try:
+        patch_tensor(type("Probe", (), {}), scope)
+        scope.attrs["__index__"](types.SimpleNamespace(handle=types.SimpleNamespace(data=np.array([3]))))
+        return  # converts a one-element block already (or patches nothing of the kind)
+    except TypeError:
+        pass
+    except Exception:  # an interpreter unlike 3.6's: leave it as it is
+        return
+
+    def patch_lang_tensor(tensor: Any, scope: Any) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
 
 
 # Autotuning runs on a key's first launch, in the middle of serving: a prompt of a new length bucket

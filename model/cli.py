@@ -112,9 +112,10 @@ def add_speculative_arg(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from .engine import SamplingParams
+    from .sampling import MAX_TEMPERATURE
 
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        fail(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and 0 <= args.temperature <= MAX_TEMPERATURE):
+        fail(f"--temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {args.temperature}")
     if not 0 < args.top_p <= 1:
         fail(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.system is not None and not args.chat:

@@ -382,7 +382,9 @@ class Engine:
         """Take a slot and blocks for the whole known sequence (cached prefix blocks shared)."""
         n = request.num_tokens
         hits: list[int] = []
-        if self.pool.enable_prefix_caching and not request.wants_prompt_logprobs:
+        # echo needs every prompt position's logits, so it computes them all and looks nothing up
+        looked_up = self.pool.enable_prefix_caching and not request.wants_prompt_logprobs
+        if looked_up:
             # at least the last token is computed: its logits give the next token
             usable = (n - 1) // self.block_size
             hits = self.pool.lookup(self._block_hashes(request, usable))
@@ -392,7 +394,7 @@ class Engine:
         if self.cache.blocks_needed(n) - len(hits) + headroom > self.pool.num_free:
             self.pool.release(hits)
             return False
-        if self.pool.enable_prefix_caching and request.num_preemptions == 0:  # count each prompt once
+        if looked_up and request.num_preemptions == 0:  # count each prompt once
             self.pool.queried_tokens += len(request.prompt_ids)
             self.pool.hit_tokens += len(hits) * self.block_size
         request.blocks = hits + [self.pool.allocate() for _ in range(self.cache.blocks_needed(n) - len(hits))]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .sampling import MAX_TEMPERATURE
 from .speculative import PromptLookup
 from .text_stream import TextStream
 
@@ -51,8 +52,8 @@ class SamplingParams:
                 raise ValueError(msg)
 
         need(self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}")
-        need(math.isfinite(self.temperature) and self.temperature >= 0,
-             f"temperature must be >= 0, got {self.temperature}")
+        need(math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+             f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         need(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")

@@ -70,6 +70,7 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServerSettings |
     app = FastAPI(title="Kiln", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
                   default_response_class=JSONBody)
     app.state.kiln = KilnState(settings=settings, scheduler=scheduler, metrics=metrics)
+    app.openapi = functools.partial(_openapi, app, app.openapi)
     install_error_handlers(app)
     app.include_router(router)
     app.mount("/static", _StaticWithCSP(directory=STATIC_DIR), name="static")  # the playground's JS and CSS
@@ -78,6 +79,20 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServerSettings |
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics, endpoints=ENDPOINTS)
     return app
+
+
+def _openapi(app: FastAPI, build: Callable[[], dict]) -> dict:
+    """FastAPI's schema, less the 422 it lists for every operation with parameters: a request that fails
+    validation gets a 400 with the OpenAI error body here (errors.py), which the routes list instead."""
+    if app.openapi_schema is None:
+        schema = build()  # (FastAPI keeps it as app.openapi_schema)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                if isinstance(operation, dict):
+                    operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return app.openapi_schema
 
 
 class _StaticWithCSP(StaticFiles):

@@ -5,7 +5,8 @@ choices `i * n .. i * n + n - 1`, seeded `seed + j` so that they differ. `Choice
 turns a sequence's step outputs into OpenAI's text and `logprobs` arrays
 (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`); with `echo` the prompt
 comes first, its first token without a logprob (`null`), which is what lm-eval's
-`local-completions` reads for loglikelihoods. Logprobs of generated stop tokens (EOS)
+`local-completions` reads for loglikelihoods. Offsets count characters from the start of the
+prompt's text, echoed or not, as OpenAI's API and vLLM count them. Logprobs of generated stop tokens (EOS)
 stay in the arrays even though their text does not.
 
 Streaming sends one chunk per sequence per step (skipping steps that show nothing),
@@ -129,7 +130,8 @@ class ChoiceBuilder:
         self.want_logprobs = logprobs is not None
         self.parts: list[str] = []
         self.chars = 0  # characters of the choice's text so far
-        self.prompt_chars = 0  # characters of the echoed prompt (generated tokens' offsets start there)
+        # characters of the prompt's text: OpenAI's offsets count from the prompt's start, echoed or not (vLLM too)
+        self.prompt_chars = 0
         self.tokens: list[str] = []
         self.token_logprobs: list[float | None] = []
         self.top_logprobs: list[dict[str, float] | None] = []
@@ -149,9 +151,11 @@ class ChoiceBuilder:
             if self.echo:
                 text += self._add_prompt(out.prompt_logprobs)
                 self.prompt_chars = len(text)
+            elif self.want_logprobs:
+                self.prompt_chars = len(self._add_prompt(None, entries=False))
+        shown = self.chars + len(text) + (0 if self.echo else self.prompt_chars)  # offset of the text after it
         for lp in out.logprobs:
-            offset = self.chars + len(text) if lp.text_offset is None else self.prompt_chars + lp.text_offset
-            self._add_token(lp, offset)
+            self._add_token(lp, shown if lp.text_offset is None else self.prompt_chars + lp.text_offset)
         text += out.text
         self.completion_tokens += len(out.token_ids)
         self.parts.append(text)
@@ -165,8 +169,8 @@ class ChoiceBuilder:
                                        top_logprobs=self.top_logprobs[first:], text_offset=self.text_offset[first:])
         return text, delta
 
-    def _add_prompt(self, prompt_logprobs: list[TokenLogprob] | None) -> str:
-        """The prompt's text (decoded token by token, for offsets) and its logprob entries.
+    def _add_prompt(self, prompt_logprobs: list[TokenLogprob] | None, entries: bool = True) -> str:
+        """The prompt's text (decoded token by token, for offsets) and, with `entries`, its logprob entries.
 
         A prompt ending inside a UTF-8 character leaves that character out: the engine's output
         text starts with it (whole, or U+FFFD), so prompt text + output text decode the ids once."""
@@ -178,7 +182,7 @@ class ChoiceBuilder:
         hide_bos = tok.prepends_bos and self.prompt_ids[:1] == [tok.bos_id]
         drop_space = tok.adds_leading_space
         for i, token_id in enumerate(self.prompt_ids):
-            if self.want_logprobs:
+            if self.want_logprobs and entries:
                 entry = prompt_logprobs[i] if prompt_logprobs else TokenLogprob(token_id, None, None)
                 self._add_token(entry, self.chars + len(text))
             if i == 0 and hide_bos:

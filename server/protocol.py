@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
+from model.sampling import MAX_TEMPERATURE
+
 # torch.Generator.manual_seed accepts exactly this range
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 INT32_MAX = 2**31 - 1
@@ -61,7 +63,7 @@ class CompletionRequest(_Request):
                                                  "or a list of token-id lists")
     max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = Field(
         16, description="tokens to generate per choice (0 only with echo: prompt logprobs only)")
-    temperature: Annotated[float, Field(ge=0)] | None = Field(1.0, description="0 = greedy")
+    temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)] | None = Field(1.0, description="0 = greedy")
     top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
     top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = Field(None, description="0 or -1 = off (vLLM)")
     n: Annotated[int, Field(ge=1, le=128)] = 1
@@ -146,7 +148,7 @@ class ChatCompletionRequest(_Request):
         None, description="tokens to generate per choice (default: what the context leaves)")
     max_completion_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = Field(
         None, description="the newer name of max_tokens; wins when both are given")
-    temperature: Annotated[float, Field(ge=0)] | None = 1.0
+    temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)] | None = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
     top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1

@@ -217,7 +217,7 @@ async def list_models(state: KilnState = Depends(kiln_state)) -> ModelList:
     return ModelList(data=[_model_card(state)])
 
 
-@router.get("/v1/models/{model_id}", response_model=ModelCard, responses=_errors(401, 404),
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_errors(401, 404),
             summary="One model by name")
 async def get_model(model_id: str, state: KilnState = Depends(kiln_state)) -> ModelCard:
     state.check_model(model_id)

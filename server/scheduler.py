@@ -288,14 +288,14 @@ class Scheduler(ServingState):
         if future is None:
             future = (self._loop or asyncio.get_running_loop()).create_future()
         job = ScoreJob(inputs, stride, future)
-        self._enqueue(len(inputs), lambda: self._score_jobs.append(job))
+        self._enqueue(len(inputs), lambda: self._score_jobs.append(job), "texts to score (inputs)")
         return job.future
 
-    def _enqueue(self, units: int, add: Callable[[], None]) -> None:
+    def _enqueue(self, units: int, add: Callable[[], None], what: str = "sequences (prompts x n)") -> None:
         engine = self.engine
         most = self.max_queue + (engine.max_batch_size if engine is not None else 0)
         if units > most:
-            raise ValueError(f"this request needs {units} sequences (prompts x n) but at most {most} fit at once "
+            raise ValueError(f"this request needs {units} {what} but at most {most} fit at once "
                              "(the server's --max-queue waiting + --max-batch-size running); split it into "
                              "smaller requests")
         with self._wakeup:

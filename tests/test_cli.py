@@ -54,9 +54,11 @@ def test_bad_input_is_one_line_and_exit_2(gpt2_dir, tmp_path):
     cases = [
         (("generate", "--model", str(tmp_path / "missing"), "--prompt", "x"), "does not exist"),
         (("generate", "--model", str(gpt2_dir), "--prompt", "x", "--temperature", "-1"),
-         "--temperature must be a finite number >= 0, got -1.0"),
+         "--temperature must be a number in [0, 10000], got -1.0"),
         (("generate", "--model", str(gpt2_dir), "--prompt", "x", "--temperature", "inf"),
-         "--temperature must be a finite number >= 0, got inf"),
+         "--temperature must be a number in [0, 10000], got inf"),
+        (("generate", "--model", str(gpt2_dir), "--prompt", "x", "--temperature", "1e39"),
+         "--temperature must be a number in [0, 10000], got 1e+39"),
         (("ppl", "--model", str(gpt2_dir), str(tmp_path / "nofile.txt")), "no such file"),
         (("ppl", "--model", str(gpt2_dir), str(tmp_path)), f"{tmp_path}: a directory (kiln ppl scores one UTF-8"),
     ]

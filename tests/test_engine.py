@@ -201,8 +201,9 @@ def test_same_seed_same_tokens(llama_dir):
 
 def test_bad_requests_are_rejected_with_clear_messages(llama_dir):
     engine = load_engine(str(llama_dir), "cpu")
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
-        engine.add_request([1, 2], SamplingParams(temperature=-1))
+    for temperature in (-1, 1e39):
+        with pytest.raises(ValueError, match=r"temperature must be in \[0, 10000\]"):
+            engine.add_request([1, 2], SamplingParams(temperature=temperature))
     with pytest.raises(ValueError, match="maximum context length is 64 tokens"):
         engine.add_request([1] * 60, SamplingParams(max_tokens=10))
     with pytest.raises(ValueError, match="out of range"):

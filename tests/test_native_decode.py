@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,7 +131,7 @@ def build_variant(suffix: str, extra_flags: list[str]):
     directory.mkdir(parents=True, exist_ok=True)
     return load_extension(name=f"kiln_native_{suffix}_" + native_step.build_dir().name,
                           sources=[str(native_step.SOURCE)], extra_cflags=[*native_step.FLAGS, *extra_flags],
-                          extra_ldflags=native_step.LDFLAGS, build_directory=str(directory), verbose=False)
+                          extra_ldflags=list(native_step.LDFLAGS), build_directory=str(directory), verbose=False)
 
 
 def _x86_flags() -> set[str]:
@@ -340,6 +342,22 @@ def test_the_build_names_no_checkout_path_and_each_environment_has_its_own(monke
     here = native_step.build_dir()
     monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
     assert native_step.build_dir() != here
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_start(native_module):
+    """torch's `load` waits without end while its lock file exists; a server or `make serve` killed while it
+    built left one, and every later start hung. The module is built here, so the start only loads it."""
+    assert Path(native_module.__file__).parent == native_step.build_dir()  # (loading changed no flag list)
+    baton = native_step.build_dir() / "lock"
+    baton.touch()  # what a build stopped by SIGTERM or SIGKILL leaves
+    env = {k: v for k, v in os.environ.items() if k != native_step.DISABLE_ENV}
+    try:
+        run = subprocess.run([sys.executable, "-m", "model.native"], env=env, capture_output=True, text=True,
+                             timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert run.returncode == 0 and "native CPU decode step:" in run.stdout, run.stdout + run.stderr
+        assert not baton.exists()
+    finally:
+        baton.unlink(missing_ok=True)
 
 
 # ---- the native sampler (sample_rows) --------------------------------------------------------

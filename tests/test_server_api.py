@@ -178,8 +178,11 @@ def test_text_offsets_count_characters_held_back_for_a_stop_string(client, ref):
     ids = ref.tokenizer.encode(TEXTS[1])[:3]
     body = {"prompt": ids, "max_tokens": 30, "temperature": 0}
     text, tokens, offsets, _ = _offsets(client, body)
+    # as OpenAI and vLLM count them, offsets start at the end of the prompt's text, echoed or not
+    prompt_text = ref.tokenizer.decode(ids)
+    assert offsets[0] == len(prompt_text)
     for token, offset in zip(tokens, offsets):
-        assert text[offset: offset + len(token)] == token, (token, offset, text)
+        assert (prompt_text + text)[offset: offset + len(token)] == token, (token, offset, text)
     # a stop string that never matches, but whose first characters appear early: they are held back
     # until the next token shows they do not start it; the offsets must not move
     held = text[4:6]
@@ -189,17 +192,17 @@ def test_text_offsets_count_characters_held_back_for_a_stop_string(client, ref):
         assert got[:3] == (text, tokens, offsets), (stop, got)
         chunks = stream(client, {**body, "stop": stop, "logprobs": 0})
         assert [o for c in chunks for o in c["choices"][0]["logprobs"]["text_offset"]] == offsets
-    # with echo they count from the start of the prompt's text
+    # with echo too (and the prompt's own tokens count from 0)
     echo_text, echo_tokens, echo_offsets, _ = _offsets(client, {**body, "stop": held + "\x00", "echo": True})
-    prompt_text = ref.tokenizer.decode(ids)
     assert echo_text == prompt_text + text
-    assert echo_offsets[len(ids):] == [len(prompt_text) + o for o in offsets]
+    assert echo_offsets[len(ids):] == offsets and echo_offsets[0] == 0
 
 
 def test_min_tokens_holds_off_stop_strings(client, ref):
     ids = ref.tokenizer.encode(TEXTS[1])[:3]
     body = {"prompt": ids, "max_tokens": 30, "temperature": 0}
     text, tokens, offsets, _ = _offsets(client, body)
+    offsets = [o - len(ref.tokenizer.decode(ids)) for o in offsets]  # into the output text
     stop = tokens[0]
     assert stop.strip() and stop in text
     r = client.post("/v1/completions", json={**body, "stop": stop}).json()
@@ -291,8 +294,8 @@ def test_generation_logprobs(client, ref):
         assert 1 <= len(top) <= 4 and top[token] == value  # the chosen token is always among them
         assert value == max(top.values())  # greedy
         if token != ref.tokenizer.eos_token:  # EOS keeps its logprob but adds no text
-            assert choice["text"][offset: offset + len(token)] == token
-    assert lp["text_offset"][0] == 0
+            assert (ref.tokenizer.decode(ids) + choice["text"])[offset: offset + len(token)] == token
+    assert lp["text_offset"][0] == len(ref.tokenizer.decode(ids))  # offsets count from the prompt's start
 
 
 # ---- echo + logprobs: what lm-eval reads -----------------------------------------------------
@@ -381,9 +384,24 @@ def test_models_health_openapi(client, ref):
     assert client.get("/health").json() == {"status": "ok"}
     head = client.head("/health")
     assert head.status_code == 200 and head.content == b""
-    paths = client.get("/openapi.json").json()["paths"]
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
     assert {"/v1/completions", "/v1/perplexity", "/tokenize", "/detokenize", "/tokenizer_info", "/v1/models",
             "/health", "/metrics"} <= set(paths)
+    # bad bodies get 400 with the OpenAI error body, not FastAPI's 422, and the schema says so
+    assert "422" not in json.dumps(schema) and "HTTPValidationError" not in schema["components"]["schemas"]
+    assert paths["/v1/completions"]["post"]["responses"]["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorResponse"}
+
+
+def test_a_model_name_with_a_slash_is_found_by_name(parrot_dir):
+    engine = load_engine(str(parrot_dir), "cpu", None, max_batch_size=1)
+    with TestClient(create_app(engine, ServerSettings(served_model_name="org/parrot-1"))) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["org/parrot-1"]
+        assert c.get("/v1/models/org/parrot-1").json()["id"] == "org/parrot-1"
+        assert c.get("/v1/models/org%2Fparrot-1").json()["id"] == "org/parrot-1"
+        r = c.get("/v1/models/org/other")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_curl_form_content_type_is_read_as_json(client):
@@ -402,6 +420,8 @@ ERROR_CASES = [
     ("/v1/completions", {"prompt": 5}, 400, "prompt", "prompt"),
     ("/v1/completions", {}, 400, "prompt", "prompt"),
     ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature", "temperature"),
+    # past float32's range a temperature is infinity and top-k/top-p lose the ranking they cut by
+    ("/v1/completions", {"prompt": "hi", "temperature": 1e39, "top_k": 3}, 400, "temperature", "10000"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs", "logprobs"),
     ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", "top_p"),
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", "n"),
@@ -437,6 +457,7 @@ ERROR_CASES = [
      "maximum context length is 64 tokens, but the prompt has 70 tokens"),
     ("/v1/completions", {"prompt": [7], "max_tokens": 65}, 400, "max_tokens", "1 prompt tokens + 65 max_tokens"),
     ("/v1/completions", {"prompt": ["a", "b"], "n": 20}, 400, "n", "at most 36 fit at once"),
+    ("/v1/perplexity", {"input": ["a"] * 40}, 400, "input", "40 texts to score (inputs) but at most 36 fit at once"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "gpt-4"),
     ("/v1/perplexity", {"input": "h"}, 400, "input", "at least 2"),
     ("/v1/perplexity", {"input": "hi there", "stride": 0}, 400, "stride", "stride"),
@@ -609,5 +630,11 @@ def test_prefix_cache_metrics_count_a_repeated_prompt(client, ref):
     assert again == first
     assert delta("kiln_prefix_cache_queries_total") == 40
     assert delta("kiln_prefix_cache_hits_total") == 32  # the full blocks; the rest is recomputed
+    # echo (lm-eval's loglikelihood) computes every position's logits and looks nothing up: not a query
+    before = metric_values(client)
+    client.post("/v1/completions", json={**body, "echo": True, "logprobs": 1, "max_tokens": 1})
+    after_echo = metric_values(client)
+    for name in ("kiln_prefix_cache_queries_total", "kiln_prefix_cache_hits_total"):
+        assert after_echo.get((name, ()), 0.0) == before.get((name, ()), 0.0), name
     assert after[("kiln_num_preemptions_total", ())] == 0
     assert 0 <= after[("kiln_kv_cache_slots_used_ratio", ())] <= 1

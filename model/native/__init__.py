@@ -16,6 +16,7 @@ the background and switches to it when ready.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -23,8 +24,14 @@ import platform
 import sys
 import sysconfig
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+
+try:
+    import fcntl
+except ImportError:  # (not POSIX)
+    fcntl = None
 
 log = logging.getLogger("kiln.native")
 
@@ -91,16 +98,43 @@ def load(build: bool = True) -> ModuleType | None:
         failure = ""
         for flags, ldflags, directory in built or variants:
             try:
-                source = _source_copy(directory)
-                _module = load_extension(name="kiln_native_" + directory.name, sources=[str(source)],
-                                         extra_cflags=flags, extra_ldflags=ldflags, build_directory=str(directory),
-                                         verbose=False)
+                with _build_lock(directory):
+                    source = _source_copy(directory)
+                    # (copies: torch appends its own library flags to the lists it is given, which made
+                    # build_dir() name another directory after the first load)
+                    _module = load_extension(name="kiln_native_" + directory.name, sources=[str(source)],
+                                             extra_cflags=list(flags), extra_ldflags=list(ldflags),
+                                             build_directory=str(directory), verbose=False)
                 return _module
             except Exception as e:  # noqa: BLE001 -- no compiler, headers or OpenMP: try the next variant
                 failure = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         _error = failure
         log.warning("the native CPU decode step is unavailable, using the torch path: %s", _error)
         return _module
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Hold the build directory against other Kiln processes, and clear what a killed one left.
+
+    torch's `load` takes a lock *file* for every build and load (`FileBaton`: `lock` in the directory)
+    and waits, without end, while one exists. A process killed while holding it (SIGTERM or SIGKILL
+    during the half-minute build, or a server stopped while its background build ran) leaves the file
+    behind, and every later `make serve` or server start then hung on it. This lock is an flock, which
+    the kernel drops with its process: whoever holds it is the only Kiln process in the directory, so a
+    `lock` file it finds is a dead process's, and goes.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    with open(directory / "kiln.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # (waits while another Kiln process builds here)
+        baton = directory / "lock"
+        if baton.exists():
+            log.warning("removing %s, left by a build that was stopped", baton)
+            baton.unlink(missing_ok=True)
+        yield  # (closing the file releases the flock)
 
 
 def _source_copy(directory: Path) -> Path:
