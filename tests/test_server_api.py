@@ -196,6 +196,8 @@ def test_text_offsets_count_characters_held_back_for_a_stop_string(client, ref):
     echo_text, echo_tokens, echo_offsets, _ = _offsets(client, {**body, "stop": held + "\x00", "echo": True})
     assert echo_text == prompt_text + text
     assert echo_offsets[len(ids):] == offsets and echo_offsets[0] == 0
+    chunks = stream(client, {**body, "stop": held + "\x00", "echo": True, "logprobs": 0})
+    assert [o for c in chunks for o in c["choices"][0]["logprobs"]["text_offset"]] == echo_offsets  # streamed alike
 
 
 def test_min_tokens_holds_off_stop_strings(client, ref):
