@@ -235,8 +235,11 @@ def _encoded(chunks: Iterator[Chunk], tokenizer, tokenizer_dir: str, settings: E
         for chunk in chunks:
             yield chunk, encode_chunk(tokenizer, settings, chunk)
         return
-    with multiprocessing.get_context().Pool(workers, initializer=_pool_init,
-                                            initargs=(tokenizer_dir, settings)) as pool:
+    # forkserver where there is one (Python 3.14's default on Linux): forking this process, whose progress
+    # bar and torch may run threads, can copy a lock another thread holds (Python 3.12+ warns of it)
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
+    with multiprocessing.get_context(method).Pool(workers, initializer=_pool_init,
+                                                  initargs=(tokenizer_dir, settings)) as pool:
         pending: collections.deque = collections.deque()
         for chunk in chunks:
             pending.append((chunk, pool.apply_async(_pool_encode, (chunk,))))
