@@ -27,8 +27,8 @@ from .transfer import to_device
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (vLLM's _SAMPLING_EPS)
 # OpenAI accepts temperatures of 0-2 and vLLM any >= 0. Past float32's range (~3.4e38) a temperature is
-# infinity and every scaled logit 0, which erases the ranking that top-k and top-p cut by; anything above a
-# few dozen already flattens a real model's distribution, so this bound is far past any useful value.
+# infinity and every scaled logit 0, which erases the ranking that top-k and top-p cut by; this bound is far
+# above any temperature a sampler is used with, and far below where that happens.
 MAX_TEMPERATURE = 1e4
 
 
