@@ -81,6 +81,18 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     return attend_cached(q, k_cache, v_cache, batch, backend)
 
 
+def write_cache(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                batch: CacheBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write this step's keys/values (B, T, Hkv, D) into the paged cache, as `cached_attention` does, and
+    return each row's first kv_len keys and values in q's layout, (B, kv_len, Hkv, D) (views of the pool
+    when one row's blocks are consecutive), in the new keys' dtype."""
+    k_cache[batch.write_blocks, batch.write_offsets] = k_new.to(k_cache.dtype)
+    v_cache[batch.write_blocks, batch.write_offsets] = v_new.to(v_cache.dtype)
+    keys = gather_blocks(k_cache, batch.block_table, batch.kv_len, batch.contiguous_from)
+    values = gather_blocks(v_cache, batch.block_table, batch.kv_len, batch.contiguous_from)
+    return keys.transpose(1, 2).to(k_new.dtype), values.transpose(1, 2).to(v_new.dtype)
+
+
 def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: CacheBatch,
                   backend: str) -> torch.Tensor:
     """Attend over each row's blocks, this step's keys/values already written. q (B, H, T, D) -> (B, H, T, D)."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attend_cached, cached_attention, causal_attention, resolve_backend
+from .attention import attend_cached, cached_attention, causal_attention, resolve_backend, write_cache
 from .config import ModelConfig
 from .kv_cache import CacheBatch, KVCache
 
@@ -292,9 +292,11 @@ class Transformer(nn.Module):
                      batch: CacheBatch | None, output_index: torch.Tensor | None) -> torch.Tensor:
         """`forward`'s blocks and final norm on a CPU, in fp32 without autograd (prompts, scoring): the same
         arithmetic with each elementwise step one pass of `cpu_ops` (model/native) instead of several torch
-        ops: residual add + norm, rotary embedding of queries and keys in place, SwiGLU. The products stay
-        `nn.Linear` calls (oneDNN, or AMX tiles: `cpu_packing.amx_linears`), attention stays `causal_attention`
-        / `cached_attention`. Returns the final-norm hidden states, (B, T, d), or (B, d) at `output_index`."""
+        ops: residual add + norm, rotary embedding of queries and keys in place, SwiGLU, and attention (the
+        query heads of a kv head scored in one product, only the keys each block of queries sees; without it
+        in the module, `causal_attention` / `cached_attention`). The products stay `nn.Linear` calls (oneDNN,
+        or AMX tiles: `cpu_packing.amx_linears`). Returns the final-norm hidden states, (B, T, d), or (B, d) at
+        `output_index`."""
         ops, c = self.cpu_ops, self.config
         B, T = tokens.shape
         H, Hkv, D = c.n_head, c.n_kv_head, c.dim_per_head
@@ -305,6 +307,12 @@ class Transformer(nn.Module):
             shift = getattr(module, "bias", None)
             return ops.add_norm(h, residual, module.weight, none if shift is None else shift, rms, module.eps)
 
+        # attention in one native call where the module has it: query t of row b sees keys up to its position
+        attend = getattr(ops, "causal_attention", None)
+        if batch is None:
+            starts, lengths = torch.zeros(B, dtype=torch.long), torch.full((B,), T, dtype=torch.long)
+        else:
+            starts, lengths = batch.positions[:, 0].to(torch.long), batch.lengths.to(torch.long)
         positions = positions.expand(B, T).reshape(B * T)  # (N,) a copy: positions (1, T) broadcast over rows
         h, residual = self.embed(tokens).view(B * T, -1), none
         if c.positions == "learned":
@@ -316,12 +324,16 @@ class Transformer(nn.Module):
             if c.positions == "rope":
                 ops.rope_(qkv, positions, self.rope_cos, self.rope_sin, H + Hkv, D)
             qkv = qkv.view(B, T, H + 2 * Hkv, D)
-            q, k, v = qkv[:, :, :H].transpose(1, 2), qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]
-            if batch is None:
-                y = causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), "torch")
+            q, k, v = qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]
+            if attend is not None:  # (B, T, H, D) out: the projection's input is a view
+                if batch is not None:
+                    k, v = write_cache(k, v, kv_cache.k[i], kv_cache.v[i], batch)
+                y = attend(q, k, v, starts, lengths, D ** -0.5).view(B * T, H * D)
+            elif batch is None:
+                y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), "torch")
             else:
-                y = cached_attention(q, k, v, kv_cache.k[i], kv_cache.v[i], batch, "torch")
-            h = block.attn.proj(y.transpose(1, 2).reshape(B * T, H * D))
+                y = cached_attention(q.transpose(1, 2), k, v, kv_cache.k[i], kv_cache.v[i], batch, "torch")
+            h = block.attn.proj(y if attend is not None else y.transpose(1, 2).reshape(B * T, H * D))
             x = norm(block.norm2, h, residual)
             residual = h
             up = block.mlp.up(x)

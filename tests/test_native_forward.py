@@ -15,7 +15,7 @@ from model import cpu_packing, fast_decode
 from model.cli import load_engine
 from model.config import ModelConfig
 from model.engine import Engine, SamplingParams
-from model.kv_cache import KVCache
+from model.kv_cache import NULL_BLOCK, KVCache
 from model.transformer import RMSNorm, Transformer, apply_rope, rope_tables
 
 from cache_helpers import Sequences
@@ -102,10 +102,59 @@ def test_cpu_forward_equals_the_plain_forward(native_module, config):
                 new = torch.stack([tokens[0, 9 + step: 10 + step], tokens[1, 5 + step: 6 + step]])
                 out.append(model(new, kv_cache=cache.kv, batch=cache.batch([a, b], [1, 1])))
                 cache.advance([a, b], [1, 1])
-            out.append(cache.kv.k.clone())
+            # chunks of two prompts in one forward: 4 and 2 new tokens (the second row padded) at 12 and 8
+            new = torch.stack([tokens[0, 12:16], torch.cat([tokens[1, 8:10], tokens[1, :2]])])
+            hidden = model(new, kv_cache=cache.kv, batch=cache.batch([a, b], [4, 2]), return_hidden=True)
+            out += [hidden[0], hidden[1, :2]]
+            cache.advance([a, b], [4, 2])
+            out.append(cache.kv.k[:, NULL_BLOCK + 1:].clone())  # (padded tokens write their keys to the null block)
         results.append(out)
     for got, want in zip(results[1], results[0]):
         close(got, want)
+
+
+def _attention_reference(q, k, v, starts, lengths):
+    """Query t of row b (at position starts[b] + t) over keys 0..min(starts[b] + t, lengths[b] - 1), in fp64."""
+    B, T, H, _ = q.shape
+    S = k.shape[1]
+    limit = torch.minimum(starts[:, None] + torch.arange(T) + 1, lengths[:, None])  # (B, T) keys seen
+    mask = torch.arange(S)[None, None, :] < limit[:, :, None]  # (B, T, S)
+    q, k, v = (x.transpose(1, 2).double() for x in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=H != k.shape[1])
+    return y.transpose(1, 2).float()
+
+
+@pytest.mark.parametrize("B, T, H, Hkv, D, S, starts, lengths", [
+    (1, 17, 4, 1, 16, 17, [0], [17]),  # a prompt, GQA 4:1
+    (2, 33, 6, 2, 32, 40, [0, 7], [33, 40]),  # rows at different positions (a chunk after a cached prefix)
+    (2, 5, 6, 2, 32, 40, [3, 38], [8, 40]),  # padded queries (the first row's past its length) see every key
+    (1, 1, 3, 1, 16, 5, [4], [5]),  # one query
+    (3, 70, 9, 3, 64, 700, [630, 0, 100], [700, 70, 170]),  # GQA 3:1; keys in two chunks of 512
+    (2, 600, 2, 2, 64, 1200, [0, 600], [600, 1200]),  # MHA; queries in many tasks, keys in three chunks
+])
+def test_causal_attention(native_module, B, T, H, Hkv, D, S, starts, lengths):
+    """The native prompt attention against SDPA in fp64, reading q, k and v as strided views of one tensor
+    (as the CPU forward passes the qkv product's heads)."""
+    g = torch.Generator().manual_seed(B * T + S)
+    qkv = torch.randn(B, S, H + 2 * Hkv, D, generator=g) * 2
+    q, k, v = qkv[:, :T, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]
+    starts, lengths = torch.tensor(starts), torch.tensor(lengths)
+    got = native_module.causal_attention(q, k, v, starts, lengths, D ** -0.5)
+    assert got.shape == (B, T, H, D) and got.is_contiguous()
+    close(got, _attention_reference(q, k, v, starts, lengths), atol=1e-5)
+
+
+def test_causal_attention_rejects_bad_input(native_module):
+    q, k = torch.zeros(1, 4, 4, 16), torch.zeros(1, 8, 2, 16)
+    one, eight = torch.tensor([0]), torch.tensor([8])
+    for args, message in [((q, k, k, one, torch.tensor([9])), "length <= 8"),
+                          ((q, k, k, torch.tensor([-1]), eight), "start >= 0"),
+                          ((q, torch.zeros(1, 8, 3, 16), torch.zeros(1, 8, 3, 16), one, eight), "multiple of Hkv"),
+                          ((q, k, k[:, :4], one, eight), r"\(B, S, Hkv, D\)"),
+                          ((q.double(), k, k, one, eight), "fp32"),
+                          ((q, k, k, one.int(), eight), "int64")]:
+        with pytest.raises(RuntimeError, match=message):
+            native_module.causal_attention(*args, 0.25)
 
 
 class _Refuses:

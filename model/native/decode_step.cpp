@@ -24,9 +24,11 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <iterator>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -1074,6 +1076,166 @@ std::vector<torch::Tensor> token_logprobs(torch::Tensor logits, torch::Tensor ta
   return {lp, top_lp, top_ids};
 }
 
+// ----------------------------------------------------------------------------- causal attention of the CPU forward
+// A prompt's or scoring window's attention. torch's CPU flash attention (SDPA) takes key blocks of 512,
+// so up to 512 keys a causal call costs what a full one does, and each query head reads its keys on its
+// own. Here a task takes kAttnRows query rows: up to kAttnRows / G positions of all G query heads that share
+// one kv head, stacked, so one matrix product scores them all against that head's keys, and only the keys
+// its last position sees are read. Keys go in chunks of kKeyChunk with an online softmax (flash attention's
+// running max and sum), the products through torch's fp32 micro-kernel (cpublas::brgemm); tasks are handed
+// to threads heaviest first. Keys and values are first copied per kv head into zero-padded buffers (keys
+// transposed), so each product's shape is a multiple of kKeyPad and reads nothing past them.
+
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+namespace {
+
+constexpr int64_t kAttnRows = 128;  // query rows (positions x heads of a group) per task
+constexpr int64_t kKeyChunk = 512;  // keys per product
+constexpr int64_t kKeyPad = 64;     // key counts are rounded up to this (fewer distinct product shapes)
+
+struct AttnTask {
+  int64_t b, kv_head, t0, t1, n_keys;
+};
+
+// softmax step of one chunk for one row: s[0:nc] holds the row's scores against keys c0..c0+nc-1, of which
+// the first `visible` count; turns them into weights exp(s - max) (0 past `visible`), updates the running
+// max m and sum l, and returns the factor the row's earlier output must be scaled by.
+KILN_WIDE_LOOPS float online_softmax_row(float* s, int64_t nc, int64_t visible, float& m, float& l) {
+  if (visible <= 0) {
+    std::memset(s, 0, sizeof(float) * nc);
+    return 1.f;
+  }
+  const float mx = std::max(m, row_max(s, visible));
+  const float corr = exp_nonpositive(m - mx);  // m = -inf at the first chunk: 0 (l and the output are 0)
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < visible; ++j) {
+    s[j] = exp_nonpositive(s[j] - mx);
+    sum += s[j];
+  }
+  for (int64_t j = visible; j < nc; ++j) s[j] = 0.f;
+  l = l * corr + sum;
+  m = mx;
+  return corr;
+}
+
+}  // namespace
+
+// q (B, T, H, D), k and v (B, S, Hkv, D): fp32 CPU, the last dim contiguous (views of a qkv product or
+// of the KV cache serve as they are); starts and lengths (B,) int64. Query t of row b sits at position
+// starts[b] + t and sees keys 0..min(starts[b] + t, lengths[b] - 1). Returns (B, T, H, D) contiguous, so
+// (B * T, H * D) for the output projection is a view.
+torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor starts,
+                               torch::Tensor lengths, double scale) {
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->stride(3) == 1,
+                "causal_attention: q, k and v must be 4-D fp32 CPU tensors with a contiguous last dim");
+  }
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t S = k.size(1), Hkv = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D,
+              "causal_attention: k and v must both be (B, S, Hkv, D) for q (B, T, H, D)");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "causal_attention: H must be a multiple of Hkv");
+  for (const auto* t : {&starts, &lengths}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kInt64 && t->dim() == 1 && t->numel() == B,
+                "causal_attention: starts and lengths must be (B,) int64");
+  }
+  auto st = starts.contiguous(), ln = lengths.contiguous();
+  const int64_t* sp = st.data_ptr<int64_t>();
+  const int64_t* lp = ln.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sp[b] >= 0 && lp[b] >= 1 && lp[b] <= S, "causal_attention: row ", b, " has start ", sp[b],
+                " and length ", lp[b], "; need start >= 0 and 1 <= length <= ", S);
+  }
+  auto out = torch::empty({B, T, H, D}, q.options());
+  if (B == 0 || T == 0 || H == 0 || D == 0) return out;
+  const int64_t G = H / Hkv, rows_per = std::max<int64_t>(1, kAttnRows / G);
+  const int64_t S_pad = (S + kKeyPad - 1) / kKeyPad * kKeyPad;
+
+  // each kv head's keys transposed, (D, S_pad), and values, (S_pad, D), zero past S
+  auto kt = torch::empty({B, Hkv, D, S_pad}, q.options());
+  auto vp = torch::empty({B, Hkv, S_pad, D}, q.options());
+  const float* kptr = k.data_ptr<float>();
+  const float* vptr = v.data_ptr<float>();
+  float* ktp = kt.data_ptr<float>();
+  float* vpp = vp.data_ptr<float>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hkv, h = i % Hkv, n = lp[b];
+      const float* ks = kptr + b * k.stride(0) + h * k.stride(2);
+      const float* vs = vptr + b * v.stride(0) + h * v.stride(2);
+      float* kd = ktp + i * D * S_pad;
+      float* vd = vpp + i * S_pad * D;
+      for (int64_t j = 0; j < n; ++j) {
+        const float* kr = ks + j * k.stride(1);
+        for (int64_t d = 0; d < D; ++d) kd[d * S_pad + j] = kr[d];
+        std::memcpy(vd + j * D, vs + j * v.stride(1), sizeof(float) * D);
+      }
+      for (int64_t d = 0; d < D; ++d) std::fill(kd + d * S_pad + n, kd + (d + 1) * S_pad, 0.f);
+      std::fill(vd + n * D, vd + S_pad * D, 0.f);
+    }
+  });
+
+  std::vector<AttnTask> tasks;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t t0 = 0; t0 < T; t0 += rows_per) {
+        const int64_t t1 = std::min(T, t0 + rows_per);
+        tasks.push_back({b, h, t0, t1, std::min(sp[b] + t1, lp[b])});
+      }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const AttnTask& a, const AttnTask& c) {
+    return a.n_keys * (a.t1 - a.t0) > c.n_keys * (c.t1 - c.t0);
+  });
+  std::atomic<int64_t> next{0};
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  const float* qptr = q.data_ptr<float>();
+  float* optr = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    const int64_t R_max = G * rows_per;
+    std::vector<float> qb(R_max * D), ob(R_max * D), sb(R_max * kKeyChunk), m(R_max), l(R_max), corr(R_max);
+    for (int64_t i; (i = next.fetch_add(1)) < n_tasks;) {
+      const AttnTask& task = tasks[i];
+      const int64_t M = task.t1 - task.t0, R = G * M, start = sp[task.b], len = lp[task.b];
+      for (int64_t g = 0; g < G; ++g)  // row g * M + t: position task.t0 + t of query head kv_head * G + g
+        for (int64_t t = 0; t < M; ++t) {
+          const float* src = qptr + task.b * q.stride(0) + (task.t0 + t) * q.stride(1) +
+                             (task.kv_head * G + g) * q.stride(2);
+          float* dst = qb.data() + (g * M + t) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * sc;
+        }
+      std::fill(m.begin(), m.begin() + R, -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.begin() + R, 0.f);
+      const float* kd = ktp + (task.b * Hkv + task.kv_head) * D * S_pad;
+      const float* vd = vpp + (task.b * Hkv + task.kv_head) * S_pad * D;
+      for (int64_t c0 = 0; c0 < task.n_keys; c0 += kKeyChunk) {
+        const int64_t nc = std::min(kKeyChunk, (task.n_keys - c0 + kKeyPad - 1) / kKeyPad * kKeyPad);
+        at::native::cpublas::brgemm(R, nc, D, D, S_pad, nc, false, qb.data(), kd + c0, sb.data(), false);
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t pos = start + task.t0 + r % M;
+          const int64_t visible = std::min(pos + 1, len) - c0;
+          corr[r] = online_softmax_row(sb.data() + r * nc, nc, std::min(visible, nc), m[r], l[r]);
+        }
+        if (c0 > 0) {
+          for (int64_t r = 0; r < R; ++r)
+            if (corr[r] != 1.f)
+              for (int64_t d = 0; d < D; ++d) ob[r * D + d] *= corr[r];
+        }
+        at::native::cpublas::brgemm(R, D, nc, nc, D, D, c0 > 0, sb.data(), vd + c0 * D, ob.data(), false);
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t t = 0; t < M; ++t) {
+          const int64_t r = g * M + t;
+          const float inv = 1.f / l[r];
+          float* dst = optr + ((task.b * T + task.t0 + t) * H + task.kv_head * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = ob[r * D + d] * inv;
+        }
+    }
+  });
+  return out;
+}
+#endif
+
 // How many threads one at::parallel_for over `n` items runs on: torch's intra-op count when
 // this file was built with OpenMP (as ATen's parallel_for needs), 1 when the pragma was dropped.
 int64_t parallel_threads(int64_t n) {
@@ -1097,5 +1259,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_ready", &amx_ready, "whether the bf16 micro-kernel (AMX tiles) is there for amx_pack/amx_linear");
   m.def("amx_pack", &amx_pack, "pack a bf16-exact fp32 weight (O, K) for amx_linear");
   m.def("amx_linear", &amx_linear, "x (N, K) fp32 times a packed weight as bf16 parts on AMX tiles, fp32 sums");
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
+  m.def("causal_attention", &causal_attention, "causal GQA attention of a prompt's queries (B, T, H, D)");
+#endif
   m.def("parallel_threads", &parallel_threads, "threads one at::parallel_for over n items runs on");
 }
