@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench_scripts import load_script
 
@@ -149,6 +150,18 @@ def test_cpu_sampling_bench_quick():
                       proc.stdout, flags=re.M)
     assert [r[0] for r in rows] == ["greedy", "T=1", "T=0.8 top_p=0.95"], proc.stdout
     assert all(int(r[1].replace(",", "")) > 0 and int(r[2].replace(",", "")) > 0 for r in rows)
+
+
+def test_cpu_attention_bench_quick():
+    """bench/cpu_attention.py (native prompt attention against SDPA) end to end, shortened: a row per shape with
+    a ratio, and the two sides agree (the script exits 1 when they do not)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_attention.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    rows = re.findall(r"^\| (tiny GQA|tiny MHA) \|.*\| ([\d.]+)x \| ([\d.e+-]+) \|$", proc.stdout, flags=re.M)
+    assert [r[0] for r in rows] == ["tiny GQA", "tiny MHA"], proc.stdout
+    assert all(float(r[1]) > 0 and float(r[2]) <= 1e-4 for r in rows), proc.stdout
+    assert "torch " + torch.__version__ in proc.stdout and "fp32, causal" in proc.stdout
 
 
 def test_host_overhead_bench_quick():
