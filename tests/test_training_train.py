@@ -72,20 +72,53 @@ def test_loss_decreases_and_outputs_are_written(data_dir, tmp_path):
     assert "tokenizer.json" in state["tokenizer_files"] and state["train_config"]["max_steps"] == 40
 
 
-def test_auto_precision_on_a_cpu_is_bf16_only_with_amx(data_dir, tmp_path, monkeypatch, capsys):
-    """precision=auto trains in bf16 autocast on CPUs with AMX (where it is faster), fp32 elsewhere, and the
-    run says which at its start."""
+def test_auto_precision_on_a_cpu_is_bf16_only_where_its_products_are_faster(data_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    """precision=auto trains in bf16 autocast on CPUs with AMX or whose bf16 products time at >= BF16_SPEEDUP
+    times fp32's, fp32 elsewhere; the run says which and why at its start, and records it in its checkpoints."""
     import training.train as train_module
 
     cpu = torch.device("cpu")
-    for amx, want in ((True, "bf16"), (False, "fp32")):
+    cases = [(True, 1.0, "bf16", "this CPU has AMX"), (False, 2.5, "bf16", "this CPU's bf16 products ran 2.5x fp32's"),
+             (False, 1.2, "fp32", "this CPU's bf16 products ran 1.2x fp32's")]
+    for amx, speedup, want, why in cases:
         monkeypatch.setattr(train_module, "amx_bf16", lambda amx=amx: amx)
+        monkeypatch.setattr(train_module, "bf16_matmul_speedup", lambda speedup=speedup: speedup)
         assert train_module.resolve_precision(tiny_config(data_dir, tmp_path), cpu) == want
         assert train_module.resolve_precision(tiny_config(data_dir, tmp_path, precision="fp32"), cpu) == "fp32"
-        result = train(tiny_config(data_dir, tmp_path / want, max_steps=2, eval_interval=0), progress=False)
+        out = tmp_path / f"{want}-{speedup}"
+        result = train(tiny_config(data_dir, out, max_steps=2, eval_interval=0), progress=False)
         assert math.isfinite(result.metrics[-1]["loss"])
         note = "bf16 autocast, fp32 weights" if want == "bf16" else "fp32"
-        assert f"parameters on cpu, {note}; steps 0..2" in capsys.readouterr().err
+        assert f"parameters on cpu, {note} (auto: {why}); steps 0..2" in capsys.readouterr().err
+        assert load_checkpoint(out / "checkpoint-0000002.pt")["precision"] == want
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_chose(data_dir, tmp_path, monkeypatch, capsys):
+    """The timed choice is the run's, not each start's: resumed where bf16 no longer times faster, a run that
+    started in bf16 goes on in bf16, so its losses are the uninterrupted run's; an explicit setting still wins."""
+    import training.train as train_module
+
+    monkeypatch.setattr(train_module, "amx_bf16", lambda: False)
+    monkeypatch.setattr(train_module, "bf16_matmul_speedup", lambda: 3.0)
+    knobs = dict(max_steps=4, eval_interval=0)
+    whole = train(tiny_config(data_dir, tmp_path / "whole", **knobs), progress=False)
+
+    def interrupt(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    config = tiny_config(data_dir, tmp_path / "cut", **knobs)
+    first = train(config, progress=False, on_step=interrupt)
+    assert first.interrupted and first.step == 2
+    monkeypatch.setattr(train_module, "bf16_matmul_speedup", lambda: 1.0)
+    capsys.readouterr()
+    second = train(config, resume=True, progress=False)
+    assert "bf16 autocast, fp32 weights (auto: the resumed run's choice); steps 2..4" in capsys.readouterr().err
+    assert deterministic(first.metrics + second.metrics) == deterministic(whole.metrics)
+    cpu = torch.device("cpu")
+    assert train_module.resolve_precision(config, cpu, resumed="bf16") == "bf16"
+    assert train_module.resolve_precision(dataclasses.replace(config, precision="fp32"), cpu, resumed="bf16") == "fp32"
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
@@ -161,9 +194,12 @@ def test_bad_checkpoint_and_missing_data_are_clear_errors(data_dir, tmp_path):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_process_with_accumulation(data_dir, tmp_path, parallel):
-    """torchrun, 2 CPU processes (Gloo): the same global batches, so the same losses as 1 process x 2 micro-batches."""
+    """torchrun, 2 CPU processes (Gloo): the same global batches, so the same losses as 1 process x 2 micro-batches.
+    In fp32 on both sides: bf16 products (precision=auto on CPUs where they are faster) round each output to 8
+    bits, so the processes' other thread counts would move the losses by ~1e-4."""
     config = tmp_path / "c.toml"
     config.write_text("seed = 5\nseq_len = 32\nmicro_batch_size = 4\nmax_steps = 3\nlr = 1e-2\nwarmup_steps = 1\n"
+                      "precision = \"fp32\"\n"
                       "eval_interval = 3\neval_batches = 2\nlog_interval = 1\ncheckpoint_interval = 0\n"
                       "[model]\nn_layer = 2\nn_head = 4\nn_kv_head = 2\nd_model = 64\nd_ff = 128\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -172,7 +208,7 @@ def test_two_processes_match_one_process_with_accumulation(data_dir, tmp_path, p
                     "-m", "training", *common, "--out", str(tmp_path / "two"), "--set", "grad_accum_steps=1",
                     "--set", f"parallel={parallel}"], env=env, check=True, capture_output=True, timeout=120)
     one = train(tiny_config(data_dir, tmp_path / "one", micro_batch_size=4, grad_accum_steps=2, max_steps=3,
-                            warmup_steps=1, eval_interval=3, checkpoint_interval=0), progress=False)
+                            warmup_steps=1, eval_interval=3, checkpoint_interval=0, precision="fp32"), progress=False)
     two = read_metrics(tmp_path / "two")
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one.metrics] == [256, 512, 768]
     for key in ("loss", "grad_norm"):

@@ -130,7 +130,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global gradient norm; 0 disables clipping
     # execution
-    precision: str = "auto"  # auto: bf16 on GPUs that support it (else fp16) and on CPUs with AMX, else fp32
+    precision: str = "auto"  # auto: bf16 on GPUs that support it (else fp16) and CPUs with fast bf16 products; fp32
     compile: bool | None = None  # None: on for CUDA, off for CPU
     device: str = "auto"
     attn_backend: str = "auto"

@@ -20,8 +20,8 @@ optimizer state does not fit one GPU; parameters are still initialized whole on 
 Multi-node: `torchrun --nnodes=N --node_rank=R --master_addr=HOST ...`, as for any DDP job.
 
 The loop (per optimizer step): LR from the schedule; `accum` micro-batches of forward under
-autocast (bf16 by default on GPUs and on CPUs with AMX; fp16 with a GradScaler; else fp32) and backward with
-gradient sync only on the last; unscale, clip the global norm, step, update the scaler.
+autocast (bf16 by default on GPUs and on CPUs with fast bf16 products; fp16 with a GradScaler; else
+fp32) and backward with gradient sync only on the last; unscale, clip the global norm, step, update the scaler.
 Parameters and optimizer state stay fp32. A NaN/inf loss or gradient norm stops the run with
 the step (under fp16 the scaler skips such steps instead). Validation loss and perplexity every
 `eval_interval` steps; `metrics.jsonl` and `loss.png` in `--out`; checkpoints every
@@ -58,7 +58,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from model.config import ModelConfig
-from model.cpu_packing import amx_bf16
+from model.cpu_packing import BF16_SPEEDUP, amx_bf16, bf16_matmul_speedup
 from model.transformer import Transformer
 
 from .checkpointing import (CHECKPOINT_FORMAT, CheckpointNotFound, apply_training_state, atomic_save,
@@ -114,15 +114,19 @@ def setup_runtime(config: TrainConfig) -> Runtime:
     return Runtime(device, rank, local_rank, world_size, owns)
 
 
-def resolve_precision(config: TrainConfig, device: torch.device) -> str:
-    """precision=auto: bf16 autocast on GPUs that support it, else fp16; on a CPU, bf16 where it has AMX
-    (its bf16 matrix products run several times fp32's: a training step of the default model's shape 1.9x,
-    the tiny config's 1.2x, the same loss curve), else fp32 (bf16 emulated or barely faster)."""
+def resolve_precision(config: TrainConfig, device: torch.device, resumed: str | None = None) -> str:
+    """precision=auto: bf16 autocast on GPUs that support it, else fp16; on a CPU, bf16 where its bf16 matrix
+    products run at least BF16_SPEEDUP times fp32's: with AMX (a training step of the default model's shape
+    1.9x fp32's, the tiny config's 1.2x, the same loss curve) or where a timed product says so (AVX-512 BF16
+    on an AMD EPYC: 1.7-1.9x and 1.3x), else fp32 (bf16 emulated or no faster). `resumed`: the precision the
+    run being resumed chose for itself, kept so that a resumed run computes as the uninterrupted one did."""
     if config.precision != "auto":
         return config.precision
+    if resumed is not None:
+        return resumed
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if amx_bf16() else "fp32"
+    return "bf16" if amx_bf16() or bf16_matmul_speedup() >= BF16_SPEEDUP else "fp32"
 
 
 def autocast(precision: str, device: torch.device):
@@ -289,11 +293,21 @@ class Trainer:
         self.sequences_per_micro = config.micro_batch_size * runtime.world_size
         self.max_steps = planned_steps(config, self.full_accum, self.sequences_per_micro)
         self.sampler = WindowSampler(len(self.train_tokens), config.seq_len, config.seed)
-        self.precision = resolve_precision(config, runtime.device)
         self.step = self.tokens = self.data_position = 0
         self.last_saved_step = -1
 
         checkpoint = self._find_resume_checkpoint(resume)
+        resumed = checkpoint.get("precision") if checkpoint is not None else None
+        self.precision = resolve_precision(config, runtime.device, resumed)
+        if runtime.distributed and runtime.device.type == "cpu" and config.precision == "auto":
+            choice = [self.precision]  # one timed choice for every process: rank 0's
+            dist.broadcast_object_list(choice, src=0)
+            self.precision = choice[0]
+        self.precision_note = ""  # why precision=auto chose what it did, for the start line
+        if config.precision == "auto" and runtime.device.type == "cpu":
+            self.precision_note = (" (auto: the resumed run's choice)" if resumed is not None else
+                                   " (auto: this CPU has AMX)" if amx_bf16() else
+                                   f" (auto: this CPU's bf16 products ran {bf16_matmul_speedup():.1f}x fp32's)")
         if config.attn_backend == "triton":
             from kernels.attention import available
 
@@ -444,6 +458,7 @@ class Trainer:
                 "format": CHECKPOINT_FORMAT, "step": self.step, "tokens": self.tokens,
                 "data_position": self.data_position, "model": model_state, "optimizer": optimizer_state,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "rng": capture_rng(),
+                "precision": self.precision,
                 "train_config": self.config.to_dict(), "model_config": self.model_config.to_dict(),
                 "data_meta": self.meta, "tokenizer_files": self.tokenizer_files,
             }, path)
@@ -467,6 +482,7 @@ class Trainer:
         log_lines = runtime.is_main and not use_bar
         if runtime.is_main:
             autocast_note = "fp32" if self.precision == "fp32" else f"{self.precision} autocast, fp32 weights"
+            autocast_note += self.precision_note
             where = f"{runtime.world_size} processes" if runtime.distributed else str(runtime.device)
             print(f"kiln train: {self.flops_per_token // 6:,} parameters on {where}, {autocast_note}; "
                   f"steps {self.step}..{self.max_steps}", file=sys.stderr, flush=True)
