@@ -144,6 +144,26 @@ def test_causal_attention(native_module, B, T, H, Hkv, D, S, starts, lengths):
     close(got, _attention_reference(q, k, v, starts, lengths), atol=1e-5)
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_causal_attention_compiles_a_bounded_set_of_products(native_module):
+    """torch keeps a compiled micro-kernel per product shape for each thread's life: prompts of every length
+    must reuse a few shapes, or a long-running server grows without end (it did, ~10 MB per 200 new lengths
+    here, before the query rows and key chunks were padded to fixed sizes)."""
+    rng = torch.Generator().manual_seed(0)
+    one = torch.zeros(1, dtype=torch.long)
+    marks = []
+    for i, T in enumerate(torch.randint(1, 700, (400,), generator=rng).tolist()):
+        qkv = torch.randn(1, T, 3, 64, generator=rng)
+        native_module.causal_attention(qkv[:, :, :1], qkv[:, :, 1:2], qkv[:, :, 2:], one, torch.tensor([T]), 0.125)
+        if i in (199, 399):
+            marks.append(_rss_mb())
+    assert marks[1] - marks[0] < 4, f"memory grew by {marks[1] - marks[0]:.1f} MB over 200 more prompt lengths"
+
+
 def test_causal_attention_rejects_bad_input(native_module):
     q, k = torch.zeros(1, 4, 4, 16), torch.zeros(1, 8, 2, 16)
     one, eight = torch.tensor([0]), torch.tensor([8])

@@ -1084,14 +1084,15 @@ std::vector<torch::Tensor> token_logprobs(torch::Tensor logits, torch::Tensor ta
 // its last position sees are read. Keys go in chunks of kKeyChunk with an online softmax (flash attention's
 // running max and sum), the products through torch's fp32 micro-kernel (cpublas::brgemm); tasks are handed
 // to threads heaviest first. Keys and values are first copied per kv head into zero-padded buffers (keys
-// transposed), so each product's shape is a multiple of kKeyPad and reads nothing past them.
+// transposed, in chunks), so the products come in a few shapes (their kernels are compiled once per shape
+// and thread) and read nothing past the buffers.
 
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
 namespace {
 
 constexpr int64_t kAttnRows = 128;  // query rows (positions x heads of a group) per task
 constexpr int64_t kKeyChunk = 512;  // keys per product
-constexpr int64_t kKeyPad = 64;     // key counts are rounded up to this (fewer distinct product shapes)
+constexpr int64_t kKeyPad = 64;     // key counts are rounded up to this (8 shapes of product per row count)
 
 struct AttnTask {
   int64_t b, kv_head, t0, t1, n_keys;
@@ -1149,30 +1150,35 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   }
   auto out = torch::empty({B, T, H, D}, q.options());
   if (B == 0 || T == 0 || H == 0 || D == 0) return out;
-  const int64_t G = H / Hkv, rows_per = std::max<int64_t>(1, kAttnRows / G);
-  const int64_t S_pad = (S + kKeyPad - 1) / kKeyPad * kKeyPad;
+  const int64_t G = H / Hkv, rows_per = std::max<int64_t>(8, kAttnRows / G);
+  const int64_t chunks = (S + kKeyChunk - 1) / kKeyChunk, S_pad = (S + kKeyPad - 1) / kKeyPad * kKeyPad;
 
-  // each kv head's keys transposed, (D, S_pad), and values, (S_pad, D), zero past S
-  auto kt = torch::empty({B, Hkv, D, S_pad}, q.options());
-  auto vp = torch::empty({B, Hkv, S_pad, D}, q.options());
+  // each kv head's keys transposed in chunks, (chunks, D, kKeyChunk), and its values, (S_pad, D); zero from the
+  // row's length up to the next multiple of kKeyPad (what the products read past it)
+  auto kt = torch::empty({B * Hkv, chunks, D, kKeyChunk}, q.options());
+  auto vp = torch::empty({B * Hkv, S_pad, D}, q.options());
   const float* kptr = k.data_ptr<float>();
   const float* vptr = v.data_ptr<float>();
   float* ktp = kt.data_ptr<float>();
   float* vpp = vp.data_ptr<float>();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hkv, h = i % Hkv, n = lp[b];
+      const int64_t b = i / Hkv, h = i % Hkv, n = lp[b], n_pad = (n + kKeyPad - 1) / kKeyPad * kKeyPad;
       const float* ks = kptr + b * k.stride(0) + h * k.stride(2);
       const float* vs = vptr + b * v.stride(0) + h * v.stride(2);
-      float* kd = ktp + i * D * S_pad;
+      float* kd = ktp + i * chunks * D * kKeyChunk;
       float* vd = vpp + i * S_pad * D;
-      for (int64_t j = 0; j < n; ++j) {
-        const float* kr = ks + j * k.stride(1);
-        for (int64_t d = 0; d < D; ++d) kd[d * S_pad + j] = kr[d];
-        std::memcpy(vd + j * D, vs + j * v.stride(1), sizeof(float) * D);
+      for (int64_t j = 0; j < n_pad; ++j) {
+        float* col = kd + (j / kKeyChunk) * D * kKeyChunk + j % kKeyChunk;
+        if (j < n) {
+          const float* kr = ks + j * k.stride(1);
+          for (int64_t d = 0; d < D; ++d) col[d * kKeyChunk] = kr[d];
+          std::memcpy(vd + j * D, vs + j * v.stride(1), sizeof(float) * D);
+        } else {
+          for (int64_t d = 0; d < D; ++d) col[d * kKeyChunk] = 0.f;
+          std::fill(vd + j * D, vd + (j + 1) * D, 0.f);
+        }
       }
-      for (int64_t d = 0; d < D; ++d) std::fill(kd + d * S_pad + n, kd + (d + 1) * S_pad, 0.f);
-      std::fill(vd + n * D, vd + S_pad * D, 0.f);
     }
   });
 
@@ -1196,23 +1202,30 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     std::vector<float> qb(R_max * D), ob(R_max * D), sb(R_max * kKeyChunk), m(R_max), l(R_max), corr(R_max);
     for (int64_t i; (i = next.fetch_add(1)) < n_tasks;) {
       const AttnTask& task = tasks[i];
-      const int64_t M = task.t1 - task.t0, R = G * M, start = sp[task.b], len = lp[task.b];
-      for (int64_t g = 0; g < G; ++g)  // row g * M + t: position task.t0 + t of query head kv_head * G + g
-        for (int64_t t = 0; t < M; ++t) {
+      // M positions, padded to Mp = rows_per with zero queries (their outputs are dropped): one row count for
+      // every product (each new shape would cost a compiled kernel of its own, kept for the thread's life)
+      const int64_t M = task.t1 - task.t0, Mp = rows_per, R = G * Mp;
+      const int64_t start = sp[task.b], len = lp[task.b];
+      for (int64_t g = 0; g < G; ++g)  // row g * Mp + t: position task.t0 + t of query head kv_head * G + g
+        for (int64_t t = 0; t < Mp; ++t) {
+          float* dst = qb.data() + (g * Mp + t) * D;
+          if (t >= M) {
+            std::fill(dst, dst + D, 0.f);
+            continue;
+          }
           const float* src = qptr + task.b * q.stride(0) + (task.t0 + t) * q.stride(1) +
                              (task.kv_head * G + g) * q.stride(2);
-          float* dst = qb.data() + (g * M + t) * D;
           for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * sc;
         }
       std::fill(m.begin(), m.begin() + R, -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.begin() + R, 0.f);
-      const float* kd = ktp + (task.b * Hkv + task.kv_head) * D * S_pad;
+      const float* kd = ktp + (task.b * Hkv + task.kv_head) * chunks * D * kKeyChunk;
       const float* vd = vpp + (task.b * Hkv + task.kv_head) * S_pad * D;
       for (int64_t c0 = 0; c0 < task.n_keys; c0 += kKeyChunk) {
         const int64_t nc = std::min(kKeyChunk, (task.n_keys - c0 + kKeyPad - 1) / kKeyPad * kKeyPad);
-        at::native::cpublas::brgemm(R, nc, D, D, S_pad, nc, false, qb.data(), kd + c0, sb.data(), false);
+        at::native::cpublas::brgemm(R, nc, D, D, kKeyChunk, nc, false, qb.data(), kd + c0 * D, sb.data(), false);
         for (int64_t r = 0; r < R; ++r) {
-          const int64_t pos = start + task.t0 + r % M;
+          const int64_t pos = start + task.t0 + r % Mp;
           const int64_t visible = std::min(pos + 1, len) - c0;
           corr[r] = online_softmax_row(sb.data() + r * nc, nc, std::min(visible, nc), m[r], l[r]);
         }
@@ -1225,7 +1238,7 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       }
       for (int64_t g = 0; g < G; ++g)
         for (int64_t t = 0; t < M; ++t) {
-          const int64_t r = g * M + t;
+          const int64_t r = g * Mp + t;
           const float inv = 1.f / l[r];
           float* dst = optr + ((task.b * T + task.t0 + t) * H + task.kv_head * G + g) * D;
           for (int64_t d = 0; d < D; ++d) dst[d] = ob[r * D + d] * inv;
