@@ -1079,9 +1079,9 @@ std::vector<torch::Tensor> token_logprobs(torch::Tensor logits, torch::Tensor ta
 // ----------------------------------------------------------------------------- causal attention of the CPU forward
 // A prompt's or scoring window's attention. torch's CPU flash attention (SDPA) takes key blocks of 512,
 // so up to 512 keys a causal call costs what a full one does, and each query head reads its keys on its
-// own. Here a task takes kAttnRows query rows: up to kAttnRows / G positions of all G query heads that share
-// one kv head, stacked, so one matrix product scores them all against that head's keys, and only the keys
-// its last position sees are read. Keys go in chunks of kKeyChunk with an online softmax (flash attention's
+// own. Here a task takes kAttnRows query rows: kAttnRows / G positions (at least 8) of all G query heads that
+// share one kv head, stacked, so one matrix product scores them all against that head's keys, and only the
+// keys its last position sees are read. Keys go in chunks of kKeyChunk with an online softmax (flash attention's
 // running max and sum), the products through torch's fp32 micro-kernel (cpublas::brgemm); tasks are handed
 // to threads heaviest first. Keys and values are first copied per kv head into zero-padded buffers (keys
 // transposed, in chunks), so the products come in a few shapes (their kernels are compiled once per shape
