@@ -118,6 +118,16 @@ def test_a_resumed_auto_run_keeps_the_precision_it_chose(data_dir, tmp_path, mon
     assert deterministic(first.metrics + second.metrics) == deterministic(whole.metrics)
     cpu = torch.device("cpu")
     assert train_module.resolve_precision(config, cpu, resumed="bf16") == "bf16"
+    # a checkpoint written before runs recorded their choice: auto then meant fp32 on a CPU without AMX
+    monkeypatch.setattr(train_module, "bf16_matmul_speedup", lambda: 3.0)
+    older = tmp_path / "older" / "checkpoint-0000002.pt"
+    older.parent.mkdir()
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint-0000002.pt")
+    del state["precision"]
+    torch.save(state, older)
+    capsys.readouterr()
+    train(tiny_config(data_dir, older.parent, **knobs), resume=True, progress=False)
+    assert "parameters on cpu, fp32 (auto: the resumed run's choice); steps 2..4" in capsys.readouterr().err
     assert train_module.resolve_precision(dataclasses.replace(config, precision="fp32"), cpu, resumed="bf16") == "fp32"
 
 

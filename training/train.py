@@ -297,7 +297,10 @@ class Trainer:
         self.last_saved_step = -1
 
         checkpoint = self._find_resume_checkpoint(resume)
-        resumed = checkpoint.get("precision") if checkpoint is not None else None
+        resumed = None
+        if checkpoint is not None:  # checkpoints from before the timed choice lack it: auto was bf16 on AMX CPUs only
+            legacy = "bf16" if amx_bf16() else "fp32"
+            resumed = checkpoint.get("precision", None if runtime.device.type == "cuda" else legacy)
         self.precision = resolve_precision(config, runtime.device, resumed)
         if runtime.distributed and runtime.device.type == "cpu" and config.precision == "auto":
             choice = [self.precision]  # one timed choice for every process: rank 0's
