@@ -76,21 +76,24 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     Returns (B, H, T, D). The cache may hold another dtype than the step computes in (a CPU engine's
     bf16 prompt forward over its fp32 cache): keys and values are cast on the way in and out.
     """
-    k_cache[batch.write_blocks, batch.write_offsets] = k_new.to(k_cache.dtype)  # (B, T, Hkv, D) into blocks
-    v_cache[batch.write_blocks, batch.write_offsets] = v_new.to(v_cache.dtype)
+    store_keys(k_new, v_new, k_cache, v_cache, batch)
     return attend_cached(q, k_cache, v_cache, batch, backend)
 
 
-def write_cache(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                batch: CacheBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write this step's keys/values (B, T, Hkv, D) into the paged cache, as `cached_attention` does, and
-    return each row's first kv_len keys and values in q's layout, (B, kv_len, Hkv, D) (views of the pool
-    when one row's blocks are consecutive), in the new keys' dtype."""
+def store_keys(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               batch: CacheBatch) -> None:
+    """Write this step's keys/values (B, T, Hkv, D) into their blocks of the paged cache, in its dtype."""
     k_cache[batch.write_blocks, batch.write_offsets] = k_new.to(k_cache.dtype)
     v_cache[batch.write_blocks, batch.write_offsets] = v_new.to(v_cache.dtype)
+
+
+def cached_keys(k_cache: torch.Tensor, v_cache: torch.Tensor, batch: CacheBatch,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's first kv_len keys and values, (B, Hkv, kv_len, D) in `dtype` (views of the pool when one
+    row's blocks are consecutive and the cache holds `dtype`; otherwise gathered or cast copies)."""
     keys = gather_blocks(k_cache, batch.block_table, batch.kv_len, batch.contiguous_from)
     values = gather_blocks(v_cache, batch.block_table, batch.kv_len, batch.contiguous_from)
-    return keys.transpose(1, 2).to(k_new.dtype), values.transpose(1, 2).to(v_new.dtype)
+    return keys.to(dtype), values.to(dtype)
 
 
 def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: CacheBatch,
@@ -101,9 +104,7 @@ def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         from kernels.decode import decode_attention
 
         return decode_attention(q[:, :, 0], k_cache, v_cache, batch.block_table, batch.lengths)[:, :, None]
-    keys = gather_blocks(k_cache, batch.block_table, batch.kv_len, batch.contiguous_from)
-    values = gather_blocks(v_cache, batch.block_table, batch.kv_len, batch.contiguous_from)
-    keys, values = keys.to(q.dtype), values.to(q.dtype)  # (no copy when the cache is in q's dtype)
+    keys, values = cached_keys(k_cache, v_cache, batch, q.dtype)
     if backend == "triton" and B == 1:
         from kernels.attention import flash_attention
 

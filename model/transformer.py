@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attend_cached, cached_attention, causal_attention, resolve_backend, write_cache
+from .attention import (attend_cached, cached_attention, cached_keys, causal_attention, resolve_backend,
+                        store_keys)
 from .config import ModelConfig
 from .kv_cache import CacheBatch, KVCache
 
@@ -326,8 +327,9 @@ class Transformer(nn.Module):
             qkv = qkv.view(B, T, H + 2 * Hkv, D)
             q, k, v = qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]
             if attend is not None:  # (B, T, H, D) out: the projection's input is a view
-                if batch is not None:
-                    k, v = write_cache(k, v, kv_cache.k[i], kv_cache.v[i], batch)
+                if batch is not None:  # the row's cached keys and values, in q's (B, L, Hkv, D) layout
+                    store_keys(k, v, kv_cache.k[i], kv_cache.v[i], batch)
+                    k, v = (x.transpose(1, 2) for x in cached_keys(kv_cache.k[i], kv_cache.v[i], batch, q.dtype))
                 y = attend(q, k, v, starts, lengths, D ** -0.5).view(B * T, H * D)
             elif batch is None:
                 y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), "torch")
