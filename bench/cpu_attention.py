@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from cpu_serving import cpu_info  # noqa: E402
 
 # (name, B, T, H, Hkv, D)
 SHAPES = [
@@ -35,17 +37,6 @@ SHAPES = [
 ]
 QUICK_SHAPES = [("tiny GQA", 2, 40, 4, 2, 16), ("tiny MHA", 1, 33, 3, 3, 32)]
 MAX_ERROR = 1e-4
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def best_ms(fn, reps: int) -> float:
@@ -79,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{native.error() or 'this torch has no fp32 micro-kernel'}", file=sys.stderr)
         return 1
     shapes, reps = (QUICK_SHAPES, 1) if args.quick else (SHAPES, args.reps)
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; fp32, causal; "
+    print(f"{cpu_info()[0]}, {torch.get_num_threads()} threads; torch {torch.__version__}; fp32, causal; "
           f"SDPA = F.scaled_dot_product_attention + the transpose to (B * T, H * D); best of {reps}")
     print("| shape | B x T | H / Hkv, D | SDPA ms | Kiln ms | Kiln GFLOP/s | Kiln/SDPA | max abs diff |")
     print("|---|---|---|---:|---:|---:|---:|---:|")

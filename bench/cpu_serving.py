@@ -466,18 +466,25 @@ def kiln_flag(kiln_args: str, flag: str, default: str = "auto") -> str:
 
 
 # ---------------------------------------------------------------------------- report
+def cpu_info() -> tuple[str, set[str]]:
+    """This CPU's model name and feature flags (the first core's, from /proc/cpuinfo; elsewhere the platform's
+    processor or machine name and no flags). Also serve_bench.py's and cpu_attention.py's."""
+    model_name, flags = None, set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model_name is None:
+                model_name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    return model_name or platform.processor() or platform.machine(), flags
+
+
 def machine_info(threads: int) -> dict:
     import torch
     import transformers
 
-    model_name, flags = platform.processor() or platform.machine(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model_name == (platform.processor() or platform.machine()):
-                model_name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+    model_name, flags = cpu_info()
     return {"cpu": model_name, "flags": [f for f in CPU_FLAGS if f in flags], "threads": threads,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "date": datetime.date.today().isoformat()}

@@ -67,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_serving import TOKENIZER_FILES, glue_value_flag, kiln_server, prepare_tokenizer  # noqa: E402
+from cpu_serving import TOKENIZER_FILES, cpu_info, glue_value_flag, kiln_server, prepare_tokenizer  # noqa: E402
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 TARGET_ROOFLINE = 0.70  # batch-1 decode of the Llama 1.1B shape, fraction of the weight-read roofline
@@ -779,13 +779,7 @@ def environment(device) -> dict:
         name = torch.cuda.get_device_name(device)
         memory = torch.cuda.get_device_properties(device).total_memory
     else:
-        name = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.partition(":")[2].strip()
-                    break
-        memory = None
+        name, memory = cpu_info()[0], None
     info = {"device": name, "device_type": device.type, "device_memory_bytes": memory, "torch": torch.__version__,
             "transformers": transformers.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads()}
