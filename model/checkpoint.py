@@ -1,11 +1,11 @@
-"""Model directories: load and save Kiln's own, load Hugging Face `gpt2`, `llama`, `mistral`, `qwen2`.
+"""Model directories: load and save Kiln's own, load Hugging Face `gpt2`, `llama`, `mistral`, `qwen2`, `qwen3`.
 
 A Kiln model directory is `config.json` (ModelConfig, model_type "kiln") +
 `model.safetensors` (or shards + `model.safetensors.index.json`) + tokenizer files.
 Hugging Face directories of model_type `gpt2`, `llama` (rotary scaling `linear` and `llama3`
-included: Llama 3.1 / 3.2), `mistral` and `qwen2` load too (a sliding attention window caps the
-context at the window, where full attention is the same): their config is
-translated to a ModelConfig and their tensor names are mapped onto Kiln's fused
+included: Llama 3.1 / 3.2), `mistral`, `qwen2` and `qwen3` (its per-head q/k norms) load too (a
+sliding attention window caps the context at the window, where full attention is the same): their
+config is translated to a ModelConfig and their tensor names are mapped onto Kiln's fused
 layout (q/k/v -> qkv, gate/up -> up; GPT-2's Conv1D weights are transposed).
 Only safetensors are read: a pickle is never loaded.
 """
@@ -27,7 +27,8 @@ from .transformer import Transformer, skipped_init
 
 log = logging.getLogger("kiln.checkpoint")
 
-SUPPORTED_TYPES = ("kiln", "gpt2", "llama", "mistral", "qwen2")
+SUPPORTED_TYPES = ("kiln", "gpt2", "llama", "mistral", "qwen2", "qwen3")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # Llama's tensor names (Qwen2: + q/k/v biases, Qwen3: + q/k norms)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -80,14 +81,14 @@ def config_from_hf(cfg: dict, generation: dict | None = None) -> ModelConfig:
             norm="layernorm", norm_eps=cfg.get("layer_norm_epsilon", 1e-5), positions="learned", mlp="gelu",
             tie_embeddings=cfg.get("tie_word_embeddings", True), bias=True,
             bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos, extra_eos_token_ids=extra_eos)
-    if model_type in ("llama", "mistral", "qwen2"):
+    if model_type in LLAMA_LIKE:
         if cfg.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{model_type} hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
         if cfg.get("mlp_bias"):
             raise CheckpointError(f"{model_type} mlp_bias=true is not supported")
-        if model_type == "llama" and cfg.get("attention_bias"):
-            raise CheckpointError("llama attention_bias=true is not supported (Kiln's q/k/v biases are Qwen2's: "
-                                  "no o_proj bias)")
+        if model_type in ("llama", "qwen3") and cfg.get("attention_bias"):
+            raise CheckpointError(f"{model_type} attention_bias=true is not supported (Kiln's q/k/v biases are "
+                                  "Qwen2's: no o_proj bias)")
         theta, scaling = _hf_rope(cfg, model_type)
         n_head = cfg["num_attention_heads"]
         max_seq_len = cfg.get("max_position_embeddings", 2048)
@@ -103,6 +104,7 @@ def config_from_hf(cfg: dict, generation: dict | None = None) -> ModelConfig:
             norm="rmsnorm", norm_eps=cfg.get("rms_norm_eps", 1e-6), positions="rope", rope_theta=theta,
             rope_scaling=scaling, mlp="swiglu", tie_embeddings=cfg.get("tie_word_embeddings", False), bias=False,
             attention_bias=True if model_type == "qwen2" else False, head_dim=cfg.get("head_dim"),
+            qk_norm=model_type == "qwen3",
             bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos, extra_eos_token_ids=extra_eos)
     raise CheckpointError(f"unknown model_type {model_type!r}; supported: {', '.join(SUPPORTED_TYPES)}")
 
@@ -216,6 +218,9 @@ def map_llama(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
             b + "mlp.up.weight": torch.cat([t[h + "mlp.gate_proj.weight"], t[h + "mlp.up_proj.weight"]]),
             b + "mlp.down.weight": t[h + "mlp.down_proj.weight"],
         })
+        if config.qk_norm:
+            out[b + "attn.q_norm.weight"] = t[a + "q_norm.weight"]
+            out[b + "attn.k_norm.weight"] = t[a + "k_norm.weight"]
         if config.has_attention_bias:
             out[b + "attn.qkv.bias"] = torch.cat([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]])
             if a + "o_proj.bias" in t:
@@ -252,7 +257,7 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], device
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                attn_backend: str = "auto") -> Transformer:
-    """Load a Kiln or Hugging Face (gpt2/llama/mistral/qwen2) model directory."""
+    """Load a Kiln or Hugging Face (gpt2/llama/mistral/qwen2/qwen3) model directory."""
     started = time.perf_counter()
     model_dir = Path(model_dir)
     device = torch.device(device)
@@ -262,7 +267,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
     try:
         if raw.get("model_type") == "gpt2":
             tensors = map_gpt2(tensors, config)
-        elif raw.get("model_type") in ("llama", "mistral", "qwen2"):  # Llama's tensor names (Qwen2: + q/k/v biases)
+        elif raw.get("model_type") in LLAMA_LIKE:
             tensors = map_llama(tensors, config)
     except KeyError as e:
         raise CheckpointError(f"{model_dir}: tensor {e.args[0]!r} expected for model_type "

@@ -88,8 +88,9 @@ def _int_in(low: int, high: int | None = None):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model directory (Kiln or Hugging Face gpt2/llama/mistral/qwen2); "
-                                                  "default: the shipped default model")
+    p.add_argument("--model", default=None,
+                   help="model directory (Kiln or Hugging Face gpt2/llama/mistral/qwen2/qwen3); "
+                        "default: the shipped default model")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default=None, choices=("auto", "fp32", "fp16", "bf16"),
                    help="weights dtype (default: fp32 on CPU, bf16 on CUDA)")

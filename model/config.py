@@ -5,6 +5,10 @@ One frozen dataclass describes both families Kiln runs:
 - GPT-2 style: LayerNorm, learned positions, GELU MLP (tanh approximation), biases,
   tied input/output embeddings.
 
+`qk_norm` adds an RMSNorm over each query and key head (a gain of head_dim for the queries and
+one for the keys, the model's norm_eps) between the qkv projection and the rotary embedding, as
+Qwen3 does; it bounds the attention logits' scale, which steadies training at high learning rates.
+
 `rope_scaling` stretches the rotary frequencies the way Hugging Face's Llama does for
 long-context checkpoints: {"rope_type": "linear", "factor": f} divides every frequency by f;
 {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
@@ -46,6 +50,7 @@ class ModelConfig:
     bias: bool = False  # biases on every linear layer (GPT-2)
     attention_bias: bool | None = None  # q/k/v/o biases; None -> same as `bias` (Qwen2-like: True)
     head_dim: int | None = None  # None -> d_model // n_head
+    qk_norm: bool = False  # RMSNorm over each query and key head before rotary (Qwen3)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     # more ids that end a sequence (a chat model's end of turn: Hugging Face configs list them)
@@ -105,7 +110,7 @@ class ModelConfig:
         attn += qkv_out * self.has_attention_bias + d * self.bias
         mlp_up = self.d_ff * (2 if self.mlp == "swiglu" else 1)
         mlp = d * mlp_up + self.d_ff * d + (mlp_up + d) * self.bias
-        norms = 2 * d * (2 if self.norm == "layernorm" else 1)
+        norms = 2 * d * (2 if self.norm == "layernorm" else 1) + 2 * hd * self.qk_norm
         total = self.n_layer * (attn + mlp + norms) + d * (2 if self.norm == "layernorm" else 1)
         if include_embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)

@@ -256,8 +256,11 @@ class DecodePlan:
                         *norm(model.norm), *linear(model.lm_head)]
             if self.quantized:  # then each matrix's row scales, in the same order: per layer qkv, proj, up, down; head
                 weights += [m.scale for m in linears]
+            qk_norm = model.config.qk_norm
+            if qk_norm:  # then each layer's query and key head gains
+                weights += [opt(n.weight) for b in blocks for n in (b.attn.q_norm, b.attn.k_norm)]
         dims = [self.H, self.Hkv, self.D, self.d_model, self.d_ff, int(self.rms), int(self.swiglu),
-                linears[-1].out_features]
+                linears[-1].out_features, int(qk_norm)]
         self.native_dtype = dtype
         self._native_args = (weights, dims, float(self.eps))
         self._native = module  # last: the worker thread may be mid-step and reads this once per call
@@ -309,7 +312,7 @@ class DecodePlan:
         for i, layer in enumerate(self.layers):
             qkv_m, proj_m, up_m, down_m = layer.modules or (None,) * 4
             qkv = linear(self._norm(x, layer.norm1), layer.qkv_w, layer.qkv_b, qkv_m)  # (B, 1, (H + 2Hkv) D)
-            qk = qkv[..., : (H + Hkv) * D].view(B, 1, H + Hkv, D)
+            qk = model.blocks[i].attn.norm_qk(qkv[..., : (H + Hkv) * D].view(B, 1, H + Hkv, D))
             if self.rms:
                 qk = apply_rope(qk, cos, sin)
             v = qkv[..., (H + Hkv) * D:].view(B, 1, Hkv, D)

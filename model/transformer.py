@@ -115,12 +115,31 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.has_attention_bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
         self.proj.residual_scale = True
+        if config.qk_norm:  # each query and key head normalized before rotary (Qwen3)
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def norm_qk(self, qk: torch.Tensor) -> torch.Tensor:
+        """qk (..., H + Hkv, D), the queries' heads then the keys': with `qk_norm`, each head RMS-normalized
+        with its kind's gain (a new tensor); without, qk itself."""
+        if self.q_norm is None:
+            return qk
+        return torch.cat([self.q_norm(qk[..., : self.n_head, :]), self.k_norm(qk[..., self.n_head:, :])], dim=-2)
+
+    def norm_qk_(self, qkv: torch.Tensor) -> torch.Tensor:
+        """`norm_qk` in place on a qkv projection's output (..., (H + 2 Hkv) D), for inference; returns it."""
+        if self.q_norm is not None:
+            qk = qkv[..., : (self.n_head + self.n_kv_head) * self.head_dim]
+            qk.copy_(self.norm_qk(qk.unflatten(-1, (-1, self.head_dim))).flatten(-2))
+        return qkv
 
     def forward(self, x, rope, layer_cache, batch: CacheBatch | None, backend: str):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x)
-        qk = qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D)
+        qk = self.norm_qk(qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D))
         if rope is not None:
             qk = apply_rope(qk, *rope)  # queries and keys rotated in one go
         q, k = qk[:, :, :H], qk[:, :, H:]  # (B, T, H, D), (B, T, Hkv, D)
@@ -138,6 +157,7 @@ class Attention(nn.Module):
         from kernels.rope import rope_cache_write
 
         B, T, _ = qkv.shape
+        self.norm_qk_(qkv)
         # the whole pool and the layer index, not a view of the layer: see kernels.rope on torch.compile
         q = rope_cache_write(qkv, self.n_head, self.n_kv_head, batch.positions, kv_cache.k, kv_cache.v,
                              batch.write_blocks, batch.write_offsets, *rope_tables, layer=layer)  # (B, T, H, D)
@@ -321,7 +341,7 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = norm(block.norm1, h, residual)
             residual = h
-            qkv = block.attn.qkv(x)  # (N, (H + 2 Hkv) D)
+            qkv = block.attn.norm_qk_(block.attn.qkv(x))  # (N, (H + 2 Hkv) D)
             if c.positions == "rope":
                 ops.rope_(qkv, positions, self.rope_cos, self.rope_sin, H + Hkv, D)
             qkv = qkv.view(B, T, H + 2 * Hkv, D)

@@ -29,6 +29,7 @@ FAMILIES = {
     "llama": dict(n_head=6, n_kv_head=2, d_model=96, d_ff=80),
     "gpt2": dict(n_head=4, n_kv_head=4, d_model=64, d_ff=128, norm="layernorm", positions="learned", mlp="gelu",
                  tie_embeddings=True, bias=True),
+    "qwen3": dict(n_head=4, n_kv_head=2, d_model=64, d_ff=80, head_dim=32, qk_norm=True),  # head norms before rope
 }
 
 

@@ -143,12 +143,12 @@ def test_num_params_counts_every_parameter(hf_dir):
 
 # ---- rotary scaling (Llama 3.1 / 3.2, linear) and Qwen2 -------------------------------------------
 def save_tiny_hf(out, tokenizer_dir, family: str = "llama", **extra):
-    """A tiny random Hugging Face model of `family` (llama, mistral or qwen2) with `extra` config fields."""
+    """A tiny random Hugging Face model of `family` (llama, mistral, qwen2 or qwen3) with `extra` config fields."""
     import transformers
 
     from conftest import _copy_tokenizer, _sharpen, hf_vocab_size
 
-    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
     config_cls, model_cls = getattr(transformers, prefix + "Config"), getattr(transformers, prefix + "ForCausalLM")
     torch.manual_seed(0)
     fields = dict(vocab_size=hf_vocab_size(tokenizer_dir), hidden_size=64, intermediate_size=100, num_hidden_layers=2,
@@ -160,6 +160,8 @@ def save_tiny_hf(out, tokenizer_dir, family: str = "llama", **extra):
         for name, p in model.named_parameters():
             if name.endswith(".bias"):  # Qwen2's q/k/v biases: HF initializes them to zero
                 p.normal_(0.0, 0.5)
+            if name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's head norms: HF's are ones
+                p.normal_(1.0, 0.5)
     model.save_pretrained(str(out))
     _copy_tokenizer(tokenizer_dir, out)
     return out
@@ -213,6 +215,40 @@ def test_qwen2_matches_hf(tmp_path, tokenizer_dir):
     windowed = save_tiny_hf(tmp_path / "w", tokenizer_dir, family="qwen2", use_sliding_window=True, sliding_window=32,
                             max_window_layers=0)
     assert load_model(windowed).config.max_seq_len == 32  # full attention is the window's only within it
+
+
+@torch.no_grad()
+def test_qwen3_matches_hf(tmp_path, tokenizer_dir):
+    """Qwen3: an RMSNorm over each query and key head (gains of their own) before rotary, and a head dim that
+    is not hidden / heads; logits, the served path's greedy tokens, and `kiln export` both ways."""
+    from model.cli import load_engine
+    from model.engine import SamplingParams
+    from training.export import main as export_main
+
+    path = save_tiny_hf(tmp_path / "q", tokenizer_dir, family="qwen3", head_dim=32, tie_word_embeddings=True)
+    ref, model = hf_model(path), load_model(path)
+    assert model.config.qk_norm and model.config.dim_per_head == 32 and not model.config.has_attention_bias
+    assert model.config.num_params() == sum(p.numel() for p in model.parameters())
+    tokens = random_tokens(ref.config.vocab_size, (2, 40), seed=6)
+    close(model(tokens), ref(tokens).logits)
+    engine = load_engine(str(path), "cpu", None, max_batch_size=2)
+    prompt = random_tokens(ref.config.vocab_size, (1, 30), seed=8)
+    want = ref.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 30:].tolist()
+    got = [t for out in engine.generate(prompt[0].tolist(), SamplingParams(max_tokens=16, temperature=0.0,
+                                                                           ignore_eos=True))
+           for t in out.token_ids]
+    assert got == want
+    assert export_main([str(path), "--out", str(tmp_path / "kiln")]) == 0
+    assert load_model(tmp_path / "kiln").config == model.config
+    assert export_main([str(tmp_path / "kiln"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "qwen3"
+    close(hf_model(tmp_path / "hf")(tokens).logits, ref(tokens).logits)
+
+
+def test_qwen3_with_attention_bias_is_a_clear_error(tmp_path, tokenizer_dir):
+    path = save_tiny_hf(tmp_path / "q", tokenizer_dir, family="qwen3", attention_bias=True)
+    with pytest.raises(CheckpointError, match="qwen3 attention_bias=true is not supported"):
+        load_model(path)
 
 
 @torch.no_grad()

@@ -46,6 +46,22 @@ def test_native_step_equals_the_plain_forward(hf_dir, native_module):
     assert_same_runs(engine, Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False))
 
 
+def test_native_step_applies_qwen3s_head_norms(tmp_path, tokenizer_dir, native_module):
+    """A Qwen3 model (RMSNorm of each query and key head before rotary): the native step, the torch path and the
+    plain forward give the same tokens and log-probabilities."""
+    from test_model_hf import save_tiny_hf
+
+    path = save_tiny_hf(tmp_path / "q", tokenizer_dir, family="qwen3", head_dim=32)
+    for quantization in (None, "int8"):  # int8: the gains come after the matrices' row scales
+        engine = load_engine(str(path), "cpu", max_batch_size=4, quantization=quantization, prefill_dtype="fp32")
+        assert engine.config.qk_norm
+        plain = Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False, prefill_dtype="fp32")
+        assert_same_runs(engine, plain)  # the torch path
+        engine._decode_plan.enable_native(native_module)
+        assert engine.native_decode and (engine._decode_plan.native_dtype == torch.int8) == bool(quantization)
+        assert_same_runs(engine, plain)
+
+
 def test_native_step_writes_the_cache_like_the_torch_step(llama_dir, native_module, monkeypatch):
     """One decode step from the same cache state: same logits, same keys/values in the same blocks."""
     engine = load_engine(str(llama_dir), "cpu", max_batch_size=2, block_size=4)

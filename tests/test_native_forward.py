@@ -24,6 +24,8 @@ from test_native_decode import native_module  # noqa: F401 -- the fixture
 NONE = torch.empty(0)
 
 LLAMA = ModelConfig(vocab_size=300, n_layer=2, n_head=6, n_kv_head=2, d_model=96, d_ff=80, max_seq_len=64)
+QWEN3 = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=80, max_seq_len=64,
+                    head_dim=32, qk_norm=True, tie_embeddings=True)
 GPT2 = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=4, d_model=64, d_ff=256, max_seq_len=64,
                    norm="layernorm", positions="learned", mlp="gelu", tie_embeddings=True, bias=True)
 
@@ -81,11 +83,15 @@ def test_silu_mul(native_module):
         native_module.silu_mul(x.t())
 
 
-@pytest.mark.parametrize("config", [LLAMA, GPT2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("config", [LLAMA, QWEN3, GPT2], ids=["llama", "qwen3", "gpt2"])
 def test_cpu_forward_equals_the_plain_forward(native_module, config):
     """Whole sequences (all logits, and the last position only) and prefill + decode over the paged cache."""
     torch.manual_seed(0)
     model = Transformer(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # gains other than ones (and different per norm), so a swapped or skipped one shows
+                p.normal_(1.0, 0.5)
     tokens = torch.randint(0, config.vocab_size, (3, 19), generator=torch.Generator().manual_seed(3))
     index = torch.tensor([18, 0, 7])
     results = []

@@ -54,6 +54,19 @@ def test_weight_decay_groups_matrices_and_embeddings_only():
     assert isinstance(adafactor, torch.optim.Adafactor) and adafactor.param_groups[1]["weight_decay"] == 0.0
 
 
+def test_qk_norm_builds_qwen3_style_models_whose_head_norms_take_no_weight_decay(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\nn_layer = 2\nn_head = 4\nn_kv_head = 2\nd_model = 64\n")
+    config = load_config(path, ["model.qk_norm=true"])
+    model_config = config.model.build(300, 32)
+    assert model_config.qk_norm and not load_config(path).model.build(300, 32).qk_norm
+    model = Transformer(model_config)
+    decay, no_decay = decay_split(model)
+    heads = [f"blocks.{i}.attn.{n}.weight" for i in range(2) for n in ("q_norm", "k_norm")]
+    assert set(heads) <= set(no_decay) and not set(heads) & set(decay)
+    assert model_config.num_params() == sum(p.numel() for p in model.parameters())
+
+
 def test_batch_ramp_and_planned_steps():
     assert [accum_at(s, 8, 4) for s in range(6)] == [1, 2, 4, 6, 8, 8]
     assert [accum_at(s, 8, 0) for s in range(3)] == [8, 8, 8]

@@ -64,6 +64,7 @@ class ModelShape:
     tie_embeddings: bool | None = None  # None -> True for gpt2, False for llama
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    qk_norm: bool = False  # RMSNorm over each query and key head before rotary (Qwen3; nanochat's QK norm)
 
     def __post_init__(self) -> None:
         _choice("model.family", self.family, FAMILIES)
@@ -97,7 +98,7 @@ class ModelShape:
                 positions="learned" if gpt2 else "rope", rope_theta=self.rope_theta,
                 mlp="gelu" if gpt2 else "swiglu",
                 tie_embeddings=self.tie_embeddings if self.tie_embeddings is not None else gpt2,
-                bias=gpt2, head_dim=self.head_dim, bos_token_id=bos_id, eos_token_id=eos_id)
+                bias=gpt2, head_dim=self.head_dim, qk_norm=self.qk_norm, bos_token_id=bos_id, eos_token_id=eos_id)
         except ValueError as e:
             raise ConfigError(f"[model]: {e}") from None
 

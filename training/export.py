@@ -12,10 +12,10 @@ way, with the tokenizer files beside its weights:
 
 - `--format kiln` (default): Kiln's own layout (model.checkpoint.save_model): config.json with
   model_type "kiln" + model.safetensors (fused qkv / gate-up tensors).
-- `--format hf`: a Hugging Face directory: config.json with model_type "gpt2" or "llama" and
+- `--format hf`: a Hugging Face directory: config.json with model_type "gpt2", "llama" or "qwen3" and
   safetensors under Hugging Face's tensor names (the inverse of model.checkpoint.map_gpt2 /
   map_llama: q/k/v and gate/up split out, GPT-2's Conv1D weights transposed), plus
-  tokenizer.json; `AutoModelForCausalLM.from_pretrained(DIR)` loads it. Only models of the two
+  tokenizer.json; `AutoModelForCausalLM.from_pretrained(DIR)` loads it. Only models of these
   families' exact shapes convert; anything else is refused with the reason.
 
 `--max-shard-mb N` splits the weights into shards of at most N MB with an index file
@@ -81,14 +81,15 @@ def tokenizer_files(state: dict, checkpoint: Path) -> dict[str, bytes]:
 
 
 def hf_family(config: ModelConfig) -> str:
-    """"gpt2" or "llama" when the config is exactly that family's shape; otherwise ExportError."""
+    """"gpt2", "llama" or "qwen3" (Llama's shape with per-head q/k norms) when the config is exactly that
+    family's shape; otherwise ExportError."""
     def mismatch(family: str, reasons: list[str]) -> ExportError:
         return ExportError(f"this model cannot be written as Hugging Face {family}: {', '.join(reasons)}")
 
     if config.norm == "layernorm" or config.positions == "learned" or config.mlp == "gelu":
         reasons = [f"{name}={getattr(config, name)!r} (gpt2 needs {want!r})" for name, want in
                    (("norm", "layernorm"), ("positions", "learned"), ("mlp", "gelu"), ("bias", True),
-                    ("has_attention_bias", True)) if getattr(config, name) != want]
+                    ("has_attention_bias", True), ("qk_norm", False)) if getattr(config, name) != want]
         if config.n_kv_head != config.n_head:
             reasons.append(f"n_kv_head={config.n_kv_head} (gpt2 has no grouped-query attention)")
         if config.dim_per_head * config.n_head != config.d_model:
@@ -96,12 +97,13 @@ def hf_family(config: ModelConfig) -> str:
         if reasons:
             raise mismatch("gpt2", reasons)
         return "gpt2"
-    reasons = [f"{name}={getattr(config, name)!r} (llama needs {want!r})" for name, want in
+    family = "qwen3" if config.qk_norm else "llama"
+    reasons = [f"{name}={getattr(config, name)!r} ({family} needs {want!r})" for name, want in
                (("norm", "rmsnorm"), ("positions", "rope"), ("mlp", "swiglu"), ("bias", False),
                 ("has_attention_bias", False)) if getattr(config, name) != want]
     if reasons:
-        raise mismatch("llama", reasons)
-    return "llama"
+        raise mismatch(family, reasons)
+    return family
 
 
 def hf_config(config: ModelConfig, family: str, dtype: torch.dtype) -> dict:
@@ -117,7 +119,8 @@ def hf_config(config: ModelConfig, family: str, dtype: torch.dtype) -> dict:
                 "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": config.d_ff,
                 "activation_function": "gelu_new", "layer_norm_epsilon": config.norm_eps,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True}
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **common,
+    model_type, architecture = ("qwen3", "Qwen3ForCausalLM") if family == "qwen3" else ("llama", "LlamaForCausalLM")
+    return {"model_type": model_type, "architectures": [architecture], **common,
             "hidden_size": config.d_model, "intermediate_size": config.d_ff, "num_hidden_layers": config.n_layer,
             "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
             "head_dim": config.dim_per_head, "max_position_embeddings": config.max_seq_len,
@@ -127,7 +130,7 @@ def hf_config(config: ModelConfig, family: str, dtype: torch.dtype) -> dict:
 
 
 def hf_state_dict(model: Transformer, family: str) -> dict[str, torch.Tensor]:
-    """Kiln tensor names -> Hugging Face's (the inverse of map_gpt2 / map_llama)."""
+    """Kiln tensor names -> Hugging Face's (the inverse of map_gpt2 / map_llama; qwen3 is llama's + q/k norms)."""
     config = model.config
     s = {name: t.detach() for name, t in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
@@ -165,6 +168,9 @@ def hf_state_dict(model: Transformer, family: str) -> dict[str, torch.Tensor]:
                 h + "mlp.gate_proj.weight": up[:F], h + "mlp.up_proj.weight": up[F:],
                 h + "mlp.down_proj.weight": s[b + "mlp.down.weight"],
             })
+            if config.qk_norm:
+                out[h + "self_attn.q_norm.weight"] = s[b + "attn.q_norm.weight"]
+                out[h + "self_attn.k_norm.weight"] = s[b + "attn.k_norm.weight"]
     if not config.tie_embeddings:
         out["lm_head.weight"] = s["lm_head.weight"]
     return out

@@ -406,14 +406,17 @@ const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>(
 // are packed in tiles (see `linear`), all fp32, all bf16 or all int8; everything else is fp32. With int8
 // tiles, 4 * n_layer + 1 more tensors follow: each matrix's fp32 row scales (O,), per layer qkv, proj, up,
 // down, then the head.
-// dims = [H, Hkv, D, d_model, d_ff, rms, swiglu, V]. Returns logits (B, V).
+// dims = [H, Hkv, D, d_model, d_ff, rms, swiglu, V], and a ninth, qk_norm: when 1, 2 * n_layer more fp32 (D,)
+// tensors come last, each layer's query and key head gains (Qwen3's RMSNorm of every head before rotary).
+// Returns logits (B, V).
 torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::Tensor block_table,
                           torch::Tensor k_cache, torch::Tensor v_cache, std::vector<torch::Tensor> weights,
                           std::vector<int64_t> dims, double eps) {
-  TORCH_CHECK(dims.size() == 8, "dims must be [H, Hkv, D, d_model, d_ff, rms, swiglu, vocab]");
+  TORCH_CHECK(dims.size() == 8 || dims.size() == 9, "dims must be [H, Hkv, D, d_model, d_ff, rms, swiglu, vocab] "
+              "and optionally qk_norm");
   const int64_t H = dims[0], Hkv = dims[1], D = dims[2], dm = dims[3], dff = dims[4];
   TORCH_CHECK(dims[7] > 0, "vocab must be > 0");
-  const bool rms = dims[5] != 0, swiglu = dims[6] != 0;
+  const bool rms = dims[5] != 0, swiglu = dims[6] != 0, qk_norm = dims.size() == 9 && dims[8] != 0;
   const int64_t L = k_cache.size(0), bs = k_cache.size(2);
   const int64_t B = tokens.size(0), W = block_table.size(1);
   TORCH_CHECK(tokens.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64 &&
@@ -426,11 +429,17 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
                   k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 5 && k_cache.size(3) == Hkv &&
                   k_cache.size(4) == D,
               "the caches must be fp32 contiguous (n_layer, num_blocks, block_size, Hkv, D)");
-  const int64_t n_weights = static_cast<int64_t>(weights.size());
+  // with qk_norm, the last 2 * L tensors are each layer's query and key head gains (D,)
+  const int64_t n_weights = static_cast<int64_t>(weights.size()) - (qk_norm ? 2 * L : 0);
   TORCH_CHECK(n_weights == 12 * L + 8 || n_weights == 16 * L + 9, "expected ", 12 * L + 8, " weight tensors (",
-              16 * L + 9, " with int8 matrices)");
+              16 * L + 9, " with int8 matrices), plus ", 2 * L, " with qk_norm");
   const auto packed_type = weights[12 * L + 6].scalar_type();  // the head's
   const bool quantized = n_weights == 16 * L + 9;
+  for (int64_t i = n_weights; i < static_cast<int64_t>(weights.size()); ++i) {
+    TORCH_CHECK(weights[i].scalar_type() == torch::kFloat32 && weights[i].is_contiguous() &&
+                    weights[i].sizes() == at::IntArrayRef({D}),
+                "qk_norm gains must be fp32 contiguous (D,)");
+  }
   TORCH_CHECK(quantized ? packed_type == torch::kChar : packed_type == torch::kFloat32 ||
                                                             packed_type == torch::kBFloat16,
               "packed weights must be fp32 or bf16, or int8 followed by their scales");
@@ -523,6 +532,13 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
                                                                                         : attend_group<0>;
     for (int64_t b = 0; b < B; ++b) {  // rotary embedding of the queries and keys, then the cache write
       float* row = qkv.data() + b * qkv_dim;
+      if (qk_norm) {  // each query and key head RMS-normalized first, with its kind's gain
+        const float* gains[2] = {weights[n_weights + 2 * l].data_ptr<float>(),
+                                 weights[n_weights + 2 * l + 1].data_ptr<float>()};
+        for (int64_t hh = 0; hh < H + Hkv; ++hh) {
+          normalize(row + hh * D, row + hh * D, 1, D, true, static_cast<float>(eps), gains[hh >= H], nullptr);
+        }
+      }
       if (rope_cos.numel()) {  // x * cos + roll(x, D/2) * signed_sin
         const float* c = rope_cos.data_ptr<float>() + pos[b] * D;
         const float* s = rope_sin.data_ptr<float>() + pos[b] * D;
