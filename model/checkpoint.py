@@ -109,6 +109,39 @@ def config_from_hf(cfg: dict, generation: dict | None = None) -> ModelConfig:
     raise CheckpointError(f"unknown model_type {model_type!r}; supported: {', '.join(SUPPORTED_TYPES)}")
 
 
+SAMPLING_KEYS = ("temperature", "top_p", "top_k")  # the generation_config.json fields requests default to
+
+
+def read_sampling_defaults(model_dir: str | Path) -> tuple[dict[str, float | int], list[str]]:
+    """The sampling parameters a model's generation_config.json recommends (Qwen3: temperature 0.6, top_p
+    0.95, top_k 20), which requests that leave them out get, as in vLLM (`--generation-config auto`).
+
+    Returns (the usable ones, a note for each field that is present but out of range or not a number, so it
+    is ignored). No file, or one that is not a JSON object: nothing. top_k 0 means off, as in HF."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raw = {}
+    if not isinstance(raw, dict):
+        raw = {}
+    from .sampling import MAX_TEMPERATURE
+
+    valid = {"temperature": lambda v: isinstance(v, (int, float)) and 0 <= v <= MAX_TEMPERATURE,
+             "top_p": lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
+             "top_k": lambda v: isinstance(v, int) and v >= -1}
+    defaults, ignored = {}, []
+    for key in SAMPLING_KEYS:
+        if raw.get(key) is None:
+            continue
+        value = raw[key]
+        if isinstance(value, bool) or not valid[key](value):
+            ignored.append(f"{key}={value!r}")
+            continue
+        defaults[key] = max(value, 0) if key == "top_k" else float(value)
+    return defaults, ignored
+
+
 def _id_list(value) -> list[int]:
     """A Hugging Face token-id field (an int, a list of ints, or null) as a list."""
     values = value if isinstance(value, list) else [value]

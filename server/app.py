@@ -44,6 +44,24 @@ vLLM-style tokenizer endpoints, health and Prometheus metrics, served by Kiln.
 Errors are `{"error": {"message", "type", "param", "code"}}`."""
 
 
+def sampling_defaults(settings: ServerSettings) -> dict:
+    """What requests that leave out temperature / top_p / top_k get (--generation-config auto: the model's
+    generation_config.json recommendations, as vLLM applies them), logged once."""
+    if settings.generation_config == "none":
+        return {}
+    from model.checkpoint import read_sampling_defaults
+    from model.cli import default_model_dir
+
+    defaults, ignored = read_sampling_defaults(settings.model_dir or default_model_dir())
+    if ignored:
+        log.warning("generation_config.json: %s out of range, ignored", ", ".join(ignored))
+    if defaults:
+        log.info("requests that leave out %s get the model's generation_config.json values: %s "
+                 "(--generation-config none for OpenAI's defaults)", "/".join(defaults),
+                 ", ".join(f"{k}={v:g}" for k, v in defaults.items()))
+    return defaults
+
+
 def create_app(engine: Engine | Callable[[], Engine], settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     metrics = ServerMetrics(settings.served_model_name)
@@ -69,7 +87,8 @@ def create_app(engine: Engine | Callable[[], Engine], settings: ServerSettings |
 
     app = FastAPI(title="Kiln", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
                   default_response_class=JSONBody)
-    app.state.kiln = KilnState(settings=settings, scheduler=scheduler, metrics=metrics)
+    app.state.kiln = KilnState(settings=settings, scheduler=scheduler, metrics=metrics,
+                               sampling_defaults=sampling_defaults(settings))
     app.openapi = functools.partial(_openapi, app, app.openapi)
     install_error_handlers(app)
     app.include_router(router)

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from model.chat_template import ChatTemplate, template_tokens
 
-from .completions import ChoiceBuilder, TextFormat, _logprob, _public_reason, create_completion
+from .completions import SAMPLING_KEYS, ChoiceBuilder, TextFormat, _logprob, _public_reason, create_completion
 from .errors import APIError
 from .protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatResponseMessage,
                        ChatTokenLogprob, ChatTopLogprob, CompletionRequest, Usage)
@@ -83,7 +83,7 @@ def _messages(body: ChatCompletionRequest) -> list[dict]:
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, scheduler: Scheduler,
-                                 model_name: str, template: ChatTemplate | None):
+                                 model_name: str, template: ChatTemplate | None, defaults: dict | None = None):
     if template is None:
         raise APIError(400, NO_TEMPLATE, "messages")
     if body.tools:
@@ -123,9 +123,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # OpenAI: as many as the context leaves
         max_tokens = max(1, engine.max_seq_len - len(ids))
+    sampling = {name: getattr(body, name) for name in SAMPLING_KEYS if name in body.model_fields_set}
     completion = CompletionRequest.model_validate({
-        "prompt": ids, "max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-        "top_k": body.top_k, "n": body.n, "stream": body.stream,
+        **sampling, "prompt": ids, "max_tokens": max_tokens, "n": body.n, "stream": body.stream,
         "stream_options": None if body.stream_options is None else body.stream_options.model_dump(),
         "logprobs": (body.top_logprobs or 0) if body.logprobs else None, "stop": body.stop,
         "stop_token_ids": body.stop_token_ids, "seed": body.seed, "presence_penalty": body.presence_penalty,
@@ -133,7 +133,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         "min_tokens": body.min_tokens})
     fmt = ChatFormat(tokenizer, body.top_logprobs or 0)
     try:
-        return await create_completion(completion, request, scheduler, model_name, fmt=fmt, prompt_ids=[ids])
+        return await create_completion(completion, request, scheduler, model_name, fmt=fmt, prompt_ids=[ids],
+                                       defaults=defaults)
     except APIError as e:
         if e.param == "prompt":  # the rendered prompt is the messages
             e.param = "messages"

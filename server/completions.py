@@ -27,6 +27,7 @@ from typing import AsyncIterator, Iterator
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from model.checkpoint import SAMPLING_KEYS
 from model.engine import SamplingParams, TokenLogprob
 from model.tokenizer import Tokenizer
 
@@ -51,8 +52,10 @@ def prompt_list(prompt: str | list, field: str = "prompt") -> list[str | list[in
     return list(prompt)
 
 
-def sampling_params(body: CompletionRequest) -> list[SamplingParams]:
-    """The engine parameters of each of the request's `n` choices."""
+def sampling_params(body: CompletionRequest, defaults: dict | None = None) -> list[SamplingParams]:
+    """The engine parameters of each of the request's `n` choices. temperature, top_p and top_k that the request
+    leaves out (or sends as null) come from `defaults` (`model.checkpoint.read_sampling_defaults`) where it has
+    them, else OpenAI's (1.0, 1.0, off)."""
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, f"best_of={body.best_of} is not supported: only best_of == n ({body.n})", "best_of")
     if body.suffix is not None:
@@ -67,13 +70,17 @@ def sampling_params(body: CompletionRequest) -> list[SamplingParams]:
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) must be <= max_tokens ({max_tokens})", "min_tokens")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    # left out (or null): the model's recommendation when it has one, else OpenAI's default
+    given = {name: getattr(body, name) for name in SAMPLING_KEYS
+             if name in body.model_fields_set and getattr(body, name) is not None}
+    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **(defaults or {}), **given}
     params = []
     for j in range(body.n):
         params.append(SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_k=0 if body.top_k in (None, -1) else body.top_k,
-            top_p=1.0 if body.top_p is None else body.top_p,
+            temperature=sampling["temperature"],
+            top_k=0 if sampling["top_k"] == -1 else sampling["top_k"],
+            top_p=sampling["top_p"],
             # torch takes seeds modulo 2**64 (negative ones too): wrapping keeps every seed's samples the same
             # and gives choice j of seed 2**64 - 1 a seed manual_seed accepts
             seed=None if body.seed is None else (body.seed + j) % 2**64,
@@ -281,11 +288,13 @@ def refusal_error(item: Rejected | Failed) -> APIError:
 
 
 async def create_completion(body: CompletionRequest, request: Request, scheduler: Scheduler, model_name: str,
-                            fmt: TextFormat = TEXT_FORMAT, prompt_ids: list[list[int]] | None = None):
+                            fmt: TextFormat = TEXT_FORMAT, prompt_ids: list[list[int]] | None = None,
+                            defaults: dict | None = None):
     """Run `body` and answer in `fmt`'s shapes (legacy completions, or chat through server/chat.py, which
-    passes the prompt already tokenized)."""
+    passes the prompt already tokenized). `defaults`: the sampling parameters a request that leaves them out
+    gets (the model's generation_config.json; see `sampling_params`)."""
     tokenizer = scheduler.engine.tokenizer
-    params = sampling_params(body)
+    params = sampling_params(body, defaults)
     if prompt_ids is None:
         prompts = prompt_list(body.prompt)
         if all(isinstance(p, list) for p in prompts):  # token ids: nothing to encode, no thread hop

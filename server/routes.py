@@ -37,6 +37,7 @@ class KilnState:
     scheduler: Scheduler
     metrics: ServerMetrics
     created: int = field(default_factory=lambda: int(time.time()))
+    sampling_defaults: dict = field(default_factory=dict)  # for requests that leave them out (--generation-config)
     _chat: tuple[ChatTemplate | None] | None = None  # (the compiled chat template or None), once looked up
 
     def engine(self):
@@ -93,7 +94,8 @@ GENERATION_RESPONSES = {**_errors(400, 401, 404, 413, 429, 503),
 async def completions(body: CompletionRequest, request: Request, state: KilnState = Depends(kiln_state)):
     state.check_model(body.model)
     state.engine()
-    return await create_completion(body, request, state.scheduler, state.settings.served_model_name)
+    return await create_completion(body, request, state.scheduler, state.settings.served_model_name,
+                                   defaults=state.sampling_defaults)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=GENERATION_RESPONSES,
@@ -102,7 +104,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     state.check_model(body.model)
     state.engine()
     return await create_chat_completion(body, request, state.scheduler, state.settings.served_model_name,
-                                        state.chat_template())
+                                        state.chat_template(), defaults=state.sampling_defaults)
 
 
 @router.post("/v1/perplexity", response_model=PerplexityResponse, response_model_exclude_unset=True,

@@ -51,6 +51,9 @@ class ServerSettings:
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     log_level: str = "info"
     chat_template: str | None = None  # a Jinja chat template for /v1/chat/completions (default: the tokenizer's)
+    # "auto": requests that leave out temperature / top_p / top_k get the model's generation_config.json values
+    # (vLLM's default); "none": OpenAI's defaults (1.0, 1.0, off)
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -58,6 +61,8 @@ class ServerSettings:
                 raise ValueError(msg)
 
         need(bool(self.served_model_name), "--served-model-name must not be empty")
+        need(self.generation_config in ("auto", "none"),
+             f"--generation-config must be auto or none, got {self.generation_config!r}")
         need(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
         need(self.max_batch_size is None or self.max_batch_size >= 1,
              f"--max-batch-size must be >= 1, got {self.max_batch_size}")
@@ -131,7 +136,8 @@ class ServerSettings:
                    cuda_graphs=not args.no_cuda_graphs, compile=args.compile, engine_process=args.engine_process,
                    async_scheduling=args.async_scheduling, speculative_tokens=args.speculative_tokens,
                    max_body_bytes=args.max_body_bytes, threads=args.threads,
-                   shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level)
+                   shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level,
+                   generation_config=args.generation_config)
 
 
 def _int_at_least(low: int):
@@ -213,5 +219,8 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template for /v1/chat/completions (default: the one the model's tokenizer "
                         "ships; without either, chat requests get 400)")
+    p.add_argument("--generation-config", default="auto", choices=("auto", "none"),
+                   help="auto (default): requests that leave out temperature, top_p or top_k get the values the "
+                        "model's generation_config.json recommends, as in vLLM; none: OpenAI's defaults")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p

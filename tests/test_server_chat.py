@@ -265,3 +265,46 @@ def test_tool_messages_reach_the_template(llama_dir):
         assert r.json()["usage"]["prompt_tokens"] == expected
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "sunny"}], "max_tokens": 1})
         assert r.status_code == 400 and "tool_call_id: undefined" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("mode", ["auto", "none"])
+def test_requests_that_leave_out_sampling_get_the_generation_config_values(chat_dir, tmp_path, monkeypatch, mode):
+    """As vLLM (--generation-config auto): temperature / top_p / top_k that a completion or chat request leaves
+    out (or sends as null) come from the model's generation_config.json (Qwen3's 0.6 / 0.95 / 20); given ones
+    win; --generation-config none keeps OpenAI's defaults."""
+    path = tmp_path / "m"
+    shutil.copytree(chat_dir, path)
+    (path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "eos_token_id": 0}))
+    engine = load_engine(str(path), "cpu", None, max_batch_size=4)
+    app = create_app(engine, ServerSettings(served_model_name="chat", model_dir=str(path), generation_config=mode))
+    seen = []
+    with TestClient(app) as c:
+        scheduler = app.state.kiln.scheduler
+        submit = scheduler.submit
+        monkeypatch.setattr(scheduler, "submit", lambda prompts, params, *a, **k: seen.append(params[0]) or
+                            submit(prompts, params, *a, **k))
+        chat = {"messages": MESSAGES, "max_tokens": 2}
+        for path_, body in [("/v1/completions", {"prompt": "The quick", "max_tokens": 2}),
+                            ("/v1/completions", {"prompt": "The quick", "max_tokens": 2, "temperature": 0.2,
+                                                 "top_p": None, "top_k": -1}),
+                            ("/v1/chat/completions", chat),
+                            ("/v1/chat/completions", {**chat, "top_k": 5, "temperature": 0})]:
+            r = c.post(path_, json=body)
+            assert r.status_code == 200, r.text
+    got = [(p.temperature, p.top_p, p.top_k) for p in seen]
+    model = (0.6, 0.95, 20) if mode == "auto" else (1.0, 1.0, 0)
+    assert got == [model, (0.2, model[1], 0), model, (0.0, model[1], 5)]
+
+
+def test_generation_config_sampling_values_out_of_range_are_ignored_by_name(tmp_path):
+    from model.checkpoint import read_sampling_defaults
+
+    assert read_sampling_defaults(tmp_path) == ({}, [])  # no file
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": -1, "top_p": 0.9, "top_k": "20", "max_new_tokens": 5}))
+    assert read_sampling_defaults(tmp_path) == ({"top_p": 0.9}, ["temperature=-1", "top_k='20'"])
+    (tmp_path / "generation_config.json").write_text("[1, 2]")
+    assert read_sampling_defaults(tmp_path) == ({}, [])
+    with pytest.raises(ValueError, match="--generation-config must be auto or none"):
+        ServerSettings(generation_config="vllm")
