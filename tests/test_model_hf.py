@@ -177,8 +177,6 @@ LINEAR = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
 @pytest.mark.parametrize("rope", [LLAMA3, LINEAR], ids=["llama3", "linear"])
 @torch.no_grad()
 def test_rope_scaling_matches_hf(tmp_path, tokenizer_dir, rope):
-    from model.cli import load_engine
-    from model.engine import SamplingParams
     from model.transformer import rope_tables
 
     path = save_tiny_hf(tmp_path / "m", tokenizer_dir, rope_parameters=dict(rope))
@@ -188,21 +186,26 @@ def test_rope_scaling_matches_hf(tmp_path, tokenizer_dir, rope):
     assert not torch.allclose(model.rope_cos, plain[0])  # the scaling changes the tables: the test can fail
     tokens = random_tokens(ref.config.vocab_size, (2, 120), seed=4)
     close(model(tokens), ref(tokens).logits)
-    # the served path (KV cache, decode steps) too: greedy ids equal HF's generate
-    engine = load_engine(str(path), "cpu", None, max_batch_size=1)
-    prompt = random_tokens(ref.config.vocab_size, (1, 70), seed=5)
-    want = ref.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)[0, 70:].tolist()
-    got = [t for out in engine.generate(prompt[0].tolist(), SamplingParams(max_tokens=24, temperature=0.0,
-                                                                           ignore_eos=True))
-           for t in out.token_ids]
-    assert got == want
-    # `kiln export` to Kiln's format and back to Hugging Face's keeps the scaling
+    served_and_exported_match(path, ref, model, tokens, tmp_path, prompt_len=70, new_tokens=24, seed=5)
+
+
+def served_and_exported_match(path, ref, model, tokens, tmp_path, prompt_len: int, new_tokens: int, seed: int):
+    """The served path (KV cache, decode steps) gives HF generate's greedy ids, and `kiln export` to Kiln's
+    format and back to Hugging Face's keeps the config and HF's logits on `tokens`; returns the HF export."""
+    from model.cli import load_engine
+    from model.engine import SamplingParams
     from training.export import main as export_main
 
+    engine = load_engine(str(path), "cpu", None, max_batch_size=1)
+    prompt = random_tokens(ref.config.vocab_size, (1, prompt_len), seed=seed)
+    want = ref.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, prompt_len:].tolist()
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    assert [t for out in engine.generate(prompt[0].tolist(), params) for t in out.token_ids] == want
     assert export_main([str(path), "--out", str(tmp_path / "kiln")]) == 0
     assert load_model(tmp_path / "kiln").config == model.config
     assert export_main([str(tmp_path / "kiln"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
     close(hf_model(tmp_path / "hf")(tokens).logits, ref(tokens).logits)
+    return tmp_path / "hf"
 
 
 @torch.no_grad()
@@ -221,28 +224,14 @@ def test_qwen2_matches_hf(tmp_path, tokenizer_dir):
 def test_qwen3_matches_hf(tmp_path, tokenizer_dir):
     """Qwen3: an RMSNorm over each query and key head (gains of their own) before rotary, and a head dim that
     is not hidden / heads; logits, the served path's greedy tokens, and `kiln export` both ways."""
-    from model.cli import load_engine
-    from model.engine import SamplingParams
-    from training.export import main as export_main
-
     path = save_tiny_hf(tmp_path / "q", tokenizer_dir, family="qwen3", head_dim=32, tie_word_embeddings=True)
     ref, model = hf_model(path), load_model(path)
     assert model.config.qk_norm and model.config.dim_per_head == 32 and not model.config.has_attention_bias
     assert model.config.num_params() == sum(p.numel() for p in model.parameters())
     tokens = random_tokens(ref.config.vocab_size, (2, 40), seed=6)
     close(model(tokens), ref(tokens).logits)
-    engine = load_engine(str(path), "cpu", None, max_batch_size=2)
-    prompt = random_tokens(ref.config.vocab_size, (1, 30), seed=8)
-    want = ref.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 30:].tolist()
-    got = [t for out in engine.generate(prompt[0].tolist(), SamplingParams(max_tokens=16, temperature=0.0,
-                                                                           ignore_eos=True))
-           for t in out.token_ids]
-    assert got == want
-    assert export_main([str(path), "--out", str(tmp_path / "kiln")]) == 0
-    assert load_model(tmp_path / "kiln").config == model.config
-    assert export_main([str(tmp_path / "kiln"), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "qwen3"
-    close(hf_model(tmp_path / "hf")(tokens).logits, ref(tokens).logits)
+    exported = served_and_exported_match(path, ref, model, tokens, tmp_path, prompt_len=30, new_tokens=16, seed=8)
+    assert json.loads((exported / "config.json").read_text())["model_type"] == "qwen3"
 
 
 def test_qwen3_with_attention_bias_is_a_clear_error(tmp_path, tokenizer_dir):
