@@ -54,7 +54,8 @@ def sampling_defaults(settings: ServerSettings) -> dict:
 
     defaults, ignored = read_sampling_defaults(settings.model_dir or default_model_dir())
     if ignored:
-        log.warning("generation_config.json: %s out of range, ignored", ", ".join(ignored))
+        log.warning("generation_config.json: %s not usable (out of range or not a number), ignored",
+                    ", ".join(ignored))
     if defaults:
         log.info("requests that leave out %s get the model's generation_config.json values: %s "
                  "(--generation-config none for OpenAI's defaults)", "/".join(defaults),
