@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import signal
 import socket
 import sys
@@ -104,6 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: received.append(signum))
     server.run(sockets=[sock])
+    if getattr(scheduler, "loading", False):
+        # stopped during the model's load: nothing ran yet, and letting the interpreter finalize under the
+        # loading thread (torch C++ at work) aborts the process, so leave now, with the signal's status
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130 if signal.SIGINT in received else 0)
     if scheduler.load_error is not None:
         _fail(f"could not load the model: {scheduler.load_error}", code=1)
     if not server.started:

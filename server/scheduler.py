@@ -197,6 +197,12 @@ class ServingState:
     def ready(self) -> bool:
         return self._state == READY
 
+    @property
+    def loading(self) -> bool:
+        """Whether the worker is still inside the model's load (a loader was given and has not returned)."""
+        return self._loader is not None and self.engine is None and self._thread is not None and \
+            self._thread.is_alive()
+
     def not_ready_message(self) -> str:
         if self._state in (CREATED, STARTING):
             return "the model is still loading; retry in a moment"
@@ -258,15 +264,20 @@ class Scheduler(ServingState):
         self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop accepting, abort what is in flight (handlers get a 503), join the worker. Blocking."""
+        """Stop accepting, abort what is in flight (handlers get a 503), join the worker. Blocking.
+
+        While the model is still loading nothing can be in flight, so it does not wait for the load (a large
+        model's takes tens of seconds, past a container's stop grace period): the worker, a daemon thread,
+        sees STOPPING when the load returns and ends, or ends with the process."""
         with self._wakeup:
             if self._state == CREATED:
                 self._state = STOPPED
                 return
+            loading = self._state == STARTING and self._loader is not None and self.engine is None
             if self._state in (STARTING, READY):
                 self._state = STOPPING
             self._wakeup.notify()
-        if self._thread is not None:
+        if self._thread is not None and not loading:
             self._thread.join(timeout)
 
     # ---- submissions (event-loop thread) ----------------------------------------------------

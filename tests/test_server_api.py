@@ -557,6 +557,26 @@ def test_503_while_the_model_loads(parrot_dir):
         assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
+def test_shutdown_while_the_model_loads_does_not_wait_for_the_load(parrot_dir):
+    """SIGTERM or Ctrl-C during a large model's load (tens of seconds on a CPU) exits at once: nothing is in
+    flight yet. It used to wait for the load to finish, past a container's stop grace period."""
+    release = threading.Event()
+
+    def slow_loader():
+        release.wait(30)
+        return load_engine(str(parrot_dir), "cpu", None, max_batch_size=1)
+
+    app = create_app(slow_loader, ServerSettings(served_model_name=NAME))
+    started = time.monotonic()
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 503
+    assert time.monotonic() - started < 10
+    scheduler = app.state.kiln.scheduler
+    release.set()  # the load returns into a stopped scheduler: its worker ends without serving
+    scheduler._thread.join(30)
+    assert not scheduler._thread.is_alive() and not scheduler.ready
+
+
 # ---- metrics ------------------------------------------------------------------------------
 def test_metrics_move(client, ref):
     ids = ref.tokenizer.encode(TEXTS[1])[:5]

@@ -336,6 +336,54 @@ def test_python_m_server_serves_and_stops_on_sigterm(parrot_dir):
             proc.wait()
 
 
+SLOW_LOAD = """
+import sys, time
+import torch
+import server.loading as loading
+
+def slow_loader(settings):  # torch's C++ at work in the loading thread, as a real load of a large model is
+    a = torch.randn(1000, 1000)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        a = torch.tanh(a @ a)
+    raise RuntimeError("stopped too late")
+
+loading.load_configured_engine = slow_loader
+sys.argv = ["server", *sys.argv[1:]]
+from server.__main__ import main
+main()
+"""
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_during_the_model_load_exits_at_once_and_cleanly(sig, status):
+    """A large model takes tens of seconds to load on a CPU; SIGTERM (docker stop) or Ctrl-C then must not wait
+    for the load (the scheduler's stop had joined the loading thread for up to 30 s), nor abort at exit (an
+    interpreter finalizing under a thread in torch's C++ ended in `terminate called`, status 134)."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILN_NO_NATIVE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_LOAD, "--port", str(port), "--threads", "1"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def loading():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 503
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                return False
+
+        wait_for(loading, 60.0, "the server to answer while loading")
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.send_signal(sig)
+        assert proc.wait(timeout=20) == status, proc.stdout.read()
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_served_connections_turn_nagle_off():
     """The socket kiln serve listens on names TCP as its protocol, so asyncio sets TCP_NODELAY on every
     connection it accepts (it checks sock.proto): a response's body is not held back behind its headers."""
