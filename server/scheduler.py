@@ -197,12 +197,6 @@ class ServingState:
     def ready(self) -> bool:
         return self._state == READY
 
-    @property
-    def loading(self) -> bool:
-        """Whether the worker is still inside the model's load (a loader was given and has not returned)."""
-        return self._loader is not None and self.engine is None and self._thread is not None and \
-            self._thread.is_alive()
-
     def not_ready_message(self) -> str:
         if self._state in (CREATED, STARTING):
             return "the model is still loading; retry in a moment"
@@ -262,6 +256,13 @@ class Scheduler(ServingState):
             self._state = STARTING
         self._thread = threading.Thread(target=self._run, name="kiln-scheduler", daemon=True)
         self._thread.start()
+
+    @property
+    def loading(self) -> bool:
+        """Whether the worker is still inside the model's load (a loader was given and has not returned);
+        the engine process (`server.engine_process`) has no such state here."""
+        return self._loader is not None and self.engine is None and self._thread is not None and \
+            self._thread.is_alive()
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop accepting, abort what is in flight (handlers get a 503), join the worker. Blocking.
