@@ -109,6 +109,17 @@ def config_from_hf(cfg: dict, generation: dict | None = None) -> ModelConfig:
     raise CheckpointError(f"unknown model_type {model_type!r}; supported: {', '.join(SUPPORTED_TYPES)}")
 
 
+def read_generation_config(model_dir: str | Path) -> dict:
+    """A Hugging Face model's generation_config.json, or {} when there is none or it is not a readable JSON
+    object (it only adds end-of-sequence ids and sampling defaults: losing it is not an error)."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
 SAMPLING_KEYS = ("temperature", "top_p", "top_k")  # the generation_config.json fields requests default to
 
 
@@ -118,13 +129,7 @@ def read_sampling_defaults(model_dir: str | Path) -> tuple[dict[str, float | int
 
     Returns (the usable ones, a note for each field that is present but out of range or not a number, so it
     is ignored). No file, or one that is not a JSON object: nothing. top_k 0 means off, as in HF."""
-    path = Path(model_dir) / "generation_config.json"
-    try:
-        raw = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        raw = {}
-    if not isinstance(raw, dict):
-        raw = {}
+    raw = read_generation_config(model_dir)
     from .sampling import MAX_TEMPERATURE
 
     valid = {"temperature": lambda v: isinstance(v, (int, float)) and 0 <= v <= MAX_TEMPERATURE,
@@ -176,15 +181,8 @@ def load_config(model_dir: str | Path) -> ModelConfig:
             return ModelConfig.from_dict(raw)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{model_dir}/config.json: {e}") from None
-    generation = None
-    path = Path(model_dir) / "generation_config.json"
-    if path.is_file():
-        try:
-            generation = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass  # an unreadable generation config only loses its extra ids
     try:
-        return config_from_hf(raw, generation if isinstance(generation, dict) else None)
+        return config_from_hf(raw, read_generation_config(model_dir))
     except ValueError as e:  # a ModelConfig check
         if isinstance(e, CheckpointError):
             raise

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,8 @@ class _Layer:
     norm2: torch.nn.Module | None  # None when folded into up_w
     # unfolded plans: the modules whose weights these are (their oneDNN packs, model/cpu_packing; or Int8Linear)
     modules: tuple[torch.nn.Module, ...] = ()
+    # qk_norm models (Qwen3): the attention's `norm_qk`, each query and key head normalized before rotary
+    norm_qk: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def _fold(norm: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -128,7 +131,8 @@ class DecodePlan:
                 up_w, up_b, norm2 = reading(block.norm2, block.mlp.up)
                 linears = () if self.folded else (block.attn.qkv, block.attn.proj, block.mlp.up, block.mlp.down)
                 self.layers.append(_Layer(qkv_w, qkv_b, *matrix(block.attn.proj), up_w, up_b, *matrix(block.mlp.down),
-                                          norm1, norm2, linears))
+                                          norm1, norm2, linears,
+                                          block.attn.norm_qk if config.qk_norm else None))
             self.head_w, self.head_b, self.final_norm = reading(model.norm, model.lm_head)
         self._head_packs: dict[int, torch.Tensor] = {}  # batch size -> oneDNN-packed head (pack_head)
         self._compiled = None  # the step compiled per batch bucket (compile())
@@ -312,7 +316,9 @@ class DecodePlan:
         for i, layer in enumerate(self.layers):
             qkv_m, proj_m, up_m, down_m = layer.modules or (None,) * 4
             qkv = linear(self._norm(x, layer.norm1), layer.qkv_w, layer.qkv_b, qkv_m)  # (B, 1, (H + 2Hkv) D)
-            qk = model.blocks[i].attn.norm_qk(qkv[..., : (H + Hkv) * D].view(B, 1, H + Hkv, D))
+            qk = qkv[..., : (H + Hkv) * D].view(B, 1, H + Hkv, D)
+            if layer.norm_qk is not None:
+                qk = layer.norm_qk(qk)
             if self.rms:
                 qk = apply_rope(qk, cos, sin)
             v = qkv[..., (H + Hkv) * D:].view(B, 1, Hkv, D)

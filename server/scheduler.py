@@ -274,7 +274,7 @@ class Scheduler(ServingState):
             if self._state == CREATED:
                 self._state = STOPPED
                 return
-            loading = self._state == STARTING and self._loader is not None and self.engine is None
+            loading = self.loading
             if self._state in (STARTING, READY):
                 self._state = STOPPING
             self._wakeup.notify()
