@@ -1,7 +1,7 @@
 """The CPU decode step alone, in-process: the torch path against the native step (fp32 and bf16 weights).
 
     python bench/cpu_decode_step.py [--model DIR] [--threads N] [--batches 1 8] [--contexts 16 128 256 448]
-                                    [--round-bf16] [--int8] [--quick] [--markdown] [--json FILE]
+                                    [--round-bf16] [--int8] [--bf16-kv] [--quick] [--markdown] [--json FILE]
 
 For each batch size B and context length P, B requests with P-token prompts are prefilled by the
 engine, then one decode step at that state (`DecodePlan.__call__`: embedding to logits, the new
@@ -10,11 +10,12 @@ keys/values written into the paged cache) at position P - 1 of each row is timed
 oneDNN; the strongest in-process alternative, and what runs without a C++ compiler), the native
 step with fp32 matrices, and the native step with bf16 matrices when the weights are exactly bf16
 numbers (the shipped default is; `--round-bf16` rounds a model's weights first), and with `--int8` the
-native step over a copy of the model quantized as `--quantization int8` does. Each call rewrites
+native step over a copy of the model quantized as `--quantization int8` does, and with `--bf16-kv` the
+native step (its automatic matrices) over a bf16 copy of the KV cache (`--kv-cache-dtype bf16`). Each call rewrites
 the same cache slot, so the state does not change between calls. Time: median of 5 rounds.
 Speed-up = torch time / path time. Correctness in the same run: each native path's logits against
 the torch path's; the exit status is 1 if any differs by more than 1e-3 (int8 weights are other
-weights: its difference is reported, not held to that tolerance).
+weights, and a bf16 cache other keys and values: their differences are reported, not held to it).
 
 Model: `--model DIR` (default: the shipped default model), loaded as fp32 on the CPU.
 `--quick` shrinks the workload for a smoke test (numbers meaningless).
@@ -32,11 +33,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 TOLERANCE = 1e-3
+UNCHECKED = ("native int8", "native bf16 KV")  # other weights, other keys and values: not held to TOLERANCE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--contexts", type=int, nargs="+", help="context lengths (default 16 128 256 448)")
     parser.add_argument("--round-bf16", action="store_true", help="round the weights to bf16 numbers first")
     parser.add_argument("--int8", action="store_true", help="also time the native step on int8 matrices")
+    parser.add_argument("--bf16-kv", action="store_true", help="also time the native step over a bf16 KV cache")
     parser.add_argument("--quick", action="store_true", help="tiny workload for a smoke test")
     parser.add_argument("--markdown", action="store_true", help="print a markdown section")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             int8 = DecodePlan(quantized)
             int8.enable_native(module)
             paths.append(("native int8", int8))
+        if args.bf16_kv:
+            paths.append(("native bf16 KV", auto))
 
     rows = []
     ok = True
@@ -151,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             batch = engine.cache.batch([r.blocks for r in requests], [context - 1] * batch_size, [1] * batch_size)
             row = {"batch": batch_size, "context": context, "ms": {}, "max_abs_diff": {}}
             reference = None
+            # the bf16 KV path reads a rounded copy of the same cache state (what --kv-cache-dtype bf16 holds)
+            bf16_kv = SimpleNamespace(k=engine.cache.k.bfloat16(), v=engine.cache.v.bfloat16()) if args.bf16_kv \
+                else None
             for name, path in paths:
-                def step(path=path):
-                    return path(tokens, engine.cache, batch)
+                def step(path=path, cache=bf16_kv if name == "native bf16 KV" else engine.cache):
+                    return path(tokens, cache, batch)
 
                 logits = step()
                 if reference is None:
@@ -161,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     diff = (logits - reference).abs().max().item()
                     row["max_abs_diff"][name] = diff
-                    ok &= diff <= TOLERANCE or name == "native int8"
+                    ok &= diff <= TOLERANCE or name in UNCHECKED
                 row["ms"][name] = time_call(step, calls) * 1e3
             for r in requests:
                 engine.abort(r)
@@ -203,12 +212,13 @@ def render(report: dict, markdown: bool = False) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if not report["native"]:
         lines.append("\n(the native step could not be built here: torch path only)")
-    diffs = [d for row in report["rows"] for name, d in row["max_abs_diff"].items() if name != "native int8"]
+    diffs = [d for row in report["rows"] for name, d in row["max_abs_diff"].items() if name not in UNCHECKED]
     if diffs:
         lines.append(f"\nmax |native logits - torch logits|: {max(diffs):.2e} (tolerance {TOLERANCE})")
-    int8 = [row["max_abs_diff"]["native int8"] for row in report["rows"] if "native int8" in row["max_abs_diff"]]
-    if int8:
-        lines.append(f"max |int8 logits - torch logits|: {max(int8):.2e} (other weights: not held to the tolerance)")
+    for name, what in zip(UNCHECKED, ("int8", "bf16 KV"), strict=True):
+        other = [row["max_abs_diff"][name] for row in report["rows"] if name in row["max_abs_diff"]]
+        if other:
+            lines.append(f"max |{what} logits - torch logits|: {max(other):.2e} (not held to the tolerance)")
     return "\n".join(lines)
 
 

@@ -101,6 +101,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "2-3.5x faster on CPUs with AMX; prompt logprobs move by ~1e-2 nats per token")
 
 
+def add_kv_cache_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="what the KV cache holds. auto: the model's dtype (fp32 on the CPU). bf16 (CPU): half the "
+                        "cache's memory and of what long decode steps read; keys and values are rounded to bf16, "
+                        "so outputs move slightly (as vLLM's --kv-cache-dtype)")
+
+
 def add_speculative_arg(p: argparse.ArgumentParser) -> None:
     from .speculative import DEFAULT_SPECULATIVE_TOKENS, MAX_SPECULATIVE_TOKENS
 
@@ -122,7 +129,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.system is not None and not args.chat:
         fail("--system needs --chat")
     engine = load_engine(args.model, args.device, args.dtype, quantization=args.quantization,
-                         prefill_dtype=args.prefill_dtype, speculative_tokens=args.speculative_tokens)
+                         prefill_dtype=args.prefill_dtype, speculative_tokens=args.speculative_tokens,
+                         kv_cache_dtype=args.kv_cache_dtype)
     if args.chat:
         ids = _chat_prompt(engine.tokenizer, args.prompt, args.system)
     else:
@@ -215,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send the prompt as a user message through the model's chat template (instruct models)")
     p.add_argument("--system", default=None, help="with --chat: a system message first")
     add_speculative_arg(p)
+    add_kv_cache_dtype_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ppl", help="perplexity of a text file (or - for stdin)")

@@ -49,7 +49,7 @@ from .attention import resolve_backend
 from .cpu_packing import AMX_PARTS, amx_linears, bf16_copy, pack_linears, resolve_prefill_dtype
 from .cuda_graphs import GraphedDecode, describe_failure
 from .fast_decode import DecodePlan
-from .kv_cache import NULL_BLOCK, KVCache, block_hashes, default_num_blocks
+from .kv_cache import NULL_BLOCK, KVCache, block_hashes, default_num_blocks, resolve_kv_cache_dtype
 from .requests import PENDING, InvalidRequest, Request, SamplingParams, StepOutput, TokenLogprob
 from .sampling import GREEDY_BELOW, SamplingBatch, sample
 from .scoring import ScoreResult, ScoreTask, chunked_logprobs
@@ -110,6 +110,9 @@ class Engine:
       draft tokens (copied from earlier in the sequence) beside its sequences, 1 + speculative_tokens rows
       in all, and emits each sequence's accepted drafts plus one token, the tokens greedy decoding gives.
       None: DEFAULT_SPECULATIVE_TOKENS; 0: off.
+    - kv_cache_dtype: "auto" (the model's dtype), "fp32" or "bf16", what the KV pool holds
+      (`kv_cache.resolve_kv_cache_dtype`): on the CPU, "bf16" halves the pool and the cache reads of long
+      decode steps; keys and values are rounded to bf16 as they are stored, so outputs move slightly.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 8,
@@ -118,7 +121,7 @@ class Engine:
                  max_prefill_tokens: int | None = None, gpu_memory_fraction: float = 0.9,
                  cuda_graphs: bool = True, compile: bool = False, native: bool | None = None,
                  async_scheduling: bool | None = None, prefill_dtype: str = "auto",
-                 speculative_tokens: int | None = None):
+                 speculative_tokens: int | None = None, kv_cache_dtype: str = "auto"):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not 0.0 < gpu_memory_fraction <= 1.0:
@@ -129,6 +132,7 @@ class Engine:
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
         self.prefill_dtype = resolve_prefill_dtype(model, prefill_dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device)
         # prompt forwards and scoring run this model: this one, or its bf16 copy
         self.prefill_model = model if self.prefill_dtype == self.dtype else bf16_copy(model)
         if max_seq_len is not None and not 2 <= max_seq_len <= self.config.max_seq_len:
@@ -153,9 +157,9 @@ class Engine:
         if num_blocks is None:
             reserve = 4 * max_prefill_tokens * (4 * self.config.d_model + 2 * self.config.d_ff) * 4 \
                 + 2 * max_batch_size * self.config.vocab_size * 4 + 256 * 2**20
-            num_blocks = default_num_blocks(self.config, self.device, self.dtype, block_size, self.max_seq_len,
+            num_blocks = default_num_blocks(self.config, self.device, self.kv_cache_dtype, block_size, self.max_seq_len,
                                             max_batch_size, gpu_memory_fraction, reserve)
-        self.cache = KVCache(self.config, num_blocks, block_size, self.max_seq_len, self.device, self.dtype,
+        self.cache = KVCache(self.config, num_blocks, block_size, self.max_seq_len, self.device, self.kv_cache_dtype,
                              enable_prefix_caching)
         self.pool = self.cache.pool
         self.block_size = block_size

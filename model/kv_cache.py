@@ -14,7 +14,8 @@ those blocks (reference-counted). A block whose last user is done keeps its hash
 in an LRU list: it is reused by a later hit, or evicted (oldest first) when the pool needs
 a free block.
 
-`default_num_blocks` sizes the pool from free GPU memory (or, on the CPU, from the batch).
+`default_num_blocks` sizes the pool from free GPU memory (or, on the CPU, from the batch). The pool
+holds the model's dtype, or on the CPU bf16 on request (`resolve_kv_cache_dtype`, `--kv-cache-dtype`).
 
 `CacheBatch` describes one forward over the cache: where each new token is written, the
 block table and lengths each row attends over, and the attention mask, built once per
@@ -195,6 +196,29 @@ class KVCache:
                              f"{self.block_size} (max {self.max_seq_len} tokens)")
         table = tables[rows, :nb].astype(np.int64, copy=False)  # (B, nb), a new contiguous array
         return CacheBatch._build_decode(table, starts, kv_len, self.block_size, self.k.device, with_mask)
+
+
+KV_CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_kv_cache_dtype(requested: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """What the KV pool holds, for `requested` "auto" (the model's dtype), "fp32" or "bf16".
+
+    A bf16 cache on the CPU (where models run in fp32) halves the pool's memory and the bytes a decode step
+    reads at long contexts: keys and values are rounded to bf16 when written and widened back to the step's
+    dtype when read, so outputs move (greedy tokens can differ from an fp32 cache's where two logits are
+    close) as they do with vLLM's --kv-cache-dtype. On CUDA the attention kernels read the cache in the
+    model's dtype, so only that is allowed there. Raises ValueError naming what is allowed."""
+    if requested == "auto":
+        return model_dtype
+    if requested not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of auto, fp32, bf16; got {requested!r}")
+    dtype = KV_CACHE_DTYPES[requested]
+    if torch.device(device).type != "cpu" and dtype != model_dtype:
+        name = str(model_dtype).removeprefix("torch.")
+        raise ValueError(f"kv cache dtype {requested} applies on the CPU; on {torch.device(device).type} the "
+                         f"cache holds the model's dtype ({name}): use auto")
+    return dtype
 
 
 def default_num_blocks(config: ModelConfig, device: torch.device, dtype: torch.dtype, block_size: int,

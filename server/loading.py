@@ -36,16 +36,17 @@ def load_configured_engine(settings: ServerSettings):
                          enable_prefix_caching=settings.enable_prefix_caching,
                          max_prefill_tokens=settings.max_prefill_tokens, cuda_graphs=settings.cuda_graphs,
                          compile=settings.compile, async_scheduling=settings.async_scheduling,
-                         speculative_tokens=settings.speculative_tokens)
+                         speculative_tokens=settings.speculative_tokens, kv_cache_dtype=settings.kv_cache_dtype)
     cache = engine.cache
     log = logging.getLogger("kiln.server")
     log.info(
         "model %r loaded in %.2f s: %s %s, context %d tokens, up to %d sequences, KV pool %d blocks x %d "
-        "tokens (%.1f MiB, prefix caching %s), prefill chunk %d tokens (in %s), decode %s%s%s%s",
+        "tokens (%.1f MiB of %s, prefix caching %s), prefill chunk %d tokens (in %s), decode %s%s%s%s",
         settings.served_model_name, time.perf_counter() - start, engine.device,
         str(engine.dtype).removeprefix("torch."),
         engine.max_seq_len, engine.max_batch_size, cache.num_blocks, cache.block_size,
-        cache.k.nbytes * 2 / 2**20, "on" if engine.pool.enable_prefix_caching else "off",
+        cache.k.nbytes * 2 / 2**20, str(cache.k.dtype).removeprefix("torch."),
+        "on" if engine.pool.enable_prefix_caching else "off",
         engine.max_prefill_tokens, engine.prefill_math, engine.decode_path,
         ", async scheduling" if engine.async_scheduling else "",
         f", prompt-lookup speculation for greedy requests (up to {engine.speculative_tokens} drafts per step)"

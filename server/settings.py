@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.cli import add_model_args, add_speculative_arg
+from model.cli import add_kv_cache_dtype_arg, add_model_args, add_speculative_arg
 from model.speculative import MAX_SPECULATIVE_TOKENS
 
 DEFAULT_MODEL_NAME = "kiln-default"  # served name of the shipped default model
@@ -37,6 +37,7 @@ class ServerSettings:
     max_queue: int = 256  # sequences that may wait for a slot; more -> 429
     max_model_len: int | None = None  # context length cap (default: the model's)
     kv_block_size: int = 16  # tokens per KV-cache block
+    kv_cache_dtype: str = "auto"  # what the KV pool holds: the model's dtype (auto), or fp32 / bf16 (CPU)
     num_kv_blocks: int | None = None  # KV pool size (default: from memory, see --gpu-memory-fraction)
     gpu_memory_fraction: float = 0.9  # CUDA: share of the device's memory the server may use
     enable_prefix_caching: bool = True
@@ -74,6 +75,8 @@ class ServerSettings:
              f"--device {self.device} --dtype {self.dtype or 'auto'}")
         need(self.prefill_dtype in ("auto", "fp32", "bf16"),
              f"--prefill-dtype must be one of auto, fp32, bf16; got {self.prefill_dtype!r}")
+        need(self.kv_cache_dtype in ("auto", "fp32", "bf16"),
+             f"--kv-cache-dtype must be one of auto, fp32, bf16; got {self.kv_cache_dtype!r}")
         need(self.kv_block_size >= 1, f"--kv-block-size must be >= 1, got {self.kv_block_size}")
         need(self.num_kv_blocks is None or self.num_kv_blocks >= 2,
              f"--num-kv-blocks must be >= 2, got {self.num_kv_blocks}")
@@ -131,6 +134,7 @@ class ServerSettings:
                    max_batch_size=args.max_batch_size,
                    max_queue=args.max_queue,
                    max_model_len=args.max_model_len, kv_block_size=args.kv_block_size,
+                   kv_cache_dtype=args.kv_cache_dtype,
                    num_kv_blocks=args.num_kv_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
                    enable_prefix_caching=not args.no_prefix_caching, max_prefill_tokens=args.max_prefill_tokens,
                    cuda_graphs=not args.no_cuda_graphs, compile=args.compile, engine_process=args.engine_process,
@@ -206,6 +210,7 @@ def build_parser(prog: str = "kiln serve") -> argparse.ArgumentParser:
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const", const=False,
                    help="read each step's sampled ids back before queuing the next step")
     add_speculative_arg(p)
+    add_kv_cache_dtype_arg(p)
     p.add_argument("--engine-process", action="store_true",
                    help="run the engine in a process of its own, so that HTTP and streaming do not share a GIL "
                         "with it (a small model on a GPU makes tokens faster than one process sends them; on a "

@@ -109,20 +109,22 @@ def test_table_ratios_and_targets():
 
 def test_decode_step_bench_quick(llama_dir, tmp_path):
     """bench/cpu_decode_step.py end to end on a tiny model whose weights it rounds to bf16: every
-    path timed, the native paths' logits checked against the torch path's (exit 0 only if they agree)."""
+    path timed, the native paths' logits checked against the torch path's (exit 0 only if they agree), the
+    bf16 KV cache's reported."""
     out_json = tmp_path / "step.json"
     cmd = [sys.executable, str(ROOT / "bench" / "cpu_decode_step.py"), "--quick", "--model", str(llama_dir),
-           "--round-bf16", "--threads", "1", "--markdown", "--json", str(out_json)]
+           "--round-bf16", "--bf16-kv", "--threads", "1", "--markdown", "--json", str(out_json)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     report = json.loads(out_json.read_text())
     assert report["ok"] and report["paths"][0] == "torch"
     if report["native"]:  # a C++ compiler is here: rounded weights take the bf16 layout too
-        assert report["paths"] == ["torch", "native fp32", "native bf16"]
+        assert report["paths"] == ["torch", "native fp32", "native bf16", "native bf16 KV"]
     assert [(r["batch"], r["context"]) for r in report["rows"]] == [(1, 8), (1, 40), (3, 8), (3, 40)]
     for row in report["rows"]:
         assert set(row["ms"]) == set(report["paths"]) and all(0 < v < 1e4 for v in row["ms"].values())
-        assert all(d <= 1e-3 for d in row["max_abs_diff"].values())
+        assert all(d <= 1e-3 for name, d in row["max_abs_diff"].items() if name != "native bf16 KV")
+        assert row["max_abs_diff"].get("native bf16 KV", 0) < 0.5  # rounded keys and values: close, not equal
     assert proc.stdout.startswith("## CPU decode step, ") and "| 3 | 40 |" in proc.stdout
 
 

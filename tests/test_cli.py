@@ -32,6 +32,14 @@ def test_generate_streams_the_greedy_completion(gpt2_dir):
     assert off.returncode == 0 and off.stdout == proc.stdout, off.stderr
     bad = kiln("generate", "--model", str(gpt2_dir), "--prompt", "x", "--speculative-tokens", "99")
     assert bad.returncode == 2 and "--speculative-tokens: must be in [0, 15], got 99" in bad.stderr
+    bf16 = kiln("generate", "--model", str(gpt2_dir), "--prompt", "The quick", "--max-tokens", "12",
+                "--temperature", "0", "--kv-cache-dtype", "bf16")
+    engine = load_engine(str(gpt2_dir), "cpu", kv_cache_dtype="bf16")
+    expected = "".join(o.text for o in engine.generate(engine.tokenizer.encode("The quick"),
+                                                       SamplingParams(max_tokens=12, temperature=0.0)))
+    assert bf16.returncode == 0 and bf16.stdout == expected + "\n", bf16.stderr
+    bad = kiln("generate", "--model", str(gpt2_dir), "--prompt", "x", "--kv-cache-dtype", "fp16")
+    assert bad.returncode == 2 and "--kv-cache-dtype: invalid choice: 'fp16'" in bad.stderr
 
 
 def test_ppl_json_matches_the_engine(gpt2_dir, tmp_path):

@@ -23,6 +23,7 @@ from model.engine import Engine, SamplingParams
 from model.transformer import Transformer
 
 from test_fast_decode import PROMPTS, assert_same_runs
+from test_kv_cache_dtype import assert_close_runs, runs
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,17 @@ def test_native_step_equals_the_plain_forward(hf_dir, native_module):
     assert_same_runs(engine, Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False))
 
 
+def test_native_step_over_a_bf16_cache_agrees_with_the_plain_forward(native_module):
+    """--kv-cache-dtype bf16 with the native step (decode and short prompts through it) against the plain
+    forward over a bf16 cache: the same greedy tokens, logprobs as close as the rounding of keys allows
+    (tests/test_kv_cache_dtype.py holds the torch paths to the same)."""
+    engine = load_engine(None, "cpu", max_batch_size=4, native=False, kv_cache_dtype="bf16")
+    engine._decode_plan.enable_native(native_module)
+    assert engine.native_decode and engine.cache.k.dtype == torch.bfloat16
+    plain = Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False, kv_cache_dtype="bf16")
+    assert_close_runs(runs(engine), runs(plain), 5e-3)
+
+
 def test_native_step_applies_qwen3s_head_norms(tmp_path, tokenizer_dir, native_module):
     """A Qwen3 model (RMSNorm of each query and key head before rotary): the native step, the torch path and the
     plain forward give the same tokens and log-probabilities."""
@@ -62,9 +74,12 @@ def test_native_step_applies_qwen3s_head_norms(tmp_path, tokenizer_dir, native_m
         assert_same_runs(engine, plain)
 
 
-def test_native_step_writes_the_cache_like_the_torch_step(llama_dir, native_module, monkeypatch):
-    """One decode step from the same cache state: same logits, same keys/values in the same blocks."""
-    engine = load_engine(str(llama_dir), "cpu", max_batch_size=2, block_size=4)
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16"])
+def test_native_step_writes_the_cache_like_the_torch_step(llama_dir, native_module, monkeypatch, kv_dtype):
+    """One decode step from the same cache state: same logits, same keys/values in the same blocks (a bf16
+    cache: rounded to nearest even, as torch rounds; a key whose fp32 values differ in the last bit between
+    the two steps may round the other way, one bf16 step apart, and nothing else may differ)."""
+    engine = load_engine(str(llama_dir), "cpu", max_batch_size=2, block_size=4, kv_cache_dtype=kv_dtype)
     prompts = [engine.tokenizer.encode(p) for p in PROMPTS[:2]]
     requests = [engine.add_request(ids, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
                 for ids in prompts]
@@ -81,8 +96,14 @@ def test_native_step_writes_the_cache_like_the_torch_step(llama_dir, native_modu
     plan.enable_native(native_module)
     got = plan(tokens, engine.cache, batch)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(engine.cache.k, k_want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(engine.cache.v, v_want, rtol=1e-5, atol=1e-5)
+    if kv_dtype == "fp32":
+        torch.testing.assert_close(engine.cache.k, k_want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(engine.cache.v, v_want, rtol=1e-5, atol=1e-5)
+    else:
+        for cache, expected in ((engine.cache.k, k_want), (engine.cache.v, v_want)):
+            differ = cache != expected
+            assert differ.sum() <= 0.01 * (k0 != k_want).sum()  # of the values this step wrote
+            torch.testing.assert_close(cache.float(), expected.float(), rtol=2 ** -8, atol=1e-6)
     # past NATIVE_MAX_BATCH the torch path runs: force it and compare too
     monkeypatch.setattr(fast_decode, "NATIVE_MAX_BATCH", 1)
     engine.cache.k.copy_(k0)
@@ -122,8 +143,11 @@ def test_native_step_rejects_bad_input(llama_dir, native_module):
     bad_weights[2] = weights[2].bfloat16()  # one packed matrix bf16, the others fp32
     with pytest.raises(RuntimeError, match="all fp32, all bf16 or all int8"):
         native_module.decode_step(*ok[:5], bad_weights, dims, eps)
-    with pytest.raises(RuntimeError, match="fp32 contiguous"):
+    with pytest.raises(RuntimeError, match="both fp32 or both bf16"):
         native_module.decode_step(*ok[:3], cache.k.half(), cache.v.half(), *ok[5:])
+    with pytest.raises(RuntimeError, match="both fp32 or both bf16"):
+        native_module.decode_step(*ok[:3], cache.k.bfloat16(), cache.v, *ok[5:])
+    assert native_module.decode_step(*ok[:3], cache.k.bfloat16(), cache.v.bfloat16(), *ok[5:]).dtype == torch.float32
 
 
 def test_native_step_runs_on_torchs_threads(native_module):
@@ -174,12 +198,13 @@ def scalar_module(native_module):
     return build_variant("scalar", ["-mno-avx"])
 
 
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("build", ["native", "avx2", "scalar"])
 @pytest.mark.parametrize("head_dim", [32, 64, 128, 16])
-def test_native_attention_at_each_head_dim(llama_dir, request, head_dim, build):
+def test_native_attention_at_each_head_dim(llama_dir, request, head_dim, build, kv_dtype):
     """The attention has code paths for head dims 32, 64 and 128 (the loops unrolled; AVX-512 or
-    AVX2 reductions) and one for any other; each against the torch step, rows of different lengths
-    over many cache blocks."""
+    AVX2 reductions) and one for any other, each reading an fp32 or a bf16 cache; each against the torch
+    step over the same cache, rows of different lengths over many cache blocks."""
     native_module = request.getfixturevalue(f"{build}_module")
     tokenizer = load_engine(str(llama_dir), "cpu").tokenizer
     torch.manual_seed(head_dim)
@@ -189,7 +214,7 @@ def test_native_attention_at_each_head_dim(llama_dir, request, head_dim, build):
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.mul_(5.0 if parameter.dim() > 1 else 1.0)  # sharper attention than the 0.02 init
-    engine = Engine(model, tokenizer, max_batch_size=3, block_size=4)
+    engine = Engine(model, tokenizer, max_batch_size=3, block_size=4, kv_cache_dtype=kv_dtype)
     lengths = [70, 5, 33]  # up to 18 blocks; one row in a single block
     requests = [engine.add_request([(7 * i + j) % 300 + 1 for j in range(n)],
                                    SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))

@@ -230,12 +230,14 @@ def test_settings_from_flags(tmp_path):
         (tmp_path.name, 3, 2, "k")
     args = build_parser().parse_args(["--kv-block-size", "32", "--num-kv-blocks", "100", "--gpu-memory-fraction",
                                       "0.5", "--no-prefix-caching", "--max-prefill-tokens", "64", "--no-cuda-graphs",
-                                      "--compile", "--no-async-scheduling", "--speculative-tokens", "0"])
+                                      "--compile", "--no-async-scheduling", "--speculative-tokens", "0",
+                                      "--kv-cache-dtype", "bf16"])
     settings = ServerSettings.from_args(args)
     got = (settings.kv_block_size, settings.num_kv_blocks, settings.gpu_memory_fraction,
            settings.enable_prefix_caching, settings.max_prefill_tokens, settings.cuda_graphs, settings.compile,
-           settings.async_scheduling, settings.speculative_tokens)
-    assert got == (32, 100, 0.5, False, 64, False, True, False, 0)
+           settings.async_scheduling, settings.speculative_tokens, settings.kv_cache_dtype)
+    assert got == (32, 100, 0.5, False, 64, False, True, False, 0, "bf16")
+    assert ServerSettings.from_args(build_parser().parse_args([])).kv_cache_dtype == "auto"
     assert ServerSettings.from_args(build_parser().parse_args([])).speculative_tokens is None  # the engine's default
     assert ServerSettings.from_args(build_parser().parse_args([])).async_scheduling is None  # auto: CUDA only
     assert ServerSettings.from_args(build_parser().parse_args(["--async-scheduling"])).async_scheduling is True
@@ -246,7 +248,7 @@ def test_settings_from_flags(tmp_path):
     for bad in (["--port", "-1"], ["--max-batch-size", "0"], ["--device", "tpu"], ["--max-queue", "x"],
                 ["--kv-block-size", "0"], ["--num-kv-blocks", "1"], ["--gpu-memory-fraction", "1.5"],
                 ["--gpu-memory-fraction", "nan"], ["--max-prefill-tokens", "0"], ["--speculative-tokens", "16"],
-                ["--speculative-tokens", "-1"]):
+                ["--speculative-tokens", "-1"], ["--kv-cache-dtype", "fp8"]):
         with pytest.raises(SystemExit) as e:
             main(bad)
         assert e.value.code == 2

@@ -114,6 +114,8 @@ struct Vec {  // no vector path: the plain loops serve (these members only let t
   static T mul(T a, T b) { return a * b; }
   static void store(float* p, T v) { *p = v; }
   static float sum(T v) { return v; }
+  template <typename W>
+  static T widen(const W* p);
 };
 #endif
 
@@ -124,6 +126,16 @@ inline float widen(uint16_t w) {  // bf16 bits -> the same number as fp32
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// A float as a cache element: itself, or bf16 bits rounded to nearest even (as torch's .to(bfloat16)).
+template <typename KT>
+inline KT narrow(float x) {
+  if constexpr (std::is_same_v<KT, uint16_t>) {
+    return c10::BFloat16(x).x;
+  } else {
+    return x;
+  }
 }
 
 #ifdef KILN_VECTOR
@@ -283,18 +295,18 @@ void normalize(const float* x, float* out, int64_t B, int64_t d, bool rms, float
 template <int64_t kD>
 constexpr bool kVectorized = Vec::kLanes > 0 && kD > 0 && kD % Vec::kLanes == 0;
 
-// a . b over D floats. With kD fixed and vectorized, the sum ends in one vector reduction
-// instead of a chain of scalar adds (what a generic `omp simd` reduction compiles to, and what
-// made the attention slow at long contexts).
-template <int64_t kD>
-inline float dot(const float* a, const float* b, int64_t D) {
+// a . b over D numbers, b fp32 or bf16 bits (a cache row; widened exactly). With kD fixed and
+// vectorized, the sum ends in one vector reduction instead of a chain of scalar adds (what a generic
+// `omp simd` reduction compiles to, and what made the attention slow at long contexts).
+template <int64_t kD, typename KT>
+inline float dot(const float* a, const KT* b, int64_t D) {
   if constexpr (kVectorized<kD>) {
     auto acc = Vec::zero();
-    for (int64_t d = 0; d < kD; d += Vec::kLanes) acc = Vec::fma(Vec::load(a + d), Vec::load(b + d), acc);
+    for (int64_t d = 0; d < kD; d += Vec::kLanes) acc = Vec::fma(Vec::load(a + d), Vec::widen(b + d), acc);
     return Vec::sum(acc);
   } else {
     float acc = 0.f;
-    for (int64_t d = 0; d < D; ++d) acc += a[d] * b[d];
+    for (int64_t d = 0; d < D; ++d) acc += a[d] * widen(b[d]);
     return acc;
   }
 }
@@ -337,13 +349,14 @@ inline float exp_nonpositive(float x) {
 }
 
 // out[0:D] = inv * sum_k w[k] * V_k over keys 0..n_keys-1 of one kv head, read through the block
-// table. With kD fixed and vectorized the sum stays in vector registers for the whole pass.
-template <int64_t kD>
-void weighted_values(const float* w, const float* vc, const int64_t* bt, int64_t n_keys, int64_t bs,
+// table (vc: fp32, or bf16 bits). With kD fixed and vectorized the sum stays in vector registers for
+// the whole pass.
+template <int64_t kD, typename KT>
+void weighted_values(const float* w, const KT* vc, const int64_t* bt, int64_t n_keys, int64_t bs,
                      int64_t stride_block, int64_t stride_pos, int64_t head_dim, float inv, float* out) {
   auto each_key = [&](auto&& add) {  // add(weight, value row) for every key, block by block
     for (int64_t k0 = 0, blk = 0; k0 < n_keys; k0 += bs, ++blk) {
-      const float* values = vc + bt[blk] * stride_block;
+      const KT* values = vc + bt[blk] * stride_block;
       const int64_t n = std::min(bs, n_keys - k0);
       for (int64_t t = 0; t < n; ++t) add(w[k0 + t], values + t * stride_pos);
     }
@@ -352,16 +365,16 @@ void weighted_values(const float* w, const float* vc, const int64_t* bt, int64_t
     constexpr int64_t R = kD / Vec::kLanes;
     typename Vec::T acc[R];
     for (int64_t r = 0; r < R; ++r) acc[r] = Vec::zero();
-    each_key([&](float weight, const float* val) {
+    each_key([&](float weight, const KT* val) {
       const auto wt = Vec::broadcast(weight);
-      for (int64_t r = 0; r < R; ++r) acc[r] = Vec::fma(wt, Vec::load(val + r * Vec::kLanes), acc[r]);
+      for (int64_t r = 0; r < R; ++r) acc[r] = Vec::fma(wt, Vec::widen(val + r * Vec::kLanes), acc[r]);
     });
     for (int64_t r = 0; r < R; ++r) Vec::store(out + r * Vec::kLanes, Vec::mul(acc[r], Vec::broadcast(inv)));
   } else {
     for (int64_t d = 0; d < head_dim; ++d) out[d] = 0.f;
-    each_key([&](float weight, const float* val) {
+    each_key([&](float weight, const KT* val) {
 #pragma omp simd
-      for (int64_t d = 0; d < head_dim; ++d) out[d] += weight * val[d];
+      for (int64_t d = 0; d < head_dim; ++d) out[d] += weight * widen(val[d]);
     });
     for (int64_t d = 0; d < head_dim; ++d) out[d] *= inv;
   }
@@ -369,17 +382,19 @@ void weighted_values(const float* w, const float* vc, const int64_t* bt, int64_t
 
 // One row's attention for the G query heads that share one kv head: q (G, D) against keys
 // 0..n_keys-1, read through the block table (kc and vc point at this kv head's slice of the
-// layer's cache); writes out (G, D). scores is scratch for G * n_keys floats.
-template <int64_t kD>
-void attend_group(const float* q, const float* kc, const float* vc, const int64_t* bt, int64_t n_keys, int64_t bs,
+// layer's cache: fp32, or bf16 bits); writes out (G, D). scores is scratch for G * n_keys floats.
+template <int64_t kD, typename KT>
+void attend_group(const float* q, const KT* kc, const KT* vc, const int64_t* bt, int64_t n_keys, int64_t bs,
                   int64_t stride_block, int64_t stride_pos, int64_t G, int64_t head_dim, float scale, float* scores,
                   float* out) {
   const int64_t D = kD > 0 ? kD : head_dim;
   for (int64_t k0 = 0, blk = 0; k0 < n_keys; k0 += bs, ++blk) {
-    const float* keys = kc + bt[blk] * stride_block;
+    const KT* keys = kc + bt[blk] * stride_block;
     const int64_t n = std::min(bs, n_keys - k0);
     for (int64_t t = 0; t < n; ++t) {
-      for (int64_t j = 0; j < G; ++j) scores[j * n_keys + k0 + t] = dot<kD>(q + j * D, keys + t * stride_pos, D) * scale;
+      for (int64_t j = 0; j < G; ++j) {
+        scores[j * n_keys + k0 + t] = dot<kD, KT>(q + j * D, keys + t * stride_pos, D) * scale;
+      }
     }
   }
   for (int64_t j = 0; j < G; ++j) {
@@ -391,7 +406,7 @@ void attend_group(const float* q, const float* kc, const float* vc, const int64_
       sj[k] = exp_nonpositive(sj[k] - mx);
       sum += sj[k];
     }
-    weighted_values<kD>(sj, vc, bt, n_keys, bs, stride_block, stride_pos, D, 1.f / sum, out + j * D);
+    weighted_values<kD, KT>(sj, vc, bt, n_keys, bs, stride_block, stride_pos, D, 1.f / sum, out + j * D);
   }
 }
 
@@ -400,12 +415,13 @@ const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>(
 }  // namespace
 
 // tokens, positions (B,) int64; block_table (B, W) int64; cache (n_layer, num_blocks, block_size, Hkv, D)
-// fp32 contiguous; weights: per layer [norm1_gain, norm1_shift, qkv_w, qkv_b, proj_w, proj_b, norm2_gain,
-// norm2_shift, up_w, up_b, down_w, down_b], then [embed, pos_embed, rope_cos, rope_sin, norm_gain,
-// norm_shift, head_w, head_b]; an empty tensor means absent (no bias, no gain). The linear weights (*_w)
-// are packed in tiles (see `linear`), all fp32, all bf16 or all int8; everything else is fp32. With int8
-// tiles, 4 * n_layer + 1 more tensors follow: each matrix's fp32 row scales (O,), per layer qkv, proj, up,
-// down, then the head.
+// contiguous, fp32 or bf16 (an opt-in cache of half the bytes: keys and values are rounded to bf16 as they
+// are written and widened exactly as they are read, so the math stays fp32); weights: per layer [norm1_gain,
+// norm1_shift, qkv_w, qkv_b, proj_w, proj_b, norm2_gain, norm2_shift, up_w, up_b, down_w, down_b], then
+// [embed, pos_embed, rope_cos, rope_sin, norm_gain, norm_shift, head_w, head_b]; an empty tensor means
+// absent (no bias, no gain). The linear weights (*_w) are packed in tiles (see `linear`), all fp32, all bf16
+// or all int8; everything else is fp32. With int8 tiles, 4 * n_layer + 1 more tensors follow: each matrix's
+// fp32 row scales (O,), per layer qkv, proj, up, down, then the head.
 // dims = [H, Hkv, D, d_model, d_ff, rms, swiglu, V], and a ninth, qk_norm: when 1, 2 * n_layer more fp32 (D,)
 // tensors come last, each layer's query and key head gains (Qwen3's RMSNorm of every head before rotary).
 // Returns logits (B, V).
@@ -425,10 +441,12 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
   TORCH_CHECK(tokens.is_contiguous() && positions.is_contiguous() && block_table.is_contiguous() &&
                   positions.size(0) == B && block_table.size(0) == B,
               "tokens (B,), positions (B,), block_table (B, W) must be contiguous");
-  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 5 && k_cache.size(3) == Hkv &&
-                  k_cache.size(4) == D,
-              "the caches must be fp32 contiguous (n_layer, num_blocks, block_size, Hkv, D)");
+  const bool bf16_cache = k_cache.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((bf16_cache || k_cache.scalar_type() == torch::kFloat32) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 5 &&
+                  k_cache.size(3) == Hkv && k_cache.size(4) == D,
+              "the caches must be contiguous (n_layer, num_blocks, block_size, Hkv, D), both fp32 or both bf16");
   // with qk_norm, the last 2 * L tensors are each layer's query and key head gains (D,)
   const int64_t n_weights = static_cast<int64_t>(weights.size()) - (qk_norm ? 2 * L : 0);
   TORCH_CHECK(n_weights == 12 * L + 8 || n_weights == 16 * L + 9, "expected ", 12 * L + 8, " weight tensors (",
@@ -526,11 +544,7 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
     const torch::Tensor* lw = &weights[12 * l];
     normalize(x.data(), n.data(), B, dm, rms, static_cast<float>(eps), opt(lw[0]), opt(lw[1]));
     linear(lw[2], scale_of(4 * l), opt(lw[3]), n.data(), qkv.data(), B, qkv_dim, dm);
-    float* kc = k_cache.data_ptr<float>() + l * stride_layer;
-    float* vc = v_cache.data_ptr<float>() + l * stride_layer;
-    const auto attend = D == 32 ? attend_group<32> : D == 64 ? attend_group<64> : D == 128 ? attend_group<128>
-                                                                                        : attend_group<0>;
-    for (int64_t b = 0; b < B; ++b) {  // rotary embedding of the queries and keys, then the cache write
+    for (int64_t b = 0; b < B; ++b) {  // rotary embedding of the queries and keys
       float* row = qkv.data() + b * qkv_dim;
       if (qk_norm) {  // each query and key head RMS-normalized first, with its kind's gain
         const float* gains[2] = {weights[n_weights + 2 * l].data_ptr<float>(),
@@ -549,32 +563,46 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
           for (int64_t d = 0; d < D; ++d) v[d] = rotated[d];
         }
       }
-      const int64_t p = pos[b];
-      const int64_t slot = table[b * W + p / bs] * stride_block + (p % bs) * stride_pos;
-      for (int64_t i = 0; i < Hkv * D; ++i) {
-        kc[slot + i] = row[H * D + i];
-        vc[slot + i] = row[(H + Hkv) * D + i];
-      }
     }
-    // attention of each query head over keys 0..p of its row, one (row, kv head) pair -- the kv head's
-    // group of query heads -- per work item, so that one long row also spreads over the threads (at long
-    // contexts the fp32 cache it reads outweighs the weights)
-    auto attend_items = [&](int64_t i0, int64_t i1) {
-      std::vector<float> scores;
-      for (int64_t item = i0; item < i1; ++item) {
-        const int64_t b = item / Hkv, g = item % Hkv;
-        const int64_t n_keys = pos[b] + 1;
-        scores.resize(G * n_keys);
-        attend(qkv.data() + b * qkv_dim + g * G * D, kc + g * D, vc + g * D, table + b * W, n_keys, bs,
-               stride_block, stride_pos, G, D, scale, scores.data(), att.data() + (b * H + g * G) * D);
+    // the cache write, then attention of each query head over keys 0..p of its row, one (row, kv head)
+    // pair -- the kv head's group of query heads -- per work item, so that one long row also spreads over
+    // the threads (at long contexts the cache it reads outweighs the weights); KT is the cache's element
+    auto write_and_attend = [&](auto* kc, auto* vc) {
+      using KT = std::remove_pointer_t<decltype(kc)>;
+      for (int64_t b = 0; b < B; ++b) {
+        const float* row = qkv.data() + b * qkv_dim;
+        const int64_t p = pos[b];
+        const int64_t slot = table[b * W + p / bs] * stride_block + (p % bs) * stride_pos;
+        for (int64_t i = 0; i < Hkv * D; ++i) {
+          kc[slot + i] = narrow<KT>(row[H * D + i]);
+          vc[slot + i] = narrow<KT>(row[(H + Hkv) * D + i]);
+        }
+      }
+      const auto attend = D == 32 ? attend_group<32, KT> : D == 64 ? attend_group<64, KT>
+                        : D == 128 ? attend_group<128, KT> : attend_group<0, KT>;
+      auto attend_items = [&](int64_t i0, int64_t i1) {
+        std::vector<float> scores;
+        for (int64_t item = i0; item < i1; ++item) {
+          const int64_t b = item / Hkv, g = item % Hkv;
+          const int64_t n_keys = pos[b] + 1;
+          scores.resize(G * n_keys);
+          attend(qkv.data() + b * qkv_dim + g * G * D, kc + g * D, vc + g * D, table + b * W, n_keys, bs,
+                 stride_block, stride_pos, G, D, scale, scores.data(), att.data() + (b * H + g * G) * D);
+        }
+      };
+      int64_t work = 0;  // multiply-adds of this layer's attention
+      for (int64_t b = 0; b < B; ++b) work += (pos[b] + 1) * 2 * H * D;
+      if (B * Hkv > 1 && work >= kParallelMacs) {
+        at::parallel_for(0, B * Hkv, 1, attend_items);
+      } else {
+        attend_items(0, B * Hkv);
       }
     };
-    int64_t work = 0;  // multiply-adds of this layer's attention
-    for (int64_t b = 0; b < B; ++b) work += (pos[b] + 1) * 2 * H * D;
-    if (B * Hkv > 1 && work >= kParallelMacs) {
-      at::parallel_for(0, B * Hkv, 1, attend_items);
+    if (bf16_cache) {
+      write_and_attend(reinterpret_cast<uint16_t*>(k_cache.data_ptr<at::BFloat16>()) + l * stride_layer,
+                       reinterpret_cast<uint16_t*>(v_cache.data_ptr<at::BFloat16>()) + l * stride_layer);
     } else {
-      attend_items(0, B * Hkv);
+      write_and_attend(k_cache.data_ptr<float>() + l * stride_layer, v_cache.data_ptr<float>() + l * stride_layer);
     }
     linear(lw[4], scale_of(4 * l + 1), opt(lw[5]), att.data(), tmp.data(), B, dm, H * D);
     for (int64_t i = 0; i < B * dm; ++i) x[i] += tmp[i];
@@ -596,7 +624,7 @@ torch::Tensor decode_step(torch::Tensor tokens, torch::Tensor positions, torch::
     for (int64_t i = 0; i < B * dm; ++i) x[i] += tmp[i];
   }
   normalize(x.data(), n.data(), B, dm, rms, static_cast<float>(eps), opt(tail[4]), opt(tail[5]));
-  auto logits = torch::empty({B, V}, k_cache.options());
+  auto logits = torch::empty({B, V}, torch::dtype(torch::kFloat32));
   linear(head_w, scale_of(4 * L), opt(tail[7]), n.data(), logits.data_ptr<float>(), B, V, dm);
   return logits;
 }
