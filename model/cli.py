@@ -122,9 +122,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .engine import SamplingParams
     from .sampling import MAX_TEMPERATURE
 
-    if not (math.isfinite(args.temperature) and 0 <= args.temperature <= MAX_TEMPERATURE):
+    if args.temperature is not None and not (math.isfinite(args.temperature) and
+                                             0 <= args.temperature <= MAX_TEMPERATURE):
         fail(f"--temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {args.temperature}")
-    if not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         fail(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.system is not None and not args.chat:
         fail("--system needs --chat")
@@ -139,13 +140,32 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fail(f"the prompt has {len(ids)} tokens; this model's context is {engine.max_seq_len} tokens, "
              "so the prompt must be shorter than that")
     max_tokens = min(args.max_tokens, engine.max_seq_len + 1 - len(ids))
-    params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+    sampling = generate_sampling(args)
+    params = SamplingParams(max_tokens=max_tokens, seed=args.seed, stop=tuple(args.stop or ()), **sampling)
     for out in engine.generate(ids, params):
         if out.text:
             sys.stdout.write(out.text)
             sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+GENERATE_SAMPLING = {"temperature": 0.8, "top_p": 1.0, "top_k": 0}  # kiln generate's own defaults
+
+
+def generate_sampling(args: argparse.Namespace) -> dict[str, float | int]:
+    """temperature, top_p and top_k for `kiln generate`: the flags given; for those left out, with
+    --generation-config auto the model's generation_config.json values (as `kiln serve` fills requests that
+    leave them out, and vLLM does), else kiln generate's defaults (0.8, 1.0, off)."""
+    from .checkpoint import read_sampling_defaults
+
+    model_defaults = {}
+    if args.generation_config == "auto":
+        model_defaults, ignored = read_sampling_defaults(Path(args.model) if args.model else default_model_dir())
+        if ignored:
+            print(f"kiln: ignoring generation_config.json values out of range: {', '.join(ignored)}", file=sys.stderr)
+    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    return {key: given[key] if given[key] is not None else model_defaults.get(key, default)
+            for key, default in GENERATE_SAMPLING.items()}
 
 
 def _chat_prompt(tokenizer, prompt: str, system: str | None) -> list[int]:
@@ -214,9 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=_int_in(0), default=64, help="tokens to generate (default: 64)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=_int_in(0), default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the model's generation_config.json value, else 0.8)")
+    p.add_argument("--top-k", type=_int_in(0), default=None, help="0 = off (default: as --temperature, else off)")
+    p.add_argument("--top-p", type=float, default=None, help="(default: as --temperature, else 1.0)")
+    p.add_argument("--generation-config", default="auto", choices=("auto", "none"),
+                   help="auto: sampling flags left out take the values the model's generation_config.json "
+                        "recommends (as kiln serve and vLLM do); none: kiln generate's defaults")
     p.add_argument("--seed", type=_int_in(-(2**63), 2**64 - 1), default=None)  # what torch's manual_seed takes
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true",

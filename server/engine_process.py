@@ -26,6 +26,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -333,6 +334,15 @@ class _Outlet:
             raise RuntimeError(f"the engine process cannot run {fn!r} on the API's event loop")
 
 
+def _exit_if_loading(scheduler: Scheduler) -> None:
+    """A stop during the model's load leaves the loading thread inside torch's C++ (the stop does not wait
+    for it: nothing is in flight), and finalizing the interpreter under it aborts (`terminate called without
+    an active exception`, status 134): the child then exits at once instead, as `python -m server` does."""
+    if scheduler.loading:
+        logging.shutdown()
+        os._exit(0)
+
+
 def _engine_main(conn, loader: Callable[[], Any], model_name: str, max_queue: int, log_level: str) -> None:
     """The child: an ordinary Scheduler on its worker thread; this thread reads the parent's commands."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # the parent shuts the server down and tells this process
@@ -356,6 +366,7 @@ def _engine_main(conn, loader: Callable[[], Any], model_name: str, max_queue: in
             message = conn.recv()
         except (EOFError, OSError):  # the parent is gone
             scheduler.stop(5.0)
+            _exit_if_loading(scheduler)
             return
         kind = message[0]
         if kind == "submit":
@@ -394,4 +405,5 @@ def _engine_main(conn, loader: Callable[[], Any], model_name: str, max_queue: in
         elif kind == "stop":
             scheduler.stop(message[1])
             outlet.send(("stopped",))
+            _exit_if_loading(scheduler)
             return

@@ -173,3 +173,30 @@ def test_generate_chat_uses_the_models_template(gpt2_dir, tmp_path):
     for args, said in ((("--chat",), "no chat template"), (("--system", "x"), "--system needs --chat")):
         proc = kiln("generate", "--model", str(gpt2_dir), "--prompt", "hi", *args)
         assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_takes_sampling_defaults_from_generation_config(gpt2_dir, tmp_path):
+    """As kiln serve (and vLLM): temperature / top_p / top_k left out come from the model's
+    generation_config.json; flags given win; --generation-config none keeps kiln generate's own defaults."""
+    import argparse
+    import shutil
+
+    from model.cli import generate_sampling
+
+    path = tmp_path / "m"
+    shutil.copytree(gpt2_dir, path)
+    (path / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "top_p": 0.9, "top_k": 7}))
+
+    def args(**kw):
+        flags = {"model": str(path), "temperature": None, "top_p": None, "top_k": None, "generation_config": "auto"}
+        return argparse.Namespace(**{**flags, **kw})
+
+    assert generate_sampling(args()) == {"temperature": 0.0, "top_p": 0.9, "top_k": 7}
+    assert generate_sampling(args(temperature=0.5, top_k=0)) == {"temperature": 0.5, "top_p": 0.9, "top_k": 0}
+    assert generate_sampling(args(generation_config="none")) == {"temperature": 0.8, "top_p": 1.0, "top_k": 0}
+    assert generate_sampling(args(model=str(gpt2_dir))) == {"temperature": 0.8, "top_p": 1.0, "top_k": 0}  # no file
+    # end to end: the file's temperature 0 makes the completion greedy
+    proc = kiln("generate", "--model", str(path), "--prompt", "The quick", "--max-tokens", "12")
+    greedy = kiln("generate", "--model", str(gpt2_dir), "--prompt", "The quick", "--max-tokens", "12",
+                  "--temperature", "0")
+    assert proc.returncode == 0 and greedy.returncode == 0 and proc.stdout == greedy.stdout, proc.stderr

@@ -338,33 +338,41 @@ def test_python_m_server_serves_and_stops_on_sigterm(parrot_dir):
             proc.wait()
 
 
-SLOW_LOAD = """
-import sys, time
+SLOW_LOADER = """
+import time
 import torch
-import server.loading as loading
 
-def slow_loader(settings):  # torch's C++ at work in the loading thread, as a real load of a large model is
+def slow_loader(settings):  # torch's C++ at work, as a real load of a large model is
     a = torch.randn(1000, 1000)
     end = time.monotonic() + 60
     while time.monotonic() < end:
         a = torch.tanh(a @ a)
     raise RuntimeError("stopped too late")
+"""
+SLOW_LOAD = """
+import sys
+import server.loading as loading
+from slow_loader import slow_loader
 
-loading.load_configured_engine = slow_loader
+loading.load_configured_engine = slow_loader  # (an importable function: --engine-process loads in a child)
 sys.argv = ["server", *sys.argv[1:]]
 from server.__main__ import main
 main()
 """
 
 
+@pytest.mark.parametrize("engine_process", [False, True], ids=["one-process", "engine-process"])
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
-def test_a_signal_during_the_model_load_exits_at_once_and_cleanly(sig, status):
+def test_a_signal_during_the_model_load_exits_at_once_and_cleanly(sig, status, engine_process, tmp_path):
     """A large model takes tens of seconds to load on a CPU; SIGTERM (docker stop) or Ctrl-C then must not wait
     for the load (the scheduler's stop had joined the loading thread for up to 30 s), nor abort at exit (an
-    interpreter finalizing under a thread in torch's C++ ended in `terminate called`, status 134)."""
+    interpreter finalizing under a thread in torch's C++ ended in `terminate called`, status 134; with
+    --engine-process, the engine process did so)."""
+    (tmp_path / "slow_loader.py").write_text(SLOW_LOADER)
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILN_NO_NATIVE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_LOAD, "--port", str(port), "--threads", "1"], cwd=ROOT,
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]), "KILN_NO_NATIVE": "1"}
+    flags = ["--port", str(port), "--threads", "1", *(["--engine-process"] if engine_process else [])]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_LOAD, *flags], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         def loading():
@@ -380,6 +388,8 @@ def test_a_signal_during_the_model_load_exits_at_once_and_cleanly(sig, status):
         proc.send_signal(sig)
         assert proc.wait(timeout=20) == status, proc.stdout.read()
         assert time.monotonic() - started < 10
+        out = proc.stdout.read()
+        assert "terminate called" not in out and "Traceback" not in out, out
     finally:
         if proc.poll() is None:
             proc.kill()
