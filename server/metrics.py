@@ -108,6 +108,16 @@ class ServerMetrics:
                                          "input's first token, which has no context, is not).", registry=r)
         info = Gauge("kiln_model_info", "The served model (value 1).", ["model_name"], registry=r)
         info.labels(model_name=model_name).set(1)
+        self.cache_config_info = Gauge("kiln_cache_config_info", "The KV cache's configuration, set once the model "
+                                       "is loaded (value 1; vLLM's cache_config_info).",
+                                       ["block_size", "num_blocks", "cache_dtype", "enable_prefix_caching"],
+                                       registry=r)
+
+    def set_cache_config(self, cache) -> None:
+        """Label kiln_cache_config_info with a loaded engine's KV cache (`model.kv_cache.KVCache`)."""
+        self.cache_config_info.labels(block_size=str(cache.block_size), num_blocks=str(cache.num_blocks),
+                                      cache_dtype=str(cache.k.dtype).removeprefix("torch."),
+                                      enable_prefix_caching=str(cache.pool.enable_prefix_caching).lower()).set(1)
 
     def render(self, keep: Callable[[str], bool] | None = None) -> bytes:
         """The text exposition; `keep(family name)` picks which metric families (all by default)."""

@@ -361,6 +361,8 @@ class Scheduler(ServingState):
             ready = self._state == STARTING
             if ready:
                 self._state = READY
+        if ready:
+            self.metrics.set_cache_config(engine.cache)
         if ready and self.on_ready is not None:
             self.on_ready()
         self._update_gauges()

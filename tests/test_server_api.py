@@ -612,6 +612,10 @@ def test_metrics_move(client, ref):
                                                                                ()), 0.0)
     assert after[("kiln_num_requests_running", ())] == 0 and after[("kiln_num_requests_waiting", ())] == 0
     assert after[("kiln_kv_cache_usage_ratio", ())] == 0
+    cache = client.app.state.kiln.scheduler.engine.cache
+    config = {"block_size": str(cache.block_size), "num_blocks": str(cache.num_blocks), "cache_dtype": "float32",
+              "enable_prefix_caching": "true"}
+    assert after[("kiln_cache_config_info", tuple(sorted(config.items())))] == 1
 
 
 def test_greedy_speculation_keeps_the_text_and_counts_its_drafts(client, ref):

@@ -532,6 +532,9 @@ def test_engine_process_serves_the_same_and_stops_on_sigterm(parrot_dir):
         assert m["kiln_generation_tokens_total"] >= 40 and m["kiln_perplexity_requests_total{status=ok}"] == 1
         assert m["kiln_requests_total{endpoint=/v1/completions,status=200}"] == 2
         assert m["kiln_event_loop_delay_seconds_count"] >= 3
+        # the engine process labels the cache it built: 2 rows x 2 sequences of 64 tokens in blocks of 16, + 1
+        assert [k for k in m if k.startswith("kiln_cache_config_info{")] == \
+            ["kiln_cache_config_info{block_size=16,cache_dtype=float32,enable_prefix_caching=true,num_blocks=17}"], m
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert "Traceback" not in proc.stdout.read()
