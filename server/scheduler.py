@@ -363,8 +363,8 @@ class Scheduler(ServingState):
                 self._state = READY
         if ready:
             self.metrics.set_cache_config(engine.cache)
-        if ready and self.on_ready is not None:
-            self.on_ready()
+            if self.on_ready is not None:
+                self.on_ready()
         self._update_gauges()
         while True:
             with self._wakeup:
