@@ -76,23 +76,25 @@ def cached_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     Returns (B, H, T, D). The cache may hold another dtype than the step computes in (a CPU engine's
     bf16 prompt forward over its fp32 cache): keys and values are cast on the way in and out.
     """
-    store_keys(k_new, v_new, k_cache, v_cache, batch)
+    store_keys(k_new, v_new, k_cache, v_cache, batch.write_blocks, batch.write_offsets)
     return attend_cached(q, k_cache, v_cache, batch, backend)
 
 
 def store_keys(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               batch: CacheBatch) -> None:
-    """Write this step's keys/values (B, T, Hkv, D) into their blocks of the paged cache, in its dtype."""
-    k_cache[batch.write_blocks, batch.write_offsets] = k_new.to(k_cache.dtype)
-    v_cache[batch.write_blocks, batch.write_offsets] = v_new.to(v_cache.dtype)
+               write_blocks: torch.Tensor, write_offsets: torch.Tensor) -> None:
+    """Write this step's keys/values (B, T, Hkv, D) into their blocks of the paged cache (a CacheBatch's
+    write_blocks / write_offsets), in its dtype: a bf16 cache (--kv-cache-dtype) rounds them."""
+    k_cache[write_blocks, write_offsets] = k_new.to(k_cache.dtype)
+    v_cache[write_blocks, write_offsets] = v_new.to(v_cache.dtype)
 
 
-def cached_keys(k_cache: torch.Tensor, v_cache: torch.Tensor, batch: CacheBatch,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_keys(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, kv_len: int,
+                contiguous_from: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's first kv_len keys and values, (B, Hkv, kv_len, D) in `dtype` (views of the pool when one
-    row's blocks are consecutive and the cache holds `dtype`; otherwise gathered or cast copies)."""
-    keys = gather_blocks(k_cache, batch.block_table, batch.kv_len, batch.contiguous_from)
-    values = gather_blocks(v_cache, batch.block_table, batch.kv_len, batch.contiguous_from)
+    row's blocks are consecutive from `contiguous_from` and the cache holds `dtype`; otherwise gathered or
+    cast copies). The fields are a CacheBatch's."""
+    keys = gather_blocks(k_cache, block_table, kv_len, contiguous_from)
+    values = gather_blocks(v_cache, block_table, kv_len, contiguous_from)
     return keys.to(dtype), values.to(dtype)
 
 
@@ -104,7 +106,7 @@ def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         from kernels.decode import decode_attention
 
         return decode_attention(q[:, :, 0], k_cache, v_cache, batch.block_table, batch.lengths)[:, :, None]
-    keys, values = cached_keys(k_cache, v_cache, batch, q.dtype)
+    keys, values = cached_keys(k_cache, v_cache, batch.block_table, batch.kv_len, batch.contiguous_from, q.dtype)
     if backend == "triton" and B == 1:
         from kernels.attention import flash_attention
 

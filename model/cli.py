@@ -162,7 +162,8 @@ def generate_sampling(args: argparse.Namespace) -> dict[str, float | int]:
     if args.generation_config == "auto":
         model_defaults, ignored = read_sampling_defaults(Path(args.model) if args.model else default_model_dir())
         if ignored:
-            print(f"kiln: ignoring generation_config.json values out of range: {', '.join(ignored)}", file=sys.stderr)
+            print(f"kiln: generation_config.json: {', '.join(ignored)} not usable (out of range or not a number), "
+                  "ignored", file=sys.stderr)
     given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     return {key: given[key] if given[key] is not None else model_defaults.get(key, default)
             for key, default in GENERATE_SAMPLING.items()}

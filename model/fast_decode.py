@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import gather_blocks
+from .attention import cached_keys, store_keys
 from .cpu_packing import exactly_bf16, fits_in_memory, pack_weight
 from .cuda_graphs import batch_buckets
 from .kv_cache import NULL_BLOCK, CacheBatch, KVCache
@@ -405,12 +405,10 @@ def paged_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     q (B, H, 1, D); k_new/v_new (B, 1, Hkv, D); k_cache/v_cache one layer of the pool (num_blocks,
     block_size, Hkv, D); meta = [kv_len, first block of a single row whose blocks are consecutive or -1].
     Writes the new keys/values, then attends over each row's first lengths[b] keys. Returns (B, H, 1, D)."""
-    k_cache[write_blocks, write_offsets] = k_new.to(k_cache.dtype)  # a bf16 cache rounds them
-    v_cache[write_blocks, write_offsets] = v_new.to(v_cache.dtype)
+    store_keys(k_new, v_new, k_cache, v_cache, write_blocks, write_offsets)
     kv_len, view_start = meta.tolist()
-    contiguous_from = view_start if view_start >= 0 else None
-    keys = gather_blocks(k_cache, block_table, kv_len, contiguous_from).to(q.dtype)  # (B, Hkv, L, D)
-    values = gather_blocks(v_cache, block_table, kv_len, contiguous_from).to(q.dtype)
+    keys, values = cached_keys(k_cache, v_cache, block_table, kv_len, view_start if view_start >= 0 else None,
+                               q.dtype)  # (B, Hkv, L, D)
     mask = None
     if q.shape[0] > 1:
         mask = (torch.arange(kv_len, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)

@@ -348,8 +348,10 @@ class Transformer(nn.Module):
             q, k, v = qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]
             if attend is not None:  # (B, T, H, D) out: the projection's input is a view
                 if batch is not None:  # the row's cached keys and values, in q's (B, L, Hkv, D) layout
-                    store_keys(k, v, kv_cache.k[i], kv_cache.v[i], batch)
-                    k, v = (x.transpose(1, 2) for x in cached_keys(kv_cache.k[i], kv_cache.v[i], batch, q.dtype))
+                    k_cache, v_cache = kv_cache.k[i], kv_cache.v[i]
+                    store_keys(k, v, k_cache, v_cache, batch.write_blocks, batch.write_offsets)
+                    k, v = (x.transpose(1, 2) for x in cached_keys(k_cache, v_cache, batch.block_table, batch.kv_len,
+                                                                   batch.contiguous_from, q.dtype))
                 y = attend(q, k, v, starts, lengths, D ** -0.5).view(B * T, H * D)
             elif batch is None:
                 y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), "torch")

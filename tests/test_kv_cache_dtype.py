@@ -21,26 +21,11 @@ from model.kv_cache import resolve_kv_cache_dtype
 from server.loading import load_configured_engine
 from server.settings import ServerSettings
 
-from test_fast_decode import PROMPTS, run
+from test_fast_decode import assert_same_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LENGTHS = ([24], [14, 6, 11, 9])  # batch 1, then rows joining and leaving
-
-
-def runs(engine: Engine) -> list[tuple[list[list[int]], list[list[float]]]]:
-    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
-    return [run(engine, prompts[: len(lengths)], lengths) for lengths in LENGTHS]
-
-
-def assert_close_runs(got, want, tolerance: float) -> float:
-    """Same greedy tokens, logprobs within `tolerance`; returns the largest logprob difference."""
-    worst = 0.0
-    for (got_ids, got_lps), (want_ids, want_lps) in zip(got, want, strict=True):
-        assert got_ids == want_ids
-        worst = max([worst] + [abs(a - b) for g, w in zip(got_lps, want_lps) for a, b in zip(g, w)])
-    assert worst < tolerance, f"max logprob difference {worst:.2e}"
-    return worst
 
 
 def test_resolve_kv_cache_dtype():
@@ -68,7 +53,7 @@ def test_a_bf16_cache_halves_the_pool_and_keeps_the_greedy_tokens(default_fp32):
     assert engine.cache.num_blocks == default_fp32.cache.num_blocks  # the same pool, half the bytes
     assert 2 * engine.cache.k.nbytes == default_fp32.cache.k.nbytes
     assert engine.decode_path == "eager" and default_fp32.cache.k.dtype == torch.float32
-    worst = assert_close_runs(runs(engine), runs(default_fp32), 3e-2)
+    worst = assert_same_runs(engine, default_fp32, LENGTHS, tolerance=3e-2)
     assert worst > 1e-5  # it did round: an fp32 cache under the bf16 name would match to fp32 rounding
 
 
@@ -81,7 +66,7 @@ def test_every_path_reads_the_bf16_cache_alike(default_fp32):
     lean = Engine(model, tokenizer, max_batch_size=4, native=False, kv_cache_dtype="bf16")
     plain = Engine(model, tokenizer, max_batch_size=4, fast_decode=False, kv_cache_dtype="bf16")
     assert lean._decode_plan is not None and plain._decode_plan is None
-    assert_close_runs(runs(lean), runs(plain), 5e-3)
+    assert_same_runs(lean, plain, LENGTHS, tolerance=5e-3)
 
 
 def test_prompt_logprobs_come_from_the_rounded_cache_and_scoring_does_not(default_fp32):

@@ -23,7 +23,7 @@ from model.engine import Engine, SamplingParams
 from model.transformer import Transformer
 
 from test_fast_decode import PROMPTS, assert_same_runs
-from test_kv_cache_dtype import assert_close_runs, runs
+from test_kv_cache_dtype import LENGTHS
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_native_step_over_a_bf16_cache_agrees_with_the_plain_forward(native_modu
     engine._decode_plan.enable_native(native_module)
     assert engine.native_decode and engine.cache.k.dtype == torch.bfloat16
     plain = Engine(engine.model, engine.tokenizer, max_batch_size=4, fast_decode=False, kv_cache_dtype="bf16")
-    assert_close_runs(runs(engine), runs(plain), 5e-3)
+    assert_same_runs(engine, plain, LENGTHS, tolerance=5e-3)
 
 
 def test_native_step_applies_qwen3s_head_norms(tmp_path, tokenizer_dir, native_module):
