@@ -131,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         fail("--system needs --chat")
     engine = load_engine(args.model, args.device, args.dtype, quantization=args.quantization,
                          prefill_dtype=args.prefill_dtype, speculative_tokens=args.speculative_tokens,
-                         kv_cache_dtype=args.kv_cache_dtype)
+                         kv_cache_dtype=args.kv_cache_dtype, release_weights=True)
     if args.chat:
         ids = _chat_prompt(engine.tokenizer, args.prompt, args.system)
     else:
@@ -200,7 +200,7 @@ def cmd_ppl(args: argparse.Namespace) -> None:
     except UnicodeDecodeError as e:
         fail(f"{'stdin' if args.file == '-' else args.file} is not UTF-8 text ({e.reason} at byte {e.start})")
     engine = load_engine(args.model, args.device, args.dtype, quantization=args.quantization,
-                         prefill_dtype=args.prefill_dtype)
+                         prefill_dtype=args.prefill_dtype, release_weights=True)
     ids = engine.encode_for_scoring(text)
     if len(ids) < 2:
         fail("the text has fewer than 2 tokens: nothing to score")

@@ -10,7 +10,12 @@ after packing is noticed (its version counter moves) and repacked.
 
 The packs are copies: they double the memory the matrices take. A model whose copies would
 take more than half of the memory still available (`MemAvailable`) is left unpacked (slower
-prefill, and no out-of-memory kill for a model that fits only once).
+prefill, and no out-of-memory kill for a model that fits only once). A server needs no
+gradients and never changes its weights, so `pack_linears(model, release=True)` drops each
+fp32 original as soon as its pack is made (as vLLM's CPU backend does with its oneDNN
+handles): the packs then take the originals' place instead of doubling them, and only one
+matrix at a time needs room. Such a model runs its linear layers only through the packs;
+`dense_weight` rebuilds a matrix from its pack where one is needed (the native step's copy).
 
 On CPUs with Intel AMX (Sapphire Rapids and later) oneDNN multiplies bf16 matrices about 7x as
 fast as fp32 ones. `bf16_copy(model)` makes a bf16 twin of an fp32 model for its prompt forwards
@@ -27,6 +32,7 @@ at prompt sizes on this project's Sapphire Rapids machine.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
@@ -90,39 +96,87 @@ def _pack(module: nn.Linear) -> None:
 
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 2:
+    if self._kiln_released:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad:
+            raise RuntimeError("this linear layer keeps only its oneDNN pack (its fp32 weight was released for "
+                               f"serving): it takes fp32 CPU inputs without gradients, got {x.dtype} on "
+                               f"{x.device.type}{' requiring grad' if x.requires_grad else ''}")
+    elif torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 2:
         return F.linear(x, self.weight, self.bias)
-    if self.weight._version != self._kiln_packed_version:
+    elif self.weight._version != self._kiln_packed_version:
         _pack(self)
     rows = x.reshape(-1, x.shape[-1])
     out = torch.ops.mkldnn._linear_pointwise(rows, self._kiln_packed, self.bias, "none", [], "")
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, release: bool = False) -> int:
     """Pack every linear layer of a CPU fp32 model; returns how many (0 when not applicable).
 
     The first layer's pack is checked against `F.linear` (`pack_weight`); if it does not
     reproduce it, nothing is packed. Layers packed before (another engine on the same model)
-    keep their packs."""
+    keep their packs. `release` drops each layer's fp32 weight once its pack is made (weights
+    tied to an embedding stay): for serving only, see the module's docstring and `release_weights`."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
         return 0
-    todo = [m for m in linears if getattr(m, "_kiln_packed", None) is None]
-    needed = sum(m.weight.numel() * m.weight.element_size() for m in {id(m.weight): m for m in todo}.values())
+    todo = list({id(m.weight): m for m in linears if getattr(m, "_kiln_packed", None) is None}.values())
+    sizes = [m.weight.numel() * m.weight.element_size() for m in todo]
+    needed = (max(sizes) if release else sum(sizes)) if sizes else 0
     fits, free = fits_in_memory(needed)
     if todo and not fits:
         log.warning("not prepacking the linear layers for oneDNN: the copies would take %.1f GB of the %.1f GB "
                     "still available (prefill and scoring run on F.linear instead)", needed / 1e9, free / 1e9)
         return 0
-    first = linears[0]
-    if pack_weight(first.weight, first.bias, PACK_BATCH) is None:
+    if todo and pack_weight(todo[0].weight, todo[0].bias, PACK_BATCH) is None:
         return 0
+    kept = _tied_elsewhere(model) if release else set()
     for module in linears:
         if getattr(module, "_kiln_packed", None) is None:
             _pack(module)
+            module._kiln_released = False
+        if release and not module._kiln_released and id(module.weight) not in kept:
+            _release(module)
         module.forward = types.MethodType(_packed_forward, module)
+    if release:
+        trim_heap()
     return len(linears)
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's `malloc_trim`): matrices below glibc's mmap
+    threshold are freed into the heap, where they would go on counting in the process's memory. A no-op
+    where there is no such function."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _tied_elsewhere(model: nn.Module) -> set[int]:
+    """ids of the parameters that modules other than linear layers hold too (an embedding tied to the LM head)."""
+    return {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+
+
+def _release(module: nn.Linear) -> None:
+    """Replace a packed layer's fp32 weight by an empty placeholder (the pack now stands for it)."""
+    placeholder = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
+    if getattr(module, "_kiln_amx_source", None) is module.weight:  # (AMX packs made before: see amx_linears)
+        module._kiln_amx_source, module._kiln_amx_version = placeholder, placeholder._version
+    module.weight = placeholder
+    module._kiln_released = True
+
+
+def released(module: nn.Module) -> bool:
+    """Whether any linear layer of `module` (or `module` itself) keeps only its oneDNN pack."""
+    return any(getattr(m, "_kiln_released", False) for m in module.modules())
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight matrix: its own, or rebuilt from its oneDNN pack when released (a new copy)."""
+    if getattr(module, "_kiln_released", False):
+        return module._kiln_packed.to_dense()
+    return module.weight
 
 
 AMX_PARTS = 3  # bf16 parts of each fp32 activation: 3 keep fp32's precision (2: ~5x its error, faster)
@@ -143,7 +197,7 @@ def amx_linears(model: nn.Module, ops) -> int:
                                               and m.weight.dtype == torch.float32 or isinstance(m, Int8Linear))
               and m.in_features % 2 == 0]
     todo = [m for m in layers if getattr(m, "_kiln_amx", None) is None
-            and (isinstance(m, Int8Linear) or exactly_bf16(m.weight))]
+            and (isinstance(m, Int8Linear) or exactly_bf16(dense_weight(m)))]
     needed = sum(m.in_features * m.out_features * 2 for m in todo)
     fits, free = fits_in_memory(needed)
     if todo and not fits:
@@ -156,7 +210,7 @@ def amx_linears(model: nn.Module, ops) -> int:
                 module._kiln_amx = ops.amx_pack(unpack_tiles(module.tiles, module.out_features).float())
                 module._kiln_amx_source, module._kiln_amx_scale = module.tiles, module.scale
             else:
-                module._kiln_amx = ops.amx_pack(module.weight.detach())
+                module._kiln_amx = ops.amx_pack(dense_weight(module).detach())
                 module._kiln_amx_source, module._kiln_amx_scale = module.weight, _EMPTY
             module._kiln_amx_version = module._kiln_amx_source._version
             module._kiln_amx_ops = ops

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 from .attention import resolve_backend
-from .cpu_packing import AMX_PARTS, amx_linears, bf16_copy, pack_linears, resolve_prefill_dtype
+from .cpu_packing import (AMX_PARTS, amx_linears, bf16_copy, pack_linears, released, resolve_prefill_dtype,
+                          trim_heap)
 from .cuda_graphs import GraphedDecode, describe_failure
 from .fast_decode import DecodePlan
 from .kv_cache import NULL_BLOCK, KVCache, block_hashes, default_num_blocks, resolve_kv_cache_dtype
@@ -113,6 +114,11 @@ class Engine:
     - kv_cache_dtype: "auto" (the model's dtype), "fp32" or "bf16", what the KV pool holds
       (`kv_cache.resolve_kv_cache_dtype`): on the CPU, "bf16" halves the pool and the cache reads of long
       decode steps; keys and values are rounded to bf16 as they are stored, so outputs move slightly.
+    - release_weights: for serving a large (unfolded) fp32 model on the CPU: keep each linear layer's matrix only
+      as its oneDNN pack, dropping the fp32 original (`cpu_packing.pack_linears`), which saves the memory of
+      all the matrices (the native step keeps its own bf16 or fp32 tiles). The model then runs its linear
+      layers only without gradients, and no other engine can be built on it. No effect on other models, or
+      with compile.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 8,
@@ -121,7 +127,11 @@ class Engine:
                  max_prefill_tokens: int | None = None, gpu_memory_fraction: float = 0.9,
                  cuda_graphs: bool = True, compile: bool = False, native: bool | None = None,
                  async_scheduling: bool | None = None, prefill_dtype: str = "auto",
-                 speculative_tokens: int | None = None, kv_cache_dtype: str = "auto"):
+                 speculative_tokens: int | None = None, kv_cache_dtype: str = "auto",
+                 release_weights: bool = False):
+        if released(model):
+            raise ValueError("this model's fp32 matrices were released to another engine (release_weights=True); "
+                             "load the model again to build a new engine on it")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not 0.0 < gpu_memory_fraction <= 1.0:
@@ -183,9 +193,11 @@ class Engine:
         self._async = self.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
         self._pending: list[_Sampled] = []
         self.amx_linears = 0  # linear layers whose fp32 prompt products run on AMX tiles (`_enable_native`)
-        self._setup_decode(fast_decode, native, compile, cuda_graphs)
+        self.released_bytes = 0  # bytes of fp32 matrices kept only as oneDNN packs (release_weights)
+        self._setup_decode(fast_decode, native, compile, cuda_graphs, release_weights)
 
-    def _setup_decode(self, fast_decode: bool, native: bool | None, compile: bool, cuda_graphs: bool) -> None:
+    def _setup_decode(self, fast_decode: bool, native: bool | None, compile: bool, cuda_graphs: bool,
+                      release_weights: bool) -> None:
         """Pick the decode step: on the CPU the lean plan (folded norms, no module calls), through the
         native C++ step when it is built, or torch.compile'd on request; on CUDA the model's forward with
         the Triton kernels, replayed from CUDA graphs; else the plain forward."""
@@ -197,7 +209,13 @@ class Engine:
         # large model's torch decode step reads the packs too (`DecodePlan._use_packs`)
         if self.device.type == "cpu" and self.dtype == torch.float32 and (
                 self.prefill_model is model or (plan is not None and not plan.folded)):
-            pack_linears(model)
+            release = release_weights and plan is not None and not plan.folded and not compile
+            if release:
+                plan.supports_native()  # (checked on the fp32 originals while they are here: the answer is kept)
+                plan.read_modules()  # (drops the plan's references to the matrices)
+            pack_linears(model, release=release)
+            self.released_bytes = sum(m.in_features * m.out_features * 4 for m in model.modules()
+                                      if getattr(m, "_kiln_released", False))
         if plan is not None:
             plan.pack_head([1, self.max_batch_size])
         # native: None = use it if it is already built, True = build it now if needed, False = never
@@ -328,6 +346,8 @@ class Engine:
         self.model.cpu_ops = module
         if self.prefill_model is self.model and self.dtype == torch.float32:
             self.amx_linears = amx_linears(self.model, module)
+        if self.released_bytes:
+            trim_heap()  # (the matrices rebuilt from the packs for the native step's copy are gone again)
 
     @property
     def prefill_math(self) -> str:

@@ -11,7 +11,8 @@ the overhead:
   LayerNorm an affine-free `layer_norm` (the final norm folds into a private copy of the
   LM head, so tied embeddings stay untouched); larger models keep their weights as they
   are and apply the norms as modules, and from PACKED_DECODE_MIN_BATCH rows on read their
-  matrices through the oneDNN packs made for prefill (model/cpu_packing);
+  matrices through the oneDNN packs made for prefill (model/cpu_packing), at every batch size
+  once `read_modules()` hands the matrices to the modules (a server then frees the fp32 originals);
 - one flat loop over pre-extracted weights (`_body`, on plain tensors): no module calls,
   hooks or attribute lookups; the attention reads the paged cache through the block table
   (`paged_decode_attention`).
@@ -34,14 +35,14 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .attention import cached_keys, store_keys
-from .cpu_packing import exactly_bf16, fits_in_memory, pack_weight
+from .cpu_packing import dense_weight, exactly_bf16, fits_in_memory, pack_weight
 from .cuda_graphs import batch_buckets
 from .kv_cache import NULL_BLOCK, CacheBatch, KVCache
 from .quantize import is_quantized, pack_tiles
@@ -60,7 +61,8 @@ NATIVE_MAX_BATCH = 64
 # Unfolded models' torch-path steps (no native step) from this many rows on run their matrices through
 # the oneDNN packs made for prefill (model/cpu_packing): GPT-2 124M shape, 2 cores, whole decode steps
 # vs F.linear: 0.84x at 2 rows, 0.90x at 3, 1.22x at 4, 1.26x at 6, 1.36x at 8 (MKL's F.linear slows
-# down sharply at 4 rows).
+# down sharply at 4 rows). That was an Intel Xeon; on a 2-vCPU AMD EPYC the packs won at every size (Qwen3-0.6B
+# shape, 24 greedy tokens: 1.6x at 1 row, 2.5x at 2). Plans that `read_modules` (a server's) use them always.
 PACKED_DECODE_MIN_BATCH = 4
 # Short prefill chunks run through the native step too, one row per prompt token (Engine._prefill_native),
 # up to this many tokens per step; measured against the forward (prefill + first token, in-process, no prefix
@@ -73,7 +75,8 @@ NATIVE_PREFILL_MAX_TOKENS_PACKED = 16
 
 @dataclass
 class _Layer:
-    # the matrices and biases; None (all of them) in quantized plans, whose torch path calls the modules
+    # the matrices and biases; None (all of them) where the torch path calls the modules (quantized plans, and
+    # unfolded ones after `read_modules`)
     qkv_w: torch.Tensor | None
     qkv_b: torch.Tensor | None
     proj_w: torch.Tensor | None
@@ -115,9 +118,10 @@ class DecodePlan:
         # int8 matrices (model/quantize.py): never folded or copied; the torch path calls the modules
         self.quantized = is_quantized(model)
         self.folded = weight_bytes <= FOLD_LIMIT_BYTES and not self.quantized
+        self.calls_modules = self.quantized  # the torch path calls the linear modules (no matrices of its own)
 
         def matrix(linear):  # (weight, bias) as the torch path reads them
-            return (None, None) if self.quantized else (linear.weight, linear.bias)
+            return (None, None) if self.calls_modules else (linear.weight, linear.bias)
 
         def reading(norm, linear):  # (weight, bias, norm to apply first or None)
             if self.folded:
@@ -159,6 +163,20 @@ class DecodePlan:
                 return
             self._head_packs[size] = packed
 
+    def read_modules(self) -> None:
+        """From now on the torch path calls the unfolded model's linear modules instead of reading their fp32
+        matrices itself, and the plan drops its references to them: so `cpu_packing.pack_linears(release=True)`
+        can free them, the modules then running their oneDNN packs at every batch size. (Folded plans hold
+        copies of their own; quantized ones call the modules already.)"""
+        if self.folded or self._compiled is not None:
+            raise ValueError("read_modules applies to unfolded plans that are not compiled")
+        if self.calls_modules:
+            return
+        self.layers = [replace(layer, qkv_w=None, qkv_b=None, proj_w=None, proj_b=None, up_w=None, up_b=None,
+                               down_w=None, down_b=None) for layer in self.layers]
+        self.head_w = self.head_b = None
+        self.calls_modules = True
+
     def _use_packs(self, batch_size: int) -> bool:
         """Whether an unfolded (large) model's step reads its matrices through the oneDNN packs that
         `pack_linears` made for prefill: from PACKED_DECODE_MIN_BATCH rows on they beat F.linear (MKL),
@@ -167,7 +185,7 @@ class DecodePlan:
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, d) -> logits (B, V), through the pack made for the nearest batch size at or above B."""
-        if self.quantized:
+        if self.calls_modules:
             return self.model.lm_head(h)
         fits = [size for size in self._head_packs if size >= h.shape[0]]
         if not fits:
@@ -204,9 +222,10 @@ class DecodePlan:
 
     def _large_native_fits(self) -> bool:
         model = self.model
-        matrices = [m.weight for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
-        matrices.append(model.lm_head.weight)
-        return fits_in_memory(2 * sum(w.numel() for w in matrices))[0] and all(exactly_bf16(w) for w in matrices)
+        linears = [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)]
+        linears.append(model.lm_head)
+        return (fits_in_memory(2 * sum(m.in_features * m.out_features for m in linears))[0]
+                and all(exactly_bf16(dense_weight(m)) for m in linears))
 
     @property
     def native_prefill_max_tokens(self) -> int:
@@ -238,14 +257,14 @@ class DecodePlan:
         if self.quantized:
             dtype = torch.int8
         elif dtype is None:
-            exact = not self.folded or all(exactly_bf16(m.weight) for m in linears)
+            exact = not self.folded or all(exactly_bf16(dense_weight(m)) for m in linears)
             dtype = torch.bfloat16 if exact else torch.float32
 
         def opt(t: torch.Tensor | None) -> torch.Tensor:
             return torch.empty(0) if t is None else t.detach().float().contiguous()
 
         def linear(m: torch.nn.Module) -> list[torch.Tensor]:
-            return [m.tiles if self.quantized else pack_tiles(m.weight, dtype=dtype), opt(m.bias)]
+            return [m.tiles if self.quantized else pack_tiles(dense_weight(m), dtype=dtype), opt(m.bias)]
 
         def norm(m: torch.nn.Module) -> list[torch.Tensor]:
             return [opt(m.weight), opt(getattr(m, "bias", None))]
@@ -312,7 +331,7 @@ class DecodePlan:
             sin = model.rope_sin[positions][:, :, None, :]
         else:
             x = x + F.embedding(positions, model.pos_embed.weight)
-        linear = _module_linear if self.quantized else _packed_linear if self._use_packs(B) else _plain_linear
+        linear = _module_linear if self.calls_modules else _packed_linear if self._use_packs(B) else _plain_linear
         for i, layer in enumerate(self.layers):
             qkv_m, proj_m, up_m, down_m = layer.modules or (None,) * 4
             qkv = linear(self._norm(x, layer.norm1), layer.qkv_w, layer.qkv_b, qkv_m)  # (B, 1, (H + 2Hkv) D)
@@ -380,7 +399,7 @@ class DecodePlan:
 
 
 def _module_linear(x: torch.Tensor, weight: None, bias: None, module: torch.nn.Module) -> torch.Tensor:
-    return module(x)  # an Int8Linear (model/quantize.py): the plan holds no float copy of its matrix
+    return module(x)  # an Int8Linear (model/quantize.py), or a linear layer's oneDNN pack (`read_modules`)
 
 
 def _plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, module) -> torch.Tensor:

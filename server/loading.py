@@ -36,7 +36,8 @@ def load_configured_engine(settings: ServerSettings):
                          enable_prefix_caching=settings.enable_prefix_caching,
                          max_prefill_tokens=settings.max_prefill_tokens, cuda_graphs=settings.cuda_graphs,
                          compile=settings.compile, async_scheduling=settings.async_scheduling,
-                         speculative_tokens=settings.speculative_tokens, kv_cache_dtype=settings.kv_cache_dtype)
+                         speculative_tokens=settings.speculative_tokens, kv_cache_dtype=settings.kv_cache_dtype,
+                         release_weights=True)
     cache = engine.cache
     log = logging.getLogger("kiln.server")
     log.info(
@@ -51,6 +52,9 @@ def load_configured_engine(settings: ServerSettings):
         ", async scheduling" if engine.async_scheduling else "",
         f", prompt-lookup speculation for greedy requests (up to {engine.speculative_tokens} drafts per step)"
         if engine.speculating else "", ", in an engine process of its own" if settings.engine_process else "")
+    if engine.released_bytes:
+        log.info("the linear layers keep their fp32 matrices only as oneDNN packs: %.2f GB less memory",
+                 engine.released_bytes / 1e9)
     if engine.build_native_in_background():
         log.info("building the native CPU decode step in the background (once per machine, about half a "
                  "minute; `make serve` does it ahead); decoding with the torch path meanwhile")

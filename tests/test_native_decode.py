@@ -277,17 +277,9 @@ def test_a_large_bf16_model_runs_native(fixture, native_module, monkeypatch, tmp
     matrices as bf16 up to NATIVE_MAX_BATCH rows and the torch path (oneDNN packs) takes more; with the
     limit at 2, rows joining and leaving cross between the two. Tokens and logprobs equal the plain
     forward's."""
-    import shutil
-
-    from model.checkpoint import load_model, save_model
-
     monkeypatch.setattr(fast_decode, "FOLD_LIMIT_BYTES", 0)
     monkeypatch.delenv(native_step.DISABLE_ENV, raising=False)
-    source_dir = request.getfixturevalue(fixture)
-    save_model(load_model(str(source_dir)), tmp_path, dtype=torch.bfloat16)  # a bf16 checkpoint
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
-        if (source_dir / name).is_file():
-            shutil.copy(source_dir / name, tmp_path / name)
+    bf16_checkpoint(request.getfixturevalue(fixture), tmp_path)
     # loaded as fp32; fp32 prompts (not the bf16 copy "auto" takes for bf16 weights on AMX CPUs), so the plain
     # forward below is an exact reference
     engine = load_engine(str(tmp_path), "cpu", max_batch_size=4, native=True, prefill_dtype="fp32")
@@ -302,6 +294,18 @@ def test_a_large_bf16_model_runs_native(fixture, native_module, monkeypatch, tmp
     # the bf16 copy must fit: half of what is still available at most
     monkeypatch.setattr(cpu_packing, "available_memory", lambda: 1024)
     assert not fast_decode.DecodePlan(engine.model).supports_native()
+
+
+def bf16_checkpoint(source_dir, out_dir) -> None:
+    """A copy of a model directory saved in bf16 (as most checkpoints on the hub are), tokenizer files included."""
+    import shutil
+
+    from model.checkpoint import load_model, save_model
+
+    save_model(load_model(str(source_dir)), out_dir, dtype=torch.bfloat16)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        if (source_dir / name).is_file():
+            shutil.copy(source_dir / name, out_dir / name)
 
 
 def test_native_step_over_more_rows_than_one_pass(llama_dir, native_module):
