@@ -7,8 +7,9 @@ API::
     token_logprobs(logits, targets) -> (N,) fp32     # log_softmax(logits)[n, targets[n]]
     token_logprobs_reference(logits, targets)
     linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean",
-                         chunk_rows=None) -> loss    # logits = hidden @ weight.T, chunked
+                         chunk_rows=None) -> fp32 loss    # logits = hidden @ weight.T, chunked
     linear_cross_entropy_reference(...)
+    linear_cross_entropy_torch(...)                  # the same chunking in plain torch: the CPU path
     available(device) -> bool
 
 ``logits`` is (N, V) fp32/fp16/bf16 (fp64 is accepted and computed in fp32), ``targets``
@@ -29,7 +30,13 @@ path (checking it would need a GPU->CPU sync); the reference raises.
 ``linear_cross_entropy`` never holds the (N, V) logits at once: it walks ``chunk_rows``
 rows at a time, computes the chunk's logits, loss and logits-gradient (written in
 place over the chunk's logits), and folds that into grad_hidden / grad_weight during
-the forward, so backward is one scale. Only "mean" and "sum" reductions.
+the forward, so backward is one scale. Only "mean" and "sum" reductions. Its loss is fp32
+whatever the inputs' dtype (summed in fp32: as ``F.cross_entropy`` gives under autocast; in
+bf16 a training run's logged losses would be rounded to steps of 1/64 between 2 and 4).
+``linear_cross_entropy_torch`` is that algorithm with the two row passes in torch, for CPUs
+(training on the CPU): chunks small enough to stay in cache, and no (N, V) fp32 logits or
+logits gradient, ran the LM head + loss 1.1-2.2x as fast as the whole-logits path on a
+2-vCPU CPU (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -57,6 +64,10 @@ _REDUCTIONS = ("mean", "sum", "none")
 _INT_DTYPES = (torch.int32, torch.int64)
 # linear_cross_entropy's default chunk holds at least this many logits (256 MiB in bf16)
 _CHUNK_LOGITS = 1 << 27
+# linear_cross_entropy_torch's default chunk: about this many logits (8 MiB in fp32, within a CPU's caches),
+# and at least _TORCH_CHUNK_MIN_ROWS rows so the matmuls stay matmuls at large vocabularies
+_TORCH_CHUNK_LOGITS = 1 << 21
+_TORCH_CHUNK_MIN_ROWS = 64
 
 
 def available(device: torch.device | str) -> bool:
@@ -96,6 +107,25 @@ def linear_cross_entropy_reference(
     return F.cross_entropy(logits, targets.long(), ignore_index=ignore_index, reduction=reduction)
 
 
+def linear_cross_entropy_torch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """``linear_cross_entropy`` in plain torch, on any device: the same chunks, loss and gradients (computed
+    during the forward) with each chunk's rows in one ``log_softmax`` and in-place passes. The CPU path of the
+    training loss. The default ``chunk_rows`` keeps a chunk's logits near 2^21 elements (256 rows at a 8192
+    vocabulary), at least 64 rows: on a 2-vCPU CPU 256 rows ran the LM head + loss fastest (fewer rows read
+    and write the weight's gradient too often, more fall out of cache). A target outside [0, V) raises."""
+    _check_linear_call("linear_cross_entropy_torch", hidden, weight, targets, reduction, chunk_rows)
+    if chunk_rows is None:
+        chunk_rows = max(_TORCH_CHUNK_MIN_ROWS, _TORCH_CHUNK_LOGITS // weight.shape[0])
+    return _LinearCrossEntropyTorch.apply(hidden, weight, targets, int(ignore_index), reduction, chunk_rows)
+
+
 # ----------------------------------------------------------------------------- Triton path
 
 
@@ -133,14 +163,10 @@ def linear_cross_entropy(
     gradient update, so a few big chunks run faster than many small ones. The matmuls run in the
     inputs' dtype (pass 16-bit hidden and weight for tensor-core speed: ``Transformer.loss``
     casts them as autocast would the LM head); a 16-bit weight's gradient is summed over the
-    chunks in fp32 and rounded once.
+    chunks in fp32 and rounded once. The loss is fp32.
     """
-    _check_linear_inputs(hidden, weight, targets, reduction)
-    if reduction == "none":
-        raise ValueError('linear_cross_entropy supports reduction "mean" or "sum", not "none"')
+    _check_linear_call("linear_cross_entropy", hidden, weight, targets, reduction, chunk_rows)
     check_triton_device("linear_cross_entropy", hidden.device)
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     return _LinearCrossEntropy.apply(hidden, weight, targets, int(ignore_index), reduction, chunk_rows)
 
 
@@ -173,6 +199,15 @@ def _check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     check_same_device(hidden=hidden, weight=weight, targets=targets)
+
+
+def _check_linear_call(func: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str,
+                       chunk_rows: int | None) -> None:
+    _check_linear_inputs(hidden, weight, targets, reduction)
+    if reduction == "none":
+        raise ValueError(f'{func} supports reduction "mean" or "sum", not "none"')
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
 
 
 def _reduce(row_loss: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -209,6 +244,34 @@ def _backward_rows(
     kernels.backward[grid](logits, targets, lse, grad_rows, out, logits.stride(0), out.stride(0), n_cols)
 
 
+def _chunk_rows_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, row_scale: torch.Tensor,
+                       need_grad: bool) -> torch.Tensor:
+    """A chunk's (n,) fp32 row losses, and with ``need_grad`` d loss / d logits written over the logits (row n
+    scaled by row_scale[n]), by the two kernels."""
+    loss, lse = _forward_rows(logits, targets, ignore_index)
+    if need_grad:
+        _backward_rows(logits, targets, lse, row_scale, logits)
+    return loss
+
+
+def _chunk_rows_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, row_scale: torch.Tensor,
+                      need_grad: bool) -> torch.Tensor:
+    """`_chunk_rows_triton` in torch ops: one fp32 log_softmax (x - max - log sum, as the kernels keep it), then
+    the softmax, minus one at the target, scaled, in place."""
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= logits.shape[1]))
+    if bad.any():
+        raise ValueError(f"target {int(targets[bad][0])} is out of range [0, {logits.shape[1]}) (ignore_index is "
+                         f"{ignore_index})")
+    logp = torch.log_softmax(logits.float(), -1)  # (n, V) fp32
+    picked = torch.where(valid, targets, 0).long()[:, None]
+    loss = torch.where(valid, -logp.gather(1, picked)[:, 0], 0.0)
+    if need_grad:
+        grad = logp.exp_().scatter_add_(1, picked, -valid.float()[:, None]).mul_(row_scale[:, None])
+        logits.copy_(grad)
+    return loss
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -240,9 +303,10 @@ def _rows_backward_fake(logits, targets, lse, grad_loss, ignore_index):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad):
+def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad, rows=_chunk_rows_triton):
     """Chunked LM head + cross-entropy: (loss, d loss/d hidden, d loss/d weight), the gradients
-    computed on the way (empty when ``need_grad`` is False)."""
+    computed on the way (empty when ``need_grad`` is False). ``rows`` does a chunk's rows: the Triton
+    kernels, or torch ops (`_linear_torch`)."""
     # Matmuls run in the inputs' (shared) dtype: under autocast they would change it
     # between the logits and the gradient buffers.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
@@ -268,11 +332,10 @@ def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, n
             stop = min(start + chunk_rows, n_rows)
             h = hidden[start:stop]  # (n, C)
             logits = h @ weight.t()  # (n, V) in hidden's dtype; the only big transient
-            loss, lse = _forward_rows(logits, targets[start:stop], ignore_index)
-            total += loss.sum()
+            # the chunk's losses, and the gradient of its logits written over the logits themselves
+            total += rows(logits, targets[start:stop], ignore_index, row_scale[start:stop].contiguous(),
+                          need_grad).sum()
             if need_grad:
-                # Gradient of the chunk's logits, written over the logits themselves.
-                _backward_rows(logits, targets[start:stop], lse, row_scale[start:stop].contiguous(), logits)
                 torch.matmul(logits, weight, out=grad_hidden[start:stop])  # (n, C)
                 if sum_fp32:
                     grad_weight += logits.t() @ h  # (V, C) in 16 bits (fp32 inside the matmul), summed in fp32
@@ -282,20 +345,23 @@ def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, n
             total = total / valid.sum()  # NaN when every row is ignored, like F.cross_entropy
     if not need_grad:
         empty = hidden.new_empty(0)
-        return total.to(hidden.dtype), empty, empty
-    return total.to(hidden.dtype), grad_hidden, grad_weight.to(weight.dtype)
+        return total, empty, empty
+    return total, grad_hidden, grad_weight.to(weight.dtype)
+
+
+_linear_torch = functools.partial(_linear_impl, rows=_chunk_rows_torch)
 
 
 def _linear_fake(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad):
     empty = hidden.new_empty(0)
     # The layouts the impl returns (contiguous), whatever the inputs' strides
-    return (hidden.new_empty(()), hidden.new_empty(hidden.shape) if need_grad else empty,
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape) if need_grad else empty,
             weight.new_empty(weight.shape) if need_grad else empty)
 
 
 # Custom ops, so torch.compile (training) treats each launcher as one opaque call. (Named for what they
 # return, (loss, (max, log_sum) stats): inductor's on-disk cache does not key on a fake impl, so an op
-# whose outputs change shape takes a new name.)
+# whose outputs change shape or dtype takes a new name.)
 _rows = kernel_op("cross_entropy_loss_stats",
                   "(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor)",
                   _rows_impl, _rows_fake, public="cross_entropy")
@@ -305,7 +371,7 @@ _rows_backward = kernel_op(
     _rows_backward_impl, _rows_backward_fake, public="cross_entropy",
 )
 _linear = kernel_op(
-    "linear_cross_entropy",
+    "linear_cross_entropy_fp32_loss",
     "(Tensor hidden, Tensor weight, Tensor targets, int ignore_index, str reduction, int? chunk_rows, "
     "bool need_grad) -> (Tensor, Tensor, Tensor)",
     _linear_impl, _linear_fake, public="linear_cross_entropy",
@@ -346,6 +412,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = (grad_hidden.float() * g).to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         dw = (grad_weight.float() * g).to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
         return dh, dw, None, None, None, None
+
+
+class _LinearCrossEntropyTorch(_LinearCrossEntropy):
+    """The same with the row passes in torch (`linear_cross_entropy_torch`)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
+        need_grad = hidden.requires_grad or weight.requires_grad
+        loss, grad_hidden, grad_weight = _linear_torch(hidden, weight, targets, ignore_index, reduction, chunk_rows,
+                                                       need_grad)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -421,17 +421,19 @@ class Transformer(nn.Module):
         return add_norm(h, residual, self.norm.weight, None, self.norm.eps, True)[0].view(B, T, -1)
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, backend: str) -> torch.Tensor:
-        if backend == "triton" and self.loss_impl == "chunked":
-            from kernels.cross_entropy import linear_cross_entropy
+        if self.loss_impl == "chunked" and (backend == "triton" or hidden.device.type == "cpu"):
+            from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_torch
 
-            # LM head + cross-entropy in chunks of rows: the (B*T, V) logits never exist at once. The op
+            # LM head + cross-entropy in chunks of rows: the (B*T, V) logits never exist at once (on the CPU
+            # the same algorithm in torch ops, whose cache-sized chunks also make it faster). The op
             # runs its matmuls in its inputs' dtype, so under autocast they are cast as the LM head's
             # would be (fp32 master weights would otherwise run the biggest matmuls in fp32).
             hidden, weight = hidden.flatten(0, -2), self.lm_head.weight
             if torch.is_autocast_enabled(hidden.device.type):
                 dtype = torch.get_autocast_dtype(hidden.device.type)
                 hidden, weight = hidden.to(dtype), weight.to(dtype)
-            return linear_cross_entropy(hidden, weight, targets.flatten(), ignore_index=-100).float()
+            chunked = linear_cross_entropy if backend == "triton" else linear_cross_entropy_torch
+            return chunked(hidden, weight, targets.flatten(), ignore_index=-100)  # (fp32)
         logits = self.lm_head(hidden).flatten(0, -2)
         if backend == "triton":
             from kernels.cross_entropy import cross_entropy

@@ -237,3 +237,16 @@ def test_scoring_itl_bench_quick(llama_dir, capsys):
     assert re.search(r"run 0: scoring [\d.]+ s; stream ITL p50 [\d.]+ ms, p99 [\d.]+ ms, max \d+ ms \(\d+ chunks\)",
                      out), out
 
+
+
+def test_cpu_train_bench_quick():
+    """bench/cpu_train.py (a CPU training step: Kiln, Kiln with the whole-logits loss, HF) end to end, shortened:
+    a row per precision, and the three sides' first losses agree (the script exits 1 when they do not)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_train.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    rows = re.findall(r"^\| tiny \| [\d.]+M \| 2 x 16 \| (fp32|bf16) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \|",
+                      proc.stdout, flags=re.M)
+    assert [r[0] for r in rows] == ["fp32", "bf16"], proc.stdout
+    assert all(int(n.replace(",", "")) > 0 for r in rows for n in r[1:]), proc.stdout
+    assert "torch " + torch.__version__ in proc.stdout and "transformers " in proc.stdout

@@ -173,6 +173,84 @@ def test_linear_cross_entropy_sums_a_16_bit_weight_gradient_in_fp32():
     assert errors[1] <= 2.5 * errors[128], f"128 chunks: max error {errors[1]:.2e}, one chunk: {errors[128]:.2e}"
 
 
+@on_cpu_interpreter
+def test_linear_cross_entropy_gives_an_fp32_loss_for_16_bit_inputs():
+    """A training run's logged loss: fp32, as F.cross_entropy gives under autocast (in fp16 it would be
+    rounded to ~0.002 at a loss of 5.7, in bf16 to ~0.03)."""
+    gen = torch.Generator().manual_seed(6)
+    hidden, weight = torch.randn(20, 16, generator=gen).half(), (torch.randn(300, 16, generator=gen) * 0.3).half()
+    targets = torch.randint(0, 300, (20,), generator=gen)
+    loss = ce.linear_cross_entropy(hidden, weight, targets)
+    assert loss.dtype == torch.float32
+    exact = ce.linear_cross_entropy_reference(hidden.double(), weight.double(), targets)
+    assert abs(loss.item() - exact.item()) < 1e-5
+
+
+# ---------------------------------------------------------------------- linear_cross_entropy_torch (CPU path)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_rows", [None, 8, 37, 100])
+def test_linear_cross_entropy_torch_matches_unfused(reduction, chunk_rows):
+    """The chunked torch path (training on the CPU) against the whole-logits F.cross_entropy, fp64 on both
+    sides so only the algorithm can differ: chunks of 8 and 37 rows over 37 rows, a row count that is not a
+    multiple, and the default; ignored rows."""
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(37, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(300, 16, generator=gen, dtype=torch.float64) * 0.3
+    targets = torch.randint(0, 300, (37,), generator=gen)
+    targets[::5] = -100
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = ce.linear_cross_entropy_torch(h1, w1, targets, reduction=reduction, chunk_rows=chunk_rows)
+    expected = F.cross_entropy(h2 @ w2.t(), targets, reduction=reduction)
+    assert loss.dtype == torch.float32  # (the row passes run in fp32)
+    assert_close(loss, expected, 1e-5, 1e-6, f"torch linear CE loss {reduction} chunk={chunk_rows}")
+    grads = torch.autograd.grad(loss * 1.7, (h1, w1))
+    grads_ref = torch.autograd.grad(expected * 1.7, (h2, w2))
+    for name, g, g_ref in zip(("hidden", "weight"), grads, grads_ref):
+        assert g.dtype == torch.float64
+        assert_close(g, g_ref, 1e-6, 1e-5, f"torch linear CE d{name} {reduction} chunk={chunk_rows}")
+
+
+def test_linear_cross_entropy_torch_in_bf16_as_autocast_would():
+    """bf16 hidden and weight (what Transformer.loss passes under autocast): the loss within bf16's rounding of
+    the logits of an fp32 reference, in fp32; the weight's gradient summed over 32 chunks in fp32 (as close to
+    the exact one as one chunk's)."""
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(256, 32, generator=gen).bfloat16()
+    weight = (torch.randn(1000, 32, generator=gen) * 0.2).bfloat16()
+    targets = torch.randint(0, 1000, (256,), generator=gen)
+    w64 = weight.double().requires_grad_()
+    exact_loss = F.cross_entropy(hidden.double() @ w64.t(), targets, reduction="sum")
+    (exact,) = torch.autograd.grad(exact_loss, w64)
+    errors = {}
+    for rows in (256, 8):
+        w = weight.clone().requires_grad_()
+        loss = ce.linear_cross_entropy_torch(hidden, w, targets, reduction="sum", chunk_rows=rows)
+        assert loss.dtype == torch.float32
+        assert abs(loss.item() - exact_loss.item()) < 1e-2 * abs(exact_loss.item())
+        (grad,) = torch.autograd.grad(loss, w)
+        assert grad.dtype == torch.bfloat16
+        errors[rows] = (grad.double() - exact).abs().max().item()
+    assert errors[8] <= 2.5 * errors[256], f"32 chunks: max error {errors[8]:.2e}, one chunk: {errors[256]:.2e}"
+
+
+def test_linear_cross_entropy_torch_edge_cases():
+    hidden, weight = torch.randn(6, 8), torch.randn(10, 8)
+    every_ignored = torch.full((6,), -100)
+    assert torch.isnan(ce.linear_cross_entropy_torch(hidden, weight, every_ignored))  # as F.cross_entropy
+    assert ce.linear_cross_entropy_torch(hidden, weight, every_ignored, reduction="sum").item() == 0.0
+    with pytest.raises(ValueError, match=r"target 10 is out of range \[0, 10\) \(ignore_index is -100\)"):
+        ce.linear_cross_entropy_torch(hidden, weight, torch.tensor([0, 1, 10, 2, 3, 4]))
+    with pytest.raises(ValueError, match='"mean" or "sum"'):
+        ce.linear_cross_entropy_torch(hidden, weight, every_ignored, reduction="none")
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
+        ce.linear_cross_entropy_torch(hidden, weight, every_ignored, chunk_rows=0)
+    with torch.no_grad():  # no gradient wanted: the loss alone
+        targets = torch.arange(6)
+        got = ce.linear_cross_entropy_torch(hidden, weight, targets, chunk_rows=4)
+    assert abs(got.item() - F.cross_entropy(hidden @ weight.t(), targets).item()) < 1e-6
+
+
 def test_backward_autotuning_restores_the_logits_it_overwrites(monkeypatch):
     """linear_cross_entropy runs the backward kernel in place (gradient over the logits). On a key's first
     launch the GPU autotuner runs every config on the same buffer: without restoring it after each run,

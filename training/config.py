@@ -135,7 +135,9 @@ class TrainConfig:
     compile: bool | None = None  # None: on for CUDA, off for CPU
     device: str = "auto"
     attn_backend: str = "auto"
-    loss_impl: str = "chunked"  # triton backend: chunked LM head + loss (memory), or whole logits + CE kernel
+    # the LM head + loss in chunks of rows (Triton kernels on GPUs, torch ops on CPUs; no (tokens, vocab) logits),
+    # or "logits": the whole logits, then the CE kernel (triton backend) or F.cross_entropy
+    loss_impl: str = "chunked"
     parallel: str = "ddp"  # with several processes: ddp, or fsdp (FSDP2 fully_shard per block)
     peak_flops: float = 0.0  # for MFU; 0 -> looked up from the GPU name (H100: 989e12 bf16)
     # evaluation, logging, checkpoints
