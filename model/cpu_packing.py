@@ -121,8 +121,11 @@ def pack_linears(model: nn.Module, release: bool = False) -> int:
     if not linears or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
         return 0
     todo = list({id(m.weight): m for m in linears if getattr(m, "_kiln_packed", None) is None}.values())
-    sizes = [m.weight.numel() * m.weight.element_size() for m in todo]
-    needed = (max(sizes) if release else sum(sizes)) if sizes else 0
+    kept = _tied_elsewhere(model) if release else set()
+    sizes = {id(m.weight): m.weight.numel() * m.weight.element_size() for m in todo}
+    # released originals make room for their packs as they go (one matrix at a time); kept ones do not
+    freed = [size for key, size in sizes.items() if release and key not in kept]
+    needed = sum(sizes.values()) - sum(freed) + max(freed, default=0)
     fits, free = fits_in_memory(needed)
     if todo and not fits:
         log.warning("not prepacking the linear layers for oneDNN: the copies would take %.1f GB of the %.1f GB "
@@ -130,7 +133,6 @@ def pack_linears(model: nn.Module, release: bool = False) -> int:
         return 0
     if todo and pack_weight(todo[0].weight, todo[0].bias, PACK_BATCH) is None:
         return 0
-    kept = _tied_elsewhere(model) if release else set()
     for module in linears:
         if getattr(module, "_kiln_packed", None) is None:
             _pack(module)

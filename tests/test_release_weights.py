@@ -120,3 +120,21 @@ def test_the_server_releases_and_says_so(llama_dir, caplog):
     assert any("fp32 matrices only as oneDNN packs" in r.getMessage() for r in caplog.records)
     out = list(engine.generate(engine.tokenizer.encode("Once upon"), SamplingParams(max_tokens=4, temperature=0)))
     assert sum(len(o.token_ids) for o in out) == 4
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "gpt2_dir"])
+def test_releasing_packs_a_model_whose_packs_would_not_fit_beside_it(fixture, monkeypatch, request):
+    """Packs that replace their originals need room for one matrix at a time, plus the whole of those that stay
+    (GPT-2's LM head, tied to the embedding): with memory for that and no more, release packs the model where
+    plain packing refuses, and one byte less refuses both."""
+    model_dir = request.getfixturevalue(fixture)
+    model = load_model(model_dir)
+    tied = [m for m in linears(model) if m.weight is model.embed.weight]
+    sizes = [m.weight.numel() * 4 for m in linears(model) if m.weight is not model.embed.weight]
+    needed = sum(m.weight.numel() * 4 for m in tied) + max(sizes)
+    assert needed < sum(sizes) + sum(m.weight.numel() * 4 for m in tied)
+    monkeypatch.setattr(cpu_packing, "available_memory", lambda: 2 * needed)  # (packs may take half of it)
+    assert cpu_packing.pack_linears(model) == 0
+    assert cpu_packing.pack_linears(model, release=True) == len(linears(model)) and cpu_packing.released(model)
+    monkeypatch.setattr(cpu_packing, "available_memory", lambda: 2 * needed - 2)
+    assert cpu_packing.pack_linears(load_model(model_dir), release=True) == 0
