@@ -119,8 +119,14 @@ def linear_cross_entropy_torch(
     during the forward) with each chunk's rows in one ``log_softmax`` and in-place passes. The CPU path of the
     training loss. The default ``chunk_rows`` keeps a chunk's logits near 2^21 elements (256 rows at a 8192
     vocabulary), at least 64 rows: on a 2-vCPU CPU 256 rows ran the LM head + loss fastest (fewer rows read
-    and write the weight's gradient too often, more fall out of cache). A target outside [0, V) raises."""
+    and write the weight's gradient too often, more fall out of cache). A target outside [0, V) raises (not
+    checked while torch.compile traces it)."""
     _check_linear_call("linear_cross_entropy_torch", hidden, weight, targets, reduction, chunk_rows)
+    if not torch.compiler.is_compiling():  # (a data-dependent branch, so not while torch.compile traces)
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+        if bad.any():
+            raise ValueError(f"target {int(targets[bad][0])} is out of range [0, {weight.shape[0]}) (ignore_index "
+                             f"is {ignore_index})")
     if chunk_rows is None:
         chunk_rows = max(_TORCH_CHUNK_MIN_ROWS, _TORCH_CHUNK_LOGITS // weight.shape[0])
     return _LinearCrossEntropyTorch.apply(hidden, weight, targets, int(ignore_index), reduction, chunk_rows)
@@ -259,10 +265,6 @@ def _chunk_rows_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     """`_chunk_rows_triton` in torch ops: one fp32 log_softmax (x - max - log sum, as the kernels keep it), then
     the softmax, minus one at the target, scaled, in place."""
     valid = targets != ignore_index
-    bad = valid & ((targets < 0) | (targets >= logits.shape[1]))
-    if bad.any():
-        raise ValueError(f"target {int(targets[bad][0])} is out of range [0, {logits.shape[1]}) (ignore_index is "
-                         f"{ignore_index})")
     logp = torch.log_softmax(logits.float(), -1)  # (n, V) fp32
     picked = torch.where(valid, targets, 0).long()[:, None]
     loss = torch.where(valid, -logp.gather(1, picked)[:, 0], 0.0)

@@ -234,6 +234,24 @@ def test_linear_cross_entropy_torch_in_bf16_as_autocast_would():
     assert errors[8] <= 2.5 * errors[256], f"32 chunks: max error {errors[8]:.2e}, one chunk: {errors[256]:.2e}"
 
 
+def test_linear_cross_entropy_torch_traces_in_one_graph():
+    """`kiln train --set compile=true` on a CPU: the chunked torch loss traces without a graph break (its range
+    check stays out of the trace) and gives the eager loss and gradients."""
+    gen = torch.Generator().manual_seed(8)
+    hidden, weight = torch.randn(40, 16, generator=gen), torch.randn(300, 16, generator=gen) * 0.3
+    targets = torch.randint(0, 300, (40,), generator=gen)
+    targets[::7] = -100
+    torch._dynamo.reset()
+    compiled = torch.compile(ce.linear_cross_entropy_torch, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (compiled, ce.linear_cross_entropy_torch):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = fn(h, w, targets, chunk_rows=16)
+        results.append((loss, *torch.autograd.grad(loss, (h, w))))
+    for got, want in zip(*results):
+        assert_close(got, want, 1e-6, 1e-6, "compiled torch linear CE")
+
+
 def test_linear_cross_entropy_torch_edge_cases():
     hidden, weight = torch.randn(6, 8), torch.randn(10, 8)
     every_ignored = torch.full((6,), -100)
