@@ -159,7 +159,7 @@ class EngineProcess(ServingState):
 
     async def render_metrics(self) -> bytes:
         """This process's families, then the engine process's (asked for over the pipe)."""
-        ours = self.metrics.render(lambda name: name in API_METRICS)
+        ours = self.metrics.render(lambda name: name in API_METRICS or name.startswith("process_"))
         if self._state not in (STARTING, READY):
             return ours
         future = asyncio.get_running_loop().create_future()
@@ -349,7 +349,7 @@ def _engine_main(conn, loader: Callable[[], Any], model_name: str, max_queue: in
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     outlet = _Outlet(conn)
-    scheduler = Scheduler(loader, ServerMetrics(model_name), max_queue=max_queue)
+    scheduler = Scheduler(loader, ServerMetrics(model_name, process_namespace="kiln_engine"), max_queue=max_queue)
 
     def ready() -> None:
         engine = scheduler.engine

@@ -3,14 +3,16 @@
 Names follow vLLM's (`vllm:time_to_first_token_seconds` -> `kiln_time_to_first_token_seconds`)
 so existing dashboards map over. The scheduler's worker thread observes the latency
 histograms and token counters as steps complete; the HTTP middleware counts requests by
-endpoint and status; gauges are set after every scheduler iteration.
+endpoint and status; gauges are set after every scheduler iteration. The process's own memory and CPU
+time are prometheus_client's standard `process_*` families (`process_resident_memory_bytes`, ...); with
+--engine-process the engine process (which holds the model) adds its own as `kiln_engine_process_*`.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Latency buckets reach down to a millisecond: tiny models on a CPU step in ~1-5 ms.
@@ -43,10 +45,12 @@ class BatchHistogram(Histogram):
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, process_namespace: str = "") -> None:
+        """`process_namespace` prefixes this process's `process_*` families ("kiln_engine" in the engine process)."""
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(namespace=process_namespace, registry=r)  # (nothing where there is no /proc)
         self.time_to_first_token = Histogram(
             "kiln_time_to_first_token_seconds", "Arrival to first generated token, per sequence.",
             buckets=TTFT_BUCKETS, registry=r)

@@ -616,6 +616,14 @@ def test_metrics_move(client, ref):
     config = {"block_size": str(cache.block_size), "num_blocks": str(cache.num_blocks), "cache_dtype": "float32",
               "enable_prefix_caching": "true"}
     assert after[("kiln_cache_config_info", tuple(sorted(config.items())))] == 1
+    # the process's standard families (prometheus_client's, as a default registry would have): this process's memory
+    rss = after[("process_resident_memory_bytes", ())]
+    assert abs(rss - resident_bytes()) < 0.1 * rss and after[("process_cpu_seconds_total", ())] > 0
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def test_greedy_speculation_keeps_the_text_and_counts_its_drafts(client, ref):

@@ -498,6 +498,15 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in out.split() if b"spawn_main" in Path(f"/proc/{x}/cmdline").read_bytes()]
 
 
+def _start_time(pid: int) -> float:
+    """A process's start (seconds since the epoch), from /proc as prometheus_client's ProcessCollector reads it."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    started = float(Path(f"/proc/{pid}/stat").read_bytes().split(b")")[-1].split()[19]) / ticks
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime "))
+    return boot + started
+
+
 def test_engine_process_serves_the_same_and_stops_on_sigterm(parrot_dir):
     """`--engine-process`: completions (streamed or not, n=2), perplexity, refusals and /metrics as in one
     process, the engine's metric families and the API's each once; SIGTERM ends both processes cleanly."""
@@ -535,6 +544,10 @@ def test_engine_process_serves_the_same_and_stops_on_sigterm(parrot_dir):
         # the engine process labels the cache it built: 2 rows x 2 sequences of 64 tokens in blocks of 16, + 1
         assert [k for k in m if k.startswith("kiln_cache_config_info{")] == \
             ["kiln_cache_config_info{block_size=16,cache_dtype=float32,enable_prefix_caching=true,num_blocks=17}"], m
+        # each process's memory: the HTTP process's as process_*, the engine process's (the model's) as kiln_engine_*
+        for prefix, pid in (("process", proc.pid), ("kiln_engine_process", engine_pid)):
+            assert m[f"{prefix}_start_time_seconds"] == pytest.approx(_start_time(pid), abs=0.1), prefix
+            assert m[f"{prefix}_resident_memory_bytes"] > 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert "Traceback" not in proc.stdout.read()
