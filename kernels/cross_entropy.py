@@ -396,16 +396,21 @@ class _CrossEntropy(torch.autograd.Function):
         return _rows_backward(logits, targets, lse, grad_loss, ctx.ignore_index), None, None
 
 
+def _linear_forward(ctx, linear, hidden, weight, targets, ignore_index, reduction, chunk_rows):
+    """The autograd forward of the chunked LM head + loss through `linear` (`_linear` or `_linear_torch`): the
+    gradients it computes on the way are saved for the backward."""
+    need_grad = hidden.requires_grad or weight.requires_grad
+    loss, grad_hidden, grad_weight = linear(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad)
+    ctx.save_for_backward(grad_hidden, grad_weight)
+    return loss
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Chunked LM-head + cross-entropy; gradients are computed during the forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
-        need_grad = hidden.requires_grad or weight.requires_grad
-        loss, grad_hidden, grad_weight = _linear(hidden, weight, targets, ignore_index, reduction, chunk_rows,
-                                                 need_grad)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
+        return _linear_forward(ctx, _linear, hidden, weight, targets, ignore_index, reduction, chunk_rows)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -421,11 +426,7 @@ class _LinearCrossEntropyTorch(_LinearCrossEntropy):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
-        need_grad = hidden.requires_grad or weight.requires_grad
-        loss, grad_hidden, grad_weight = _linear_torch(hidden, weight, targets, ignore_index, reduction, chunk_rows,
-                                                       need_grad)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
+        return _linear_forward(ctx, _linear_torch, hidden, weight, targets, ignore_index, reduction, chunk_rows)
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -174,6 +174,11 @@ def released(module: nn.Module) -> bool:
     return any(getattr(m, "_kiln_released", False) for m in module.modules())
 
 
+def released_bytes(module: nn.Module) -> int:
+    """The bytes of fp32 matrices `module`'s linear layers no longer hold (kept only as their oneDNN packs)."""
+    return sum(m.in_features * m.out_features * 4 for m in module.modules() if getattr(m, "_kiln_released", False))
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """A linear layer's weight matrix: its own, or rebuilt from its oneDNN pack when released (a new copy)."""
     if getattr(module, "_kiln_released", False):

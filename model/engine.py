@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 from .attention import resolve_backend
-from .cpu_packing import (AMX_PARTS, amx_linears, bf16_copy, pack_linears, released, resolve_prefill_dtype,
-                          trim_heap)
+from .cpu_packing import (AMX_PARTS, amx_linears, bf16_copy, pack_linears, released, released_bytes,
+                          resolve_prefill_dtype, trim_heap)
 from .cuda_graphs import GraphedDecode, describe_failure
 from .fast_decode import DecodePlan
 from .kv_cache import NULL_BLOCK, KVCache, block_hashes, default_num_blocks, resolve_kv_cache_dtype
@@ -214,8 +214,7 @@ class Engine:
                 plan.supports_native()  # (checked on the fp32 originals while they are here: the answer is kept)
                 plan.read_modules()  # (drops the plan's references to the matrices)
             pack_linears(model, release=release)
-            self.released_bytes = sum(m.in_features * m.out_features * 4 for m in model.modules()
-                                      if getattr(m, "_kiln_released", False))
+            self.released_bytes = released_bytes(model)
         if plan is not None:
             plan.pack_head([1, self.max_batch_size])
         # native: None = use it if it is already built, True = build it now if needed, False = never

@@ -33,8 +33,9 @@ def losses_and_grads(autocast: torch.dtype | None, tie: bool):
     return results
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_the_cpu_loss_is_chunked_and_equals_the_whole_logits_one(tie, monkeypatch):
+@pytest.fixture
+def chunked_calls(monkeypatch) -> list[tuple]:
+    """(hidden shape, hidden dtype, weight dtype) of each call of the chunked torch loss, as it happens."""
     calls = []
     real = ce.linear_cross_entropy_torch
 
@@ -43,28 +44,25 @@ def test_the_cpu_loss_is_chunked_and_equals_the_whole_logits_one(tie, monkeypatc
         return real(hidden, weight, *args, **kwargs)
 
     monkeypatch.setattr(ce, "linear_cross_entropy_torch", spy)
+    return calls
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_the_cpu_loss_is_chunked_and_equals_the_whole_logits_one(tie, chunked_calls):
     (loss, grads), (ref_loss, ref_grads) = losses_and_grads(None, tie)
-    assert calls == [((42, 32), torch.float32, torch.float32)]  # the chunked path ran once, not the logits one
+    assert chunked_calls == [((42, 32), torch.float32, torch.float32)]  # the chunked path ran once, not the logits one
     assert loss.dtype == torch.float32 and abs(loss.item() - ref_loss.item()) < 1e-6
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         assert (g - ref_grads[name]).abs().max().item() < 1e-6, name
 
 
-def test_the_cpu_loss_under_bf16_autocast(monkeypatch):
+def test_the_cpu_loss_under_bf16_autocast(chunked_calls):
     """bf16 autocast (precision=auto on CPUs with fast bf16 products): the chunked path gets bf16 hidden states and
     LM head, as the LM head's linear layer would under autocast, returns an fp32 loss (not rounded to bf16's
     ~0.03 at this size), and the fp32 master weights get fp32 gradients close to the whole-logits path's."""
-    calls = []
-    real = ce.linear_cross_entropy_torch
-
-    def spy(hidden, weight, *args, **kwargs):
-        calls.append((hidden.dtype, weight.dtype))
-        return real(hidden, weight, *args, **kwargs)
-
-    monkeypatch.setattr(ce, "linear_cross_entropy_torch", spy)
     (loss, grads), (ref_loss, ref_grads) = losses_and_grads(torch.bfloat16, False)
-    assert calls == [(torch.bfloat16, torch.bfloat16)]
+    assert chunked_calls == [((42, 32), torch.bfloat16, torch.bfloat16)]
     assert loss.dtype == torch.float32 and loss.item() != loss.bfloat16().float().item()
     assert abs(loss.item() - ref_loss.item()) < 1e-3
     for name, g in grads.items():
