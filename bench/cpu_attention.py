@@ -1,12 +1,15 @@
-"""Prompt attention on the CPU: Kiln's native causal attention against PyTorch's SDPA (its CPU flash kernel).
+"""Attention on the CPU: Kiln's native causal attention against PyTorch's SDPA (its CPU flash kernel).
 
     python bench/cpu_attention.py [--threads N] [--reps 5] [--quick]
 
-What a prompt's or a scoring window's forward computes per layer on a CPU (`Transformer._forward_cpu`):
-fp32 queries (B, T, H, D) and keys/values (B, T, Hkv, D) as views of the qkv product, causal, GQA. The
-baseline is `F.scaled_dot_product_attention(is_causal=True, enable_gqa=...)` on the same views plus the
-transpose to (B * T, H * D) that the output projection needs (the native call returns that layout);
-both are timed in the same run, best of --reps, and checked against each other (max abs difference).
+Two tables. Prompts: what a prompt's or a scoring window's forward computes per layer on a CPU
+(`Transformer._forward_cpu`): fp32 queries (B, T, H, D) and keys/values (B, T, Hkv, D) as views of the qkv
+product, causal, GQA. The baseline is `F.scaled_dot_product_attention(is_causal=True, enable_gqa=...)` on the
+same views plus the transpose to (B * T, H * D) that the output projection needs (the native call returns that
+layout). Training: forward and backward (`model.attention.native_causal_attention`, what `kiln train` runs on a
+CPU) against SDPA's forward and backward through autograd, on the same views, in fp32 and in bf16 (the dtype
+under bf16 autocast: Kiln widens to fp32 inside, SDPA computes in bf16); the gradients of q, k and v are
+compared to an fp64 reference. Both sides are timed in the same run, best of --reps.
 """
 
 from __future__ import annotations
@@ -36,7 +39,17 @@ SHAPES = [
     ("Llama 1.1B heads, 512 tokens", 1, 512, 32, 4, 64),
 ]
 QUICK_SHAPES = [("tiny GQA", 2, 40, 4, 2, 16), ("tiny MHA", 1, 33, 3, 3, 32)]
+# (name, B, T, H, Hkv, D): training micro-batches
+TRAIN_SHAPES = [
+    ("training/configs/tiny.toml", 16, 256, 6, 2, 32),
+    ("training/configs/default-cpu.toml", 8, 512, 8, 2, 32),
+    ("the default model, 8 x 512", 8, 512, 8, 2, 64),
+    ("GPT-2 124M heads, 4 x 1024", 4, 1024, 12, 12, 64),
+    ("one 2048-token row", 1, 2048, 8, 2, 64),
+]
 MAX_ERROR = 1e-4
+# the largest gradient error against fp64, relative to the largest fp64 gradient: fp32 and bf16 inputs
+MAX_GRAD_ERROR = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 def best_ms(fn, reps: int) -> float:
@@ -98,7 +111,58 @@ def main(argv: list[str] | None = None) -> int:
     if worst > MAX_ERROR:
         print(f"cpu_attention.py: Kiln and SDPA differ by {worst:.2e} (more than {MAX_ERROR:g})", file=sys.stderr)
         return 1
+    return train_table(module, QUICK_SHAPES if args.quick else TRAIN_SHAPES, reps)
+
+
+def train_table(module, shapes, reps: int) -> int:
+    """Forward + backward, Kiln's native op against SDPA through autograd; returns the exit status."""
+    from model.attention import native_causal_attention, use_native_module
+
+    if not use_native_module(module):
+        print("cpu_attention.py: the native module has no training attention here", file=sys.stderr)
+        return 1
+    print()
+    print(f"Training: forward + backward, causal; the gradients' largest error against fp64, relative to the "
+          f"largest gradient; best of {reps}")
+    print("| shape | B x T | H / Hkv, D | dtype | SDPA ms | Kiln ms | Kiln GFLOP/s | Kiln/SDPA | "
+          "SDPA grad error | Kiln grad error |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    failed = False
+    g = torch.Generator().manual_seed(0)
+    for name, B, T, H, Hkv, D in shapes:
+        qkv64 = torch.randn(B, T, H + 2 * Hkv, D, generator=g, dtype=torch.float64)
+        grad64 = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+        reference = _grads(qkv64, grad64, H, Hkv, _sdpa)
+        for dtype in (torch.float32, torch.bfloat16):
+            qkv, grad = qkv64.to(dtype), grad64.to(dtype)
+            errors = {}
+            for side, attend in (("SDPA", _sdpa), ("Kiln", native_causal_attention)):
+                got = _grads(qkv, grad, H, Hkv, attend)
+                errors[side] = (got.double() - reference).abs().max().item() / reference.abs().max().item()
+            base = best_ms(lambda: _grads(qkv, grad, H, Hkv, _sdpa), reps)
+            ours = best_ms(lambda: _grads(qkv, grad, H, Hkv, native_causal_attention), reps)
+            flops = 3.5 * 4 * B * H * D * T * (T + 1) / 2  # forward's two products, backward's five
+            print(f"| {name} | {B} x {T} | {H} / {Hkv}, {D} | {str(dtype).removeprefix('torch.')} | {base:.1f} | "
+                  f"{ours:.1f} | {flops / ours / 1e6:.0f} | {base / ours:.2f}x | {errors['SDPA']:.1e} | "
+                  f"{errors['Kiln']:.1e} |", flush=True)
+            failed |= errors["Kiln"] > MAX_GRAD_ERROR[dtype]
+    if failed:
+        print("cpu_attention.py: Kiln's gradients are off (see the table)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _sdpa(q, k, v):  # (B, T, H, D) views in and out, as the model's attention calls it
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=q.shape[2] != k.shape[2])
+    return y.transpose(1, 2)
+
+
+def _grads(qkv: torch.Tensor, grad: torch.Tensor, H: int, Hkv: int, attend) -> torch.Tensor:
+    """The gradient of (attend(q, k, v) * grad).sum() with respect to qkv (B, T, H + 2 Hkv, D)."""
+    qkv = qkv.detach().requires_grad_()
+    attend(qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]).backward(grad)
+    return qkv.grad
 
 
 if __name__ == "__main__":

@@ -1,22 +1,25 @@
 """A training step on the CPU: Kiln's (`training.train.optimizer_step` on `model.Transformer`) against Hugging
-Face transformers' LlamaForCausalLM with the same recipe, and Kiln with the whole-logits loss.
+Face transformers' LlamaForCausalLM with the same recipe, and Kiln with its attention through torch's SDPA.
 
-    python bench/cpu_train.py [--threads 2] [--steps 6] [--precision fp32 bf16] [--quick] [--markdown]
+    python bench/cpu_train.py [--threads 2] [--steps 6] [--precision fp32 bf16] [--compile] [--quick]
 
-Both models are random-init Llama shapes (RMSNorm, RoPE, SwiGLU, GQA, LM head tied to the embedding, vocab 8192:
-training/configs/tiny.toml's and the default model's) with the same weights; one step is forward, backward, clipping at 1.0 and AdamW (0.9, 0.95, eps 1e-8, weight decay 0.1 on
-matrices), on random tokens, in fp32 or under bf16 autocast (fp32 master weights), as `kiln train` runs it on a
-CPU without torch.compile. HF's loss is `F.cross_entropy` on its fp32-cast logits (what its `labels=` path
-does). "Kiln (whole logits)" is Kiln's step with `loss_impl = "logits"`: the LM head's full (B*T, V) logits then
-`F.cross_entropy`, what the CPU ran before the chunked loss (`kernels.cross_entropy.linear_cross_entropy_torch`).
-The three alternate step by step; the median step is reported, with each side's first loss (they start from
-the same weights and batch, so they agree to rounding).
+The models are random-init Llama shapes (RMSNorm, RoPE, SwiGLU, GQA, LM head tied to the embedding, vocab 8192:
+training/configs/tiny.toml's, default-cpu.toml's and the default model's) with the same weights; one step is
+forward, backward, clipping at 1.0 and AdamW (0.9, 0.95, eps 1e-8, weight decay 0.1 on matrices), on random
+tokens, in fp32 or under bf16 autocast (fp32 master weights), as `kiln train` runs it on a CPU (eager, or with
+--compile every side through torch.compile, as default-cpu.toml trains). "Kiln" is what `kiln train` runs:
+self-attention (forward and backward) in the native module's kernels (model/native, built here if needed) and
+the LM head + loss in chunks; "Kiln (SDPA)" is the same with `F.scaled_dot_product_attention` instead, what the
+CPU ran before. HF's loss is `F.cross_entropy` on its fp32-cast logits (what its `labels=` path does). The
+sides alternate step by step; the median step is reported, with each side's first loss (they start from the
+same weights and batch, so they agree to rounding).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import statistics
 import sys
@@ -30,6 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from cpu_serving import cpu_info  # noqa: E402
+from model import native  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
@@ -40,19 +44,20 @@ VOCAB = 8192
 # (name, d_model, n_layer, n_head, n_kv_head, d_ff, batch, seq)
 SHAPES = [
     ("tiny.toml", 192, 4, 6, 2, 512, 16, 256),
+    ("default-cpu.toml", 256, 6, 8, 2, 704, 8, 512),
     ("the default model", 512, 8, 8, 2, 1152, 8, 512),
 ]
 QUICK_SHAPES = [("tiny", 32, 1, 2, 1, 64, 2, 16)]
 
 
-def kiln_side(d, n_layer, n_head, n_kv_head, d_ff, seq, weights, loss_impl):
+def kiln_side(d, n_layer, n_head, n_kv_head, d_ff, seq, weights, native_module):
     config = ModelConfig(vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, d_model=d, d_ff=d_ff,
                          max_seq_len=seq, norm="rmsnorm", positions="rope", mlp="swiglu", tie_embeddings=True,
                          bias=False)
     model = Transformer(config, attn_backend="torch")
     if weights is not None:
         model.load_state_dict(weights)
-    model.loss_impl = loss_impl
+    model.use_native_attention(native_module)
     model.train()
     return model, build_optimizer(model, TrainConfig(), "cpu")
 
@@ -91,26 +96,27 @@ def hf_side(d, n_layer, n_head, n_kv_head, d_ff, seq, weights):
     return model, optimizer
 
 
-def run_shape(shape, precision: str, steps: int) -> dict:
+def run_shape(shape, precision: str, steps: int, native_module, compile_: bool) -> dict:
     name, d, n_layer, n_head, n_kv_head, d_ff, batch, seq = shape
     torch.manual_seed(0)
-    kiln, kiln_opt = kiln_side(d, n_layer, n_head, n_kv_head, d_ff, seq, None, "chunked")
+    kiln, kiln_opt = kiln_side(d, n_layer, n_head, n_kv_head, d_ff, seq, None, native_module)
     weights = {k: v.clone() for k, v in kiln.state_dict().items()}
-    whole, whole_opt = kiln_side(d, n_layer, n_head, n_kv_head, d_ff, seq, weights, "logits")
+    sdpa, sdpa_opt = kiln_side(d, n_layer, n_head, n_kv_head, d_ff, seq, weights, None)
     hf, hf_opt = hf_side(d, n_layer, n_head, n_kv_head, d_ff, seq, hf_weights(kiln, n_head, n_kv_head))
+    run = {m: torch.compile(m) if compile_ else m for m in (kiln, sdpa, hf)}
     amp = lambda: autocast(precision, torch.device("cpu"))  # noqa: E731
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     def kiln_step(model, optimizer):
         def step(x, y):
-            loss, _ = optimizer_step(model, optimizer, scaler, [(x, y)], 1, 1.0, amp,
+            loss, _ = optimizer_step(run[model], optimizer, scaler, [(x, y)], 1, 1.0, amp,
                                      lambda last: contextlib.nullcontext())
             return loss.item()
         return step
 
     def hf_step(x, y):
         with amp():
-            logits = hf(input_ids=x).logits
+            logits = run[hf](input_ids=x).logits
         loss = F.cross_entropy(logits.float().view(-1, VOCAB), y.view(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
@@ -118,11 +124,12 @@ def run_shape(shape, precision: str, steps: int) -> dict:
         hf_opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    sides = {"Kiln": kiln_step(kiln, kiln_opt), "Kiln (whole logits)": kiln_step(whole, whole_opt), "HF": hf_step}
+    sides = {"Kiln": kiln_step(kiln, kiln_opt), "Kiln (SDPA)": kiln_step(sdpa, sdpa_opt), "HF": hf_step}
     gen = torch.Generator().manual_seed(1)
     times: dict[str, list[float]] = {k: [] for k in sides}
     first: dict[str, float] = {}
-    for i in range(steps + 1):  # step 0 warms up (and gives the first losses)
+    warm = 2 if compile_ else 1  # (a compiled side's second step is its first without recompiling)
+    for i in range(steps + warm):  # the first warm up (step 0 gives the first losses)
         tokens = torch.randint(0, VOCAB, (batch, seq + 1), generator=gen)
         x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         for side, step in sides.items():
@@ -130,7 +137,7 @@ def run_shape(shape, precision: str, steps: int) -> dict:
             loss = step(x, y)
             if i == 0:
                 first[side] = loss
-            else:
+            elif i >= warm:
                 times[side].append(time.perf_counter() - started)
     tokens_per_step = batch * seq
     rate = {side: tokens_per_step / statistics.median(t) for side, t in times.items()}
@@ -144,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="timed steps per side (after one warm-up step)")
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    p.add_argument("--compile", action="store_true", help="every side through torch.compile")
     p.add_argument("--quick", action="store_true", help="one tiny shape, two steps (a smoke test)")
-    p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
@@ -153,21 +160,26 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     shapes, steps = (QUICK_SHAPES, 2) if args.quick else (SHAPES, args.steps)
+    os.environ.pop(native.DISABLE_ENV, None)
+    module = native.load()
+    attention = "native" if module is not None and hasattr(module, "causal_attention_backward") else "SDPA"
     print(f"# {cpu_info()[0]}, {args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"Python {platform.python_version()}; median of {steps} steps, alternating")
-    print("| shape | params | batch x seq | precision | Kiln tok/s | Kiln (whole logits) tok/s | HF tok/s | "
-          "Kiln / HF | chunked / whole | first losses (Kiln, whole, HF) |")
+          f"Python {platform.python_version()}; {'torch.compile' if args.compile else 'eager'}; median of {steps} "
+          f"steps, alternating; Kiln's attention: {attention}"
+          + ("" if attention == "native" else f" (the native module is unavailable: {native.error()})"))
+    print("| shape | params | batch x seq | precision | Kiln tok/s | Kiln (SDPA) tok/s | HF tok/s | "
+          "Kiln / HF | Kiln / Kiln (SDPA) | first losses (Kiln, SDPA, HF) |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---|")
     worst = 0.0
     for shape in shapes:
         for precision in args.precision:
-            r = run_shape(shape, precision, steps)
+            r = run_shape(shape, precision, steps, module, args.compile)
             rate, first = r["rate"], r["first"]
             worst = max(worst, max(abs(first["Kiln"] - first[s]) for s in first))
             print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} x {r['seq']} | {precision} | "
-                  f"{rate['Kiln']:,.0f} | {rate['Kiln (whole logits)']:,.0f} | {rate['HF']:,.0f} | "
-                  f"{rate['Kiln'] / rate['HF']:.2f}x | {rate['Kiln'] / rate['Kiln (whole logits)']:.2f}x | "
-                  f"{first['Kiln']:.4f}, {first['Kiln (whole logits)']:.4f}, {first['HF']:.4f} |", flush=True)
+                  f"{rate['Kiln']:,.0f} | {rate['Kiln (SDPA)']:,.0f} | {rate['HF']:,.0f} | "
+                  f"{rate['Kiln'] / rate['HF']:.2f}x | {rate['Kiln'] / rate['Kiln (SDPA)']:.2f}x | "
+                  f"{first['Kiln']:.4f}, {first['Kiln (SDPA)']:.4f}, {first['HF']:.4f} |", flush=True)
     if worst > 2e-2:
         print(f"the first losses differ by {worst:.3g}: the sides do not compute the same model", file=sys.stderr)
         return 1

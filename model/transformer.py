@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import (attend_cached, cached_attention, cached_keys, causal_attention, resolve_backend,
-                        store_keys)
+from .attention import (attend_cached, cached_attention, cached_keys, causal_attention, native_causal_attention,
+                        resolve_backend, store_keys, use_native_module)
 from .config import ModelConfig
 from .kv_cache import CacheBatch, KVCache
 
@@ -144,6 +144,8 @@ class Attention(nn.Module):
             qk = apply_rope(qk, *rope)  # queries and keys rotated in one go
         q, k = qk[:, :, :H], qk[:, :, H:]  # (B, T, H, D), (B, T, Hkv, D)
         v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+        if backend == "native":  # (B, T, H, D) in and out: no transposes
+            return self.proj(native_causal_attention(q, k, v).reshape(B, T, H * D))
         q = q.transpose(1, 2)  # (B, H, T, D)
         if batch is None:
             y = causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), backend)
@@ -221,6 +223,9 @@ class Transformer(nn.Module):
         # the native module (model/native) whose fused elementwise steps the CPU forward runs without autograd
         # in fp32 (`_forward_cpu`): set by the engine when it has the module, None = plain torch ops
         self.cpu_ops = None
+        # on a CPU, self-attention without a cache (training, evaluation) in Kiln's native kernels with autograd
+        # (`attention.native_causal_attention`) instead of SDPA: set by `use_native_attention`
+        self.native_attention = False
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model)
@@ -253,6 +258,15 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+
+    def use_native_attention(self, module) -> bool:
+        """Run self-attention without a cache on a CPU (the torch backend's training and evaluation forward)
+        through `module`'s (model/native) causal attention and its backward; False, and nothing changes, when
+        the module is None or lacks them."""
+        if not use_native_module(module):
+            return False
+        self.native_attention = True
+        return True
 
     def init_rope(self) -> None:
         """Recompute the (non-persistent) rotary tables, e.g. after materializing from the meta device."""
@@ -297,9 +311,11 @@ class Transformer(nn.Module):
                 x = x + self.pos_embed(positions)
             else:
                 rope = (self.rope_cos[positions][:, :, None, :], self.rope_sin[positions][:, :, None, :])
+            # self-attention without a cache on a CPU: the native kernels, where `use_native_attention` set them
+            native = self.native_attention and batch is None and backend == "torch" and tokens.device.type == "cpu"
             for i, block in enumerate(self.blocks):
                 layer_cache = (kv_cache.k[i], kv_cache.v[i]) if batch is not None else None
-                x = block(x, rope, layer_cache, batch, backend)
+                x = block(x, rope, layer_cache, batch, "native" if native else backend)
             if output_index is not None:
                 x = x[torch.arange(B, device=x.device), output_index]  # (B, d)
             x = self.norm(x)

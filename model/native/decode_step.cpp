@@ -1164,14 +1164,37 @@ KILN_WIDE_LOOPS float online_softmax_row(float* s, int64_t nc, int64_t visible, 
   return corr;
 }
 
+// one key's row of the backward's (keys x query rows) buffers, in place: s holds the key's scaled scores
+// against the block's query rows, dp its dP = dO . v; row g * Mp + t (query head g of the group, block position
+// t) sees the key when first <= t < M. Makes s the weights P = exp(s - lse) (0 where unseen) and dp the score
+// gradients dS = P (dP - delta).
+KILN_WIDE_LOOPS void attention_grad_row(float* s, float* dp, const float* lse, const float* delta, int64_t G,
+                                        int64_t Mp, int64_t first, int64_t M) {
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t base = g * Mp, seen = std::min(first, M);
+    for (int64_t t = 0; t < seen; ++t) s[base + t] = dp[base + t] = 0.f;
+#pragma omp simd
+    for (int64_t t = seen; t < M; ++t) {
+      const int64_t r = base + t;
+      const float p = exp_nonpositive(s[r] - lse[r]);
+      s[r] = p;
+      dp[r] = p * (dp[r] - delta[r]);
+    }
+    for (int64_t t = std::max(seen, M); t < Mp; ++t) s[base + t] = dp[base + t] = 0.f;
+  }
+}
+
 }  // namespace
 
 // q (B, T, H, D), k and v (B, S, Hkv, D): fp32 CPU, the last dim contiguous (views of a qkv product or
 // of the KV cache serve as they are); starts and lengths (B,) int64. Query t of row b sits at position
 // starts[b] + t and sees keys 0..min(starts[b] + t, lengths[b] - 1). Returns (B, T, H, D) contiguous, so
 // (B * T, H * D) for the output projection is a view.
-torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor starts,
-                               torch::Tensor lengths, double scale) {
+namespace {
+// the body of causal_attention; writes each real query row's log-sum-exp of its scaled scores into lse
+// ((B, H, T) fp32 contiguous) when it is defined
+torch::Tensor causal_attention_impl(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor starts,
+                                    torch::Tensor lengths, double scale, torch::Tensor lse) {
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->stride(3) == 1,
                 "causal_attention: q, k and v must be 4-D fp32 CPU tensors with a contiguous last dim");
@@ -1241,6 +1264,7 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const float* qptr = q.data_ptr<float>();
   float* optr = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+  float* lsep = lse.defined() ? lse.data_ptr<float>() : nullptr;
   at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     const int64_t R_max = G * rows_per;
     std::vector<float> qb(R_max * D), ob(R_max * D), sb(R_max * kKeyChunk), m(R_max), l(R_max), corr(R_max);
@@ -1286,10 +1310,156 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
           const float inv = 1.f / l[r];
           float* dst = optr + ((task.b * T + task.t0 + t) * H + task.kv_head * G + g) * D;
           for (int64_t d = 0; d < D; ++d) dst[d] = ob[r * D + d] * inv;
+          if (lsep != nullptr) lsep[(task.b * H + task.kv_head * G + g) * T + task.t0 + t] = m[r] + std::log(l[r]);
         }
     }
   });
   return out;
+}
+}  // namespace
+
+torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor starts,
+                               torch::Tensor lengths, double scale) {
+  return causal_attention_impl(q, k, v, starts, lengths, scale, torch::Tensor());
+}
+
+// ----------------------------------------------------------------------------- causal attention for training
+// Self-attention of T tokens from position 0 (q (B, T, H, D), k and v (B, T, Hkv, D), fp32, the last dim
+// contiguous) with autograd: the forward above, which also returns each query row's log-sum-exp (B, H, T), and
+// its backward, flash attention's: the weights P = exp(scale q.k - lse) are recomputed from the saved
+// log-sum-exp a block at a time, never held whole. A task is one (batch row, kv head): its G query heads'
+// gradients and its keys' and values' (summed over the group in place, no repeat), so threads never write the
+// same memory. For each block of query rows (G heads x positions, stacked as in the forward) and chunk of the
+// keys they see, five products through torch's fp32 micro-kernel, all laid out so none needs a transpose of
+// the (keys x rows) intermediates: S^T = K Q^T, dP^T = V dO^T, then P^T and dS^T = P^T (dP^T - delta) in
+// place, dV += P^T dO, dK += dS^T Q, dQ^T += K^T dS^T.
+std::vector<torch::Tensor> causal_attention_lse(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.size(1) == q.size(1),
+              "causal_attention_lse: q (B, T, H, D) and k, v (B, T, Hkv, D) must hold the same T tokens");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
+  auto lse = torch::empty({B, H, T}, q.options().dtype(torch::kFloat32));
+  auto opts = torch::TensorOptions().dtype(torch::kInt64);
+  auto out = causal_attention_impl(q, k, v, torch::zeros({B}, opts), torch::full({B}, T, opts), scale, lse);
+  return {out, lse};
+}
+
+namespace {
+constexpr int64_t kBwdKeyChunk = 256;  // keys per product of the backward (its two (keys x rows) buffers stay in L2)
+}
+
+std::vector<torch::Tensor> causal_attention_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                     torch::Tensor out, torch::Tensor grad, torch::Tensor lse,
+                                                     double scale) {
+  for (const auto* t : {&q, &k, &v, &out, &grad}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->stride(3) == 1,
+                "causal_attention_backward: q, k, v, out and grad must be 4-D fp32 CPU tensors with a contiguous "
+                "last dim");
+  }
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == T && k.size(3) == D,
+              "causal_attention_backward: k and v must both be (B, T, Hkv, D) for q (B, T, H, D)");
+  TORCH_CHECK(out.sizes() == q.sizes() && grad.sizes() == q.sizes(),
+              "causal_attention_backward: out and grad must be shaped like q");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "causal_attention_backward: H must be a multiple of Hkv");
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == torch::kFloat32 && lse.is_contiguous() &&
+                  lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == T,
+              "causal_attention_backward: lse must be (B, H, T) fp32 contiguous");
+  auto dq = torch::empty({B, T, H, D}, q.options());
+  auto dk = torch::empty({B, T, Hkv, D}, q.options());
+  auto dv = torch::empty({B, T, Hkv, D}, q.options());
+  if (B == 0 || T == 0 || H == 0 || D == 0) return {dq, dk, dv};
+  const int64_t G = H / Hkv, Mp = std::max<int64_t>(8, kAttnRows / G), R = G * Mp;
+  const int64_t T_pad = (T + kKeyPad - 1) / kKeyPad * kKeyPad;
+  const float sc = static_cast<float>(scale);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* op = out.data_ptr<float>();
+  const float* gp = grad.data_ptr<float>();
+  const float* lp = lse.data_ptr<float>();
+  float* dqp = dq.data_ptr<float>();
+  float* dkp = dk.data_ptr<float>();
+  float* dvp = dv.data_ptr<float>();
+  const int64_t n_tasks = B * Hkv;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    // the task's keys and values row-major (T_pad, D) and its keys transposed (D, T_pad), zero past T; its
+    // key and value gradients; a query block's scaled queries and output gradients in both layouts
+    std::vector<float> kr(T_pad * D), vr(T_pad * D), kt(D * T_pad), dka(T_pad * D), dva(T_pad * D);
+    std::vector<float> qs(R * D), qt(D * R), gb(R * D), gt(D * R), dqt(D * R), lrow(R), delta(R);
+    std::vector<float> st(kBwdKeyChunk * R), dpt(kBwdKeyChunk * R);
+    for (int64_t i; (i = next.fetch_add(1)) < n_tasks;) {
+      const int64_t b = i / Hkv, h = i % Hkv;
+      for (int64_t j = 0; j < T_pad; ++j) {
+        float* kd = kr.data() + j * D;
+        float* vd = vr.data() + j * D;
+        if (j < T) {
+          std::memcpy(kd, kp + b * k.stride(0) + j * k.stride(1) + h * k.stride(2), sizeof(float) * D);
+          std::memcpy(vd, vp + b * v.stride(0) + j * v.stride(1) + h * v.stride(2), sizeof(float) * D);
+        } else {
+          std::fill(kd, kd + D, 0.f);
+          std::fill(vd, vd + D, 0.f);
+        }
+        for (int64_t d = 0; d < D; ++d) kt[d * T_pad + j] = kd[d];
+      }
+      std::fill(dka.begin(), dka.end(), 0.f);
+      std::fill(dva.begin(), dva.end(), 0.f);
+      for (int64_t t0 = 0; t0 < T; t0 += Mp) {
+        const int64_t M = std::min(Mp, T - t0), n_keys = t0 + M;
+        // row g * Mp + t: position t0 + t of query head h * G + g; rows t >= M are zero (and see no key)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t t = 0; t < Mp; ++t) {
+            const int64_t r = g * Mp + t;
+            float* qd = qs.data() + r * D;
+            float* gd = gb.data() + r * D;
+            if (t >= M) {
+              std::fill(qd, qd + D, 0.f);
+              std::fill(gd, gd + D, 0.f);
+              lrow[r] = delta[r] = 0.f;
+              continue;
+            }
+            const int64_t at = b * q.stride(0) + (t0 + t) * q.stride(1) + (h * G + g) * q.stride(2);
+            const float* orow = op + b * out.stride(0) + (t0 + t) * out.stride(1) + (h * G + g) * out.stride(2);
+            const float* grow = gp + b * grad.stride(0) + (t0 + t) * grad.stride(1) + (h * G + g) * grad.stride(2);
+            float dsum = 0.f;
+            for (int64_t d = 0; d < D; ++d) {
+              qd[d] = qp[at + d] * sc;
+              gd[d] = grow[d];
+              dsum += grow[d] * orow[d];
+            }
+            delta[r] = dsum;
+            lrow[r] = lp[(b * H + h * G + g) * T + t0 + t];
+          }
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t d = 0; d < D; ++d) {
+            qt[d * R + r] = qs[r * D + d];
+            gt[d * R + r] = gb[r * D + d];
+          }
+        for (int64_t c0 = 0; c0 < n_keys; c0 += kBwdKeyChunk) {
+          const int64_t nc = std::min(kBwdKeyChunk, (n_keys - c0 + kKeyPad - 1) / kKeyPad * kKeyPad);
+          at::native::cpublas::brgemm(nc, R, D, D, R, R, false, kr.data() + c0 * D, qt.data(), st.data(), false);
+          at::native::cpublas::brgemm(nc, R, D, D, R, R, false, vr.data() + c0 * D, gt.data(), dpt.data(), false);
+          for (int64_t jj = 0; jj < nc; ++jj)
+            attention_grad_row(st.data() + jj * R, dpt.data() + jj * R, lrow.data(), delta.data(), G, Mp,
+                               std::max<int64_t>(0, c0 + jj - t0), M);
+          at::native::cpublas::brgemm(nc, D, R, R, D, D, true, st.data(), gb.data(), dva.data() + c0 * D, false);
+          at::native::cpublas::brgemm(nc, D, R, R, D, D, true, dpt.data(), qs.data(), dka.data() + c0 * D, false);
+          at::native::cpublas::brgemm(D, R, nc, T_pad, R, R, c0 > 0, kt.data() + c0, dpt.data(), dqt.data(), false);
+        }
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t t = 0; t < M; ++t) {
+            const int64_t r = g * Mp + t;
+            float* dst = dqp + ((b * T + t0 + t) * H + h * G + g) * D;
+            for (int64_t d = 0; d < D; ++d) dst[d] = dqt[d * R + r] * sc;
+          }
+      }
+      for (int64_t j = 0; j < T; ++j) {
+        std::memcpy(dkp + ((b * T + j) * Hkv + h) * D, dka.data() + j * D, sizeof(float) * D);
+        std::memcpy(dvp + ((b * T + j) * Hkv + h) * D, dva.data() + j * D, sizeof(float) * D);
+      }
+    }
+  });
+  return {dq, dk, dv};
 }
 #endif
 
@@ -1318,6 +1488,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_linear", &amx_linear, "x (N, K) fp32 times a packed weight as bf16 parts on AMX tiles, fp32 sums");
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
   m.def("causal_attention", &causal_attention, "causal GQA attention of a prompt's queries (B, T, H, D)");
+  m.def("causal_attention_lse", &causal_attention_lse, "causal self-attention (B, T, H, D) and its log-sum-exp");
+  m.def("causal_attention_backward", &causal_attention_backward, "dq, dk, dv of causal_attention_lse");
 #endif
   m.def("parallel_threads", &parallel_threads, "threads one at::parallel_for over n items runs on");
 }

@@ -1,0 +1,193 @@
+"""Causal self-attention for training on a CPU in the native module (model/native: `causal_attention_lse`,
+`causal_attention_backward`), through `model.attention.native_causal_attention` (a torch custom op with
+autograd): its output, log-sum-exp and gradients against fp64 SDPA; the model with it against the model with
+SDPA; `kiln train` using it, resuming bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import attention
+from model.config import ModelConfig
+from model.transformer import Transformer
+from training.train import train
+
+from test_native_decode import native_module  # noqa: F401 -- the fixture
+from test_training_train import data_dir, deterministic, tiny_config  # noqa: F401 -- data_dir: a fixture
+
+
+@pytest.fixture(scope="module")
+def registered(native_module):  # noqa: F811
+    assert attention.use_native_module(native_module)
+    return native_module
+
+
+def reference(qkv: torch.Tensor, grad: torch.Tensor, H: int, Hkv: int):
+    """fp64 SDPA on (B, T, H + 2 Hkv, D): (output (B, T, H, D), log-sum-exp (B, H, T), d qkv)."""
+    qkv = qkv.detach().double().requires_grad_()
+    q, k, v = (x.transpose(1, 2) for x in (qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:]))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
+    out.transpose(1, 2).backward(grad.double())
+    T, D = q.shape[2], q.shape[3]
+    scores = (q @ k.repeat_interleave(H // Hkv, dim=1).transpose(-1, -2)) * D ** -0.5
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    return out.transpose(1, 2).detach(), torch.logsumexp(scores, dim=-1).detach(), qkv.grad
+
+
+def native(qkv: torch.Tensor, grad: torch.Tensor, H: int, Hkv: int):
+    qkv = qkv.detach().requires_grad_()
+    out = attention.native_causal_attention(qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:])
+    out.backward(grad)
+    return out.detach(), qkv.grad
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float, what: str, scale: float | None = None) -> None:
+    """|got - want| <= rel * scale everywhere; scale: want's largest magnitude unless given."""
+    err = (got.double() - want).abs()
+    scale = want.abs().max().item() if scale is None else scale
+    assert err.max().item() <= rel * scale, (f"{what}: max abs error {err.max().item():.3e} (mean "
+                                             f"{err.mean().item():.3e}) against a largest value of {scale:.3e}")
+
+
+@pytest.mark.parametrize("B, T, H, Hkv, D", [
+    (1, 1, 4, 1, 16),  # one token
+    (2, 17, 4, 1, 16),  # GQA 4:1
+    (1, 33, 6, 2, 32),  # GQA 3:1
+    (2, 130, 3, 3, 32),  # MHA: two blocks of 128 query rows
+    (1, 300, 4, 2, 64),  # keys in two chunks of 256, five query blocks
+])
+def test_output_lse_and_gradients_match_fp64(registered, B, T, H, Hkv, D):
+    """fp32 q, k and v as strided views of one qkv tensor (as the model passes them); large logits (x 3) so
+    that the softmax is peaked."""
+    g = torch.Generator().manual_seed(T * 7 + H)
+    qkv = torch.randn(B, T, H + 2 * Hkv, D, generator=g) * 3
+    grad = torch.randn(B, T, H, D, generator=g)
+    want_out, want_lse, want_grad = reference(qkv, grad, H, Hkv)
+    out, lse = registered.causal_attention_lse(qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:], D ** -0.5)
+    assert out.shape == (B, T, H, D) and lse.shape == (B, H, T) and lse.dtype == torch.float32
+    assert_close(out, want_out, 1e-5, "output")
+    assert_close(lse, want_lse, 1e-6, "log-sum-exp")
+    out, got_grad = native(qkv, grad, H, Hkv)
+    assert out.dtype == torch.float32
+    assert_close(out, want_out, 1e-5, "output through the op")
+    for name, part in (("dq", slice(0, H)), ("dk", slice(H, H + Hkv)), ("dv", slice(H + Hkv, None))):
+        # (one token: dq is 0 exactly, and fp32 rounding of o against v is what is left)
+        assert_close(got_grad[:, :, part], want_grad[:, :, part], 1e-5, name, want_grad.abs().max().item())
+
+
+def test_bf16_inputs_give_bf16_results_computed_in_fp32(registered):
+    """Under bf16 autocast the op gets bf16 q, k, v: the results are bf16, and as close to fp64 on the same
+    (rounded) inputs as bf16 rounding allows, closer than SDPA computing in bf16."""
+    B, T, H, Hkv, D = 2, 70, 4, 2, 32
+    g = torch.Generator().manual_seed(1)
+    qkv = (torch.randn(B, T, H + 2 * Hkv, D, generator=g) * 2).bfloat16()
+    grad = torch.randn(B, T, H, D, generator=g).bfloat16()
+    want_out, _, want_grad = reference(qkv, grad, H, Hkv)
+    out, got_grad = native(qkv, grad, H, Hkv)
+    assert out.dtype == got_grad.dtype == torch.bfloat16
+    assert_close(out, want_out, 8e-3, "output")
+    assert_close(got_grad, want_grad, 8e-3, "gradient")
+    sdpa = qkv.detach().requires_grad_()
+    y = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (sdpa[:, :, :H], sdpa[:, :, H:H + Hkv],
+                                                                        sdpa[:, :, H + Hkv:])),
+                                       is_causal=True, enable_gqa=True)
+    y.transpose(1, 2).backward(grad)
+    assert (got_grad.double() - want_grad).abs().max() < (sdpa.grad.double() - want_grad).abs().max()
+
+
+LLAMA = ModelConfig(vocab_size=320, n_layer=2, n_head=6, n_kv_head=2, d_model=96, d_ff=128, max_seq_len=80)
+QWEN3 = ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96, max_seq_len=80,
+                    head_dim=32, qk_norm=True, tie_embeddings=True)
+GPT2 = ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=4, d_model=64, d_ff=256, max_seq_len=80,
+                   norm="layernorm", positions="learned", mlp="gelu", tie_embeddings=True, bias=True)
+
+
+def loss_and_grads(model, tokens, targets, compiled=False):
+    model.zero_grad(set_to_none=True)
+    run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+    loss = run(tokens, targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("config", [LLAMA, QWEN3, GPT2], ids=["llama", "qwen3", "gpt2"])
+def test_the_model_trains_the_same_through_it(registered, config, monkeypatch):
+    """A training forward and backward with `use_native_attention` against the same weights through SDPA:
+    the same loss and gradients (fp32); torch.compile captures it in one graph (fullgraph) with the same
+    result; the op really runs (counted), and not at all without `use_native_attention`."""
+    torch.manual_seed(0)
+    plain = Transformer(config, attn_backend="torch")
+    fast = Transformer(config, attn_backend="torch")
+    fast.load_state_dict(plain.state_dict())
+    assert fast.use_native_attention(registered) and fast.native_attention and not plain.native_attention
+    calls = []
+    lse = registered.causal_attention_lse
+    monkeypatch.setattr(attention, "_native_module", type("Spy", (), {
+        "causal_attention_lse": staticmethod(lambda *a: calls.append(1) or lse(*a)),
+        "causal_attention_backward": registered.causal_attention_backward}))
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, config.vocab_size, (3, 77), generator=g)
+    targets = torch.randint(0, config.vocab_size, (3, 77), generator=g)
+    want_loss, want = loss_and_grads(plain, tokens, targets)
+    assert calls == []
+    for compiled in (False, True):
+        loss, got = loss_and_grads(fast, tokens, targets, compiled)
+        assert calls and torch.allclose(loss, want_loss, rtol=1e-6, atol=1e-6), (loss, want_loss)
+        for name, grad in got.items():
+            assert_close(grad, want[name].double(), 2e-5, name)
+        calls.clear()
+    with torch.no_grad():  # evaluation (no autograd) takes the native forward as well
+        assert torch.allclose(fast(tokens, targets), want_loss, rtol=1e-6, atol=1e-6) and calls
+
+
+def test_without_the_module_nothing_changes(monkeypatch):
+    model = Transformer(LLAMA, attn_backend="torch")
+    assert not model.use_native_attention(None) and not model.native_attention
+    assert not model.use_native_attention(object())  # a module built without the fp32 micro-kernel
+    monkeypatch.setattr(attention, "_native_module", None)
+    with pytest.raises(RuntimeError, match="use_native_attention"):
+        attention.native_causal_attention(torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 1, 16),
+                                          torch.zeros(1, 2, 1, 16))
+
+
+def test_backward_rejects_bad_input(registered):
+    q, k = torch.zeros(1, 8, 4, 16), torch.zeros(1, 8, 2, 16)
+    lse = torch.zeros(1, 4, 8)
+    for args, message in [((q, k, k, q, q, torch.zeros(1, 4, 7)), r"lse must be \(B, H, T\)"),
+                          ((q, k, k[:, :4], q, q, lse), r"\(B, T, Hkv, D\)"),
+                          ((q, torch.zeros(1, 8, 3, 16), torch.zeros(1, 8, 3, 16), q, q, lse), "multiple of Hkv"),
+                          ((q, k, k, q[:, :4], q, lse), "shaped like q"),
+                          ((q.double(), k, k, q, q, lse), "fp32")]:
+        with pytest.raises(RuntimeError, match=message):
+            registered.causal_attention_backward(*args, 0.25)
+
+
+def test_kiln_train_uses_it_and_resumes_bit_for_bit(registered, data_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """`kiln train` on a CPU (attn_backend=auto) runs the native attention and says so; its losses follow the
+    SDPA run's (the same arithmetic up to fp32 rounding); stopped and resumed it repeats itself exactly."""
+    from model import native as native_build
+
+    monkeypatch.delenv(native_build.DISABLE_ENV, raising=False)
+    knobs = dict(max_steps=6, precision="fp32", checkpoint_interval=3, eval_interval=3)
+    whole = train(tiny_config(data_dir, tmp_path / "whole", **knobs), progress=False)
+    assert "; attention in Kiln's native kernels; steps 0..6" in capsys.readouterr().err
+    sdpa = train(tiny_config(data_dir, tmp_path / "sdpa", attn_backend="torch", **knobs), progress=False)
+    assert "attention in" not in capsys.readouterr().err
+    for a, b in zip(whole.metrics, sdpa.metrics):
+        assert abs(a["loss"] - b["loss"]) < 1e-3, (a["loss"], b["loss"])
+
+    def interrupt(step: int) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the loop finishes step 3 and saves
+
+    first = train(tiny_config(data_dir, tmp_path / "cut", **knobs), progress=False, on_step=interrupt)
+    assert first.interrupted and first.step == 3
+    second = train(tiny_config(data_dir, tmp_path / "cut", **knobs), resume=True, progress=False)
+    assert deterministic(first.metrics + second.metrics) == deterministic(whole.metrics)
