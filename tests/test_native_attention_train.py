@@ -82,6 +82,24 @@ def test_output_lse_and_gradients_match_fp64(registered, B, T, H, Hkv, D):
         assert_close(got_grad[:, :, part], want_grad[:, :, part], 1e-5, name, want_grad.abs().max().item())
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_one_row_and_kv_head_is_split_over_the_threads(registered, threads):
+    """One (row, kv head) task and several threads: its query blocks are dealt out to pieces whose key and
+    value gradients are summed at the end; the same gradients as one thread doing it all."""
+    B, T, H, Hkv, D = 1, 200, 2, 1, 32  # 64 positions x 2 heads per block: 4 blocks
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, T, H + 2 * Hkv, D, generator=g) * 2
+    grad = torch.randn(B, T, H, D, generator=g)
+    _, _, want = reference(qkv, grad, H, Hkv)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, got = native(qkv, grad, H, Hkv)
+    finally:
+        torch.set_num_threads(saved)
+    assert_close(got, want, 1e-5, f"gradient on {threads} threads")
+
+
 def test_bf16_inputs_give_bf16_results_computed_in_fp32(registered):
     """Under bf16 autocast the op gets bf16 q, k, v: the results are bf16, and as close to fp64 on the same
     (rounded) inputs as bf16 rounding allows, closer than SDPA computing in bf16."""
@@ -191,3 +209,19 @@ def test_kiln_train_uses_it_and_resumes_bit_for_bit(registered, data_dir, tmp_pa
     assert first.interrupted and first.step == 3
     second = train(tiny_config(data_dir, tmp_path / "cut", **knobs), resume=True, progress=False)
     assert deterministic(first.metrics + second.metrics) == deterministic(whole.metrics)
+
+
+def test_kiln_train_says_when_the_native_kernels_are_missing(data_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Without a C++ compiler (the build fails) training goes on with SDPA, and the start line says why."""
+    from model import native as native_build
+
+    monkeypatch.delenv(native_build.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(native_build, "load", lambda build=True: None)
+    monkeypatch.setattr(native_build, "error", lambda: "CalledProcessError: no c++ compiler")
+    result = train(tiny_config(data_dir, tmp_path / "run", max_steps=2, precision="fp32", eval_interval=0),
+                   progress=False)
+    assert math.isfinite(result.metrics[-1]["loss"])
+    err = capsys.readouterr().err
+    assert "building Kiln's native CPU kernels" in err
+    assert ("; attention in torch SDPA (the native kernels are unavailable: CalledProcessError: no c++ compiler); "
+            "steps 0..2") in err

@@ -382,7 +382,8 @@ class Trainer:
 
     def _native_attention(self, config: TrainConfig, runtime: Runtime) -> str:
         """On a CPU with attn_backend=auto, self-attention (forward and backward) in Kiln's native kernels
-        (model/native, built once per machine) instead of SDPA: ~2x its speed. Returns a note for the start line."""
+        (model/native, built once per machine) instead of SDPA (1.2-1.9x its speed, bench/cpu_attention.py).
+        Returns a note for the start line."""
         if runtime.device.type != "cpu" or config.attn_backend != "auto":
             return ""
         from model import native
@@ -394,7 +395,8 @@ class Trainer:
                   "minute)...", file=sys.stderr, flush=True)
         if self.model.use_native_attention(native.load(build=True)):
             return "; attention in Kiln's native kernels"
-        return f"; attention in torch SDPA (the native kernels are unavailable: {native.error()})"
+        why = native.error() or "this torch build lacks the fp32 micro-kernel (cpublas::brgemm) they use"
+        return f"; attention in torch SDPA (the native kernels are unavailable: {why})"
 
     def _restore(self, state: dict) -> None:
         apply_training_state(self.model, self.optimizer, state["model"], state["optimizer"])

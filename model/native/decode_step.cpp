@@ -1329,7 +1329,8 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 // its backward, flash attention's: the weights P = exp(scale q.k - lse) are recomputed from the saved
 // log-sum-exp a block at a time, never held whole. A task is one (batch row, kv head): its G query heads'
 // gradients and its keys' and values' (summed over the group in place, no repeat), so threads never write the
-// same memory. For each block of query rows (G heads x positions, stacked as in the forward) and chunk of the
+// same memory (with fewer tasks than threads, a task's query blocks are split over several, each summing its
+// own key and value gradients, added up at the end). For each block of query rows (G heads x positions, stacked as in the forward) and chunk of the
 // keys they see, five products through torch's fp32 micro-kernel, all laid out so none needs a transpose of
 // the (keys x rows) intermediates: S^T = K Q^T, dP^T = V dO^T, then P^T and dS^T = P^T (dP^T - delta) in
 // place, dV += P^T dO, dK += dS^T Q, dQ^T += K^T dS^T.
@@ -1380,16 +1381,23 @@ std::vector<torch::Tensor> causal_attention_backward(torch::Tensor q, torch::Ten
   float* dqp = dq.data_ptr<float>();
   float* dkp = dk.data_ptr<float>();
   float* dvp = dv.data_ptr<float>();
-  const int64_t n_tasks = B * Hkv;
+  // with fewer (batch row, kv head) tasks than threads, each is split into `pieces` (query blocks dealt round
+  // robin, so each piece gets its share of the causal work) whose key and value gradients are summed at the end
+  const int64_t n_tasks = B * Hkv, n_blocks = (T + Mp - 1) / Mp, threads = at::get_num_threads();
+  const int64_t pieces = std::min(n_blocks, std::max<int64_t>(1, (threads + n_tasks - 1) / n_tasks));
+  const int64_t n_items = n_tasks * pieces;
+  torch::Tensor partial;  // (n_items, 2, T, D): each piece's dK and dV, when split
+  if (pieces > 1) partial = torch::empty({n_items, 2, T, D}, q.options());
+  float* pp = pieces > 1 ? partial.data_ptr<float>() : nullptr;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min<int64_t>(n_items, threads), 1, [&](int64_t, int64_t) {
     // the task's keys and values row-major (T_pad, D) and its keys transposed (D, T_pad), zero past T; its
     // key and value gradients; a query block's scaled queries and output gradients in both layouts
     std::vector<float> kr(T_pad * D), vr(T_pad * D), kt(D * T_pad), dka(T_pad * D), dva(T_pad * D);
     std::vector<float> qs(R * D), qt(D * R), gb(R * D), gt(D * R), dqt(D * R), lrow(R), delta(R);
     std::vector<float> st(kBwdKeyChunk * R), dpt(kBwdKeyChunk * R);
-    for (int64_t i; (i = next.fetch_add(1)) < n_tasks;) {
-      const int64_t b = i / Hkv, h = i % Hkv;
+    for (int64_t item; (item = next.fetch_add(1)) < n_items;) {
+      const int64_t i = item / pieces, piece = item % pieces, b = i / Hkv, h = i % Hkv;
       for (int64_t j = 0; j < T_pad; ++j) {
         float* kd = kr.data() + j * D;
         float* vd = vr.data() + j * D;
@@ -1404,7 +1412,7 @@ std::vector<torch::Tensor> causal_attention_backward(torch::Tensor q, torch::Ten
       }
       std::fill(dka.begin(), dka.end(), 0.f);
       std::fill(dva.begin(), dva.end(), 0.f);
-      for (int64_t t0 = 0; t0 < T; t0 += Mp) {
+      for (int64_t t0 = piece * Mp; t0 < T; t0 += pieces * Mp) {
         const int64_t M = std::min(Mp, T - t0), n_keys = t0 + M;
         // row g * Mp + t: position t0 + t of query head h * G + g; rows t >= M are zero (and see no key)
         for (int64_t g = 0; g < G; ++g)
@@ -1453,12 +1461,35 @@ std::vector<torch::Tensor> causal_attention_backward(torch::Tensor q, torch::Ten
             for (int64_t d = 0; d < D; ++d) dst[d] = dqt[d * R + r] * sc;
           }
       }
+      if (pp != nullptr) {
+        std::memcpy(pp + item * 2 * T * D, dka.data(), sizeof(float) * T * D);
+        std::memcpy(pp + (item * 2 + 1) * T * D, dva.data(), sizeof(float) * T * D);
+        continue;
+      }
       for (int64_t j = 0; j < T; ++j) {
         std::memcpy(dkp + ((b * T + j) * Hkv + h) * D, dka.data() + j * D, sizeof(float) * D);
         std::memcpy(dvp + ((b * T + j) * Hkv + h) * D, dva.data() + j * D, sizeof(float) * D);
       }
     }
   });
+  if (pp != nullptr) {  // the pieces' sums, in piece order (the same on every run with the same thread count)
+    at::parallel_for(0, n_tasks * T, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i = r / T, j = r % T, b = i / Hkv, h = i % Hkv;
+        float* kd = dkp + ((b * T + j) * Hkv + h) * D;
+        float* vd = dvp + ((b * T + j) * Hkv + h) * D;
+        std::fill(kd, kd + D, 0.f);
+        std::fill(vd, vd + D, 0.f);
+        for (int64_t piece = 0; piece < pieces; ++piece) {
+          const float* src = pp + ((i * pieces + piece) * 2 * T + j) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            kd[d] += src[d];
+            vd[d] += src[T * D + d];
+          }
+        }
+      }
+    });
+  }
   return {dq, dk, dv};
 }
 #endif
