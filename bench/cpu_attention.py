@@ -6,7 +6,7 @@ Two tables. Prompts: what a prompt's or a scoring window's forward computes per 
 (`Transformer._forward_cpu`): fp32 queries (B, T, H, D) and keys/values (B, T, Hkv, D) as views of the qkv
 product, causal, GQA. The baseline is `F.scaled_dot_product_attention(is_causal=True, enable_gqa=...)` on the
 same views plus the transpose to (B * T, H * D) that the output projection needs (the native call returns that
-layout). Training: forward and backward (`model.attention.native_causal_attention`, what `kiln train` runs on a
+layout). Training: forward and backward (`model.cpu_training.native_causal_attention`, what `kiln train` runs on a
 CPU) against SDPA's forward and backward through autograd, on the same views, in fp32 and in bf16 (the dtype
 under bf16 autocast: Kiln widens to fp32 inside, SDPA computes in bf16); the gradients of q, k and v are
 compared to an fp64 reference. Both sides are timed in the same run, best of --reps.
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_table(module, shapes, reps: int) -> int:
     """Forward + backward, Kiln's native op against SDPA through autograd; returns the exit status."""
-    from model.attention import native_causal_attention, use_native_module
+    from model.cpu_training import native_causal_attention, use_native_module
 
     if not use_native_module(module):
         print("cpu_attention.py: the native module has no training attention here", file=sys.stderr)

@@ -1,5 +1,5 @@
 """A training step on the CPU: Kiln's (`training.train.optimizer_step` on `model.Transformer`) against Hugging
-Face transformers' LlamaForCausalLM with the same recipe, and Kiln with its attention through torch's SDPA.
+Face transformers' LlamaForCausalLM with the same recipe, and Kiln without its native CPU kernels.
 
     python bench/cpu_train.py [--threads 2] [--steps 6] [--precision fp32 bf16] [--compile] [--quick]
 
@@ -8,9 +8,9 @@ training/configs/tiny.toml's, default-cpu.toml's and the default model's) with t
 forward, backward, clipping at 1.0 and AdamW (0.9, 0.95, eps 1e-8, weight decay 0.1 on matrices), on random
 tokens, in fp32 or under bf16 autocast (fp32 master weights), as `kiln train` runs it on a CPU (eager, or with
 --compile every side through torch.compile, as default-cpu.toml trains). "Kiln" is what `kiln train` runs:
-self-attention (forward and backward) in the native module's kernels (model/native, built here if needed) and
-the LM head + loss in chunks; "Kiln (SDPA)" is the same with `F.scaled_dot_product_attention` instead, what the
-CPU ran before. HF's loss is `F.cross_entropy` on its fp32-cast logits (what its `labels=` path does). The
+self-attention (forward and backward) and the rows of the chunked LM head + loss in the native module's
+kernels (model/native, built here if needed: `Transformer.use_native_kernels`); "Kiln (torch)" is the same
+model with `F.scaled_dot_product_attention` and the loss rows in torch ops, what the CPU ran before. HF's loss is `F.cross_entropy` on its fp32-cast logits (what its `labels=` path does). The
 sides alternate step by step; the median step is reported, with each side's first loss (they start from the
 same weights and batch, so they agree to rounding).
 """
@@ -57,7 +57,7 @@ def kiln_side(d, n_layer, n_head, n_kv_head, d_ff, seq, weights, native_module):
     model = Transformer(config, attn_backend="torch")
     if weights is not None:
         model.load_state_dict(weights)
-    model.use_native_attention(native_module)
+    model.use_native_kernels(native_module)
     model.train()
     return model, build_optimizer(model, TrainConfig(), "cpu")
 
@@ -101,9 +101,9 @@ def run_shape(shape, precision: str, steps: int, native_module, compile_: bool) 
     torch.manual_seed(0)
     kiln, kiln_opt = kiln_side(d, n_layer, n_head, n_kv_head, d_ff, seq, None, native_module)
     weights = {k: v.clone() for k, v in kiln.state_dict().items()}
-    sdpa, sdpa_opt = kiln_side(d, n_layer, n_head, n_kv_head, d_ff, seq, weights, None)
+    plain, plain_opt = kiln_side(d, n_layer, n_head, n_kv_head, d_ff, seq, weights, None)
     hf, hf_opt = hf_side(d, n_layer, n_head, n_kv_head, d_ff, seq, hf_weights(kiln, n_head, n_kv_head))
-    run = {m: torch.compile(m) if compile_ else m for m in (kiln, sdpa, hf)}
+    run = {m: torch.compile(m) if compile_ else m for m in (kiln, plain, hf)}
     amp = lambda: autocast(precision, torch.device("cpu"))  # noqa: E731
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
@@ -124,7 +124,7 @@ def run_shape(shape, precision: str, steps: int, native_module, compile_: bool) 
         hf_opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    sides = {"Kiln": kiln_step(kiln, kiln_opt), "Kiln (SDPA)": kiln_step(sdpa, sdpa_opt), "HF": hf_step}
+    sides = {"Kiln": kiln_step(kiln, kiln_opt), "Kiln (torch)": kiln_step(plain, plain_opt), "HF": hf_step}
     gen = torch.Generator().manual_seed(1)
     times: dict[str, list[float]] = {k: [] for k in sides}
     first: dict[str, float] = {}
@@ -162,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     shapes, steps = (QUICK_SHAPES, 2) if args.quick else (SHAPES, args.steps)
     os.environ.pop(native.DISABLE_ENV, None)
     module = native.load()
-    attention = "native" if module is not None and hasattr(module, "causal_attention_backward") else "SDPA"
+    kernels = "native" if module is not None and hasattr(module, "causal_attention_backward") else "torch"
     print(f"# {cpu_info()[0]}, {args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"Python {platform.python_version()}; {'torch.compile' if args.compile else 'eager'}; median of {steps} "
-          f"steps, alternating; Kiln's attention: {attention}"
-          + ("" if attention == "native" else f" (the native module is unavailable: {native.error()})"))
-    print("| shape | params | batch x seq | precision | Kiln tok/s | Kiln (SDPA) tok/s | HF tok/s | "
-          "Kiln / HF | Kiln / Kiln (SDPA) | first losses (Kiln, SDPA, HF) |")
+          f"steps, alternating; Kiln's attention and loss rows: {kernels}"
+          + ("" if kernels == "native" else f" (the native module is unavailable: {native.error()})"))
+    print("| shape | params | batch x seq | precision | Kiln tok/s | Kiln (torch) tok/s | HF tok/s | "
+          "Kiln / HF | Kiln / Kiln (torch) | first losses (Kiln, torch, HF) |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|---|")
     worst = 0.0
     for shape in shapes:
@@ -177,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             rate, first = r["rate"], r["first"]
             worst = max(worst, max(abs(first["Kiln"] - first[s]) for s in first))
             print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['batch']} x {r['seq']} | {precision} | "
-                  f"{rate['Kiln']:,.0f} | {rate['Kiln (SDPA)']:,.0f} | {rate['HF']:,.0f} | "
-                  f"{rate['Kiln'] / rate['HF']:.2f}x | {rate['Kiln'] / rate['Kiln (SDPA)']:.2f}x | "
-                  f"{first['Kiln']:.4f}, {first['Kiln (SDPA)']:.4f}, {first['HF']:.4f} |", flush=True)
+                  f"{rate['Kiln']:,.0f} | {rate['Kiln (torch)']:,.0f} | {rate['HF']:,.0f} | "
+                  f"{rate['Kiln'] / rate['HF']:.2f}x | {rate['Kiln'] / rate['Kiln (torch)']:.2f}x | "
+                  f"{first['Kiln']:.4f}, {first['Kiln (torch)']:.4f}, {first['HF']:.4f} |", flush=True)
     if worst > 2e-2:
         print(f"the first losses differ by {worst:.3g}: the sides do not compute the same model", file=sys.stderr)
         return 1

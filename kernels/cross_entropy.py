@@ -42,6 +42,7 @@ logits gradient, ran the LM head + loss 1.1-2.2x as fast as the whole-logits pat
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -114,10 +115,12 @@ def linear_cross_entropy_torch(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_rows: int | None = None,
+    rows: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``linear_cross_entropy`` in plain torch, on any device: the same chunks, loss and gradients (computed
-    during the forward) with each chunk's rows in one ``log_softmax`` and in-place passes. The CPU path of the
-    training loss. The default ``chunk_rows`` keeps a chunk's logits near 2^21 elements (256 rows at a 8192
+    during the forward) with each chunk's rows in one ``log_softmax`` and in-place passes (`chunk_rows_torch`),
+    or in ``rows``, a function of the same signature (the CPU's native kernel: `model.cpu_training`). The CPU
+    path of the training loss. The default ``chunk_rows`` keeps a chunk's logits near 2^21 elements (256 rows at a 8192
     vocabulary), at least 64 rows: on a 2-vCPU CPU 256 rows ran the LM head + loss fastest (fewer rows read
     and write the weight's gradient too often, more fall out of cache). A target outside [0, V) raises (not
     checked while torch.compile traces it)."""
@@ -129,7 +132,8 @@ def linear_cross_entropy_torch(
                              f"is {ignore_index})")
     if chunk_rows is None:
         chunk_rows = max(_TORCH_CHUNK_MIN_ROWS, _TORCH_CHUNK_LOGITS // weight.shape[0])
-    return _LinearCrossEntropyTorch.apply(hidden, weight, targets, int(ignore_index), reduction, chunk_rows)
+    return _LinearCrossEntropyTorch.apply(hidden, weight, targets, int(ignore_index), reduction, chunk_rows,
+                                          rows or chunk_rows_torch)
 
 
 # ----------------------------------------------------------------------------- Triton path
@@ -260,10 +264,11 @@ def _chunk_rows_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     return loss
 
 
-def _chunk_rows_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, row_scale: torch.Tensor,
-                      need_grad: bool) -> torch.Tensor:
-    """`_chunk_rows_triton` in torch ops: one fp32 log_softmax (x - max - log sum, as the kernels keep it), then
-    the softmax, minus one at the target, scaled, in place."""
+def chunk_rows_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, row_scale: torch.Tensor,
+                     need_grad: bool) -> torch.Tensor:
+    """`_chunk_rows_triton` in torch ops: each row's loss (n,) fp32 and, with need_grad, the logits (n, V)
+    overwritten by their gradient (softmax - one-hot at the target) * row_scale. One fp32 log_softmax
+    (x - max - log sum, as the kernels keep it), then the softmax, minus one at the target, scaled, in place."""
     valid = targets != ignore_index
     logp = torch.log_softmax(logits.float(), -1)  # (n, V) fp32
     picked = torch.where(valid, targets, 0).long()[:, None]
@@ -308,7 +313,7 @@ def _rows_backward_fake(logits, targets, lse, grad_loss, ignore_index):
 def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad, rows=_chunk_rows_triton):
     """Chunked LM head + cross-entropy: (loss, d loss/d hidden, d loss/d weight), the gradients
     computed on the way (empty when ``need_grad`` is False). ``rows`` does a chunk's rows: the Triton
-    kernels, or torch ops (`_linear_torch`)."""
+    kernels, or torch ops (`chunk_rows_torch`) or the CPU's native kernel (`linear_cross_entropy_torch`)."""
     # Matmuls run in the inputs' (shared) dtype: under autocast they would change it
     # between the logits and the gradient buffers.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
@@ -351,7 +356,6 @@ def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, n
     return total, grad_hidden, grad_weight.to(weight.dtype)
 
 
-_linear_torch = functools.partial(_linear_impl, rows=_chunk_rows_torch)
 
 
 def _linear_fake(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad):
@@ -397,12 +401,21 @@ class _CrossEntropy(torch.autograd.Function):
 
 
 def _linear_forward(ctx, linear, hidden, weight, targets, ignore_index, reduction, chunk_rows):
-    """The autograd forward of the chunked LM head + loss through `linear` (`_linear` or `_linear_torch`): the
-    gradients it computes on the way are saved for the backward."""
+    """The autograd forward of the chunked LM head + loss through `linear` (`_linear_impl` with the chunk's rows
+    in Triton, torch or native code): the gradients it computes on the way are saved for the backward."""
     need_grad = hidden.requires_grad or weight.requires_grad
     loss, grad_hidden, grad_weight = linear(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad)
     ctx.save_for_backward(grad_hidden, grad_weight)
     return loss
+
+
+def _linear_backward(ctx, grad_out):
+    """(d hidden, d weight): the gradients the forward saved, times the incoming one."""
+    grad_hidden, grad_weight = ctx.saved_tensors
+    g = grad_out.float()
+    dh = (grad_hidden.float() * g).to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
+    dw = (grad_weight.float() * g).to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
+    return dh, dw
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -414,19 +427,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        g = grad_out.float()
-        dh = (grad_hidden.float() * g).to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        dw = (grad_weight.float() * g).to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None, None, None
+        return (*_linear_backward(ctx, grad_out), None, None, None, None)
 
 
 class _LinearCrossEntropyTorch(_LinearCrossEntropy):
-    """The same with the row passes in torch (`linear_cross_entropy_torch`)."""
+    """The same with each chunk's rows done by `rows` (`linear_cross_entropy_torch`)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows):
-        return _linear_forward(ctx, _linear_torch, hidden, weight, targets, ignore_index, reduction, chunk_rows)
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, rows):
+        linear = functools.partial(_linear_impl, rows=rows)
+        return _linear_forward(ctx, linear, hidden, weight, targets, ignore_index, reduction, chunk_rows)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*_linear_backward(ctx, grad_out), None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -14,7 +14,6 @@ import-time global.
 from __future__ import annotations
 
 import importlib.util
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -51,84 +50,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
 
         return flash_attention(q, k, v, causal=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-
-
-# The native module (model/native) whose `causal_attention_lse` / `causal_attention_backward` run
-# `native_causal_attention`: registered by `Transformer.use_native_attention` once it is built.
-_native_module: ModuleType | None = None
-
-
-def use_native_module(module: ModuleType | None) -> bool:
-    """Register the native module for `native_causal_attention`; False (nothing registered) when it is None or
-    lacks the training attention (a torch without the fp32 micro-kernel)."""
-    global _native_module
-    if module is None or not hasattr(module, "causal_attention_backward"):
-        return False
-    _native_module = module
-    return True
-
-
-def native_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal self-attention on a CPU in Kiln's native kernels, differentiable: q (B, T, H, D), k/v (B, T, Hkv, D)
-    (views of a qkv product serve: only the last dim must be contiguous) -> (B, T, H, D) in q's dtype.
-
-    The math is fp32 whatever the inputs' dtype (bf16 under autocast is widened on the way in and the results
-    rounded on the way out); the backward recomputes the attention weights from the forward's log-sum-exp,
-    flash attention's way. One opaque op to torch.compile (`kiln::cpu_causal_attention`)."""
-    return _cpu_causal_attention(q, k, v, q.shape[-1] ** -0.5)[0]
-
-
-def _native() -> ModuleType:
-    if _native_module is None:
-        raise RuntimeError("native_causal_attention needs the native module: call "
-                           "Transformer.use_native_attention(model.native.load()) first")
-    return _native_module
-
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    x = x.float()
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-@torch.library.custom_op("kiln::cpu_causal_attention", mutates_args=())
-def _cpu_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _native().causal_attention_lse(_f32(q), _f32(k), _f32(v), scale)  # lse (B, H, T) fp32
-    return out.to(q.dtype), lse
-
-
-@_cpu_causal_attention.register_fake
-def _(q, k, v, scale):
-    B, T, H, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32)
-
-
-@torch.library.custom_op("kiln::cpu_causal_attention_backward", mutates_args=())
-def _cpu_causal_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                                   grad: torch.Tensor, lse: torch.Tensor,
-                                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _native().causal_attention_backward(_f32(q), _f32(k), _f32(v), _f32(out), _f32(grad),
-                                                     lse.contiguous(), scale)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-@_cpu_causal_attention_backward.register_fake
-def _(q, k, v, out, grad, lse, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1])
-    ctx.scale = scale
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    return (*_cpu_causal_attention_backward(q, k, v, out, grad_out, lse, ctx.scale), None)
-
-
-_cpu_causal_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, kv_len: int,

@@ -18,9 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import (attend_cached, cached_attention, cached_keys, causal_attention, native_causal_attention,
-                        resolve_backend, store_keys, use_native_module)
+from .attention import (attend_cached, cached_attention, cached_keys, causal_attention, resolve_backend,
+                        store_keys)
 from .config import ModelConfig
+from .cpu_training import native_causal_attention, native_loss_rows, use_native_module
 from .kv_cache import CacheBatch, KVCache
 
 
@@ -223,9 +224,9 @@ class Transformer(nn.Module):
         # the native module (model/native) whose fused elementwise steps the CPU forward runs without autograd
         # in fp32 (`_forward_cpu`): set by the engine when it has the module, None = plain torch ops
         self.cpu_ops = None
-        # on a CPU, self-attention without a cache (training, evaluation) in Kiln's native kernels with autograd
-        # (`attention.native_causal_attention`) instead of SDPA: set by `use_native_attention`
-        self.native_attention = False
+        # on a CPU, self-attention without a cache (training, evaluation) and the chunked loss's rows in Kiln's
+        # native kernels (`cpu_training`) instead of SDPA and torch ops: set by `use_native_kernels`
+        self.native_kernels = False
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model)
@@ -259,13 +260,13 @@ class Transformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def use_native_attention(self, module) -> bool:
-        """Run self-attention without a cache on a CPU (the torch backend's training and evaluation forward)
-        through `module`'s (model/native) causal attention and its backward; False, and nothing changes, when
-        the module is None or lacks them."""
+    def use_native_kernels(self, module) -> bool:
+        """On a CPU, run self-attention without a cache (the torch backend's training and evaluation forward)
+        through `module`'s (model/native) causal attention and its backward, and the chunked loss's rows through
+        its `loss_rows_`; False, and nothing changes, when the module is None or lacks them."""
         if not use_native_module(module):
             return False
-        self.native_attention = True
+        self.native_kernels = True
         return True
 
     def init_rope(self) -> None:
@@ -311,8 +312,8 @@ class Transformer(nn.Module):
                 x = x + self.pos_embed(positions)
             else:
                 rope = (self.rope_cos[positions][:, :, None, :], self.rope_sin[positions][:, :, None, :])
-            # self-attention without a cache on a CPU: the native kernels, where `use_native_attention` set them
-            native = self.native_attention and batch is None and backend == "torch" and tokens.device.type == "cpu"
+            # self-attention without a cache on a CPU: the native kernels, where `use_native_kernels` set them
+            native = self.native_kernels and batch is None and backend == "torch" and tokens.device.type == "cpu"
             for i, block in enumerate(self.blocks):
                 layer_cache = (kv_cache.k[i], kv_cache.v[i]) if batch is not None else None
                 x = block(x, rope, layer_cache, batch, "native" if native else backend)
@@ -448,8 +449,10 @@ class Transformer(nn.Module):
             if torch.is_autocast_enabled(hidden.device.type):
                 dtype = torch.get_autocast_dtype(hidden.device.type)
                 hidden, weight = hidden.to(dtype), weight.to(dtype)
-            chunked = linear_cross_entropy if backend == "triton" else linear_cross_entropy_torch
-            return chunked(hidden, weight, targets.flatten(), ignore_index=-100)  # (fp32)
+            if backend == "triton":
+                return linear_cross_entropy(hidden, weight, targets.flatten(), ignore_index=-100)  # (fp32)
+            rows = native_loss_rows if self.native_kernels and hidden.device.type == "cpu" else None
+            return linear_cross_entropy_torch(hidden, weight, targets.flatten(), ignore_index=-100, rows=rows)
         logits = self.lm_head(hidden).flatten(0, -2)
         if backend == "triton":
             from kernels.cross_entropy import cross_entropy

@@ -240,7 +240,7 @@ def test_scoring_itl_bench_quick(llama_dir, capsys):
 
 
 def test_cpu_train_bench_quick():
-    """bench/cpu_train.py (a CPU training step: Kiln, Kiln with SDPA attention, HF) end to end, shortened:
+    """bench/cpu_train.py (a CPU training step: Kiln, Kiln without its native kernels, HF) end to end, shortened:
     a row per precision, and the three sides' first losses agree (the script exits 1 when they do not)."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_train.py"), "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

@@ -134,8 +134,8 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPUs that support it (else fp16) and CPUs with fast bf16 products; fp32
     compile: bool | None = None  # None: on for CUDA, off for CPU
     device: str = "auto"
-    # auto: the Triton kernels on CUDA, on a CPU Kiln's native kernels (model/native) where they build, else SDPA;
-    # torch: SDPA everywhere; triton: the Triton kernels (CUDA only)
+    # auto: the Triton kernels on CUDA; on a CPU Kiln's native kernels (model/native: attention and the loss's
+    # rows) where they build, else SDPA and torch ops; torch: SDPA and torch ops everywhere; triton: CUDA only
     attn_backend: str = "auto"
     # the LM head + loss in chunks of rows (Triton kernels on GPUs, torch ops on CPUs; no (tokens, vocab) logits),
     # or "logits": the whole logits, then the CE kernel (triton backend) or F.cross_entropy

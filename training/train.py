@@ -320,7 +320,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = Transformer(self.model_config, attn_backend=config.attn_backend).to(runtime.device)
         self.model.loss_impl = config.loss_impl
-        self.attention_note = self._native_attention(config, runtime)
+        self.native_note = self._native_kernels(config, runtime)
         self.flops_per_token = 6 * sum(p.numel() for p in self.model.parameters())  # before sharding
         if runtime.distributed and config.parallel == "fsdp":
             from torch.distributed.fsdp import fully_shard
@@ -380,10 +380,10 @@ class Trainer:
                               "resume with the run's own config (omit --config)")
         return state
 
-    def _native_attention(self, config: TrainConfig, runtime: Runtime) -> str:
-        """On a CPU with attn_backend=auto, self-attention (forward and backward) in Kiln's native kernels
-        (model/native, built once per machine) instead of SDPA (1.2-1.9x its speed, bench/cpu_attention.py).
-        Returns a note for the start line."""
+    def _native_kernels(self, config: TrainConfig, runtime: Runtime) -> str:
+        """On a CPU with attn_backend=auto, self-attention (forward and backward) and the chunked loss's rows in
+        Kiln's native kernels (model/native, built once per machine) instead of SDPA (1.2-1.9x its speed,
+        bench/cpu_attention.py) and torch ops (2.6-3x). Returns a note for the start line."""
         if runtime.device.type != "cpu" or config.attn_backend != "auto":
             return ""
         from model import native
@@ -393,8 +393,8 @@ class Trainer:
         if native.load(build=False) is None and runtime.is_main:
             print(f"kiln train: building Kiln's native CPU kernels in {native.build_dir()} (once; about half a "
                   "minute)...", file=sys.stderr, flush=True)
-        if self.model.use_native_attention(native.load(build=True)):
-            return "; attention in Kiln's native kernels"
+        if self.model.use_native_kernels(native.load(build=True)):
+            return "; attention and loss in Kiln's native kernels"
         why = native.error() or "this torch build lacks the fp32 micro-kernel (cpublas::brgemm) they use"
         return f"; attention in torch SDPA (the native kernels are unavailable: {why})"
 
@@ -504,7 +504,7 @@ class Trainer:
         log_lines = runtime.is_main and not use_bar
         if runtime.is_main:
             autocast_note = "fp32" if self.precision == "fp32" else f"{self.precision} autocast, fp32 weights"
-            autocast_note += self.precision_note + self.attention_note
+            autocast_note += self.precision_note + self.native_note
             where = f"{runtime.world_size} processes" if runtime.distributed else str(runtime.device)
             print(f"kiln train: {self.flops_per_token // 6:,} parameters on {where}, {autocast_note}; "
                   f"steps {self.step}..{self.max_steps}", file=sys.stderr, flush=True)

@@ -838,6 +838,13 @@ KILN_WIDE_LOOPS float log_sum_exp(const float* row, int64_t V) {
   return mx + std::log(sum);
 }
 
+// row[0:V] := (exp(row - lse) - [v == target]) * scale (target -1: none), in place.
+KILN_WIDE_LOOPS void softmax_grad_row(float* row, int64_t V, float lse, float scale, int64_t target) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) row[v] = exp_nonpositive(row[v] - lse) * scale;
+  if (target >= 0) row[target] -= scale;
+}
+
 }  // namespace
 
 // h (N, d) += residual (when given), in place: h becomes the new residual stream; returns norm(h):
@@ -1118,6 +1125,55 @@ std::vector<torch::Tensor> token_logprobs(torch::Tensor logits, torch::Tensor ta
     }
   });
   return {lp, top_lp, top_ids};
+}
+
+// One chunk of the training loss's rows on a CPU (kernels.cross_entropy's chunked LM head + cross-entropy):
+// logits (n, V) fp32 or bf16 with contiguous rows, targets (n,) int64, row_scale (n,) fp32 (d loss / d row's
+// loss). Returns each row's loss, log-sum-exp minus the target's logit (0 where the target is ignore_index),
+// in fp32; with need_grad, overwrites the logits with their gradient, (softmax - one-hot at the target) *
+// row_scale, in their own dtype. Each row is read twice and written once, in cache (a bf16 row is widened into
+// a buffer first), where the torch ops made five passes over the whole chunk.
+torch::Tensor loss_rows_(torch::Tensor logits, torch::Tensor targets, int64_t ignore_index, torch::Tensor row_scale,
+                         bool need_grad) {
+  const bool bf16 = logits.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(logits.device().is_cpu() && (bf16 || logits.scalar_type() == torch::kFloat32) && logits.dim() == 2 &&
+                  logits.stride(1) == 1,
+              "loss_rows_: logits must be a 2-D fp32 or bf16 CPU tensor with contiguous rows");
+  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  TORCH_CHECK(targets.device().is_cpu() && targets.scalar_type() == torch::kInt64 && targets.dim() == 1 &&
+                  targets.numel() == N && row_scale.scalar_type() == torch::kFloat32 && row_scale.numel() == N,
+              "loss_rows_: targets must be (n,) int64 and row_scale (n,) fp32");
+  auto tg = targets.contiguous(), rs = row_scale.contiguous();
+  const int64_t* t = tg.data_ptr<int64_t>();
+  const float* scale = rs.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n)
+    TORCH_CHECK(t[n] == ignore_index || (t[n] >= 0 && t[n] < V), "loss_rows_: target ", t[n], " of row ", n,
+                " is out of range [0, ", V, ")");
+  auto loss = torch::empty({N}, logits.options().dtype(torch::kFloat32));
+  float* lp = loss.data_ptr<float>();
+  if (N == 0 || V == 0) return loss;
+  float* xf = bf16 ? nullptr : logits.data_ptr<float>();
+  at::BFloat16* xb = bf16 ? logits.data_ptr<at::BFloat16>() : nullptr;
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<float> buf(bf16 ? V : 0);
+    for (int64_t n = n0; n < n1; ++n) {
+      float* row = bf16 ? buf.data() : xf + n * row_stride;
+      if (bf16) {
+        const at::BFloat16* src = xb + n * row_stride;
+        for (int64_t v = 0; v < V; ++v) row[v] = static_cast<float>(src[v]);
+      }
+      const float lse = log_sum_exp(row, V);
+      const bool valid = t[n] != ignore_index;
+      lp[n] = valid ? lse - row[t[n]] : 0.f;
+      if (!need_grad) continue;
+      softmax_grad_row(row, V, lse, scale[n], valid ? t[n] : -1);
+      if (bf16) {
+        at::BFloat16* dst = xb + n * row_stride;
+        for (int64_t v = 0; v < V; ++v) dst[v] = static_cast<at::BFloat16>(row[v]);
+      }
+    }
+  });
+  return loss;
 }
 
 // ----------------------------------------------------------------------------- causal attention of the CPU forward
@@ -1519,6 +1575,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_linear", &amx_linear, "x (N, K) fp32 times a packed weight as bf16 parts on AMX tiles, fp32 sums");
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
   m.def("causal_attention", &causal_attention, "causal GQA attention of a prompt's queries (B, T, H, D)");
+  m.def("loss_rows_", &loss_rows_, "a chunk of the training loss's rows: losses, and the logits' gradient in place");
   m.def("causal_attention_lse", &causal_attention_lse, "causal self-attention (B, T, H, D) and its log-sum-exp");
   m.def("causal_attention_backward", &causal_attention_backward, "dq, dk, dv of causal_attention_lse");
 #endif

@@ -1,7 +1,8 @@
-"""Causal self-attention for training on a CPU in the native module (model/native: `causal_attention_lse`,
-`causal_attention_backward`), through `model.attention.native_causal_attention` (a torch custom op with
-autograd): its output, log-sum-exp and gradients against fp64 SDPA; the model with it against the model with
-SDPA; `kiln train` using it, resuming bit for bit.
+"""Training on a CPU in the native module's kernels (model/native, through `model.cpu_training`'s torch custom
+ops): causal self-attention (`causal_attention_lse`, `causal_attention_backward`; `native_causal_attention` with
+autograd), its output, log-sum-exp and gradients against fp64 SDPA; the chunked loss's rows (`loss_rows_`)
+against the torch ops; the model with them against the model without; `kiln train` using them, resuming bit
+for bit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import attention
+from model import cpu_training
 from model.config import ModelConfig
 from model.transformer import Transformer
 from training.train import train
@@ -25,7 +26,7 @@ from test_training_train import data_dir, deterministic, tiny_config  # noqa: F4
 
 @pytest.fixture(scope="module")
 def registered(native_module):  # noqa: F811
-    assert attention.use_native_module(native_module)
+    assert cpu_training.use_native_module(native_module)
     return native_module
 
 
@@ -43,7 +44,7 @@ def reference(qkv: torch.Tensor, grad: torch.Tensor, H: int, Hkv: int):
 
 def native(qkv: torch.Tensor, grad: torch.Tensor, H: int, Hkv: int):
     qkv = qkv.detach().requires_grad_()
-    out = attention.native_causal_attention(qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:])
+    out = cpu_training.native_causal_attention(qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:])
     out.backward(grad)
     return out.detach(), qkv.grad
 
@@ -137,19 +138,20 @@ def loss_and_grads(model, tokens, targets, compiled=False):
 
 @pytest.mark.parametrize("config", [LLAMA, QWEN3, GPT2], ids=["llama", "qwen3", "gpt2"])
 def test_the_model_trains_the_same_through_it(registered, config, monkeypatch):
-    """A training forward and backward with `use_native_attention` against the same weights through SDPA:
-    the same loss and gradients (fp32); torch.compile captures it in one graph (fullgraph) with the same
-    result; the op really runs (counted), and not at all without `use_native_attention`."""
+    """A training forward and backward with `use_native_kernels` against the same weights through SDPA and the
+    torch loss rows: the same loss and gradients (fp32); torch.compile captures it in one graph (fullgraph) with
+    the same result; both native functions really run (counted), and not at all without `use_native_kernels`."""
     torch.manual_seed(0)
     plain = Transformer(config, attn_backend="torch")
     fast = Transformer(config, attn_backend="torch")
     fast.load_state_dict(plain.state_dict())
-    assert fast.use_native_attention(registered) and fast.native_attention and not plain.native_attention
+    assert fast.use_native_kernels(registered) and fast.native_kernels and not plain.native_kernels
     calls = []
-    lse = registered.causal_attention_lse
-    monkeypatch.setattr(attention, "_native_module", type("Spy", (), {
-        "causal_attention_lse": staticmethod(lambda *a: calls.append(1) or lse(*a)),
-        "causal_attention_backward": registered.causal_attention_backward}))
+    lse, rows = registered.causal_attention_lse, registered.loss_rows_
+    monkeypatch.setattr(cpu_training, "_native_module", type("Spy", (), {
+        "causal_attention_lse": staticmethod(lambda *a: calls.append("attention") or lse(*a)),
+        "causal_attention_backward": registered.causal_attention_backward,
+        "loss_rows_": staticmethod(lambda *a: calls.append("loss") or rows(*a))}))
     g = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, config.vocab_size, (3, 77), generator=g)
     targets = torch.randint(0, config.vocab_size, (3, 77), generator=g)
@@ -157,21 +159,90 @@ def test_the_model_trains_the_same_through_it(registered, config, monkeypatch):
     assert calls == []
     for compiled in (False, True):
         loss, got = loss_and_grads(fast, tokens, targets, compiled)
-        assert calls and torch.allclose(loss, want_loss, rtol=1e-6, atol=1e-6), (loss, want_loss)
+        assert set(calls) == {"attention", "loss"}, calls
+        assert torch.allclose(loss, want_loss, rtol=1e-6, atol=1e-6), (loss, want_loss)
         for name, grad in got.items():
             assert_close(grad, want[name].double(), 2e-5, name)
         calls.clear()
     with torch.no_grad():  # evaluation (no autograd) takes the native forward as well
-        assert torch.allclose(fast(tokens, targets), want_loss, rtol=1e-6, atol=1e-6) and calls
+        assert torch.allclose(fast(tokens, targets), want_loss, rtol=1e-6, atol=1e-6)
+        assert set(calls) == {"attention", "loss"}, calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_loss_rows_equal_the_torch_ops(registered, dtype, need_grad):
+    """A chunk's rows (losses; the logits' gradient written over them) against `chunk_rows_torch`, with ignored
+    rows (their loss and gradient 0), peaked and flat rows, a vocabulary that is no multiple of the vector width;
+    rows taken as a strided view (the row stride is read)."""
+    from kernels.cross_entropy import chunk_rows_torch
+
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(37, 1000, generator=g) * torch.linspace(0.1, 12, 37)[:, None]).to(dtype)
+    wide = torch.zeros(37, 1100, dtype=dtype)
+    wide[:, :1000] = logits
+    targets = torch.randint(0, 1000, (37,), generator=g)
+    targets[[3, 20]] = -100
+    row_scale = (targets != -100).float() / 35
+    want_logits = logits.clone()
+    want = chunk_rows_torch(want_logits, targets, -100, row_scale, need_grad)
+    got_logits = wide[:, :1000]
+    got = registered.loss_rows_(got_logits, targets, -100, row_scale, need_grad)
+    assert got.dtype == torch.float32 and got[3] == got[20] == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if need_grad:  # the same fp32 values, then one rounding to the logits' dtype
+        torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-7 if dtype == torch.float32 else 4e-6)
+        assert (got_logits[3] == 0).all() and (wide[:, 1000:] == 0).all()
+    else:
+        assert torch.equal(got_logits, logits)
+
+
+def test_loss_rows_reject_bad_input(registered):
+    logits, scale = torch.zeros(2, 8), torch.ones(2)
+    for args, message in [((logits, torch.tensor([0, 8]), -100, scale), "target 8 of row 1 is out of range"),
+                          ((logits.half(), torch.tensor([0, 1]), -100, scale), "fp32 or bf16"),
+                          ((logits, torch.tensor([0, 1]).int(), -100, scale), "int64"),
+                          ((logits.t(), torch.tensor([0, 1]), -100, scale), "contiguous rows")]:
+        with pytest.raises(RuntimeError, match=message):
+            registered.loss_rows_(*args, True)
+
+
+def test_chunked_loss_with_native_rows_equals_the_torch_rows(registered):
+    """`linear_cross_entropy_torch(rows=native_loss_rows)`: the loss and both gradients equal the torch ops'
+    (fp32 and bf16 inputs, several chunks, mean with ignored rows), eager and compiled in one graph; fp16
+    logits fall back to the torch ops."""
+    from kernels.cross_entropy import linear_cross_entropy_torch
+
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        hidden = torch.randn(300, 48, generator=g).to(dtype)
+        weight = (torch.randn(520, 48, generator=g) * 0.3).to(dtype)
+        targets = torch.randint(0, 520, (300,), generator=g)
+        targets[::7] = -100
+        results = []
+        for rows, compiled in ((None, False), (cpu_training.native_loss_rows, False),
+                               (cpu_training.native_loss_rows, True)):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+
+            def run(h, w, rows=rows):
+                return linear_cross_entropy_torch(h, w, targets, chunk_rows=64, rows=rows)
+
+            loss = (torch.compile(run, backend="aot_eager", fullgraph=True) if compiled else run)(h, w)
+            loss.backward()
+            results.append((loss.detach(), h.grad, w.grad))
+        for got in results[1:]:
+            for a, b in zip(got, results[0]):
+                tol = 1e-6 if dtype == torch.float32 else 1e-2
+                torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
 def test_without_the_module_nothing_changes(monkeypatch):
     model = Transformer(LLAMA, attn_backend="torch")
-    assert not model.use_native_attention(None) and not model.native_attention
-    assert not model.use_native_attention(object())  # a module built without the fp32 micro-kernel
-    monkeypatch.setattr(attention, "_native_module", None)
-    with pytest.raises(RuntimeError, match="use_native_attention"):
-        attention.native_causal_attention(torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 1, 16),
+    assert not model.use_native_kernels(None) and not model.native_kernels
+    assert not model.use_native_kernels(object())  # a module built without the fp32 micro-kernel
+    monkeypatch.setattr(cpu_training, "_native_module", None)
+    with pytest.raises(RuntimeError, match="use_native_kernels"):
+        cpu_training.native_causal_attention(torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 1, 16),
                                           torch.zeros(1, 2, 1, 16))
 
 
@@ -195,7 +266,7 @@ def test_kiln_train_uses_it_and_resumes_bit_for_bit(registered, data_dir, tmp_pa
     monkeypatch.delenv(native_build.DISABLE_ENV, raising=False)
     knobs = dict(max_steps=6, precision="fp32", checkpoint_interval=3, eval_interval=3)
     whole = train(tiny_config(data_dir, tmp_path / "whole", **knobs), progress=False)
-    assert "; attention in Kiln's native kernels; steps 0..6" in capsys.readouterr().err
+    assert "; attention and loss in Kiln's native kernels; steps 0..6" in capsys.readouterr().err
     sdpa = train(tiny_config(data_dir, tmp_path / "sdpa", attn_backend="torch", **knobs), progress=False)
     assert "attention in" not in capsys.readouterr().err
     for a, b in zip(whole.metrics, sdpa.metrics):
