@@ -10,9 +10,10 @@ tokens, in fp32 or under bf16 autocast (fp32 master weights), as `kiln train` ru
 --compile every side through torch.compile, as default-cpu.toml trains). "Kiln" is what `kiln train` runs:
 self-attention (forward and backward) and the rows of the chunked LM head + loss in the native module's
 kernels (model/native, built here if needed: `Transformer.use_native_kernels`); "Kiln (torch)" is the same
-model with `F.scaled_dot_product_attention` and the loss rows in torch ops, what the CPU ran before. HF's loss is `F.cross_entropy` on its fp32-cast logits (what its `labels=` path does). The
-sides alternate step by step; the median step is reported, with each side's first loss (they start from the
-same weights and batch, so they agree to rounding).
+model with `F.scaled_dot_product_attention` and the loss rows in torch ops, what the CPU ran before. HF's loss
+is `F.cross_entropy` on its fp32-cast logits (what its `labels=` path does). The sides alternate step by step;
+the median step is reported, with each side's first loss (they start from the same weights and batch, so they
+agree to rounding).
 """
 
 from __future__ import annotations
@@ -163,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop(native.DISABLE_ENV, None)
     module = native.load()
     kernels = "native" if module is not None and hasattr(module, "causal_attention_backward") else "torch"
-    print(f"# {cpu_info()[0]}, {args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"Python {platform.python_version()}; {'torch.compile' if args.compile else 'eager'}; median of {steps} "
-          f"steps, alternating; Kiln's attention and loss rows: {kernels}"
+    mode = "torch.compile" if args.compile else "eager"
+    print(f"# {cpu_info()[0]}, {args.threads} threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, Python {platform.python_version()}; {mode}; "
+          f"median of {steps} steps, alternating; Kiln's attention and loss rows: {kernels}"
           + ("" if kernels == "native" else f" (the native module is unavailable: {native.error()})"))
     print("| shape | params | batch x seq | precision | Kiln tok/s | Kiln (torch) tok/s | HF tok/s | "
           "Kiln / HF | Kiln / Kiln (torch) | first losses (Kiln, torch, HF) |")

@@ -33,10 +33,11 @@ place over the chunk's logits), and folds that into grad_hidden / grad_weight du
 the forward, so backward is one scale. Only "mean" and "sum" reductions. Its loss is fp32
 whatever the inputs' dtype (summed in fp32: as ``F.cross_entropy`` gives under autocast; in
 bf16 a training run's logged losses would be rounded to steps of 1/64 between 2 and 4).
-``linear_cross_entropy_torch`` is that algorithm with the two row passes in torch, for CPUs
-(training on the CPU): chunks small enough to stay in cache, and no (N, V) fp32 logits or
-logits gradient, ran the LM head + loss 1.1-2.2x as fast as the whole-logits path on a
-2-vCPU CPU (bench/RESULTS.md).
+``linear_cross_entropy_torch`` is that algorithm with the two row passes in torch (or in a
+function given as ``rows``: the native module's, model/cpu_training.py), for CPUs (training on
+the CPU): chunks small enough to stay in cache, and no (N, V) fp32 logits or logits gradient,
+ran the LM head + loss 1.1-2.2x as fast as the whole-logits path on a 2-vCPU CPU
+(bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -120,8 +121,8 @@ def linear_cross_entropy_torch(
     """``linear_cross_entropy`` in plain torch, on any device: the same chunks, loss and gradients (computed
     during the forward) with each chunk's rows in one ``log_softmax`` and in-place passes (`chunk_rows_torch`),
     or in ``rows``, a function of the same signature (the CPU's native kernel: `model.cpu_training`). The CPU
-    path of the training loss. The default ``chunk_rows`` keeps a chunk's logits near 2^21 elements (256 rows at a 8192
-    vocabulary), at least 64 rows: on a 2-vCPU CPU 256 rows ran the LM head + loss fastest (fewer rows read
+    path of the training loss. The default ``chunk_rows`` keeps a chunk's logits near 2^21 elements (256 rows
+    at a 8192 vocabulary), at least 64 rows: on a 2-vCPU CPU 256 rows ran the LM head + loss fastest (fewer rows read
     and write the weight's gradient too often, more fall out of cache). A target outside [0, V) raises (not
     checked while torch.compile traces it)."""
     _check_linear_call("linear_cross_entropy_torch", hidden, weight, targets, reduction, chunk_rows)
@@ -313,7 +314,7 @@ def _rows_backward_fake(logits, targets, lse, grad_loss, ignore_index):
 def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad, rows=_chunk_rows_triton):
     """Chunked LM head + cross-entropy: (loss, d loss/d hidden, d loss/d weight), the gradients
     computed on the way (empty when ``need_grad`` is False). ``rows`` does a chunk's rows: the Triton
-    kernels, or torch ops (`chunk_rows_torch`) or the CPU's native kernel (`linear_cross_entropy_torch`)."""
+    kernels, torch ops (`chunk_rows_torch`) or whatever `linear_cross_entropy_torch` was given."""
     # Matmuls run in the inputs' (shared) dtype: under autocast they would change it
     # between the logits and the gradient buffers.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
@@ -430,8 +431,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*_linear_backward(ctx, grad_out), None, None, None, None)
 
 
-class _LinearCrossEntropyTorch(_LinearCrossEntropy):
-    """The same with each chunk's rows done by `rows` (`linear_cross_entropy_torch`)."""
+class _LinearCrossEntropyTorch(torch.autograd.Function):
+    """`_LinearCrossEntropy` with each chunk's rows done by `rows` (`linear_cross_entropy_torch`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, rows):

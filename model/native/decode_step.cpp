@@ -1386,10 +1386,10 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 // log-sum-exp a block at a time, never held whole. A task is one (batch row, kv head): its G query heads'
 // gradients and its keys' and values' (summed over the group in place, no repeat), so threads never write the
 // same memory (with fewer tasks than threads, a task's query blocks are split over several, each summing its
-// own key and value gradients, added up at the end). For each block of query rows (G heads x positions, stacked as in the forward) and chunk of the
-// keys they see, five products through torch's fp32 micro-kernel, all laid out so none needs a transpose of
-// the (keys x rows) intermediates: S^T = K Q^T, dP^T = V dO^T, then P^T and dS^T = P^T (dP^T - delta) in
-// place, dV += P^T dO, dK += dS^T Q, dQ^T += K^T dS^T.
+// own key and value gradients, added up at the end). For each block of query rows (G heads x positions,
+// stacked as in the forward) and chunk of the keys they see, five products through torch's fp32 micro-kernel,
+// all laid out so none needs a transpose of the (keys x rows) intermediates: S^T = K Q^T, dP^T = V dO^T, then
+// P^T and dS^T = P^T (dP^T - delta) in place, dV += P^T dO, dK += dS^T Q, dQ^T += K^T dS^T.
 std::vector<torch::Tensor> causal_attention_lse(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.size(1) == q.size(1),
               "causal_attention_lse: q (B, T, H, D) and k, v (B, T, Hkv, D) must hold the same T tokens");
@@ -1569,13 +1569,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_norm", &add_norm, "h += residual in place; returns RMSNorm/LayerNorm(h) (the CPU forward)");
   m.def("rope_", &rope_, "rotary embedding in place on the first n_heads heads of each row");
   m.def("silu_mul", &silu_mul, "SwiGLU: silu(gate) * up of rows holding [gate; up]");
+  m.def("loss_rows_", &loss_rows_, "a chunk of the training loss's rows: losses, and the logits' gradient in place");
   m.def("token_logprobs", &token_logprobs, "per row: the target's logprob and the top logprobs with their ids");
   m.def("amx_ready", &amx_ready, "whether the bf16 micro-kernel (AMX tiles) is there for amx_pack/amx_linear");
   m.def("amx_pack", &amx_pack, "pack a bf16-exact fp32 weight (O, K) for amx_linear");
   m.def("amx_linear", &amx_linear, "x (N, K) fp32 times a packed weight as bf16 parts on AMX tiles, fp32 sums");
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
   m.def("causal_attention", &causal_attention, "causal GQA attention of a prompt's queries (B, T, H, D)");
-  m.def("loss_rows_", &loss_rows_, "a chunk of the training loss's rows: losses, and the logits' gradient in place");
   m.def("causal_attention_lse", &causal_attention_lse, "causal self-attention (B, T, H, D) and its log-sum-exp");
   m.def("causal_attention_backward", &causal_attention_backward, "dq, dk, dv of causal_attention_lse");
 #endif
