@@ -8,8 +8,10 @@ product, causal, GQA. The baseline is `F.scaled_dot_product_attention(is_causal=
 same views plus the transpose to (B * T, H * D) that the output projection needs (the native call returns that
 layout). Training: forward and backward (`model.cpu_training.native_causal_attention`, what `kiln train` runs on a
 CPU) against SDPA's forward and backward through autograd, on the same views, in fp32 and in bf16 (the dtype
-under bf16 autocast: Kiln widens to fp32 inside, SDPA computes in bf16); the gradients of q, k and v are
-compared to an fp64 reference. Both sides are timed in the same run, best of --reps.
+under bf16 autocast), Kiln's bf16 both ways: "bf16 products" (bf16 operands, fp32 sums: what `kiln train` runs
+where the bf16 micro-kernel runs, AVX-512 and up) and "fp32 math" (widened inside, as on other CPUs);
+the gradients of q, k and v are compared to an fp64 reference. Both sides are timed in the same run, best of
+--reps.
 """
 
 from __future__ import annotations
@@ -116,11 +118,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_table(module, shapes, reps: int) -> int:
     """Forward + backward, Kiln's native op against SDPA through autograd; returns the exit status."""
+    from model import cpu_training
     from model.cpu_training import native_causal_attention, use_native_module
 
     if not use_native_module(module):
         print("cpu_attention.py: the native module has no training attention here", file=sys.stderr)
         return 1
+    variants = [(torch.float32, False, "fp32"), (torch.bfloat16, False, "bf16, fp32 math")]
+    if module.attention_bf16_ready():
+        variants.append((torch.bfloat16, True, "bf16, bf16 products"))
     print()
     print(f"Training: forward + backward, causal; the gradients' largest error against fp64, relative to the "
           f"largest gradient; best of {reps}")
@@ -133,7 +139,8 @@ def train_table(module, shapes, reps: int) -> int:
         qkv64 = torch.randn(B, T, H + 2 * Hkv, D, generator=g, dtype=torch.float64)
         grad64 = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
         reference = _grads(qkv64, grad64, H, Hkv, _sdpa)
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype, bf16_products, label in variants:
+            cpu_training._bf16_products = bf16_products
             qkv, grad = qkv64.to(dtype), grad64.to(dtype)
             errors = {}
             for side, attend in (("SDPA", _sdpa), ("Kiln", native_causal_attention)):
@@ -142,7 +149,7 @@ def train_table(module, shapes, reps: int) -> int:
             base = best_ms(lambda: _grads(qkv, grad, H, Hkv, _sdpa), reps)
             ours = best_ms(lambda: _grads(qkv, grad, H, Hkv, native_causal_attention), reps)
             flops = 3.5 * 4 * B * H * D * T * (T + 1) / 2  # forward's two products, backward's five
-            print(f"| {name} | {B} x {T} | {H} / {Hkv}, {D} | {str(dtype).removeprefix('torch.')} | {base:.1f} | "
+            print(f"| {name} | {B} x {T} | {H} / {Hkv}, {D} | {label} | {base:.1f} | "
                   f"{ours:.1f} | {flops / ours / 1e6:.0f} | {base / ours:.2f}x | {errors['SDPA']:.1e} | "
                   f"{errors['Kiln']:.1e} |", flush=True)
             failed |= errors["Kiln"] > MAX_GRAD_ERROR[dtype]

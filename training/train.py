@@ -382,8 +382,9 @@ class Trainer:
 
     def _native_kernels(self, config: TrainConfig, runtime: Runtime) -> str:
         """On a CPU with attn_backend=auto, self-attention (forward and backward) and the chunked loss's rows in
-        Kiln's native kernels (model/native, built once per machine) instead of SDPA (1.2-1.9x its speed,
-        bench/cpu_attention.py) and torch ops (2.6-3x). Returns a note for the start line."""
+        Kiln's native kernels (model/native, built once per machine) instead of SDPA (1.2-2x its speed in fp32,
+        1.8-3.1x in bf16 with bf16 products: bench/cpu_attention.py) and torch ops (2.6-3x). Returns a note for
+        the start line."""
         if runtime.device.type != "cpu" or config.attn_backend != "auto":
             return ""
         from model import native
@@ -394,7 +395,10 @@ class Trainer:
             print(f"kiln train: building Kiln's native CPU kernels in {native.build_dir()} (once; about half a "
                   "minute)...", file=sys.stderr, flush=True)
         if self.model.use_native_kernels(native.load(build=True)):
-            return "; attention and loss in Kiln's native kernels"
+            from model.cpu_training import bf16_products
+
+            bf16 = self.precision == "bf16" and bf16_products()
+            return "; attention and loss in Kiln's native kernels" + (" (attention's products in bf16)" if bf16 else "")
         why = native.error() or "this torch build lacks the fp32 micro-kernel (cpublas::brgemm) they use"
         return f"; attention in torch SDPA (the native kernels are unavailable: {why})"
 

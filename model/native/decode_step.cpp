@@ -1182,10 +1182,16 @@ torch::Tensor loss_rows_(torch::Tensor logits, torch::Tensor targets, int64_t ig
 // own. Here a task takes kAttnRows query rows: kAttnRows / G positions (at least 8) of all G query heads that
 // share one kv head, stacked, so one matrix product scores them all against that head's keys, and only the
 // keys its last position sees are read. Keys go in chunks of kKeyChunk with an online softmax (flash attention's
-// running max and sum), the products through torch's fp32 micro-kernel (cpublas::brgemm); tasks are handed
+// running max and sum), the products through torch's micro-kernel (cpublas::brgemm); tasks are handed
 // to threads heaviest first. Keys and values are first copied per kv head into zero-padded buffers (keys
 // transposed, in chunks), so the products come in a few shapes (their kernels are compiled once per shape
 // and thread) and read nothing past the buffers.
+//
+// The products run in the inputs' precision with fp32 sums: fp32 (prompts and scoring, and fp32 training), or
+// bf16 (training under bf16 autocast, as flash attention runs on a GPU: the weights P and the score gradients
+// dS rounded to bf16 for the products that take them; softmax, log-sum-exp and every sum in fp32). The bf16
+// micro-kernel (AVX-512 BF16 or AMX) runs ~2x the fp32 one on CPUs that have the instructions; it reads each
+// B operand with pairs of rows interleaved (VNNI), which the buffers here are built in (`b_index`).
 
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
 namespace {
@@ -1194,24 +1200,112 @@ constexpr int64_t kAttnRows = 128;  // query rows (positions x heads of a group)
 constexpr int64_t kKeyChunk = 512;  // keys per product
 constexpr int64_t kKeyPad = 64;     // key counts are rounded up to this (8 shapes of product per row count)
 
+template <typename T>
+constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
+
+// where element (k, n) of a (K, N) B operand with row stride ldb is held: row-major for fp32, and for bf16 in
+// VNNI pairs (rows k and k + 1 interleaved, K even), the layout the bf16 micro-kernel reads
+template <typename T>
+inline int64_t b_index(int64_t k, int64_t n, int64_t ldb) {
+  if constexpr (kBf16<T>) {
+    return (k >> 1) * ldb * 2 + n * 2 + (k & 1);
+  } else {
+    return k * ldb + n;
+  }
+}
+
+template <typename T>
+inline T narrow_to(float x) {  // an fp32 number as T (bf16: rounded to nearest even)
+  if constexpr (kBf16<T>) {
+    return c10::BFloat16(bf16_bits(x), c10::BFloat16::from_bits());
+  } else {
+    return x;
+  }
+}
+
+// C (M, N) (+)= A (M, K) B (K, N), fp32 sums; bf16 B in VNNI pairs
+inline void gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add, const float* A,
+                 const float* B, float* C) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
+}
+
+inline void gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+                 const at::BFloat16* A, const at::BFloat16* B, float* C) {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, true);
+#else
+  TORCH_CHECK(false, "this torch has no bf16 micro-kernel");
+#endif
+}
+
+// after a thread's bf16 products: free the micro-kernel's hardware context (AMX tiles)
+template <typename T>
+inline void release_gemm() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  if constexpr (kBf16<T>) at::native::cpublas::brgemm_release();
+#endif
+}
+
+template <typename T>
+KILN_WIDE_LOOPS void narrow_rows(const float* x, T* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = narrow_to<T>(x[i]);
+}
+
+// the bf16 backward's operands from two keys' rows (of R) of P^T and dS^T in fp32, p and ds: both rounded,
+// row-major (A operands), and dS^T's rows as one VNNI pair (the B operand of dQ^T's product)
+KILN_WIDE_LOOPS void narrow_key_pair(const float* p, const float* ds, int64_t R, uint16_t* p_out, uint16_t* ds_out,
+                                     uint32_t* ds_pair) {
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) {
+    const uint16_t d0 = bf16_bits(ds[r]), d1 = bf16_bits(ds[R + r]);
+    p_out[r] = bf16_bits(p[r]);
+    p_out[R + r] = bf16_bits(p[R + r]);
+    ds_out[r] = d0;
+    ds_out[R + r] = d1;
+    ds_pair[r] = d0 | static_cast<uint32_t>(d1) << 16;
+  }
+}
+
+// a row-major (R, D) matrix x (R and D even for bf16) as the B operands (R, D) and, transposed, (D, R)
+template <typename T>
+void pack_b(const T* x, int64_t R, int64_t D, T* b, T* bt) {
+  if constexpr (kBf16<T>) {  // as 32-bit words: a VNNI pair is one word
+    const auto* x16 = reinterpret_cast<const uint16_t*>(x);
+    const auto* x32 = reinterpret_cast<const uint32_t*>(x);
+    auto* b32 = reinterpret_cast<uint32_t*>(b);
+    auto* bt32 = reinterpret_cast<uint32_t*>(bt);
+    for (int64_t r = 0; r < R; r += 2)
+      for (int64_t d = 0; d < D; ++d)
+        b32[r / 2 * D + d] = x16[r * D + d] | static_cast<uint32_t>(x16[(r + 1) * D + d]) << 16;
+    for (int64_t p = 0; p < D / 2; ++p)
+      for (int64_t r = 0; r < R; ++r) bt32[p * R + r] = x32[r * (D / 2) + p];
+  } else {
+    std::memcpy(b, x, sizeof(float) * R * D);
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t r = 0; r < R; ++r) bt[d * R + r] = x[r * D + d];
+  }
+}
+
 struct AttnTask {
   int64_t b, kv_head, t0, t1, n_keys;
 };
 
-// softmax step of one chunk for one row: s[0:nc] holds the row's scores against keys c0..c0+nc-1, of which
-// the first `visible` count; turns them into weights exp(s - max) (0 past `visible`), updates the running
-// max m and sum l, and returns the factor the row's earlier output must be scaled by.
-KILN_WIDE_LOOPS float online_softmax_row(float* s, int64_t nc, int64_t visible, float& m, float& l) {
+// softmax step of one chunk for one row: s[0:nc] holds the row's scores against keys c0..c0+nc-1 (to be
+// multiplied by scale > 0), of which the first `visible` count; turns them into weights exp(scale s - max) (0
+// past `visible`), updates the running max m and sum l, and returns the factor the row's earlier output must be
+// scaled by.
+KILN_WIDE_LOOPS float online_softmax_row(float* s, int64_t nc, int64_t visible, float scale, float& m, float& l) {
   if (visible <= 0) {
     std::memset(s, 0, sizeof(float) * nc);
     return 1.f;
   }
-  const float mx = std::max(m, row_max(s, visible));
+  const float mx = std::max(m, scale * row_max(s, visible));
   const float corr = exp_nonpositive(m - mx);  // m = -inf at the first chunk: 0 (l and the output are 0)
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < visible; ++j) {
-    s[j] = exp_nonpositive(s[j] - mx);
+    s[j] = exp_nonpositive(s[j] * scale - mx);
     sum += s[j];
   }
   for (int64_t j = visible; j < nc; ++j) s[j] = 0.f;
@@ -1220,19 +1314,19 @@ KILN_WIDE_LOOPS float online_softmax_row(float* s, int64_t nc, int64_t visible, 
   return corr;
 }
 
-// one key's row of the backward's (keys x query rows) buffers, in place: s holds the key's scaled scores
-// against the block's query rows, dp its dP = dO . v; row g * Mp + t (query head g of the group, block position
-// t) sees the key when first <= t < M. Makes s the weights P = exp(s - lse) (0 where unseen) and dp the score
-// gradients dS = P (dP - delta).
+// one key's row of the backward's (keys x query rows) buffers, in place: s holds the key's scores (to be
+// multiplied by scale) against the block's query rows, dp its dP = dO . v; row g * Mp + t (query head g of the
+// group, block position t) sees the key when first <= t < M. Makes s the weights P = exp(scale s - lse) (0
+// where unseen) and dp the score gradients dS = P (dP - delta).
 KILN_WIDE_LOOPS void attention_grad_row(float* s, float* dp, const float* lse, const float* delta, int64_t G,
-                                        int64_t Mp, int64_t first, int64_t M) {
+                                        int64_t Mp, int64_t first, int64_t M, float scale) {
   for (int64_t g = 0; g < G; ++g) {
     const int64_t base = g * Mp, seen = std::min(first, M);
     for (int64_t t = 0; t < seen; ++t) s[base + t] = dp[base + t] = 0.f;
 #pragma omp simd
     for (int64_t t = seen; t < M; ++t) {
       const int64_t r = base + t;
-      const float p = exp_nonpositive(s[r] - lse[r]);
+      const float p = exp_nonpositive(s[r] * scale - lse[r]);
       s[r] = p;
       dp[r] = p * (dp[r] - delta[r]);
     }
@@ -1240,22 +1334,30 @@ KILN_WIDE_LOOPS void attention_grad_row(float* s, float* dp, const float* lse, c
   }
 }
 
+template <typename T>
+void check_attention_inputs(std::initializer_list<const torch::Tensor*> ts, const char* what) {
+  for (const auto* t : ts) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == c10::CppTypeToScalarType<T>::value && t->dim() == 4 &&
+                    t->stride(3) == 1 && (!kBf16<T> || t->size(3) % 2 == 0),
+                what, " must be 4-D CPU tensors of one dtype (fp32, or bf16 with an even head dim) with a "
+                "contiguous last dim");
+  }
+}
+
 }  // namespace
 
-// q (B, T, H, D), k and v (B, S, Hkv, D): fp32 CPU, the last dim contiguous (views of a qkv product or
-// of the KV cache serve as they are); starts and lengths (B,) int64. Query t of row b sits at position
-// starts[b] + t and sees keys 0..min(starts[b] + t, lengths[b] - 1). Returns (B, T, H, D) contiguous, so
-// (B * T, H * D) for the output projection is a view.
+// q (B, T, H, D), k and v (B, S, Hkv, D): CPU, the last dim contiguous (views of a qkv product or of the KV
+// cache serve as they are); starts and lengths (B,) int64. Query t of row b sits at position starts[b] + t and
+// sees keys 0..min(starts[b] + t, lengths[b] - 1). Returns (B, T, H, D) contiguous, so (B * T, H * D) for the
+// output projection is a view.
 namespace {
-// the body of causal_attention; writes each real query row's log-sum-exp of its scaled scores into lse
-// ((B, H, T) fp32 contiguous) when it is defined
+// the body of causal_attention for T = float or at::BFloat16 (q, k and v all of it); writes each real query
+// row's log-sum-exp of its scaled scores into lse ((B, H, T) fp32 contiguous) when it is defined
+template <typename T>
 torch::Tensor causal_attention_impl(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor starts,
                                     torch::Tensor lengths, double scale, torch::Tensor lse) {
-  for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->stride(3) == 1,
-                "causal_attention: q, k and v must be 4-D fp32 CPU tensors with a contiguous last dim");
-  }
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  check_attention_inputs<T>({&q, &k, &v}, "causal_attention: q, k and v");
+  const int64_t B = q.size(0), T_q = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t S = k.size(1), Hkv = k.size(2);
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D,
               "causal_attention: k and v must both be (B, S, Hkv, D) for q (B, T, H, D)");
@@ -1271,35 +1373,36 @@ torch::Tensor causal_attention_impl(torch::Tensor q, torch::Tensor k, torch::Ten
     TORCH_CHECK(sp[b] >= 0 && lp[b] >= 1 && lp[b] <= S, "causal_attention: row ", b, " has start ", sp[b],
                 " and length ", lp[b], "; need start >= 0 and 1 <= length <= ", S);
   }
-  auto out = torch::empty({B, T, H, D}, q.options());
-  if (B == 0 || T == 0 || H == 0 || D == 0) return out;
+  auto out = torch::empty({B, T_q, H, D}, q.options());
+  if (B == 0 || T_q == 0 || H == 0 || D == 0) return out;
   const int64_t G = H / Hkv, rows_per = std::max<int64_t>(8, kAttnRows / G);
   const int64_t chunks = (S + kKeyChunk - 1) / kKeyChunk, S_pad = (S + kKeyPad - 1) / kKeyPad * kKeyPad;
+  // fp32 scales the queries (as the products have always done); bf16 the fp32 scores (exact)
+  const float sc = static_cast<float>(scale), q_scale = kBf16<T> ? 1.f : sc, s_scale = kBf16<T> ? sc : 1.f;
 
-  // each kv head's keys transposed in chunks, (chunks, D, kKeyChunk), and its values, (S_pad, D); zero from the
-  // row's length up to the next multiple of kKeyPad (what the products read past it)
+  // each kv head's keys transposed in chunks, (chunks, D, kKeyChunk), and its values, (S_pad, D), both as B
+  // operands (`b_index`); zero from the row's length up to the next multiple of kKeyPad (what the products read)
   auto kt = torch::empty({B * Hkv, chunks, D, kKeyChunk}, q.options());
   auto vp = torch::empty({B * Hkv, S_pad, D}, q.options());
-  const float* kptr = k.data_ptr<float>();
-  const float* vptr = v.data_ptr<float>();
-  float* ktp = kt.data_ptr<float>();
-  float* vpp = vp.data_ptr<float>();
+  const T* kptr = k.data_ptr<T>();
+  const T* vptr = v.data_ptr<T>();
+  T* ktp = kt.data_ptr<T>();
+  T* vpp = vp.data_ptr<T>();
+  const T zero = narrow_to<T>(0.f);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv, n = lp[b], n_pad = (n + kKeyPad - 1) / kKeyPad * kKeyPad;
-      const float* ks = kptr + b * k.stride(0) + h * k.stride(2);
-      const float* vs = vptr + b * v.stride(0) + h * v.stride(2);
-      float* kd = ktp + i * chunks * D * kKeyChunk;
-      float* vd = vpp + i * S_pad * D;
+      const T* ks = kptr + b * k.stride(0) + h * k.stride(2);
+      const T* vs = vptr + b * v.stride(0) + h * v.stride(2);
+      T* kd = ktp + i * chunks * D * kKeyChunk;
+      T* vd = vpp + i * S_pad * D;
       for (int64_t j = 0; j < n_pad; ++j) {
-        float* col = kd + (j / kKeyChunk) * D * kKeyChunk + j % kKeyChunk;
-        if (j < n) {
-          const float* kr = ks + j * k.stride(1);
-          for (int64_t d = 0; d < D; ++d) col[d * kKeyChunk] = kr[d];
-          std::memcpy(vd + j * D, vs + j * v.stride(1), sizeof(float) * D);
-        } else {
-          for (int64_t d = 0; d < D; ++d) col[d * kKeyChunk] = 0.f;
-          std::fill(vd + j * D, vd + (j + 1) * D, 0.f);
+        T* kc = kd + (j / kKeyChunk) * D * kKeyChunk;
+        const T* kr = ks + j * k.stride(1);
+        const T* vr = vs + j * v.stride(1);
+        for (int64_t d = 0; d < D; ++d) {
+          kc[b_index<T>(d, j % kKeyChunk, kKeyChunk)] = j < n ? kr[d] : zero;
+          vd[b_index<T>(j, d, D)] = j < n ? vr[d] : zero;
         }
       }
     }
@@ -1308,8 +1411,8 @@ torch::Tensor causal_attention_impl(torch::Tensor q, torch::Tensor k, torch::Ten
   std::vector<AttnTask> tasks;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hkv; ++h)
-      for (int64_t t0 = 0; t0 < T; t0 += rows_per) {
-        const int64_t t1 = std::min(T, t0 + rows_per);
+      for (int64_t t0 = 0; t0 < T_q; t0 += rows_per) {
+        const int64_t t1 = std::min(T_q, t0 + rows_per);
         tasks.push_back({b, h, t0, t1, std::min(sp[b] + t1, lp[b])});
       }
   std::stable_sort(tasks.begin(), tasks.end(), [](const AttnTask& a, const AttnTask& c) {
@@ -1317,13 +1420,13 @@ torch::Tensor causal_attention_impl(torch::Tensor q, torch::Tensor k, torch::Ten
   });
   std::atomic<int64_t> next{0};
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
-  const float* qptr = q.data_ptr<float>();
-  float* optr = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
+  const T* qptr = q.data_ptr<T>();
+  T* optr = out.data_ptr<T>();
   float* lsep = lse.defined() ? lse.data_ptr<float>() : nullptr;
   at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     const int64_t R_max = G * rows_per;
-    std::vector<float> qb(R_max * D), ob(R_max * D), sb(R_max * kKeyChunk), m(R_max), l(R_max), corr(R_max);
+    std::vector<T> qb(R_max * D), pb(kBf16<T> ? R_max * kKeyChunk : 0);
+    std::vector<float> ob(R_max * D), sb(R_max * kKeyChunk), m(R_max), l(R_max), corr(R_max);
     for (int64_t i; (i = next.fetch_add(1)) < n_tasks;) {
       const AttnTask& task = tasks[i];
       // M positions, padded to Mp = rows_per with zero queries (their outputs are dropped): one row count for
@@ -1332,43 +1435,51 @@ torch::Tensor causal_attention_impl(torch::Tensor q, torch::Tensor k, torch::Ten
       const int64_t start = sp[task.b], len = lp[task.b];
       for (int64_t g = 0; g < G; ++g)  // row g * Mp + t: position task.t0 + t of query head kv_head * G + g
         for (int64_t t = 0; t < Mp; ++t) {
-          float* dst = qb.data() + (g * Mp + t) * D;
+          T* dst = qb.data() + (g * Mp + t) * D;
           if (t >= M) {
-            std::fill(dst, dst + D, 0.f);
+            std::fill(dst, dst + D, zero);
             continue;
           }
-          const float* src = qptr + task.b * q.stride(0) + (task.t0 + t) * q.stride(1) +
-                             (task.kv_head * G + g) * q.stride(2);
-          for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * sc;
+          const T* src = qptr + task.b * q.stride(0) + (task.t0 + t) * q.stride(1) +
+                         (task.kv_head * G + g) * q.stride(2);
+          for (int64_t d = 0; d < D; ++d) dst[d] = kBf16<T> ? src[d] : narrow_to<T>(src[d] * q_scale);
         }
       std::fill(m.begin(), m.begin() + R, -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.begin() + R, 0.f);
-      const float* kd = ktp + (task.b * Hkv + task.kv_head) * chunks * D * kKeyChunk;
-      const float* vd = vpp + (task.b * Hkv + task.kv_head) * S_pad * D;
+      const T* kd = ktp + (task.b * Hkv + task.kv_head) * chunks * D * kKeyChunk;
+      const T* vd = vpp + (task.b * Hkv + task.kv_head) * S_pad * D;
       for (int64_t c0 = 0; c0 < task.n_keys; c0 += kKeyChunk) {
         const int64_t nc = std::min(kKeyChunk, (task.n_keys - c0 + kKeyPad - 1) / kKeyPad * kKeyPad);
-        at::native::cpublas::brgemm(R, nc, D, D, kKeyChunk, nc, false, qb.data(), kd + c0 * D, sb.data(), false);
+        gemm(R, nc, D, D, kKeyChunk, nc, false, qb.data(), kd + c0 * D, sb.data());
         for (int64_t r = 0; r < R; ++r) {
           const int64_t pos = start + task.t0 + r % Mp;
           const int64_t visible = std::min(pos + 1, len) - c0;
-          corr[r] = online_softmax_row(sb.data() + r * nc, nc, std::min(visible, nc), m[r], l[r]);
+          corr[r] = online_softmax_row(sb.data() + r * nc, nc, std::min(visible, nc), s_scale, m[r], l[r]);
         }
         if (c0 > 0) {
           for (int64_t r = 0; r < R; ++r)
             if (corr[r] != 1.f)
               for (int64_t d = 0; d < D; ++d) ob[r * D + d] *= corr[r];
         }
-        at::native::cpublas::brgemm(R, D, nc, nc, D, D, c0 > 0, sb.data(), vd + c0 * D, ob.data(), false);
+        const T* p = nullptr;  // the weights as the A operand
+        if constexpr (kBf16<T>) {
+          narrow_rows(sb.data(), pb.data(), R * nc);
+          p = pb.data();
+        } else {
+          p = sb.data();
+        }
+        gemm(R, D, nc, nc, D, D, c0 > 0, p, vd + c0 * D, ob.data());  // (vd + c0 * D: c0 is even)
       }
       for (int64_t g = 0; g < G; ++g)
         for (int64_t t = 0; t < M; ++t) {
           const int64_t r = g * Mp + t;
           const float inv = 1.f / l[r];
-          float* dst = optr + ((task.b * T + task.t0 + t) * H + task.kv_head * G + g) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = ob[r * D + d] * inv;
-          if (lsep != nullptr) lsep[(task.b * H + task.kv_head * G + g) * T + task.t0 + t] = m[r] + std::log(l[r]);
+          T* dst = optr + ((task.b * T_q + task.t0 + t) * H + task.kv_head * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = narrow_to<T>(ob[r * D + d] * inv);
+          if (lsep != nullptr) lsep[(task.b * H + task.kv_head * G + g) * T_q + task.t0 + t] = m[r] + std::log(l[r]);
         }
     }
+    release_gemm<T>();
   });
   return out;
 }
@@ -1376,18 +1487,18 @@ torch::Tensor causal_attention_impl(torch::Tensor q, torch::Tensor k, torch::Ten
 
 torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor starts,
                                torch::Tensor lengths, double scale) {
-  return causal_attention_impl(q, k, v, starts, lengths, scale, torch::Tensor());
+  return causal_attention_impl<float>(q, k, v, starts, lengths, scale, torch::Tensor());
 }
 
 // ----------------------------------------------------------------------------- causal attention for training
-// Self-attention of T tokens from position 0 (q (B, T, H, D), k and v (B, T, Hkv, D), fp32, the last dim
-// contiguous) with autograd: the forward above, which also returns each query row's log-sum-exp (B, H, T), and
-// its backward, flash attention's: the weights P = exp(scale q.k - lse) are recomputed from the saved
-// log-sum-exp a block at a time, never held whole. A task is one (batch row, kv head): its G query heads'
+// Self-attention of T tokens from position 0 (q (B, T, H, D), k and v (B, T, Hkv, D), all fp32 or all bf16, the
+// last dim contiguous) with autograd: the forward above, which also returns each query row's log-sum-exp
+// (B, H, T), and its backward, flash attention's: the weights P = exp(scale q.k - lse) are recomputed from the
+// saved log-sum-exp a block at a time, never held whole. A task is one (batch row, kv head): its G query heads'
 // gradients and its keys' and values' (summed over the group in place, no repeat), so threads never write the
 // same memory (with fewer tasks than threads, a task's query blocks are split over several, each summing its
 // own key and value gradients, added up at the end). For each block of query rows (G heads x positions,
-// stacked as in the forward) and chunk of the keys they see, five products through torch's fp32 micro-kernel,
+// stacked as in the forward) and chunk of the keys they see, five products through torch's micro-kernel,
 // all laid out so none needs a transpose of the (keys x rows) intermediates: S^T = K Q^T, dP^T = V dO^T, then
 // P^T and dS^T = P^T (dP^T - delta) in place, dV += P^T dO, dK += dS^T Q, dQ^T += K^T dS^T.
 std::vector<torch::Tensor> causal_attention_lse(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
@@ -1396,157 +1507,201 @@ std::vector<torch::Tensor> causal_attention_lse(torch::Tensor q, torch::Tensor k
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
   auto lse = torch::empty({B, H, T}, q.options().dtype(torch::kFloat32));
   auto opts = torch::TensorOptions().dtype(torch::kInt64);
-  auto out = causal_attention_impl(q, k, v, torch::zeros({B}, opts), torch::full({B}, T, opts), scale, lse);
+  auto starts = torch::zeros({B}, opts), lengths = torch::full({B}, T, opts);
+  auto out = q.scalar_type() == torch::kBFloat16
+                 ? causal_attention_impl<at::BFloat16>(q, k, v, starts, lengths, scale, lse)
+                 : causal_attention_impl<float>(q, k, v, starts, lengths, scale, lse);
   return {out, lse};
 }
 
 namespace {
 constexpr int64_t kBwdKeyChunk = 256;  // keys per product of the backward (its two (keys x rows) buffers stay in L2)
-}
 
-std::vector<torch::Tensor> causal_attention_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                                     torch::Tensor out, torch::Tensor grad, torch::Tensor lse,
-                                                     double scale) {
-  for (const auto* t : {&q, &k, &v, &out, &grad}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->dim() == 4 && t->stride(3) == 1,
-                "causal_attention_backward: q, k, v, out and grad must be 4-D fp32 CPU tensors with a contiguous "
-                "last dim");
-  }
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == T && k.size(3) == D,
+template <typename T>
+std::vector<torch::Tensor> attention_backward_impl(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                   torch::Tensor out, torch::Tensor grad, torch::Tensor lse,
+                                                   double scale) {
+  check_attention_inputs<T>({&q, &k, &v, &out, &grad}, "causal_attention_backward: q, k, v, out and grad");
+  const int64_t B = q.size(0), T_q = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == T_q && k.size(3) == D,
               "causal_attention_backward: k and v must both be (B, T, Hkv, D) for q (B, T, H, D)");
   TORCH_CHECK(out.sizes() == q.sizes() && grad.sizes() == q.sizes(),
               "causal_attention_backward: out and grad must be shaped like q");
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "causal_attention_backward: H must be a multiple of Hkv");
   TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == torch::kFloat32 && lse.is_contiguous() &&
-                  lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == T,
+                  lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == T_q,
               "causal_attention_backward: lse must be (B, H, T) fp32 contiguous");
-  auto dq = torch::empty({B, T, H, D}, q.options());
-  auto dk = torch::empty({B, T, Hkv, D}, q.options());
-  auto dv = torch::empty({B, T, Hkv, D}, q.options());
-  if (B == 0 || T == 0 || H == 0 || D == 0) return {dq, dk, dv};
+  auto dq = torch::empty({B, T_q, H, D}, q.options());
+  auto dk = torch::empty({B, T_q, Hkv, D}, q.options());
+  auto dv = torch::empty({B, T_q, Hkv, D}, q.options());
+  if (B == 0 || T_q == 0 || H == 0 || D == 0) return {dq, dk, dv};
   const int64_t G = H / Hkv, Mp = std::max<int64_t>(8, kAttnRows / G), R = G * Mp;
-  const int64_t T_pad = (T + kKeyPad - 1) / kKeyPad * kKeyPad;
-  const float sc = static_cast<float>(scale);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const float* op = out.data_ptr<float>();
-  const float* gp = grad.data_ptr<float>();
+  const int64_t T_pad = (T_q + kKeyPad - 1) / kKeyPad * kKeyPad;
+  // fp32 scales the queries (dK comes out scaled); bf16 the fp32 scores, and dK at the end
+  const float sc = static_cast<float>(scale), q_scale = kBf16<T> ? 1.f : sc, s_scale = kBf16<T> ? sc : 1.f;
+  const T zero = narrow_to<T>(0.f);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* op = out.data_ptr<T>();
+  const T* gp = grad.data_ptr<T>();
   const float* lp = lse.data_ptr<float>();
-  float* dqp = dq.data_ptr<float>();
-  float* dkp = dk.data_ptr<float>();
-  float* dvp = dv.data_ptr<float>();
+  T* dqp = dq.data_ptr<T>();
+  T* dkp = dk.data_ptr<T>();
+  T* dvp = dv.data_ptr<T>();
   // with fewer (batch row, kv head) tasks than threads, each is split into `pieces` (query blocks dealt round
   // robin, so each piece gets its share of the causal work) whose key and value gradients are summed at the end
-  const int64_t n_tasks = B * Hkv, n_blocks = (T + Mp - 1) / Mp, threads = at::get_num_threads();
+  const int64_t n_tasks = B * Hkv, n_blocks = (T_q + Mp - 1) / Mp, threads = at::get_num_threads();
   const int64_t pieces = std::min(n_blocks, std::max<int64_t>(1, (threads + n_tasks - 1) / n_tasks));
   const int64_t n_items = n_tasks * pieces;
-  torch::Tensor partial;  // (n_items, 2, T, D): each piece's dK and dV, when split
-  if (pieces > 1) partial = torch::empty({n_items, 2, T, D}, q.options());
+  torch::Tensor partial;  // (n_items, 2, T, D) fp32: each piece's dK and dV, when split
+  if (pieces > 1) partial = torch::empty({n_items, 2, T_q, D}, q.options().dtype(torch::kFloat32));
   float* pp = pieces > 1 ? partial.data_ptr<float>() : nullptr;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(n_items, threads), 1, [&](int64_t, int64_t) {
-    // the task's keys and values row-major (T_pad, D) and its keys transposed (D, T_pad), zero past T; its
-    // key and value gradients; a query block's scaled queries and output gradients in both layouts
-    std::vector<float> kr(T_pad * D), vr(T_pad * D), kt(D * T_pad), dka(T_pad * D), dva(T_pad * D);
-    std::vector<float> qs(R * D), qt(D * R), gb(R * D), gt(D * R), dqt(D * R), lrow(R), delta(R);
+    // the task's keys and values row-major (T_pad, D) and its keys transposed (D, T_pad), zero past T (A
+    // operands); its key and value gradients; a query block's (scaled) queries and output gradients row-major
+    // (qr, gr), then as B operands of both shapes, (R, D) and (D, R)
+    std::vector<T> kr(T_pad * D), vr(T_pad * D), kt(D * T_pad), qr(R * D), gr(R * D);
+    std::vector<T> qs(R * D), qt(D * R), gb(R * D), gt(D * R);
+    std::vector<float> dka(T_pad * D), dva(T_pad * D), dqt(D * R), lrow(R), delta(R);
     std::vector<float> st(kBwdKeyChunk * R), dpt(kBwdKeyChunk * R);
+    // bf16: P^T and dS^T rounded (A operands, (keys, R)), and dS^T as the B operand of dQ^T's product
+    std::vector<T> pt_b(kBf16<T> ? kBwdKeyChunk * R : 0), ds_b(pt_b.size()), ds_v(pt_b.size());
     for (int64_t item; (item = next.fetch_add(1)) < n_items;) {
       const int64_t i = item / pieces, piece = item % pieces, b = i / Hkv, h = i % Hkv;
       for (int64_t j = 0; j < T_pad; ++j) {
-        float* kd = kr.data() + j * D;
-        float* vd = vr.data() + j * D;
-        if (j < T) {
-          std::memcpy(kd, kp + b * k.stride(0) + j * k.stride(1) + h * k.stride(2), sizeof(float) * D);
-          std::memcpy(vd, vp + b * v.stride(0) + j * v.stride(1) + h * v.stride(2), sizeof(float) * D);
-        } else {
-          std::fill(kd, kd + D, 0.f);
-          std::fill(vd, vd + D, 0.f);
+        const T* ks = kp + b * k.stride(0) + j * k.stride(1) + h * k.stride(2);
+        const T* vs = vp + b * v.stride(0) + j * v.stride(1) + h * v.stride(2);
+        for (int64_t d = 0; d < D; ++d) {
+          kr[j * D + d] = kt[d * T_pad + j] = j < T_q ? ks[d] : zero;
+          vr[j * D + d] = j < T_q ? vs[d] : zero;
         }
-        for (int64_t d = 0; d < D; ++d) kt[d * T_pad + j] = kd[d];
       }
       std::fill(dka.begin(), dka.end(), 0.f);
       std::fill(dva.begin(), dva.end(), 0.f);
-      for (int64_t t0 = piece * Mp; t0 < T; t0 += pieces * Mp) {
-        const int64_t M = std::min(Mp, T - t0), n_keys = t0 + M;
-        // row g * Mp + t: position t0 + t of query head h * G + g; rows t >= M are zero (and see no key)
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t t = 0; t < Mp; ++t) {
+      for (int64_t t0 = piece * Mp; t0 < T_q; t0 += pieces * Mp) {
+        const int64_t M = std::min(Mp, T_q - t0), n_keys = t0 + M;
+        // row g * Mp + t: position t0 + t of query head h * G + g; rows t >= M are zero (and see no key). (A
+        // position's G heads are adjacent in memory: read together.)
+        for (int64_t t = 0; t < Mp; ++t)
+          for (int64_t g = 0; g < G; ++g) {
             const int64_t r = g * Mp + t;
-            float* qd = qs.data() + r * D;
-            float* gd = gb.data() + r * D;
+            T* qd = qr.data() + r * D;
+            T* gd = gr.data() + r * D;
             if (t >= M) {
-              std::fill(qd, qd + D, 0.f);
-              std::fill(gd, gd + D, 0.f);
+              std::fill(qd, qd + D, zero);
+              std::fill(gd, gd + D, zero);
               lrow[r] = delta[r] = 0.f;
               continue;
             }
-            const int64_t at = b * q.stride(0) + (t0 + t) * q.stride(1) + (h * G + g) * q.stride(2);
-            const float* orow = op + b * out.stride(0) + (t0 + t) * out.stride(1) + (h * G + g) * out.stride(2);
-            const float* grow = gp + b * grad.stride(0) + (t0 + t) * grad.stride(1) + (h * G + g) * grad.stride(2);
+            const T* qrow = qp + b * q.stride(0) + (t0 + t) * q.stride(1) + (h * G + g) * q.stride(2);
+            const T* orow = op + b * out.stride(0) + (t0 + t) * out.stride(1) + (h * G + g) * out.stride(2);
+            const T* grow = gp + b * grad.stride(0) + (t0 + t) * grad.stride(1) + (h * G + g) * grad.stride(2);
             float dsum = 0.f;
+#pragma omp simd reduction(+ : dsum)
             for (int64_t d = 0; d < D; ++d) {
-              qd[d] = qp[at + d] * sc;
+              qd[d] = kBf16<T> ? qrow[d] : narrow_to<T>(static_cast<float>(qrow[d]) * q_scale);
               gd[d] = grow[d];
-              dsum += grow[d] * orow[d];
+              dsum += static_cast<float>(grow[d]) * static_cast<float>(orow[d]);
             }
             delta[r] = dsum;
-            lrow[r] = lp[(b * H + h * G + g) * T + t0 + t];
+            lrow[r] = lp[(b * H + h * G + g) * T_q + t0 + t];
           }
-        for (int64_t r = 0; r < R; ++r)
-          for (int64_t d = 0; d < D; ++d) {
-            qt[d * R + r] = qs[r * D + d];
-            gt[d * R + r] = gb[r * D + d];
-          }
+        pack_b(qr.data(), R, D, qs.data(), qt.data());
+        pack_b(gr.data(), R, D, gb.data(), gt.data());
         for (int64_t c0 = 0; c0 < n_keys; c0 += kBwdKeyChunk) {
           const int64_t nc = std::min(kBwdKeyChunk, (n_keys - c0 + kKeyPad - 1) / kKeyPad * kKeyPad);
-          at::native::cpublas::brgemm(nc, R, D, D, R, R, false, kr.data() + c0 * D, qt.data(), st.data(), false);
-          at::native::cpublas::brgemm(nc, R, D, D, R, R, false, vr.data() + c0 * D, gt.data(), dpt.data(), false);
-          for (int64_t jj = 0; jj < nc; ++jj)
-            attention_grad_row(st.data() + jj * R, dpt.data() + jj * R, lrow.data(), delta.data(), G, Mp,
-                               std::max<int64_t>(0, c0 + jj - t0), M);
-          at::native::cpublas::brgemm(nc, D, R, R, D, D, true, st.data(), gb.data(), dva.data() + c0 * D, false);
-          at::native::cpublas::brgemm(nc, D, R, R, D, D, true, dpt.data(), qs.data(), dka.data() + c0 * D, false);
-          at::native::cpublas::brgemm(D, R, nc, T_pad, R, R, c0 > 0, kt.data() + c0, dpt.data(), dqt.data(), false);
+          gemm(nc, R, D, D, R, R, false, kr.data() + c0 * D, qt.data(), st.data());
+          gemm(nc, R, D, D, R, R, false, vr.data() + c0 * D, gt.data(), dpt.data());
+          for (int64_t jj = 0; jj < nc; jj += 2) {  // (nc is even)
+            for (int64_t j = jj; j < jj + 2; ++j)
+              attention_grad_row(st.data() + j * R, dpt.data() + j * R, lrow.data(), delta.data(), G, Mp,
+                                 std::max<int64_t>(0, c0 + j - t0), M, s_scale);
+            if constexpr (kBf16<T>)  // (while the two rows are in L1)
+              narrow_key_pair(st.data() + jj * R, dpt.data() + jj * R, R,
+                              reinterpret_cast<uint16_t*>(pt_b.data()) + jj * R,
+                              reinterpret_cast<uint16_t*>(ds_b.data()) + jj * R,
+                              reinterpret_cast<uint32_t*>(ds_v.data()) + jj / 2 * R);
+          }
+          const T *p, *ds, *ds_pairs;  // P^T and dS^T as A operands, dS^T as a B operand
+          if constexpr (kBf16<T>) {
+            p = pt_b.data(), ds = ds_b.data(), ds_pairs = ds_v.data();
+          } else {
+            p = st.data(), ds = ds_pairs = dpt.data();
+          }
+          gemm(nc, D, R, R, D, D, true, p, gb.data(), dva.data() + c0 * D);
+          gemm(nc, D, R, R, D, D, true, ds, qs.data(), dka.data() + c0 * D);
+          gemm(D, R, nc, T_pad, R, R, c0 > 0, kt.data() + c0, ds_pairs, dqt.data());
         }
         for (int64_t g = 0; g < G; ++g)
           for (int64_t t = 0; t < M; ++t) {
             const int64_t r = g * Mp + t;
-            float* dst = dqp + ((b * T + t0 + t) * H + h * G + g) * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] = dqt[d * R + r] * sc;
+            T* dst = dqp + ((b * T_q + t0 + t) * H + h * G + g) * D;
+            for (int64_t d = 0; d < D; ++d) dst[d] = narrow_to<T>(dqt[d * R + r] * sc);
           }
       }
+      if (s_scale != 1.f)  // (bf16: dK = scale dS^T Q, the queries unscaled)
+        for (float& x : dka) x *= s_scale;
       if (pp != nullptr) {
-        std::memcpy(pp + item * 2 * T * D, dka.data(), sizeof(float) * T * D);
-        std::memcpy(pp + (item * 2 + 1) * T * D, dva.data(), sizeof(float) * T * D);
+        std::memcpy(pp + item * 2 * T_q * D, dka.data(), sizeof(float) * T_q * D);
+        std::memcpy(pp + (item * 2 + 1) * T_q * D, dva.data(), sizeof(float) * T_q * D);
         continue;
       }
-      for (int64_t j = 0; j < T; ++j) {
-        std::memcpy(dkp + ((b * T + j) * Hkv + h) * D, dka.data() + j * D, sizeof(float) * D);
-        std::memcpy(dvp + ((b * T + j) * Hkv + h) * D, dva.data() + j * D, sizeof(float) * D);
+      for (int64_t j = 0; j < T_q; ++j) {
+        narrow_rows(dka.data() + j * D, dkp + ((b * T_q + j) * Hkv + h) * D, D);
+        narrow_rows(dva.data() + j * D, dvp + ((b * T_q + j) * Hkv + h) * D, D);
       }
     }
+    release_gemm<T>();
   });
   if (pp != nullptr) {  // the pieces' sums, in piece order (the same on every run with the same thread count)
-    at::parallel_for(0, n_tasks * T, 64, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, n_tasks * T_q, 64, [&](int64_t r0, int64_t r1) {
+      std::vector<float> kd(D), vd(D);
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t i = r / T, j = r % T, b = i / Hkv, h = i % Hkv;
-        float* kd = dkp + ((b * T + j) * Hkv + h) * D;
-        float* vd = dvp + ((b * T + j) * Hkv + h) * D;
-        std::fill(kd, kd + D, 0.f);
-        std::fill(vd, vd + D, 0.f);
+        const int64_t i = r / T_q, j = r % T_q, b = i / Hkv, h = i % Hkv;
+        std::fill(kd.begin(), kd.end(), 0.f);
+        std::fill(vd.begin(), vd.end(), 0.f);
         for (int64_t piece = 0; piece < pieces; ++piece) {
-          const float* src = pp + ((i * pieces + piece) * 2 * T + j) * D;
+          const float* src = pp + ((i * pieces + piece) * 2 * T_q + j) * D;
           for (int64_t d = 0; d < D; ++d) {
             kd[d] += src[d];
-            vd[d] += src[T * D + d];
+            vd[d] += src[T_q * D + d];
           }
         }
+        narrow_rows(kd.data(), dkp + ((b * T_q + j) * Hkv + h) * D, D);
+        narrow_rows(vd.data(), dvp + ((b * T_q + j) * Hkv + h) * D, D);
       }
     });
   }
   return {dq, dk, dv};
+}
+}  // namespace
+
+std::vector<torch::Tensor> causal_attention_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                                     torch::Tensor out, torch::Tensor grad, torch::Tensor lse,
+                                                     double scale) {
+  if (q.scalar_type() == torch::kBFloat16) return attention_backward_impl<at::BFloat16>(q, k, v, out, grad, lse, scale);
+  return attention_backward_impl<float>(q, k, v, out, grad, lse, scale);
+}
+
+// Whether bf16 inputs can go to causal_attention_lse / _backward: this torch has the bf16 micro-kernel and it
+// runs on this CPU (a small product is tried; AVX-512 at least, the bf16 instructions emulated without AVX-512
+// BF16 or AMX, where bf16 products are slower than fp32 ones, as all of bf16 autocast is).
+bool attention_bf16_ready() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  try {
+    std::vector<at::BFloat16> a(2 * 2, narrow_to<at::BFloat16>(1.5f)), b(2 * 16, narrow_to<at::BFloat16>(2.f));
+    std::vector<float> c(2 * 16, 0.f);
+    gemm(2, 16, 2, 2, 16, 16, false, a.data(), b.data(), c.data());
+    release_gemm<at::BFloat16>();
+    return c[0] == 6.f && c[31] == 6.f;
+  } catch (const c10::Error&) {
+    return false;
+  }
+#else
+  return false;
+#endif
 }
 #endif
 
@@ -1578,6 +1733,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_attention", &causal_attention, "causal GQA attention of a prompt's queries (B, T, H, D)");
   m.def("causal_attention_lse", &causal_attention_lse, "causal self-attention (B, T, H, D) and its log-sum-exp");
   m.def("causal_attention_backward", &causal_attention_backward, "dq, dk, dv of causal_attention_lse");
+  m.def("attention_bf16_ready", &attention_bf16_ready, "whether the training attention takes bf16 inputs here");
 #endif
   m.def("parallel_threads", &parallel_threads, "threads one at::parallel_for over n items runs on");
 }
