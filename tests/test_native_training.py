@@ -157,7 +157,7 @@ def test_one_row_and_kv_head_is_split_over_the_threads(registered, threads, dtyp
 
 @pytest.mark.parametrize("bf16_products", [False, True])
 def test_the_op_under_bf16_autocast(registered, bf16_products, monkeypatch):
-    """What the op hands the native functions for bf16 inputs: bf16 where bf16 products pay on this CPU
+    """What the op hands the native functions for bf16 inputs: bf16 where the module's bf16 micro-kernel runs
     (`_bf16_products`), else fp32 (widened; the results rounded back); bf16 results either way, differentiable,
     close to fp64. Mixed dtypes (autocast can leave q and k fp32 beside a bf16 v) count as bf16."""
     if bf16_products and not registered.attention_bf16_ready():
