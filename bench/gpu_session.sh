@@ -10,27 +10,19 @@
 # so one call (carrying .whl) does a lease's worth and still returns what it measured:
 #   bash bench/gpu_session.sh quick tests kernels serve-llama-1.1b   # ~6 minutes
 #   bash bench/gpu_session.sh quick retests kernels train decode-configs
-# The plan for the next 15-minute lease, one call each (the machine stays warm between calls;
-# the fifth lease, 2026-11-26 session 16, ran retests-ce, profile-compile, serve-gpt2-124m,
-# serve-llama-1.1b, online-gpt2-124m and online-llama-1.1b: bench/RESULTS.md):
-#   1. bash bench/gpu_session.sh quick gemv profile-gemv kernels online-gpt2-124m
-#      carry .whl (~8 minutes). gemv times kernels/gemv.py (session 16, never run on a GPU: the 1.1B
-#      step's products with the norm or SwiGLU fused in, against cuBLAS and the current path) and
-#      profile-gemv the batch-1 step through it (Transformer.fused_gemv, off by default; the last
-#      lease's plain step: 1.397 ms): if faster, turning it on is the next lever for issue 8's
-#      roofline. The attention kernels are no longer specialized on lengths (session 16): kernels
-#      checks they are as fast as the earlier leases measured. The online run keeps the server's
-#      debug log (Triton's autotuning, each slow engine step, a lagging event loop): what still
-#      stalled GPT-2's first online rate (TTFT p99 1.5 s) and its rate 32 (p50 1.0 s).
-#      The online table's loop-delay column says whether the HTTP side held GPT-2's tokens back
-#      (session 17: streams now merge a backlog into one chunk; on these CPUs, new requests behind 128
-#      streams of a fixed-wait engine had waited 0.17-0.28 s, ~1 s when the client read slowly);
-#      serve_bench's load generator now runs in several processes (4 there), so the client's own
-#      backlog is out of it.
-#   2. quick retests http-overhead (the GPU tests, attention, decode and gemv among them; then the
-#      HTTP side on the lent host's CPUs, in one process and with `--engine-process`, session 17,
-#      off by default as it is slower on 2 cores: if it serves more there, an online run with
-#      --server-args="--engine-process" is next)
+# The plan for the next 15-minute lease, one call each (the machine stays warm between calls; the
+# sixth lease, 2026-11-27 session 26, ran gemv, gemv-step, gemv-configs and retests: bench/RESULTS.md):
+#   1. bash bench/gpu_session.sh quick gemv-configs gemv-configs-4 gemv-step
+#      carry .whl (~6 minutes). kernels/gemv.py on tensor cores was 0.6-1.0x Kiln's add+norm kernel +
+#      cuBLAS at every 1.1B product (session 26); its FMA configs (session 26, compiled for sm_90 offline
+#      but never run on a GPU) are the untried half: gemv-configs times both kinds, 22 launches a replay
+#      as a step runs its layers. If a kind beats cuBLAS there, gemv-step times the whole batch-1 step
+#      through the autotuner's pick (the plain step: 1.397-1.402 ms on the last two leases).
+#   2. quick kernels online-gpt2-124m http-overhead (the attention kernels are no longer specialized on
+#      lengths, session 16: kernels checks they are as fast as the earlier leases measured; the online
+#      run keeps the server's debug log: what still stalled GPT-2's first online rate (TTFT p99 1.5 s) and
+#      its rate 32 (p50 1.0 s); then the HTTP side alone on the lent host's CPUs, in one process and with
+#      `--engine-process`, off by default as it is slower on 2 cores)
 # Installing what default-model brings back (FILES = the call's files_at):
 #   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/
 #   cp data/corpus/manifest.json model/default/corpus_manifest.json
@@ -40,7 +32,8 @@
 # Phases: tests (every GPU test, 8 workers), retests (the GPU tests not yet passed on a GPU),
 # hf-check (HF generate timed several ways, bench/hf_step_check.py),
 # kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes), gemv (kernels/gemv.py
-# vs cuBLAS and the unfused path, CUDA-graph replay),
+# vs cuBLAS and the unfused path, CUDA-graph replay), gemv-configs / gemv-configs-4 (each of its launch
+# configs, 1 or 4 rows), gemv-step (profile and profile-gemv side by side, and the gemv GPU tests),
 # decode-configs (GPU time of each decode launch config, CUDA-graph replay), fused (add+norm,
 # rope+cache write and SwiGLU kernels vs torch and torch.compile, CUDA-graph replay),
 # serve-SHAPE (serve_bench at one shape, reduced online load), online-SHAPE (a live server alone:
@@ -65,7 +58,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-results}"
 STAGE_TIMEOUT="${STAGE_TIMEOUT:-540}"
-WHEELS=(fastapi starlette uvicorn httptools sse-starlette pydantic pydantic-core annotated-types typing-inspection)
+WHEELS=(fastapi starlette uvicorn httptools sse-starlette pydantic pydantic-core annotated-types typing-inspection
+        opentelemetry-api annotated-doc anyio idna typing-extensions h11 click)  # fastapi 0.16x imports opentelemetry
 
 wheels() {
     # the versions this checkout's .venv was tested with
@@ -169,6 +163,20 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 ;;
             profile-gemv)  # the same step through kernels.gemv (Transformer.fused_gemv)
                 STAGE_TIMEOUT=120 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \
+                    --gemv
+                ;;
+            gemv-configs)  # every launch config of kernels.gemv at the 1.1B products (tensor cores and FMAs), checked
+                # and timed 22 launches to a graph replay (a step's layers), one row
+                STAGE_TIMEOUT=240 stage kernels python3 bench/gemv_configs.py --rows 1 --rep 20 --chain 22
+                ;;
+            gemv-configs-4)  # the FMA configs at four rows (a batch-4 step)
+                STAGE_TIMEOUT=150 stage kernels python3 bench/gemv_configs.py --rows 4 --rep 20 --chain 22 --kinds fma
+                ;;
+            gemv-step)  # the batch-1 1.1B step with and without kernels.gemv, same machine; the gemv GPU tests
+                STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -q -rs --timeout 80 \
+                    tests/test_kernels_gemv.py tests/test_model_fused.py -k "gpu"
+                STAGE_TIMEOUT=100 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64
+                STAGE_TIMEOUT=100 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \
                     --gemv
                 ;;
             profile-compile)  # the same step compiled before capture

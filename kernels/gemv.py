@@ -15,17 +15,24 @@ API::
 Why: a batch-1 decode step of the 1.1B Llama shape spends three quarters of its GPU time in
 cuBLAS's matrix-vector products, which read the weights at 1.4-2.7 TB/s where a copy runs at
 3.0 (the fourth GPU lease's profile, bench/RESULTS.md), and each layer's residual add + RMSNorm
-and SwiGLU are kernels of their own before the products that consume them. Here one program
-streams ``BLOCK_N`` weight rows over all of K (each row's loads contiguous) for every input row,
-and the prologue computes the product's input on the way: the RMS statistics of ``residual + x``
-(every program recomputes them from the few KB of its rows, which stay in L2; the first program
-also writes the sum, the new residual stream) or ``silu(gate) * up``. Numerics follow the unfused
-kernels (``kernels.norm.add_norm``, ``kernels.activation.silu_mul``): the same roundings to the
-input dtype, then the product.
+and SwiGLU are kernels of their own before the products that consume them. Here program (n, s)
+streams ``BLOCK_N`` weight rows (each row's loads contiguous) over the s-th of ``SPLIT_K`` stretches
+of K for every input row; with K split, the last program of a column block to finish adds the
+stretches' partial sums (arrival counters that each launch leaves at zero). The prologue computes
+the product's input on the way: ``residual + x`` (rounded to the dtype, as the unfused add is; the
+first column block writes it, the new residual stream), times the norm's gain, with the row's sum
+of squares kept beside the product so its 1 / rms scales the output at the end (RMSNorm is linear
+once the statistics are known; the input is read once), or ``silu(gate) * up``, rounded as
+``kernels.activation.silu_mul`` rounds it. The products run on tensor cores (``tl.dot``, rows padded
+to 16) or in fp32 FMAs (each thread's partial sums of a (rows, BLOCK_N, BLOCK_K) tile, summed over
+K at the end), whichever config the autotuner finds fastest per shape, prologue and row bucket.
 
-Status: correct on the interpreter and compiled for sm_90 offline; not yet timed on a GPU
-(``bench/bench_gemv.py``; ``bench/profile_step.py --gemv`` for a whole decode step). The model's
-decode steps use it only when ``Transformer.fused_gemv`` is set (``_forward_gemv``), off by default.
+Status: correct on the interpreter and on an H100, and slower there than what it would replace. The
+sixth GPU lease (bench/RESULTS.md) timed the tensor-core configs at the 1.1B products: the best
+config of each was 0.66-0.99x Kiln's add+norm kernel then cuBLAS, and a batch-1 step through earlier
+versions of this kernel took 2.8-3.1 ms against 1.40 ms. The FMA configs are not yet timed on a GPU
+(``bench/gemv_configs.py``). The model's decode steps use it only when ``Transformer.fused_gemv`` is
+set (``_forward_gemv``), off by default.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from kernels._utils import (
     interpreting,
     jit_kernel,
     kernel_op,
+    next_power_of_2,
     triton_available,
 )
 
@@ -118,15 +126,36 @@ def _launch(prologue: int, x, residual, norm_weight, weight, eps, summed) -> tor
     res = _unit_stride(residual) if residual is not None else x
     gain = norm_weight.contiguous() if norm_weight is not None else weight
     total = summed if summed is not None else out
-    kernel = _kernel(interpreting())
-    kernel[lambda meta: (-(-n // meta["BLOCK_N"]),)](
-        x, res, gain, total, weight, out,
+    interpret = interpreting()
+    configs = [c.kwargs for c in _kernel_configs(interpret)]
+    # split-K's partial sums (any config's) and the per-column-block arrival counters
+    partials = torch.empty(max(c["SPLIT_K"] * -(-n // c["BLOCK_N"]) * MAX_ROWS * (c["BLOCK_N"] + 1) for c in configs),
+                           device=x.device, dtype=torch.float32)
+    counters = _counters(x.device, max(-(-n // c["BLOCK_N"]) for c in configs))
+    kernel = _kernel(interpret, (INTERPRETER_SPLIT_K, INTERPRETER_DOT) if interpret else ())
+    kernel[lambda meta: (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"])](
+        x, res, gain, total, weight, out, partials, counters,
         x.stride(0), res.stride(0), total.stride(0), weight.stride(0), out.stride(0),
         rows, n, k, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=MAX_ROWS,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=next_power_of_2(rows),
     )
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, at least ``n``; each launch leaves them zero again, so one set serves every
+    launch on the device (a stream runs its launches one after another)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        counters = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return counters  # the graph's own (zeroed as it is replayed); kept out of the cache
+        _COUNTERS[device] = counters
+    return counters
 
 
 def _gemv_impl(x, weight):
@@ -202,15 +231,23 @@ def _check_norm_inputs(x, residual, norm_weight, weight, eps) -> None:
 
 
 def _gemv_kernel(
-    X, R, G, S, W, Y,
+    X, R, G, S, W, Y, P, C,
     stride_xm, stride_rm, stride_sm, stride_wn, stride_ym,
     n_rows, n_out, n_in, eps,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT: tl.constexpr,
 ):
-    # Program n: output columns [n * BLOCK_N, +BLOCK_N) of every row, over all of K.
+    # Program (n, s): output columns [n * BLOCK_N, +BLOCK_N) of every row, over the s-th of SPLIT_K
+    # stretches of K (whole BLOCK_K tiles). RMSNorm is linear in its input once the row's statistics are
+    # known: the product runs on (residual + x) * gain while the sum of squares builds up beside it, and
+    # the row's 1 / rms scales the result at the end, so the input is read once.
+    # DOT: the products on tensor cores (tl.dot, rows padded to 16); else in fp32 FMAs, each thread
+    # keeping its own partial sums of a (BLOCK_M, BLOCK_N, BLOCK_K) tile, summed over K once at the end
+    # (BLOCK_M is the launch's power-of-two row count there, so one row reads the weights once).
+    TILE_M: tl.constexpr = 16 if DOT else BLOCK_M
     pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, TILE_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < n_rows
     n_ok = offs_n < n_out
@@ -218,25 +255,17 @@ def _gemv_kernel(
     r_rows = R + offs_m[:, None].to(tl.int64) * stride_rm
     w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
     eps = tl.cast(eps, tl.float32)  # fp64 when launched by torch.compile
-    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if PROLOGUE == 1:  # RMS statistics of residual + x (rounded to the dtype, as the add is)
-        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, n_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            ok = m_ok[:, None] & (offs_k[None, :] < n_in)
-            x = tl.load(x_rows + offs_k[None, :], mask=ok, other=0.0)
-            if HAS_RESIDUAL:
-                x = (tl.load(r_rows + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
-                     + x.to(tl.float32)).to(W.dtype.element_ty)
-                if pid == 0:
-                    tl.store(S + offs_m[:, None].to(tl.int64) * stride_sm + offs_k[None, :], x, mask=ok)
-            xf = x.to(tl.float32)
-            squares += tl.sum(xf * xf, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / n_in + eps)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, n_in, BLOCK_K):
+    split = tl.cdiv(tl.cdiv(n_in, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = pid_k * split
+    k_stop = tl.minimum(n_in, k_begin + split)
+    sq_tile = tl.zeros((TILE_M, BLOCK_K), dtype=tl.float32)  # summed across K once, after the loop
+    if DOT:
+        acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((TILE_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(k_begin, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < n_in
+        k_ok = offs_k < k_stop
         ok = m_ok[:, None] & k_ok[None, :]
         if PROLOGUE == 2:  # silu(gate) * up, each rounded as F.silu and the product are
             gate = tl.load(x_rows + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -245,29 +274,91 @@ def _gemv_kernel(
             a = (act * up).to(W.dtype.element_ty)
         else:
             a = tl.load(x_rows + offs_k[None, :], mask=ok, other=0.0)
-            if PROLOGUE == 1:  # RMSNorm: x * rstd rounded to the dtype, then the gain, rounded again
-                if HAS_RESIDUAL:
+            if PROLOGUE == 1:
+                if HAS_RESIDUAL:  # the sum rounded to the dtype, as the unfused add is; column block 0 keeps it
                     a = (tl.load(r_rows + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
                          + a.to(tl.float32)).to(W.dtype.element_ty)
+                    if pid == 0:
+                        tl.store(S + offs_m[:, None].to(tl.int64) * stride_sm + offs_k[None, :], a, mask=ok)
+                af = a.to(tl.float32)
+                sq_tile += af * af
                 gain = tl.load(G + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                a = (a.to(tl.float32) * rstd[:, None]).to(W.dtype.element_ty).to(tl.float32) * gain[None, :]
-                a = a.to(W.dtype.element_ty)
+                a = (af * gain[None, :]).to(W.dtype.element_ty)
         w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
-        acc += tl.dot(a, tl.trans(w), input_precision=DOT_PRECISION)
-    tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+        if DOT:
+            acc += tl.dot(a, tl.trans(w), input_precision=DOT_PRECISION)
+        else:
+            acc3 += a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if not DOT:
+        acc = tl.sum(acc3, axis=2)
+    squares = tl.sum(sq_tile, axis=1)
+    if SPLIT_K > 1:
+        # Each stretch leaves its partial sums in P; the last of a column block's programs to arrive
+        # (a counter in C, back to 0 when it is done) adds them up and writes the output.
+        tile = TILE_M * BLOCK_N
+        n_blocks = tl.num_programs(0)
+        offs_tile = offs_m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(P + (pid_k * n_blocks + pid) * tile + offs_tile, acc)
+        sq_part = P + SPLIT_K * n_blocks * tile + pid * SPLIT_K * TILE_M
+        if PROLOGUE == 1:
+            tl.store(sq_part + pid_k * TILE_M + offs_m, squares)
+        tl.debug_barrier()  # every thread's partials are written before the counter says so
+        if tl.atomic_add(C + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
+            squares = tl.zeros((TILE_M,), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(P + (s * n_blocks + pid) * tile + offs_tile, cache_modifier=".cg")
+                if PROLOGUE == 1:
+                    squares += tl.load(sq_part + s * TILE_M + offs_m, cache_modifier=".cg")
+            tl.atomic_xchg(C + pid, 0)
+            if PROLOGUE == 1:
+                acc = acc * (1.0 / tl.sqrt(squares / n_in + eps))[:, None]
+            tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        if PROLOGUE == 1:
+            acc = acc * (1.0 / tl.sqrt(squares / n_in + eps))[:, None]
+        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _configs() -> list:
-    # (BLOCK_N, BLOCK_K, warps, stages): few weight rows per program, so even the 2048-row products
-    # spread over every SM, and long contiguous K tiles in flight
-    shapes = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]
-    return [config(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for n, k, w, s in shapes]
+    # (BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, DOT). Tensor cores: the fastest of each 1.1B product in a sweep
+    # on an H100 (bench/gemv_configs.py, bench/RESULTS.md: 128 x 128 tiles for the products with the norm in,
+    # 16 x 256 for o, 64 x 256 split 8 ways for down). FMAs: a few weight rows per program, long K tiles.
+    shapes = [(128, 128, 4, 3, 1, True), (128, 128, 4, 3, 2, True), (128, 128, 4, 3, 4, True),
+              (16, 256, 4, 4, 1, True), (64, 256, 4, 3, 8, True), (64, 128, 4, 3, 8, True),
+              (4, 512, 4, 3, 1, False), (8, 256, 4, 3, 1, False), (8, 512, 4, 3, 1, False),
+              (16, 256, 4, 3, 1, False), (8, 256, 4, 3, 4, False), (8, 512, 4, 3, 2, False)]
+    return [config(BLOCK_N=n, BLOCK_K=k, SPLIT_K=sk, DOT=dot, num_warps=w, num_stages=st)
+            for n, k, w, st, sk, dot in shapes]
+
+
+FMA_TILE = 8192  # most elements of an FMA config's (rows, BLOCK_N, BLOCK_K) partial sums: 64 registers a thread
+
+
+def _prune(configs, named_args, **kwargs):
+    """FMA configs only while their per-thread partial sums fit in registers at this launch's row count."""
+    rows = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", MAX_ROWS))
+    fits = [c for c in configs if c.kwargs["DOT"] or rows * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= FMA_TILE]
+    return fits or [c for c in configs if c.kwargs["DOT"]]
+
+
+# The interpreter's one config splits K and uses tensor cores, so CPU tests run the partial-sum path; tests vary both.
+INTERPRETER_SPLIT_K = 2
+INTERPRETER_DOT = True
+
+
+def _kernel_configs(interpret: bool) -> list:
+    if interpret:
+        return [config(BLOCK_N=16, BLOCK_K=32, SPLIT_K=INTERPRETER_SPLIT_K, DOT=INTERPRETER_DOT)]
+    return _configs()
 
 
 @functools.cache
-def _kernel(interpret: bool):
-    del interpret  # cache key only: jit_kernel reads the mode itself
-    # Tuned per product shape and prologue; the row count (the decode batch) changes every step.
-    return jit_kernel(_gemv_kernel, _configs(), config(BLOCK_N=16, BLOCK_K=32), key=["n_out", "n_in", "PROLOGUE"],
-                      do_not_specialize=("n_rows",))
+def _kernel(interpret: bool, interpreter_config: tuple = ()):
+    del interpreter_config  # cache key only
+    # Tuned per product shape, prologue and power-of-two row count (the decode batch's bucket).
+    configs = _kernel_configs(interpret)
+    return jit_kernel(_gemv_kernel, [] if interpret else configs, configs[0] if interpret else None,
+                      key=["n_out", "n_in", "PROLOGUE", "BLOCK_M"], prune=_prune, do_not_specialize=("n_rows",))

@@ -143,7 +143,7 @@ from triton.runtime import driver
 CONSTEXPRS = {"CAUSAL": True, "VARLEN": False, "HEAD_DIM": 64, "DOT_PRECISION": "tf32", "BLOCK_M": 64,
               "BLOCK_N": 64, "BLOCK_G": 16, "SPLIT": True, "PER_ROW_T": False, "BLOCK": 1024, "CHUNKS_POW2": 4,
               "HAS_RESIDUAL": True, "HAS_BIAS": False, "RMS": True, "REVERSE": True, "L2_HINTS": False,
-              "PROLOGUE": 1, "BLOCK_K": 64}
+              "PROLOGUE": 1, "BLOCK_K": 64, "SPLIT_K": 2, "DOT": True}
 FP32_POINTERS = {"Lse", "Delta", "OutPartial", "LsePartial", "M", "S", "T", "Y"}
 INT_POINTERS = {"CuSeqlensQ", "CuSeqlensK", "BlockTable", "Lengths"}
 
@@ -151,8 +151,10 @@ INT_POINTERS = {"CuSeqlensQ", "CuSeqlensK", "BlockTable", "Lengths"}
 def arg_type(kernel, name):
     if "scale" in name or name == "eps":
         return "fp64"  # what inductor's launcher passes for a Python float
-    if name in INT_POINTERS:
+    if name in INT_POINTERS or (kernel, name) == ("_gemv_kernel", "C"):
         return "*i32"
+    if (kernel, name) == ("_gemv_kernel", "P"):
+        return "*fp32"
     if name[0].isupper():
         return "*fp32" if name in FP32_POINTERS and kernel not in ("_add_norm_kernel", "_gemv_kernel") else "*bf16"
     return "i32"

@@ -50,6 +50,9 @@ def check_all(rows, n, k, dtype, device):
         normed, want_summed = norm.add_norm_reference(x, res, gain, None, 1e-5, True)
         assert_close(summed, want_summed, 0, 0, f"rmsnorm_gemv summed {what} residual={res is not None}")
         assert_close(got, _product(normed, weight), atol, rtol, f"rmsnorm_gemv {what} residual={res is not None}")
+        summed64 = want_summed.double()  # RMSNorm exactly (the sum is the dtype's, as the model keeps it)
+        exact = summed64 * torch.rsqrt(summed64.pow(2).mean(-1, keepdim=True) + 1e-5) * gain.double()
+        assert_close(got, (exact @ weight.double().T).to(dtype), atol, rtol, f"rmsnorm_gemv {what} vs fp64 RMSNorm")
         if res is None:
             assert summed is x
 
@@ -60,8 +63,15 @@ def check_all(rows, n, k, dtype, device):
 @on_cpu_interpreter
 @pytest.mark.parametrize("rows,n,k", [(1, 17, 40), (3, 40, 33), (16, 16, 64), (2, 33, 100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_matches_the_unfused_kernels_and_an_exact_product(rows, n, k, dtype):
+@pytest.mark.parametrize("split_k,dot", [(1, True), (2, True), (3, True), (1, False), (3, False)])
+def test_matches_the_unfused_kernels_and_an_exact_product(rows, n, k, dtype, split_k, dot, monkeypatch):
+    """K whole in one program, or split in stretches whose partial sums the last program adds up
+    (3 stretches of 32 over K = 33 or 40: some programs have no K at all); on tensor cores or in FMAs."""
+    monkeypatch.setattr(gemv, "INTERPRETER_SPLIT_K", split_k)
+    monkeypatch.setattr(gemv, "INTERPRETER_DOT", dot)
     check_all(rows, n, k, dtype, "cpu")
+    counters = gemv._COUNTERS.get(torch.device("cpu"))
+    assert counters is None or not counters.any(), "a launch left its arrival counters non-zero"
 
 
 @on_cpu_interpreter

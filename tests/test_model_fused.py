@@ -122,8 +122,10 @@ def check_gemv(monkeypatch, device: str, tol: float) -> None:
         want, kv_want = run(model, True, steps, tokens)
         for i, (g, w) in enumerate(zip(got, want)):
             assert_close(g, w, tol, tol, f"{family} step {i} logits")
+        real = torch.arange(kv_got.num_blocks, device=device) != NULL_BLOCK  # padding's writes race in the null block
         for name in ("k", "v"):
-            assert_close(getattr(kv_got, name), getattr(kv_want, name), tol, tol, f"{family} {name} cache")
+            assert_close(getattr(kv_got, name)[:, real], getattr(kv_want, name)[:, real], tol, tol,
+                         f"{family} {name} cache")
         if family == "llama":  # 4 steps x 2 layers x (norm + qkv, norm + gate/up, SwiGLU + down)
             assert sorted(prologues) == [gemv._RMSNORM] * 16 + [gemv._SILU_MUL] * 8, prologues
             prologues.clear()

@@ -1,0 +1,140 @@
+"""Each launch config of kernels.gemv's kernel at the Llama 1.1B decode products, timed on CUDA.
+
+    python bench/gemv_configs.py [--rows 1] [--rep 20] [--top 6]
+
+For each product (the qkv, gate/up and lm-head products with the residual add + RMSNorm fused in,
+the o product plain, the down product with SwiGLU fused in), every (tensor cores or FMAs, BLOCK_N,
+BLOCK_K, SPLIT_K; stages by tile size) of a grid is launched directly (no autotuner), checked against
+the unfused ops in bf16 (a config whose split-K partial sums were added up before they were all
+written shows here), and timed as a CUDA-graph replay with L2 flushed between replays (with
+`--chain 22`, one replay runs the product over 22 copies of the weights, as a step runs its
+layers: per-launch start-up overlaps as it does in a step), beside Kiln's current path for that
+product (add+norm kernel then cuBLAS, SwiGLU kernel then cuBLAS, or cuBLAS). The fastest configs
+per product print first: what `kernels.gemv._configs` should offer its autotuner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PRODUCTS = [  # name, N, K, prologue (0 plain, 1 add+RMSNorm, 2 SwiGLU), SPLIT_K choices
+    ("add+rmsnorm+qkv", 2560, 2048, 1, (1, 2, 4)),
+    ("o", 2048, 2048, 0, (1, 2, 4, 8)),
+    ("add+rmsnorm+gate+up", 11264, 2048, 1, (1, 2)),
+    ("swiglu+down", 2048, 5632, 2, (1, 2, 4, 8)),
+    ("add+rmsnorm+lm head", 32000, 2048, 1, (1, 2)),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--rep", type=int, default=20, help="do_bench repetition time in ms")
+    parser.add_argument("--top", type=int, default=6)
+    parser.add_argument("--products", default=None, help="comma-separated names (default: all)")
+    parser.add_argument("--min-block-n", type=int, default=0, help="skip configs of fewer columns per program")
+    parser.add_argument("--chain", type=int, default=1,
+                        help="launches per graph replay, each on its own copy of the weights (22: the 1.1B layers)")
+    parser.add_argument("--kinds", default="dot,fma", help="tensor-core (dot) and/or FMA (fma) configs")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gemv_configs.py needs a CUDA GPU")
+    import triton
+    import torch.nn.functional as F
+
+    from decode_configs import graph_time
+    from kernels import gemv
+    from kernels.activation import silu_mul
+    from kernels.norm import add_norm
+
+    gemv._kernel(gemv.interpreting())  # binds `tl` into the kernel's module
+    raw = triton.jit(gemv._gemv_kernel, do_not_specialize=["n_rows"])
+    from kernels._utils import next_power_of_2
+
+    dev, dtype, rows = "cuda", torch.bfloat16, args.rows
+    block_m, kinds = next_power_of_2(rows), set(args.kinds.split(","))
+    wanted = set(args.products.split(",")) if args.products else None
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16 | "
+          f"rows {rows} | CUDA-graph replay (L2 flushed), {args.chain} launch(es) a replay, us a launch; "
+          f"GB/s of weight bytes", flush=True)
+    for name, n, k, prologue, splits in PRODUCTS:
+        if wanted and name not in wanted:
+            continue
+        gen = torch.Generator().manual_seed(n + k)
+        w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(dev, dtype)
+        x, residual = (torch.randn(rows, k, generator=gen).to(dev, dtype) for _ in range(2))
+        gain = (1 + 0.1 * torch.randn(k, generator=gen)).to(dev, dtype)
+        h = torch.randn(rows, 2 * k, generator=gen).to(dev, dtype)
+        if prologue == 1:
+            current = lambda w=w: (lambda normed, summed: F.linear(normed, w))(  # noqa: E731
+                *add_norm(x, residual, gain, None, 1e-5, True))
+        elif prologue == 2:
+            current = lambda w=w: F.linear(silu_mul(h), w)  # noqa: E731
+        else:
+            current = lambda w=w: F.linear(x, w)  # noqa: E731
+        want = current().float()
+        inp = h if prologue == 2 else x
+        out = torch.empty(rows, n, device=dev, dtype=dtype)
+        summed = torch.empty_like(x)
+        partials = torch.empty(8 * (n + 128) * 17, device=dev, dtype=torch.float32)  # any grid config's
+        counters = torch.zeros(n, device=dev, dtype=torch.int32)
+        # --chain: one graph launches the product over that many copies of the weights back to back, as a
+        # step runs a layer's product after the last's, so a launch's own start-up and tail overlap
+        layers = [w] + [w.clone() for _ in range(args.chain - 1)]
+
+        def timed(fn):
+            return 1e3 * graph_time(lambda: [fn(w=layer) for layer in layers], args.rep) / len(layers)
+
+        t_now = timed(current)
+        results = []
+        grid = []
+        if "dot" in kinds:  # tensor cores: rows padded to 16
+            grid += [(True, bn, bk, sk) for bn, bk, sk in itertools.product((16, 32, 64, 128), (128, 256, 512), splits)
+                     if bn * bk <= 16384 and bn >= args.min_block_n]
+        if "fma" in kinds:  # FMAs: per-thread partial sums of (rows, BLOCK_N, BLOCK_K), within gemv.FMA_TILE
+            grid += [(False, bn, bk, sk) for bn, bk, sk in itertools.product((2, 4, 8, 16, 32), (256, 512, 1024),
+                                                                               splits[:2])
+                     if block_m * bn * bk <= gemv.FMA_TILE and bn >= args.min_block_n]
+        for dot, bn, bk, sk in grid:
+            stages = 4 if dot and bn * bk <= 4096 else 3
+
+            def launch(dot=dot, bn=bn, bk=bk, sk=sk, stages=stages, w=w):
+                raw[(-(-n // bn), sk)](
+                    inp, residual, gain, summed, w, out, partials, counters,
+                    inp.stride(0), residual.stride(0), summed.stride(0), w.stride(0), out.stride(0),
+                    rows, n, k, 1e-5, PROLOGUE=prologue, HAS_RESIDUAL=prologue == 1, DOT_PRECISION="tf32",
+                    BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DOT=dot, num_warps=4, num_stages=stages)
+                return out
+
+            try:
+                for _ in range(3):  # the counters must come back to zero between launches
+                    out.zero_()
+                    err = (launch().float() - want).abs().max().item()
+                    if err > 3e-2 * (1 + want.abs().max().item()):
+                        raise AssertionError(f"max err {err:.3g}")
+                t = timed(launch)
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile or is wrong is reported
+                print(f"  {name} DOT={dot} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk}: {type(exc).__name__}: "
+                      f"{str(exc)[:160]}", flush=True)
+                continue
+            results.append((t, "dot" if dot else "fma", bn, bk, sk, stages))
+        results.sort()
+        gbs = lambda t: n * k * 2 / t / 1e3  # noqa: E731
+        print(f"\n{name} {n}x{k}: kiln now {t_now:.1f} us ({gbs(t_now):.0f} GB/s); {len(results)} configs", flush=True)
+        for t, kind, bn, bk, sk, stages in results[: args.top]:
+            print(f"  {t:7.1f} us {gbs(t):6.0f} GB/s {t_now / t:5.2f}x  {kind} BLOCK_N={bn:<3} BLOCK_K={bk:<4} "
+                  f"SPLIT_K={sk} stages={stages}", flush=True)
+        if results:
+            t = results[-1][0]
+            print(f"  slowest {t:.1f} us ({gbs(t):.0f} GB/s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
