@@ -4,9 +4,9 @@
 
 For each product (the qkv, gate/up and lm-head products with the residual add + RMSNorm fused in,
 the o product plain, the down product with SwiGLU fused in), every (tensor cores or FMAs, BLOCK_N,
-BLOCK_K, SPLIT_K; stages by tile size) of a grid is launched directly (no autotuner), checked against
-the unfused ops in bf16 (a config whose split-K partial sums were added up before they were all
-written shows here), and timed as a CUDA-graph replay with L2 flushed between replays (with
+BLOCK_K, SPLIT_K, stages: by tile size on tensor cores, the FMA loads pipelined in 3 or left to the
+warps) of a grid is launched directly (no autotuner), checked against the unfused ops in bf16 (a
+config whose split-K partial sums were added up before they were all written shows here), and timed as a CUDA-graph replay with L2 flushed between replays (with
 `--chain 22`, one replay runs the product over 22 copies of the weights, as a step runs its
 layers: per-launch start-up overlaps as it does in a step), beside Kiln's current path for that
 product (add+norm kernel then cuBLAS, SwiGLU kernel then cuBLAS, or cuBLAS). The fastest configs
@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--min-block-n", type=int, default=0, help="skip configs of fewer columns per program")
     parser.add_argument("--chain", type=int, default=1,
                         help="launches per graph replay, each on its own copy of the weights (22: the 1.1B layers)")
-    parser.add_argument("--kinds", default="dot,fma", help="tensor-core (dot) and/or FMA (fma) configs")
+    parser.add_argument("--kinds", default="dot,fma",
+                        help="tensor-core (dot: a grid; best: those kernels.gemv offers) and/or FMA (fma) configs")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gemv_configs.py needs a CUDA GPU")
@@ -98,19 +99,24 @@ def main() -> None:
         if "dot" in kinds:  # tensor cores: rows padded to 16
             grid += [(True, bn, bk, sk) for bn, bk, sk in itertools.product((16, 32, 64, 128), (128, 256, 512), splits)
                      if bn * bk <= 16384 and bn >= args.min_block_n]
-        if "fma" in kinds:  # FMAs: per-thread partial sums of (rows, BLOCK_N, BLOCK_K), within gemv.FMA_TILE
-            grid += [(False, bn, bk, sk) for bn, bk, sk in itertools.product((2, 4, 8, 16, 32), (256, 512, 1024),
-                                                                               splits[:2])
+        grid = [(dot, bn, bk, sk, 4 if bn * bk <= 4096 else 3) for dot, bn, bk, sk in grid]
+        if "best" in kinds:  # the tensor-core configs kernels.gemv's autotuner is offered
+            grid += [(True, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.num_stages)
+                     for c in gemv._configs() if c.kwargs["DOT"] and c.kwargs["SPLIT_K"] in splits]
+        if "fma" in kinds:  # FMAs: per-thread partial sums of (rows, BLOCK_N, BLOCK_K), within gemv.FMA_TILE;
+            # loads pipelined in 3 stages or left to the warps (1)
+            grid += [(False, bn, bk, sk, stages) for bn, bk, sk, stages in
+                     itertools.product((2, 4, 8, 16), (256, 512, 1024), splits[:2], (3, 1))
                      if block_m * bn * bk <= gemv.FMA_TILE and bn >= args.min_block_n]
-        for dot, bn, bk, sk in grid:
-            stages = 4 if dot and bn * bk <= 4096 else 3
+        for dot, bn, bk, sk, stages in grid:
 
             def launch(dot=dot, bn=bn, bk=bk, sk=sk, stages=stages, w=w):
                 raw[(-(-n // bn), sk)](
                     inp, residual, gain, summed, w, out, partials, counters,
                     inp.stride(0), residual.stride(0), summed.stride(0), w.stride(0), out.stride(0),
                     rows, n, k, 1e-5, PROLOGUE=prologue, HAS_RESIDUAL=prologue == 1, DOT_PRECISION="tf32",
-                    BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DOT=dot, num_warps=4, num_stages=stages)
+                    BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DOT=dot, LOOP_STAGES=stages, num_warps=4,
+                    num_stages=stages)
                 return out
 
             try:
@@ -121,7 +127,7 @@ def main() -> None:
                         raise AssertionError(f"max err {err:.3g}")
                 t = timed(launch)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile or is wrong is reported
-                print(f"  {name} DOT={dot} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk}: {type(exc).__name__}: "
+                print(f"  {name} DOT={dot} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk} stages={stages}: {type(exc).__name__}: "
                       f"{str(exc)[:160]}", flush=True)
                 continue
             results.append((t, "dot" if dot else "fma", bn, bk, sk, stages))

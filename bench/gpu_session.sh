@@ -165,9 +165,9 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 STAGE_TIMEOUT=120 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \
                     --gemv
                 ;;
-            gemv-configs)  # every launch config of kernels.gemv at the 1.1B products (tensor cores and FMAs), checked
+            gemv-configs)  # kernels.gemv's FMA configs (a grid) and its tensor-core ones at the 1.1B products, checked
                 # and timed 22 launches to a graph replay (a step's layers), one row
-                STAGE_TIMEOUT=240 stage kernels python3 bench/gemv_configs.py --rows 1 --rep 20 --chain 22
+                STAGE_TIMEOUT=240 stage kernels python3 bench/gemv_configs.py --rows 1 --rep 20 --chain 22 --kinds fma,best
                 ;;
             gemv-configs-4)  # the FMA configs at four rows (a batch-4 step)
                 STAGE_TIMEOUT=150 stage kernels python3 bench/gemv_configs.py --rows 4 --rep 20 --chain 22 --kinds fma

@@ -236,6 +236,7 @@ def _gemv_kernel(
     n_rows, n_out, n_in, eps,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
     # Program (n, s): output columns [n * BLOCK_N, +BLOCK_N) of every row, over the s-th of SPLIT_K
     # stretches of K (whole BLOCK_K tiles). RMSNorm is linear in its input once the row's statistics are
@@ -244,6 +245,8 @@ def _gemv_kernel(
     # DOT: the products on tensor cores (tl.dot, rows padded to 16); else in fp32 FMAs, each thread
     # keeping its own partial sums of a (BLOCK_M, BLOCK_N, BLOCK_K) tile, summed over K once at the end
     # (BLOCK_M is the launch's power-of-two row count there, so one row reads the weights once).
+    # LOOP_STAGES: K tiles in flight. Triton pipelines (cp.async through shared memory) only the loads
+    # that feed a tl.dot unless the loop asks; 1 leaves the FMA path's loads to the warps' own latency hiding.
     TILE_M: tl.constexpr = 16 if DOT else BLOCK_M
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -263,7 +266,7 @@ def _gemv_kernel(
         acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     else:
         acc3 = tl.zeros((TILE_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(k_begin, k_stop, BLOCK_K):
+    for k0 in tl.range(k_begin, k_stop, BLOCK_K, num_stages=LOOP_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_stop
         ok = m_ok[:, None] & k_ok[None, :]
@@ -325,12 +328,13 @@ def _gemv_kernel(
 def _configs() -> list:
     # (BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, DOT). Tensor cores: the fastest of each 1.1B product in a sweep
     # on an H100 (bench/gemv_configs.py, bench/RESULTS.md: 128 x 128 tiles for the products with the norm in,
-    # 16 x 256 for o, 64 x 256 split 8 ways for down). FMAs: a few weight rows per program, long K tiles.
+    # 16 x 256 for o, 64 x 256 split 8 ways for down). FMAs: a few weight rows per program, long K tiles, the
+    # loads pipelined (3 stages) or not (1); not yet timed on a GPU.
     shapes = [(128, 128, 4, 3, 1, True), (128, 128, 4, 3, 2, True), (128, 128, 4, 3, 4, True),
               (16, 256, 4, 4, 1, True), (64, 256, 4, 3, 8, True), (64, 128, 4, 3, 8, True),
               (4, 512, 4, 3, 1, False), (8, 256, 4, 3, 1, False), (8, 512, 4, 3, 1, False),
-              (16, 256, 4, 3, 1, False), (8, 256, 4, 3, 4, False), (8, 512, 4, 3, 2, False)]
-    return [config(BLOCK_N=n, BLOCK_K=k, SPLIT_K=sk, DOT=dot, num_warps=w, num_stages=st)
+              (16, 256, 4, 3, 1, False), (8, 256, 4, 3, 4, False), (8, 512, 4, 1, 1, False), (4, 512, 4, 1, 1, False)]
+    return [config(BLOCK_N=n, BLOCK_K=k, SPLIT_K=sk, DOT=dot, LOOP_STAGES=st, num_warps=w, num_stages=st)
             for n, k, w, st, sk, dot in shapes]
 
 
@@ -351,7 +355,7 @@ INTERPRETER_DOT = True
 
 def _kernel_configs(interpret: bool) -> list:
     if interpret:
-        return [config(BLOCK_N=16, BLOCK_K=32, SPLIT_K=INTERPRETER_SPLIT_K, DOT=INTERPRETER_DOT)]
+        return [config(BLOCK_N=16, BLOCK_K=32, SPLIT_K=INTERPRETER_SPLIT_K, DOT=INTERPRETER_DOT, LOOP_STAGES=2)]
     return _configs()
 
 

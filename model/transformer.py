@@ -12,6 +12,7 @@ Checkpoint loading maps Hugging Face's separate q/k/v and gate/up tensors into t
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -58,6 +59,10 @@ def skipped_init():
 
 def _return_tensor(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return tensor
+
+
+def _flat_gemv(gemv, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return gemv(y.flatten(0, 1), weight)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -154,9 +159,10 @@ class Attention(nn.Module):
             y = cached_attention(q, k, v, layer_cache[0], layer_cache[1], batch, backend)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
-    def forward_fused(self, qkv, rope_tables, kv_cache: KVCache, layer: int, batch: CacheBatch, backend: str):
+    def forward_fused(self, qkv, rope_tables, kv_cache: KVCache, layer: int, batch: CacheBatch, backend: str,
+                      project=None):
         """The cached forward from the qkv projection's output (B, T, (H + 2 Hkv) D), with rotary embedding
-        and the cache write in one kernel (`kernels.rope`)."""
+        and the cache write in one kernel (`kernels.rope`); ``project`` replaces the output projection."""
         from kernels.rope import rope_cache_write
 
         B, T, _ = qkv.shape
@@ -165,7 +171,7 @@ class Attention(nn.Module):
         q = rope_cache_write(qkv, self.n_head, self.n_kv_head, batch.positions, kv_cache.k, kv_cache.v,
                              batch.write_blocks, batch.write_offsets, *rope_tables, layer=layer)  # (B, T, H, D)
         y = attend_cached(q.transpose(1, 2), kv_cache.k[layer], kv_cache.v[layer], batch, backend)  # (B, H, T, D)
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return (project or self.proj)(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -423,16 +429,18 @@ class Transformer(nn.Module):
         """`_forward_fused` for a decode step of a Llama-style model (at most `kernels.gemv.MAX_ROWS` tokens):
         each residual add + RMSNorm runs inside the qkv or gate/up product that consumes it, and SwiGLU
         inside the down product (`kernels.gemv`): three kernels fewer per layer than `_forward_fused` (four
-        where cuBLAS splits the down product's K and reduces the parts in a kernel of its own)."""
-        from kernels.gemv import rmsnorm_gemv, silu_mul_gemv
+        where cuBLAS splits the down product's K and reduces the parts in a kernel of its own). The output
+        projection is a `kernels.gemv` product too, so every product of the layer is tuned alike."""
+        from kernels.gemv import gemv, rmsnorm_gemv, silu_mul_gemv
         from kernels.norm import add_norm
 
         B, T = tokens.shape
         h, residual = self.embed(tokens).view(B * T, -1), None
         for i, block in enumerate(self.blocks):
             qkv, residual = rmsnorm_gemv(h, residual, block.norm1.weight, block.attn.qkv.weight, block.norm1.eps)
+            project = functools.partial(_flat_gemv, gemv, block.attn.proj.weight)  # (B, T, H * D) -> (B * T, d)
             h = block.attn.forward_fused(qkv.view(B, T, -1), (self.rope_cos, self.rope_sin), kv_cache, i, batch,
-                                         backend).view(B * T, -1)
+                                         backend, project=project)
             gate_up, residual = rmsnorm_gemv(h, residual, block.norm2.weight, block.mlp.up.weight, block.norm2.eps)
             h = silu_mul_gemv(gate_up, block.mlp.down.weight)
         return add_norm(h, residual, self.norm.weight, None, self.norm.eps, True)[0].view(B, T, -1)

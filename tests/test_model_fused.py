@@ -88,7 +88,7 @@ def check(family: str, device: str, dtype: torch.dtype, tol: float) -> None:
 
 @torch.no_grad()
 def test_gemv_decode_steps_equal_the_fused_forward(monkeypatch):
-    """`fused_gemv`: steps of at most 16 tokens of a Llama-style model run norm + qkv, norm + gate/up and
+    """`fused_gemv`: steps of at most 16 tokens of a Llama-style model run norm + qkv, o, norm + gate/up and
     SwiGLU + down as `kernels.gemv` products (longer steps and GPT-2-style models keep `_forward_fused`),
     with the same logits and cache writes."""
     if not norm.available("cpu"):
@@ -126,8 +126,8 @@ def check_gemv(monkeypatch, device: str, tol: float) -> None:
         for name in ("k", "v"):
             assert_close(getattr(kv_got, name)[:, real], getattr(kv_want, name)[:, real], tol, tol,
                          f"{family} {name} cache")
-        if family == "llama":  # 4 steps x 2 layers x (norm + qkv, norm + gate/up, SwiGLU + down)
-            assert sorted(prologues) == [gemv._RMSNORM] * 16 + [gemv._SILU_MUL] * 8, prologues
+        if family == "llama":  # 4 steps x 2 layers x (norm + qkv, o, norm + gate/up, SwiGLU + down)
+            assert sorted(prologues) == [gemv._PLAIN] * 8 + [gemv._RMSNORM] * 16 + [gemv._SILU_MUL] * 8, prologues
             prologues.clear()
     assert not prologues, "the GPT-2-style model took the gemv path"
 
