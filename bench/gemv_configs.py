@@ -1,6 +1,7 @@
 """Each launch config of kernels.gemv's kernel at the Llama 1.1B decode products, timed on CUDA.
 
-    python bench/gemv_configs.py [--rows 1] [--rep 20] [--top 6]
+    python bench/gemv_configs.py [--rows 1] [--rep 20] [--top 6] [--chain 22] [--kinds dot,best,fma]
+    TRITON_INTERPRET=1 python bench/gemv_configs.py --check-only --tiny   # CPU smoke: every config checked
 
 For each product (the qkv, gate/up and lm-head products with the residual add + RMSNorm fused in,
 the o product plain, the down product with SwiGLU fused in), every (tensor cores or FMAs, BLOCK_N,
@@ -31,9 +32,30 @@ PRODUCTS = [  # name, N, K, prologue (0 plain, 1 add+RMSNorm, 2 SwiGLU), SPLIT_K
     ("swiglu+down", 2048, 5632, 2, (1, 2, 4, 8)),
     ("add+rmsnorm+lm head", 32000, 2048, 1, (1, 2)),
 ]
+TINY = [("add+rmsnorm+qkv", 40, 96, 1, (1, 3)), ("o", 24, 64, 0, (1, 2)), ("swiglu+down", 20, 80, 2, (2,))]
 
 
-def main() -> None:
+def config_grid(kinds: set[str], splits: tuple[int, ...], block_m: int, min_block_n: int, configs: list) -> list:
+    """(tensor cores?, BLOCK_N, BLOCK_K, SPLIT_K, stages) for each config to try."""
+    grid = []
+    if "dot" in kinds:  # tensor cores (rows padded to 16), stages by tile size
+        grid += [(True, bn, bk, sk, 4 if bn * bk <= 4096 else 3)
+                 for bn, bk, sk in itertools.product((16, 32, 64, 128), (128, 256, 512), splits)
+                 if bn * bk <= 16384 and bn >= min_block_n]
+    if "best" in kinds:  # the tensor-core configs kernels.gemv's autotuner is offered
+        grid += [(True, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.num_stages)
+                 for c in configs if c.kwargs["DOT"] and c.kwargs["SPLIT_K"] in splits]
+    if "fma" in kinds:  # FMAs: per-thread partial sums of (rows, BLOCK_N, BLOCK_K) within FMA_TILE; the loads
+        # pipelined in 3 stages or left to the warps (1)
+        from kernels.gemv import FMA_TILE
+
+        grid += [(False, bn, bk, sk, stages) for bn, bk, sk, stages in
+                 itertools.product((2, 4, 8, 16), (256, 512, 1024), splits[:2], (3, 1))
+                 if block_m * bn * bk <= FMA_TILE and bn >= min_block_n]
+    return grid
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--rep", type=int, default=20, help="do_bench repetition time in ms")
@@ -44,9 +66,14 @@ def main() -> None:
                         help="launches per graph replay, each on its own copy of the weights (22: the 1.1B layers)")
     parser.add_argument("--kinds", default="dot,fma",
                         help="tensor-core (dot: a grid; best: those kernels.gemv offers) and/or FMA (fma) configs")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gemv_configs.py needs a CUDA GPU")
+    parser.add_argument("--check-only", action="store_true",
+                        help="check every config against the unfused ops, no timing (CUDA not needed)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (for --check-only under TRITON_INTERPRET=1)")
+    args = parser.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not args.check_only:
+        sys.exit("gemv_configs.py needs a CUDA GPU to time (torch.cuda.is_available() is False on this machine); "
+                 "--check-only --tiny runs the checks on the CPU's Triton interpreter")
     import triton
     import torch.nn.functional as F
 
@@ -59,13 +86,17 @@ def main() -> None:
     raw = triton.jit(gemv._gemv_kernel, do_not_specialize=["n_rows"])
     from kernels._utils import next_power_of_2
 
-    dev, dtype, rows = "cuda", torch.bfloat16, args.rows
+    # the interpreter's bf16 is unreliable: fp32 there (exact products), bf16 on the GPU
+    dev, dtype, tol = ("cuda", torch.bfloat16, 3e-2) if on_gpu else ("cpu", torch.float32, 1e-4)
+    rows = args.rows
     block_m, kinds = next_power_of_2(rows), set(args.kinds.split(","))
     wanted = set(args.products.split(",")) if args.products else None
-    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16 | "
-          f"rows {rows} | CUDA-graph replay (L2 flushed), {args.chain} launch(es) a replay, us a launch; "
-          f"GB/s of weight bytes", flush=True)
-    for name, n, k, prologue, splits in PRODUCTS:
+    print(f"device: {torch.cuda.get_device_name() if on_gpu else 'cpu (Triton interpreter)'} | torch "
+          f"{torch.__version__} | triton {triton.__version__} | {str(dtype)[6:]} | rows {rows} | "
+          + ("checks only" if args.check_only else f"CUDA-graph replay (L2 flushed), {args.chain} launch(es) a "
+             "replay, us a launch; GB/s of weight bytes"), flush=True)
+    failures = 0
+    for name, n, k, prologue, splits in TINY if args.tiny else PRODUCTS:
         if wanted and name not in wanted:
             continue
         gen = torch.Generator().manual_seed(n + k)
@@ -93,22 +124,9 @@ def main() -> None:
         def timed(fn):
             return 1e3 * graph_time(lambda: [fn(w=layer) for layer in layers], args.rep) / len(layers)
 
-        t_now = timed(current)
-        results = []
-        grid = []
-        if "dot" in kinds:  # tensor cores: rows padded to 16
-            grid += [(True, bn, bk, sk) for bn, bk, sk in itertools.product((16, 32, 64, 128), (128, 256, 512), splits)
-                     if bn * bk <= 16384 and bn >= args.min_block_n]
-        grid = [(dot, bn, bk, sk, 4 if bn * bk <= 4096 else 3) for dot, bn, bk, sk in grid]
-        if "best" in kinds:  # the tensor-core configs kernels.gemv's autotuner is offered
-            grid += [(True, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.num_stages)
-                     for c in gemv._configs() if c.kwargs["DOT"] and c.kwargs["SPLIT_K"] in splits]
-        if "fma" in kinds:  # FMAs: per-thread partial sums of (rows, BLOCK_N, BLOCK_K), within gemv.FMA_TILE;
-            # loads pipelined in 3 stages or left to the warps (1)
-            grid += [(False, bn, bk, sk, stages) for bn, bk, sk, stages in
-                     itertools.product((2, 4, 8, 16), (256, 512, 1024), splits[:2], (3, 1))
-                     if block_m * bn * bk <= gemv.FMA_TILE and bn >= args.min_block_n]
-        for dot, bn, bk, sk, stages in grid:
+        t_now = 0.0 if args.check_only else timed(current)
+        results, failed = [], 0
+        for dot, bn, bk, sk, stages in config_grid(kinds, splits, block_m, args.min_block_n, gemv._configs()):
 
             def launch(dot=dot, bn=bn, bk=bk, sk=sk, stages=stages, w=w):
                 raw[(-(-n // bn), sk)](
@@ -120,17 +138,22 @@ def main() -> None:
                 return out
 
             try:
-                for _ in range(3):  # the counters must come back to zero between launches
+                for _ in range(2 if args.check_only else 3):  # the counters must come back to zero between launches
                     out.zero_()
                     err = (launch().float() - want).abs().max().item()
-                    if err > 3e-2 * (1 + want.abs().max().item()):
+                    if err > tol * (1 + want.abs().max().item()):
                         raise AssertionError(f"max err {err:.3g}")
-                t = timed(launch)
+                t = 0.0 if args.check_only else timed(launch)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile or is wrong is reported
-                print(f"  {name} DOT={dot} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk} stages={stages}: {type(exc).__name__}: "
-                      f"{str(exc)[:160]}", flush=True)
+                failed += 1
+                print(f"  {name} DOT={dot} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk} stages={stages}: "
+                      f"{type(exc).__name__}: {str(exc)[:160]}", flush=True)
                 continue
             results.append((t, "dot" if dot else "fma", bn, bk, sk, stages))
+        if args.check_only:
+            print(f"{name} {n}x{k}: {len(results)} configs equal the unfused ops, {failed} failed", flush=True)
+            failures += failed
+            continue
         results.sort()
         gbs = lambda t: n * k * 2 / t / 1e3  # noqa: E731
         print(f"\n{name} {n}x{k}: kiln now {t_now:.1f} us ({gbs(t_now):.0f} GB/s); {len(results)} configs", flush=True)
@@ -140,7 +163,11 @@ def main() -> None:
         if results:
             t = results[-1][0]
             print(f"  slowest {t:.1f} us ({gbs(t):.0f} GB/s)", flush=True)
+    if args.check_only:
+        print(f"checked: {'every config equals' if not failures else f'{failures} configs differ from'} "
+              "the unfused ops")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -176,7 +176,7 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -q -rs --timeout 80 \
                     tests/test_kernels_gemv.py tests/test_model_fused.py -k "gpu"
                 STAGE_TIMEOUT=100 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64
-                STAGE_TIMEOUT=100 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \
+                STAGE_TIMEOUT=150 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \
                     --gemv
                 ;;
             profile-compile)  # the same step compiled before capture

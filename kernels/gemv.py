@@ -148,7 +148,8 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed int32 counters, at least ``n``; each launch leaves them zero again, so one set serves every
-    launch on the device (a stream runs its launches one after another)."""
+    launch on the device (a stream runs its launches one after another; launches on two streams at once,
+    which Kiln's engine does not make, would need a set each)."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < n:
         counters = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)

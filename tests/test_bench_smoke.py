@@ -215,6 +215,21 @@ def test_fused_kernel_bench_checks_run_on_the_interpreter(script, rows, checked)
     assert checked in proc.stdout
 
 
+@pytest.mark.parametrize("flags,configs", [((), (62, 62, 31)), (("--rows", "3", "--kinds", "fma,best"), (26, 27, 13))])
+def test_gemv_config_sweep_checks_every_config_on_the_interpreter(flags, configs):
+    """bench/gemv_configs.py (a GPU lease's launch-config sweep of kernels.gemv) checks each config of its grid
+    against the unfused ops before timing it: on the interpreter, at tiny shapes, every one must agree, the
+    split-K ones launched twice (their arrival counters back at zero in between)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, str(ROOT / "bench" / "gemv_configs.py"), "--check-only", "--tiny", *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    counts = tuple(int(c) for c in re.findall(r"^\S+ \d+x\d+: (\d+) configs equal the unfused ops, 0 failed$",
+                                              proc.stdout, flags=re.M))
+    assert counts == configs and "checked: every config equals the unfused ops" in proc.stdout, proc.stdout
+
+
 def test_hf_step_check_runs_on_the_cpu():
     """bench/hf_step_check.py (HF generate timed several ways, a GPU diagnostic) at a tiny shape on the CPU."""
     pytest.importorskip("transformers")
