@@ -127,12 +127,13 @@ def _launch(prologue: int, x, residual, norm_weight, weight, eps, summed) -> tor
     gain = norm_weight.contiguous() if norm_weight is not None else weight
     total = summed if summed is not None else out
     interpret = interpreting()
-    configs = [c.kwargs for c in _kernel_configs(interpret)]
+    which = (INTERPRETER_SPLIT_K, INTERPRETER_DOT) if interpret else ()
+    splits = _split_shapes(interpret, which)
     # split-K's partial sums (any config's) and the per-column-block arrival counters
-    partials = torch.empty(max(c["SPLIT_K"] * -(-n // c["BLOCK_N"]) * MAX_ROWS * (c["BLOCK_N"] + 1) for c in configs),
+    partials = torch.empty(max(split * -(-n // block_n) * MAX_ROWS * (block_n + 1) for split, block_n in splits),
                            device=x.device, dtype=torch.float32)
-    counters = _counters(x.device, max(-(-n // c["BLOCK_N"]) for c in configs))
-    kernel = _kernel(interpret, (INTERPRETER_SPLIT_K, INTERPRETER_DOT) if interpret else ())
+    counters = _counters(x.device, max(-(-n // block_n) for _, block_n in splits))
+    kernel = _kernel(interpret, which)
     kernel[lambda meta: (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"])](
         x, res, gain, total, weight, out, partials, counters,
         x.stride(0), res.stride(0), total.stride(0), weight.stride(0), out.stride(0),
@@ -358,6 +359,13 @@ def _kernel_configs(interpret: bool) -> list:
     if interpret:
         return [config(BLOCK_N=16, BLOCK_K=32, SPLIT_K=INTERPRETER_SPLIT_K, DOT=INTERPRETER_DOT, LOOP_STAGES=2)]
     return _configs()
+
+
+@functools.cache
+def _split_shapes(interpret: bool, interpreter_config: tuple = ()) -> tuple[tuple[int, int], ...]:
+    """(SPLIT_K, BLOCK_N) of each config the launch may run: what its scratch buffers must hold."""
+    del interpreter_config  # cache key only
+    return tuple({(c.kwargs["SPLIT_K"], c.kwargs["BLOCK_N"]) for c in _kernel_configs(interpret)})
 
 
 @functools.cache
