@@ -23,6 +23,8 @@
 #      run keeps the server's debug log: what still stalled GPT-2's first online rate (TTFT p99 1.5 s) and
 #      its rate 32 (p50 1.0 s); then the HTTP side alone on the lent host's CPUs, in one process and with
 #      `--engine-process`, off by default as it is slower on 2 cores)
+#   3. quick train-profile (issue 6, 35% MFU against 45%: where Kiln's and the nanoGPT loop's compiled steps
+#      spend their GPU time, matmuls against attention, loss, optimizer and elementwise kernels)
 # Installing what default-model brings back (FILES = the call's files_at):
 #   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/
 #   cp data/corpus/manifest.json model/default/corpus_manifest.json
@@ -38,8 +40,9 @@
 # rope+cache write and SwiGLU kernels vs torch and torch.compile, CUDA-graph replay),
 # serve-SHAPE (serve_bench at one shape, reduced online load), online-SHAPE (a live server alone:
 # its start-up, the online rates, its log kept), retests-ce (cross-entropy and compile tests),
-# train (training MFU), train-logits (Kiln's loss from whole logits + the CE kernel), train-cudnn
-# (PyTorch attention on its cuDNN backend, both sides),
+# train (training MFU), train-profile (the same, then each side's kernel time by category), train-logits
+# (Kiln's loss from whole logits + the CE kernel), train-cudnn (PyTorch attention on its cuDNN backend,
+# both sides),
 # profile (bench/profile_step.py: host and GPU time of a batch-1 decode step, 1.1B shape),
 # profile-compile (the same, the step compiled before capture), profile-gemv (the same through
 # kernels/gemv.py),
@@ -226,6 +229,10 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 ;;
             train)
                 STAGE_TIMEOUT=150 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 20 --warmup 5
+                ;;
+            train-profile)  # where both sides' training steps spend their GPU time (kernel time by category)
+                STAGE_TIMEOUT=170 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 10 --warmup 5 \
+                    --profile 3
                 ;;
             train-logits)  # Kiln's loss as whole logits + the fused CE kernel instead of chunked linear + CE
                 STAGE_TIMEOUT=150 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 20 --warmup 5 \

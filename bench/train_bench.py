@@ -1,7 +1,7 @@
 """Training throughput at the GPT-2 124M shape: Kiln's training step vs a plain nanoGPT-style loop.
 
     python bench/train_bench.py [--batch 32] [--seq 1024] [--steps 30] [--warmup 10] [--attn-backend auto]
-                                [--loss-impl chunked|logits] [--sdpa default|cudnn|flash|efficient]
+                                [--loss-impl chunked|logits] [--sdpa default|cudnn|flash|efficient] [--profile 3]
 
 Both sides run the same recipe on random tokens: bf16 autocast, fp32 master weights, fused
 AdamW (weight decay on matrices only), global-norm clipping at 1.0, `torch.compile`, one
@@ -118,6 +118,49 @@ def measure(step, batches, warmup: int, steps: int, device: torch.device) -> flo
     return (time.perf_counter() - started) / steps
 
 
+# Where a profiled step's time goes: kernel (or, on the CPU, op) names by what they compute, first match wins.
+CATEGORIES = [
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|splitKreduce|triton_tem_|aten::(mm|addmm|bmm|_scaled_mm)$"),
+    ("attention", r"attn_|flash|fmha|sdpa|scaled_dot_product|cudnn.*(attn|mha)"),
+    ("loss", r"cross_entropy|nll_loss|log_softmax|logsumexp"),
+    ("optimizer + clipping", r"(?i)adam|multi_tensor|foreach|optimizer"),
+    ("fused elementwise (inductor)", r"^triton_(poi|per|red)_"),
+    ("other elementwise / norms", r"elementwise|vectorized|layer_norm|reduce_kernel|embedding|index|copy|cat"),
+]
+
+
+def profile_breakdown(label: str, step, batches, steps: int, device: torch.device, top: int = 12) -> str:
+    """`steps` more steps under torch.profiler: their kernel time per step by category and the top kernels
+    (on the CPU: ops' own CPU time, which smoke-tests the grouping)."""
+    import re
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            loss = step(*batches[i % len(batches)])
+        float(loss.detach())
+    if device.type == "cuda":
+        rows = [(e.key, e.self_device_time_total) for e in prof.key_averages()
+                if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
+    else:
+        rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(us for _, us in rows) or 1.0
+    by_category: dict[str, float] = {}
+    for name, us in rows:
+        category = next((c for c, pattern in CATEGORIES if re.search(pattern, name)), "other")
+        by_category[category] = by_category.get(category, 0.0) + us
+    what = "GPU kernel time" if device.type == "cuda" else "CPU op time"
+    lines = [f"{label} profile: {total / steps / 1e3:.1f} ms of {what} a step ({steps} steps)"]
+    for category, us in sorted(by_category.items(), key=lambda item: -item[1]):
+        lines.append(f"  {category:30s} {us / steps / 1e3:8.2f} ms  {100 * us / total:5.1f}%")
+    lines.append("  top:")
+    for name, us in sorted(rows, key=lambda item: -item[1])[:top]:
+        lines.append(f"  {us / steps / 1e3:8.2f} ms  {100 * us / total:5.1f}%  {name[:90]}")
+    return "\n".join(lines)
+
+
 def random_batches(n: int, batch: int, seq: int, vocab: int, device: torch.device):
     g = torch.Generator().manual_seed(0)
     out = []
@@ -144,7 +187,10 @@ def bench_kiln(args, batches, device: torch.device, amp, compile_on: bool) -> tu
         return optimizer_step(forward, optimizer, scaler, [(x, y)], 1, 1.0, amp,
                               lambda last: contextlib.nullcontext())[0]
 
-    return params, measure(step, batches, args.warmup, args.steps, device)
+    seconds = measure(step, batches, args.warmup, args.steps, device)
+    if args.profile:
+        print(profile_breakdown("kiln", step, batches, args.profile, device), flush=True)
+    return params, seconds
 
 
 def bench_nanogpt(args, batches, device: torch.device, amp, compile_on: bool) -> float:
@@ -156,7 +202,14 @@ def bench_nanogpt(args, batches, device: torch.device, amp, compile_on: bool) ->
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda" or None)
     forward = torch.compile(nano) if compile_on else nano
-    return measure(lambda x, y: nano_step(forward, optimizer, x, y, amp), batches, args.warmup, args.steps, device)
+
+    def step(x, y):
+        return nano_step(forward, optimizer, x, y, amp)
+
+    seconds = measure(step, batches, args.warmup, args.steps, device)
+    if args.profile:
+        print(profile_breakdown("nanoGPT", step, batches, args.profile, device), flush=True)
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="PyTorch SDPA backend for both sides (default: PyTorch's own choice)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile this many more steps of each side: kernel time by category, top kernels")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK)
     p.add_argument("--skip-baseline", action="store_true",
                    help="time Kiln alone (comparing Kiln variants; a ratio needs the baseline in the same run)")

@@ -254,6 +254,23 @@ def test_scoring_itl_bench_quick(llama_dir, capsys):
 
 
 
+def test_gpu_train_bench_runs_and_profiles_a_tiny_shape_on_the_cpu():
+    """bench/train_bench.py (the GPU's MFU benchmark: Kiln's step beside a nanoGPT loop) smoke-tested on the CPU at
+    a tiny shape, with `--profile`: each side's step time by category, the categories adding up to the whole."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_bench.py"), "--device", "cpu", "--n-layer", "2",
+                           "--d-model", "64", "--n-head", "4", "--vocab", "512", "--batch", "2", "--seq", "64",
+                           "--steps", "2", "--warmup", "1", "--no-compile", "--profile", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    for side in ("kiln", "nanoGPT"):
+        block = proc.stdout.split(f"{side} profile: ", 1)[1].split("  top:", 1)[0]
+        total = float(block.split(" ms", 1)[0])
+        shares = [float(m) for m in re.findall(r"^  \S.*? ([\d.]+) ms +[\d.]+%$", block, flags=re.M)]
+        assert total > 0 and "matmul" in block and abs(sum(shares) - total) < 0.05 * total + 0.02, block
+    assert re.search(r"^kiln +[\d.]+ ms/step +[\d,]+ tokens/s$", proc.stdout, flags=re.M), proc.stdout
+    assert "kiln / nanoGPT throughput:" in proc.stdout
+
+
 def test_cpu_train_bench_quick():
     """bench/cpu_train.py (a CPU training step: Kiln, Kiln without its native kernels, HF) end to end, shortened:
     a row per precision, and the three sides' first losses agree (the script exits 1 when they do not)."""
