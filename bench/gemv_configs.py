@@ -36,20 +36,20 @@ TINY = [("add+rmsnorm+qkv", 40, 96, 1, (1, 3)), ("o", 24, 64, 0, (1, 2)), ("swig
 
 
 def config_grid(kinds: set[str], splits: tuple[int, ...], block_m: int, min_block_n: int, configs: list) -> list:
-    """(tensor cores?, BLOCK_N, BLOCK_K, SPLIT_K, stages) for each config to try."""
+    """(tensor cores?, BLOCK_N, BLOCK_K, SPLIT_K, stages, warps) for each config to try."""
     grid = []
     if "dot" in kinds:  # tensor cores (rows padded to 16), stages by tile size
-        grid += [(True, bn, bk, sk, 4 if bn * bk <= 4096 else 3)
+        grid += [(True, bn, bk, sk, 4 if bn * bk <= 4096 else 3, 4)
                  for bn, bk, sk in itertools.product((16, 32, 64, 128), (128, 256, 512), splits)
                  if bn * bk <= 16384 and bn >= min_block_n]
     if "best" in kinds:  # the tensor-core configs kernels.gemv's autotuner is offered
-        grid += [(True, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.num_stages)
+        grid += [(True, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.num_stages, c.num_warps)
                  for c in configs if c.kwargs["DOT"] and c.kwargs["SPLIT_K"] in splits]
     if "fma" in kinds:  # FMAs: per-thread partial sums of (rows, BLOCK_N, BLOCK_K) within FMA_TILE; the loads
         # pipelined in 3 stages or left to the warps (1)
         from kernels.gemv import FMA_TILE
 
-        grid += [(False, bn, bk, sk, stages) for bn, bk, sk, stages in
+        grid += [(False, bn, bk, sk, stages, 4) for bn, bk, sk, stages in
                  itertools.product((2, 4, 8, 16), (256, 512, 1024), splits[:2], (3, 1))
                  if block_m * bn * bk <= FMA_TILE and bn >= min_block_n]
     return grid
@@ -126,15 +126,15 @@ def main(argv: list[str] | None = None) -> int:
 
         t_now = 0.0 if args.check_only else timed(current)
         results, failed = [], 0
-        for dot, bn, bk, sk, stages in config_grid(kinds, splits, block_m, args.min_block_n, gemv._configs()):
+        for dot, bn, bk, sk, stages, warps in config_grid(kinds, splits, block_m, args.min_block_n, gemv._configs()):
 
-            def launch(dot=dot, bn=bn, bk=bk, sk=sk, stages=stages, w=w):
+            def launch(dot=dot, bn=bn, bk=bk, sk=sk, stages=stages, warps=warps, w=w):
                 raw[(-(-n // bn), sk)](
                     inp, residual, gain, summed, w, out, partials, counters,
                     inp.stride(0), residual.stride(0), summed.stride(0), w.stride(0), out.stride(0),
                     rows, n, k, 1e-5, PROLOGUE=prologue, HAS_RESIDUAL=prologue == 1, DOT_PRECISION="tf32",
-                    BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DOT=dot, LOOP_STAGES=stages, num_warps=4,
-                    num_stages=stages)
+                    BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DOT=dot, LOOP_STAGES=stages,
+                    num_warps=warps, num_stages=stages)
                 return out
 
             try:
@@ -146,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                 t = 0.0 if args.check_only else timed(launch)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile or is wrong is reported
                 failed += 1
-                print(f"  {name} DOT={dot} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk} stages={stages}: "
+                print(f"  {name} DOT={dot} BLOCK_N={bn} BLOCK_K={bk} SPLIT_K={sk} stages={stages} warps={warps}: "
                       f"{type(exc).__name__}: {str(exc)[:160]}", flush=True)
                 continue
-            results.append((t, "dot" if dot else "fma", bn, bk, sk, stages))
+            results.append((t, "dot" if dot else "fma", bn, bk, sk, stages, warps))
         if args.check_only:
             print(f"{name} {n}x{k}: {len(results)} configs equal the unfused ops, {failed} failed", flush=True)
             failures += failed
@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         results.sort()
         gbs = lambda t: n * k * 2 / t / 1e3  # noqa: E731
         print(f"\n{name} {n}x{k}: kiln now {t_now:.1f} us ({gbs(t_now):.0f} GB/s); {len(results)} configs", flush=True)
-        for t, kind, bn, bk, sk, stages in results[: args.top]:
+        for t, kind, bn, bk, sk, stages, warps in results[: args.top]:
             print(f"  {t:7.1f} us {gbs(t):6.0f} GB/s {t_now / t:5.2f}x  {kind} BLOCK_N={bn:<3} BLOCK_K={bk:<4} "
-                  f"SPLIT_K={sk} stages={stages}", flush=True)
+                  f"SPLIT_K={sk} stages={stages} warps={warps}", flush=True)
         if results:
             t = results[-1][0]
             print(f"  slowest {t:.1f} us ({gbs(t):.0f} GB/s)", flush=True)

@@ -331,8 +331,10 @@ def _configs() -> list:
     # (BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, DOT). Tensor cores: the fastest of each 1.1B product in a sweep
     # on an H100 (bench/gemv_configs.py, bench/RESULTS.md: 128 x 128 tiles for the products with the norm in,
     # 16 x 256 for o, 64 x 256 split 8 ways for down). FMAs: a few weight rows per program, long K tiles, the
-    # loads pipelined (3 stages) or not (1); not yet timed on a GPU.
+    # loads pipelined (3 stages) or not (1); not yet timed on a GPU. The sweep's trend (wider column blocks won)
+    # also puts 256 x 64 tiles on offer, untimed.
     shapes = [(128, 128, 4, 3, 1, True), (128, 128, 4, 3, 2, True), (128, 128, 4, 3, 4, True),
+              (256, 64, 4, 4, 1, True), (256, 64, 8, 4, 2, True),
               (16, 256, 4, 4, 1, True), (64, 256, 4, 3, 8, True), (64, 128, 4, 3, 8, True),
               (4, 512, 4, 3, 1, False), (8, 256, 4, 3, 1, False), (8, 512, 4, 3, 1, False),
               (16, 256, 4, 3, 1, False), (8, 256, 4, 3, 4, False), (8, 512, 4, 1, 1, False), (4, 512, 4, 1, 1, False)]
