@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -351,17 +352,18 @@ def _gemv_launches(quick: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
 
     dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)
     shapes = ((2560, 2048), (2048, 5632)) if quick else ((2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632))
-    for dtype in dtypes:
+    # one row (batch-1 decode: the FMA configs' smallest tile) and four (each row bucket compiles anew)
+    for dtype, rows in itertools.product(dtypes, (4,) if quick else (1, 4)):
         name = str(dtype)[6:]
         for n, k in shapes:
-            def run(dtype=dtype, n=n, k=k):
-                x, w, g = torch.zeros(4, k, dtype=dtype), torch.zeros(n, k, dtype=dtype), torch.ones(k, dtype=dtype)
+            def run(dtype=dtype, n=n, k=k, rows=rows):
+                x, w, g = torch.zeros(rows, k, dtype=dtype), torch.zeros(n, k, dtype=dtype), torch.ones(k, dtype=dtype)
                 gemv(x, w)
                 rmsnorm_gemv(x, x, g, w)
                 rmsnorm_gemv(x, None, g, w)
-                silu_mul_gemv(torch.zeros(4, 2 * k, dtype=dtype), w)
+                silu_mul_gemv(torch.zeros(rows, 2 * k, dtype=dtype), w)
 
-            yield f"gemv {name} {n}x{k}", run
+            yield f"gemv {name} {n}x{k}" + ("" if quick else f" rows {rows}"), run
 
 
 LAUNCHES = {
