@@ -42,35 +42,53 @@ def torch_add_rms_norm(x, residual, weight, eps=1e-5):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(summed) * weight, summed
 
 
+def product_inputs(rows: int, n: int, k: int, dtype: torch.dtype, dev: str):
+    """(weight (N, K), x and residual (rows, K), norm gain (K,), h = [gate; up] (rows, 2K)) for one product,
+    seeded by its shape."""
+    gen = torch.Generator().manual_seed(n + k)
+    w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(dev, dtype)
+    x, residual = (torch.randn(rows, k, generator=gen).to(dev, dtype) for _ in range(2))
+    gain = (1 + 0.1 * torch.randn(k, generator=gen)).to(dev, dtype)
+    h = torch.randn(rows, 2 * k, generator=gen).to(dev, dtype)
+    return w, x, residual, gain, h
+
+
+def current_path(prologue: str | None, x, residual, gain, h):
+    """Kiln's path today for a product ("rmsnorm", "silu" or None), as a function of the weight: the fused
+    add+norm or SwiGLU Triton kernel then cuBLAS, or cuBLAS alone."""
+    from kernels.activation import silu_mul
+    from kernels.norm import add_norm
+
+    if prologue == "rmsnorm":
+        return lambda w: (lambda normed, summed: (F.linear(normed, w), summed))(
+            *add_norm(x, residual, gain, None, 1e-5, True))
+    if prologue == "silu":
+        return lambda w: F.linear(silu_mul(h), w)
+    return lambda w: F.linear(x, w)
+
+
 def problems(rows: int, dtype: torch.dtype, shapes, dev: str):
     """(label, weight bytes, kiln fn, [(baseline name, fn)]) per product."""
-    from kernels.activation import silu_mul
     from kernels.gemv import gemv, rmsnorm_gemv, silu_mul_gemv
-    from kernels.norm import add_norm
 
     out = []
     for name, n, k, prologue in shapes:
-        gen = torch.Generator().manual_seed(n + k)
-        w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(dev, dtype)
-        x, residual = (torch.randn(rows, k, generator=gen).to(dev, dtype) for _ in range(2))
-        gain = (1 + 0.1 * torch.randn(k, generator=gen)).to(dev, dtype)
-        h = torch.randn(rows, 2 * k, generator=gen).to(dev, dtype)
+        w, x, residual, gain, h = product_inputs(rows, n, k, dtype, dev)
         weight_bytes = w.numel() * w.element_size()
+        now = current_path(prologue, x, residual, gain, h)
+        current = lambda now=now, w=w: now(w)  # noqa: E731
         if prologue == "rmsnorm":
             kiln = lambda x=x, r=residual, g=gain, w=w: rmsnorm_gemv(x, r, g, w)  # noqa: E731
-            current = lambda x=x, r=residual, g=gain, w=w: (  # noqa: E731
-                lambda normed, summed: (F.linear(normed, w), summed))(*add_norm(x, r, g, None, 1e-5, True))
             plain = lambda x=x, r=residual, g=gain, w=w: (  # noqa: E731
                 lambda normed, summed: (F.linear(normed, w), summed))(*torch_add_rms_norm(x, r, g))
             label = f"add+rmsnorm+{name}"
         elif prologue == "silu":
             kiln = lambda h=h, w=w: silu_mul_gemv(h, w)  # noqa: E731
-            current = lambda h=h, w=w: F.linear(silu_mul(h), w)  # noqa: E731
             plain = lambda h=h, w=w: F.linear(F.silu(h[:, : h.shape[1] // 2]) * h[:, h.shape[1] // 2:], w)  # noqa: E731
             label = f"swiglu+{name}"
         else:
             kiln = lambda x=x, w=w: gemv(x, w)  # noqa: E731
-            current = plain = lambda x=x, w=w: F.linear(x, w)  # noqa: E731
+            plain = current
             label = name
         baselines = [("kiln now" if prologue else "cuBLAS", current)]
         if prologue:

@@ -7,9 +7,10 @@ For each product (the qkv, gate/up and lm-head products with the residual add + 
 the o product plain, the down product with SwiGLU fused in), every (tensor cores or FMAs, BLOCK_N,
 BLOCK_K, SPLIT_K, stages: by tile size on tensor cores, the FMA loads pipelined in 3 or left to the
 warps) of a grid is launched directly (no autotuner), checked against the unfused ops in bf16 (a
-config whose split-K partial sums were added up before they were all written shows here), and timed as a CUDA-graph replay with L2 flushed between replays (with
-`--chain 22`, one replay runs the product over 22 copies of the weights, as a step runs its
-layers: per-launch start-up overlaps as it does in a step), beside Kiln's current path for that
+config whose split-K partial sums were added up before they were all written shows here), and timed
+as a CUDA-graph replay with L2 flushed between replays (with `--chain 22`, one replay runs the
+product over 22 copies of the weights, as a step runs its layers: per-launch start-up overlaps as it
+does in a step), beside Kiln's current path for that
 product (add+norm kernel then cuBLAS, SwiGLU kernel then cuBLAS, or cuBLAS). The fastest configs
 per product print first: what `kernels.gemv._configs` should offer its autotuner.
 """
@@ -25,14 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PRODUCTS = [  # name, N, K, prologue (0 plain, 1 add+RMSNorm, 2 SwiGLU), SPLIT_K choices
-    ("add+rmsnorm+qkv", 2560, 2048, 1, (1, 2, 4)),
-    ("o", 2048, 2048, 0, (1, 2, 4, 8)),
-    ("add+rmsnorm+gate+up", 11264, 2048, 1, (1, 2)),
-    ("swiglu+down", 2048, 5632, 2, (1, 2, 4, 8)),
-    ("add+rmsnorm+lm head", 32000, 2048, 1, (1, 2)),
+PRODUCTS = [  # name, N, K, prologue (bench_gemv's names), SPLIT_K choices
+    ("add+rmsnorm+qkv", 2560, 2048, "rmsnorm", (1, 2, 4)),
+    ("o", 2048, 2048, None, (1, 2, 4, 8)),
+    ("add+rmsnorm+gate+up", 11264, 2048, "rmsnorm", (1, 2)),
+    ("swiglu+down", 2048, 5632, "silu", (1, 2, 4, 8)),
+    ("add+rmsnorm+lm head", 32000, 2048, "rmsnorm", (1, 2)),
 ]
-TINY = [("add+rmsnorm+qkv", 40, 96, 1, (1, 3)), ("o", 24, 64, 0, (1, 2)), ("swiglu+down", 20, 80, 2, (2,))]
+TINY = [("add+rmsnorm+qkv", 40, 96, "rmsnorm", (1, 3)), ("o", 24, 64, None, (1, 2)),
+        ("swiglu+down", 20, 80, "silu", (2,))]
 
 
 def config_grid(kinds: set[str], splits: tuple[int, ...], block_m: int, min_block_n: int, configs: list) -> list:
@@ -75,12 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("gemv_configs.py needs a CUDA GPU to time (torch.cuda.is_available() is False on this machine); "
                  "--check-only --tiny runs the checks on the CPU's Triton interpreter")
     import triton
-    import torch.nn.functional as F
 
+    from bench_gemv import current_path, product_inputs
     from decode_configs import graph_time
     from kernels import gemv
-    from kernels.activation import silu_mul
-    from kernels.norm import add_norm
 
     gemv._kernel(gemv.interpreting())  # binds `tl` into the kernel's module
     raw = triton.jit(gemv._gemv_kernel, do_not_specialize=["n_rows"])
@@ -96,23 +96,16 @@ def main(argv: list[str] | None = None) -> int:
           + ("checks only" if args.check_only else f"CUDA-graph replay (L2 flushed), {args.chain} launch(es) a "
              "replay, us a launch; GB/s of weight bytes"), flush=True)
     failures = 0
-    for name, n, k, prologue, splits in TINY if args.tiny else PRODUCTS:
+    prologues = {"rmsnorm": gemv._RMSNORM, "silu": gemv._SILU_MUL, None: gemv._PLAIN}
+    for name, n, k, prologue_name, splits in TINY if args.tiny else PRODUCTS:
         if wanted and name not in wanted:
             continue
-        gen = torch.Generator().manual_seed(n + k)
-        w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(dev, dtype)
-        x, residual = (torch.randn(rows, k, generator=gen).to(dev, dtype) for _ in range(2))
-        gain = (1 + 0.1 * torch.randn(k, generator=gen)).to(dev, dtype)
-        h = torch.randn(rows, 2 * k, generator=gen).to(dev, dtype)
-        if prologue == 1:
-            current = lambda w=w: (lambda normed, summed: F.linear(normed, w))(  # noqa: E731
-                *add_norm(x, residual, gain, None, 1e-5, True))
-        elif prologue == 2:
-            current = lambda w=w: F.linear(silu_mul(h), w)  # noqa: E731
-        else:
-            current = lambda w=w: F.linear(x, w)  # noqa: E731
-        want = current().float()
-        inp = h if prologue == 2 else x
+        w, x, residual, gain, h = product_inputs(rows, n, k, dtype, dev)
+        current = current_path(prologue_name, x, residual, gain, h)
+        prologue = prologues[prologue_name]
+        want = current(w)
+        want = (want[0] if isinstance(want, tuple) else want).float()
+        inp = h if prologue == gemv._SILU_MUL else x
         out = torch.empty(rows, n, device=dev, dtype=dtype)
         summed = torch.empty_like(x)
         partials = torch.empty(8 * (n + 128) * 17, device=dev, dtype=torch.float32)  # any grid config's
@@ -122,17 +115,18 @@ def main(argv: list[str] | None = None) -> int:
         layers = [w] + [w.clone() for _ in range(args.chain - 1)]
 
         def timed(fn):
-            return 1e3 * graph_time(lambda: [fn(w=layer) for layer in layers], args.rep) / len(layers)
+            return 1e3 * graph_time(lambda: [fn(layer) for layer in layers], args.rep) / len(layers)
 
         t_now = 0.0 if args.check_only else timed(current)
         results, failed = [], 0
         for dot, bn, bk, sk, stages, warps in config_grid(kinds, splits, block_m, args.min_block_n, gemv._configs()):
 
-            def launch(dot=dot, bn=bn, bk=bk, sk=sk, stages=stages, warps=warps, w=w):
+            def launch(w, dot=dot, bn=bn, bk=bk, sk=sk, stages=stages, warps=warps):
                 raw[(-(-n // bn), sk)](
                     inp, residual, gain, summed, w, out, partials, counters,
                     inp.stride(0), residual.stride(0), summed.stride(0), w.stride(0), out.stride(0),
-                    rows, n, k, 1e-5, PROLOGUE=prologue, HAS_RESIDUAL=prologue == 1, DOT_PRECISION="tf32",
+                    rows, n, k, 1e-5, PROLOGUE=prologue, HAS_RESIDUAL=prologue == gemv._RMSNORM,
+                    DOT_PRECISION="tf32",
                     BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DOT=dot, LOOP_STAGES=stages,
                     num_warps=warps, num_stages=stages)
                 return out
@@ -140,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for _ in range(2 if args.check_only else 3):  # the counters must come back to zero between launches
                     out.zero_()
-                    err = (launch().float() - want).abs().max().item()
+                    err = (launch(w).float() - want).abs().max().item()
                     if err > tol * (1 + want.abs().max().item()):
                         raise AssertionError(f"max err {err:.3g}")
                 t = 0.0 if args.check_only else timed(launch)

@@ -170,7 +170,8 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 ;;
             gemv-configs)  # kernels.gemv's FMA configs (a grid) and its tensor-core ones at the 1.1B products, checked
                 # and timed 22 launches to a graph replay (a step's layers), one row
-                STAGE_TIMEOUT=240 stage kernels python3 bench/gemv_configs.py --rows 1 --rep 20 --chain 22 --kinds fma,best
+                STAGE_TIMEOUT=240 stage kernels python3 bench/gemv_configs.py --rows 1 --rep 20 --chain 22 \
+                    --kinds fma,best
                 ;;
             gemv-configs-4)  # the FMA configs at four rows (a batch-4 step)
                 STAGE_TIMEOUT=150 stage kernels python3 bench/gemv_configs.py --rows 4 --rep 20 --chain 22 --kinds fma

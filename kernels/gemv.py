@@ -126,15 +126,13 @@ def _launch(prologue: int, x, residual, norm_weight, weight, eps, summed) -> tor
     res = _unit_stride(residual) if residual is not None else x
     gain = norm_weight.contiguous() if norm_weight is not None else weight
     total = summed if summed is not None else out
-    interpret = interpreting()
-    which = (INTERPRETER_SPLIT_K, INTERPRETER_DOT) if interpret else ()
-    splits = _split_shapes(interpret, which)
+    interpreter_config = _interpreter_config(interpreting())
+    splits = _split_shapes(interpreter_config)
     # split-K's partial sums (any config's) and the per-column-block arrival counters
     partials = torch.empty(max(split * -(-n // block_n) * MAX_ROWS * (block_n + 1) for split, block_n in splits),
                            device=x.device, dtype=torch.float32)
     counters = _counters(x.device, max(-(-n // block_n) for _, block_n in splits))
-    kernel = _kernel(interpret, which)
-    kernel[lambda meta: (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"])](
+    _built_kernel(interpreter_config)[lambda meta: (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"])](
         x, res, gain, total, weight, out, partials, counters,
         x.stride(0), res.stride(0), total.stride(0), weight.stride(0), out.stride(0),
         rows, n, k, eps,
@@ -357,23 +355,33 @@ INTERPRETER_SPLIT_K = 2
 INTERPRETER_DOT = True
 
 
-def _kernel_configs(interpret: bool) -> list:
-    if interpret:
-        return [config(BLOCK_N=16, BLOCK_K=32, SPLIT_K=INTERPRETER_SPLIT_K, DOT=INTERPRETER_DOT, LOOP_STAGES=2)]
+def _interpreter_config(interpret: bool) -> tuple:
+    """The interpreter's (SPLIT_K, DOT) now (the cache key of what is built from it); () on a GPU."""
+    return (INTERPRETER_SPLIT_K, INTERPRETER_DOT) if interpret else ()
+
+
+def _kernel_configs(interpreter_config: tuple) -> list:
+    if interpreter_config:
+        split_k, dot = interpreter_config
+        return [config(BLOCK_N=16, BLOCK_K=32, SPLIT_K=split_k, DOT=dot, LOOP_STAGES=2)]
     return _configs()
 
 
 @functools.cache
-def _split_shapes(interpret: bool, interpreter_config: tuple = ()) -> tuple[tuple[int, int], ...]:
+def _split_shapes(interpreter_config: tuple) -> tuple[tuple[int, int], ...]:
     """(SPLIT_K, BLOCK_N) of each config the launch may run: what its scratch buffers must hold."""
-    del interpreter_config  # cache key only
-    return tuple({(c.kwargs["SPLIT_K"], c.kwargs["BLOCK_N"]) for c in _kernel_configs(interpret)})
+    return tuple({(c.kwargs["SPLIT_K"], c.kwargs["BLOCK_N"]) for c in _kernel_configs(interpreter_config)})
+
+
+def _kernel(interpret: bool):
+    """The jitted (GPU: autotuned) kernel for the interpreter or a GPU, as a launch would get it."""
+    return _built_kernel(_interpreter_config(interpret))
 
 
 @functools.cache
-def _kernel(interpret: bool, interpreter_config: tuple = ()):
-    del interpreter_config  # cache key only
+def _built_kernel(interpreter_config: tuple):
     # Tuned per product shape, prologue and power-of-two row count (the decode batch's bucket).
-    configs = _kernel_configs(interpret)
+    interpret = bool(interpreter_config)
+    configs = _kernel_configs(interpreter_config)
     return jit_kernel(_gemv_kernel, [] if interpret else configs, configs[0] if interpret else None,
                       key=["n_out", "n_in", "PROLOGUE", "BLOCK_M"], prune=_prune, do_not_specialize=("n_rows",))

@@ -12,7 +12,6 @@ Checkpoint loading maps Hugging Face's separate q/k/v and gate/up tensors into t
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import torch
@@ -59,10 +58,6 @@ def skipped_init():
 
 def _return_tensor(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return tensor
-
-
-def _flat_gemv(gemv, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return gemv(y.flatten(0, 1), weight)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -159,10 +154,13 @@ class Attention(nn.Module):
             y = cached_attention(q, k, v, layer_cache[0], layer_cache[1], batch, backend)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
-    def forward_fused(self, qkv, rope_tables, kv_cache: KVCache, layer: int, batch: CacheBatch, backend: str,
-                      project=None):
+    def forward_fused(self, qkv, rope_tables, kv_cache: KVCache, layer: int, batch: CacheBatch, backend: str):
         """The cached forward from the qkv projection's output (B, T, (H + 2 Hkv) D), with rotary embedding
-        and the cache write in one kernel (`kernels.rope`); ``project`` replaces the output projection."""
+        and the cache write in one kernel (`kernels.rope`)."""
+        return self.proj(self.attend_fused(qkv, rope_tables, kv_cache, layer, batch, backend))
+
+    def attend_fused(self, qkv, rope_tables, kv_cache: KVCache, layer: int, batch: CacheBatch, backend: str):
+        """`forward_fused` up to the output projection: the attention's output (B, T, H * D)."""
         from kernels.rope import rope_cache_write
 
         B, T, _ = qkv.shape
@@ -171,7 +169,7 @@ class Attention(nn.Module):
         q = rope_cache_write(qkv, self.n_head, self.n_kv_head, batch.positions, kv_cache.k, kv_cache.v,
                              batch.write_blocks, batch.write_offsets, *rope_tables, layer=layer)  # (B, T, H, D)
         y = attend_cached(q.transpose(1, 2), kv_cache.k[layer], kv_cache.v[layer], batch, backend)  # (B, H, T, D)
-        return (project or self.proj)(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -438,9 +436,9 @@ class Transformer(nn.Module):
         h, residual = self.embed(tokens).view(B * T, -1), None
         for i, block in enumerate(self.blocks):
             qkv, residual = rmsnorm_gemv(h, residual, block.norm1.weight, block.attn.qkv.weight, block.norm1.eps)
-            project = functools.partial(_flat_gemv, gemv, block.attn.proj.weight)  # (B, T, H * D) -> (B * T, d)
-            h = block.attn.forward_fused(qkv.view(B, T, -1), (self.rope_cos, self.rope_sin), kv_cache, i, batch,
-                                         backend, project=project)
+            y = block.attn.attend_fused(qkv.view(B, T, -1), (self.rope_cos, self.rope_sin), kv_cache, i, batch,
+                                        backend)  # (B, T, H * D)
+            h = gemv(y.flatten(0, 1), block.attn.proj.weight)
             gate_up, residual = rmsnorm_gemv(h, residual, block.norm2.weight, block.mlp.up.weight, block.norm2.eps)
             h = silu_mul_gemv(gate_up, block.mlp.down.weight)
         return add_norm(h, residual, self.norm.weight, None, self.norm.eps, True)[0].view(B, T, -1)
