@@ -127,11 +127,9 @@ def _launch(prologue: int, x, residual, norm_weight, weight, eps, summed) -> tor
     gain = norm_weight.contiguous() if norm_weight is not None else weight
     total = summed if summed is not None else out
     interpreter_config = _interpreter_config(interpreting())
-    splits = _split_shapes(interpreter_config)
-    # split-K's partial sums (any config's) and the per-column-block arrival counters
-    partials = torch.empty(max(split * -(-n // block_n) * MAX_ROWS * (block_n + 1) for split, block_n in splits),
-                           device=x.device, dtype=torch.float32)
-    counters = _counters(x.device, max(-(-n // block_n) for _, block_n in splits))
+    partials_size, blocks = _scratch_sizes(n, next_power_of_2(rows), _split_shapes(interpreter_config))
+    partials = torch.empty(partials_size, device=x.device, dtype=torch.float32)
+    counters = _counters(x.device, blocks)
     _built_kernel(interpreter_config)[lambda meta: (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"])](
         x, res, gain, total, weight, out, partials, counters,
         x.stride(0), res.stride(0), total.stride(0), weight.stride(0), out.stride(0),
@@ -142,19 +140,38 @@ def _launch(prologue: int, x, residual, norm_weight, weight, eps, summed) -> tor
     return out
 
 
+def _scratch_sizes(n: int, block_m: int, splits) -> tuple[int, int]:
+    """The split-K scratch (fp32 elements) and arrival counters that any of ``splits`` may need for ``n`` outputs.
+
+    A config that splits K stores each stretch's (TILE_M, BLOCK_N) partial sums and TILE_M sums of squares
+    per column block (TILE_M: 16 on tensor cores, else the launch's row bucket); one that does not needs
+    neither, so the scratch is one element when no config splits."""
+    partials, blocks = 1, 1
+    for split, block_n, dot in splits:
+        if split > 1:
+            n_blocks = -(-n // block_n)
+            blocks = max(blocks, n_blocks)
+            partials = max(partials, split * n_blocks * (MAX_ROWS if dot else block_m) * (block_n + 1))
+    return partials, blocks
+
+
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown counters: a CUDA graph captured with one still uses it
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed int32 counters, at least ``n``; each launch leaves them zero again, so one set serves every
     launch on the device (a stream runs its launches one after another; launches on two streams at once,
-    which Kiln's engine does not make, would need a set each)."""
+    which Kiln's engine does not make, would need a set each). Outgrown sets are kept, not freed: graphs
+    captured with them replay their atomics on that memory."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < n:
-        counters = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
+        grown = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return counters  # the graph's own (zeroed as it is replayed); kept out of the cache
-        _COUNTERS[device] = counters
+            return grown  # the graph's own (zeroed as it is replayed); kept out of the cache
+        if counters is not None:
+            _RETIRED.append(counters)
+        _COUNTERS[device] = counters = grown
     return counters
 
 
@@ -368,9 +385,10 @@ def _kernel_configs(interpreter_config: tuple) -> list:
 
 
 @functools.cache
-def _split_shapes(interpreter_config: tuple) -> tuple[tuple[int, int], ...]:
-    """(SPLIT_K, BLOCK_N) of each config the launch may run: what its scratch buffers must hold."""
-    return tuple({(c.kwargs["SPLIT_K"], c.kwargs["BLOCK_N"]) for c in _kernel_configs(interpreter_config)})
+def _split_shapes(interpreter_config: tuple) -> tuple[tuple[int, int, bool], ...]:
+    """(SPLIT_K, BLOCK_N, DOT) of each config the launch may run: what its scratch buffers must hold."""
+    return tuple({(c.kwargs["SPLIT_K"], c.kwargs["BLOCK_N"], c.kwargs["DOT"])
+                  for c in _kernel_configs(interpreter_config)})
 
 
 def _kernel(interpret: bool):

@@ -75,6 +75,39 @@ def test_matches_the_unfused_kernels_and_an_exact_product(rows, n, k, dtype, spl
 
 
 @on_cpu_interpreter
+@pytest.mark.parametrize("rows,split_k,dot", [(3, 3, False), (1, 2, False), (5, 2, True), (16, 3, True)])
+def test_split_k_scratch_holds_what_the_kernel_writes(rows, split_k, dot, monkeypatch):
+    """The launch sizes its split-K scratch for the configs it may run (rows padded to 16 on tensor cores,
+    to the row bucket in FMAs): the kernel writes all of it and nothing past it; no split, one element."""
+    monkeypatch.setattr(gemv, "INTERPRETER_SPLIT_K", split_k)
+    monkeypatch.setattr(gemv, "INTERPRETER_DOT", dot)
+    guard, sentinel, scratch = 64, 12345.0, []
+    empty = torch.empty
+
+    def recording_empty(*size, **kwargs):
+        if kwargs.get("dtype") is torch.float32 and len(size) == 1 and isinstance(size[0], int):
+            buffer = torch.full((size[0] + guard,), sentinel)
+            scratch.append((size[0], buffer))
+            return buffer[:size[0]]
+        return empty(*size, **kwargs)
+
+    n, k = 40, 100
+    x, weight, gain = _inputs((rows, k), torch.float32, "cpu", 1), _inputs((n, k), torch.float32, "cpu", 2), \
+        _inputs((k,), torch.float32, "cpu", 3)
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    got, _ = gemv.rmsnorm_gemv(x, None, gain, weight, 1e-5)
+    monkeypatch.undo()
+    [(size, buffer)] = scratch
+    tile_m = 16 if dot else gemv.next_power_of_2(rows)
+    assert size == split_k * -(-n // 16) * tile_m * (16 + 1)  # the interpreter's one config: BLOCK_N 16
+    assert (buffer[size:] == sentinel).all(), "the kernel wrote past its split-K scratch"
+    assert (buffer[:size] != sentinel).all(), "scratch the kernel never writes"
+    normed, _ = norm.add_norm_reference(x, None, gain, None, 1e-5, True)
+    assert_close(got, _product(normed, weight), 1e-5, 1e-5, "rmsnorm_gemv through the recorded scratch")
+    assert gemv._scratch_sizes(n, 4, ((1, 16, True), (1, 64, False))) == (1, 1)
+
+
+@on_cpu_interpreter
 def test_references_equal_the_unfused_torch_ops():
     x, residual = _inputs((2, 24), torch.float32, "cpu", 1), _inputs((2, 24), torch.float32, "cpu", 2)
     weight, gain = _inputs((8, 24), torch.float32, "cpu", 3), _inputs((24,), torch.float32, "cpu", 4)
