@@ -12,12 +12,16 @@
 #   bash bench/gpu_session.sh quick retests kernels train decode-configs
 # The plan for the next 15-minute lease, one call each (the machine stays warm between calls; the
 # sixth lease, 2026-11-27 session 26, ran gemv, gemv-step, gemv-configs and retests: bench/RESULTS.md):
-#   1. bash bench/gpu_session.sh quick gemv-configs gemv-configs-4 gemv-step
-#      carry .whl (~6 minutes). kernels/gemv.py on tensor cores was 0.6-1.0x Kiln's add+norm kernel +
+#   1. bash bench/gpu_session.sh quick blas gemv-configs gemv-step
+#      carry .whl (~6 minutes). blas (session 27, ~1.5 minutes): whether another way of calling cuBLAS (torch.mv,
+#      the weight stored (K, N), cuBLASLt, fp32 split-K reduction) runs the qkv, o and down products nearer the
+#      2.5 TB/s that gate+up reaches than F.linear's 1.4-2.0 TB/s: a load-time choice, no kernel to write.
+#      kernels/gemv.py on tensor cores was 0.6-1.0x Kiln's add+norm kernel +
 #      cuBLAS at every 1.1B product (session 26); its FMA configs (session 26, compiled for sm_90 offline
 #      but never run on a GPU) are the untried half: gemv-configs times both kinds, 22 launches a replay
 #      as a step runs its layers. If a kind beats cuBLAS there, gemv-step times the whole batch-1 step
-#      through the autotuner's pick (the plain step: 1.397-1.402 ms on the last two leases).
+#      through the autotuner's pick (the plain step: 1.397-1.402 ms on the last two leases); gemv-configs-4
+#      (the FMA configs at 4 rows) when time is left.
 #   2. quick kernels online-gpt2-124m http-overhead (the attention kernels are no longer specialized on
 #      lengths, session 16: kernels checks they are as fast as the earlier leases measured; the online
 #      run keeps the server's debug log: what still stalled GPT-2's first online rate (TTFT p99 1.5 s) and
@@ -35,7 +39,7 @@
 # hf-check (HF generate timed several ways, bench/hf_step_check.py),
 # kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes), gemv (kernels/gemv.py
 # vs cuBLAS and the unfused path, CUDA-graph replay), gemv-configs / gemv-configs-4 (each of its launch
-# configs, 1 or 4 rows), gemv-step (profile and profile-gemv side by side, and the gemv GPU tests),
+# configs, 1 or 4 rows), blas (the products on cuBLAS each way torch can launch them), gemv-step (profile and profile-gemv side by side, and the gemv GPU tests),
 # decode-configs (GPU time of each decode launch config, CUDA-graph replay), fused (add+norm,
 # rope+cache write and SwiGLU kernels vs torch and torch.compile, CUDA-graph replay),
 # serve-SHAPE (serve_bench at one shape, reduced online load), online-SHAPE (a live server alone:
@@ -167,6 +171,10 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
             profile-gemv)  # the same step through kernels.gemv (Transformer.fused_gemv)
                 STAGE_TIMEOUT=120 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \
                     --gemv
+                ;;
+            blas)  # the 1.1B decode products on cuBLAS each way torch launches them (F.linear, mv, a (K, N) weight,
+                # cuBLASLt, fp32 split-K reduction), 22 launches to a graph replay, 1 and 4 rows
+                STAGE_TIMEOUT=150 stage kernels python3 bench/blas_variants.py --rows 1,4 --rep 20 --chain 22
                 ;;
             gemv-configs)  # kernels.gemv's FMA configs (a grid) and its tensor-core ones at the 1.1B products, checked
                 # and timed 22 launches to a graph replay (a step's layers), one row

@@ -230,6 +230,21 @@ def test_gemv_config_sweep_checks_every_config_on_the_interpreter(flags, configs
     assert counts == configs and "checked: every config equals the unfused ops" in proc.stdout, proc.stdout
 
 
+def test_blas_variants_checks_each_product_on_the_cpu(capsys, monkeypatch):
+    """bench/blas_variants.py (a GPU lease's cuBLAS variants of the decode products) checks every variant's product
+    against fp64 before timing it: on the CPU the ones that apply there agree, and a wrong one fails the run."""
+    bench = load_script("blas_variants")
+    assert bench.main(["--check-only", "--tiny", "--rows", "1,3"]) == 0
+    out = capsys.readouterr().out
+    counts = re.findall(r"^(\S+) \d+x\d+ rows (\d): (\d) variants equal the fp64 product$", out, flags=re.M)
+    assert counts == [("qkv", "1", "3"), ("down", "1", "3"), ("qkv", "3", "2"), ("down", "3", "2")], out
+    real = bench.variants
+    monkeypatch.setattr(bench, "variants", lambda x, *rest: real(x, *rest) + [
+        ("transposed by mistake", lambda w: (x @ w.T).flip(-1), bench.contextlib.nullcontext)])
+    assert bench.main(["--check-only", "--tiny", "--rows", "2"]) == 1
+    assert "transposed by mistake: WRONG" in capsys.readouterr().out
+
+
 def test_hf_step_check_runs_on_the_cpu():
     """bench/hf_step_check.py (HF generate timed several ways, a GPU diagnostic) at a tiny shape on the CPU."""
     pytest.importorskip("transformers")
