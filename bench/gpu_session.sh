@@ -39,7 +39,8 @@
 # hf-check (HF generate timed several ways, bench/hf_step_check.py),
 # kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes), gemv (kernels/gemv.py
 # vs cuBLAS and the unfused path, CUDA-graph replay), gemv-configs / gemv-configs-4 (each of its launch
-# configs, 1 or 4 rows), blas (the products on cuBLAS each way torch can launch them), gemv-step (profile and profile-gemv side by side, and the gemv GPU tests),
+# configs, 1 or 4 rows), blas (the products on cuBLAS each way torch can launch them),
+# gemv-step (profile and profile-gemv side by side, and the gemv GPU tests),
 # decode-configs (GPU time of each decode launch config, CUDA-graph replay), fused (add+norm,
 # rope+cache write and SwiGLU kernels vs torch and torch.compile, CUDA-graph replay),
 # serve-SHAPE (serve_bench at one shape, reduced online load), online-SHAPE (a live server alone:
