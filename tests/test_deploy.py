@@ -10,11 +10,13 @@ Checked without a Docker daemon:
 - compose.yaml parses, publishes 8000/9090/3000, mounts files that exist, and the Grafana
   datasource, dashboard provider and Prometheus target agree with it.
 - The Dockerfile: base image and torch index as build args (torch pinned as in the Makefile),
-  a non-root user, `kiln serve` on 0.0.0.0 as entrypoint (flags parsed by the real parser), only
+  a non-root user, a C++ compiler and the native CPU decode step built as that user after the project
+  is installed, `kiln serve` on 0.0.0.0 as entrypoint (flags parsed by the real parser), only
   copied paths let through by its .dockerignore, and a HEALTHCHECK whose command, run here
   against a live server, passes when ready and fails while the model loads.
 - k8s: probes on /health at the container's port, Service and ServiceMonitor selecting it.
-Where `docker info` answers: the image builds, serves a tiny model, and /health answers.
+Where `docker info` answers: the image builds, serves a tiny model on the native decode step, and /health
+answers.
 """
 
 from __future__ import annotations
@@ -294,6 +296,14 @@ def test_dockerfile():
     assert '--index-url "${TORCH_INDEX_URL}"' in runs[torch_run]
     project_run = next(i for i, a in enumerate(runs) if "pip install /tmp/kiln-src" in a)
     assert torch_run < project_run, "torch must come from its index before the project pulls it from PyPI"
+    # the native CPU decode step: a C++ compiler by default, the module built at image build time by the user
+    # that runs the server (its cache is that user's home), after the project is installed
+    assert "g++" in args["CXX_PACKAGES"].strip('"').split()
+    assert "${CXX_PACKAGES}" in runs[0] and "apt-get install" in runs[0]
+    native_run = runs.index("python -m model.native")
+    assert native_run > project_run
+    instruction_of = [(w, a) for w, a in instructions if w in ("USER", "RUN")]
+    assert instruction_of.index(("USER", image_user()[0])) < instruction_of.index(("RUN", "python -m model.native"))
 
     user = [a for w, a in instructions if w == "USER"]
     assert user and user[-1] == image_user()[0] and words.index("USER") < words.index("ENTRYPOINT")
@@ -418,5 +428,8 @@ def test_image_builds_and_serves(llama_dir, tmp_path):
         assert httpx.get(url + "/").status_code == 200  # the playground ships in the image
         user = subprocess.run(["docker", "exec", container, "id", "-u"], capture_output=True, text=True).stdout
         assert int(user) == image_user()[1]
+        # the native CPU decode step was built by `docker build` on this host: in use from the start
+        logs = subprocess.run(["docker", "logs", container], capture_output=True, text=True, timeout=30)
+        assert "decode native (" in logs.stdout + logs.stderr, logs.stderr[-3000:]
     finally:
         subprocess.run(["docker", "rm", "-f", container], capture_output=True, timeout=60)
