@@ -12,23 +12,24 @@
 #   bash bench/gpu_session.sh quick retests kernels train decode-configs
 # The plan for the next 15-minute lease, one call each (the machine stays warm between calls; the
 # sixth lease, 2026-11-27 session 26, ran gemv, gemv-step, gemv-configs and retests: bench/RESULTS.md):
-#   1. bash bench/gpu_session.sh quick blas gemv-configs gemv-step
-#      carry .whl (~6 minutes). blas (session 27, ~1.5 minutes): whether another way of calling cuBLAS (torch.mv,
-#      the weight stored (K, N), cuBLASLt, fp32 split-K reduction) runs the qkv, o and down products nearer the
-#      2.5 TB/s that gate+up reaches than F.linear's 1.4-2.0 TB/s: a load-time choice, no kernel to write.
-#      kernels/gemv.py on tensor cores was 0.6-1.0x Kiln's add+norm kernel +
-#      cuBLAS at every 1.1B product (session 26); its FMA configs (session 26, compiled for sm_90 offline
-#      but never run on a GPU) are the untried half: gemv-configs times both kinds, 22 launches a replay
-#      as a step runs its layers. If a kind beats cuBLAS there, gemv-step times the whole batch-1 step
-#      through the autotuner's pick (the plain step: 1.397-1.402 ms on the last two leases); gemv-configs-4
-#      (the FMA configs at 4 rows) when time is left.
-#   2. quick kernels online-gpt2-124m http-overhead (the attention kernels are no longer specialized on
-#      lengths, session 16: kernels checks they are as fast as the earlier leases measured; the online
-#      run keeps the server's debug log: what still stalled GPT-2's first online rate (TTFT p99 1.5 s) and
-#      its rate 32 (p50 1.0 s); then the HTTP side alone on the lent host's CPUs, in one process and with
-#      `--engine-process`, off by default as it is slower on 2 cores)
-#   3. quick train-profile (issue 6, 35% MFU against 45%: where Kiln's and the nanoGPT loop's compiled steps
-#      spend their GPU time, matmuls against attention, loss, optimizer and elementwise kernels)
+#   1. bash bench/gpu_session.sh quick decode-configs kernels blas   (~6 minutes)
+#      Issue 5's attention and decode targets were measured on the first leases' H200 only (bench/RESULTS.md,
+#      "First GPU lease"); the H100 leases since ran softmax, never these. decode-configs: the decode kernel's
+#      GPU time (CUDA-graph replay) beside SDPA's at B1 L8192 and B32 L2048; on the H100 SDPA reads that B1
+#      cache at only ~1.2 TB/s (shared/ANCHORS.md: 28.7 us), so >= 2x needs ~2.3 TB/s, under the 3.0 a copy
+#      reaches (on the H200 SDPA took 21.7 us). kernels: prefill fwd and fwd+bwd against SDPA flash and cuDNN
+#      (D 128 at S 1024 was 0.77x flash on the H200, before the host fix), softmax, cross-entropy. blas
+#      (session 27, ~1.5 minutes): whether another way of calling cuBLAS (torch.mv, the weight stored (K, N),
+#      cuBLASLt, fp32 split-K reduction) runs the qkv, o and down products nearer the 2.5 TB/s that gate+up
+#      reaches than F.linear's 1.4-2.0 TB/s (issue 8): a load-time choice, no kernel to write.
+#   2. quick train-profile gemv-configs (issue 6, 35% MFU against 45%: where Kiln's and the nanoGPT loop's
+#      compiled steps spend their GPU time, matmuls against attention, loss, optimizer and elementwise kernels;
+#      then kernels/gemv.py's FMA configs, never run on a GPU, 22 launches a replay: if a kind beats cuBLAS,
+#      `quick gemv-step` times the batch-1 step through the autotuner's pick, plain step 1.397-1.402 ms)
+#   3. quick online-gpt2-124m http-overhead (the online run keeps the server's debug log: what still stalled
+#      GPT-2's first online rate (TTFT p99 1.5 s) and its rate 32 (p50 1.0 s); then the HTTP side alone on the
+#      lent host's CPUs, in one process and with `--engine-process`, off by default as it is slower on 2 cores)
+#   Carry .whl on each call (the online and serving phases need the server's packages).
 # Installing what default-model brings back (FILES = the call's files_at):
 #   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/
 #   cp data/corpus/manifest.json model/default/corpus_manifest.json
