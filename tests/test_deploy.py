@@ -302,6 +302,8 @@ def test_dockerfile():
     assert "${CXX_PACKAGES}" in runs[0] and "apt-get install" in runs[0]
     native_run = runs.index("python -m model.native")
     assert native_run > project_run
+    cache_env = next(a for w, a in instructions if w == "ENV" and a.startswith("KILN_CACHE_DIR="))
+    assert cache_env.split("=", 1)[1].startswith(f"/home/{image_user()[0]}/")  # the user's (useradd --create-home)
     instruction_of = [(w, a) for w, a in instructions if w in ("USER", "RUN")]
     assert instruction_of.index(("USER", image_user()[0])) < instruction_of.index(("RUN", "python -m model.native"))
 
