@@ -17,7 +17,9 @@
 #      "First GPU lease"); the H100 leases since ran softmax, never these. decode-configs: the decode kernel's
 #      GPU time (CUDA-graph replay) beside SDPA's at B1 L8192 and B32 L2048; on the H100 SDPA reads that B1
 #      cache at only ~1.2 TB/s (shared/ANCHORS.md: 28.7 us), so >= 2x needs ~2.3 TB/s, under the 3.0 a copy
-#      reaches (on the H200 SDPA took 21.7 us). kernels: prefill fwd and fwd+bwd against SDPA flash and cuDNN
+#      reaches (on the H200 SDPA took 21.7 us); each split count is also timed with the splits merged by their
+#      last program instead of a second launch (session 27, `FUSED_MERGE`, off until timed: turn it on if it
+#      wins at both shapes). kernels: prefill fwd and fwd+bwd against SDPA flash and cuDNN
 #      (D 128 at S 1024 was 0.77x flash on the H200, before the host fix), softmax, cross-entropy. blas
 #      (session 27, ~1.5 minutes): whether another way of calling cuBLAS (torch.mv, the weight stored (K, N),
 #      cuBLASLt, fp32 split-K reduction) runs the qkv, o and down products nearer the 2.5 TB/s that gate+up
@@ -149,8 +151,9 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
             gemv)  # the decode step's matrix-vector products, norm / SwiGLU fused in, vs cuBLAS (graph replay)
                 STAGE_TIMEOUT=150 stage kernels python3 bench/bench_gemv.py --dtype bf16 --rep 30 --rows 1,4
                 ;;
-            decode-configs)
-                STAGE_TIMEOUT=60 stage kernels python3 bench/decode_configs.py --rep 30
+            decode-configs)  # each decode launch config and split count, the splits merged by a second launch or
+                # by their last program (kernels.decode.FUSED_MERGE), against SDPA, CUDA-graph replay
+                STAGE_TIMEOUT=100 stage kernels python3 bench/decode_configs.py --rep 30
                 ;;
             kernels)
                 STAGE_TIMEOUT=70 stage kernels python3 bench/bench_attention.py --dtype bf16 --mode fwd,fwd_bwd \

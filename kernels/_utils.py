@@ -120,6 +120,30 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
+# Arrival counters of kernels whose programs split a reduction: the last program of a group to arrive adds up
+# the others' partial results (kernels.gemv's split-K, kernels.decode's fused merge). Each launch leaves its
+# counters at zero, so one zeroed set per device serves every launch (a stream runs them one after another;
+# launches on two streams at once, which Kiln's engine does not make, would need a set each).
+_ARRIVAL_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []  # outgrown sets: a CUDA graph captured with one still uses it
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` zeroed int32 counters on ``device`` that every launch leaves at zero again.
+
+    Outgrown sets are kept, not freed, since graphs captured with them replay their atomics on that memory; a
+    set grown during a capture is the graph's own (zeroed as it is replayed) and stays out of the cache."""
+    counters = _ARRIVAL_COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        grown = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return grown
+        if counters is not None:
+            _RETIRED_COUNTERS.append(counters)
+        _ARRIVAL_COUNTERS[device] = counters = grown
+    return counters
+
+
 @dataclasses.dataclass(frozen=True)
 class TritonKernel:
     """A jitted (maybe autotuned) kernel plus meta-parameters fixed at launch.

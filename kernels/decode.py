@@ -2,7 +2,8 @@
 
 API::
 
-    decode_attention(q, k_cache, v_cache, block_table, lengths, scale=None, num_splits=None) -> out
+    decode_attention(q, k_cache, v_cache, block_table, lengths, scale=None, num_splits=None,
+                     fused_merge=None) -> out
     decode_attention_reference(q, k_cache, v_cache, block_table, lengths, scale=None, num_splits=None)
     available(device) -> bool
 
@@ -39,7 +40,11 @@ the GPU. ``num_splits=None`` picks the count from occupancy (programs per SM) an
 the table's capacity ``max_blocks * block_size`` -- not from ``lengths``, which would
 cost a GPU->CPU sync every step; each row then splits its own length evenly, so
 splits past a short row's end exit at once. With one split the first kernel writes
-the output directly and the merge is skipped.
+the output directly and the merge is skipped. With ``fused_merge`` (default
+``FUSED_MERGE``, off until a GPU has timed it) there is no second kernel: each split
+program bumps an arrival counter of its (b, kv head) after writing its partials, and
+the last to arrive merges them (a running max of the log-sum-exps) and resets the
+counter to zero (``kernels._utils.arrival_counters``: one zeroed set per device).
 
 Paged addressing: a key tile covers BLOCK_N consecutive positions of one row, which
 may straddle cache blocks (block_size need not be a multiple of BLOCK_N). Each
@@ -64,6 +69,7 @@ import torch
 from kernels._utils import (
     FLOAT_DTYPES,
     LOG2E,
+    arrival_counters,
     check_same_device,
     check_tensor,
     check_triton_device,
@@ -78,6 +84,10 @@ from kernels._utils import (
 )
 
 _HEAD_DIMS = (16, 32, 64, 128, 256)
+# The last program of a row's splits merges them (one launch) rather than _decode_merge_kernel (a second
+# launch, ~2-3 us of a ~20 us batch-1 step at 8k keys). Off until a GPU has timed both
+# (bench/decode_configs.py prints them side by side).
+FUSED_MERGE = False
 _MAX_SPLITS = 128
 _MIN_KEYS_PER_SPLIT = 128
 _PROGRAMS_PER_SM = 4
@@ -129,15 +139,18 @@ def decode_attention(
     lengths: torch.Tensor,
     scale: float | None = None,
     num_splits: int | None = None,
+    fused_merge: bool | None = None,
 ) -> torch.Tensor:
-    """Flash-decoding over the paged cache (Triton); see the module docstring for shapes."""
+    """Flash-decoding over the paged cache (Triton); see the module docstring for shapes. ``fused_merge``
+    (default ``FUSED_MERGE``): the splits' last program merges them, instead of a second launch."""
     _check_inputs(q, k_cache, v_cache, block_table, lengths, num_splits, reference=False)
     check_triton_device("decode_attention", q.device)
     scale = _resolve_scale(scale, q.shape[-1])
-    return _decode(q, k_cache, v_cache, block_table, lengths, scale, 0 if num_splits is None else int(num_splits))
+    return _decode(q, k_cache, v_cache, block_table, lengths, scale, 0 if num_splits is None else int(num_splits),
+                   FUSED_MERGE if fused_merge is None else bool(fused_merge))
 
 
-def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
+def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits, fused_merge):
     """Launch the kernels; ``num_splits`` 0 picks the count (see ``choose_num_splits``)."""
     batch, n_heads, head_dim = q.shape
     block_size, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -155,18 +168,20 @@ def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
         lse_partial = torch.empty((batch, n_heads, num_splits), device=q.device, dtype=torch.float32)
     else:  # the first kernel writes `out` directly; the partial pointers are unused
         out_partial = lse_partial = out
+    fused = split and fused_merge
+    counters = arrival_counters(q.device, batch * n_kv_heads) if fused else lengths  # (unused unless fused)
     kernels = _kernels(interpreting())
     kernels.split[(num_splits, *grid_yz(batch * n_kv_heads))](
-        q, k_cache, v_cache, block_table, lengths, out_partial, lse_partial, out,
+        q, k_cache, v_cache, block_table, lengths, out_partial, lse_partial, out, counters,
         q.stride(0), q.stride(1), q.stride(2),
         *k_cache.stride(), *v_cache.stride(),
         block_table.stride(0), block_table.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         block_size, n_kv_heads, group, num_splits, scale * LOG2E, batch * n_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_G=max(16, next_power_of_2(group)), SPLIT=split,
+        HEAD_DIM=head_dim, BLOCK_G=max(16, next_power_of_2(group)), SPLIT=split, FUSED_MERGE=fused,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    if split:
+    if split and not fused:
         kernels.merge[(batch * n_heads,)](
             out_partial, lse_partial, out, out.stride(0), out.stride(1), out.stride(2), n_heads, num_splits,
             HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits),
@@ -174,7 +189,7 @@ def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
     return out
 
 
-def _decode_fake(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
+def _decode_fake(q, k_cache, v_cache, block_table, lengths, scale, num_splits, fused_merge):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -182,7 +197,7 @@ def _decode_fake(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
 _decode = kernel_op(
     "decode_attention",
     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor lengths, float scale, "
-    "int num_splits) -> Tensor",
+    "int num_splits, bool fused_merge) -> Tensor",
     _decode_impl, _decode_fake, public="decode_attention",
 )
 
@@ -271,15 +286,15 @@ def _check_inputs(q, k_cache, v_cache, block_table, lengths, num_splits, referen
 
 
 def _decode_split_kernel(
-    Q, K, V, BlockTable, Lengths, OutPartial, LsePartial, Out,
+    Q, K, V, BlockTable, Lengths, OutPartial, LsePartial, Out, Counters,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kp, stride_kh, stride_kd,
     stride_vb, stride_vp, stride_vh, stride_vd,
     stride_tb, stride_tn,
     stride_ob, stride_oh, stride_od,
     block_size, n_kv_heads, group_size, num_splits, qk_scale, n_bh,
-    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Program (split, b * Hkv + kv head): online softmax over one part of row b's keys
     # for all query heads of the kv head's group at once (rows of a (BLOCK_G, D) tile).
@@ -341,6 +356,29 @@ def _decode_split_kernel(
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(LsePartial + row, lse, mask=g_ok)
         tl.store(OutPartial + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
+        if FUSED_MERGE:
+            # The last of the row's splits to arrive (a counter per (b, kv head), back to 0 when it is done)
+            # merges them all, as _decode_merge_kernel would in a launch of its own: a running max of the
+            # splits' log-sum-exps rescales the sums (.cg: the other programs' partials, not a stale L1 copy).
+            tl.debug_barrier()  # every thread's partials are written before the counter says so
+            if tl.atomic_add(Counters + off_bh, 1, sem="acq_rel") == num_splits - 1:
+                first = (off_b * n_kv_heads * group_size + heads) * num_splits  # (BLOCK_G,) split 0's rows
+                m_run = tl.zeros([BLOCK_G], dtype=tl.float32) - 1.0e30
+                l_run = tl.zeros([BLOCK_G], dtype=tl.float32)
+                merged = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+                for s in range(num_splits):
+                    lse_s = tl.load(LsePartial + first + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
+                    part = tl.load(OutPartial + (first + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                                   mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m_run, lse_s)
+                    alpha = tl.exp2(m_run - m_new)
+                    weight = tl.exp2(lse_s - m_new)  # an empty split (-inf) weighs 0
+                    l_run = l_run * alpha + weight
+                    merged = merged * alpha[:, None] + part * weight[:, None]
+                    m_run = m_new
+                tl.atomic_xchg(Counters + off_bh, 0)
+                tl.store(Out + off_b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                         (merged / tl.where(g_ok, l_run, 1.0)[:, None]).to(Out.dtype.element_ty), mask=g_ok[:, None])
     else:
         tl.store(Out + off_b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  acc.to(Out.dtype.element_ty), mask=g_ok[:, None])

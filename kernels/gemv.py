@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from kernels._utils import (
     FLOAT_DTYPES,
+    arrival_counters,
     check_residual,
     check_same_device,
     check_tensor,
@@ -129,7 +130,7 @@ def _launch(prologue: int, x, residual, norm_weight, weight, eps, summed) -> tor
     interpreter_config = _interpreter_config(interpreting())
     partials_size, blocks = _scratch_sizes(n, next_power_of_2(rows), _split_shapes(interpreter_config))
     partials = torch.empty(partials_size, device=x.device, dtype=torch.float32)
-    counters = _counters(x.device, blocks)
+    counters = arrival_counters(x.device, blocks)
     _built_kernel(interpreter_config)[lambda meta: (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"])](
         x, res, gain, total, weight, out, partials, counters,
         x.stride(0), res.stride(0), total.stride(0), weight.stride(0), out.stride(0),
@@ -153,26 +154,6 @@ def _scratch_sizes(n: int, block_m: int, splits) -> tuple[int, int]:
             blocks = max(blocks, n_blocks)
             partials = max(partials, split * n_blocks * (MAX_ROWS if dot else block_m) * (block_n + 1))
     return partials, blocks
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown counters: a CUDA graph captured with one still uses it
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, at least ``n``; each launch leaves them zero again, so one set serves every
-    launch on the device (a stream runs its launches one after another; launches on two streams at once,
-    which Kiln's engine does not make, would need a set each). Outgrown sets are kept, not freed: graphs
-    captured with them replay their atomics on that memory."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < n:
-        grown = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return grown  # the graph's own (zeroed as it is replayed); kept out of the cache
-        if counters is not None:
-            _RETIRED.append(counters)
-        _COUNTERS[device] = counters = grown
-    return counters
 
 
 def _gemv_impl(x, weight):

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import activation, gemv, norm  # noqa: E402
+from kernels import _utils, activation, gemv, norm  # noqa: E402
 from kernel_checks import assert_close, requires_cuda, skip_unless_interpreted  # noqa: E402
 
 on_cpu_interpreter = skip_unless_interpreted(gemv)
@@ -70,7 +70,7 @@ def test_matches_the_unfused_kernels_and_an_exact_product(rows, n, k, dtype, spl
     monkeypatch.setattr(gemv, "INTERPRETER_SPLIT_K", split_k)
     monkeypatch.setattr(gemv, "INTERPRETER_DOT", dot)
     check_all(rows, n, k, dtype, "cpu")
-    counters = gemv._COUNTERS.get(torch.device("cpu"))
+    counters = _utils._ARRIVAL_COUNTERS.get(torch.device("cpu"))
     assert counters is None or not counters.any(), "a launch left its arrival counters non-zero"
 
 
