@@ -88,6 +88,7 @@ _HEAD_DIMS = (16, 32, 64, 128, 256)
 # launch, ~2-3 us of a ~20 us batch-1 step at 8k keys). Off until a GPU has timed both
 # (bench/decode_configs.py prints them side by side).
 FUSED_MERGE = False
+MERGE_SPLITS = 2  # the fused merge's splits per load on the interpreter (tests: rows whose splits end mid-chunk)
 _MAX_SPLITS = 128
 _MIN_KEYS_PER_SPLIT = 128
 _PROGRAMS_PER_SM = 4
@@ -179,6 +180,7 @@ def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits, f
         out.stride(0), out.stride(1), out.stride(2),
         block_size, n_kv_heads, group, num_splits, scale * LOG2E, batch * n_kv_heads,
         HEAD_DIM=head_dim, BLOCK_G=max(16, next_power_of_2(group)), SPLIT=split, FUSED_MERGE=fused,
+        MERGE_S=MERGE_SPLITS if interpreting() else 16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     if split and not fused:
@@ -294,7 +296,7 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_od,
     block_size, n_kv_heads, group_size, num_splits, qk_scale, n_bh,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    MERGE_S: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Program (split, b * Hkv + kv head): online softmax over one part of row b's keys
     # for all query heads of the kv head's group at once (rows of a (BLOCK_G, D) tile).
@@ -358,27 +360,32 @@ def _decode_split_kernel(
         tl.store(OutPartial + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
         if FUSED_MERGE:
             # The last of the row's splits to arrive (a counter per (b, kv head), back to 0 when it is done)
-            # merges them all, as _decode_merge_kernel would in a launch of its own: a running max of the
-            # splits' log-sum-exps rescales the sums (.cg: the other programs' partials, not a stale L1 copy).
+            # merges them all, as _decode_merge_kernel would in a launch of its own: head by head, MERGE_S
+            # splits' partials a load, a running max of their log-sum-exps rescaling the sums (.cg: the other
+            # programs' partials from L2, not a stale L1 copy).
             tl.debug_barrier()  # every thread's partials are written before the counter says so
             if tl.atomic_add(Counters + off_bh, 1, sem="acq_rel") == num_splits - 1:
-                first = (off_b * n_kv_heads * group_size + heads) * num_splits  # (BLOCK_G,) split 0's rows
-                m_run = tl.zeros([BLOCK_G], dtype=tl.float32) - 1.0e30
-                l_run = tl.zeros([BLOCK_G], dtype=tl.float32)
-                merged = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-                for s in range(num_splits):
-                    lse_s = tl.load(LsePartial + first + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
-                    part = tl.load(OutPartial + (first + s)[:, None] * HEAD_DIM + offs_d[None, :],
-                                   mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
-                    m_new = tl.maximum(m_run, lse_s)
-                    alpha = tl.exp2(m_run - m_new)
-                    weight = tl.exp2(lse_s - m_new)  # an empty split (-inf) weighs 0
-                    l_run = l_run * alpha + weight
-                    merged = merged * alpha[:, None] + part * weight[:, None]
-                    m_run = m_new
+                offs_s = tl.arange(0, MERGE_S)
+                for g in range(group_size):
+                    head_rows = (off_b * n_kv_heads * group_size + off_hk * group_size + g) * num_splits
+                    m_run = tl.max(tl.full([MERGE_S], -1.0e30, tl.float32), 0)
+                    l_run = tl.sum(tl.zeros([MERGE_S], dtype=tl.float32), 0)
+                    merged = tl.zeros([HEAD_DIM], dtype=tl.float32)
+                    for s0 in range(0, num_splits, MERGE_S):
+                        s_ok = s0 + offs_s < num_splits
+                        lse_c = tl.load(LsePartial + head_rows + s0 + offs_s, mask=s_ok, other=float("-inf"),
+                                        cache_modifier=".cg")  # (MERGE_S,)
+                        part = tl.load(OutPartial + (head_rows + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                                       mask=s_ok[:, None], other=0.0, cache_modifier=".cg")  # (MERGE_S, D)
+                        m_new = tl.maximum(m_run, tl.max(lse_c, 0))
+                        alpha = tl.exp2(m_run - m_new)
+                        weight = tl.exp2(lse_c - m_new)  # empty splits (-inf) weigh 0
+                        l_run = l_run * alpha + tl.sum(weight, 0)
+                        merged = merged * alpha + tl.sum(part * weight[:, None], 0)
+                        m_run = m_new
+                    tl.store(Out + off_b * stride_ob + (off_hk * group_size + g) * stride_oh + offs_d * stride_od,
+                             (merged / l_run).to(Out.dtype.element_ty))
                 tl.atomic_xchg(Counters + off_bh, 0)
-                tl.store(Out + off_b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                         (merged / tl.where(g_ok, l_run, 1.0)[:, None]).to(Out.dtype.element_ty), mask=g_ok[:, None])
     else:
         tl.store(Out + off_b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  acc.to(Out.dtype.element_ty), mask=g_ok[:, None])
