@@ -85,8 +85,8 @@ from kernels._utils import (
 
 _HEAD_DIMS = (16, 32, 64, 128, 256)
 # The last program of a row's splits merges them (one launch) rather than _decode_merge_kernel (a second
-# launch, ~2-3 us of a ~20 us batch-1 step at 8k keys). Off until a GPU has timed both
-# (bench/decode_configs.py prints them side by side).
+# launch and its start-up, in a batch-1 call of ~23 us at 8k keys on the H200). Off until a GPU has timed
+# both (bench/decode_configs.py prints them side by side).
 FUSED_MERGE = False
 MERGE_SPLITS = 2  # the fused merge's splits per load on the interpreter (tests: rows whose splits end mid-chunk)
 _MAX_SPLITS = 128
