@@ -108,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         inp = h if prologue == gemv._SILU_MUL else x
         out = torch.empty(rows, n, device=dev, dtype=dtype)
         summed = torch.empty_like(x)
-        partials = torch.empty(8 * (n + 128) * 17, device=dev, dtype=torch.float32)  # any grid config's
-        counters = torch.zeros(n, device=dev, dtype=torch.int32)
+        grid = config_grid(kinds, splits, block_m, args.min_block_n, gemv._configs())
+        # the split-K scratch and arrival counters any config of the grid needs, sized as kernels.gemv sizes them
+        partials_size, blocks = gemv._scratch_sizes(n, block_m, [(sk, bn, dot) for dot, bn, _, sk, _, _ in grid])
+        partials = torch.empty(partials_size, device=dev, dtype=torch.float32)
+        counters = torch.zeros(blocks, device=dev, dtype=torch.int32)
         # --chain: one graph launches the product over that many copies of the weights back to back, as a
         # step runs a layer's product after the last's, so a launch's own start-up and tail overlap
         layers = [w] + [w.clone() for _ in range(args.chain - 1)]
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
         t_now = 0.0 if args.check_only else timed(current)
         results, failed = [], 0
-        for dot, bn, bk, sk, stages, warps in config_grid(kinds, splits, block_m, args.min_block_n, gemv._configs()):
+        for dot, bn, bk, sk, stages, warps in grid:
 
             def launch(w, dot=dot, bn=bn, bk=bk, sk=sk, stages=stages, warps=warps):
                 raw[(-(-n // bn), sk)](
