@@ -229,7 +229,7 @@ def _check_norm_inputs(x, residual, norm_weight, weight, eps) -> None:
 
 
 def _gemv_kernel(
-    X, R, G, S, W, Y, P, C,
+    X, R, G, S, W, Y, Partials, Counters,
     stride_xm, stride_rm, stride_sm, stride_wn, stride_ym,
     n_rows, n_out, n_in, eps,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -294,24 +294,24 @@ def _gemv_kernel(
         acc = tl.sum(acc3, axis=2)
     squares = tl.sum(sq_tile, axis=1)
     if SPLIT_K > 1:
-        # Each stretch leaves its partial sums in P; the last of a column block's programs to arrive
-        # (a counter in C, back to 0 when it is done) adds them up and writes the output.
+        # Each stretch leaves its partial sums in Partials; the last of a column block's programs to arrive
+        # (its counter in Counters, back to 0 when it is done) adds them up and writes the output.
         tile = TILE_M * BLOCK_N
         n_blocks = tl.num_programs(0)
         offs_tile = offs_m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tl.store(P + (pid_k * n_blocks + pid) * tile + offs_tile, acc)
-        sq_part = P + SPLIT_K * n_blocks * tile + pid * SPLIT_K * TILE_M
+        tl.store(Partials + (pid_k * n_blocks + pid) * tile + offs_tile, acc)
+        sq_part = Partials + SPLIT_K * n_blocks * tile + pid * SPLIT_K * TILE_M
         if PROLOGUE == 1:
             tl.store(sq_part + pid_k * TILE_M + offs_m, squares)
         tl.debug_barrier()  # every thread's partials are written before the counter says so
-        if tl.atomic_add(C + pid, 1, sem="acq_rel") == SPLIT_K - 1:
+        if tl.atomic_add(Counters + pid, 1, sem="acq_rel") == SPLIT_K - 1:
             acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
             squares = tl.zeros((TILE_M,), dtype=tl.float32)
             for s in range(SPLIT_K):
-                acc += tl.load(P + (s * n_blocks + pid) * tile + offs_tile, cache_modifier=".cg")
+                acc += tl.load(Partials + (s * n_blocks + pid) * tile + offs_tile, cache_modifier=".cg")
                 if PROLOGUE == 1:
                     squares += tl.load(sq_part + s * TILE_M + offs_m, cache_modifier=".cg")
-            tl.atomic_xchg(C + pid, 0)
+            tl.atomic_xchg(Counters + pid, 0)
             if PROLOGUE == 1:
                 acc = acc * (1.0 / tl.sqrt(squares / n_in + eps))[:, None]
             tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),

@@ -145,16 +145,17 @@ CONSTEXPRS = {"CAUSAL": True, "VARLEN": False, "HEAD_DIM": 64, "DOT_PRECISION": 
               "HAS_RESIDUAL": True, "HAS_BIAS": False, "RMS": True, "REVERSE": True, "L2_HINTS": False,
               "PROLOGUE": 1, "BLOCK_K": 64, "SPLIT_K": 2, "DOT": True,
               "LOOP_STAGES": 2, "FUSED_MERGE": True, "MERGE_S": 16}
-FP32_POINTERS = {"Lse", "Delta", "OutPartial", "LsePartial", "M", "S", "T", "Y"}
+SCRATCH_POINTERS = {"Lse", "Delta", "OutPartial", "LsePartial", "Partials"}  # fp32 in every kernel
+FP32_POINTERS = {"M", "S", "T", "Y"}  # fp32 outputs, except in the fused inference kernels (the model's dtype)
 INT_POINTERS = {"CuSeqlensQ", "CuSeqlensK", "BlockTable", "Lengths", "Counters"}
 
 
 def arg_type(kernel, name):
     if "scale" in name or name == "eps":
         return "fp64"  # what inductor's launcher passes for a Python float
-    if name in INT_POINTERS or (kernel, name) == ("_gemv_kernel", "C"):
+    if name in INT_POINTERS:
         return "*i32"
-    if (kernel, name) == ("_gemv_kernel", "P"):
+    if name in SCRATCH_POINTERS:
         return "*fp32"
     if name[0].isupper():
         return "*fp32" if name in FP32_POINTERS and kernel not in ("_add_norm_kernel", "_gemv_kernel") else "*bf16"
