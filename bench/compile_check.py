@@ -308,22 +308,16 @@ def _decode_launches(quick: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
     shapes = ((32, 8, 128), (12, 12, 64)) if quick else ((32, 8, 128), (12, 12, 64), (32, 4, 64), (16, 16, 256))
     for dtype in dtypes:
         for n_heads, n_kv_heads, head_dim in shapes:
-            # split KV (full mode: also with the splits merged by their last program) / few splits
-            for batch, cached, fused in ((1, 8192, False), (1, 8192, True), (32, 2048, False)):
-                if fused and quick:
-                    continue
-
-                def run(dtype=dtype, h=n_heads, hkv=n_kv_heads, d=head_dim, b=batch, n=cached, fused=fused):
+            for batch, cached in ((1, 8192), (32, 2048)):  # split KV / few splits
+                def run(dtype=dtype, h=n_heads, hkv=n_kv_heads, d=head_dim, b=batch, n=cached):
                     block_size = 16
                     blocks_per_row = n // block_size
                     k_cache = torch.zeros(b * blocks_per_row, block_size, hkv, d, dtype=dtype)
                     table = torch.arange(b * blocks_per_row, dtype=torch.int32).reshape(b, blocks_per_row)
                     lengths = torch.full((b,), n, dtype=torch.int32)
-                    decode_attention(torch.zeros(b, h, d, dtype=dtype), k_cache, k_cache, table, lengths,
-                                     fused_merge=fused)
+                    decode_attention(torch.zeros(b, h, d, dtype=dtype), k_cache, k_cache, table, lengths)
 
                 shape = f"B={batch} L={cached} H={n_heads}/{n_kv_heads} D={head_dim}"
-                shape += " fused merge" if fused else ""
                 yield f"decode_attention {str(dtype)[6:]} {shape}", run
 
 

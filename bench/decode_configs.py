@@ -6,10 +6,7 @@ bench/bench_decode.py times whole eager calls (what a caller pays, host work inc
 with the autotuner's pick. This script instead forces one launch config at a time and
 times CUDA-graph replays of the call, so only GPU time counts (as in the server's
 graph-captured decode step), next to SDPA on the same rows' dense K/V replayed the same
-way. Split counts above one are timed twice: the splits merged by `_decode_merge_kernel` (a
-second launch, the default) and by the last program of each row's splits (`fused_merge=True`,
-kernels.decode.FUSED_MERGE). It is for tuning the kernel's configs, `choose_num_splits` and that
-choice, not a headline result.
+way. It is for tuning the kernel's configs and `choose_num_splits`, not a headline result.
 """
 
 from __future__ import annotations
@@ -80,35 +77,25 @@ def main() -> None:
         default_splits = dec.choose_num_splits(batch, n_kv_heads, table.shape[1] * block_size, n_sms)
         print(f"\nB{batch} H{n_heads} Hkv{n_kv_heads} L{length} D{head_dim}: SDPA {t_sdpa * 1e3:.1f} us "
               f"({kv_bytes / t_sdpa / 1e6:.0f} GB/s); default splits {default_splits}")
-        print(f"{'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'splits':>6} {'us':>8} {'GB/s':>6} {'vs SDPA':>8}"
-              f" {'fused merge us':>14} {'vs SDPA':>8}")
+        print(f"{'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'splits':>6} {'us':>8} {'GB/s':>6} {'vs SDPA':>8}")
         splits_list = sorted({max(1, default_splits // 4), max(1, default_splits // 2), default_splits,
                               min(128, default_splits * 2)})
         for block_n, warps, stages in CONFIGS:
             tuner.configs = [_utils.config(BLOCK_N=block_n, num_warps=warps, num_stages=stages)]
             tuner.cache.clear()
             for splits in splits_list:
-                times, flags = [], ""
-                try:
-                    # the splits merged by a second launch, then by the last program of each row's splits
-                    for fused in (False, True) if splits > 1 else (False,):
-                        def run(splits=splits, fused=fused):
-                            return dec.decode_attention(q, k_cache, v_cache, table, lengths, num_splits=splits,
-                                                        fused_merge=fused)
+                def run(splits=splits):
+                    return dec.decode_attention(q, k_cache, v_cache, table, lengths, num_splits=splits)
 
-                        for _ in range(2):  # twice: the arrival counters must be back at zero for the second
-                            err = (run().float() - expected).abs().max().item()
-                            if err >= 2e-2:
-                                flags += f"  WRONG{' (fused merge)' if fused else ''} (max err {err:.2e})"
-                        times.append(graph_time(run, args.rep))
+                try:
+                    err = (run().float() - expected).abs().max().item()
+                    t = graph_time(run, args.rep)
                 except Exception as exc:  # noqa: BLE001 (a config that does not compile: report, go on)
                     print(f"{block_n:>7} {warps:>5} {stages:>6} {splits:>6} failed: {type(exc).__name__}: {exc}"[:200])
                     break
-                t = times[0]
-                fused_cols = (f" {times[1] * 1e3:14.1f} {t_sdpa / times[1]:7.2f}x" if len(times) > 1
-                              else f" {'-':>14} {'-':>8}")
+                flag = "" if err < 2e-2 else f"  WRONG (max err {err:.2e})"
                 print(f"{block_n:>7} {warps:>5} {stages:>6} {splits:>6} {t * 1e3:8.1f} {kv_bytes / t / 1e6:6.0f} "
-                      f"{t_sdpa / t:7.2f}x{fused_cols}{flags}")
+                      f"{t_sdpa / t:7.2f}x{flag}")
     tuner.configs = all_configs
     tuner.cache.clear()
 

@@ -121,7 +121,7 @@ def num_sms(device: torch.device) -> int:
 
 
 # Arrival counters of kernels whose programs split a reduction: the last program of a group to arrive adds up
-# the others' partial results (kernels.gemv's split-K, kernels.decode's fused merge). Each launch leaves its
+# the others' partial results (kernels.gemv's split-K). Each launch leaves its
 # counters at zero, so one zeroed set per device serves every launch (a stream runs them one after another;
 # launches on two streams at once, which Kiln's engine does not make, would need a set each).
 _ARRIVAL_COUNTERS: dict[torch.device, torch.Tensor] = {}

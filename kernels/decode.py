@@ -2,8 +2,7 @@
 
 API::
 
-    decode_attention(q, k_cache, v_cache, block_table, lengths, scale=None, num_splits=None,
-                     fused_merge=None) -> out
+    decode_attention(q, k_cache, v_cache, block_table, lengths, scale=None, num_splits=None) -> out
     decode_attention_reference(q, k_cache, v_cache, block_table, lengths, scale=None, num_splits=None)
     available(device) -> bool
 
@@ -40,11 +39,10 @@ the GPU. ``num_splits=None`` picks the count from occupancy (programs per SM) an
 the table's capacity ``max_blocks * block_size`` -- not from ``lengths``, which would
 cost a GPU->CPU sync every step; each row then splits its own length evenly, so
 splits past a short row's end exit at once. With one split the first kernel writes
-the output directly and the merge is skipped. With ``fused_merge`` (default
-``FUSED_MERGE``, off until a GPU has timed it) there is no second kernel: each split
-program bumps an arrival counter of its (b, kv head) after writing its partials, and
-the last to arrive merges them (a running max of the log-sum-exps) and resets the
-counter to zero (``kernels._utils.arrival_counters``: one zeroed set per device).
+the output directly and the merge is skipped. (Merging in the split kernel instead, by
+the last of a row's programs to arrive, was slower on an H100 at every batch-1 config:
+one program's serial merge of 64 splits x the group's heads outlasts the second launch;
+bench/RESULTS.md, seventh lease.)
 
 Paged addressing: a key tile covers BLOCK_N consecutive positions of one row, which
 may straddle cache blocks (block_size need not be a multiple of BLOCK_N). Each
@@ -69,7 +67,6 @@ import torch
 from kernels._utils import (
     FLOAT_DTYPES,
     LOG2E,
-    arrival_counters,
     check_same_device,
     check_tensor,
     check_triton_device,
@@ -84,11 +81,6 @@ from kernels._utils import (
 )
 
 _HEAD_DIMS = (16, 32, 64, 128, 256)
-# The last program of a row's splits merges them (one launch) rather than _decode_merge_kernel (a second
-# launch and its start-up, in a batch-1 call of ~23 us at 8k keys on the H200). Off until a GPU has timed
-# both (bench/decode_configs.py prints them side by side).
-FUSED_MERGE = False
-MERGE_SPLITS = 2  # the fused merge's splits per load on the interpreter (tests: rows whose splits end mid-chunk)
 _MAX_SPLITS = 128
 _MIN_KEYS_PER_SPLIT = 128
 _PROGRAMS_PER_SM = 4
@@ -140,18 +132,15 @@ def decode_attention(
     lengths: torch.Tensor,
     scale: float | None = None,
     num_splits: int | None = None,
-    fused_merge: bool | None = None,
 ) -> torch.Tensor:
-    """Flash-decoding over the paged cache (Triton); see the module docstring for shapes. ``fused_merge``
-    (default ``FUSED_MERGE``): the splits' last program merges them, instead of a second launch."""
+    """Flash-decoding over the paged cache (Triton); see the module docstring for shapes."""
     _check_inputs(q, k_cache, v_cache, block_table, lengths, num_splits, reference=False)
     check_triton_device("decode_attention", q.device)
     scale = _resolve_scale(scale, q.shape[-1])
-    return _decode(q, k_cache, v_cache, block_table, lengths, scale, 0 if num_splits is None else int(num_splits),
-                   FUSED_MERGE if fused_merge is None else bool(fused_merge))
+    return _decode(q, k_cache, v_cache, block_table, lengths, scale, 0 if num_splits is None else int(num_splits))
 
 
-def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits, fused_merge):
+def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
     """Launch the kernels; ``num_splits`` 0 picks the count (see ``choose_num_splits``)."""
     batch, n_heads, head_dim = q.shape
     block_size, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -169,21 +158,18 @@ def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits, f
         lse_partial = torch.empty((batch, n_heads, num_splits), device=q.device, dtype=torch.float32)
     else:  # the first kernel writes `out` directly; the partial pointers are unused
         out_partial = lse_partial = out
-    fused = split and fused_merge
-    counters = arrival_counters(q.device, batch * n_kv_heads) if fused else lengths  # (unused unless fused)
     kernels = _kernels(interpreting())
     kernels.split[(num_splits, *grid_yz(batch * n_kv_heads))](
-        q, k_cache, v_cache, block_table, lengths, out_partial, lse_partial, out, counters,
+        q, k_cache, v_cache, block_table, lengths, out_partial, lse_partial, out,
         q.stride(0), q.stride(1), q.stride(2),
         *k_cache.stride(), *v_cache.stride(),
         block_table.stride(0), block_table.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         block_size, n_kv_heads, group, num_splits, scale * LOG2E, batch * n_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_G=max(16, next_power_of_2(group)), SPLIT=split, FUSED_MERGE=fused,
-        MERGE_S=MERGE_SPLITS if interpreting() else 16,
+        HEAD_DIM=head_dim, BLOCK_G=max(16, next_power_of_2(group)), SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    if split and not fused:
+    if split:
         kernels.merge[(batch * n_heads,)](
             out_partial, lse_partial, out, out.stride(0), out.stride(1), out.stride(2), n_heads, num_splits,
             HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits),
@@ -191,7 +177,7 @@ def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits, f
     return out
 
 
-def _decode_fake(q, k_cache, v_cache, block_table, lengths, scale, num_splits, fused_merge):
+def _decode_fake(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -199,7 +185,7 @@ def _decode_fake(q, k_cache, v_cache, block_table, lengths, scale, num_splits, f
 _decode = kernel_op(
     "decode_attention",
     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor lengths, float scale, "
-    "int num_splits, bool fused_merge) -> Tensor",
+    "int num_splits) -> Tensor",
     _decode_impl, _decode_fake, public="decode_attention",
 )
 
@@ -208,9 +194,13 @@ def choose_num_splits(batch: int, n_kv_heads: int, capacity: int, n_sms: int) ->
     """Splits per row so (splits x batch x kv heads) programs give each SM a few, >= 128 keys each.
 
     ``capacity`` is the most keys a row can hold, ``max_blocks * block_size`` (not the
-    actual lengths, which live on the GPU).
+    actual lengths, which live on the GPU). Once the rows alone give every SM a program, one
+    split: at B32 x 8 KV heads on an H100 (and an H200) one split with 128-key tiles beat the
+    best two-split config by 4% (bench/RESULTS.md), the partials' writes and the merge launch saved.
     """
     programs = max(1, batch * n_kv_heads)
+    if programs >= n_sms:
+        return 1
     splits = round(_PROGRAMS_PER_SM * n_sms / programs)
     splits = min(splits, capacity // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS)
     return max(1, splits)
@@ -288,15 +278,15 @@ def _check_inputs(q, k_cache, v_cache, block_table, lengths, num_splits, referen
 
 
 def _decode_split_kernel(
-    Q, K, V, BlockTable, Lengths, OutPartial, LsePartial, Out, Counters,
+    Q, K, V, BlockTable, Lengths, OutPartial, LsePartial, Out,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kp, stride_kh, stride_kd,
     stride_vb, stride_vp, stride_vh, stride_vd,
     stride_tb, stride_tn,
     stride_ob, stride_oh, stride_od,
     block_size, n_kv_heads, group_size, num_splits, qk_scale, n_bh,
-    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    MERGE_S: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Program (split, b * Hkv + kv head): online softmax over one part of row b's keys
     # for all query heads of the kv head's group at once (rows of a (BLOCK_G, D) tile).
@@ -358,34 +348,6 @@ def _decode_split_kernel(
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(LsePartial + row, lse, mask=g_ok)
         tl.store(OutPartial + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
-        if FUSED_MERGE:
-            # The last of the row's splits to arrive (a counter per (b, kv head), back to 0 when it is done)
-            # merges them all, as _decode_merge_kernel would in a launch of its own: head by head, MERGE_S
-            # splits' partials a load, a running max of their log-sum-exps rescaling the sums (.cg: the other
-            # programs' partials from L2, not a stale L1 copy).
-            tl.debug_barrier()  # every thread's partials are written before the counter says so
-            if tl.atomic_add(Counters + off_bh, 1, sem="acq_rel") == num_splits - 1:
-                offs_s = tl.arange(0, MERGE_S)
-                for g in range(group_size):
-                    head_rows = (off_b * n_kv_heads * group_size + off_hk * group_size + g) * num_splits
-                    m_run = tl.max(tl.full([MERGE_S], -1.0e30, tl.float32), 0)
-                    l_run = tl.sum(tl.zeros([MERGE_S], dtype=tl.float32), 0)
-                    merged = tl.zeros([HEAD_DIM], dtype=tl.float32)
-                    for s0 in range(0, num_splits, MERGE_S):
-                        s_ok = s0 + offs_s < num_splits
-                        lse_c = tl.load(LsePartial + head_rows + s0 + offs_s, mask=s_ok, other=float("-inf"),
-                                        cache_modifier=".cg")  # (MERGE_S,)
-                        part = tl.load(OutPartial + (head_rows + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                                       mask=s_ok[:, None], other=0.0, cache_modifier=".cg")  # (MERGE_S, D)
-                        m_new = tl.maximum(m_run, tl.max(lse_c, 0))
-                        alpha = tl.exp2(m_run - m_new)
-                        weight = tl.exp2(lse_c - m_new)  # empty splits (-inf) weigh 0
-                        l_run = l_run * alpha + tl.sum(weight, 0)
-                        merged = merged * alpha + tl.sum(part * weight[:, None], 0)
-                        m_run = m_new
-                    tl.store(Out + off_b * stride_ob + (off_hk * group_size + g) * stride_oh + offs_d * stride_od,
-                             (merged / l_run).to(Out.dtype.element_ty))
-                tl.atomic_xchg(Counters + off_bh, 0)
     else:
         tl.store(Out + off_b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  acc.to(Out.dtype.element_ty), mask=g_ok[:, None])

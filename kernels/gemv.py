@@ -27,12 +27,12 @@ once the statistics are known; the input is read once), or ``silu(gate) * up``, 
 to 16) or in fp32 FMAs (each thread's partial sums of a (rows, BLOCK_N, BLOCK_K) tile, summed over
 K at the end), whichever config the autotuner finds fastest per shape, prologue and row bucket.
 
-Status: correct on the interpreter and on an H100, and slower there than what it would replace. The
-sixth GPU lease (bench/RESULTS.md) timed the tensor-core configs at the 1.1B products: the best
-config of each was 0.66-0.99x Kiln's add+norm kernel then cuBLAS, and a batch-1 step through earlier
-versions of this kernel took 2.8-3.1 ms against 1.40 ms. The FMA configs are not yet timed on a GPU
-(``bench/gemv_configs.py``). The model's decode steps use it only when ``Transformer.fused_gemv`` is
-set (``_forward_gemv``), off by default.
+Status: correct on the interpreter and on an H100. There (bench/RESULTS.md, sixth and seventh leases)
+the tensor-core configs were 0.66-0.99x Kiln's add+norm kernel then cuBLAS at the 1.1B products, and the
+FMA configs 1.09-1.31x at one row: every product faster than the path it would replace. FMA configs fit
+row buckets up to ``FMA_MAX_ROWS`` (4); above that only tensor-core configs remain, so the model's fused
+decode step (``Transformer._forward_gemv``) runs for steps of at most 4 rows, and only when
+``Transformer.fused_gemv`` is set: off until a GPU has timed the whole step with the FMA configs.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from kernels._utils import (
 )
 
 MAX_ROWS = 16  # one tl.dot tile of rows
+FMA_MAX_ROWS = 4  # the most rows an FMA config's partial sums fit (FMA_TILE over the smallest tile, 2 x 1024)
 _PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2
 
 
@@ -326,13 +327,16 @@ def _gemv_kernel(
 def _configs() -> list:
     # (BLOCK_N, BLOCK_K, warps, stages, SPLIT_K, DOT). Tensor cores: the fastest of each 1.1B product in a sweep
     # on an H100 (bench/gemv_configs.py, bench/RESULTS.md: 128 x 128 tiles for the products with the norm in,
-    # 16 x 256 for o, 64 x 256 split 8 ways for down). FMAs: a few weight rows per program, long K tiles, the
-    # loads pipelined (3 stages) or not (1); not yet timed on a GPU. The sweep's trend (wider column blocks won)
-    # also puts 256 x 64 tiles on offer, untimed.
+    # 16 x 256 for o, 64 x 256 split 8 ways for down); the sweep's trend (wider column blocks won) also puts
+    # 256 x 64 tiles on offer, untimed. FMAs: a few weight rows per program, long K tiles, the loads pipelined
+    # (3 stages) or not (1). Timed at one row on an H100 (seventh lease), the fastest were 8 x 512 pipelined
+    # (norm + qkv, norm + gate/up), 2 x 1024 unpipelined (o), 4 x 512 pipelined (SwiGLU + down) and 8 x 1024
+    # pipelined (norm + LM head), none splitting K.
     shapes = [(128, 128, 4, 3, 1, True), (128, 128, 4, 3, 2, True), (128, 128, 4, 3, 4, True),
               (256, 64, 4, 4, 1, True), (256, 64, 8, 4, 2, True),
               (16, 256, 4, 4, 1, True), (64, 256, 4, 3, 8, True), (64, 128, 4, 3, 8, True),
               (4, 512, 4, 3, 1, False), (8, 256, 4, 3, 1, False), (8, 512, 4, 3, 1, False),
+              (8, 1024, 4, 3, 1, False), (2, 1024, 4, 1, 1, False),
               (16, 256, 4, 3, 1, False), (8, 256, 4, 3, 4, False), (8, 512, 4, 1, 1, False), (4, 512, 4, 1, 1, False)]
     return [config(BLOCK_N=n, BLOCK_K=k, SPLIT_K=sk, DOT=dot, LOOP_STAGES=st, num_warps=w, num_stages=st)
             for n, k, w, st, sk, dot in shapes]

@@ -219,8 +219,9 @@ class Transformer(nn.Module):
         self.attn_backend = attn_backend
         # inference over the KV cache with the triton backend runs the fused kernels (`_forward_fused`)
         self.fused_inference = True
-        # and, on top, decode steps of Llama-style models (RMSNorm, SwiGLU, no biases) run each norm + qkv or
-        # gate/up projection, and SwiGLU + down projection, as one `kernels.gemv` product: off until timed
+        # and, on top, decode steps of at most `kernels.gemv.FMA_MAX_ROWS` rows of Llama-style models (RMSNorm,
+        # SwiGLU, no biases) run each norm + qkv or gate/up projection, and SwiGLU + down projection, as one
+        # `kernels.gemv` product: off until a GPU has timed the whole step (each product alone is faster)
         self.fused_gemv = False
         # training loss on the triton backend: "chunked" (LM head + cross-entropy a chunk of rows at a time,
         # the (N, V) logits never whole) or "logits" (the whole logits, then the fused cross-entropy kernel)
@@ -402,9 +403,9 @@ class Transformer(nn.Module):
         rms = c.norm == "rmsnorm"
         if (self.fused_gemv and rms and c.mlp == "swiglu" and c.positions == "rope" and not c.bias
                 and not c.has_attention_bias):
-            from kernels.gemv import MAX_ROWS
+            from kernels.gemv import FMA_MAX_ROWS
 
-            if tokens.numel() <= MAX_ROWS:
+            if tokens.numel() <= FMA_MAX_ROWS:  # above, only its tensor-core configs: slower than cuBLAS
                 return self._forward_gemv(tokens, kv_cache, batch, backend)
 
         def norm(module, h, residual):
@@ -424,7 +425,7 @@ class Transformer(nn.Module):
         return norm(self.norm, h, residual)[0]
 
     def _forward_gemv(self, tokens: torch.Tensor, kv_cache: KVCache, batch: CacheBatch, backend: str) -> torch.Tensor:
-        """`_forward_fused` for a decode step of a Llama-style model (at most `kernels.gemv.MAX_ROWS` tokens):
+        """`_forward_fused` for a decode step of a Llama-style model (at most `kernels.gemv.FMA_MAX_ROWS` tokens):
         each residual add + RMSNorm runs inside the qkv or gate/up product that consumes it, and SwiGLU
         inside the down product (`kernels.gemv`): three kernels fewer per layer than `_forward_fused` (four
         where cuBLAS splits the down product's K and reduces the parts in a kernel of its own). The output

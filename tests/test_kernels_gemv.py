@@ -107,6 +107,19 @@ def test_split_k_scratch_holds_what_the_kernel_writes(rows, split_k, dot, monkey
     assert gemv._scratch_sizes(n, 4, ((1, 16, True), (1, 64, False))) == (1, 1)
 
 
+def test_fma_configs_fit_up_to_fma_max_rows():
+    """The model's fused decode step runs up to FMA_MAX_ROWS rows: the row buckets some FMA config fits (above,
+    only the tensor-core configs, slower than cuBLAS on an H100, remain after pruning)."""
+    pytest.importorskip("triton")
+    configs = gemv._configs()
+
+    def fma(rows):
+        return [c for c in gemv._prune(configs, {}, BLOCK_M=rows) if not c.kwargs["DOT"]]
+
+    assert all(fma(rows) for rows in (1, 2, gemv.FMA_MAX_ROWS))
+    assert not fma(2 * gemv.FMA_MAX_ROWS) and gemv._prune(configs, {}, BLOCK_M=2 * gemv.FMA_MAX_ROWS)
+
+
 @on_cpu_interpreter
 def test_references_equal_the_unfused_torch_ops():
     x, residual = _inputs((2, 24), torch.float32, "cpu", 1), _inputs((2, 24), torch.float32, "cpu", 2)

@@ -88,9 +88,9 @@ def check(family: str, device: str, dtype: torch.dtype, tol: float) -> None:
 
 @torch.no_grad()
 def test_gemv_decode_steps_equal_the_fused_forward(monkeypatch):
-    """`fused_gemv`: steps of at most 16 tokens of a Llama-style model run norm + qkv, o, norm + gate/up and
-    SwiGLU + down as `kernels.gemv` products (longer steps and GPT-2-style models keep `_forward_fused`),
-    with the same logits and cache writes."""
+    """`fused_gemv`: steps of at most `kernels.gemv.FMA_MAX_ROWS` (4) tokens of a Llama-style model run norm +
+    qkv, o, norm + gate/up and SwiGLU + down as `kernels.gemv` products (longer steps and GPT-2-style models
+    keep `_forward_fused`), with the same logits and cache writes."""
     if not norm.available("cpu"):
         pytest.skip("needs triton and TRITON_INTERPRET=1 set before triton is imported")
     check_gemv(monkeypatch, "cpu", 1e-4)
@@ -114,8 +114,8 @@ def check_gemv(monkeypatch, device: str, tol: float) -> None:
 
     monkeypatch.setattr(gemv, "_launch", spy)
     tokens = torch.randint(0, 200, (3, 20), generator=torch.Generator().manual_seed(1)).to(device)
-    # a 27-token padded prefill (too many rows), a 12-token step (3 rows x 4), then decode steps
-    steps = [[5, 9, 2], [1, 4, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1]]
+    # a 27-token padded prefill and a 6-token step (3 rows x 2): too many rows; then 3-row decode steps
+    steps = [[5, 9, 2], [1, 2, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1]]
     for family in ("llama", "gpt2"):
         model = tiny(family, device, torch.float32)
         got, kv_got = run(model, True, steps, tokens, gemv=True)
@@ -126,8 +126,8 @@ def check_gemv(monkeypatch, device: str, tol: float) -> None:
         for name in ("k", "v"):
             assert_close(getattr(kv_got, name)[:, real], getattr(kv_want, name)[:, real], tol, tol,
                          f"{family} {name} cache")
-        if family == "llama":  # 4 steps x 2 layers x (norm + qkv, o, norm + gate/up, SwiGLU + down)
-            assert sorted(prologues) == [gemv._PLAIN] * 8 + [gemv._RMSNORM] * 16 + [gemv._SILU_MUL] * 8, prologues
+        if family == "llama":  # 3 steps x 2 layers x (norm + qkv, o, norm + gate/up, SwiGLU + down)
+            assert sorted(prologues) == [gemv._PLAIN] * 6 + [gemv._RMSNORM] * 12 + [gemv._SILU_MUL] * 6, prologues
             prologues.clear()
     assert not prologues, "the GPT-2-style model took the gemv path"
 
