@@ -319,6 +319,8 @@ def _decode_launches(quick: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
 
                 shape = f"B={batch} L={cached} H={n_heads}/{n_kv_heads} D={head_dim}"
                 yield f"decode_attention {str(dtype)[6:]} {shape}", run
+                if dtype == torch.bfloat16 and (n_heads, head_dim) == (32, 128):  # letting the next launch start
+                    yield f"decode_attention {str(dtype)[6:]} {shape} PDL", _with_pdl(run)
 
 
 def _fused_launches(quick: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
@@ -364,6 +366,22 @@ def _gemv_launches(quick: bool) -> Iterator[tuple[str, Callable[[], Any]]]:
                 silu_mul_gemv(torch.zeros(rows, 2 * k, dtype=dtype), w)
 
             yield f"gemv {name} {n}x{k}" + ("" if quick else f" rows {rows}"), run
+            if dtype == torch.bfloat16:  # programmatic dependent launch: the L2 prefetch and griddepcontrol
+                yield f"gemv {name} {n}x{k}" + ("" if quick else f" rows {rows}") + " PDL", _with_pdl(run)
+
+
+def _with_pdl(run: Callable[[], Any]) -> Callable[[], Any]:
+    """``run`` with kernels._utils.PDL on (programmatic dependent launch, as `set_pdl` turns it on on a GPU)."""
+    def with_pdl() -> Any:
+        from kernels import _utils
+
+        saved, _utils.PDL = _utils.PDL, True
+        try:
+            return run()
+        finally:
+            _utils.PDL = saved
+
+    return with_pdl
 
 
 LAUNCHES = {

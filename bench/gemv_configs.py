@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="launches per graph replay, each on its own copy of the weights (22: the 1.1B layers)")
     parser.add_argument("--kinds", default="dot,fma",
                         help="tensor-core (dot: a grid; best: those kernels.gemv offers) and/or FMA (fma) configs")
+    parser.add_argument("--pdl", action="store_true",
+                        help="launch with programmatic dependent launch (kernels._utils.PDL; sm_90+): each launch of "
+                             "a --chain prefetches its weights while the launch before it ends")
     parser.add_argument("--check-only", action="store_true",
                         help="check every config against the unfused ops, no timing (CUDA not needed)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (for --check-only under TRITON_INTERPRET=1)")
@@ -76,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if not on_gpu and not args.check_only:
         sys.exit("gemv_configs.py needs a CUDA GPU to time (torch.cuda.is_available() is False on this machine); "
                  "--check-only --tiny runs the checks on the CPU's Triton interpreter")
+    if args.pdl and not (on_gpu and torch.cuda.get_device_capability()[0] >= 9):
+        sys.exit("gemv_configs.py: --pdl (programmatic dependent launch) needs a GPU of compute capability 9.0 "
+                 "or later")
     import triton
 
     from bench_gemv import current_path, product_inputs
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                     inp, residual, gain, summed, w, out, partials, counters,
                     inp.stride(0), residual.stride(0), summed.stride(0), w.stride(0), out.stride(0),
                     rows, n, k, 1e-5, PROLOGUE=prologue, HAS_RESIDUAL=prologue == gemv._RMSNORM,
-                    DOT_PRECISION="tf32",
+                    DOT_PRECISION="tf32", PDL=args.pdl, **({"launch_pdl": True} if args.pdl else {}),
                     BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, DOT=dot, LOOP_STAGES=stages,
                     num_warps=warps, num_stages=stages)
                 return out

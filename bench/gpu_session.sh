@@ -13,13 +13,17 @@
 # The plan for the next 15-minute lease, one call each (the machine stays warm between calls; the
 # seventh lease, 2026-11-28 session 28, ran decode-configs, kernels, blas, train-profile and gemv-configs:
 # bench/RESULTS.md):
-#   1. bash bench/gpu_session.sh quick gemv-step gemv-configs-4   (~7 minutes)
+#   1. bash bench/gpu_session.sh quick gemv-step gemv-configs-pdl   (~5-9 minutes)
 #      Issue 8. kernels/gemv.py's FMA configs beat the add+norm kernel then cuBLAS at every 1.1B product at one
-#      row (1.09-1.31x, 22 launches a replay); gemv-step: the gemv GPU tests, then the batch-1 step with and
-#      without `Transformer.fused_gemv` (plain step 1.397-1.402 ms; cuBLAS ran qkv and o faster inside a step
-#      than alone, so only the step decides). If the fused step is faster, turn `fused_gemv` on for CUDA and
-#      run `quick serve-llama-1.1b` (batch 1 against the roofline, target 70%). gemv-configs-4: the FMA
-#      configs at four rows (the fused step's largest bucket), never timed.
+#      row (1.09-1.31x, 22 launches a replay). gemv-step: the gemv GPU tests (programmatic dependent launch in
+#      CUDA graphs among them, never run on a GPU), then the batch-1 step plain, with `Transformer.fused_gemv`
+#      and with fused_gemv + `--pdl` (session 28: each product may start while the kernel ahead ends, its
+#      weights prefetched toward L2 before it waits; kernels._utils.PDL, off). Plain step 1.397-1.402 ms;
+#      cuBLAS ran qkv and o faster inside a step than alone, so only the step decides. gemv-configs-pdl: each
+#      product's FMA configs with PDL, 22 launches a replay (without it: RESULTS.md, seventh lease). If a
+#      fused step is faster, turn it on for CUDA (PDL only on sm_90+) and run `quick serve-llama-1.1b
+#      gemv-configs-4` (batch 1 against the roofline, target 70%; the FMA configs at four rows, the fused
+#      step's largest bucket, never timed).
 #   2. quick online-gpt2-124m http-overhead (the online run keeps the server's debug log: what still stalled
 #      GPT-2's first online rate (TTFT p99 1.5 s) and its rate 32 (p50 1.0 s); then the HTTP side alone on the
 #      lent host's CPUs, in one process and with `--engine-process`, off by default as it is slower on 2 cores)
@@ -36,8 +40,9 @@
 # Phases: tests (every GPU test, 8 workers), retests (the GPU tests not yet passed on a GPU),
 # hf-check (HF generate timed several ways, bench/hf_step_check.py),
 # kernels (attention, decode, softmax, cross-entropy vs PyTorch, reduced shapes), gemv (kernels/gemv.py
-# vs cuBLAS and the unfused path, CUDA-graph replay), gemv-configs / gemv-configs-4 (each of its launch
-# configs, 1 or 4 rows), blas (the products on cuBLAS each way torch can launch them),
+# vs cuBLAS and the unfused path, CUDA-graph replay), gemv-configs / gemv-configs-4 / gemv-configs-pdl (each
+# of its launch configs, 1 or 4 rows; -pdl: 1 row with programmatic dependent launch), blas (the products on
+# cuBLAS each way torch can launch them),
 # gemv-step (profile and profile-gemv side by side, and the gemv GPU tests),
 # decode-configs (GPU time of each decode launch config, CUDA-graph replay), fused (add+norm,
 # rope+cache write and SwiGLU kernels vs torch and torch.compile, CUDA-graph replay),
@@ -180,15 +185,23 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 STAGE_TIMEOUT=240 stage kernels python3 bench/gemv_configs.py --rows 1 --rep 20 --chain 22 \
                     --kinds fma,best
                 ;;
+            gemv-configs-pdl)  # the FMA configs at one row launched with programmatic dependent launch: in a chain
+                # of 22, each launch prefetches its weights toward L2 while the one before it ends
+                STAGE_TIMEOUT=150 stage kernels python3 bench/gemv_configs.py --rows 1 --rep 20 --chain 22 --kinds fma \
+                    --pdl
+                ;;
             gemv-configs-4)  # the FMA configs at four rows (a batch-4 step)
                 STAGE_TIMEOUT=150 stage kernels python3 bench/gemv_configs.py --rows 4 --rep 20 --chain 22 --kinds fma
                 ;;
-            gemv-step)  # the batch-1 1.1B step with and without kernels.gemv, same machine; the gemv GPU tests
-                STAGE_TIMEOUT=90 stage tests python3 -m pytest -p no:cacheprovider -q -rs --timeout 80 \
-                    tests/test_kernels_gemv.py tests/test_model_fused.py -k "gpu"
+            gemv-step)  # the batch-1 1.1B step with and without kernels.gemv (and with its programmatic dependent
+                # launch), same machine; the gemv GPU tests, PDL's in CUDA graphs among them
+                STAGE_TIMEOUT=100 stage tests python3 -m pytest -p no:cacheprovider -q -rs --timeout 90 \
+                    tests/test_kernels_gemv.py tests/test_model_fused.py tests/test_cuda_graphs.py -k "gpu"
                 STAGE_TIMEOUT=100 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64
                 STAGE_TIMEOUT=150 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \
                     --gemv
+                STAGE_TIMEOUT=120 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \
+                    --gemv --pdl
                 ;;
             profile-compile)  # the same step compiled before capture
                 STAGE_TIMEOUT=150 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64 \

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gemv", action="store_true",
                    help="decode steps through kernels.gemv (norm / SwiGLU fused into the products; "
                         "Transformer.fused_gemv, off by default)")
+    p.add_argument("--pdl", action="store_true",
+                   help="with --gemv: programmatic dependent launch for the products (kernels._utils.PDL; sm_90+)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="eager decode: the host profile then shows every kernel launch's own cost")
     return p
@@ -64,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(format="%(name)s: %(message)s")
         logging.getLogger("kiln.cuda_graphs").setLevel(logging.DEBUG)
     device = torch.device(args.device)
+    if args.pdl:
+        if not args.gemv:
+            raise SystemExit("profile_step.py: --pdl applies to the kernels.gemv step: add --gemv")
+        from kernels import _utils
+
+        try:
+            _utils.set_pdl(True, device)
+        except ValueError as exc:
+            raise SystemExit(f"profile_step.py: --pdl: {exc}") from None
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     shape = serve_bench.ALL_SHAPES[args.shape]
 
@@ -87,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{shape.name} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, "
           f"batch {args.batch}; torch {torch.__version__}; decode path: {engine.decode_path}; "
           f"CUDA graphs: {engine._graphs is not None}; async scheduling: {engine.async_scheduling}; "
-          f"gemv: {args.gemv}"
+          f"gemv: {args.gemv}; PDL: {args.pdl}"
           + (f"; compiled in {engine.compile_seconds:.1f} s" if engine.compile_seconds is not None else "")
           + (f"; not compiled: {engine.compile_error}" if engine.compile_error else ""))
 

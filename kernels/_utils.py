@@ -120,6 +120,35 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
+# Programmatic dependent launch (Hopper and later) for a decode step's products, off by default: each
+# kernels.gemv launch may start while the kernel before it is still running (its programs pull their slice of
+# the weights, constants of the step, toward L2, then wait for that kernel's outputs), and the kernels that
+# come before a product (kernels.gemv itself, the decode kernels) let the next launch begin as soon as all
+# their programs run. Kernels not launched this way wait as usual. Not yet timed on a GPU; `set_pdl` turns it on.
+PDL = False
+
+
+def set_pdl(on: bool, device: torch.device | str | None = None) -> None:
+    """Turn programmatic dependent launch on or off for the kernels that use it (see ``PDL``).
+
+    On needs a CUDA device of compute capability 9.0 or later (``griddepcontrol``) and compiled kernels."""
+    global PDL
+    if on:
+        device = torch.device(device if device is not None else "cuda")
+        if interpreting() or device.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError("programmatic dependent launch needs compiled Triton kernels on a CUDA device")
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 9:
+            raise ValueError(f"programmatic dependent launch needs compute capability 9.0 or later, "
+                             f"this GPU has {major}.{minor}")
+    PDL = bool(on)
+
+
+def pdl() -> bool:
+    """Whether launches now use programmatic dependent launch (never under the interpreter)."""
+    return PDL and not interpreting()
+
+
 # Arrival counters of kernels whose programs split a reduction: the last program of a group to arrive adds up
 # the others' partial results (kernels.gemv's split-K). Each launch leaves its
 # counters at zero, so one zeroed set per device serves every launch (a stream runs them one after another;

@@ -42,7 +42,8 @@ splits past a short row's end exit at once. With one split the first kernel writ
 the output directly and the merge is skipped. (Merging in the split kernel instead, by
 the last of a row's programs to arrive, was slower on an H100 at every batch-1 config:
 one program's serial merge of 64 splits x the group's heads outlasts the second launch;
-bench/RESULTS.md, seventh lease.)
+bench/RESULTS.md, seventh lease.) With ``kernels._utils.PDL`` the kernels let a product launched
+with programmatic dependent launch (``kernels.gemv``) start as soon as all their programs run.
 
 Paged addressing: a key tile covers BLOCK_N consecutive positions of one row, which
 may straddle cache blocks (block_size need not be a multiple of BLOCK_N). Each
@@ -64,6 +65,7 @@ from types import SimpleNamespace
 
 import torch
 
+from kernels import _utils
 from kernels._utils import (
     FLOAT_DTYPES,
     LOG2E,
@@ -166,13 +168,13 @@ def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
         block_table.stride(0), block_table.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         block_size, n_kv_heads, group, num_splits, scale * LOG2E, batch * n_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_G=max(16, next_power_of_2(group)), SPLIT=split,
+        HEAD_DIM=head_dim, BLOCK_G=max(16, next_power_of_2(group)), SPLIT=split, PDL=_utils.pdl(),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     if split:
         kernels.merge[(batch * n_heads,)](
             out_partial, lse_partial, out, out.stride(0), out.stride(1), out.stride(2), n_heads, num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits), PDL=_utils.pdl(),
         )
     return out
 
@@ -286,11 +288,13 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_od,
     block_size, n_kv_heads, group_size, num_splits, qk_scale, n_bh,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program (split, b * Hkv + kv head): online softmax over one part of row b's keys
     # for all query heads of the kv head's group at once (rows of a (BLOCK_G, D) tile).
     qk_scale = tl.cast(qk_scale, tl.float32)  # a float argument is fp64 under torch.compile's launcher
+    if PDL:  # the output projection launched with programmatic dependent launch may start (kernels._utils.PDL)
+        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(0)
     # (batch x kv heads) over grid axes 1 and 2: axis 1 stops at 65535 (see _utils.grid_yz)
     off_bh = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
@@ -355,9 +359,11 @@ def _decode_split_kernel(
 
 def _decode_merge_kernel(
     OutPartial, LsePartial, Out, stride_ob, stride_oh, stride_od, n_heads, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program b * H + h: weight each split's normalized output by exp2(lse_s - max lse).
+    if PDL:  # the output projection launched with programmatic dependent launch may start (kernels._utils.PDL)
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     off_b = row // n_heads
     off_h = row % n_heads

@@ -32,7 +32,9 @@ the tensor-core configs were 0.66-0.99x Kiln's add+norm kernel then cuBLAS at th
 FMA configs 1.09-1.31x at one row: every product faster than the path it would replace. FMA configs fit
 row buckets up to ``FMA_MAX_ROWS`` (4); above that only tensor-core configs remain, so the model's fused
 decode step (``Transformer._forward_gemv``) runs for steps of at most 4 rows, and only when
-``Transformer.fused_gemv`` is set: off until a GPU has timed the whole step with the FMA configs.
+``Transformer.fused_gemv`` is set: off until a GPU has timed the whole step with the FMA configs. With
+``kernels._utils.PDL`` (``set_pdl``, sm_90+, off and untimed) each launch uses programmatic dependent launch:
+its programs prefetch their weights toward L2 while the kernel ahead of them ends, then wait for its outputs.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from kernels import _utils
 from kernels._utils import (
     FLOAT_DTYPES,
     arrival_counters,
@@ -132,12 +135,14 @@ def _launch(prologue: int, x, residual, norm_weight, weight, eps, summed) -> tor
     partials_size, blocks = _scratch_sizes(n, next_power_of_2(rows), _split_shapes(interpreter_config))
     partials = torch.empty(partials_size, device=x.device, dtype=torch.float32)
     counters = arrival_counters(x.device, blocks)
+    pdl = _utils.pdl()  # programmatic dependent launch (kernels._utils.PDL)
     _built_kernel(interpreter_config)[lambda meta: (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"])](
         x, res, gain, total, weight, out, partials, counters,
         x.stride(0), res.stride(0), total.stride(0), weight.stride(0), out.stride(0),
         rows, n, k, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=next_power_of_2(rows),
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=next_power_of_2(rows), PDL=pdl,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out
 
@@ -235,7 +240,7 @@ def _gemv_kernel(
     n_rows, n_out, n_in, eps,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT: tl.constexpr,
-    LOOP_STAGES: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program (n, s): output columns [n * BLOCK_N, +BLOCK_N) of every row, over the s-th of SPLIT_K
     # stretches of K (whole BLOCK_K tiles). RMSNorm is linear in its input once the row's statistics are
@@ -246,6 +251,10 @@ def _gemv_kernel(
     # (BLOCK_M is the launch's power-of-two row count there, so one row reads the weights once).
     # LOOP_STAGES: K tiles in flight. Triton pipelines (cp.async through shared memory) only the loads
     # that feed a tl.dot unless the loop asks; 1 leaves the FMA path's loads to the warps' own latency hiding.
+    # PDL: launched with programmatic dependent launch (kernels._utils.PDL), the program may run before the
+    # kernel ahead of it has finished. It touches nothing that kernel writes (inputs, the split-K scratch, the
+    # outputs) until griddepcontrol.wait; before that it asks L2 for its slice of the weights, one prefetch per
+    # 128 bytes (64 16-bit elements), so the weight stream starts during the other kernel's tail.
     TILE_M: tl.constexpr = 16 if DOT else BLOCK_M
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -265,6 +274,15 @@ def _gemv_kernel(
         acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     else:
         acc3 = tl.zeros((TILE_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PDL:
+        tl.static_assert(BLOCK_K >= 64)
+        w_lines = W + tl.minimum(offs_n, n_out - 1)[:, None].to(tl.int64) * stride_wn  # in-bounds rows
+        for k0 in range(k_begin, k_stop, BLOCK_K):
+            lines = tl.minimum(k0 + tl.arange(0, BLOCK_K // 64) * 64, n_in - 1)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [w_lines + lines[None, :]],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        tl.extra.cuda.gdc_wait()  # the kernel before has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the next product may start its own prefetch
     for k0 in tl.range(k_begin, k_stop, BLOCK_K, num_stages=LOOP_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_stop

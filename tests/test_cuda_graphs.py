@@ -77,32 +77,40 @@ def test_needs_the_triton_backend():
         GraphedDecode(model, KVCache(model.config, num_blocks=9, block_size=4), 2, capture=False)
 
 
+def _gpu_model(tokenizer, dtype: torch.dtype, **shape):
+    """A seeded random model of ``shape`` on the GPU with the Triton backend (head dim in TRITON_HEAD_DIMS)."""
+    config = ModelConfig(vocab_size=tokenizer.n_vocab, max_seq_len=64, **shape)
+    torch.manual_seed(0)
+    return build_model(config, Transformer(config).state_dict(), torch.device("cuda"), dtype, attn_backend="triton")
+
+
+def _greedy(engine, max_tokens: int) -> list[list[int]]:
+    """Three prompts decoded greedily together to the end: their output token ids."""
+    from model.engine import SamplingParams
+
+    prompts = [engine.tokenizer.encode(p) for p in ("The quick brown", "def add(a, b):", "To be")]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    requests = [engine.add_request(ids, params) for ids in prompts]
+    while engine.has_work:
+        engine.step()
+    return [r.output_ids for r in requests]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @torch.no_grad()
 def test_graphed_engine_equals_eager_engine_on_gpu(tokenizer_dir):
-    from model.engine import Engine, SamplingParams
+    from model.engine import Engine
     from model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     # head dim 16: the Triton backend (and so the graphs) needs a head dim in TRITON_HEAD_DIMS
-    config = ModelConfig(vocab_size=tokenizer.n_vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96,
-                         max_seq_len=64)
-    torch.manual_seed(0)
-    model = build_model(config, Transformer(config).state_dict(), torch.device("cuda"), torch.float32,
-                        attn_backend="triton")
+    model = _gpu_model(tokenizer, torch.float32, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96)
     # a fixed pool: sizing it from free memory depends on what else holds the GPU (parallel tests)
     eager = Engine(model, tokenizer, max_batch_size=4, cuda_graphs=False, num_blocks=64)
     graphed = Engine(model, tokenizer, max_batch_size=4, cuda_graphs=True, num_blocks=64)
     assert eager._graphs is None
     assert graphed._graphs is not None and graphed._graphs.enabled
-    prompts = [eager.tokenizer.encode(p) for p in ("The quick brown", "def add(a, b):", "To be")]
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    for engine in (eager, graphed):
-        requests = [engine.add_request(ids, params) for ids in prompts]
-        while engine.has_work:
-            engine.step()
-        engine.outputs = [r.output_ids for r in requests]
-    assert graphed.outputs == eager.outputs
+    assert _greedy(graphed, 20) == _greedy(eager, 20)
 
 
 @torch.no_grad()
@@ -140,3 +148,30 @@ def test_compiled_static_step_equals_the_eager_one():
         torch.testing.assert_close(k_got, k_want)
         torch.testing.assert_close(v_got, v_want)
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a GPU of compute capability 9.0 or later")
+@torch.no_grad()
+def test_graphed_gemv_steps_with_programmatic_dependent_launch_equal_those_without_on_gpu(tokenizer_dir):
+    """kernels._utils.PDL: the fused-gemv decode step's products launched with programmatic dependent launch
+    (each may start before the kernel ahead of it ends, and waits for its outputs) inside CUDA graphs give the
+    same greedy tokens as the same step launched plainly."""
+    from kernels import _utils
+    from model.engine import Engine
+    from model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = _gpu_model(tokenizer, torch.bfloat16, n_layer=3, n_head=4, n_kv_head=2, d_model=256, d_ff=512)
+    model.fused_gemv = True
+    outputs = {}
+    try:
+        for pdl in (False, True):
+            _utils.set_pdl(pdl)
+            engine = Engine(model, tokenizer, max_batch_size=4, cuda_graphs=True, num_blocks=64)
+            assert engine._graphs is not None and engine._graphs.enabled
+            outputs[pdl] = _greedy(engine, 24)
+    finally:
+        _utils.set_pdl(False)
+    assert all(len(ids) == 24 for ids in outputs[True])
+    assert outputs[True] == outputs[False]

@@ -144,7 +144,7 @@ CONSTEXPRS = {"CAUSAL": True, "VARLEN": False, "HEAD_DIM": 64, "DOT_PRECISION": 
               "BLOCK_N": 64, "BLOCK_G": 16, "SPLIT": True, "PER_ROW_T": False, "BLOCK": 1024, "CHUNKS_POW2": 4,
               "HAS_RESIDUAL": True, "HAS_BIAS": False, "RMS": True, "REVERSE": True, "L2_HINTS": False,
               "PROLOGUE": 1, "BLOCK_K": 64, "SPLIT_K": 2, "DOT": True,
-              "LOOP_STAGES": 2}
+              "LOOP_STAGES": 2, "PDL": True}
 SCRATCH_POINTERS = {"Lse", "Delta", "OutPartial", "LsePartial", "Partials"}  # fp32 in every kernel
 FP32_POINTERS = {"M", "S", "T", "Y"}  # fp32 outputs, except in the fused inference kernels (the model's dtype)
 INT_POINTERS = {"CuSeqlensQ", "CuSeqlensK", "BlockTable", "Lengths", "Counters"}

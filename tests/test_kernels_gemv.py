@@ -121,6 +121,20 @@ def test_fma_configs_fit_up_to_fma_max_rows():
 
 
 @on_cpu_interpreter
+def test_programmatic_dependent_launch_needs_a_compiled_kernel_on_a_hopper_gpu(monkeypatch):
+    """`set_pdl(True)` refuses the interpreter and CPUs by name; a PDL flag left on never reaches an interpreted
+    launch (griddepcontrol and the L2 prefetch are GPU instructions), which still computes the product."""
+    with pytest.raises(ValueError, match="compiled Triton kernels on a CUDA device"):
+        _utils.set_pdl(True, "cpu")
+    assert not _utils.PDL
+    _utils.set_pdl(False)
+    monkeypatch.setattr(_utils, "PDL", True)
+    assert not _utils.pdl()
+    x, weight = _inputs((2, 40), torch.float32, "cpu", 1), _inputs((24, 40), torch.float32, "cpu", 2)
+    assert_close(gemv.gemv(x, weight), _product(x, weight), 1e-5, 1e-5, "gemv with the PDL flag on, interpreted")
+
+
+@on_cpu_interpreter
 def test_references_equal_the_unfused_torch_ops():
     x, residual = _inputs((2, 24), torch.float32, "cpu", 1), _inputs((2, 24), torch.float32, "cpu", 2)
     weight, gain = _inputs((8, 24), torch.float32, "cpu", 3), _inputs((24,), torch.float32, "cpu", 4)
