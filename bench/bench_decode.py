@@ -103,14 +103,23 @@ def main() -> None:
         )
 
 
-def paged_problem(batch, n_heads, n_kv_heads, length, head_dim, block_size, dtype, gen):
+def paged_problem(batch, n_heads, n_kv_heads, length, head_dim, block_size, dtype, gen, layout="nhd"):
     """Random q (B, H, D) and a paged K/V pool holding `length` keys per row in shuffled blocks:
-    (q, k_cache, v_cache, block_table (B, max_blocks) int32, lengths (B,) int32), on CUDA."""
+    (q, k_cache, v_cache, block_table (B, max_blocks) int32, lengths (B,) int32), on CUDA.
+
+    The pool is (num_blocks, block_size, Hkv, D) either way; ``layout`` "nhd" stores it so (Kiln's KVCache,
+    vLLM's layout: a kv head's positions 2 KB apart at Hkv 8, D 128), "hnd" stores it (num_blocks, Hkv,
+    block_size, D) and passes a transposed view (a block's positions of one kv head contiguous)."""
     q = torch.randn(batch, n_heads, head_dim, device="cuda", dtype=dtype)
     max_blocks = -(-length // block_size)
     num_blocks = batch * max_blocks
-    k_cache = torch.randn(num_blocks, block_size, n_kv_heads, head_dim, device="cuda", dtype=dtype)
-    v_cache = torch.randn_like(k_cache)
+    if layout not in ("nhd", "hnd"):
+        raise ValueError(f"layout must be 'nhd' or 'hnd', got {layout!r}")
+    if layout == "hnd":
+        k_cache = torch.randn(num_blocks, n_kv_heads, block_size, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
+    else:
+        k_cache = torch.randn(num_blocks, block_size, n_kv_heads, head_dim, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)  # (preserves the strides)
     block_table = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32).view(batch, max_blocks)
     lengths = torch.full((batch,), length, device="cuda", dtype=torch.int32)
     return q, k_cache, v_cache, block_table, lengths

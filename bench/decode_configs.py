@@ -1,12 +1,15 @@
 """Diagnose kernels.decode on CUDA: GPU time of each split-kernel config and split count.
 
-    python bench/decode_configs.py [--dtype bf16] [--rep 50]
+    python bench/decode_configs.py [--dtype bf16] [--rep 50] [--block-size 16] [--layout nhd|hnd]
 
 bench/bench_decode.py times whole eager calls (what a caller pays, host work included)
 with the autotuner's pick. This script instead forces one launch config at a time and
 times CUDA-graph replays of the call, so only GPU time counts (as in the server's
 graph-captured decode step), next to SDPA on the same rows' dense K/V replayed the same
 way. It is for tuning the kernel's configs and `choose_num_splits`, not a headline result.
+``--layout hnd`` stores the pool's blocks head-major (a block's positions of one kv head contiguous, as
+FlashInfer's HND layout does) instead of Kiln's (num_blocks, block_size, Hkv, D): the kernel reads any
+strides, so this times whether the cache layout limits it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--rep", type=int, default=50, help="do_bench repetition time in ms")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--layout", default="nhd", choices=("nhd", "hnd"),
+                        help="the pool's storage: Kiln's (blocks, positions, kv heads, dim) or head-major blocks")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_configs.py needs a CUDA GPU")
@@ -60,14 +65,14 @@ def main() -> None:
 
     dtype, block_size = DTYPES[args.dtype], args.block_size
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"{args.dtype} | block_size {block_size} | times: CUDA-graph replay, GPU only")
+          f"{args.dtype} | block_size {block_size} | layout {args.layout} | times: CUDA-graph replay, GPU only")
     tuner = dec._kernels(False).split.fn
     all_configs = list(tuner.configs)
     gen = torch.Generator(device="cuda").manual_seed(0)
     n_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, n_heads, n_kv_heads, length, head_dim in SHAPES:
         q, k_cache, v_cache, table, lengths = paged_problem(batch, n_heads, n_kv_heads, length, head_dim,
-                                                            block_size, dtype, gen)
+                                                            block_size, dtype, gen, args.layout)
         k_dense = dense_rows(k_cache, table, length).contiguous()
         v_dense = dense_rows(v_cache, table, length).contiguous()
         kv_bytes = 2 * k_dense.numel() * k_dense.element_size()

@@ -13,7 +13,7 @@
 # The plan for the next 15-minute lease, one call each (the machine stays warm between calls; the
 # seventh lease, 2026-11-28 session 28, ran decode-configs, kernels, blas, train-profile and gemv-configs:
 # bench/RESULTS.md):
-#   1. bash bench/gpu_session.sh quick gemv-step gemv-configs-pdl   (~5-9 minutes)
+#   1. bash bench/gpu_session.sh quick gemv-step gemv-configs-pdl decode-configs-hnd   (~5-8 minutes)
 #      Issue 8. kernels/gemv.py's FMA configs beat the add+norm kernel then cuBLAS at every 1.1B product at one
 #      row (1.09-1.31x, 22 launches a replay). gemv-step: the gemv GPU tests (programmatic dependent launch in
 #      CUDA graphs among them, never run on a GPU), then the batch-1 step plain, with `Transformer.fused_gemv`
@@ -23,13 +23,15 @@
 #      product's FMA configs with PDL, 22 launches a replay (without it: RESULTS.md, seventh lease). If a
 #      fused step is faster, turn it on for CUDA (PDL only on sm_90+) and run `quick serve-llama-1.1b
 #      gemv-configs-4` (batch 1 against the roofline, target 70%; the FMA configs at four rows, the fused
-#      step's largest bucket, never timed).
+#      step's largest bucket, never timed). decode-configs-hnd (~40 s): see 3.
 #   2. quick online-gpt2-124m http-overhead (the online run keeps the server's debug log: what still stalled
 #      GPT-2's first online rate (TTFT p99 1.5 s) and its rate 32 (p50 1.0 s); then the HTTP side alone on the
 #      lent host's CPUs, in one process and with `--engine-process`, off by default as it is slower on 2 cores)
-#   3. quick decode-configs retests (issue 5's decode targets, the one target of the issue not met on the
-#      H100: 0.98x SDPA at B1 L8192 (target 2x) and B32 L2048 (target 1x, now one split there); only after a
-#      change to the decode kernel, which needs a GPU to iterate on)
+#   3. Issue 5's decode targets, the one target of the issue not met on the H100: 0.98x SDPA at B1 L8192
+#      (target 2x) and B32 L2048 (target 1x, now one split there). decode-configs-hnd rides along in 1: the
+#      same kernel over a head-major pool (SDPA reads each row's keys contiguously, Kiln's pool puts a kv
+#      head's positions 2 KB apart); if it is faster, KVCache's CUDA storage is the lever (the kernels take
+#      strides; the rope/cache-write and gather paths would need checking). decode-configs after a kernel change.
 #   Carry .whl on each call (the online and serving phases need the server's packages).
 # Installing what default-model brings back (FILES = the call's files_at):
 #   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/
@@ -44,8 +46,8 @@
 # of its launch configs, 1 or 4 rows; -pdl: 1 row with programmatic dependent launch), blas (the products on
 # cuBLAS each way torch can launch them),
 # gemv-step (profile and profile-gemv side by side, and the gemv GPU tests),
-# decode-configs (GPU time of each decode launch config, CUDA-graph replay), fused (add+norm,
-# rope+cache write and SwiGLU kernels vs torch and torch.compile, CUDA-graph replay),
+# decode-configs (GPU time of each decode launch config, CUDA-graph replay; -hnd: over a head-major pool),
+# fused (add+norm, rope+cache write and SwiGLU kernels vs torch and torch.compile, CUDA-graph replay),
 # serve-SHAPE (serve_bench at one shape, reduced online load), online-SHAPE (a live server alone:
 # its start-up, the online rates, its log kept), retests-ce (cross-entropy and compile tests),
 # train (training MFU), train-profile (the same, then each side's kernel time by category), train-logits
@@ -153,6 +155,10 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 ;;
             decode-configs)  # each decode launch config and split count against SDPA, CUDA-graph replay
                 STAGE_TIMEOUT=100 stage kernels python3 bench/decode_configs.py --rep 30
+                ;;
+            decode-configs-hnd)  # the same over a pool stored head-major (a block's positions of one kv head
+                # contiguous, 4 KB at block 16 and D 128, where Kiln's layout spaces them 2 KB apart)
+                STAGE_TIMEOUT=100 stage kernels python3 bench/decode_configs.py --rep 30 --layout hnd
                 ;;
             kernels)
                 STAGE_TIMEOUT=70 stage kernels python3 bench/bench_attention.py --dtype bf16 --mode fwd,fwd_bwd \
