@@ -141,6 +141,10 @@ def test_profile_step_runs_on_the_cpu(tokenizer_dir):
     assert len(rows) == 5, out  # --top 5 rows of the host profile
     bad = subprocess.run([*cmd[:2], "--steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--steps must be >= 1, got 0" in bad.stderr
+    for flags, message in ((["--pdl"], "--pdl applies to the kernels.gemv step: add --gemv"),
+                           (["--gemv", "--pdl"], "--pdl: programmatic dependent launch needs compiled Triton kernels")):
+        bad = subprocess.run([*cmd, *flags], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
 
 
 def test_cpu_sampling_bench_quick():
