@@ -32,6 +32,10 @@
 #      same kernel over a head-major pool (SDPA reads each row's keys contiguously, Kiln's pool puts a kv
 #      head's positions 2 KB apart); if it is faster, KVCache's CUDA storage is the lever (the kernels take
 #      strides; the rope/cache-write and gather paths would need checking). decode-configs after a kernel change.
+#   4. quick train-autotune (issue 6; up to 9 minutes, a call of its own): both training loops compiled with
+#      max-autotune-no-cudagraphs. The seventh lease's profile put half of each step outside matmuls, 17.6 ms of
+#      it in inductor's elementwise kernels: epilogue fusion into Triton matmul templates is the compiler's own
+#      lever for that (both sides get it, so the ratio to nanoGPT stays honest).
 #   Carry .whl on each call (the online and serving phases need the server's packages).
 # Installing what default-model brings back (FILES = the call's files_at):
 #   git rm -q model/default/model*.safetensors* && cp FILES/model/* FILES/loss.png model/default/
@@ -50,9 +54,9 @@
 # fused (add+norm, rope+cache write and SwiGLU kernels vs torch and torch.compile, CUDA-graph replay),
 # serve-SHAPE (serve_bench at one shape, reduced online load), online-SHAPE (a live server alone:
 # its start-up, the online rates, its log kept), retests-ce (cross-entropy and compile tests),
-# train (training MFU), train-profile (the same, then each side's kernel time by category), train-logits
-# (Kiln's loss from whole logits + the CE kernel), train-cudnn (PyTorch attention on its cuDNN backend,
-# both sides),
+# train (training MFU), train-autotune (both sides compiled with max-autotune-no-cudagraphs),
+# train-profile (the same as train, then each side's kernel time by category), train-logits (Kiln's loss from
+# whole logits + the CE kernel), train-cudnn (PyTorch attention on its cuDNN backend, both sides),
 # profile (bench/profile_step.py: host and GPU time of a batch-1 decode step, 1.1B shape),
 # profile-compile (the same, the step compiled before capture), profile-gemv (the same through
 # kernels/gemv.py),
@@ -256,6 +260,11 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 ;;
             train)
                 STAGE_TIMEOUT=150 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 20 --warmup 5
+                ;;
+            train-autotune)  # both sides compiled with max-autotune-no-cudagraphs: inductor times Triton matmul
+                # templates against cuBLAS and may fuse the elementwise epilogues into them (minutes of tuning)
+                STAGE_TIMEOUT=540 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 10 --warmup 3 \
+                    --compile-mode max-autotune-no-cudagraphs
                 ;;
             train-profile)  # where both sides' training steps spend their GPU time (kernel time by category)
                 STAGE_TIMEOUT=170 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 10 --warmup 5 \

@@ -170,6 +170,9 @@ def random_batches(n: int, batch: int, seq: int, vocab: int, device: torch.devic
     return out
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+
+
 def bench_kiln(args, batches, device: torch.device, amp, compile_on: bool) -> tuple[int, float]:
     """(parameters, seconds per step) of model.Transformer driven by training.train.optimizer_step."""
     torch.manual_seed(0)
@@ -181,7 +184,7 @@ def bench_kiln(args, batches, device: torch.device, amp, compile_on: bool) -> tu
     params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, TrainConfig(lr=6e-4), device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    forward = torch.compile(model) if compile_on else model
+    forward = torch.compile(model, mode=args.compile_mode) if compile_on else model
 
     def step(x, y):
         return optimizer_step(forward, optimizer, scaler, [(x, y)], 1, 1.0, amp,
@@ -201,7 +204,7 @@ def bench_nanogpt(args, batches, device: torch.device, amp, compile_on: bool) ->
     no_decay = [p for p in nano.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda" or None)
-    forward = torch.compile(nano) if compile_on else nano
+    forward = torch.compile(nano, mode=args.compile_mode) if compile_on else nano
 
     def step(x, y):
         return nano_step(forward, optimizer, x, y, amp)
@@ -230,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="PyTorch SDPA backend for both sides (default: PyTorch's own choice)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile's mode for both sides (max-autotune-no-cudagraphs: inductor times Triton "
+                        "matmul templates against cuBLAS and can fuse elementwise epilogues into them)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing, profile this many more steps of each side: kernel time by category, top kernels")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK)
@@ -269,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = "none"
     precision = "bf16 autocast" if dtype == torch.bfloat16 else "fp32"
     print(f"device {name}; torch {torch.__version__}; triton {triton_version}; {precision}; "
-          f"compile {'on' if compile_on else 'off'}; attn_backend {args.attn_backend}; loss {args.loss_impl}; "
+          f"compile {args.compile_mode if compile_on else 'off'}; attn_backend {args.attn_backend}; loss {args.loss_impl}; "
           f"SDPA backend {args.sdpa}")
     print(f"shape: {params / 1e6:.1f}M params (layers {args.n_layer}, d_model {args.d_model}, heads {args.n_head}, "
           f"vocab {args.vocab}); B x T = {args.batch} x {args.seq}; {args.steps} timed steps after {args.warmup}")
