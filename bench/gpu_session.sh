@@ -21,9 +21,10 @@
 #      weights prefetched toward L2 before it waits; kernels._utils.PDL, off). Plain step 1.397-1.402 ms;
 #      cuBLAS ran qkv and o faster inside a step than alone, so only the step decides. gemv-configs-pdl: each
 #      product's FMA configs with PDL, 22 launches a replay (without it: RESULTS.md, seventh lease). If a
-#      fused step is faster, turn it on for CUDA (PDL only on sm_90+) and run `quick serve-llama-1.1b
-#      gemv-configs-4` (batch 1 against the roofline, target 70%; the FMA configs at four rows, the fused
-#      step's largest bucket, never timed). decode-configs-hnd (~40 s): see 3.
+#      fused step is faster: `quick gemv-serve-llama-1.1b gemv-configs-4` (pdl-serve-llama-1.1b if PDL won;
+#      batch 1 against the roofline through serve_bench's engine, target 70%; the FMA configs at four rows, the fused step's
+#      largest bucket, never timed), then turn it on for CUDA (PDL on sm_90+ only). decode-configs-hnd
+#      (~40 s): see 3.
 #   2. quick online-gpt2-124m http-overhead (the online run keeps the server's debug log: what still stalled
 #      GPT-2's first online rate (TTFT p99 1.5 s) and its rate 32 (p50 1.0 s); then the HTTP side alone on the
 #      lent host's CPUs, in one process and with `--engine-process`, off by default as it is slower on 2 cores)
@@ -52,7 +53,8 @@
 # gemv-step (profile and profile-gemv side by side, and the gemv GPU tests),
 # decode-configs (GPU time of each decode launch config, CUDA-graph replay; -hnd: over a head-major pool),
 # fused (add+norm, rope+cache write and SwiGLU kernels vs torch and torch.compile, CUDA-graph replay),
-# serve-SHAPE (serve_bench at one shape, reduced online load), online-SHAPE (a live server alone:
+# serve-SHAPE (serve_bench at one shape, reduced online load), gemv-serve-SHAPE (its offline batches 1 and 32
+# through the fused-gemv step; pdl-serve-SHAPE: with its PDL), online-SHAPE (a live server alone:
 # its start-up, the online rates, its log kept), retests-ce (cross-entropy and compile tests),
 # train (training MFU), train-autotune (both sides compiled with max-autotune-no-cudagraphs),
 # train-profile (the same as train, then each side's kernel time by category), train-logits (Kiln's loss from
@@ -252,6 +254,12 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                     --online-rates 8,32,8.5 --online-time-limit 25 "--server-args=--log-level debug" \
                     --server-log "$OUT/server-${phase#online-}.log" --markdown \
                     --json "$OUT/online-${phase#online-}.json"
+                ;;
+            gemv-serve-*|pdl-serve-*)  # serve_bench's offline rows alone (batches 1 and 32) through the fused-gemv
+                # step (pdl-: with its programmatic dependent launch): batch 1 against the weight-read roofline
+                flags=(--gemv) && [[ $phase == pdl-* ]] && flags+=(--pdl)
+                STAGE_TIMEOUT=200 stage serve python3 bench/serve_bench.py --shapes "${phase#*-serve-}" --reps 1 \
+                    --batches 1,32 --skip-hf --skip-online "${flags[@]}" --markdown --json "$OUT/$phase.json"
                 ;;
             serve-*)
                 STAGE_TIMEOUT=170 stage serve python3 bench/serve_bench.py --shapes "${phase#serve-}" --reps 1 \

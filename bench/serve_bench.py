@@ -404,6 +404,7 @@ def bench_kiln(model_dir: Path, device, dtype_name: str, args, prompts_for) -> d
 
     started = time.perf_counter()
     model = load_model(model_dir, device=device, dtype=dtype_name)
+    model.fused_gemv = args.gemv
     tokenizer = load_tokenizer(model_dir)
     load_s = time.perf_counter() - started
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
@@ -991,6 +992,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile Kiln's decode step in the offline engine (CUDA: before graph capture); "
                         'pass --server-args="--compile" for the live server too')
+    p.add_argument("--gemv", action="store_true",
+                   help="the offline engine's decode steps of up to 4 rows through kernels.gemv, the norm and SwiGLU "
+                        "fused into the products (Transformer.fused_gemv, off by default; not the live server)")
+    p.add_argument("--pdl", action="store_true",
+                   help="with --gemv: those products launched with programmatic dependent launch "
+                        "(kernels._utils.PDL; CUDA, compute capability 9.0+)")
     p.add_argument("--skip-hf", action="store_true", help="no HF measurements (no ratios, no greedy check)")
     p.add_argument("--skip-online", action="store_true", help="no live server / load generator")
     p.add_argument("--markdown", action="store_true", help="print a Markdown section for bench/RESULTS.md")
@@ -1081,6 +1088,15 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = 1 if (args.tiny and args.device == "cpu") else len(os.sched_getaffinity(0))
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.pdl:
+        if not args.gemv:
+            raise SystemExit("serve_bench.py: --pdl applies to the kernels.gemv step: add --gemv")
+        from kernels import _utils
+
+        try:
+            _utils.set_pdl(True, device)
+        except ValueError as exc:
+            raise SystemExit(f"serve_bench.py: --pdl: {exc}") from None
     command = shlex.join(["python", "bench/serve_bench.py", *argv])
     report: dict = {"command": command, "environment": environment(device), "results": []}
     report["config"] = {k: v for k, v in vars(args).items() if k != "shape_list"}

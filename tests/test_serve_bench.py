@@ -94,6 +94,16 @@ def test_cpu_needs_tiny_shapes():
     assert "pass --tiny" in proc.stderr, proc.stderr
 
 
+def test_pdl_needs_gemv_and_a_gpu():
+    """--pdl (programmatic dependent launch for the fused-gemv step) is refused by name without --gemv, and off
+    a CUDA device of compute capability 9.0+, before any model is built."""
+    base = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--skip-online", "--skip-hf"]
+    for flags, message in ((["--pdl"], "--pdl applies to the kernels.gemv step: add --gemv"),
+                           (["--gemv", "--pdl"], "--pdl: programmatic dependent launch needs compiled Triton kernels")):
+        proc = subprocess.run([*base, *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
 def test_help():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
