@@ -276,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = "bf16 autocast" if dtype == torch.bfloat16 else "fp32"
     print(f"device {name}; torch {torch.__version__}; triton {triton_version}; {precision}; "
           f"compile {args.compile_mode if compile_on else 'off'}; attn_backend {args.attn_backend}; "
-          f"loss {args.loss_impl}; "
-          f"SDPA backend {args.sdpa}")
+          f"loss {args.loss_impl}; SDPA backend {args.sdpa}")
     print(f"shape: {params / 1e6:.1f}M params (layers {args.n_layer}, d_model {args.d_model}, heads {args.n_head}, "
           f"vocab {args.vocab}); B x T = {args.batch} x {args.seq}; {args.steps} timed steps after {args.warmup}")
     for label, seconds in results.items():
