@@ -293,8 +293,6 @@ def _decode_split_kernel(
     # Program (split, b * Hkv + kv head): online softmax over one part of row b's keys
     # for all query heads of the kv head's group at once (rows of a (BLOCK_G, D) tile).
     qk_scale = tl.cast(qk_scale, tl.float32)  # a float argument is fp64 under torch.compile's launcher
-    if PDL:  # the output projection launched with programmatic dependent launch may start (kernels._utils.PDL)
-        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(0)
     # (batch x kv heads) over grid axes 1 and 2: axis 1 stops at 65535 (see _utils.grid_yz)
     off_bh = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
@@ -344,6 +342,8 @@ def _decode_split_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if PDL:  # the keys are read: the output projection, launched with programmatic dependent launch, may start
+        tl.extra.cuda.gdc_launch_dependents()
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     if SPLIT:

@@ -29,12 +29,14 @@ K at the end), whichever config the autotuner finds fastest per shape, prologue 
 
 Status: correct on the interpreter and on an H100. There (bench/RESULTS.md, sixth and seventh leases)
 the tensor-core configs were 0.66-0.99x Kiln's add+norm kernel then cuBLAS at the 1.1B products, and the
-FMA configs 1.09-1.31x at one row: every product faster than the path it would replace. FMA configs fit
-row buckets up to ``FMA_MAX_ROWS`` (4); above that only tensor-core configs remain, so the model's fused
-decode step (``Transformer._forward_gemv``) runs for steps of at most 4 rows, and only when
-``Transformer.fused_gemv`` is set: off until a GPU has timed the whole step with the FMA configs. With
-``kernels._utils.PDL`` (``set_pdl``, sm_90+, off and untimed) each launch uses programmatic dependent launch:
-its programs prefetch their weights toward L2 while the kernel ahead of them ends, then wait for its outputs.
+FMA configs 1.09-1.31x at one row: every product faster than the path it would replace; a batch-1 step
+through them ran 1.16x the plain step on an H200 (eighth lease). FMA configs fit row buckets up to
+``FMA_MAX_ROWS`` (4); above that only tensor-core configs remain, so the model's fused decode step
+(``Transformer._forward_gemv``) runs for steps of at most 4 rows, and only when ``Transformer.fused_gemv``
+is set: off until its end-to-end GPU tests have all run. With ``kernels._utils.PDL`` (``set_pdl``, sm_90+,
+off) each launch uses programmatic dependent launch: its programs prefetch their first weight tile toward L2
+while the kernel ahead of them ends, then wait for its outputs (a first form, prefetching whole slices, made
+the H200 step 1.24x slower; this one is untimed).
 """
 
 from __future__ import annotations
@@ -253,8 +255,9 @@ def _gemv_kernel(
     # that feed a tl.dot unless the loop asks; 1 leaves the FMA path's loads to the warps' own latency hiding.
     # PDL: launched with programmatic dependent launch (kernels._utils.PDL), the program may run before the
     # kernel ahead of it has finished. It touches nothing that kernel writes (inputs, the split-K scratch, the
-    # outputs) until griddepcontrol.wait; before that it asks L2 for its slice of the weights, one prefetch per
-    # 128 bytes (64 16-bit elements), so the weight stream starts during the other kernel's tail.
+    # outputs) until griddepcontrol.wait; before that it asks L2 for its first tile of the weights, one prefetch
+    # per 128 bytes (64 16-bit elements), so the weight stream starts during the other kernel's tail; and it
+    # lets the next launch begin once its own weights are read.
     TILE_M: tl.constexpr = 16 if DOT else BLOCK_M
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -274,15 +277,13 @@ def _gemv_kernel(
         acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
     else:
         acc3 = tl.zeros((TILE_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if PDL:
+    if PDL:  # the first K tile only: whole slices, triggering at the start, made an H200 step 1.24x slower
         tl.static_assert(BLOCK_K >= 64)
         w_lines = W + tl.minimum(offs_n, n_out - 1)[:, None].to(tl.int64) * stride_wn  # in-bounds rows
-        for k0 in range(k_begin, k_stop, BLOCK_K):
-            lines = tl.minimum(k0 + tl.arange(0, BLOCK_K // 64) * 64, n_in - 1)
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [w_lines + lines[None, :]],
-                                      dtype=tl.int32, is_pure=False, pack=1)
+        lines = tl.minimum(k_begin + tl.arange(0, BLOCK_K // 64) * 64, n_in - 1)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [w_lines + lines[None, :]],
+                                  dtype=tl.int32, is_pure=False, pack=1)
         tl.extra.cuda.gdc_wait()  # the kernel before has finished and its writes are visible
-        tl.extra.cuda.gdc_launch_dependents()  # the next product may start its own prefetch
     for k0 in tl.range(k_begin, k_stop, BLOCK_K, num_stages=LOOP_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_stop
@@ -309,6 +310,8 @@ def _gemv_kernel(
             acc += tl.dot(a, tl.trans(w), input_precision=DOT_PRECISION)
         else:
             acc3 += a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if PDL:  # the weights are read: the next product may start (in this kernel's tail, not beside its loop)
+        tl.extra.cuda.gdc_launch_dependents()
     if not DOT:
         acc = tl.sum(acc3, axis=2)
     squares = tl.sum(sq_tile, axis=1)

@@ -221,7 +221,8 @@ class Transformer(nn.Module):
         self.fused_inference = True
         # and, on top, decode steps of at most `kernels.gemv.FMA_MAX_ROWS` rows of Llama-style models (RMSNorm,
         # SwiGLU, no biases) run each norm + qkv or gate/up projection, and SwiGLU + down projection, as one
-        # `kernels.gemv` product: off until a GPU has timed the whole step (each product alone is faster)
+        # `kernels.gemv` product: a batch-1 step 1.16x faster on an H200 (bench/RESULTS.md), off until its
+        # end-to-end GPU tests have all run
         self.fused_gemv = False
         # training loss on the triton backend: "chunked" (LM head + cross-entropy a chunk of rows at a time,
         # the (N, V) logits never whole) or "logits" (the whole logits, then the fused cross-entropy kernel)
