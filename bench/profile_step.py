@@ -67,14 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kiln.cuda_graphs").setLevel(logging.DEBUG)
     device = torch.device(args.device)
     if args.pdl:
-        if not args.gemv:
-            raise SystemExit("profile_step.py: --pdl applies to the kernels.gemv step: add --gemv")
-        from kernels import _utils
-
-        try:
-            _utils.set_pdl(True, device)
-        except ValueError as exc:
-            raise SystemExit(f"profile_step.py: --pdl: {exc}") from None
+        serve_bench.enable_pdl("profile_step.py", args.gemv, device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     shape = serve_bench.ALL_SHAPES[args.shape]
 

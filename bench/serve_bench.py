@@ -1052,6 +1052,19 @@ def resolve_args(args: argparse.Namespace, cuda_available: bool) -> argparse.Nam
     return args
 
 
+def enable_pdl(script: str, gemv: bool, device) -> None:
+    """--pdl: programmatic dependent launch for the kernels.gemv step (kernels._utils.set_pdl), or exit naming
+    what is missing (--gemv, or a CUDA device of compute capability 9.0+)."""
+    if not gemv:
+        raise SystemExit(f"{script}: --pdl applies to the kernels.gemv step: add --gemv")
+    from kernels import _utils
+
+    try:
+        _utils.set_pdl(True, device)
+    except ValueError as exc:
+        raise SystemExit(f"{script}: --pdl: {exc}") from None
+
+
 def exit_problems(report: dict, args) -> list[str]:
     problems = []
     for r in report["results"]:
@@ -1089,14 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.pdl:
-        if not args.gemv:
-            raise SystemExit("serve_bench.py: --pdl applies to the kernels.gemv step: add --gemv")
-        from kernels import _utils
-
-        try:
-            _utils.set_pdl(True, device)
-        except ValueError as exc:
-            raise SystemExit(f"serve_bench.py: --pdl: {exc}") from None
+        enable_pdl("serve_bench.py", args.gemv, device)
     command = shlex.join(["python", "bench/serve_bench.py", *argv])
     report: dict = {"command": command, "environment": environment(device), "results": []}
     report["config"] = {k: v for k, v in vars(args).items() if k != "shape_list"}
