@@ -161,6 +161,7 @@ def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
     else:  # the first kernel writes `out` directly; the partial pointers are unused
         out_partial = lse_partial = out
     kernels = _kernels(interpreting())
+    pdl = _utils.pdl()  # programmatic dependent launch (kernels._utils.PDL): both kernels let the next one start
     kernels.split[(num_splits, *grid_yz(batch * n_kv_heads))](
         q, k_cache, v_cache, block_table, lengths, out_partial, lse_partial, out,
         q.stride(0), q.stride(1), q.stride(2),
@@ -168,13 +169,13 @@ def _decode_impl(q, k_cache, v_cache, block_table, lengths, scale, num_splits):
         block_table.stride(0), block_table.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         block_size, n_kv_heads, group, num_splits, scale * LOG2E, batch * n_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_G=max(16, next_power_of_2(group)), SPLIT=split, PDL=_utils.pdl(),
+        HEAD_DIM=head_dim, BLOCK_G=max(16, next_power_of_2(group)), SPLIT=split, PDL=pdl,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     if split:
         kernels.merge[(batch * n_heads,)](
             out_partial, lse_partial, out, out.stride(0), out.stride(1), out.stride(2), n_heads, num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits), PDL=_utils.pdl(),
+            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits), PDL=pdl,
         )
     return out
 
