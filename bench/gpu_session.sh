@@ -22,13 +22,20 @@
 #      loop; the first form was 1.24x slower). gemv-serve-llama-1.1b: batch 1 against the roofline through
 #      serve_bench's engine (pdl-serve-... if PDL won). If the tests pass and the step wins, turn fused_gemv on
 #      for CUDA (its condition is in `Transformer._forward_fused`; PDL only on sm_90+ and only if it won).
-#   2. quick online-gpt2-124m http-overhead (the online run keeps the server's debug log: what still stalled
+#   2. quick packed-tests train-profile train-residual   (~7 minutes; issue 6)
+#      Session 29 (no GPU): GPT-2-style training attention now runs from the packed qkv projection
+#      (`kernels.attention.flash_attention_packed`): its backward writes d(qkv) whole, so the 2.94 ms a step of
+#      inductor's kernel assembling it from dQ, dK, dV (seventh lease's profile) should be gone: train-profile
+#      shows whether it is and what the step gained. train-residual: Kiln's residual stream in bf16 (training's
+#      `residual = "autocast"`, off by default) against the same nanoGPT loop; if it wins clearly, make it the
+#      default for bf16 runs on CUDA.
+#   3. quick online-gpt2-124m http-overhead (the online run keeps the server's debug log: what still stalled
 #      GPT-2's first online rate (TTFT p99 1.5 s) and its rate 32 (p50 1.0 s); then the HTTP side alone on the
 #      lent host's CPUs, in one process and with `--engine-process`, off by default as it is slower on 2 cores)
-#   3. Issue 5's decode targets, the one target of the issue not met on the H100: 0.98x SDPA at B1 L8192
+#   4. Issue 5's decode targets, the one target of the issue not met on the H100: 0.98x SDPA at B1 L8192
 #      (target 2x) and B32 L2048 (target 1x, now one split there); 0.95x on the H200. The pool's layout is not
 #      the limit (head-major measured the same, eighth lease). decode-configs after a kernel change.
-#   4. quick train-autotune (issue 6; up to 9 minutes, a call of its own): both training loops compiled with
+#   5. quick train-autotune (issue 6; up to 9 minutes, a call of its own): both training loops compiled with
 #      max-autotune-no-cudagraphs. The seventh lease's profile put half of each step outside matmuls, 17.6 ms of
 #      it in inductor's elementwise kernels: epilogue fusion into Triton matmul templates is the compiler's own
 #      lever for that (both sides get it, so the ratio to nanoGPT stays honest).
@@ -51,7 +58,8 @@
 # serve-SHAPE (serve_bench at one shape, reduced online load), gemv-serve-SHAPE (its offline batches 1 and 32
 # through the fused-gemv step; pdl-serve-SHAPE: with its PDL), online-SHAPE (a live server alone:
 # its start-up, the online rates, its log kept), retests-ce (cross-entropy and compile tests),
-# train (training MFU), train-autotune (both sides compiled with max-autotune-no-cudagraphs),
+# packed-tests (the packed-qkv attention's GPU test and the torch.compile tests),
+# train (training MFU), train-residual (Kiln's residual stream in bf16, profiled), train-autotune (both sides compiled with max-autotune-no-cudagraphs),
 # train-profile (the same as train, then each side's kernel time by category), train-logits (Kiln's loss from
 # whole logits + the CE kernel), train-cudnn (PyTorch attention on its cuDNN backend, both sides),
 # profile (bench/profile_step.py: host and GPU time of a batch-1 decode step, 1.1B shape),
@@ -204,6 +212,12 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 STAGE_TIMEOUT=300 stage tests python3 -m pytest -p no:cacheprovider -n 3 -q -rs --timeout 280 \
                     tests/test_kernels_gemv.py tests/test_model_fused.py tests/test_cuda_graphs.py -k "gpu"
                 ;;
+            packed-tests)  # training's attention from the packed qkv projection at the GPT-2 shape, and the
+                # torch.compile tests (the training graph with it)
+                STAGE_TIMEOUT=150 stage tests python3 -m pytest -p no:cacheprovider -n 3 -q -rs --timeout 140 \
+                    tests/test_kernels_torch_compile.py \
+                    "tests/test_kernels_attention.py::test_gpu_packed_attention_at_the_gpt2_training_shape"
+                ;;
             gemv-step)  # the batch-1 1.1B step with and without kernels.gemv (and with its programmatic dependent
                 # launch), same machine (its GPU tests: gemv-tests)
                 STAGE_TIMEOUT=100 stage profile python3 bench/profile_step.py --shape llama-1.1b --batch 1 --steps 64
@@ -274,6 +288,10 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
             train-profile)  # where both sides' training steps spend their GPU time (kernel time by category)
                 STAGE_TIMEOUT=170 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 10 --warmup 5 \
                     --profile 3
+                ;;
+            train-residual)  # Kiln's residual stream in bf16 (training's residual = "autocast"), profiled
+                STAGE_TIMEOUT=170 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 10 --warmup 5 \
+                    --residual autocast --profile 3
                 ;;
             train-logits)  # Kiln's loss as whole logits + the fused CE kernel instead of chunked linear + CE
                 STAGE_TIMEOUT=150 stage train python3 bench/train_bench.py --batch 32 --seq 1024 --steps 20 --warmup 5 \

@@ -1,7 +1,8 @@
 """Training throughput at the GPT-2 124M shape: Kiln's training step vs a plain nanoGPT-style loop.
 
     python bench/train_bench.py [--batch 32] [--seq 1024] [--steps 30] [--warmup 10] [--attn-backend auto]
-                                [--loss-impl chunked|logits] [--sdpa default|cudnn|flash|efficient] [--profile 3]
+                                [--loss-impl chunked|logits] [--residual fp32|autocast]
+                                [--sdpa default|cudnn|flash|efficient] [--profile 3]
 
 Both sides run the same recipe on random tokens: bf16 autocast, fp32 master weights, fused
 AdamW (weight decay on matrices only), global-norm clipping at 1.0, `torch.compile`, one
@@ -181,6 +182,7 @@ def bench_kiln(args, batches, device: torch.device, amp, compile_on: bool) -> tu
                          positions="learned", mlp="gelu", tie_embeddings=True, bias=True)
     model = Transformer(config, attn_backend=args.attn_backend).to(device)
     model.loss_impl = args.loss_impl
+    model.autocast_residual = args.residual == "autocast"
     params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, TrainConfig(lr=6e-4), device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -229,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-impl", default="chunked", choices=("chunked", "logits"),
                    help="Kiln's loss on the triton backend: chunked LM head + cross-entropy, or whole logits "
                         "then the fused cross-entropy kernel")
+    p.add_argument("--residual", default="fp32", choices=("fp32", "autocast"),
+                   help="Kiln's residual stream under autocast (training's `residual`): fp32, or the autocast dtype "
+                        "(the baseline keeps nanoGPT's fp32 stream)")
     p.add_argument("--sdpa", default="default", choices=tuple(SDPA_BACKENDS),
                    help="PyTorch SDPA backend for both sides (default: PyTorch's own choice)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = "bf16 autocast" if dtype == torch.bfloat16 else "fp32"
     print(f"device {name}; torch {torch.__version__}; triton {triton_version}; {precision}; "
           f"compile {args.compile_mode if compile_on else 'off'}; attn_backend {args.attn_backend}; "
-          f"loss {args.loss_impl}; SDPA backend {args.sdpa}")
+          f"loss {args.loss_impl}; Kiln's residual stream {args.residual}; SDPA backend {args.sdpa}")
     print(f"shape: {params / 1e6:.1f}M params (layers {args.n_layer}, d_model {args.d_model}, heads {args.n_head}, "
           f"vocab {args.vocab}); B x T = {args.batch} x {args.seq}; {args.steps} timed steps after {args.warmup}")
     for label, seconds in results.items():

@@ -4,6 +4,12 @@ API::
 
     flash_attention(q, k, v, causal=True, scale=None) -> out
         q (B, H, T, D), k/v (B, Hkv, S, D) -> out (B, H, T, D); differentiable.
+    flash_attention_packed(qkv, n_kv_heads, causal=True, scale=None) -> out
+        qkv (B, T, H + 2 Hkv, D), one fused projection's query, key and value heads (as
+        FlashAttention's qkvpacked functions) -> out (B, T, H, D); differentiable. The
+        backward writes dQ, dK and dV straight into one (B, T, H + 2 Hkv, D) gradient, so no
+        kernel assembles the projection's gradient from three tensors (training without
+        rotary embedding, such as GPT-2).
     flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            causal=True, scale=None) -> out
         packed q (total_q, H, D), k/v (total_k, Hkv, D), cu_seqlens_* (B + 1,) int32
@@ -135,6 +141,22 @@ def flash_attention(
     check_triton_device("flash_attention", q.device)
     scale = _resolve_scale(scale, q.shape[-1])
     return _FlashAttention.apply(q, k, v, None, None, q.shape[2], k.shape[2], bool(causal), scale)
+
+
+def flash_attention_packed(
+    qkv: torch.Tensor, n_kv_heads: int, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """Fused attention over one packed projection: qkv (B, T, H + 2 Hkv, D) -> out (B, T, H, D)."""
+    check_tensor("qkv", qkv, 4)
+    n_kv_heads = int(n_kv_heads)
+    n_heads = qkv.shape[2] - 2 * n_kv_heads
+    if n_kv_heads < 1 or n_heads < n_kv_heads:
+        raise ValueError(f"qkv has {qkv.shape[2]} heads: not H + 2 * {n_kv_heads} with H >= {n_kv_heads} "
+                         "(qkv is (B, T, H + 2 Hkv, D))")
+    _check_dense(*_unpack(qkv, n_heads, n_kv_heads), reference=False)
+    check_triton_device("flash_attention_packed", qkv.device)
+    scale = _resolve_scale(scale, qkv.shape[-1])
+    return _FlashAttentionPacked.apply(qkv, n_heads, n_kv_heads, bool(causal), scale)
 
 
 def flash_attention_varlen(
@@ -336,12 +358,18 @@ def _forward_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
 
 def _backward_impl(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
     """Launch the backward: (dq, dk, dv)."""
+    new_grad = torch.zeros_like if cu_q is not None else torch.empty_like  # packed padding gets zero gradient
+    dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
+    _launch_backward(grad_out, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, causal, scale)
+    return dq, dk, dv
+
+
+def _launch_backward(grad_out, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, causal, scale) -> None:
+    """The backward's three launches, writing dq, dk and dv (any strides, head dim contiguous)."""
     shapes = _Shapes.of(q, k, cu_q, max_q, max_k)
     varlen = cu_q is not None
-    new_grad = torch.zeros_like if varlen else torch.empty_like  # packed padding gets zero gradient
-    dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
     if shapes.batch == 0 or shapes.seqlen_q == 0 or shapes.seqlen_k == 0:
-        return dq, dk, dv
+        return
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     kernels = _kernels(interpreting())
     cu_q_arg, cu_k_arg = (cu_q, cu_k) if varlen else (lse, lse)
@@ -368,7 +396,6 @@ def _backward_impl(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal
         shapes.seqlen_q, shapes.seqlen_k, shapes.n_heads, shapes.group, scale, scale * LOG2E, n_bh,
         _bucket(shapes.seqlen_q), _bucket(shapes.seqlen_k), **common,
     )
-    return dq, dk, dv
 
 
 def _backward_fake(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
@@ -388,6 +415,51 @@ _backward = kernel_op(
     "SymInt max_q, SymInt max_k, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
     _backward_impl, _backward_fake, public="flash_attention",
 )
+
+
+def _unpack(qkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views (B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D) of a packed (B, T, H + 2 Hkv, D) tensor."""
+    q, k, v = qkv.split((n_heads, n_kv_heads, n_kv_heads), dim=2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _backward_packed_impl(grad_out, qkv, out, lse, n_heads: int, n_kv_heads: int, causal: bool, scale: float):
+    """The backward of packed attention: d(qkv), one (B, T, H + 2 Hkv, D) tensor the kernels write into."""
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    q, k, v = _unpack(qkv, n_heads, n_kv_heads)
+    seqlen = qkv.shape[1]
+    _launch_backward(grad_out, q, k, v, out, lse, *_unpack(dqkv, n_heads, n_kv_heads), None, None, seqlen, seqlen,
+                     causal, scale)
+    return dqkv
+
+
+def _backward_packed_fake(grad_out, qkv, out, lse, n_heads, n_kv_heads, causal, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+_backward_packed = kernel_op(
+    "flash_attention_packed_backward",
+    "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int n_heads, int n_kv_heads, bool causal, float scale) "
+    "-> Tensor",
+    _backward_packed_impl, _backward_packed_fake, public="flash_attention_packed",
+)
+
+
+class _FlashAttentionPacked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, n_heads, n_kv_heads, causal, scale):
+        seqlen = qkv.shape[1]
+        out, lse = _forward(*_unpack(qkv, n_heads, n_kv_heads), None, None, seqlen, seqlen, causal, scale)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.n_heads, ctx.n_kv_heads, ctx.causal, ctx.scale = n_heads, n_kv_heads, causal, scale
+        return out.transpose(1, 2)  # (B, T, H, D)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, out, lse = ctx.saved_tensors
+        dqkv = _backward_packed(grad_out.transpose(1, 2), qkv, out, lse, ctx.n_heads, ctx.n_kv_heads, ctx.causal,
+                                ctx.scale)
+        return dqkv, None, None, None, None
 
 
 class _FlashAttention(torch.autograd.Function):

@@ -140,6 +140,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x)
+        if backend == "triton" and batch is None and rope is None and self.q_norm is None:
+            # self-attention straight from the projection (GPT-2 style: nothing to apply to q and k first); its
+            # backward writes the projection's gradient whole
+            from kernels.attention import flash_attention_packed
+
+            return self.proj(flash_attention_packed(qkv.view(B, T, H + 2 * Hkv, D), Hkv).reshape(B, T, H * D))
         qk = self.norm_qk(qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D))
         if rope is not None:
             qk = apply_rope(qk, *rope)  # queries and keys rotated in one go
@@ -227,6 +233,9 @@ class Transformer(nn.Module):
         # training loss on the triton backend: "chunked" (LM head + cross-entropy a chunk of rows at a time,
         # the (N, V) logits never whole) or "logits" (the whole logits, then the fused cross-entropy kernel)
         self.loss_impl = "chunked"
+        # under autocast, carry the residual stream between blocks in the autocast dtype instead of the
+        # embeddings' (fp32 master weights give an fp32 stream): training's `residual = "autocast"`
+        self.autocast_residual = False
         # the native module (model/native) whose fused elementwise steps the CPU forward runs without autograd
         # in fp32 (`_forward_cpu`): set by the engine when it has the module, None = plain torch ops
         self.cpu_ops = None
@@ -318,6 +327,8 @@ class Transformer(nn.Module):
                 x = x + self.pos_embed(positions)
             else:
                 rope = (self.rope_cos[positions][:, :, None, :], self.rope_sin[positions][:, :, None, :])
+            if self.autocast_residual and torch.is_autocast_enabled(tokens.device.type):
+                x = x.to(torch.get_autocast_dtype(tokens.device.type))
             # self-attention without a cache on a CPU: the native kernels, where `use_native_kernels` set them
             native = self.native_kernels and batch is None and backend == "torch" and tokens.device.type == "cpu"
             for i, block in enumerate(self.blocks):

@@ -123,6 +123,71 @@ def test_scale_argument_and_strided_inputs():
     )
 
 
+def packed_and_unpacked(qkv, n_kv_heads, causal=True):
+    """(out, d(qkv)) of flash_attention_packed, then of flash_attention on q/k/v views of the same tensor
+    (autograd assembling d(qkv) from dQ, dK and dV), for one random output gradient."""
+    B, T, heads, D = qkv.shape
+    H = heads - 2 * n_kv_heads
+    gen = torch.Generator(device=qkv.device).manual_seed(9)
+    grad_out = torch.randn(B, T, H, D, generator=gen, device=qkv.device).to(qkv.dtype)
+    results = []
+    for packed in (True, False):
+        leaf = qkv.detach().clone().requires_grad_()
+        if packed:
+            out = attn.flash_attention_packed(leaf, n_kv_heads, causal=causal)
+        else:
+            q, k, v = (x.transpose(1, 2) for x in leaf.split((H, n_kv_heads, n_kv_heads), dim=2))
+            out = attn.flash_attention(q, k, v, causal=causal).transpose(1, 2)
+        results.append((out, torch.autograd.grad(out, leaf, grad_out)[0]))
+    return results
+
+
+@on_cpu_interpreter
+@pytest.mark.parametrize("case", [(2, 17, 4, 1, 16, True, torch.float32), (1, 33, 6, 2, 32, True, torch.float16),
+                                  (2, 1, 2, 2, 16, True, torch.float32), (1, 20, 3, 3, 16, False, torch.float32)],
+                         ids=lambda c: "B{}-T{}-H{}-Hkv{}-D{}-{}-{}".format(*c[:5], "causal" if c[5] else "full",
+                                                                             str(c[6])[6:]))
+def test_packed_attention_equals_attention_on_views_of_the_projection(case):
+    """flash_attention_packed runs the same kernels on the same views: the same output bit for bit, and its
+    backward writes into one d(qkv) what autograd otherwise assembles from dQ, dK and dV (a copy kernel)."""
+    B, T, H, Hkv, D, causal, dtype = case
+    qkv = torch.randn(B, T, H + 2 * Hkv, D, generator=torch.Generator().manual_seed(4)).to(dtype)
+    (out, dqkv), (out_ref, dqkv_ref) = packed_and_unpacked(qkv, Hkv, causal)
+    assert out.shape == (B, T, H, D) and out.is_contiguous() and out.dtype == dtype
+    assert torch.equal(out, out_ref)
+    assert dqkv.shape == qkv.shape and dqkv.is_contiguous()
+    assert torch.equal(dqkv, dqkv_ref), f"d(qkv) differs by {(dqkv - dqkv_ref).abs().max():.3e}"
+    # and both against the plain-torch reference (the unpacked path's tests hold it to that already)
+    q, k, v = (x.transpose(1, 2) for x in qkv.split((H, Hkv, Hkv), dim=2))
+    atol, rtol = TOL[dtype]
+    assert_close(out, attn.flash_attention_reference(q, k, v, causal=causal).transpose(1, 2), atol, rtol, "packed out")
+
+
+@on_cpu_interpreter
+def test_packed_attention_ops_fake_impls_match_the_real_ones():
+    """torch.compile plans memory from the fake impls: their shapes and strides must be the real ones."""
+    B, T, H, Hkv, D = 2, 17, 4, 2, 16
+    gen = torch.Generator().manual_seed(6)
+    qkv = torch.randn(B, T, H + 2 * Hkv, D, generator=gen)
+    q, k, v = attn._unpack(qkv, H, Hkv)
+    out, lse = attn._forward(q, k, v, None, None, T, T, True, 0.25)
+    assert out.transpose(1, 2).is_contiguous()  # (B, T, H, D) memory: the next projection's input is a view
+    for op, args in ((attn._forward.op, (q, k, v, None, None, T, T, True, 0.25)),
+                     (attn._backward_packed.op, (torch.randn(B, T, H, D, generator=gen).transpose(1, 2), qkv, out,
+                                                 lse, H, Hkv, True, 0.25))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_packed_attention_rejects_bad_head_counts():
+    qkv = torch.randn(1, 8, 6, 16)
+    with pytest.raises(ValueError, match="not H \\+ 2 \\* 3"):
+        attn.flash_attention_packed(qkv, 3)
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        attn.flash_attention_packed(torch.randn(1, 8, 7, 16), 2)  # H = 3 query heads over 2 kv heads
+    with pytest.raises(ValueError, match="4-D"):
+        attn.flash_attention_packed(qkv[0], 1)
+
+
 VARLEN_CASES = [
     # (query lengths, key lengths, H, Hkv, D, causal, dtype)
     ([1, 17, 33], [1, 17, 40], 4, 1, 16, True, torch.float32),
@@ -378,6 +443,20 @@ def test_gpu_flash_attention_varlen(dtype):
         ("dq", "dk", "dv"), torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves32, grad.float())
     ):
         assert_close(g, g_ref, 5e-2, 5e-2, f"gpu varlen {name} {dtype}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_packed_attention_at_the_gpt2_training_shape(dtype):
+    """GPT-2 124M's attention (12 heads of 64, 1024 tokens) from one packed projection: the same output as
+    attention on views of it, the same d(qkv) as autograd assembles, and both within the real-shapes bar."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    qkv = torch.randn(4, 1024, 36, 64, generator=gen, device="cuda").to(dtype)
+    (out, dqkv), (out_ref, dqkv_ref) = packed_and_unpacked(qkv, 12)
+    assert torch.equal(out, out_ref)
+    assert_close(dqkv, dqkv_ref, 1e-3, 1e-3, f"gpu packed d(qkv) {dtype}")
+    q, k, v = (x.transpose(1, 2) for x in qkv.split((12, 12, 12), dim=2))
+    _check_against_torch_in_dtype(q, k, v, True, floor=1e-3 if dtype == torch.float16 else 8e-3, what="packed: ")
 
 
 @requires_cuda

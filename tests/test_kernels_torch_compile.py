@@ -75,11 +75,15 @@ def test_cross_entropy_and_linear_cross_entropy_compile_in_one_graph():
         assert_close(g, r, 1e-5, 1e-5, f"compiled linear cross-entropy d{name}")
 
 
-@pytest.mark.parametrize("loss_impl", ["chunked", "logits"])
-def test_training_forward_and_backward_compile_in_one_graph(loss_impl):
+GPT2_STYLE = dict(norm="layernorm", positions="learned", mlp="gelu", tie_embeddings=True, bias=True)
+
+
+@pytest.mark.parametrize("loss_impl,style", [("chunked", "llama"), ("logits", "llama"), ("chunked", "gpt2")])
+def test_training_forward_and_backward_compile_in_one_graph(loss_impl, style):
     """The model's training loss with the Triton backend (flash attention + chunked LM-head CE, or whole
-    logits + the CE kernel)."""
-    config = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96, max_seq_len=32)
+    logits + the CE kernel; GPT-2 style, attention straight from the packed qkv projection)."""
+    config = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2 if style == "llama" else 4, d_model=64,
+                         d_ff=96, max_seq_len=32, **(GPT2_STYLE if style == "gpt2" else {}))
     torch.manual_seed(0)
     model = build_model(config, Transformer(config).state_dict(), torch.device(DEVICE), torch.float32,
                         attn_backend="triton").train()

@@ -69,3 +69,39 @@ def test_the_cpu_loss_under_bf16_autocast(chunked_calls):
         assert g.dtype == torch.float32
         scale = max(ref_grads[name].abs().max().item(), 1e-3)
         assert (g - ref_grads[name]).abs().max().item() < 2e-2 * scale, name
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_an_autocast_residual_stream_is_carried_in_the_autocast_dtype(style):
+    """`autocast_residual` (training's residual = "autocast"): under bf16 autocast every block reads and writes
+    a bf16 residual stream (fp32 master weights otherwise make it fp32), the loss and the fp32 weights' gradients
+    stay near the fp32 stream's; without autocast it changes nothing."""
+    extra = dict(norm="layernorm", positions="learned", mlp="gelu", tie_embeddings=True, bias=True) if style == "gpt2" \
+        else {}
+    config = ModelConfig(**{**CONFIG.__dict__, "n_layer": 2, **extra})
+    torch.manual_seed(0)
+    model = Transformer(config, attn_backend="torch")
+    tokens = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(1))
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    results = {}
+    for on in (False, True):
+        model.autocast_residual = on
+        for autocast in (False, True):
+            seen.clear()
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            stream = torch.bfloat16 if on and autocast else torch.float32
+            assert seen == [(stream, stream)] * 2, (on, autocast, seen)
+            assert loss.dtype == torch.float32
+            results[on, autocast] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert torch.equal(results[True, False][0], results[False, False][0])  # no autocast: the flag changes nothing
+    (loss, grads), (ref_loss, ref_grads) = results[True, True], results[False, True]
+    assert abs(loss.item() - ref_loss.item()) < 2e-2
+    for name, g in grads.items():
+        assert g.dtype == torch.float32
+        scale = max(ref_grads[name].abs().max().item(), 1e-3)
+        assert (g - ref_grads[name]).abs().max().item() < 5e-2 * scale, name

@@ -39,6 +39,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
 LOSS_IMPLS = ("chunked", "logits")
+RESIDUALS = ("fp32", "autocast")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_BACKENDS = ("auto", "torch", "triton")
 VOCAB_MULTIPLE = 64  # an embedding with a multiple-of-64 row count keeps matmuls on fast tiles
@@ -140,6 +141,11 @@ class TrainConfig:
     # the LM head + loss in chunks of rows (Triton kernels on GPUs, torch ops on CPUs; no (tokens, vocab) logits),
     # or "logits": the whole logits, then the CE kernel (triton backend) or F.cross_entropy
     loss_impl: str = "chunked"
+    # the residual stream between blocks under autocast: fp32 (the fp32 embeddings' dtype), or "autocast": in
+    # the autocast dtype (bf16 / fp16), as Megatron-LM keeps it (--fp32-residual-connection off) and as models
+    # trained in bf16 weights do. The norms still compute in fp32; the adds round to 16 bits; every elementwise
+    # pass between the matmuls (norms, residual adds and their gradients) moves fewer bytes.
+    residual: str = "fp32"
     parallel: str = "ddp"  # with several processes: ddp, or fsdp (FSDP2 fully_shard per block)
     peak_flops: float = 0.0  # for MFU; 0 -> looked up from the GPU name (H100: 989e12 bf16)
     # evaluation, logging, checkpoints
@@ -163,6 +169,7 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        _choice("residual", self.residual, RESIDUALS)
         _choice("parallel", self.parallel, PARALLEL)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")

@@ -320,6 +320,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = Transformer(self.model_config, attn_backend=config.attn_backend).to(runtime.device)
         self.model.loss_impl = config.loss_impl
+        self.model.autocast_residual = config.residual == "autocast"
         self.native_note = self._native_kernels(config, runtime)
         self.flops_per_token = 6 * sum(p.numel() for p in self.model.parameters())  # before sharding
         if runtime.distributed and config.parallel == "fsdp":
