@@ -22,11 +22,13 @@
 #      loop; the first form was 1.24x slower). gemv-serve-llama-1.1b: batch 1 against the roofline through
 #      serve_bench's engine (pdl-serve-... if PDL won). If the tests pass and the step wins, turn fused_gemv on
 #      for CUDA (its condition is in `Transformer._forward_fused`; PDL only on sm_90+ and only if it won).
-#   2. quick packed-tests train-profile train-residual   (~7 minutes; issue 6)
+#   2. quick train-tests train-profile train-residual   (~7 minutes; issue 6)
 #      Session 29 (no GPU): GPT-2-style training attention now runs from the packed qkv projection
 #      (`kernels.attention.flash_attention_packed`): its backward writes d(qkv) whole, so the 2.94 ms a step of
-#      inductor's kernel assembling it from dQ, dK, dV (seventh lease's profile) should be gone: train-profile
-#      shows whether it is and what the step gained. train-residual: Kiln's residual stream in bf16 (training's
+#      inductor's kernel assembling it from dQ, dK, dV (seventh lease's profile) should be gone; and cuBLAS adds
+#      each chunk's LM-head weight gradient into the fp32 sum itself (addmm with out_dtype), where a separate
+#      add of a 16-bit product stood (most of Kiln's 2.04 ms "other elementwise" against nanoGPT's 0.58).
+#      train-profile shows whether both are gone and what the step gained. train-residual: Kiln's residual stream in bf16 (training's
 #      `residual = "autocast"`, off by default) against the same nanoGPT loop; if it wins clearly, make it the
 #      default for bf16 runs on CUDA.
 #   3. quick online-gpt2-124m http-overhead (the online run keeps the server's debug log: what still stalled
@@ -58,7 +60,7 @@
 # serve-SHAPE (serve_bench at one shape, reduced online load), gemv-serve-SHAPE (its offline batches 1 and 32
 # through the fused-gemv step; pdl-serve-SHAPE: with its PDL), online-SHAPE (a live server alone:
 # its start-up, the online rates, its log kept), retests-ce (cross-entropy and compile tests),
-# packed-tests (the packed-qkv attention's GPU test and the torch.compile tests),
+# train-tests (session 29's training changes: packed-qkv attention, cuBLAS-summed LM-head gradient, compile),
 # train (training MFU), train-residual (Kiln's residual stream in bf16, profiled), train-autotune (both sides compiled with max-autotune-no-cudagraphs),
 # train-profile (the same as train, then each side's kernel time by category), train-logits (Kiln's loss from
 # whole logits + the CE kernel), train-cudnn (PyTorch attention on its cuDNN backend, both sides),
@@ -212,11 +214,12 @@ quick() {  # quick PHASE...: a 15-minute lease's worth, each phase capped by its
                 STAGE_TIMEOUT=300 stage tests python3 -m pytest -p no:cacheprovider -n 3 -q -rs --timeout 280 \
                     tests/test_kernels_gemv.py tests/test_model_fused.py tests/test_cuda_graphs.py -k "gpu"
                 ;;
-            packed-tests)  # training's attention from the packed qkv projection at the GPT-2 shape, and the
-                # torch.compile tests (the training graph with it)
+            train-tests)  # session 29's training changes on the GPU: attention from the packed qkv projection at
+                # the GPT-2 shape, cuBLAS summing the LM head's weight gradient in fp32, the torch.compile tests
                 STAGE_TIMEOUT=150 stage tests python3 -m pytest -p no:cacheprovider -n 3 -q -rs --timeout 140 \
                     tests/test_kernels_torch_compile.py \
-                    "tests/test_kernels_attention.py::test_gpu_packed_attention_at_the_gpt2_training_shape"
+                    "tests/test_kernels_attention.py::test_gpu_packed_attention_at_the_gpt2_training_shape" \
+                    tests/test_kernels_cross_entropy.py -k "gpu or compile"
                 ;;
             gemv-step)  # the batch-1 1.1B step with and without kernels.gemv (and with its programmatic dependent
                 # launch), same machine (its GPU tests: gemv-tests)

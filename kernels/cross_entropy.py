@@ -311,6 +311,22 @@ def _rows_backward_fake(logits, targets, lse, grad_loss, ignore_index):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+@functools.cache
+def fp32_accumulating_addmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` adds a product of 16-bit ``dtype``
+    matrices into an fp32 ``acc`` in place on ``device``: cuBLAS with an fp32 output, on CUDA from torch 2.8.
+    Tried once per device and dtype on a small product (one host sync) rather than assumed from the version."""
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.full((16, 32), 0.5, device=device, dtype=dtype)
+        acc = torch.full((16, 16), 1.0 / 3, device=device)
+        torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, torch.full_like(acc, 8.0 + 1.0 / 3), rtol=0, atol=1e-6))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
 def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, need_grad, rows=_chunk_rows_triton):
     """Chunked LM head + cross-entropy: (loss, d loss/d hidden, d loss/d weight), the gradients
     computed on the way (empty when ``need_grad`` is False). ``rows`` does a chunk's rows: the Triton
@@ -345,7 +361,11 @@ def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, n
                           need_grad).sum()
             if need_grad:
                 torch.matmul(logits, weight, out=grad_hidden[start:stop])  # (n, C)
-                if sum_fp32:
+                if sum_fp32 and fp32_accumulating_addmm(weight.device, weight.dtype):
+                    # the product added into the fp32 sum by cuBLAS itself: no 16-bit (V, C) product written,
+                    # read back and rounded on the way
+                    torch.addmm(grad_weight, logits.t(), h, out_dtype=torch.float32, out=grad_weight)
+                elif sum_fp32:
                     grad_weight += logits.t() @ h  # (V, C) in 16 bits (fp32 inside the matmul), summed in fp32
                 else:
                     grad_weight.addmm_(logits.t(), h)  # (V, C)

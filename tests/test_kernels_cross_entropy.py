@@ -156,7 +156,9 @@ def test_linear_cross_entropy_matches_unfused(reduction, chunk_rows):
 @on_cpu_interpreter
 def test_linear_cross_entropy_sums_a_16_bit_weight_gradient_in_fp32():
     """Over many chunks a 16-bit weight's gradient stays as close to the exact one as a single chunk's
-    (summed in place in fp16 it drifts several times further: each chunk's sum would be rounded)."""
+    (summed in place in fp16 it drifts several times further: each chunk's sum would be rounded). Off CUDA the
+    16-bit product is added separately (on CUDA cuBLAS adds it: test_gpu_16_bit_weight_gradients_...)."""
+    assert not ce.fp32_accumulating_addmm(torch.device("cpu"), torch.float16)
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(128, 16, generator=gen).half()
     weight = (torch.randn(300, 16, generator=gen) * 0.3).half()
@@ -389,6 +391,30 @@ def test_gpu_linear_cross_entropy():
     g2 = torch.autograd.grad(expected, (h2, w2))
     for name, a, b in zip(("hidden", "weight"), g1, g2):
         assert_close(a, b, 2e-2 * b.abs().max().item(), 5e-2, f"gpu linear CE d{name}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_16_bit_weight_gradients_are_summed_by_cublas_into_fp32(dtype, monkeypatch):
+    """On CUDA each chunk's weight-gradient product is added into the fp32 sum by cuBLAS (addmm with out_dtype):
+    the same gradient as the 16-bit product added separately (that path kept where addmm cannot), at least as
+    close to an fp64 computation, over many chunks."""
+    assert ce.fp32_accumulating_addmm(torch.device("cuda"), dtype), "torch.addmm(out_dtype=fp32) in place"
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    hidden = torch.randn(2048, 256, device="cuda", generator=gen).to(dtype)
+    weight = (torch.randn(8000, 256, device="cuda", generator=gen) * 0.05).to(dtype)
+    targets = torch.randint(0, 8000, (2048,), device="cuda", generator=gen)
+    w64 = weight.double().requires_grad_()
+    (exact,) = torch.autograd.grad(ce.linear_cross_entropy_reference(hidden.double(), w64, targets), w64)
+    grads = {}
+    for fused in (True, False):
+        monkeypatch.setattr(ce, "fp32_accumulating_addmm", lambda device, dtype, fused=fused: fused)
+        w = weight.clone().requires_grad_()
+        (grads[fused],) = torch.autograd.grad(ce.linear_cross_entropy(hidden, w, targets, chunk_rows=128), w)
+    errors = {fused: (g.double() - exact).abs().max().item() for fused, g in grads.items()}
+    scale = exact.abs().max().item()
+    assert_close(grads[True].float(), grads[False].float(), 2e-2 * scale, 2e-2, f"cuBLAS-summed d(weight) {dtype}")
+    assert errors[True] <= 1.05 * errors[False] + 1e-3 * scale, errors
 
 
 @requires_cuda
