@@ -28,9 +28,9 @@
 #      inductor's kernel assembling it from dQ, dK, dV (seventh lease's profile) should be gone; and cuBLAS adds
 #      each chunk's LM-head weight gradient into the fp32 sum itself (addmm with out_dtype), where a separate
 #      add of a 16-bit product stood (most of Kiln's 2.04 ms "other elementwise" against nanoGPT's 0.58).
-#      train-profile shows whether both are gone and what the step gained. train-residual: Kiln's residual stream in bf16 (training's
-#      `residual = "autocast"`, off by default) against the same nanoGPT loop; if it wins clearly, make it the
-#      default for bf16 runs on CUDA.
+#      train-profile shows whether both are gone and what the step gained. train-residual: Kiln's residual
+#      stream in bf16 (training's `residual = "autocast"`, off by default) against the same nanoGPT loop; if it
+#      wins clearly, make it the default for bf16 runs on CUDA.
 #   3. quick online-gpt2-124m http-overhead (the online run keeps the server's debug log: what still stalled
 #      GPT-2's first online rate (TTFT p99 1.5 s) and its rate 32 (p50 1.0 s); then the HTTP side alone on the
 #      lent host's CPUs, in one process and with `--engine-process`, off by default as it is slower on 2 cores)
@@ -61,7 +61,8 @@
 # through the fused-gemv step; pdl-serve-SHAPE: with its PDL), online-SHAPE (a live server alone:
 # its start-up, the online rates, its log kept), retests-ce (cross-entropy and compile tests),
 # train-tests (session 29's training changes: packed-qkv attention, cuBLAS-summed LM-head gradient, compile),
-# train (training MFU), train-residual (Kiln's residual stream in bf16, profiled), train-autotune (both sides compiled with max-autotune-no-cudagraphs),
+# train (training MFU), train-residual (Kiln's residual stream in bf16, profiled),
+# train-autotune (both sides compiled with max-autotune-no-cudagraphs),
 # train-profile (the same as train, then each side's kernel time by category), train-logits (Kiln's loss from
 # whole logits + the CE kernel), train-cudnn (PyTorch attention on its cuDNN backend, both sides),
 # profile (bench/profile_step.py: host and GPU time of a batch-1 decode step, 1.1B shape),
