@@ -351,6 +351,9 @@ def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, n
         sum_fp32 = weight.dtype in (torch.float16, torch.bfloat16)
         grad_weight = torch.zeros(weight.shape, device=weight.device,
                                   dtype=torch.float32 if sum_fp32 else weight.dtype) if need_grad else None
+        # on CUDA cuBLAS adds each chunk's product into that fp32 sum itself: no 16-bit (V, C) product written,
+        # read back and rounded on the way
+        cublas_sum = need_grad and sum_fp32 and fp32_accumulating_addmm(weight.device, weight.dtype)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for start in range(0, n_rows, chunk_rows):
             stop = min(start + chunk_rows, n_rows)
@@ -361,9 +364,7 @@ def _linear_impl(hidden, weight, targets, ignore_index, reduction, chunk_rows, n
                           need_grad).sum()
             if need_grad:
                 torch.matmul(logits, weight, out=grad_hidden[start:stop])  # (n, C)
-                if sum_fp32 and fp32_accumulating_addmm(weight.device, weight.dtype):
-                    # the product added into the fp32 sum by cuBLAS itself: no 16-bit (V, C) product written,
-                    # read back and rounded on the way
+                if cublas_sum:
                     torch.addmm(grad_weight, logits.t(), h, out_dtype=torch.float32, out=grad_weight)
                 elif sum_fp32:
                     grad_weight += logits.t() @ h  # (V, C) in 16 bits (fp32 inside the matmul), summed in fp32
